@@ -1,0 +1,153 @@
+"""Typed run configuration.
+
+The dataclasses are the schema Hydra composes the YAML groups in `configs/` into.
+`RunConfig.check` checks every value after composition, before any process group exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from distgen.errors import ConfigError
+
+LAYOUTS = ("replicate", "fsdp")
+MODEL_SOURCES = ("pretrained", "tiny")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+DATASET_FORMATS = ("auto", "jsonl", "txt")
+LAUNCHERS = ("none", "torchrun")
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def require_choice(key: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    require(value in choices, key, value, "expected one of " + ", ".join(choices))
+
+
+@dataclass
+class TinyModelConfig:
+    """A random-init Llama built in memory; every rank builds the same weights from `seed`."""
+
+    layers: int = 2
+    hidden_size: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 128
+    init_std: float = 0.2
+    seed: int = 0
+
+    def check(self) -> None:
+        for key in ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size"):
+            value = getattr(self, key)
+            require(value >= 1, f"model.tiny.{key}", value, "must be >= 1")
+        require(self.hidden_size % self.heads == 0, "model.tiny.hidden_size", self.hidden_size,
+                f"must be a multiple of model.tiny.heads={self.heads}")
+        require(self.heads % self.kv_heads == 0, "model.tiny.kv_heads", self.kv_heads,
+                f"must divide model.tiny.heads={self.heads}")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "pretrained"
+    path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def check(self) -> None:
+        require_choice("model.source", self.source, MODEL_SOURCES)
+        require_choice("model.dtype", self.dtype, DTYPES)
+        require_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.source == "pretrained":
+            require(bool(self.path), "model.path", self.path,
+                    "model.source=pretrained needs model.path=<local model directory>")
+
+
+@dataclass
+class LayoutConfig:
+    name: str = "replicate"
+    # fsdp: free each layer's gathered weights after its forward (less memory, more all-gathers).
+    reshard_after_forward: bool = True
+
+    def check(self) -> None:
+        require_choice("layout.name", self.name, LAYOUTS)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    batch_size: int = 4
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    # None: the model's own EOS ids; [] never stops early.
+    eos_token_ids: Optional[list[int]] = None
+
+    def check(self) -> None:
+        require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(self.batch_size >= 1, "generation.batch_size", self.batch_size, "must be >= 1")
+        require(self.temperature > 0, "generation.temperature", self.temperature, "must be > 0")
+        require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
+        require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
+
+
+@dataclass
+class DatasetConfig:
+    path: Optional[str] = None
+    format: str = "auto"
+    prompt_field: str = "prompt"
+    id_field: str = "id"
+    limit: Optional[int] = None
+
+    def check(self) -> None:
+        require(bool(self.path), "dataset.path", self.path, "give dataset=<prompts .jsonl or .txt file>")
+        require_choice("dataset.format", self.format, DATASET_FORMATS)
+        require(self.limit is None or self.limit >= 0, "dataset.limit", self.limit, "must be >= 0")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs"
+    print_table: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "none"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    # host:port of the rendezvous; empty picks a free local port (single node).
+    rdzv_endpoint: str = ""
+
+    def check(self) -> None:
+        require_choice("launcher.name", self.name, LAUNCHERS)
+        require(self.nproc_per_node >= 1, "launcher.nproc_per_node", self.nproc_per_node, "must be >= 1")
+        require(self.nnodes >= 1, "launcher.nnodes", self.nnodes, "must be >= 1")
+        require(self.nnodes == 1 or bool(self.rdzv_endpoint), "launcher.rdzv_endpoint", self.rdzv_endpoint,
+                "launcher.nnodes > 1 needs launcher.rdzv_endpoint=<host:port>")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    device: str = "auto"
+
+    def check(self) -> "RunConfig":
+        require_choice("device", self.device, DEVICES)
+        for part in (self.model, self.model.tiny, self.layout, self.generation, self.dataset, self.launcher):
+            part.check()
+        return self

@@ -1,0 +1,110 @@
+"""Rank 0 gathers every rank's completions and stats, checks them, writes and reports them."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch.distributed as dist
+
+from distgen.decode import Completion
+from distgen.errors import IncompleteOutputError
+from distgen.stats import RankStats
+
+OUTPUTS_FILE = "outputs.jsonl"
+STATS_FILE = "stats.json"
+
+
+def gather_to_coordinator(obj, rank: int, world_size: int) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0; None elsewhere."""
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def order_completions(per_rank: Iterable[Sequence[Completion]], prompt_count: int) -> list[Completion]:
+    """Dataset order; raises unless every prompt index appears exactly once."""
+    by_index: dict[int, Completion] = {}
+    repeated = set()
+    for completions in per_rank:
+        for completion in completions:
+            index = completion.prompt.index
+            if index in by_index:
+                repeated.add(index)
+            by_index[index] = completion
+    missing = sorted(set(range(prompt_count)) - by_index.keys())
+    unknown = sorted(by_index.keys() - set(range(prompt_count)))
+    if missing or repeated or unknown:
+        raise IncompleteOutputError(
+            f"outputs do not cover the {prompt_count} prompts once each: missing {missing[:20]}, "
+            f"repeated {sorted(repeated)[:20]}, out of range {unknown[:20]}")
+    return [by_index[i] for i in range(prompt_count)]
+
+
+def completion_record(completion: Completion, text: str) -> dict:
+    return {
+        "index": completion.prompt.index,
+        "id": completion.prompt.id,
+        "prompt": completion.prompt.text,
+        "completion": text,
+        "prompt_tokens": completion.prompt_token_count,
+        "completion_tokens": len(completion.token_ids),
+        "finish_reason": completion.finish_reason,
+        "completion_token_ids": completion.token_ids,
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a partial write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(out_dir: Path, records: Sequence[dict], stats: Sequence[RankStats], summary: dict) -> None:
+    write_atomic(out_dir / OUTPUTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(out_dir / STATS_FILE, json.dumps(
+        {"summary": summary, "ranks": [s.as_record() for s in stats]}, indent=2) + "\n")
+
+
+def summarize(stats: Sequence[RankStats], prompt_count: int) -> dict:
+    generated = sum(s.generated_tokens for s in stats)
+    slowest = max((s.generate_seconds for s in stats), default=0.0)
+    return {
+        "world_size": len(stats),
+        "prompts": prompt_count,
+        "prompt_tokens": sum(s.prompt_tokens for s in stats),
+        "generated_tokens": generated,
+        "generate_seconds": round(slowest, 3),
+        "tokens_per_second": round(generated / slowest, 2) if slowest > 0 else 0.0,
+    }
+
+
+TABLE_COLUMNS = (  # header, width, format spec, value
+    ("rank", 4, "", lambda s: s.rank), ("device", 7, "", lambda s: s.device),
+    ("prompts", 7, "", lambda s: s.prompts), ("prompt_tok", 10, "", lambda s: s.prompt_tokens),
+    ("gen_tok", 8, "", lambda s: s.generated_tokens), ("steps", 6, "", lambda s: s.forward_steps),
+    ("idle", 5, "", lambda s: s.idle_steps), ("tok/s", 9, ".1f", lambda s: s.tokens_per_second),
+    ("gen_s", 7, ".2f", lambda s: s.generate_seconds), ("rss_MiB", 8, ".0f", lambda s: s.peak_rss_mib),
+    ("cuda_alloc", 10, ".0f", lambda s: s.cuda_peak_allocated_mib),
+    ("cuda_rsv", 8, ".0f", lambda s: s.cuda_peak_reserved_mib),
+)
+
+
+def format_table(stats: Sequence[RankStats], summary: dict) -> str:
+    header = " ".join(f"{name:>{width}}" for name, width, _, _ in TABLE_COLUMNS)
+    rows = [" ".join(f"{value(s):>{width}{spec}}" for _, width, spec, value in TABLE_COLUMNS) for s in stats]
+    total = (f"total: {summary['prompts']} prompts, {summary['generated_tokens']} tokens generated in "
+             f"{summary['generate_seconds']:.2f}s ({summary['tokens_per_second']:.1f} tok/s over "
+             f"{summary['world_size']} ranks)")
+    return "\n".join([header, *rows, total])

@@ -1,0 +1,62 @@
+"""The synced generation loop every rank runs over its own batches.
+
+In a lockstep layout every forward is a collective (FSDP all-gathers each block's weights),
+so before each step the ranks all-reduce whether any of them still has work. A rank with
+nothing left keeps joining forwards with a one-token dummy input until all are done, then
+every rank leaves on the same step. Other layouts skip the all-reduce and run freely.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from distgen.decode import BatchDecoder, Completion
+
+
+@dataclass
+class LoopCounters:
+    forward_steps: int = 0
+    idle_steps: int = 0
+    seconds: float = 0.0
+    completions: list[Completion] = field(default_factory=list)
+
+
+def any_rank_has_work(has_work: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1 if has_work else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> None:
+    """A forward that exists only so that this rank's share of the collectives happens."""
+    model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
+
+
+def run_loop(model: torch.nn.Module, batches: Iterable[BatchDecoder], lockstep: bool,
+             idle_step: Callable[[], None], device: torch.device) -> LoopCounters:
+    counters = LoopCounters()
+    pending: Iterator[BatchDecoder] = iter(batches)
+    current = next(pending, None)
+    start = time.perf_counter()
+    while True:
+        has_work = current is not None
+        if lockstep:
+            if not any_rank_has_work(has_work, device):
+                break
+        elif not has_work:
+            break
+        if current is None:
+            idle_step()
+            counters.idle_steps += 1
+            continue
+        current.step(model)
+        counters.forward_steps += 1
+        if current.done:
+            counters.completions.extend(current.completions())
+            current = next(pending, None)
+    counters.seconds = time.perf_counter() - start
+    return counters

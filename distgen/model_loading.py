@@ -1,0 +1,60 @@
+"""Load the tokenizer and the full model on CPU; layouts then place or shard it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from distgen.config import ModelConfig
+from distgen.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def resolve_attn_implementation(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Fail before any worker starts when model.path cannot hold a saved model."""
+    if cfg.source == "pretrained" and not (Path(cfg.path) / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.path!r} is not a folder with a saved model (no config.json there)")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    if cfg.source == "tiny":
+        from distgen.tiny import build_tokenizer
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.source == "tiny":
+        from distgen.tiny import build_tiny_model
+        model = build_tiny_model(cfg.tiny, tokenizer).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=dtype, attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device),
+            trust_remote_code=cfg.trust_remote_code)
+    return model.eval()

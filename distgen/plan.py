@@ -1,0 +1,30 @@
+"""Pure work plans: which rank gets which prompts, and how a rank batches them."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def assign_to_ranks(costs: Sequence[int], world_size: int) -> list[list[int]]:
+    """Longest-first greedy balance of prompt indices over ranks.
+
+    Each prompt (costliest first, ties by index) goes to the rank with the least total cost
+    so far (ties to the lower rank). Deterministic, so every rank computes the same plan.
+    Each rank's indices come back in dataset order.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    loads = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[rank] += costs[index]
+        shards[rank].append(index)
+    return [sorted(shard) for shard in shards]
+
+
+def make_batches(indices: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of similar prompt length (less padding), longest first so memory peaks early."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    ordered = sorted(indices, key=lambda i: (-lengths[i], i))
+    return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]

@@ -1,0 +1,99 @@
+"""Worker entry point, one process per rank:
+
+    torchrun --nproc_per_node=2 -m distgen.run layout=fsdp dataset=prompts.jsonl output.dir=out/
+
+Everything that can be wrong with the config, the prompts file or the model folder is
+reported before the process group starts.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from distgen.config import RunConfig
+from distgen.coordinator import (OUTPUTS_FILE, completion_record, format_table, gather_to_coordinator,
+                                 order_completions, summarize, write_outputs)
+from distgen.dist_env import DistContext, init_distributed, launcher_rank, shutdown
+from distgen.errors import ConfigError
+from distgen.load_config import config_to_yaml, load_config
+from distgen.model_loading import check_model_source, load_tokenizer
+from distgen.prompts import Prompt, read_prompts
+from distgen.worker import Job, generate_shard
+
+USAGE = __doc__ + """
+Options:
+  --print-config  show the composed config and exit
+  --check         check the config, the prompts file and the model folder, then exit
+"""
+FLAGS = ("--print-config", "--check")
+
+
+def check_inputs(cfg: RunConfig) -> list[Prompt]:
+    """The prompts, once the prompts file and the model folder are known to be usable."""
+    prompts = read_prompts(cfg.dataset)
+    check_model_source(cfg.model)
+    return prompts
+
+
+def prepare_job(cfg: RunConfig) -> Job:
+    prompts = check_inputs(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    token_ids = [tokenizer(p.text, add_special_tokens=True)["input_ids"] for p in prompts]
+    empty = [p.id for p, ids in zip(prompts, token_ids) if not ids]
+    if empty:
+        raise ConfigError(f"prompts with ids {empty[:10]} tokenize to nothing; give each prompt some text")
+    return Job(cfg, prompts, tokenizer, token_ids)
+
+
+def coordinate(job: Job, ctx: DistContext, completions, stats) -> None:
+    gathered_completions = gather_to_coordinator(completions, ctx.rank, ctx.world_size)
+    gathered_stats = gather_to_coordinator(stats, ctx.rank, ctx.world_size)
+    if not ctx.is_coordinator:
+        return
+    ordered = order_completions(gathered_completions, len(job.prompts))
+    records = [completion_record(c, job.tokenizer.decode(c.token_ids, skip_special_tokens=True)) for c in ordered]
+    summary = summarize(gathered_stats, len(job.prompts))
+    out_dir = Path(job.cfg.output.dir)
+    write_outputs(out_dir, records, gathered_stats, summary)
+    if job.cfg.output.print_table:
+        print(format_table(gathered_stats, summary))
+    print(f"wrote {len(records)} completions to {out_dir / OUTPUTS_FILE}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        print(USAGE)
+        return 0
+    try:
+        cfg = load_config([a for a in args if a not in FLAGS])
+        if "--print-config" in args:
+            print(config_to_yaml(cfg))
+            return 0
+        if "--check" in args:
+            print(f"distgen: config ok, {len(check_inputs(cfg))} prompts")
+            return 0
+        job = prepare_job(cfg)
+    except ConfigError as err:
+        if launcher_rank() == 0:
+            print(f"distgen: config error: {err}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(cfg.device)
+    try:
+        with torch.no_grad():
+            completions, stats = generate_shard(job, ctx)
+        coordinate(job, ctx, completions, stats)
+    finally:
+        shutdown()
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

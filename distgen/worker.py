@@ -1,0 +1,73 @@
+"""What one rank does: load and place the model, take its shard of prompts, generate."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from distgen.config import RunConfig
+from distgen.decode import BatchDecoder, Completion
+from distgen.dist_env import DistContext
+from distgen.layouts import get_layout
+from distgen.loop import idle_forward, run_loop
+from distgen.model_loading import load_model
+from distgen.plan import assign_to_ranks, make_batches
+from distgen.prompts import Prompt
+from distgen.stats import RankStats, cuda_peaks_mib, peak_rss_mib, reset_peaks
+
+
+@dataclass
+class Job:
+    """Everything checked and tokenized before any process group exists."""
+    cfg: RunConfig
+    prompts: list[Prompt]
+    tokenizer: object
+    token_ids: list[list[int]]
+
+    def budget(self, index: int) -> int:
+        return self.prompts[index].max_new_tokens or self.cfg.generation.max_new_tokens
+
+
+def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[int]:
+    if configured is not None:
+        return list(configured)
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if model_eos is None:
+        model_eos = tokenizer.eos_token_id
+    if model_eos is None:
+        return []
+    return [model_eos] if isinstance(model_eos, int) else list(model_eos)
+
+
+def rank_shard(job: Job, ctx: DistContext) -> list[list[int]]:
+    """This rank's batches of prompt indices; the same plan on every rank."""
+    lengths = [len(ids) for ids in job.token_ids]
+    costs = [lengths[i] + job.budget(i) for i in range(len(lengths))]
+    mine = assign_to_ranks(costs, ctx.world_size)[ctx.rank]
+    return make_batches(mine, lengths, job.cfg.generation.batch_size)
+
+
+def generate_shard(job: Job, ctx: DistContext) -> tuple[list[Completion], RankStats]:
+    wall_start = time.perf_counter()
+    reset_peaks(ctx.device)
+    layout = get_layout(job.cfg.layout.name)
+    model = layout.prepare(load_model(job.cfg.model, job.tokenizer, ctx.device), job.cfg.layout, ctx)
+    load_seconds = time.perf_counter() - wall_start
+
+    pad_id = job.tokenizer.pad_token_id
+    eos_ids = resolve_eos_ids(job.cfg.generation.eos_token_ids, model, job.tokenizer)
+    batches = rank_shard(job, ctx)
+    decoders = (BatchDecoder([job.prompts[i] for i in batch], [job.token_ids[i] for i in batch],
+                             job.cfg.generation, pad_id, eos_ids, ctx.device) for batch in batches)
+    counters = run_loop(model, decoders, layout.lockstep, lambda: idle_forward(model, pad_id, ctx.device),
+                        ctx.device)
+    allocated, reserved = cuda_peaks_mib(ctx.device)
+    stats = RankStats(
+        rank=ctx.rank, device=str(ctx.device), prompts=sum(len(b) for b in batches),
+        prompt_tokens=sum(c.prompt_token_count for c in counters.completions),
+        generated_tokens=sum(len(c.token_ids) for c in counters.completions),
+        forward_steps=counters.forward_steps, idle_steps=counters.idle_steps,
+        load_seconds=round(load_seconds, 3), generate_seconds=round(counters.seconds, 3),
+        wall_seconds=round(time.perf_counter() - wall_start, 3), peak_rss_mib=round(peak_rss_mib(), 1),
+        cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1))
+    return counters.completions, stats

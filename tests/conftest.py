@@ -1,0 +1,78 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distgen.config import TinyModelConfig
+from distgen.tiny import build_tokenizer, save_tiny
+
+REPO = Path(__file__).resolve().parent.parent
+# Prompts of different lengths; some carry their own budget so batches and ranks end at different steps.
+PROMPTS = [
+    {"id": "short", "prompt": "Hi", "max_new_tokens": 3},
+    {"id": "france", "prompt": "The capital of France is"},
+    {"id": "story", "prompt": "Once upon a time, in a land far away, there lived a dragon who", "max_new_tokens": 14},
+    {"id": "code", "prompt": "def fibonacci(n):", "max_new_tokens": 5},
+    {"id": "haiku", "prompt": "Write a haiku about distributed systems."},
+    {"id": "primes", "prompt": "A short list of prime numbers: 2, 3, 5,", "max_new_tokens": 2},
+    {"id": "fox", "prompt": "The quick brown fox"},
+]
+DEFAULT_BUDGET = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), TinyModelConfig(layers=2, seed=7))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def write_prompts(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    return write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
+
+
+def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_ids) -> list[int]:
+    """Single-process, unpadded `model.generate`, cut after the first EOS."""
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=list(eos_ids) or None, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    for position, token in enumerate(new):
+        if token in eos_ids:
+            return new[:position + 1]
+    return new
+
+
+def read_outputs(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text().splitlines()]
+
+
+def read_stats(out_dir: Path) -> dict:
+    return json.loads((out_dir / "stats.json").read_text())
+
+
+def run_module(module: str, args, nproc: int | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m module args`, under torchrun with `nproc` gloo ranks when nproc is given."""
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *launcher, "-m", module, *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,66 @@
+import pytest
+
+from conftest import run_module
+from distgen.errors import ConfigError
+from distgen.load_config import expand_path_shorthands, load_config
+
+TINY = ["model=tiny"]
+
+
+def test_defaults_compose_into_typed_config():
+    cfg = load_config([*TINY, "layout=fsdp", "generation.max_new_tokens=5"])
+    assert cfg.layout.name == "fsdp" and cfg.generation.max_new_tokens == 5
+    assert cfg.dataset.path.endswith("demo_prompts.jsonl")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["generation.max_new_tokens=-1"], r"generation.max_new_tokens=-1 is not allowed: must be >= 1"),
+    (["generation.batch_size=0"], r"generation.batch_size=0 is not allowed"),
+    (["generation.top_p=1.5"], r"generation.top_p=1.5 is not allowed"),
+    (["layout=zero9"], r"Could not find 'layout/zero9'[\s\S]*fsdp[\s\S]*replicate"),
+    (["layout.name=zero9"], r"layout.name='zero9' is not allowed: expected one of replicate, fsdp"),
+    (["model.dtype=fp8"], r"model.dtype='fp8' is not allowed: expected one of auto, fp32, bf16, fp16"),
+    (["generation.max_new_token=3"], r"unknown config key 'generation.max_new_token'; keys allowed under "
+                                     r"generation: max_new_tokens, batch_size"),
+    (["colour=red"], r"unknown config key 'colour'; keys allowed under the top level: model, layout"),
+    (["generation.batch_size=many"], r"generation.batch_size=many.*could not be converted to Integer"),
+    (["device=tpu"], r"device='tpu' is not allowed: expected one of auto, cpu, cuda"),
+])
+def test_bad_keys_and_values_name_the_key_and_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([*TINY, *overrides])
+
+
+def test_pretrained_model_needs_a_path():
+    with pytest.raises(ConfigError, match="model.path=None is not allowed"):
+        load_config([])
+
+
+def test_dataset_and_model_path_shorthands(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    assert expand_path_shorthands([f"dataset={prompts}", "dataset=demo", "model=tiny", "model=./m"]) == [
+        f"dataset.path={prompts}", "dataset=demo", "model=tiny", "model.path=./m"]
+
+
+def test_bad_config_stops_launcher_before_any_worker(tmp_path):
+    out = tmp_path / "out"
+    result = run_module("distgen.launch", [*TINY, "launcher=torchrun", "generation.max_new_tokens=-1",
+                                           f"output.dir={out}"], timeout=120)
+    assert result.returncode == 2
+    assert "config error: generation.max_new_tokens=-1 is not allowed" in result.stderr
+    assert "launching" not in result.stdout and not out.exists()
+
+
+def test_bad_config_under_torchrun_exits_before_process_group(tmp_path):
+    out = tmp_path / "out"
+    result = run_module("distgen.run", [*TINY, "layout=fsdp", "generation.typo=1", f"output.dir={out}"],
+                        nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert "unknown config key 'generation.typo'" in result.stderr
+    assert not out.exists()
+
+
+def test_missing_model_folder_is_reported_before_start(tmp_path):
+    result = run_module("distgen.run", [f"model={tmp_path / 'no-model'}", "--check"], timeout=120)
+    assert result.returncode == 2 and "is not a folder with a saved model" in result.stderr

@@ -1,0 +1,36 @@
+import pytest
+
+from distgen.plan import assign_to_ranks, make_batches
+
+
+def test_every_prompt_assigned_once_and_loads_balanced():
+    costs = [50, 10, 10, 10, 10, 10, 40, 5, 5, 3]
+    shards = assign_to_ranks(costs, 3)
+    flat = sorted(i for shard in shards for i in shard)
+    assert flat == list(range(len(costs)))
+    loads = [sum(costs[i] for i in shard) for shard in shards]
+    assert max(loads) - min(loads) <= max(costs[i] for i in range(len(costs)) if costs[i] < 50)
+    assert all(shard == sorted(shard) for shard in shards)
+
+
+def test_plan_is_deterministic_and_longest_goes_first_to_rank0():
+    costs = [3, 9, 9, 1]
+    assert assign_to_ranks(costs, 2) == assign_to_ranks(list(costs), 2)
+    assert assign_to_ranks(costs, 2) == [[0, 1], [2, 3]]
+
+
+def test_fewer_prompts_than_ranks_leaves_ranks_empty():
+    assert assign_to_ranks([7], 3) == [[0], [], []]
+    assert assign_to_ranks([], 2) == [[], []]
+
+
+def test_bad_world_size():
+    with pytest.raises(ValueError, match="world_size=0"):
+        assign_to_ranks([1], 0)
+
+
+def test_batches_group_similar_lengths_longest_first():
+    lengths = {0: 5, 2: 50, 4: 7, 6: 49, 8: 6}
+    full = [lengths.get(i, 0) for i in range(9)]
+    assert make_batches([0, 2, 4, 6, 8], full, 2) == [[2, 6], [4, 8], [0]]
+    assert make_batches([], full, 2) == []
