@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from distgen.config import RunConfig
 from distgen.coordinator import (OUTPUTS_FILE, completion_record, format_table, gather_to_coordinator,
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if launcher_rank() == 0:
             print(f"distgen: config error: {err}", file=sys.stderr)
         return 2
+    hf_logging.disable_progress_bar()
     ctx = init_distributed(cfg.device)
     try:
         with torch.no_grad():

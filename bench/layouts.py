@@ -1,0 +1,70 @@
+"""Throughput of the layouts side by side, in one run, on this machine's devices.
+
+    .venv/bin/python bench/layouts.py [--layers 4 --hidden 256 --prompts 32 --new-tokens 32]
+
+Saves a random-init Llama of the given size, runs the same job as 1 rank, 2 replicate ranks
+and 2 FSDP ranks, and at batch size 1, and prints each job's tokens/s and its ratio to the
+1-rank job. Peak memory per rank comes from each job's stats.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from distgen.config import TinyModelConfig
+from distgen.tiny import save_tiny
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "the model reads a prompt and writes a completion one token at a time until it is done".split()
+
+
+def write_prompts(path: Path, count: int) -> None:
+    lines = [json.dumps({"id": i, "prompt": " ".join(WORDS[: 4 + (i * 7) % len(WORDS)])}) for i in range(count)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_job(name: str, nproc: int, overrides: list[str], work: Path) -> dict:
+    out = work / name
+    launcher = [f"launcher=torchrun", f"launcher.nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, "-m", "distgen.launch", *launcher, *overrides, f"output.dir={out}", "output.print_table=false"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    return json.loads((out / "stats.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = save_tiny(work / "model", TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8,
+                                                          kv_heads=4, intermediate_size=args.hidden * 3))
+        write_prompts(work / "prompts.jsonl", args.prompts)
+        common = [f"model={model}", f"dataset={work / 'prompts.jsonl'}",
+                  f"generation.max_new_tokens={args.new_tokens}", "generation.eos_token_ids=[]"]
+        batched = [*common, f"generation.batch_size={args.batch_size}"]
+        jobs = [("1 rank", 1, [*batched, "layout=replicate"]),
+                ("1 rank, batch 1", 1, [*common, "generation.batch_size=1", "layout=replicate"]),
+                ("2 ranks replicate", 2, [*batched, "layout=replicate"]),
+                ("2 ranks fsdp", 2, [*batched, "layout=fsdp"])]
+        results = [(name, run_job(name.replace(" ", "_").replace(",", ""), n, o, work)) for name, n, o in jobs]
+    base = results[0][1]["summary"]["tokens_per_second"]
+    print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts x {args.new_tokens} new tokens")
+    print(f"{'job':<20} {'tok/s':>9} {'vs 1 rank':>10} {'peak RSS MiB/rank':>18} {'peak CUDA MiB/rank':>19}")
+    for name, stats in results:
+        tps = stats["summary"]["tokens_per_second"]
+        rss = max(r["peak_rss_mib"] for r in stats["ranks"])
+        cuda = max(r["cuda_peak_allocated_mib"] for r in stats["ranks"])
+        print(f"{name:<20} {tps:>9.1f} {tps / base:>9.2f}x {rss:>18.0f} {cuda:>19.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+import pytest
+
+from distgen.coordinator import format_table, order_completions, summarize, write_atomic
+from distgen.decode import Completion
+from distgen.errors import IncompleteOutputError
+from distgen.prompts import Prompt
+from distgen.stats import RankStats
+
+
+def completion(index):
+    return Completion(Prompt(index, f"p{index}", "x"), 1, [5, 6], "length")
+
+
+def test_orders_by_dataset_index():
+    ordered = order_completions([[completion(2), completion(0)], [completion(1)], []], 3)
+    assert [c.prompt.index for c in ordered] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("per_rank, message", [
+    ([[completion(0)], []], r"missing \[1\]"),
+    ([[completion(0), completion(1)], [completion(1)]], r"repeated \[1\]"),
+    ([[completion(0), completion(1), completion(5)]], r"out of range \[5\]"),
+])
+def test_missing_or_repeated_outputs_are_an_error(per_rank, message):
+    with pytest.raises(IncompleteOutputError, match=message):
+        order_completions(per_rank, 2)
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    target = tmp_path / "deep" / "out.jsonl"
+    write_atomic(target, "old\n")
+    write_atomic(target, "new\n")
+    assert target.read_text() == "new\n" and [p.name for p in target.parent.iterdir()] == ["out.jsonl"]
+
+
+def test_summary_and_table():
+    stats = [RankStats(r, "cpu", 2, 10, 40 * (r + 1), 5, 0, 1.0, 2.0 * (r + 1), 3.0, 300.0, 0.0, 0.0)
+             for r in range(2)]
+    summary = summarize(stats, 4)
+    assert summary["generated_tokens"] == 120 and summary["generate_seconds"] == 4.0
+    assert summary["tokens_per_second"] == 30.0
+    table = format_table(stats, summary).splitlines()
+    assert table[0].split()[:3] == ["rank", "device", "prompts"] and len(table) == 4
+    assert table[2].split()[:5] == ["1", "cpu", "2", "10", "80"]

@@ -1,0 +1,66 @@
+"""Two gloo ranks under torchrun, checked against single-process `model.generate`."""
+import pytest
+
+from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module, write_prompts
+from distgen.run import main as run_in_process
+
+
+def job_args(model_dir, prompts, out, *extra):
+    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}",
+            f"generation.max_new_tokens={DEFAULT_BUDGET}", "generation.batch_size=2", *extra]
+
+
+@pytest.mark.parametrize("layout", ["replicate", "fsdp"])
+def test_two_ranks_equal_single_process_greedy(layout, tiny_model_dir, tiny_model, tokenizer, prompts_file, tmp_path):
+    eos = reference_greedy(tiny_model, tokenizer, "The capital of France is", DEFAULT_BUDGET, [])[2]
+    out = tmp_path / "out"
+    result = run_module("distgen.run", job_args(tiny_model_dir, prompts_file, out, f"layout={layout}",
+                                                f"generation.eos_token_ids=[{eos}]"), nproc=2)
+    assert result.returncode == 0, result.stderr
+
+    records = read_outputs(out)
+    assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]
+    assert [r["index"] for r in records] == list(range(len(PROMPTS)))
+    for record, prompt in zip(records, PROMPTS):
+        want = reference_greedy(tiny_model, tokenizer, prompt["prompt"], prompt.get("max_new_tokens", DEFAULT_BUDGET),
+                                [eos])
+        assert record["completion_token_ids"] == want, prompt["id"]
+        assert record["completion"] == tokenizer.decode(want, skip_special_tokens=True)
+    assert records[1]["finish_reason"] == "eos"
+
+    ranks = read_stats(out)["ranks"]
+    assert [s["rank"] for s in ranks] == [0, 1]
+    assert all(s["prompts"] > 0 for s in ranks) and sum(s["prompts"] for s in ranks) == len(PROMPTS)
+    steps = [s["forward_steps"] for s in ranks]
+    assert steps[0] != steps[1], "the prompts should make the ranks finish at different steps"
+    if layout == "fsdp":  # the rank done first keeps joining forwards until its peer is done
+        assert [s["forward_steps"] + s["idle_steps"] for s in ranks] == [max(steps)] * 2
+        assert max(s["idle_steps"] for s in ranks) > 0
+    else:
+        assert all(s["idle_steps"] == 0 for s in ranks)
+    assert "total: 7 prompts" in result.stdout
+
+
+def test_rank_without_prompts_does_not_hang(tiny_model_dir, tiny_model, tokenizer, tmp_path):
+    prompts = write_prompts(tmp_path / "one.jsonl", [{"id": "only", "prompt": "The quick brown fox"}])
+    out = tmp_path / "out"
+    result = run_module("distgen.run", job_args(tiny_model_dir, prompts, out, "layout=fsdp"), nproc=2, timeout=120)
+    assert result.returncode == 0, result.stderr
+    [record] = read_outputs(out)
+    assert record["completion_token_ids"] == reference_greedy(tiny_model, tokenizer, "The quick brown fox",
+                                                              DEFAULT_BUDGET, [tokenizer.eos_token_id])
+    ranks = read_stats(out)["ranks"]
+    assert ranks[1]["prompts"] == 0 and ranks[1]["forward_steps"] == 0
+    assert ranks[1]["idle_steps"] == ranks[0]["forward_steps"] > 0
+
+
+def test_seeded_sampling_same_on_two_ranks_via_launcher_as_on_one(tiny_model_dir, prompts_file, tmp_path):
+    sample = ["generation=sample", "generation.max_new_tokens=6", "generation.seed=11"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = run_module("distgen.launch", job_args(tiny_model_dir, prompts_file, two, *sample, "launcher=torchrun",
+                                                   "launcher.nproc_per_node=2", "generation.max_new_tokens=6"))
+    assert result.returncode == 0, result.stderr
+    assert "launching" in result.stdout and "--nproc-per-node=2" in result.stdout
+    assert run_in_process(job_args(tiny_model_dir, prompts_file, one, *sample, "generation.max_new_tokens=6")) == 0
+    assert read_outputs(two) == read_outputs(one)
+    assert len(read_stats(two)["ranks"]) == 2 and len(read_stats(one)["ranks"]) == 1

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from distgen.config import ModelConfig, TinyModelConfig
+from distgen.errors import ConfigError
+from distgen.model_loading import check_model_source, load_model, load_tokenizer, resolve_dtype
+from distgen.tiny import build_tiny_model
+
+CPU = torch.device("cpu")
+
+
+def test_saved_tiny_model_loads_with_from_pretrained(tiny_model_dir):
+    cfg = ModelConfig(source="pretrained", path=str(tiny_model_dir), dtype="fp32")
+    check_model_source(cfg)
+    tokenizer = load_tokenizer(cfg)
+    loaded = load_model(cfg, tokenizer, CPU)
+    built = build_tiny_model(TinyModelConfig(layers=2, seed=7), tokenizer)
+    assert loaded.state_dict().keys() == built.state_dict().keys()
+    for name, tensor in built.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert tokenizer.decode(tokenizer("héllo, world")["input_ids"]) == "héllo, world"
+
+
+def test_tiny_source_is_the_same_on_every_build():
+    cfg = ModelConfig(source="tiny")
+    a, b = (load_model(cfg, load_tokenizer(cfg), CPU) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_dtype_choice(tiny_model_dir):
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    cfg = ModelConfig(source="pretrained", path=str(tiny_model_dir), dtype="bf16")
+    assert load_model(cfg, load_tokenizer(cfg), CPU).dtype == torch.bfloat16
+
+
+def test_folder_without_model_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="model.path=.* is not a folder with a saved model"):
+        check_model_source(ModelConfig(source="pretrained", path=str(tmp_path)))
