@@ -24,11 +24,6 @@ class DistContext:
         return self.rank == 0
 
 
-def launcher_rank() -> int:
-    """This process's rank as the launcher set it, usable before any process group exists."""
-    return int(os.environ.get("RANK", 0))
-
-
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not allowed: no CUDA device is visible; use device=cpu or auto")
@@ -40,7 +35,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistContext:
     """Join the launcher's process group (env://), or make a one-rank group when run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = launcher_rank()
+    rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(requested_device, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"

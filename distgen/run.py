@@ -17,7 +17,7 @@ from transformers.utils import logging as hf_logging
 from distgen.config import RunConfig
 from distgen.coordinator import (OUTPUTS_FILE, completion_record, format_table, gather_to_coordinator,
                                  order_completions, summarize, write_outputs)
-from distgen.dist_env import DistContext, init_distributed, launcher_rank, shutdown
+from distgen.dist_env import DistContext, init_distributed, shutdown
 from distgen.errors import ConfigError
 from distgen.load_config import config_to_yaml, load_config
 from distgen.model_loading import check_model_source, load_tokenizer
@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         job = prepare_job(cfg)
     except ConfigError as err:
-        if launcher_rank() == 0:
-            print(f"distgen: config error: {err}", file=sys.stderr)
+        # Every rank says it: torchrun stops the others as soon as the first one exits.
+        print(f"distgen: config error: {err}", file=sys.stderr, flush=True)
         return 2
     hf_logging.disable_progress_bar()
     ctx = init_distributed(cfg.device)
