@@ -9,7 +9,6 @@ from typing import Iterable, Sequence
 
 import torch.distributed as dist
 
-from distgen.decode import Completion
 from distgen.errors import IncompleteOutputError
 from distgen.stats import RankStats
 
@@ -24,16 +23,16 @@ def gather_to_coordinator(obj, rank: int, world_size: int) -> list | None:
     return gathered
 
 
-def order_completions(per_rank: Iterable[Sequence[Completion]], prompt_count: int) -> list[Completion]:
+def order_records(per_rank: Iterable[Sequence[dict]], prompt_count: int) -> list[dict]:
     """Dataset order; raises unless every prompt index appears exactly once."""
-    by_index: dict[int, Completion] = {}
+    by_index: dict[int, dict] = {}
     repeated = set()
-    for completions in per_rank:
-        for completion in completions:
-            index = completion.prompt.index
+    for records in per_rank:
+        for record in records:
+            index = record["index"]
             if index in by_index:
                 repeated.add(index)
-            by_index[index] = completion
+            by_index[index] = record
     missing = sorted(set(range(prompt_count)) - by_index.keys())
     unknown = sorted(by_index.keys() - set(range(prompt_count)))
     if missing or repeated or unknown:
@@ -41,19 +40,6 @@ def order_completions(per_rank: Iterable[Sequence[Completion]], prompt_count: in
             f"outputs do not cover the {prompt_count} prompts once each: missing {missing[:20]}, "
             f"repeated {sorted(repeated)[:20]}, out of range {unknown[:20]}")
     return [by_index[i] for i in range(prompt_count)]
-
-
-def completion_record(completion: Completion, text: str) -> dict:
-    return {
-        "index": completion.prompt.index,
-        "id": completion.prompt.id,
-        "prompt": completion.prompt.text,
-        "completion": text,
-        "prompt_tokens": completion.prompt_token_count,
-        "completion_tokens": len(completion.token_ids),
-        "finish_reason": completion.finish_reason,
-        "completion_token_ids": completion.token_ids,
-    }
 
 
 def write_atomic(path: Path, text: str) -> None:

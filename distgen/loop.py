@@ -8,7 +8,7 @@ every rank leaves on the same step. Other layouts skip the all-reduce and run fr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -22,7 +22,6 @@ class LoopCounters:
     forward_steps: int = 0
     idle_steps: int = 0
     seconds: float = 0.0
-    completions: list[Completion] = field(default_factory=list)
 
 
 def any_rank_has_work(has_work: bool, device: torch.device) -> bool:
@@ -37,7 +36,8 @@ def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> N
 
 
 def run_loop(model: torch.nn.Module, batches: Iterable[BatchDecoder], lockstep: bool,
-             idle_step: Callable[[], None], device: torch.device) -> LoopCounters:
+             idle_step: Callable[[], None], device: torch.device,
+             on_batch_done: Callable[[list[Completion]], None]) -> LoopCounters:
     counters = LoopCounters()
     pending: Iterator[BatchDecoder] = iter(batches)
     current = next(pending, None)
@@ -56,7 +56,7 @@ def run_loop(model: torch.nn.Module, batches: Iterable[BatchDecoder], lockstep: 
         current.step(model)
         counters.forward_steps += 1
         if current.done:
-            counters.completions.extend(current.completions())
+            on_batch_done(current.completions())
             current = next(pending, None)
     counters.seconds = time.perf_counter() - start
     return counters

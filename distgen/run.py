@@ -15,13 +15,15 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from distgen.config import RunConfig
-from distgen.coordinator import (OUTPUTS_FILE, completion_record, format_table, gather_to_coordinator,
-                                 order_completions, summarize, write_outputs)
+from distgen.coordinator import (OUTPUTS_FILE, format_table, gather_to_coordinator, order_records, summarize,
+                                 write_outputs)
 from distgen.dist_env import DistContext, init_distributed, shutdown
 from distgen.errors import ConfigError
 from distgen.load_config import config_to_yaml, load_config
 from distgen.model_loading import check_model_source, load_tokenizer
 from distgen.prompts import Prompt, read_prompts
+from distgen.records import remove_journals
+from distgen.stats import RankStats
 from distgen.worker import Job, generate_shard
 
 USAGE = __doc__ + """
@@ -49,16 +51,16 @@ def prepare_job(cfg: RunConfig) -> Job:
     return Job(cfg, prompts, tokenizer, token_ids)
 
 
-def coordinate(job: Job, ctx: DistContext, completions, stats) -> None:
-    gathered_completions = gather_to_coordinator(completions, ctx.rank, ctx.world_size)
+def coordinate(job: Job, ctx: DistContext, records: list[dict], stats: RankStats) -> None:
+    gathered_records = gather_to_coordinator(records, ctx.rank, ctx.world_size)
     gathered_stats = gather_to_coordinator(stats, ctx.rank, ctx.world_size)
     if not ctx.is_coordinator:
         return
-    ordered = order_completions(gathered_completions, len(job.prompts))
-    records = [completion_record(c, job.tokenizer.decode(c.token_ids, skip_special_tokens=True)) for c in ordered]
+    ordered = order_records(gathered_records, len(job.prompts))
     summary = summarize(gathered_stats, len(job.prompts))
     out_dir = Path(job.cfg.output.dir)
-    write_outputs(out_dir, records, gathered_stats, summary)
+    write_outputs(out_dir, ordered, gathered_stats, summary)
+    remove_journals(out_dir)
     if job.cfg.output.print_table:
         print(format_table(gathered_stats, summary))
     print(f"wrote {len(records)} completions to {out_dir / OUTPUTS_FILE}", flush=True)
@@ -86,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = init_distributed(cfg.device)
     try:
         with torch.no_grad():
-            completions, stats = generate_shard(job, ctx)
-        coordinate(job, ctx, completions, stats)
+            records, stats = generate_shard(job, ctx)
+        coordinate(job, ctx, records, stats)
     finally:
         shutdown()
     return 0

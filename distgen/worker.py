@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from distgen.config import RunConfig
@@ -13,6 +14,7 @@ from distgen.loop import idle_forward, run_loop
 from distgen.model_loading import load_model
 from distgen.plan import assign_to_ranks, make_batches
 from distgen.prompts import Prompt
+from distgen.records import RecordJournal, completion_record
 from distgen.stats import RankStats, cuda_peaks_mib, peak_rss_mib, reset_peaks
 
 
@@ -47,7 +49,8 @@ def rank_shard(job: Job, ctx: DistContext) -> list[list[int]]:
     return make_batches(mine, lengths, job.cfg.generation.batch_size)
 
 
-def generate_shard(job: Job, ctx: DistContext) -> tuple[list[Completion], RankStats]:
+def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
+    """This rank's output records (also journaled to disk batch by batch) and its stats."""
     wall_start = time.perf_counter()
     reset_peaks(ctx.device)
     layout = get_layout(job.cfg.layout.name)
@@ -59,15 +62,23 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[Completion], RankSt
     batches = rank_shard(job, ctx)
     decoders = (BatchDecoder([job.prompts[i] for i in batch], [job.token_ids[i] for i in batch],
                              job.cfg.generation, pad_id, eos_ids, ctx.device) for batch in batches)
-    counters = run_loop(model, decoders, layout.lockstep, lambda: idle_forward(model, pad_id, ctx.device),
-                        ctx.device)
+    records: list[dict] = []
+    with RecordJournal(Path(job.cfg.output.dir), ctx.rank) as journal:
+        def keep(completions: list[Completion]) -> None:
+            finished = [completion_record(c, job.tokenizer.decode(c.token_ids, skip_special_tokens=True))
+                        for c in completions]
+            journal.append(finished)
+            records.extend(finished)
+
+        counters = run_loop(model, decoders, layout.lockstep, lambda: idle_forward(model, pad_id, ctx.device),
+                            ctx.device, keep)
     allocated, reserved = cuda_peaks_mib(ctx.device)
     stats = RankStats(
-        rank=ctx.rank, device=str(ctx.device), prompts=sum(len(b) for b in batches),
-        prompt_tokens=sum(c.prompt_token_count for c in counters.completions),
-        generated_tokens=sum(len(c.token_ids) for c in counters.completions),
+        rank=ctx.rank, device=str(ctx.device), prompts=len(records),
+        prompt_tokens=sum(r["prompt_tokens"] for r in records),
+        generated_tokens=sum(r["completion_tokens"] for r in records),
         forward_steps=counters.forward_steps, idle_steps=counters.idle_steps,
         load_seconds=round(load_seconds, 3), generate_seconds=round(counters.seconds, 3),
         wall_seconds=round(time.perf_counter() - wall_start, 3), peak_rss_mib=round(peak_rss_mib(), 1),
         cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1))
-    return counters.completions, stats
+    return records, stats

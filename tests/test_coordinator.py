@@ -1,19 +1,17 @@
 import pytest
 
-from distgen.coordinator import format_table, order_completions, summarize, write_atomic
-from distgen.decode import Completion
+from distgen.coordinator import format_table, order_records, summarize, write_atomic
 from distgen.errors import IncompleteOutputError
-from distgen.prompts import Prompt
 from distgen.stats import RankStats
 
 
 def completion(index):
-    return Completion(Prompt(index, f"p{index}", "x"), 1, [5, 6], "length")
+    return {"index": index, "id": f"p{index}"}
 
 
 def test_orders_by_dataset_index():
-    ordered = order_completions([[completion(2), completion(0)], [completion(1)], []], 3)
-    assert [c.prompt.index for c in ordered] == [0, 1, 2]
+    ordered = order_records([[completion(2), completion(0)], [completion(1)], []], 3)
+    assert [r["index"] for r in ordered] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("per_rank, message", [
@@ -23,7 +21,7 @@ def test_orders_by_dataset_index():
 ])
 def test_missing_or_repeated_outputs_are_an_error(per_rank, message):
     with pytest.raises(IncompleteOutputError, match=message):
-        order_completions(per_rank, 2)
+        order_records(per_rank, 2)
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

@@ -17,9 +17,10 @@ def decode_all(model, tokenizer, records, cfg, eos_ids, batch_size):
                for start in range(0, len(prompts), batch_size)]
     decoders = (BatchDecoder([prompts[i] for i in b], [token_ids[i] for i in b], cfg, tokenizer.pad_token_id,
                              eos_ids, CPU) for b in batches)
+    completions = []
     with torch.no_grad():
-        counters = run_loop(model, decoders, lockstep=False, idle_step=lambda: None, device=CPU)
-    return {c.prompt.id: c for c in counters.completions}
+        run_loop(model, decoders, lockstep=False, idle_step=lambda: None, device=CPU, on_batch_done=completions.extend)
+    return {c.prompt.id: c for c in completions}
 
 
 def test_batched_greedy_equals_generate_per_prompt(tiny_model, tokenizer):
