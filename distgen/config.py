@@ -118,6 +118,11 @@ class DatasetConfig:
 class OutputConfig:
     dir: str = "outputs"
     print_table: bool = True
+    # Each rank logs its progress this often (seconds); 0 turns it off.
+    progress_every_s: float = 30.0
+
+    def check(self) -> None:
+        require(self.progress_every_s >= 0, "output.progress_every_s", self.progress_every_s, "must be >= 0")
 
 
 @dataclass
@@ -148,6 +153,7 @@ class RunConfig:
 
     def check(self) -> "RunConfig":
         require_choice("device", self.device, DEVICES)
-        for part in (self.model, self.model.tiny, self.layout, self.generation, self.dataset, self.launcher):
+        for part in (self.model, self.model.tiny, self.layout, self.generation, self.dataset, self.output,
+                     self.launcher):
             part.check()
         return self

@@ -13,6 +13,7 @@ from distgen.layouts import get_layout
 from distgen.loop import idle_forward, run_loop
 from distgen.model_loading import load_model
 from distgen.plan import assign_to_ranks, make_batches
+from distgen.progress import ProgressLog
 from distgen.prompts import Prompt
 from distgen.records import RecordJournal, completion_record
 from distgen.stats import RankStats, cuda_peaks_mib, peak_rss_mib, reset_peaks
@@ -63,12 +64,14 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
     decoders = (BatchDecoder([job.prompts[i] for i in batch], [job.token_ids[i] for i in batch],
                              job.cfg.generation, pad_id, eos_ids, ctx.device) for batch in batches)
     records: list[dict] = []
+    progress = ProgressLog(ctx.rank, sum(len(b) for b in batches), job.cfg.output.progress_every_s)
     with RecordJournal(Path(job.cfg.output.dir), ctx.rank) as journal:
         def keep(completions: list[Completion]) -> None:
             finished = [completion_record(c, job.tokenizer.decode(c.token_ids, skip_special_tokens=True))
                         for c in completions]
             journal.append(finished)
             records.extend(finished)
+            progress.batch_done(len(finished), sum(r["completion_tokens"] for r in finished))
 
         counters = run_loop(model, decoders, layout.lockstep, lambda: idle_forward(model, pad_id, ctx.device),
                             ctx.device, keep)
