@@ -120,6 +120,8 @@ class OutputConfig:
     print_table: bool = True
     # Each rank logs its progress this often (seconds); 0 turns it off.
     progress_every_s: float = 30.0
+    # Skip prompts an earlier run of the same job finished into this output.dir.
+    resume: bool = True
 
     def check(self) -> None:
         require(self.progress_every_s >= 0, "output.progress_every_s", self.progress_every_s, "must be >= 0")

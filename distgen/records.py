@@ -26,17 +26,19 @@ def completion_record(completion: Completion, text: str) -> dict:
     }
 
 
-def journal_path(out_dir: Path, rank: int) -> Path:
-    return out_dir / PARTS_DIR / f"rank-{rank:05d}.jsonl"
+def journal_dir(out_dir: Path, job: str) -> Path:
+    """One folder per job fingerprint, so runs of different jobs never mix their records."""
+    return out_dir / PARTS_DIR / job
 
 
 class RecordJournal:
-    """Append-only JSON lines for one rank, flushed to disk after every batch."""
+    """Append-only JSON lines for one rank, flushed to disk after every batch. Appending (not
+    truncating) keeps what earlier attempts of the same job finished."""
 
-    def __init__(self, out_dir: Path, rank: int):
-        path = journal_path(out_dir, rank)
+    def __init__(self, out_dir: Path, job: str, rank: int):
+        path = journal_dir(out_dir, job) / f"rank-{rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("w", encoding="utf-8")
+        self.file = path.open("a", encoding="utf-8")
 
     def append(self, records: Sequence[dict]) -> None:
         self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -53,9 +55,20 @@ class RecordJournal:
         self.close()
 
 
-def read_journals(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for path in sorted((out_dir / PARTS_DIR).glob("rank-*.jsonl"))
-            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_jsonl_lenient(path: Path) -> list[dict]:
+    """Records of a JSON-lines file; a line cut short by a crash is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def read_journals(out_dir: Path, job: str) -> list[dict]:
+    return [record for path in sorted(journal_dir(out_dir, job).glob("rank-*.jsonl"))
+            for record in read_jsonl_lenient(path)]
 
 
 def remove_journals(out_dir: Path) -> None:

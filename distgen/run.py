@@ -23,6 +23,7 @@ from distgen.load_config import config_to_yaml, load_config
 from distgen.model_loading import check_model_source, load_tokenizer
 from distgen.prompts import Prompt, read_prompts
 from distgen.records import remove_journals
+from distgen.resume import job_fingerprint, load_finished
 from distgen.stats import RankStats
 from distgen.worker import Job, generate_shard
 
@@ -48,7 +49,9 @@ def prepare_job(cfg: RunConfig) -> Job:
     empty = [p.id for p, ids in zip(prompts, token_ids) if not ids]
     if empty:
         raise ConfigError(f"prompts with ids {empty[:10]} tokenize to nothing; give each prompt some text")
-    return Job(cfg, prompts, tokenizer, token_ids)
+    fingerprint = job_fingerprint(cfg, prompts)
+    finished = load_finished(Path(cfg.output.dir), fingerprint, prompts) if cfg.output.resume else {}
+    return Job(cfg, prompts, tokenizer, token_ids, fingerprint, finished)
 
 
 def coordinate(job: Job, ctx: DistContext, records: list[dict], stats: RankStats) -> None:
@@ -56,8 +59,8 @@ def coordinate(job: Job, ctx: DistContext, records: list[dict], stats: RankStats
     gathered_stats = gather_to_coordinator(stats, ctx.rank, ctx.world_size)
     if not ctx.is_coordinator:
         return
-    ordered = order_records(gathered_records, len(job.prompts))
-    summary = summarize(gathered_stats, len(job.prompts))
+    ordered = order_records([list(job.finished.values()), *gathered_records], len(job.prompts))
+    summary = {"job": job.fingerprint, **summarize(gathered_stats, len(job.prompts)), "resumed": len(job.finished)}
     out_dir = Path(job.cfg.output.dir)
     write_outputs(out_dir, ordered, gathered_stats, summary)
     remove_journals(out_dir)
@@ -86,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     hf_logging.disable_progress_bar()
     ctx = init_distributed(cfg.device)
+    if job.finished and ctx.is_coordinator:
+        print(f"distgen: resuming: {len(job.finished)} of {len(job.prompts)} prompts already done in "
+              f"{cfg.output.dir}", flush=True)
     try:
         with torch.no_grad():
             records, stats = generate_shard(job, ctx)

@@ -26,6 +26,13 @@ class Job:
     prompts: list[Prompt]
     tokenizer: object
     token_ids: list[list[int]]
+    fingerprint: str
+    # Records an earlier run of this job finished, by prompt index; their prompts are skipped.
+    finished: dict[int, dict]
+
+    @property
+    def todo(self) -> list[int]:
+        return [i for i in range(len(self.prompts)) if i not in self.finished]
 
     def budget(self, index: int) -> int:
         return self.prompts[index].max_new_tokens or self.cfg.generation.max_new_tokens
@@ -45,9 +52,9 @@ def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[
 def rank_shard(job: Job, ctx: DistContext) -> list[list[int]]:
     """This rank's batches of prompt indices; the same plan on every rank."""
     lengths = [len(ids) for ids in job.token_ids]
-    costs = [lengths[i] + job.budget(i) for i in range(len(lengths))]
-    mine = assign_to_ranks(costs, ctx.world_size)[ctx.rank]
-    return make_batches(mine, lengths, job.cfg.generation.batch_size)
+    todo = job.todo
+    shards = assign_to_ranks([lengths[i] + job.budget(i) for i in todo], ctx.world_size)
+    return make_batches([todo[k] for k in shards[ctx.rank]], lengths, job.cfg.generation.batch_size)
 
 
 def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
@@ -65,7 +72,7 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
                              job.cfg.generation, pad_id, eos_ids, ctx.device) for batch in batches)
     records: list[dict] = []
     progress = ProgressLog(ctx.rank, sum(len(b) for b in batches), job.cfg.output.progress_every_s)
-    with RecordJournal(Path(job.cfg.output.dir), ctx.rank) as journal:
+    with RecordJournal(Path(job.cfg.output.dir), job.fingerprint, ctx.rank) as journal:
         def keep(completions: list[Completion]) -> None:
             finished = [completion_record(c, job.tokenizer.decode(c.token_ids, skip_special_tokens=True))
                         for c in completions]

@@ -3,6 +3,7 @@ import pytest
 
 from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module, write_prompts
 from distgen.run import main as run_in_process
+from test_records import crash_at_step, journaled
 
 
 def job_args(model_dir, prompts, out, *extra):
@@ -64,3 +65,26 @@ def test_seeded_sampling_same_on_two_ranks_via_launcher_as_on_one(tiny_model_dir
     assert run_in_process(job_args(tiny_model_dir, prompts_file, one, *sample, "generation.max_new_tokens=6")) == 0
     assert read_outputs(two) == read_outputs(one)
     assert len(read_stats(two)["ranks"]) == 2 and len(read_stats(one)["ranks"]) == 1
+
+
+def test_restart_on_two_fsdp_ranks_finishes_a_crashed_one_rank_job(tiny_model_dir, tiny_model, tokenizer,
+                                                                   prompts_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = job_args(tiny_model_dir, prompts_file, out)
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 16)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_in_process(args)
+    kept = len(journaled(out))
+    assert 0 < kept < len(PROMPTS)
+
+    result = run_module("distgen.run", [*args, "layout=fsdp"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming: {kept} of {len(PROMPTS)} prompts already done" in result.stdout
+    records = read_outputs(out)
+    assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]
+    for record, prompt in zip(records, PROMPTS):
+        budget = prompt.get("max_new_tokens", DEFAULT_BUDGET)
+        want = reference_greedy(tiny_model, tokenizer, prompt["prompt"], budget, [tokenizer.eos_token_id])
+        assert record["completion_token_ids"] == want, prompt["id"]
+    assert sum(s["prompts"] for s in read_stats(out)["ranks"]) == len(PROMPTS) - kept

@@ -1,34 +1,74 @@
-"""A job that fails part way keeps every batch it finished on disk."""
+"""A job that fails part way keeps every batch it finished on disk, and a restart skips them."""
+import json
+
 import pytest
 
 from conftest import read_outputs, read_stats
 from distgen.decode import BatchDecoder
-from distgen.records import PARTS_DIR, read_journals
+from distgen.records import PARTS_DIR
 from distgen.run import main as run_in_process
 
+ARGS = ["generation.batch_size=2", "generation.max_new_tokens=4"]
 
-def test_failure_mid_job_keeps_finished_batches(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-    args = [f"model={tiny_model_dir}", f"dataset={prompts_file}", "generation.batch_size=2",
-            "generation.max_new_tokens=4"]
-    complete = tmp_path / "complete"
-    assert run_in_process([*args, f"output.dir={complete}"]) == 0
-    want = {r["id"]: r for r in read_outputs(complete)}
-    assert not (complete / PARTS_DIR).exists()
-    total_steps = read_stats(complete)["ranks"][0]["forward_steps"]
 
+def journaled(out_dir):
+    return [json.loads(line) for path in sorted((out_dir / PARTS_DIR).glob("*/rank-*.jsonl"))
+            for line in path.read_text().splitlines()]
+
+
+def crash_at_step(monkeypatch, step_count):
     real_step, steps = BatchDecoder.step, []
 
     def step_then_fail(self, model):
-        if len(steps) == total_steps - 1:
+        if len(steps) == step_count:
             raise RuntimeError("simulated crash")
         steps.append(1)
         real_step(self, model)
 
     monkeypatch.setattr(BatchDecoder, "step", step_then_fail)
+
+
+def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    args = [f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS]
+    complete = tmp_path / "complete"
+    assert run_in_process([*args, f"output.dir={complete}"]) == 0
+    want = read_outputs(complete)
+    assert not (complete / PARTS_DIR).exists()
+    total_steps = read_stats(complete)["ranks"][0]["forward_steps"]
+
     failed = tmp_path / "failed"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_in_process([*args, f"output.dir={failed}"])
-    kept = read_journals(failed)
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, total_steps - 1)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_in_process([*args, f"output.dir={failed}"])
+    kept = journaled(failed)
     assert not (failed / "outputs.jsonl").exists()
     assert 2 <= len(kept) < len(want)
-    assert all(record == want[record["id"]] for record in kept)
+    assert all(record == want[record["index"]] for record in kept)
+
+    assert run_in_process([*args, f"output.dir={failed}"]) == 0
+    assert read_outputs(failed) == want
+    stats = read_stats(failed)
+    assert stats["summary"]["resumed"] == len(kept)
+    assert stats["ranks"][0]["prompts"] == len(want) - len(kept)
+    assert not (failed / PARTS_DIR).exists()
+
+    assert run_in_process([*args, f"output.dir={failed}"]) == 0  # all done: nothing is generated again
+    assert read_outputs(failed) == want and read_stats(failed)["ranks"][0]["prompts"] == 0
+
+
+def test_changed_job_does_not_reuse_outputs(tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    assert run_in_process([f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"output.dir={out}"]) == 0
+    assert run_in_process([f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"output.dir={out}",
+                           "generation.max_new_tokens=3"]) == 0
+    stats = read_stats(out)
+    assert stats["summary"]["resumed"] == 0 and stats["ranks"][0]["prompts"] == 7
+    assert all(r["completion_tokens"] <= 3 for r in read_outputs(out) if r["id"] not in ("story", "code"))
+
+
+def test_resume_off_regenerates(tiny_model_dir, prompts_file, tmp_path):
+    args = [f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"output.dir={tmp_path}"]
+    assert run_in_process(args) == 0
+    assert run_in_process([*args, "output.resume=false"]) == 0
+    assert read_stats(tmp_path)["ranks"][0]["prompts"] == 7
