@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-MODEL=.demo/tiny-llama
-OUT=.demo/outputs
+DEMO_DIR=${DEMO_DIR:-.demo}
+MODEL=$DEMO_DIR/tiny-llama
+OUT=$DEMO_DIR/outputs
 [ -f "$MODEL/config.json" ] || "$PY" -m distgen.tiny "$MODEL"
 "$PY" -m distgen.launch launcher=torchrun launcher.nproc_per_node=2 model="$MODEL" layout=fsdp \
   generation.max_new_tokens=24 output.dir="$OUT" "$@"
