@@ -29,8 +29,9 @@ def write_prompts(path: Path, count: int) -> None:
 
 def run_job(name: str, nproc: int, overrides: list[str], work: Path) -> dict:
     out = work / name
-    launcher = [f"launcher=torchrun", f"launcher.nproc_per_node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, "-m", "distgen.launch", *launcher, *overrides, f"output.dir={out}", "output.print_table=false"]
+    launcher = ["launcher=torchrun", f"launcher.nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, "-m", "distgen.launch", *launcher, *overrides, f"output.dir={out}",
+           "output.print_table=false", "output.resume=false"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     return json.loads((out / "stats.json").read_text())
 

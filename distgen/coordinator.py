@@ -63,12 +63,15 @@ def write_outputs(out_dir: Path, records: Sequence[dict], stats: Sequence[RankSt
         {"summary": summary, "ranks": [s.as_record() for s in stats]}, indent=2) + "\n")
 
 
-def summarize(stats: Sequence[RankStats], prompt_count: int) -> dict:
+def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, job: str = "") -> dict:
+    """`resumed` prompts were finished by an earlier run of `job` (its fingerprint)."""
     generated = sum(s.generated_tokens for s in stats)
     slowest = max((s.generate_seconds for s in stats), default=0.0)
     return {
+        "job": job,
         "world_size": len(stats),
         "prompts": prompt_count,
+        "resumed": resumed,
         "prompt_tokens": sum(s.prompt_tokens for s in stats),
         "generated_tokens": generated,
         "generate_seconds": round(slowest, 3),

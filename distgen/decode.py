@@ -48,7 +48,7 @@ class BatchDecoder:
         self.pad_id = pad_id
         self.device = device
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-        self.budgets = [p.max_new_tokens or cfg.max_new_tokens for p in self.prompts]
+        self.budgets = [p.budget(cfg.max_new_tokens) for p in self.prompts]
         input_ids, attention_mask = left_pad(token_ids, pad_id)
         self.next_input = input_ids.to(device)
         self.attention_mask = attention_mask.to(device)

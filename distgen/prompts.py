@@ -18,6 +18,9 @@ class Prompt:
     # Per-record budget from the file; None means generation.max_new_tokens.
     max_new_tokens: Optional[int] = None
 
+    def budget(self, default: int) -> int:
+        return self.max_new_tokens or default
+
 
 def detect_format(path: str, fmt: str) -> str:
     if fmt != "auto":

@@ -60,13 +60,13 @@ def coordinate(job: Job, ctx: DistContext, records: list[dict], stats: RankStats
     if not ctx.is_coordinator:
         return
     ordered = order_records([list(job.finished.values()), *gathered_records], len(job.prompts))
-    summary = {"job": job.fingerprint, **summarize(gathered_stats, len(job.prompts)), "resumed": len(job.finished)}
+    summary = summarize(gathered_stats, len(job.prompts), resumed=len(job.finished), job=job.fingerprint)
     out_dir = Path(job.cfg.output.dir)
     write_outputs(out_dir, ordered, gathered_stats, summary)
     remove_journals(out_dir)
     if job.cfg.output.print_table:
         print(format_table(gathered_stats, summary))
-    print(f"wrote {len(records)} completions to {out_dir / OUTPUTS_FILE}", flush=True)
+    print(f"wrote {len(ordered)} completions to {out_dir / OUTPUTS_FILE}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,9 +34,6 @@ class Job:
     def todo(self) -> list[int]:
         return [i for i in range(len(self.prompts)) if i not in self.finished]
 
-    def budget(self, index: int) -> int:
-        return self.prompts[index].max_new_tokens or self.cfg.generation.max_new_tokens
-
 
 def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[int]:
     if configured is not None:
@@ -53,7 +50,8 @@ def rank_shard(job: Job, ctx: DistContext) -> list[list[int]]:
     """This rank's batches of prompt indices; the same plan on every rank."""
     lengths = [len(ids) for ids in job.token_ids]
     todo = job.todo
-    shards = assign_to_ranks([lengths[i] + job.budget(i) for i in todo], ctx.world_size)
+    costs = [lengths[i] + job.prompts[i].budget(job.cfg.generation.max_new_tokens) for i in todo]
+    shards = assign_to_ranks(costs, ctx.world_size)
     return make_batches([todo[k] for k in shards[ctx.rank]], lengths, job.cfg.generation.batch_size)
 
 
