@@ -50,6 +50,10 @@ def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistCont
     return DistContext(rank, world_size, local_rank, device, backend)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool) -> None:
+    """After a clean finish, wait for every rank first: a rank that tears its connections down
+    while a peer still reads the last collective's data can abort (seen with gloo)."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -92,12 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if job.finished and ctx.is_coordinator:
         print(f"distgen: resuming: {len(job.finished)} of {len(job.prompts)} prompts already done in "
               f"{cfg.output.dir}", flush=True)
+    clean = False
     try:
         with torch.no_grad():
             records, stats = generate_shard(job, ctx)
         coordinate(job, ctx, records, stats)
+        clean = True
     finally:
-        shutdown()
+        shutdown(clean)
     return 0
 
 
