@@ -7,6 +7,7 @@ reported before the process group starts.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -35,10 +36,20 @@ Options:
 FLAGS = ("--print-config", "--check")
 
 
+def check_output_dir(out_dir: str) -> None:
+    """The folder, or the nearest one above it that exists, must be writable; nothing is created."""
+    existing = Path(out_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir={out_dir!r} cannot be written: {existing} is not a writable folder")
+
+
 def check_inputs(cfg: RunConfig) -> list[Prompt]:
-    """The prompts, once the prompts file and the model folder are known to be usable."""
+    """The prompts, once the prompts file, the model folder and the output folder are known to be usable."""
     prompts = read_prompts(cfg.dataset)
     check_model_source(cfg.model)
+    check_output_dir(cfg.output.dir)
     return prompts
 
 

@@ -3,6 +3,7 @@ import pytest
 from conftest import run_module
 from distgen.errors import ConfigError
 from distgen.load_config import expand_path_shorthands, load_config
+from distgen.run import check_output_dir, main as run_main
 
 TINY = ["model=tiny"]
 
@@ -64,3 +65,21 @@ def test_bad_config_under_torchrun_exits_before_process_group(tmp_path):
 def test_missing_model_folder_is_reported_before_start(tmp_path):
     result = run_module("distgen.run", [f"model={tmp_path / 'no-model'}", "--check"], timeout=120)
     assert result.returncode == 2 and "is not a folder with a saved model" in result.stderr
+
+
+def test_unwritable_output_dir_is_reported_before_start(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"output.dir='.*a-file/out' cannot be written: .*a-file is not a writable"):
+        check_output_dir(str(blocker / "out"))
+    check_output_dir(str(tmp_path / "new" / "deeper"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_print_config_and_check_flags(capsys, tmp_path):
+    assert run_main([*TINY, "layout=fsdp", "--print-config"]) == 0
+    assert "name: fsdp" in capsys.readouterr().out
+    assert run_main([*TINY, f"output.dir={tmp_path}", "--check"]) == 0
+    assert "distgen: config ok, 12 prompts" in capsys.readouterr().out
+    assert run_main([*TINY, "generation.max_new_tokens=0", "--check"]) == 2
+    assert "config error: generation.max_new_tokens=0" in capsys.readouterr().err
