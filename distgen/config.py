@@ -67,7 +67,8 @@ class ModelConfig:
         require_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if self.source == "pretrained":
             require(bool(self.path), "model.path", self.path,
-                    "model.source=pretrained needs model.path=<local model directory>")
+                    "model.source=pretrained needs model.path=<local model folder> "
+                    "(or model=tiny for a random-init test model)")
 
 
 @dataclass
