@@ -59,12 +59,14 @@ def main() -> None:
         results = [(name, run_job(name.replace(" ", "_").replace(",", ""), n, o, work)) for name, n, o in jobs]
     base = results[0][1]["summary"]["tokens_per_second"]
     print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts x {args.new_tokens} new tokens")
-    print(f"{'job':<20} {'tok/s':>9} {'vs 1 rank':>10} {'peak RSS MiB/rank':>18} {'peak CUDA MiB/rank':>19}")
+    print("memory columns: one figure per rank, MiB; 'load' is peak RSS once the model is placed")
+    print(f"{'job':<20} {'tok/s':>8} {'vs 1 rank':>9} {'load RSS':>12} {'peak RSS':>12} {'peak CUDA':>12}")
     for name, stats in results:
         tps = stats["summary"]["tokens_per_second"]
-        rss = max(r["peak_rss_mib"] for r in stats["ranks"])
-        cuda = max(r["cuda_peak_allocated_mib"] for r in stats["ranks"])
-        print(f"{name:<20} {tps:>9.1f} {tps / base:>9.2f}x {rss:>18.0f} {cuda:>19.0f}")
+        per_rank = {key: " / ".join(f"{r[key]:.0f}" for r in stats["ranks"])
+                    for key in ("load_peak_rss_mib", "peak_rss_mib", "cuda_peak_allocated_mib")}
+        print(f"{name:<20} {tps:>8.1f} {tps / base:>8.2f}x {per_rank['load_peak_rss_mib']:>12} "
+              f"{per_rank['peak_rss_mib']:>12} {per_rank['cuda_peak_allocated_mib']:>12}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Load the tokenizer and the full model on CPU; layouts then place or shard it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from distgen.config import ModelConfig
 from distgen.errors import ConfigError
@@ -49,6 +50,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
+    """The whole model with its weights, on CPU."""
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.source == "tiny":
         from distgen.tiny import build_tiny_model
@@ -58,3 +60,32 @@ def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedM
             cfg.path, dtype=dtype, attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device),
             trust_remote_code=cfg.trust_remote_code)
     return model.eval()
+
+
+def build_skeleton(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
+    """The same architecture on the meta device: shapes and dtypes, no memory, no weights."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    with torch.device("meta"):
+        if cfg.source == "tiny":
+            from distgen.tiny import build_tiny_model
+            model = build_tiny_model(cfg.tiny, tokenizer).to(dtype)
+        else:
+            config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device))
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a layout gets the model: whole with weights, or as a weightless skeleton."""
+    cfg: ModelConfig
+    tokenizer: object
+    device: torch.device
+
+    def full(self) -> PreTrainedModel:
+        return load_model(self.cfg, self.tokenizer, self.device)
+
+    def skeleton(self) -> PreTrainedModel:
+        return build_skeleton(self.cfg, self.tokenizer, self.device)

@@ -21,6 +21,8 @@ class RankStats:
     load_seconds: float
     generate_seconds: float
     wall_seconds: float
+    # Peak RSS once the model is loaded and placed (before generation), and at the end.
+    load_peak_rss_mib: float
     peak_rss_mib: float
     cuda_peak_allocated_mib: float
     cuda_peak_reserved_mib: float

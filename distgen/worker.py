@@ -11,7 +11,7 @@ from distgen.decode import BatchDecoder, Completion
 from distgen.dist_env import DistContext
 from distgen.layouts import get_layout
 from distgen.loop import idle_forward, run_loop
-from distgen.model_loading import load_model
+from distgen.model_loading import ModelSource
 from distgen.plan import assign_to_ranks, make_batches
 from distgen.progress import ProgressLog
 from distgen.prompts import Prompt
@@ -60,8 +60,9 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
     wall_start = time.perf_counter()
     reset_peaks(ctx.device)
     layout = get_layout(job.cfg.layout.name)
-    model = layout.prepare(load_model(job.cfg.model, job.tokenizer, ctx.device), job.cfg.layout, ctx)
+    model = layout.prepare(ModelSource(job.cfg.model, job.tokenizer, ctx.device), job.cfg.layout, ctx)
     load_seconds = time.perf_counter() - wall_start
+    load_peak_rss = peak_rss_mib()
 
     pad_id = job.tokenizer.pad_token_id
     eos_ids = resolve_eos_ids(job.cfg.generation.eos_token_ids, model, job.tokenizer)
@@ -87,6 +88,7 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
         generated_tokens=sum(r["completion_tokens"] for r in records),
         forward_steps=counters.forward_steps, idle_steps=counters.idle_steps,
         load_seconds=round(load_seconds, 3), generate_seconds=round(counters.seconds, 3),
-        wall_seconds=round(time.perf_counter() - wall_start, 3), peak_rss_mib=round(peak_rss_mib(), 1),
+        wall_seconds=round(time.perf_counter() - wall_start, 3), load_peak_rss_mib=round(load_peak_rss, 1),
+        peak_rss_mib=round(peak_rss_mib(), 1),
         cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1))
     return records, stats

@@ -32,7 +32,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 
 
 def test_summary_and_table():
-    stats = [RankStats(r, "cpu", 2, 10, 40 * (r + 1), 5, 0, 1.0, 2.0 * (r + 1), 3.0, 300.0, 0.0, 0.0)
+    stats = [RankStats(r, "cpu", 2, 10, 40 * (r + 1), 5, 0, 1.0, 2.0 * (r + 1), 3.0, 250.0, 300.0, 0.0, 0.0)
              for r in range(2)]
     summary = summarize(stats, 4)
     assert summary["generated_tokens"] == 120 and summary["generate_seconds"] == 4.0
