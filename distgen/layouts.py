@@ -1,4 +1,4 @@
-"""Sharding layouts: how a loaded model is placed over the ranks.
+"""Sharding layouts: how the model is loaded and placed over the ranks.
 
 Each layout says whether it is `lockstep`: whether every rank must run every forward
 (its weights live on several ranks), which the generation loop must honour.

@@ -12,6 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+import torch.distributed as dist
+
 from distgen.config import RunConfig
 from distgen.coordinator import OUTPUTS_FILE, STATS_FILE
 from distgen.prompts import Prompt
@@ -33,6 +35,14 @@ def finished_outputs(out_dir: Path, fingerprint: str) -> list[dict]:
     if stats.get("summary", {}).get("job") != fingerprint or not (out_dir / OUTPUTS_FILE).is_file():
         return []
     return read_jsonl_lenient(out_dir / OUTPUTS_FILE)
+
+
+def shared_skip(finished: dict[int, dict], is_coordinator: bool) -> frozenset[int]:
+    """Rank 0's finished prompts, on every rank: all ranks must plan the same work even when
+    their output folders are not one shared folder."""
+    box = [sorted(finished) if is_coordinator else None]
+    dist.broadcast_object_list(box, src=0)
+    return frozenset(box[0])
 
 
 def load_finished(out_dir: Path, fingerprint: str, prompts: Sequence[Prompt]) -> dict[int, dict]:

@@ -24,7 +24,7 @@ from distgen.load_config import config_to_yaml, load_config
 from distgen.model_loading import check_model_source, load_tokenizer
 from distgen.prompts import Prompt, read_prompts
 from distgen.records import remove_journals
-from distgen.resume import job_fingerprint, load_finished
+from distgen.resume import job_fingerprint, load_finished, shared_skip
 from distgen.stats import RankStats
 from distgen.worker import Job, generate_shard
 
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     hf_logging.disable_progress_bar()
     ctx = init_distributed(cfg.device)
+    job.skip = shared_skip(job.finished, ctx.is_coordinator)
     if job.finished and ctx.is_coordinator:
         print(f"distgen: resuming: {len(job.finished)} of {len(job.prompts)} prompts already done in "
               f"{cfg.output.dir}", flush=True)

@@ -27,12 +27,14 @@ class Job:
     tokenizer: object
     token_ids: list[list[int]]
     fingerprint: str
-    # Records an earlier run of this job finished, by prompt index; their prompts are skipped.
+    # Records an earlier run of this job finished, by prompt index (the coordinator's are written).
     finished: dict[int, dict]
+    # Prompt indices every rank skips: the coordinator's `finished`, shared once the group starts.
+    skip: frozenset[int] = frozenset()
 
     @property
     def todo(self) -> list[int]:
-        return [i for i in range(len(self.prompts)) if i not in self.finished]
+        return [i for i in range(len(self.prompts)) if i not in self.skip]
 
 
 def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[int]:
