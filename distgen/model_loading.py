@@ -1,4 +1,4 @@
-"""Load the tokenizer and the full model on CPU; layouts then place or shard it."""
+"""Load the tokenizer and the model (whole on CPU, or as a weightless meta skeleton); layouts place or shard it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
