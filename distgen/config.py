@@ -84,7 +84,10 @@ class LayoutConfig:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 32
+    # Most sequences decoded together on a rank.
     batch_size: int = 4
+    # Refill a finished sequence's row from the queue at once, instead of waiting for the batch.
+    continuous_batching: bool = True
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0

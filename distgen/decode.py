@@ -1,13 +1,15 @@
-"""Incremental decoding of one batch of prompts, one forward pass per `step`."""
+"""Incremental decoding of a rank's prompts, one forward pass per `step`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
 
 import torch
 from transformers import DynamicCache
 
 from distgen.config import GenerationConfig
+from distgen.kv_rows import append_rows, select_rows, trim_dead_columns
 from distgen.prompts import Prompt
 from distgen.sampling import prompt_generator, select_next_tokens
 
@@ -37,50 +39,94 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-class BatchDecoder:
-    """Owns one batch's KV cache and per-sequence state; finished rows ride along as padding."""
+@dataclass
+class ActiveSequence:
+    prompt: Prompt
+    prompt_length: int
+    budget: int
+    generator: Optional[torch.Generator]
+    generated: list[int] = field(default_factory=list)
 
-    def __init__(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], cfg: GenerationConfig,
-                 pad_id: int, eos_ids: Sequence[int], device: torch.device):
-        self.prompts = list(prompts)
-        self.prompt_lengths = [len(ids) for ids in token_ids]
-        self.cfg = cfg
-        self.pad_id = pad_id
-        self.device = device
+    def finish_reason(self, is_eos: bool) -> Optional[str]:
+        if is_eos:
+            return "eos"
+        return "length" if len(self.generated) >= self.budget else None
+
+
+class RollingBatch:
+    """Up to `max_rows` sequences sharing one left-padded KV cache, one forward per `step`.
+
+    A finished sequence leaves the batch at once. Queued prompts join with a prefill step:
+    with `refill` (continuous batching) whenever a row is free, otherwise only once the whole
+    batch is done (static batches).
+    """
+
+    def __init__(self, queue: Iterable[tuple[Prompt, Sequence[int]]], cfg: GenerationConfig, pad_id: int,
+                 eos_ids: Sequence[int], device: torch.device, max_rows: int, refill: bool):
+        self.queue = deque(queue)
+        self.cfg, self.pad_id, self.device, self.max_rows, self.refill = cfg, pad_id, device, max_rows, refill
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-        self.budgets = [p.budget(cfg.max_new_tokens) for p in self.prompts]
-        input_ids, attention_mask = left_pad(token_ids, pad_id)
-        self.next_input = input_ids.to(device)
-        self.attention_mask = attention_mask.to(device)
-        self.positions = positions_from_mask(self.attention_mask)
+        self.active: list[ActiveSequence] = []
         self.cache = DynamicCache()
-        self.generated: list[list[int]] = [[] for _ in self.prompts]
-        self.finish_reasons: list[str | None] = [None] * len(self.prompts)
-        self.generators = ([prompt_generator(cfg.seed, p.index, device) for p in self.prompts]
-                           if cfg.do_sample else None)
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self.next_input = torch.zeros((0, 1), dtype=torch.long, device=device)
 
     @property
-    def done(self) -> bool:
-        return all(reason is not None for reason in self.finish_reasons)
+    def has_work(self) -> bool:
+        return bool(self.active or self.queue)
 
-    def step(self, model: torch.nn.Module) -> None:
-        logits = model(input_ids=self.next_input, attention_mask=self.attention_mask, position_ids=self.positions,
+    def joining_count(self) -> int:
+        free = self.max_rows - len(self.active)
+        if not self.queue or free == 0 or (self.active and not self.refill):
+            return 0
+        return min(free, len(self.queue))
+
+    def step(self, model: torch.nn.Module) -> list[Completion]:
+        """One forward; returns the sequences it finished."""
+        count = self.joining_count()
+        return self.prefill(model, count) if count else self.decode(model)
+
+    def prefill(self, model: torch.nn.Module, count: int) -> list[Completion]:
+        joining = [self.queue.popleft() for _ in range(count)]
+        input_ids, mask = left_pad([ids for _, ids in joining], self.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        sequences = [ActiveSequence(prompt, len(ids), prompt.budget(self.cfg.max_new_tokens),
+                                    prompt_generator(self.cfg.seed, prompt.index, self.device)
+                                    if self.cfg.do_sample else None) for prompt, ids in joining]
+        return self.advance(sequences, logits, cache, mask, joining=True)
+
+    def decode(self, model: torch.nn.Module) -> list[Completion]:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.next_input)], dim=-1)
+        positions = self.mask.sum(dim=-1, keepdim=True) - 1
+        logits = model(input_ids=self.next_input, attention_mask=self.mask, position_ids=positions,
                        cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        next_tokens = select_next_tokens(logits, self.cfg, self.generators)
-        is_eos = torch.isin(next_tokens, self.eos_ids).tolist()
-        for row, token in enumerate(next_tokens.tolist()):
-            if self.finish_reasons[row] is not None:
-                continue
-            self.generated[row].append(token)
-            if is_eos[row]:
-                self.finish_reasons[row] = "eos"
-            elif len(self.generated[row]) >= self.budgets[row]:
-                self.finish_reasons[row] = "length"
-        finished = torch.tensor([r is not None for r in self.finish_reasons], device=self.device)
-        self.next_input = next_tokens.masked_fill(finished, self.pad_id).unsqueeze(-1)
-        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.next_input)], dim=-1)
-        self.positions = self.positions[:, -1:] + 1
+        return self.advance(self.active, logits, self.cache, self.mask, joining=False)
 
-    def completions(self) -> list[Completion]:
-        return [Completion(prompt, length, ids, reason) for prompt, length, ids, reason
-                in zip(self.prompts, self.prompt_lengths, self.generated, self.finish_reasons)]
+    def advance(self, sequences: list[ActiveSequence], logits: torch.Tensor, cache: DynamicCache,
+                mask: torch.Tensor, joining: bool) -> list[Completion]:
+        generators = [s.generator for s in sequences] if self.cfg.do_sample else None
+        tokens = select_next_tokens(logits, self.cfg, generators)
+        finished, kept = [], []
+        for row, (sequence, token, is_eos) in enumerate(
+                zip(sequences, tokens.tolist(), torch.isin(tokens, self.eos_ids).tolist())):
+            sequence.generated.append(token)
+            reason = sequence.finish_reason(is_eos)
+            if reason:
+                finished.append(Completion(sequence.prompt, sequence.prompt_length, sequence.generated, reason))
+            else:
+                kept.append(row)
+        if len(kept) < len(sequences):
+            rows = torch.tensor(kept, dtype=torch.long, device=self.device)
+            mask, tokens = select_rows(cache, mask, rows), tokens[rows]
+        survivors = [sequences[row] for row in kept]
+        if joining and self.active:
+            self.mask = append_rows(self.cache, self.mask, cache, mask)
+            self.active = self.active + survivors
+            self.next_input = torch.cat([self.next_input, tokens.unsqueeze(-1)])
+        else:
+            self.cache, self.mask, self.active, self.next_input = cache, mask, survivors, tokens.unsqueeze(-1)
+        self.mask = trim_dead_columns(self.cache, self.mask)
+        return finished

@@ -1,4 +1,4 @@
-"""The synced generation loop every rank runs over its own batches.
+"""The synced generation loop every rank runs over its own prompts.
 
 In a lockstep layout every forward is a collective (FSDP all-gathers each block's weights),
 so before each step the ranks all-reduce whether any of them still has work. A rank with
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from distgen.decode import BatchDecoder, Completion
+from distgen.decode import Completion, RollingBatch
 
 
 @dataclass
@@ -35,28 +35,24 @@ def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> N
     model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
 
 
-def run_loop(model: torch.nn.Module, batches: Iterable[BatchDecoder], lockstep: bool,
-             idle_step: Callable[[], None], device: torch.device,
-             on_batch_done: Callable[[list[Completion]], None]) -> LoopCounters:
+def run_loop(model: torch.nn.Module, batch: RollingBatch, lockstep: bool, idle_step: Callable[[], None],
+             device: torch.device, on_finished: Callable[[list[Completion]], None]) -> LoopCounters:
     counters = LoopCounters()
-    pending: Iterator[BatchDecoder] = iter(batches)
-    current = next(pending, None)
     start = time.perf_counter()
     while True:
-        has_work = current is not None
+        has_work = batch.has_work
         if lockstep:
             if not any_rank_has_work(has_work, device):
                 break
         elif not has_work:
             break
-        if current is None:
+        if not has_work:
             idle_step()
             counters.idle_steps += 1
             continue
-        current.step(model)
+        finished = batch.step(model)
         counters.forward_steps += 1
-        if current.done:
-            on_batch_done(current.completions())
-            current = next(pending, None)
+        if finished:
+            on_finished(finished)
     counters.seconds = time.perf_counter() - start
     return counters

@@ -1,4 +1,4 @@
-"""Pure work plans: which rank gets which prompts, and how a rank batches them."""
+"""Pure work plans: which rank gets which prompts, and in which order a rank decodes them."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -22,9 +22,6 @@ def assign_to_ranks(costs: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(shard) for shard in shards]
 
 
-def make_batches(indices: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of similar prompt length (less padding), longest first so memory peaks early."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    ordered = sorted(indices, key=lambda i: (-lengths[i], i))
-    return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
+def decode_order(indices: Sequence[int], lengths: Sequence[int]) -> list[int]:
+    """Longest prompts first: similar lengths batch together (less padding) and memory peaks early."""
+    return sorted(indices, key=lambda i: (-lengths[i], i))

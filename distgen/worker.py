@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Sequence
 
 from distgen.config import RunConfig
-from distgen.decode import BatchDecoder, Completion
+from distgen.decode import Completion, RollingBatch
 from distgen.dist_env import DistContext
 from distgen.layouts import get_layout
 from distgen.loop import idle_forward, run_loop
 from distgen.model_loading import ModelSource
-from distgen.plan import assign_to_ranks, make_batches
+from distgen.plan import assign_to_ranks, decode_order
 from distgen.progress import ProgressLog
 from distgen.prompts import Prompt
 from distgen.records import RecordJournal, completion_record
@@ -48,13 +48,13 @@ def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[
     return [model_eos] if isinstance(model_eos, int) else list(model_eos)
 
 
-def rank_shard(job: Job, ctx: DistContext) -> list[list[int]]:
-    """This rank's batches of prompt indices; the same plan on every rank."""
+def rank_shard(job: Job, ctx: DistContext) -> list[int]:
+    """This rank's prompt indices in decoding order; every rank computes the same plan."""
     lengths = [len(ids) for ids in job.token_ids]
     todo = job.todo
     costs = [lengths[i] + job.prompts[i].budget(job.cfg.generation.max_new_tokens) for i in todo]
     shards = assign_to_ranks(costs, ctx.world_size)
-    return make_batches([todo[k] for k in shards[ctx.rank]], lengths, job.cfg.generation.batch_size)
+    return decode_order([todo[k] for k in shards[ctx.rank]], lengths)
 
 
 def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
@@ -68,11 +68,12 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
 
     pad_id = job.tokenizer.pad_token_id
     eos_ids = resolve_eos_ids(job.cfg.generation.eos_token_ids, model, job.tokenizer)
-    batches = rank_shard(job, ctx)
-    decoders = (BatchDecoder([job.prompts[i] for i in batch], [job.token_ids[i] for i in batch],
-                             job.cfg.generation, pad_id, eos_ids, ctx.device) for batch in batches)
+    mine = rank_shard(job, ctx)
+    gen = job.cfg.generation
+    batch = RollingBatch([(job.prompts[i], job.token_ids[i]) for i in mine], gen, pad_id, eos_ids, ctx.device,
+                         max_rows=gen.batch_size, refill=gen.continuous_batching)
     records: list[dict] = []
-    progress = ProgressLog(ctx.rank, sum(len(b) for b in batches), job.cfg.output.progress_every_s)
+    progress = ProgressLog(ctx.rank, len(mine), job.cfg.output.progress_every_s)
     with RecordJournal(Path(job.cfg.output.dir), job.fingerprint, ctx.rank) as journal:
         def keep(completions: list[Completion]) -> None:
             finished = [completion_record(c, job.tokenizer.decode(c.token_ids, skip_special_tokens=True))
@@ -81,7 +82,7 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
             records.extend(finished)
             progress.batch_done(len(finished), sum(r["completion_tokens"] for r in finished))
 
-        counters = run_loop(model, decoders, layout.lockstep, lambda: idle_forward(model, pad_id, ctx.device),
+        counters = run_loop(model, batch, layout.lockstep, lambda: idle_forward(model, pad_id, ctx.device),
                             ctx.device, keep)
     allocated, reserved = cuda_peaks_mib(ctx.device)
     stats = RankStats(

@@ -1,6 +1,6 @@
 import pytest
 
-from distgen.plan import assign_to_ranks, make_batches
+from distgen.plan import assign_to_ranks, decode_order
 
 
 def test_every_prompt_assigned_once_and_loads_balanced():
@@ -29,8 +29,8 @@ def test_bad_world_size():
         assign_to_ranks([1], 0)
 
 
-def test_batches_group_similar_lengths_longest_first():
-    lengths = {0: 5, 2: 50, 4: 7, 6: 49, 8: 6}
+def test_decode_order_is_longest_first_ties_by_index():
+    lengths = {0: 5, 2: 50, 4: 7, 6: 49, 8: 7}
     full = [lengths.get(i, 0) for i in range(9)]
-    assert make_batches([0, 2, 4, 6, 8], full, 2) == [[2, 6], [4, 8], [0]]
-    assert make_batches([], full, 2) == []
+    assert decode_order([0, 2, 4, 6, 8], full) == [2, 6, 4, 8, 0]
+    assert decode_order([], full) == []
