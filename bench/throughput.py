@@ -1,10 +1,11 @@
-"""Throughput of the layouts side by side, in one run, on this machine's devices.
+"""Generation throughput and memory side by side, in one run, on this machine's devices.
 
-    .venv/bin/python bench/layouts.py [--layers 4 --hidden 256 --prompts 32 --new-tokens 32]
+    .venv/bin/python bench/throughput.py [--layers 4 --hidden 256 --prompts 32 --new-tokens 32]
 
-Saves a random-init Llama of the given size, runs the same job as 1 rank, 2 replicate ranks
-and 2 FSDP ranks, and at batch size 1, and prints each job's tokens/s and its ratio to the
-1-rank job. Peak memory per rank comes from each job's stats.json.
+Saves a random-init Llama of the given size and runs the same job (prompts with varied
+budgets) as: 1 rank with continuous batching, 1 rank with static batches, 1 rank at batch
+size 1, 2 replicate ranks and 2 FSDP ranks; prints each job's tokens/s and its ratio to the
+first. Peak memory per rank comes from each job's stats.json.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 WORDS = "the model reads a prompt and writes a completion one token at a time until it is done".split()
 
 
-def write_prompts(path: Path, count: int) -> None:
-    lines = [json.dumps({"id": i, "prompt": " ".join(WORDS[: 4 + (i * 7) % len(WORDS)])}) for i in range(count)]
+def write_prompts(path: Path, count: int, new_tokens: int) -> None:
+    """Prompts of varied length and varied budgets (1/4 to all of new_tokens), as real jobs have."""
+    lines = [json.dumps({"id": i, "prompt": " ".join(WORDS[: 4 + (i * 7) % len(WORDS)]),
+                         "max_new_tokens": max(1, new_tokens * (1 + (i * 5) % 4) // 4)}) for i in range(count)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -48,24 +51,25 @@ def main() -> None:
         work = Path(tmp)
         model = save_tiny(work / "model", TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8,
                                                           kv_heads=4, intermediate_size=args.hidden * 3))
-        write_prompts(work / "prompts.jsonl", args.prompts)
+        write_prompts(work / "prompts.jsonl", args.prompts, args.new_tokens)
         common = [f"model={model}", f"dataset={work / 'prompts.jsonl'}",
                   f"generation.max_new_tokens={args.new_tokens}", "generation.eos_token_ids=[]"]
         batched = [*common, f"generation.batch_size={args.batch_size}"]
-        jobs = [("1 rank", 1, [*batched, "layout=replicate"]),
+        jobs = [("1 rank, continuous", 1, [*batched, "layout=replicate"]),
+                ("1 rank, static batch", 1, [*batched, "generation.continuous_batching=false", "layout=replicate"]),
                 ("1 rank, batch 1", 1, [*common, "generation.batch_size=1", "layout=replicate"]),
                 ("2 ranks replicate", 2, [*batched, "layout=replicate"]),
                 ("2 ranks fsdp", 2, [*batched, "layout=fsdp"])]
         results = [(name, run_job(name.replace(" ", "_").replace(",", ""), n, o, work)) for name, n, o in jobs]
     base = results[0][1]["summary"]["tokens_per_second"]
-    print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts x {args.new_tokens} new tokens")
+    print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts, budgets up to {args.new_tokens} tokens")
     print("memory columns: one figure per rank, MiB; 'load' is peak RSS once the model is placed")
-    print(f"{'job':<20} {'tok/s':>8} {'vs 1 rank':>9} {'load RSS':>12} {'peak RSS':>12} {'peak CUDA':>12}")
+    print(f"{'job':<22} {'tok/s':>8} {'vs 1 rank':>9} {'load RSS':>12} {'peak RSS':>12} {'peak CUDA':>12}")
     for name, stats in results:
         tps = stats["summary"]["tokens_per_second"]
         per_rank = {key: " / ".join(f"{r[key]:.0f}" for r in stats["ranks"])
                     for key in ("load_peak_rss_mib", "peak_rss_mib", "cuda_peak_allocated_mib")}
-        print(f"{name:<20} {tps:>8.1f} {tps / base:>8.2f}x {per_rank['load_peak_rss_mib']:>12} "
+        print(f"{name:<22} {tps:>8.1f} {tps / base:>8.2f}x {per_rank['load_peak_rss_mib']:>12} "
               f"{per_rank['peak_rss_mib']:>12} {per_rank['cuda_peak_allocated_mib']:>12}")
 
 
