@@ -13,7 +13,7 @@ class ProgressLog:
         self.start = self.last = clock()
         self.prompts = self.tokens = 0
 
-    def batch_done(self, prompts: int, tokens: int) -> None:
+    def finished(self, prompts: int, tokens: int) -> None:
         self.prompts += prompts
         self.tokens += tokens
         now = self.clock()

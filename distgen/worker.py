@@ -58,7 +58,7 @@ def rank_shard(job: Job, ctx: DistContext) -> list[int]:
 
 
 def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
-    """This rank's output records (also journaled to disk batch by batch) and its stats."""
+    """This rank's output records (also journaled to disk as they finish) and its stats."""
     wall_start = time.perf_counter()
     reset_peaks(ctx.device)
     layout = get_layout(job.cfg.layout.name)
@@ -80,7 +80,7 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
                         for c in completions]
             journal.append(finished)
             records.extend(finished)
-            progress.batch_done(len(finished), sum(r["completion_tokens"] for r in finished))
+            progress.finished(len(finished), sum(r["completion_tokens"] for r in finished))
 
         counters = run_loop(model, batch, layout.lockstep, lambda: idle_forward(model, pad_id, ctx.device),
                             ctx.device, keep)
