@@ -64,16 +64,13 @@ def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedM
 
 def build_skeleton(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
     """The same architecture on the meta device: shapes and dtypes, no memory, no weights."""
-    dtype = resolve_dtype(cfg.dtype, device)
     with torch.device("meta"):
-        if cfg.source == "tiny":
-            from distgen.tiny import build_tiny_model
-            model = build_tiny_model(cfg.tiny, tokenizer).to(dtype)
-        else:
-            config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device))
+        if cfg.source == "tiny":  # built from config, so building it on meta is the skeleton
+            return load_model(cfg, tokenizer, device)
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device))
     return model.eval()
 
 
