@@ -60,9 +60,7 @@ def prepare_job(cfg: RunConfig) -> Job:
     empty = [p.id for p, ids in zip(prompts, token_ids) if not ids]
     if empty:
         raise ConfigError(f"prompts with ids {empty[:10]} tokenize to nothing; give each prompt some text")
-    fingerprint = job_fingerprint(cfg, prompts)
-    finished = load_finished(Path(cfg.output.dir), fingerprint, prompts) if cfg.output.resume else {}
-    return Job(cfg, prompts, tokenizer, token_ids, fingerprint, finished)
+    return Job(cfg, prompts, tokenizer, token_ids, job_fingerprint(cfg, prompts))
 
 
 def coordinate(job: Job, ctx: DistContext, records: list[dict], stats: RankStats) -> None:
@@ -100,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     hf_logging.disable_progress_bar()
     ctx = init_distributed(cfg.device)
+    if ctx.is_coordinator and cfg.output.resume:
+        job.finished = load_finished(Path(cfg.output.dir), job.fingerprint, job.prompts)
     job.skip = shared_skip(job.finished, ctx.is_coordinator)
     if job.finished and ctx.is_coordinator:
         print(f"distgen: resuming: {len(job.finished)} of {len(job.prompts)} prompts already done in "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -27,8 +27,8 @@ class Job:
     tokenizer: object
     token_ids: list[list[int]]
     fingerprint: str
-    # Records an earlier run of this job finished, by prompt index (the coordinator's are written).
-    finished: dict[int, dict]
+    # Records an earlier run of this job finished, by prompt index; read by the coordinator only.
+    finished: dict[int, dict] = field(default_factory=dict)
     # Prompt indices every rank skips: the coordinator's `finished`, shared once the group starts.
     skip: frozenset[int] = frozenset()
 
