@@ -10,13 +10,11 @@ from typing import Any, Iterable, Optional
 
 from distgen.errors import ConfigError
 
-LAYOUTS = ("replicate", "fsdp")
 MODEL_SOURCES = ("pretrained", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 DATASET_FORMATS = ("auto", "jsonl", "txt")
-LAUNCHERS = ("none", "torchrun")
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -73,12 +71,12 @@ class ModelConfig:
 
 @dataclass
 class LayoutConfig:
+    """Base of every layout's settings; each layout in distgen/layouts/ derives its own and
+    registers it, and `layout=<name>` selects it."""
     name: str = "replicate"
-    # fsdp: free each layer's gathered weights after its forward (less memory, more all-gathers).
-    reshard_after_forward: bool = True
 
     def check(self) -> None:
-        require_choice("layout.name", self.name, LAYOUTS)
+        """Each layout's own value checks (its name is checked against the layout table)."""
 
 
 @dataclass
@@ -133,18 +131,12 @@ class OutputConfig:
 
 @dataclass
 class LauncherConfig:
+    """Base of every launcher's settings; each launcher in distgen/launchers/ derives its own
+    and registers it, and `launcher=<name>` selects it."""
     name: str = "none"
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    # host:port of the rendezvous; empty picks a free local port (single node).
-    rdzv_endpoint: str = ""
 
     def check(self) -> None:
-        require_choice("launcher.name", self.name, LAUNCHERS)
-        require(self.nproc_per_node >= 1, "launcher.nproc_per_node", self.nproc_per_node, "must be >= 1")
-        require(self.nnodes >= 1, "launcher.nnodes", self.nnodes, "must be >= 1")
-        require(self.nnodes == 1 or bool(self.rdzv_endpoint), "launcher.rdzv_endpoint", self.rdzv_endpoint,
-                "launcher.nnodes > 1 needs launcher.rdzv_endpoint=<host:port>")
+        """Each launcher's own value checks (its name is checked against the launcher table)."""
 
 
 @dataclass
@@ -158,7 +150,13 @@ class RunConfig:
     device: str = "auto"
 
     def check(self) -> "RunConfig":
+        # The tables import this module, so they are imported here, not at the top.
+        from distgen.launchers import LAUNCHERS
+        from distgen.layouts import LAYOUTS
+
         require_choice("device", self.device, DEVICES)
+        LAYOUTS.check_selected(self.layout)
+        LAUNCHERS.check_selected(self.launcher)
         for part in (self.model, self.model.tiny, self.layout, self.generation, self.dataset, self.output,
                      self.launcher):
             part.check()

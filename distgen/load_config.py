@@ -29,7 +29,14 @@ FILE_SUFFIXES = (".jsonl", ".json", ".txt")
 
 
 def register_schema() -> None:
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+    """The schema, plus one Hydra option per registered layout and launcher (their settings classes)."""
+    from distgen.launchers import LAUNCHERS
+    from distgen.layouts import LAYOUTS
+
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=RunConfig)
+    for table in (LAYOUTS, LAUNCHERS):
+        table.store(store)
     if not OmegaConf.has_resolver("distgen_data"):
         OmegaConf.register_new_resolver("distgen_data", lambda name: str(DATA_DIR / name))
 
@@ -77,6 +84,16 @@ def describe(err: BaseException, root: BaseException) -> str:
     return outer if root is err or inner in outer else f"{outer}: {inner}"
 
 
+def compose_selected_options(overrides: Sequence[str]) -> DictConfig:
+    """The config with only the user's group choices (`layout=fsdp`) applied, so an unknown-key
+    hint names the keys of the option the user picked; the defaults if those do not compose."""
+    choices = [o for o in overrides if "=" in o and "." not in o.split("=")[0] and not o.startswith(("+", "~"))]
+    try:
+        return compose(config_name=PRIMARY_CONFIG, overrides=choices)
+    except (HydraException, OmegaConfBaseException):
+        return compose(config_name=PRIMARY_CONFIG)
+
+
 def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     register_schema()
     overrides = expand_path_shorthands(overrides, config_dir)
@@ -87,7 +104,7 @@ def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> D
             root = root_cause(err)
             full_key = getattr(root, "full_key", None)
             if isinstance(root, (ConfigKeyError, ConfigAttributeError)) and full_key:
-                base = compose(config_name=PRIMARY_CONFIG)
+                base = compose_selected_options(overrides)
                 raise ConfigError(f"unknown config key '{full_key}'; {unknown_key_hint(base, full_key)}") from None
             raise ConfigError(describe(err, root)) from None
 

@@ -83,3 +83,30 @@ def test_print_config_and_check_flags(capsys, tmp_path):
     assert "distgen: config ok, 12 prompts" in capsys.readouterr().out
     assert run_main([*TINY, "generation.max_new_tokens=0", "--check"]) == 2
     assert "config error: generation.max_new_tokens=0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["layout=replicate", "layout.reshard_after_forward=false"],
+     r"unknown config key 'layout.reshard_after_forward'; keys allowed under layout: name$"),
+    (["layout=fsdp", "layout.reshard=false"],
+     r"unknown config key 'layout.reshard'; keys allowed under layout: name, reshard_after_forward"),
+    (["launcher=none", "launcher.nproc_per_node=2"], r"unknown config key 'launcher.nproc_per_node'"),
+    (["layout.name=fsdp"], r"layout.name='fsdp' is not allowed: it does not match the selected layout settings "
+                           r"\(ReplicateLayout\); choose it with layout=fsdp"),
+    (["launcher=torchrun", "launcher.nnodes=2"], r"launcher.rdzv_endpoint='' is not allowed"),
+])
+def test_each_layout_and_launcher_takes_only_its_own_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([*TINY, *overrides])
+
+
+def test_layout_and_launcher_options_come_from_their_tables():
+    from distgen.launchers import LAUNCHERS
+    from distgen.layouts import LAYOUTS
+    from distgen.load_config import compose_config
+
+    assert LAYOUTS.names()[:2] == ("replicate", "fsdp") and LAUNCHERS.names()[:2] == ("none", "torchrun")
+    for name in LAYOUTS.names():
+        assert type(load_config([*TINY, f"layout={name}"]).layout) is LAYOUTS.entry(name).config
+    assert compose_config([*TINY, "layout=fsdp"]).layout.reshard_after_forward is True
+    assert "layout=fsdp" in LAYOUTS.describe()

@@ -1,14 +1,13 @@
-from distgen.config import LauncherConfig
-from distgen.launch import torchrun_command
+from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
 
 
 def test_single_node_torchrun_picks_its_own_port():
-    cmd = torchrun_command(LauncherConfig(name="torchrun", nproc_per_node=2), ["layout=fsdp"], python="py")
+    cmd = torchrun_command(TorchrunLauncher(nproc_per_node=2), ["layout=fsdp"], python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--standalone",
                    "-m", "distgen.run", "layout=fsdp"]
 
 
 def test_multi_node_torchrun_uses_the_rendezvous_endpoint():
-    cfg = LauncherConfig(name="torchrun", nproc_per_node=8, nnodes=2, rdzv_endpoint="head:29500")
+    cfg = TorchrunLauncher(nproc_per_node=8, nnodes=2, rdzv_endpoint="head:29500")
     cmd = torchrun_command(cfg, [], python="py")
     assert "--nnodes=2" in cmd and "--rdzv-endpoint=head:29500" in cmd and "--standalone" not in cmd

@@ -1,52 +1,27 @@
-"""Sharding layouts: how the model is loaded and placed over the ranks.
-
-Each layout says whether it is `lockstep`: whether every rank must run every forward
-(its weights live on several ranks), which the generation loop must honour.
-"""
+"""PyTorch FSDP2 (fully_shard): each decoder block's weights are sharded over the ranks and
+all-gathered for its forward, so every rank joins every forward step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
-from distgen.config import LAYOUTS as LAYOUT_NAMES, LayoutConfig
+from distgen.config import LayoutConfig
 from distgen.dist_env import DistContext
+from distgen.layouts.base import Layout, block_classes, register
 from distgen.model_loading import ModelSource
 
 
-@dataclass(frozen=True)
-class Layout:
-    name: str
-    lockstep: bool
-    prepare: Callable[[ModelSource, LayoutConfig, DistContext], nn.Module]
+@dataclass
+class FsdpLayout(LayoutConfig):
+    """PyTorch FSDP2: each decoder block sharded over the ranks; every rank joins every forward."""
+    name: str = "fsdp"
+    # Free each block's gathered weights after its forward (less memory, more all-gathers).
+    reshard_after_forward: bool = True
 
 
-REGISTRY: dict[str, Layout] = {}
-
-
-def register(layout: Layout) -> Layout:
-    if layout.name not in LAYOUT_NAMES:
-        raise ValueError(f"layout {layout.name!r} must be listed in distgen.config.LAYOUTS")
-    REGISTRY[layout.name] = layout
-    return layout
-
-
-def get_layout(name: str) -> Layout:
-    return REGISTRY[name]
-
-
-def block_classes(model: nn.Module) -> set[str]:
-    """The repeated blocks (decoder layers) the model itself says must not be split."""
-    return set(getattr(model, "_no_split_modules", None) or [])
-
-
-def prepare_replicate(source: ModelSource, cfg: LayoutConfig, ctx: DistContext) -> nn.Module:
-    return source.full().to(ctx.device)
-
-
-def prepare_fsdp(source: ModelSource, cfg: LayoutConfig, ctx: DistContext) -> nn.Module:
-    """FSDP2: shard each decoder block, then the root (embeddings, norm, head), over all ranks.
+def prepare(source: ModelSource, cfg: FsdpLayout, ctx: DistContext) -> nn.Module:
+    """Shard each decoder block, then the root (embeddings, norm, head), over all ranks.
 
     Only rank 0 reads the weights; the other ranks shard a weightless skeleton and receive
     their shards from rank 0, so a node holds one full copy in host memory, not one per rank.
@@ -62,6 +37,7 @@ def prepare_fsdp(source: ModelSource, cfg: LayoutConfig, ctx: DistContext) -> nn
     blocks = block_classes(model)
     if not blocks:
         raise ValueError(f"layout=fsdp: {type(model).__name__} names no decoder block class (_no_split_modules)")
+    # Blocks first, then the root: the root's shard then covers only what no block owns.
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
@@ -74,5 +50,4 @@ def prepare_fsdp(source: ModelSource, cfg: LayoutConfig, ctx: DistContext) -> nn
     return model
 
 
-register(Layout("replicate", lockstep=False, prepare=prepare_replicate))
-register(Layout("fsdp", lockstep=True, prepare=prepare_fsdp))
+register(Layout("fsdp", lockstep=True, prepare=prepare), FsdpLayout)

@@ -1,0 +1,43 @@
+"""torchrun: one agent per node starts `nproc_per_node` workers and sets their rank environment."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from distgen.config import LauncherConfig, RunConfig, require
+from distgen.launchers.base import WORKER_MODULE, Launcher, register
+
+
+@dataclass
+class TorchrunLauncher(LauncherConfig):
+    """torchrun on this node: launcher.nproc_per_node workers (multi-node: nnodes + rdzv_endpoint)."""
+    name: str = "torchrun"
+    nproc_per_node: int = 2
+    nnodes: int = 1
+    # host:port of the c10d rendezvous; empty picks a free local port (single node only).
+    rdzv_endpoint: str = ""
+
+    def check(self) -> None:
+        require(self.nproc_per_node >= 1, "launcher.nproc_per_node", self.nproc_per_node, "must be >= 1")
+        require(self.nnodes >= 1, "launcher.nnodes", self.nnodes, "must be >= 1")
+        require(self.nnodes == 1 or bool(self.rdzv_endpoint), "launcher.rdzv_endpoint", self.rdzv_endpoint,
+                "launcher.nnodes > 1 needs launcher.rdzv_endpoint=<host:port>")
+
+
+def torchrun_command(cfg: TorchrunLauncher, overrides: Sequence[str], python: str = sys.executable) -> list[str]:
+    """The torchrun argv for one node; a single node picks a free rendezvous port itself."""
+    rendezvous = (["--standalone"] if cfg.nnodes == 1 and not cfg.rdzv_endpoint
+                  else ["--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}"])
+    return [python, "-m", "torch.distributed.run", f"--nnodes={cfg.nnodes}",
+            f"--nproc-per-node={cfg.nproc_per_node}", *rendezvous, "-m", WORKER_MODULE, *overrides]
+
+
+def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
+    command = torchrun_command(cfg.launcher, overrides)
+    print("distgen: launching " + " ".join(command), flush=True)
+    return subprocess.run(command).returncode
+
+
+register(Launcher("torchrun", launch), TorchrunLauncher)

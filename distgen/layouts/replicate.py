@@ -1,0 +1,24 @@
+"""Every rank holds the whole model and generates for its own prompts (data parallel)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from distgen.config import LayoutConfig
+from distgen.dist_env import DistContext
+from distgen.layouts.base import Layout, register
+from distgen.model_loading import ModelSource
+
+
+@dataclass
+class ReplicateLayout(LayoutConfig):
+    """Every rank holds the whole model; ranks run free (data parallel)."""
+    name: str = "replicate"
+
+
+def prepare(source: ModelSource, cfg: ReplicateLayout, ctx: DistContext) -> nn.Module:
+    return source.full().to(ctx.device)
+
+
+register(Layout("replicate", lockstep=False, prepare=prepare), ReplicateLayout)
