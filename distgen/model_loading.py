@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import is_flash_attn_2_available
 
 from distgen.config import ModelConfig
 from distgen.errors import ConfigError
@@ -22,12 +23,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_attn_implementation(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
+    # transformers' own check: flash_attn installed, a version it supports, and CUDA visible.
+    if device.type == "cuda" and is_flash_attn_2_available():
+        return "flash_attention_2"
     return "sdpa"
 
 

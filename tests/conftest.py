@@ -52,7 +52,7 @@ def prompts_file(tmp_path) -> Path:
 
 def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_ids) -> list[int]:
     """Single-process, unpadded `model.generate`, cut after the first EOS."""
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=list(eos_ids) or None, pad_token_id=tokenizer.pad_token_id)
     new = out[0, ids.shape[1]:].tolist()
@@ -70,9 +70,55 @@ def read_stats(out_dir: Path) -> dict:
     return json.loads((out_dir / "stats.json").read_text())
 
 
-def run_module(module: str, args, nproc: int | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m module args`, under torchrun with `nproc` gloo ranks when nproc is given."""
+def run_module(module: str, args, nproc: int | None = None, timeout: float = 240,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args`, under torchrun with `nproc` ranks when nproc is given (gloo, or NCCL on GPUs).
+
+    The repository comes first on PYTHONPATH; what was there stays (packages carried to a GPU machine)."""
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **(env or {})}
     return subprocess.run([sys.executable, *launcher, "-m", module, *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --- GPU tests (marker `gpu`): skipped, saying why, where no CUDA device is visible. ---
+
+def gpu_unavailable_reason() -> str | None:
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+    return (f"needs a CUDA GPU and none is visible (torch {torch.__version__}, a {build} build); "
+            "scripts/gpu_check.sh runs these on a GPU machine")
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def unknown_config_key(*overrides: str) -> str | None:
+    """Why `overrides` do not compose because a key or option does not exist (a feature not on this
+    branch yet), or None. Other config errors are left to the run that uses them."""
+    from distgen.errors import ConfigError
+    from distgen.load_config import load_config
+    try:
+        load_config(["model=tiny", "dataset=prompts.jsonl", *overrides])
+    except ConfigError as err:
+        if "unknown config key" in str(err) or "Could not find" in str(err):
+            return str(err).splitlines()[0]
+    return None
+
+
+def layout_names() -> list[str]:
+    """Every registered layout, read from the layout registry (so new layouts are tested as they land)."""
+    import distgen.layouts as layouts
+    registry = getattr(layouts, "REGISTRY", None)
+    if registry:
+        return sorted(registry)
+    from distgen.load_config import group_options
+    return group_options("layout")

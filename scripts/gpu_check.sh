@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The GPU check: run from the repository root on a machine with a CUDA GPU (made for the device tool's
+# lent H200: no network, python3 3.12 with its own torch/transformers/accelerate). In order, cheapest
+# and most telling first, each step under its own timeout, the whole under GPU_CHECK_BUDGET_S (450 s):
+#   1. facts    the GPU, driver, torch's CUDA / NCCL / bf16 / attention backends, package versions
+#   2. install  the carried wheels (scripts/gpu_wheels.sh builds them here) this Python lacks
+#   3. imports  everything distgen imports, each with its version or the reason it fails
+#   4. tests    pytest -m gpu (one CUDA rank per layout vs generate, bf16, memory stats, CUDA graphs)
+#   5. bench    bench/gpu.py: a ~1B Llama, distgen's best settings against HF generate, bf16
+# and writes $OUT/report.md as it goes (a killed run still leaves what it found), plus the logs
+# beside it. Exit status: 0 when every step passed, else 1. See README "Running the GPU check".
+#
+#   here:   bash scripts/gpu_wheels.sh
+#   device: run(command="bash scripts/gpu_check.sh", carry=[".cache/gpu-wheels"], timeout_s=540)
+set -uo pipefail  # no -e: a failing step is reported and the next one still runs
+cd "$(dirname "$0")/.."
+
+START=$(date +%s)
+BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+END=$((START + BUDGET_S))
+OUT=${OUT:-.gpu-out}
+WHEELS=${GPU_WHEELS:-.cache/gpu-wheels}
+PYTHON=${PYTHON:-python3}
+BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
+mkdir -p "$OUT"
+REPORT=$OUT/report.md
+SETUP_LOG=$OUT/setup.log
+PYTEST_LOG=$OUT/pytest.log
+BENCH_LOG=$OUT/bench.log
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/distgen-inductor}
+FAILED=()
+
+left() { echo $((END - $(date +%s))); }
+# The smaller of WANT seconds and what is left once RESERVE seconds are kept for later steps (at least 5).
+budget() { local b=$(( $(left) - $2 )); (( b > $1 )) && b=$1; (( b < 5 )) && b=5; echo "$b"; }
+say() { echo "$*" | tee -a "$REPORT"; }
+# step NAME SECONDS LOG CMD...: run CMD under a timeout into LOG, say how it ended; returns CMD's status.
+step() {
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$SECONDS rc
+  echo "== $name (limit ${limit}s): $*" >> "$log"
+  timeout -k 10 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  local took=$((SECONDS - t0)) how="ok"
+  if (( rc == 124 || rc == 137 )); then how="TIMED OUT after ${limit}s"; elif (( rc != 0 )); then how="FAILED (exit $rc)"; fi
+  [ "$how" = ok ] || FAILED+=("$name")
+  say "- **$name**: $how in ${took}s"
+  return $rc
+}
+finish() {
+  say ""
+  say "## Summary"
+  say ""
+  if (( ${#FAILED[@]} )); then say "Failed steps: ${FAILED[*]}."; else say "Every step passed."; fi
+  say "Total: $(( $(date +%s) - START ))s of a ${BUDGET_S}s budget. Logs: $(cd "$OUT" && ls | tr '\n' ' ')"
+}
+trap 'say ""; say "**Interrupted** (signal) after $(( $(date +%s) - START ))s."; finish; exit 1' TERM INT
+
+{
+  echo "# distgen GPU check"
+  echo ""
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
+       "budget ${BUDGET_S}s, python: $PYTHON. Each step's findings follow its line."
+  echo ""
+} > "$REPORT"
+: > "$SETUP_LOG"
+# markdown FILE: append FILE to the report as it is (a table), with a blank line either side.
+markdown() { { echo ""; cat "$1" 2>/dev/null; echo ""; } >> "$REPORT"; }
+# fenced LINES...: append text to the report as a code block.
+fenced() { { echo '```'; cat; echo '```'; echo ""; } >> "$REPORT"; }
+
+# 1. facts: the machine as found. The tables go to the report; stderr to setup.log.
+if command -v nvidia-smi >/dev/null; then
+  step "nvidia-smi" 20 "$SETUP_LOG" nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,clocks.sm,clocks.mem \
+    --format=csv 2>&1 | head -n 10 | fenced
+fi
+step "facts" "$(budget 60 380)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py facts > "$1"' "$PYTHON" "$OUT/facts.md"
+markdown "$OUT/facts.md"
+
+# 2. install: carried wheels for what this Python lacks; into its own environment (the machine is thrown
+# away), else into a folder on PYTHONPATH, which the tests' torchrun children inherit.
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  mapfile -t TO_INSTALL < <("$PYTHON" scripts/gpu_env.py wheels "$WHEELS" 2>>"$SETUP_LOG")
+  if (( ${#TO_INSTALL[@]} )); then
+    PIP=("$PYTHON" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check --upgrade)
+    if ! step "install ${#TO_INSTALL[@]} wheels" "$(budget 120 330)" "$SETUP_LOG" "${PIP[@]}" "${TO_INSTALL[@]}"; then
+      SITE=/tmp/distgen-site
+      step "install into $SITE instead" "$(budget 120 320)" "$SETUP_LOG" "${PIP[@]}" --target "$SITE" "${TO_INSTALL[@]}" \
+        && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    printf '%s\n' "${TO_INSTALL[@]##*/}" | fenced
+  else
+    say "- **install**: nothing to install (every carried wheel is here already)"
+  fi
+else
+  say "- **install**: no wheels in $WHEELS (run scripts/gpu_wheels.sh here and carry that folder)"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# 3. imports: what distgen needs, as installed now.
+step "imports" "$(budget 90 300)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py imports > "$1"' "$PYTHON" "$OUT/imports.md"
+markdown "$OUT/imports.md"
+
+# 4. tests marked gpu (they skip, saying why, without CUDA), from the files that have some; cheapest first.
+mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
+PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -rA --junitxml="$OUT/junit.xml")
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
+: > "$PYTEST_LOG"
+step "tests (pytest -m gpu ${GPU_TESTS[*]})" "$(budget 240 170)" "$PYTEST_LOG" "${PYTEST[@]}"
+# pytest's short summary: one line per test with its outcome (skips with their reason), then the total.
+{ sed -n '/short test summary info/,$p' "$PYTEST_LOG" | cut -c1-400
+  grep -E "^E   " "$PYTEST_LOG" | head -n 40 | cut -c1-300; } | fenced
+
+# 5. bench: whatever time is left, but at least what a useful run needs.
+if [ -n "$BENCH_ARGS" ] || "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  limit=$(budget 400 15)
+  # shellcheck disable=SC2086
+  step "bench (bench/gpu.py)" "$limit" "$BENCH_LOG" "$PYTHON" bench/gpu.py --time-limit $((limit - 15)) \
+    --out-md "$OUT/bench.md" --out-json "$OUT/bench.json" $BENCH_ARGS
+  if [ -s "$OUT/bench.md" ]; then sed 's/^# /### /' "$OUT/bench.md" | { echo ""; cat; } >> "$REPORT"
+  else tail -n 30 "$BENCH_LOG" | fenced; fi
+else
+  say "- **bench**: not run: no CUDA device visible"
+fi
+
+rm -f "$OUT/facts.md" "$OUT/imports.md"  # both are in the report
+finish
+(( ${#FAILED[@]} == 0 ))

@@ -1,0 +1,119 @@
+"""What scripts/gpu_check.sh asks the machine, printed as markdown; stdlib only until torch is asked for.
+
+    python3 scripts/gpu_env.py facts          # the GPU, drivers, torch's CUDA/NCCL/bf16/attention backends
+    python3 scripts/gpu_env.py wheels DIR     # the wheels in DIR this Python lacks (absent, or an older version)
+    python3 scripts/gpu_env.py imports        # every package distgen needs: version, or why it does not import
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata as metadata
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+# Import name -> distribution name, for everything a GPU run of distgen imports.
+NEEDED = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "accelerate": "accelerate",
+          "safetensors": "safetensors", "hydra": "hydra-core", "omegaconf": "omegaconf", "pytest": "pytest",
+          "deepspeed": "deepspeed", "flash_attn": "flash-attn", "distgen.run": None}
+# Optional: their absence is a fact to report, not a failure.
+OPTIONAL = {"deepspeed", "flash_attn"}
+
+
+def row(key: str, value: object) -> str:
+    return f"| {key} | {str(value).replace('|', '/')} |"
+
+
+def version_of(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torch_facts() -> Iterator[tuple[str, object]]:
+    import torch
+    yield "torch", f"{torch.__version__} (CUDA build {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+    yield "CUDA visible", torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return
+    props = torch.cuda.get_device_properties(0)
+    yield "GPUs", f"{torch.cuda.device_count()} x {props.name}, {props.total_memory / 2**30:.1f} GiB, " \
+                  f"capability {props.major}.{props.minor}, {props.multi_processor_count} SMs"
+    yield "bf16 supported", torch.cuda.is_bf16_supported()
+    yield "NCCL", ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else "absent"
+    yield "SDPA backends enabled", ", ".join(name for name, on in (
+        ("flash", torch.backends.cuda.flash_sdp_enabled()), ("mem_efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+        ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()), ("math", torch.backends.cuda.math_sdp_enabled())) if on)
+    free, total = torch.cuda.mem_get_info()
+    yield "GPU memory free", f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB"
+
+
+def facts() -> int:
+    print("| fact | value |\n| --- | --- |")
+    print(row("python", f"{platform.python_version()} at {sys.executable}"))
+    print(row("host", f"{platform.node()}, {platform.machine()}, kernel {platform.release()}"))
+    for dist in ("transformers", "accelerate", "tokenizers", "hydra-core", "deepspeed", "flash-attn", "pytest",
+                 "pytest-timeout", "triton"):
+        print(row(dist, version_of(dist) or "absent"))
+    try:
+        for key, value in torch_facts():
+            print(row(key, value))
+    except Exception as err:  # a broken torch is the fact to report
+        print(row("torch", f"error: {type(err).__name__}: {err}"))
+        return 1
+    return 0
+
+
+def wheel_name_version(path: Path) -> tuple[str, str]:
+    name, version = path.name.split("-")[:2]
+    return name, version
+
+
+def version_key(version: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"[.+-]", version))
+
+
+def wheels(folder: str) -> int:
+    """Print the wheels to install: those whose package is absent here or installed in an older version."""
+    for path in sorted(Path(folder).glob("*.whl")):
+        name, version = wheel_name_version(path)
+        have = version_of(name) or version_of(name.replace("_", "-"))
+        if have is None or version_key(have) < version_key(version):
+            print(path)
+        else:
+            print(f"keep {name} {have} (carried {version})", file=sys.stderr)
+    return 0
+
+
+def try_import(module: str, dist: str | None) -> tuple[bool, str]:
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # some (deepspeed) log to stdout: keep the table clean
+            importlib.import_module(module)
+    except Exception as err:
+        return False, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    took = f"imports in {time.perf_counter() - start:.1f}s"
+    return True, f"{version_of(dist) if dist else 'ok'} ({took})"
+
+
+def imports() -> int:
+    print("| package | result |\n| --- | --- |")
+    failed = 0
+    for module, dist in NEEDED.items():
+        ok, what = try_import(module, dist)
+        failed += not ok and module not in OPTIONAL
+        print(row(module, what if ok else ("absent (optional): " if module in OPTIONAL else "FAILED: ") + what))
+    return 1 if failed else 0
+
+
+COMMANDS: dict[str, Callable[..., int]] = {"facts": facts, "wheels": wheels, "imports": imports}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(__doc__)
+    sys.exit(COMMANDS[sys.argv[1]](*sys.argv[2:]))
