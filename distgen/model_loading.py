@@ -20,11 +20,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_attn_implementation(name: str, device: torch.device) -> str:
+def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto: flash-attention 2 where it can run (transformers' check: flash_attn installed in a version
+    it supports, CUDA visible; and a half-precision model, all it takes), else PyTorch's SDPA."""
     if name != "auto":
         return name
-    # transformers' own check: flash_attn installed, a version it supports, and CUDA visible.
-    if device.type == "cuda" and is_flash_attn_2_available():
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
         return "flash_attention_2"
     return "sdpa"
 
@@ -55,7 +56,7 @@ def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedM
         model = build_tiny_model(cfg.tiny, tokenizer).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device),
+            cfg.path, dtype=dtype, attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, dtype),
             trust_remote_code=cfg.trust_remote_code)
     return model.eval()
 
@@ -66,9 +67,10 @@ def build_skeleton(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrai
         if cfg.source == "tiny":  # built from config, so building it on meta is the skeleton
             return load_model(cfg, tokenizer, device)
         config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        dtype = resolve_dtype(cfg.dtype, device)
         model = AutoModelForCausalLM.from_config(
-            config, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device))
+            config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, dtype))
     return model.eval()
 
 

@@ -105,12 +105,15 @@ markdown "$OUT/imports.md"
 
 # 4. tests marked gpu (they skip, saying why, without CUDA), from the files that have some; cheapest first.
 mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
-PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -rA --junitxml="$OUT/junit.xml")
+PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA --junitxml="$OUT/junit.xml")
 "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
 : > "$PYTEST_LOG"
 step "tests (pytest -m gpu ${GPU_TESTS[*]})" "$(budget 240 170)" "$PYTEST_LOG" "${PYTEST[@]}"
-# pytest's short summary: one line per test with its outcome (skips with their reason), then the total.
-{ sed -n '/short test summary info/,$p' "$PYTEST_LOG" | cut -c1-400
+# pytest's short summary: one line per test with its outcome (skips with their reason), then the total;
+# if pytest was stopped before it, the per-test lines it printed (-v) as each test ended.
+{ if grep -q "short test summary info" "$PYTEST_LOG"; then sed -n '/short test summary info/,$p' "$PYTEST_LOG"
+  else grep -E "(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)" "$PYTEST_LOG"; echo "(pytest stopped before its summary)"; fi \
+    | cut -c1-400
   grep -E "^E   " "$PYTEST_LOG" | head -n 40 | cut -c1-300; } | fenced
 
 # 5. bench: whatever time is left, but at least what a useful run needs.
