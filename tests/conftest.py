@@ -115,10 +115,6 @@ def unknown_config_key(*overrides: str) -> str | None:
 
 
 def layout_names() -> list[str]:
-    """Every registered layout, read from the layout registry (so new layouts are tested as they land)."""
-    import distgen.layouts as layouts
-    registry = getattr(layouts, "REGISTRY", None)
-    if registry:
-        return sorted(registry)
-    from distgen.load_config import group_options
-    return group_options("layout")
+    """Every registered layout, read from the name table (so new layouts are tested as they land)."""
+    from distgen.layouts import LAYOUTS
+    return list(LAYOUTS.names())
