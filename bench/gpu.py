@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 from distgen.config import TinyModelConfig  # noqa: E402
 from distgen.errors import ConfigError  # noqa: E402
 from distgen.load_config import load_config  # noqa: E402
+from distgen.stats import cuda_peaks_mib, reset_peaks  # noqa: E402
 from distgen.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
-MIB = 2**20
 PRESETS = {  # model shape, prompts, prompt lengths and budgets (tokens), rows per batch
     "1b": dict(layers=22, hidden=2048, heads=32, kv_heads=4, intermediate=5632, prompts=512,
                min_prompt=16, max_prompt=512, min_budget=32, max_budget=256, batch_size=128),
@@ -156,7 +156,7 @@ def run_hf_static(args, prompts: list[dict], tokenizer, device: torch.device) ->
                 completions[i] = row[: prompts[i]["max_new_tokens"]]
         sync(device)
         seconds = time.perf_counter() - start
-    allocated, reserved = peaks_mib(device)
+    allocated, reserved = cuda_peaks_mib(device)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -168,17 +168,6 @@ def run_hf_static(args, prompts: list[dict], tokenizer, device: torch.device) ->
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def reset_peaks(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peaks_mib(device: torch.device) -> tuple[float, float]:
-    if device.type != "cuda":
-        return 0.0, 0.0
-    return torch.cuda.max_memory_allocated(device) / MIB, torch.cuda.max_memory_reserved(device) / MIB
 
 
 def agreement(result: Result, reference: Result) -> str:
