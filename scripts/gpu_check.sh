@@ -9,6 +9,8 @@
 #   5. bench    bench/gpu.py: a ~1B Llama, distgen's best settings against HF generate, bf16
 # and writes $OUT/report.md as it goes (a killed run still leaves what it found), plus the logs
 # beside it. Exit status: 0 when every step passed, else 1. See README "Running the GPU check".
+# For a second, shorter run: GPU_CHECK_STEPS="bench" (or "tests"), GPU_CHECK_PYTEST_ARGS="-k fsdp",
+# GPU_CHECK_BENCH_ARGS="--prompts 256"; facts, install and imports always run (seconds).
 #
 #   here:   bash scripts/gpu_wheels.sh
 #   device: run(command="bash scripts/gpu_check.sh", carry=[".cache/gpu-wheels"], timeout_s=540)
@@ -22,6 +24,7 @@ OUT=${OUT:-.gpu-out}
 WHEELS=${GPU_WHEELS:-.cache/gpu-wheels}
 PYTHON=${PYTHON:-python3}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
+STEPS=" ${GPU_CHECK_STEPS:-tests bench} "
 mkdir -p "$OUT"
 REPORT=$OUT/report.md
 SETUP_LOG=$OUT/setup.log
@@ -104,21 +107,32 @@ step "imports" "$(budget 90 300)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py im
 markdown "$OUT/imports.md"
 
 # 4. tests marked gpu (they skip, saying why, without CUDA), from the files that have some; cheapest first.
-mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
-PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA --junitxml="$OUT/junit.xml")
-"$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
-: > "$PYTEST_LOG"
-step "tests (pytest -m gpu ${GPU_TESTS[*]})" "$(budget 240 170)" "$PYTEST_LOG" "${PYTEST[@]}"
-# pytest's short summary: one line per test with its outcome (skips with their reason), then the total;
-# if pytest was stopped before it, the per-test lines it printed (-v) as each test ended.
-{ if grep -q "short test summary info" "$PYTEST_LOG"; then sed -n '/short test summary info/,$p' "$PYTEST_LOG"
-  else grep -E "(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)" "$PYTEST_LOG"; echo "(pytest stopped before its summary)"; fi \
-    | cut -c1-400
-  grep -E "^E   " "$PYTEST_LOG" | head -n 40 | cut -c1-300; } | fenced
+if [[ $STEPS == *" tests "* ]]; then
+  mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
+  # shellcheck disable=SC2206
+  PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA --junitxml="$OUT/junit.xml"
+          ${GPU_CHECK_PYTEST_ARGS:-})
+  "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
+  : > "$PYTEST_LOG"
+  reserve=170; [[ $STEPS == *" bench "* ]] || reserve=10
+  step "tests (pytest -m gpu ${GPU_TESTS[*]})" "$(budget 400 $reserve)" "$PYTEST_LOG" "${PYTEST[@]}"
+  # pytest's short summary: one line per test with its outcome (skips with their reason), then the total;
+  # if pytest was stopped before it, the per-test lines it printed (-v) as each test ended.
+  { if grep -q "short test summary info" "$PYTEST_LOG"; then sed -n '/short test summary info/,$p' "$PYTEST_LOG"
+    else grep -E "(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)" "$PYTEST_LOG"; echo "(pytest stopped before its summary)"; fi \
+      | cut -c1-400
+    grep -E "^E   " "$PYTEST_LOG" | head -n 40 | cut -c1-300; } | fenced
+else
+  say "- **tests**: not run (GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-})"
+fi
 
 # 5. bench: whatever time is left, but at least what a useful run needs.
-if [ -n "$BENCH_ARGS" ] || "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-  limit=$(budget 400 15)
+limit=$(budget 400 15)
+if [[ $STEPS != *" bench "* ]]; then
+  say "- **bench**: not run (GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-})"
+elif (( limit < 60 )); then
+  say "- **bench**: not run: only ${limit}s left"; FAILED+=(bench)
+elif [ -n "$BENCH_ARGS" ] || "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   # shellcheck disable=SC2086
   step "bench (bench/gpu.py)" "$limit" "$BENCH_LOG" "$PYTHON" bench/gpu.py --time-limit $((limit - 15)) \
     --out-md "$OUT/bench.md" --out-json "$OUT/bench.json" $BENCH_ARGS
