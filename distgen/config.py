@@ -93,10 +93,14 @@ class GenerationConfig:
     seed: int = 0
     # None: the model's own EOS ids; [] never stops early.
     eos_token_ids: Optional[list[int]] = None
+    # Lockstep layouts: all-reduce "any rank still has work" every this many steps (idle ranks
+    # keep joining forwards in between); 1 checks every step.
+    sync_every: int = 1
 
     def check(self) -> None:
         require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, "must be >= 1")
         require(self.batch_size >= 1, "generation.batch_size", self.batch_size, "must be >= 1")
+        require(self.sync_every >= 1, "generation.sync_every", self.sync_every, "must be >= 1")
         require(self.temperature > 0, "generation.temperature", self.temperature, "must be > 0")
         require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
         require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")

@@ -4,6 +4,10 @@ In a lockstep layout every forward is a collective (FSDP all-gathers each block'
 so before each step the ranks all-reduce whether any of them still has work. A rank with
 nothing left keeps joining forwards with a one-token dummy input until all are done, then
 every rank leaves on the same step. Other layouts skip the all-reduce and run freely.
+
+The all-reduce runs on the layout's group (the ranks that shard one copy), never on all ranks
+while another group generates on its own. With `sync_every=k` it runs every k-th step: every
+rank still makes exactly one forward (real or dummy) per step, so the group stays in step.
 """
 from __future__ import annotations
 
@@ -24,9 +28,9 @@ class LoopCounters:
     seconds: float = 0.0
 
 
-def any_rank_has_work(has_work: bool, device: torch.device) -> bool:
+def any_rank_has_work(has_work: bool, device: torch.device, group=None) -> bool:
     flag = torch.tensor([1 if has_work else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
 
 
@@ -36,14 +40,17 @@ def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> N
 
 
 def run_loop(model: torch.nn.Module, batch: RollingBatch, lockstep: bool, idle_step: Callable[[], None],
-             device: torch.device, on_finished: Callable[[list[Completion]], None]) -> LoopCounters:
+             device: torch.device, on_finished: Callable[[list[Completion]], None], group=None,
+             sync_every: int = 1) -> LoopCounters:
     counters = LoopCounters()
     start = time.perf_counter()
+    step = 0
     while True:
         has_work = batch.has_work
         if lockstep:
-            if not any_rank_has_work(has_work, device):
+            if step % sync_every == 0 and not any_rank_has_work(has_work, device, group):
                 break
+            step += 1
         elif not has_work:
             break
         if not has_work:

@@ -61,17 +61,23 @@ def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedM
     return model.eval()
 
 
+def build_unloaded(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
+    """The architecture built from its config, no checkpoint read; the caller's context decides
+    where its tensors go (the meta device, DeepSpeed's zero.Init)."""
+    if cfg.source == "tiny":  # built from config, so building it in the caller's context is enough
+        return load_model(cfg, tokenizer, device)
+    config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, dtype))
+    return model.eval()
+
+
 def build_skeleton(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
     """The same architecture on the meta device: shapes and dtypes, no memory, no weights."""
     with torch.device("meta"):
-        if cfg.source == "tiny":  # built from config, so building it on meta is the skeleton
-            return load_model(cfg, tokenizer, device)
-        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-        dtype = resolve_dtype(cfg.dtype, device)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, dtype))
-    return model.eval()
+        return build_unloaded(cfg, tokenizer, device)
 
 
 @dataclass(frozen=True)
@@ -86,3 +92,6 @@ class ModelSource:
 
     def skeleton(self) -> PreTrainedModel:
         return build_skeleton(self.cfg, self.tokenizer, self.device)
+
+    def unloaded(self) -> PreTrainedModel:
+        return build_unloaded(self.cfg, self.tokenizer, self.device)

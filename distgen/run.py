@@ -34,6 +34,7 @@ Options:
   --check         check the config, the prompts file and the model folder, then exit
 """
 FLAGS = ("--print-config", "--check")
+LAUNCHER_ARGS = ("--local_rank=", "--local-rank=")
 
 
 def check_output_dir(out_dir: str) -> None:
@@ -79,7 +80,8 @@ def coordinate(job: Job, ctx: DistContext, records: list[dict], stats: RankStats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher adds --local_rank=N; LOCAL_RANK in the environment says the same.
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith(LAUNCHER_ARGS)]
     if "--help" in args or "-h" in args:
         print(USAGE)
         return 0

@@ -10,6 +10,7 @@ from distgen.config import RunConfig
 from distgen.decode import Completion, RollingBatch
 from distgen.dist_env import DistContext
 from distgen.layouts import get_layout
+from distgen.layouts.base import DataGroups, full_param_bytes, resident_param_bytes
 from distgen.loop import idle_forward, run_loop
 from distgen.model_loading import ModelSource
 from distgen.plan import assign_to_ranks, decode_order
@@ -48,13 +49,29 @@ def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[
     return [model_eos] if isinstance(model_eos, int) else list(model_eos)
 
 
-def rank_shard(job: Job, ctx: DistContext) -> list[int]:
-    """This rank's prompt indices in decoding order; every rank computes the same plan."""
+def rank_shard(job: Job, groups: DataGroups, rank: int) -> list[int]:
+    """This rank's prompt indices in decoding order: prompts split over the layout's data-parallel
+    groups, then over the ranks of a group. Every rank computes the same plan."""
     lengths = [len(ids) for ids in job.token_ids]
     todo = job.todo
     costs = [lengths[i] + job.prompts[i].budget(job.cfg.generation.max_new_tokens) for i in todo]
-    shards = assign_to_ranks(costs, ctx.world_size)
-    return decode_order([todo[k] for k in shards[ctx.rank]], lengths)
+    group_todo = [todo[k] for k in assign_to_ranks(costs, len(groups.groups))[groups.index]]
+    group_costs = [lengths[i] + job.prompts[i].budget(job.cfg.generation.max_new_tokens) for i in group_todo]
+    mine = assign_to_ranks(group_costs, len(groups.members))[groups.members.index(rank)]
+    return decode_order([group_todo[k] for k in mine], lengths)
+
+
+def missing_ranks(group, timeout_s: float = 10.0) -> str:
+    """Which ranks of `group` no longer answer (gloo's monitored barrier names them on the group's first rank)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        return f"Not answering: {str(err).splitlines()[0]}"
+    return "Every rank answers a barrier now."
 
 
 def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
@@ -62,15 +79,18 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
     wall_start = time.perf_counter()
     reset_peaks(ctx.device)
     layout = get_layout(job.cfg.layout.name)
-    model = layout.prepare(ModelSource(job.cfg.model, job.tokenizer, ctx.device), job.cfg.layout, ctx)
+    groups = layout.data_groups(job.cfg.layout, ctx)
+    placed = layout.prepare(ModelSource(job.cfg.model, job.tokenizer, ctx.device), job.cfg.layout, ctx, groups)
+    model, device = placed.model, placed.input_device
+    param_bytes = placed.param_bytes or resident_param_bytes(model)
     load_seconds = time.perf_counter() - wall_start
     load_peak_rss = peak_rss_mib()
 
     pad_id = job.tokenizer.pad_token_id
     eos_ids = resolve_eos_ids(job.cfg.generation.eos_token_ids, model, job.tokenizer)
-    mine = rank_shard(job, ctx)
+    mine = rank_shard(job, groups, ctx.rank)
     gen = job.cfg.generation
-    batch = RollingBatch([(job.prompts[i], job.token_ids[i]) for i in mine], gen, pad_id, eos_ids, ctx.device,
+    batch = RollingBatch([(job.prompts[i], job.token_ids[i]) for i in mine], gen, pad_id, eos_ids, device,
                          max_rows=gen.batch_size, refill=gen.continuous_batching)
     records: list[dict] = []
     progress = ProgressLog(ctx.rank, len(mine), job.cfg.output.progress_every_s)
@@ -82,8 +102,17 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
             records.extend(finished)
             progress.finished(len(finished), sum(r["completion_tokens"] for r in finished))
 
-        counters = run_loop(model, batch, layout.lockstep, lambda: idle_forward(model, pad_id, ctx.device),
-                            ctx.device, keep)
+        try:
+            counters = run_loop(model, batch, placed.lockstep, lambda: idle_forward(model, pad_id, device), device,
+                                keep, group=placed.group, sync_every=gen.sync_every)
+        except RuntimeError as err:
+            if "timed out" not in str(err).lower() or not placed.lockstep:
+                raise
+            raise RuntimeError(f"rank {ctx.rank}: a collective of layout={job.cfg.layout.name} timed out waiting "
+                               f"for its group (ranks {list(groups.members)}): a rank stopped joining forwards. "
+                               f"{missing_ranks(placed.group)}") from err
+    model_bytes = full_param_bytes(model)
+    placed.release()
     allocated, reserved = cuda_peaks_mib(ctx.device)
     stats = RankStats(
         rank=ctx.rank, device=str(ctx.device), prompts=len(records),
@@ -93,5 +122,6 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
         load_seconds=round(load_seconds, 3), generate_seconds=round(counters.seconds, 3),
         wall_seconds=round(time.perf_counter() - wall_start, 3), load_peak_rss_mib=round(load_peak_rss, 1),
         peak_rss_mib=round(peak_rss_mib(), 1),
-        cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1))
+        cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1),
+        param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map)
     return records, stats

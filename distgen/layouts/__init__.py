@@ -2,6 +2,6 @@
 each registering itself (and its settings class, the Hydra option `layout=<name>`) in LAYOUTS."""
 from distgen.layouts.base import LAYOUTS, Layout, block_classes, get_layout
 # Registration order is the order users see (the default first).
-from distgen.layouts import replicate, fsdp  # noqa: F401,E402,I001  (each registers itself)
+from distgen.layouts import replicate, fsdp, zero3, device_map  # noqa: F401,E402,I001  (each registers itself)
 
 __all__ = ["LAYOUTS", "Layout", "block_classes", "get_layout"]

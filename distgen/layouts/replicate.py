@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from distgen.config import LayoutConfig
 from distgen.dist_env import DistContext
-from distgen.layouts.base import Layout, register
+from distgen.layouts.base import DataGroups, Layout, Placed, register
 from distgen.model_loading import ModelSource
 
 
@@ -17,8 +15,8 @@ class ReplicateLayout(LayoutConfig):
     name: str = "replicate"
 
 
-def prepare(source: ModelSource, cfg: ReplicateLayout, ctx: DistContext) -> nn.Module:
-    return source.full().to(ctx.device)
+def prepare(source: ModelSource, cfg: ReplicateLayout, ctx: DistContext, groups: DataGroups) -> Placed:
+    return Placed(source.full().to(ctx.device), lockstep=False, input_device=ctx.device)
 
 
-register(Layout("replicate", lockstep=False, prepare=prepare), ReplicateLayout)
+register(Layout("replicate", prepare=prepare), ReplicateLayout)
