@@ -84,7 +84,8 @@ TABLE_COLUMNS = (  # header, width, format spec, value
     ("prompts", 7, "", lambda s: s.prompts), ("prompt_tok", 10, "", lambda s: s.prompt_tokens),
     ("gen_tok", 8, "", lambda s: s.generated_tokens), ("steps", 6, "", lambda s: s.forward_steps),
     ("idle", 5, "", lambda s: s.idle_steps), ("tok/s", 9, ".1f", lambda s: s.tokens_per_second),
-    ("gen_s", 7, ".2f", lambda s: s.generate_seconds), ("rss_MiB", 8, ".0f", lambda s: s.peak_rss_mib),
+    ("gen_s", 7, ".2f", lambda s: s.generate_seconds), ("param_MiB", 9, ".1f", lambda s: s.param_mib),
+    ("disk_MiB", 8, ".1f", lambda s: s.disk_param_mib), ("rss_MiB", 8, ".0f", lambda s: s.peak_rss_mib),
     ("cuda_alloc", 10, ".0f", lambda s: s.cuda_peak_allocated_mib),
     ("cuda_rsv", 8, ".0f", lambda s: s.cuda_peak_reserved_mib),
 )
@@ -96,4 +97,17 @@ def format_table(stats: Sequence[RankStats], summary: dict) -> str:
     total = (f"total: {summary['prompts']} prompts, {summary['generated_tokens']} tokens generated in "
              f"{summary['generate_seconds']:.2f}s ({summary['tokens_per_second']:.1f} tok/s over "
              f"{summary['world_size']} ranks)")
-    return "\n".join([header, *rows, total])
+    maps = [f"rank {s.rank} device map: {compact_map(s.device_map)}" for s in stats if s.device_map]
+    return "\n".join([header, *rows, *maps, total])
+
+
+def compact_map(device_map: dict[str, str]) -> str:
+    """`model.layers.0..3: cpu, lm_head: disk`: consecutive modules on one device in one run."""
+    runs: list[list] = []  # [first name, last name, where]
+    for name, where in device_map.items():
+        if runs and runs[-1][2] == where:
+            runs[-1][1] = name
+        else:
+            runs.append([name, name, where])
+    return ", ".join(f"{first}: {where}" if first == last else f"{first}..{last}: {where}"
+                     for first, last, where in runs)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -26,13 +27,29 @@ class RankStats:
     peak_rss_mib: float
     cuda_peak_allocated_mib: float
     cuda_peak_reserved_mib: float
+    # Parameter bytes resident on this rank right after placement, by device (or "disk"), and the
+    # whole model's: a sharded layout holds about 1/N of it.
+    param_bytes: dict[str, int] = field(default_factory=dict)
+    model_param_bytes: int = 0
+    # device_map: which module went where.
+    device_map: Optional[dict[str, str]] = None
+
+    @property
+    def param_mib(self) -> float:
+        """Parameter memory held in memory (not on disk)."""
+        return sum(size for where, size in self.param_bytes.items() if where != "disk") / MIB
+
+    @property
+    def disk_param_mib(self) -> float:
+        return self.param_bytes.get("disk", 0) / MIB
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
 
     def as_record(self) -> dict:
-        return {**vars(self), "tokens_per_second": round(self.tokens_per_second, 2)}
+        return {**vars(self), "tokens_per_second": round(self.tokens_per_second, 2),
+                "param_mib": round(self.param_mib, 3), "disk_param_mib": round(self.disk_param_mib, 3)}
 
 
 def peak_rss_mib() -> float:
