@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,10 +77,27 @@ def run_module(module: str, args, nproc: int | None = None, timeout: float = 240
 
     The repository comes first on PYTHONPATH; what was there stays (packages carried to a GPU machine)."""
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.run([sys.executable, *launcher, "-m", module, *map(str, args)], cwd=REPO,
+                          env={**child_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def child_env() -> dict[str, str]:
+    """The repository first on PYTHONPATH (what was there stays: packages carried to a GPU machine);
+    DeepSpeed JIT-builds its C++ ops once into the ignored .cache/ that setup and CI keep."""
     python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **(env or {})}
-    return subprocess.run([sys.executable, *launcher, "-m", module, *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return {"TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"), **os.environ,
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
+
+
+def run_deepspeed(module: str, args, gpus: int, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module module args` (on CPU it starts N gloo ranks)."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    with socket.socket() as probe:  # deepspeed's fixed default port may be taken by another job
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return subprocess.run([sys.executable, str(deepspeed), "--num_gpus", str(gpus), "--master_port", str(port),
+                           "--module", module, *map(str, args)], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 # --- GPU tests (marker `gpu`): skipped, saying why, where no CUDA device is visible. ---
