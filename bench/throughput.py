@@ -10,33 +10,13 @@ first. Peak memory per rank comes from each job's stats.json.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from jobs import run_job, write_prompts
+
 from distgen.config import TinyModelConfig
 from distgen.tiny import save_tiny
-
-REPO = Path(__file__).resolve().parent.parent
-WORDS = "the model reads a prompt and writes a completion one token at a time until it is done".split()
-
-
-def write_prompts(path: Path, count: int, new_tokens: int) -> None:
-    """Prompts of varied length and varied budgets (1/4 to all of new_tokens), as real jobs have."""
-    lines = [json.dumps({"id": i, "prompt": " ".join(WORDS[: 4 + (i * 7) % len(WORDS)]),
-                         "max_new_tokens": max(1, new_tokens * (1 + (i * 5) % 4) // 4)}) for i in range(count)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def run_job(name: str, nproc: int, overrides: list[str], work: Path) -> dict:
-    out = work / name
-    launcher = ["launcher=torchrun", f"launcher.nproc_per_node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, "-m", "distgen.launch", *launcher, *overrides, f"output.dir={out}",
-           "output.print_table=false", "output.resume=false"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
-    return json.loads((out / "stats.json").read_text())
 
 
 def main() -> None:
