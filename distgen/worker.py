@@ -9,8 +9,8 @@ from typing import Sequence
 from distgen.config import RunConfig
 from distgen.decode import Completion, RollingBatch
 from distgen.dist_env import DistContext
-from distgen.layouts import get_layout
-from distgen.layouts.base import DataGroups, full_param_bytes, resident_param_bytes
+from distgen.layouts import DataGroups, get_layout
+from distgen.layouts.base import full_param_bytes, resident_param_bytes
 from distgen.loop import idle_forward, run_loop
 from distgen.model_loading import ModelSource
 from distgen.plan import assign_to_ranks, decode_order
