@@ -138,6 +138,9 @@ def prepare(source: ModelSource, cfg: Zero3Layout, ctx: DistContext, groups: Dat
     # Order matters: the extensions dir and the skipped op must be set before DeepSpeed's comm
     # backend starts (the first zero.Init), and the group must exist before zero.Init uses it.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    # zero.Init reads the rank from the environment, which a lone process (no launcher) lacks.
+    for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):
+        os.environ.setdefault(key, str(value))
     if cfg.offload_param == "nvme":
         check_nvme_offload(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     skip_shm_comm_op(ctx.device)
