@@ -61,19 +61,6 @@ def rank_shard(job: Job, groups: DataGroups, rank: int) -> list[int]:
     return decode_order([group_todo[k] for k in mine], lengths)
 
 
-def missing_ranks(group, timeout_s: float = 10.0) -> str:
-    """Which ranks of `group` no longer answer (gloo's monitored barrier names them on the group's first rank)."""
-    import datetime
-
-    import torch.distributed as dist
-
-    try:
-        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
-    except RuntimeError as err:
-        return f"Not answering: {str(err).splitlines()[0]}"
-    return "Every rank answers a barrier now."
-
-
 def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
     """This rank's output records (also journaled to disk as they finish) and its stats."""
     wall_start = time.perf_counter()
@@ -108,9 +95,11 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
         except RuntimeError as err:
             if "timed out" not in str(err).lower() or not placed.lockstep:
                 raise
+            # Every rank still in the collective says this; the rank that stopped is the one that does not.
+            peers = [r for r in groups.members if r != ctx.rank]
             raise RuntimeError(f"rank {ctx.rank}: a collective of layout={job.cfg.layout.name} timed out waiting "
-                               f"for its group (ranks {list(groups.members)}): a rank stopped joining forwards. "
-                               f"{missing_ranks(placed.group)}") from err
+                               f"for the other ranks of its group {peers}: one of them stopped joining forwards "
+                               f"(the one whose log lacks this message)") from err
     model_bytes = full_param_bytes(model)
     placed.release()
     allocated, reserved = cuda_peaks_mib(ctx.device)
