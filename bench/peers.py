@@ -418,6 +418,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-peers")
+    parser.add_argument("--note", default="", help="a line for the report's header (e.g. what else loaded the machine)")
     parser.add_argument("--readme", action="store_true", help="also put the first table into README.md")
     parser.add_argument("--quick", action="store_true", help="small model, mixed dataset, 1 repeat, 32 prompts")
     parser.add_argument("--python", action="append", default=[], metavar="VENV=PYTHON",
@@ -440,6 +441,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     venvs = {s.venv for s in [*systems, FLOOR] if s.venv}
     header += [f"- {name}: {text}" for name, text in versions(venvs, pythons).items()]
     header.append(f"- distgen settings: {' '.join(DISTGEN_BEST)}; {args.repeats} repeat(s), medians")
+    if args.note:
+        header.append(f"- note: {args.note}")
     results = {}
     for size in args.models:
         for job in build_jobs(size, args.datasets, args, args.work, pythons, print):
