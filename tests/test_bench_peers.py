@@ -90,6 +90,7 @@ def test_peers_runs_distgen_and_hf_systems_on_the_small_model(tmp_path):
 
 def test_replace_block_swaps_only_what_lies_between_the_markers():
     text = "intro\n<!-- peers-table -->\nold\n<!-- /peers-table -->\nafter\n"
-    assert replace_block(text, "new table\n") == "intro\n<!-- peers-table -->\nnew table\n<!-- /peers-table -->\nafter\n"
+    expected = "intro\n<!-- peers-table -->\nnew table\n<!-- /peers-table -->\nafter\n"
+    assert replace_block(text, "new table\n") == expected
     with pytest.raises(ValueError, match="markers"):
         replace_block("no markers", "x")
