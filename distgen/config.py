@@ -57,6 +57,8 @@ class ModelConfig:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
+    # Quantized weights: a name in the quantizer table (distgen/quantizers); none keeps model.dtype.
+    quantization: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def check(self) -> None:
@@ -157,6 +159,7 @@ class RunConfig:
         # The tables import this module, so they are imported here, not at the top.
         from distgen.launchers import LAUNCHERS
         from distgen.layouts import LAYOUTS
+        from distgen.quantizers import check_quantization
 
         require_choice("device", self.device, DEVICES)
         LAYOUTS.check_selected(self.layout)
@@ -164,4 +167,5 @@ class RunConfig:
         for part in (self.model, self.model.tiny, self.layout, self.generation, self.dataset, self.output,
                      self.launcher):
             part.check()
+        check_quantization(self)
         return self

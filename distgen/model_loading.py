@@ -88,7 +88,10 @@ class ModelSource:
     device: torch.device
 
     def full(self) -> PreTrainedModel:
-        return load_model(self.cfg, self.tokenizer, self.device)
+        """The weights as read, their Linear layers then quantized by model.quantization (if not none)."""
+        from distgen.quantizers import get_quantizer
+        return get_quantizer(self.cfg.quantization).apply(load_model(self.cfg, self.tokenizer, self.device),
+                                                          self.device)
 
     def skeleton(self) -> PreTrainedModel:
         return build_skeleton(self.cfg, self.tokenizer, self.device)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import resource
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
+from torch import nn
 
 MIB = 1024 * 1024
 
@@ -66,3 +67,34 @@ def cuda_peaks_mib(device: torch.device) -> tuple[float, float]:
 def reset_peaks(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a weight takes as stored: the inner tensors of a tensor subclass (quanto's data and
+    scales), the packed data plus quantization scales of a bitsandbytes parameter."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        inner, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in inner)
+    scales = [getattr(tensor, "SCB", None), getattr(getattr(tensor, "quant_state", None), "absmax", None)]
+    return tensor.numel() * tensor.element_size() + sum(tensor_bytes(s) for s in scales if s is not None)
+
+
+def packed_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The weight and bias of torch's quantized Linear, which keeps them packed, not as Parameters."""
+    if not (hasattr(module, "_packed_params") and callable(getattr(module, "weight", None))):
+        return []
+    weight, bias = module.weight(), module.bias()
+    return [weight] if bias is None else [weight, bias]
+
+
+def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """The model's parameters (a tied one once) and the weights quantized Linear layers keep packed."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:  # parameters live as long as the model, so their ids are stable
+                seen.add(id(param))
+                yield param
+        # Unpacked on each call, so never shared (and their ids are reused once freed).
+        yield from packed_weights(module)
+

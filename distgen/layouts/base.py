@@ -20,6 +20,7 @@ from distgen.dist_env import DistContext
 from distgen.errors import ConfigError
 from distgen.model_loading import ModelSource
 from distgen.registry import Registry
+from distgen.stats import tensor_bytes, weight_tensors
 
 DISK = "disk"
 
@@ -112,21 +113,25 @@ def local_part(param: torch.Tensor) -> tuple[str, int]:
         whole = param.ds_numel * param.element_size() if getattr(param, "ds_persist", False) else 0
         return str(param.ds_tensor.device), param.ds_tensor.numel() * param.ds_tensor.element_size() + whole
     where = DISK if param.device.type == "meta" else str(param.device)
-    return where, param.numel() * param.element_size()
+    return where, tensor_bytes(param)
 
 
 def resident_param_bytes(model: nn.Module) -> dict[str, int]:
     """Parameter bytes this rank holds, by device (or "disk")."""
     totals: Counter[str] = Counter()
-    for param in model.parameters():
+    for param in weight_tensors(model):
         where, size = local_part(param)
         totals[where] += size
     return dict(totals)
 
 
 def full_param_bytes(model: nn.Module) -> int:
-    """Bytes of the whole model's parameters (every shard together)."""
-    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    """Bytes of the whole model's parameters (every shard together; quantized ones as stored)."""
+    def whole(p: torch.Tensor) -> int:
+        if hasattr(p, "ds_numel") or hasattr(p, "to_local"):
+            return getattr(p, "ds_numel", p.numel()) * p.element_size()
+        return tensor_bytes(p)
+    return sum(whole(p) for p in weight_tensors(model))
 
 
 def process_group(data_groups: DataGroups, timeout_s: Optional[float] = None):

@@ -77,8 +77,9 @@ def plan_device_map(skeleton: nn.Module, caps: Optional[dict], dtype: torch.dtyp
 
 
 def load_mapped(source: ModelSource, device_map: dict, offload_dir: Path) -> nn.Module:
-    """A saved model is read straight into its places; the in-memory tiny model is dispatched."""
-    if source.cfg.source == "tiny":
+    """A saved model is read straight into its places; the in-memory tiny model, and a quantized one
+    (read whole, then quantized by `source.full()`), are dispatched."""
+    if source.cfg.source == "tiny" or source.cfg.quantization != "none":
         from accelerate import dispatch_model
         return dispatch_model(source.full(), device_map, offload_dir=str(offload_dir))
     from transformers import AutoModelForCausalLM
@@ -88,6 +89,11 @@ def load_mapped(source: ModelSource, device_map: dict, offload_dir: Path) -> nn.
         cfg.path, dtype=dtype, device_map=device_map, offload_folder=str(offload_dir),
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=resolve_attn_implementation(cfg.attn_implementation, source.device, dtype)).eval()
+
+
+def offloaded(device_map: dict, gpus: list[int]) -> list[str]:
+    """Modules the map keeps away from where they run: on disk, or in CPU memory while GPUs run them."""
+    return [name for name, device in device_map.items() if device == "disk" or (gpus and device == "cpu")]
 
 
 def offload_dir(cfg: DeviceMapLayout, rank: int) -> Path:
@@ -107,6 +113,11 @@ def prepare(source: ModelSource, cfg: DeviceMapLayout, ctx: DistContext, groups:
     gpus = rank_gpus(cfg, ctx)
     dtype = resolve_dtype(source.cfg.dtype, ctx.device)
     device_map = plan_device_map(source.skeleton(), memory_caps(cfg, gpus), dtype)
+    moved = offloaded(device_map, gpus)
+    if moved and source.cfg.quantization != "none":  # accelerate offloads plain tensors only
+        raise ConfigError(f"model.quantization={source.cfg.quantization!r} is not allowed with an offloading "
+                          f"layout=device_map ({len(moved)} modules offloaded, first {moved[0]!r}): quantized "
+                          f"weights cannot be offloaded; raise layout.max_memory or use model.quantization=none")
     folder = offload_dir(cfg, ctx.rank)
     model = load_mapped(source, device_map, folder)
     placed_map = {name: where(device) for name, device in device_map.items()}
