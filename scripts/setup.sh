@@ -23,9 +23,5 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # DeepSpeed builds against the torch already installed, so no isolated build environment.
 DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
 "${PIP[@]}" --no-deps --no-build-isolation -e .
-# optimum-quanto compiles its CPU int4 kernels (a C++ extension, kept in site-packages) on first use;
-# build it here, once, so no job or test pays for it.
-"$VENV/bin/python" -c 'from optimum.quanto.library.extensions import get_extension; get_extension("quanto_cpp").lib' \
-  || echo "distgen: optimum-quanto's CPU kernels did not build (no C++ compiler?); quanto_int4 on CPU retries on first use"
 echo "$WANT" > "$STAMP"
 echo "distgen: installed into $VENV"
