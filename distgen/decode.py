@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from distgen.config import GenerationConfig
+from distgen.forward_args import position_kwargs
 from distgen.kv_rows import append_rows, select_rows, trim_dead_columns
 from distgen.prompts import Prompt
 from distgen.sampling import prompt_generator, select_next_tokens
@@ -91,8 +92,7 @@ class RollingBatch:
         input_ids, mask = left_pad([ids for _, ids in joining], self.pad_id)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        logits = self.forward(model, input_ids, mask, positions_from_mask(mask), cache)
         sequences = [ActiveSequence(prompt, len(ids), prompt.budget(self.cfg.max_new_tokens),
                                     prompt_generator(self.cfg.seed, prompt.index, self.device)
                                     if self.cfg.do_sample else None) for prompt, ids in joining]
@@ -101,9 +101,15 @@ class RollingBatch:
     def decode(self, model: torch.nn.Module) -> list[Completion]:
         self.mask = torch.cat([self.mask, torch.ones_like(self.next_input)], dim=-1)
         positions = self.mask.sum(dim=-1, keepdim=True) - 1
-        logits = model(input_ids=self.next_input, attention_mask=self.mask, position_ids=positions,
-                       cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        logits = self.forward(model, self.next_input, self.mask, positions, self.cache)
         return self.advance(self.active, logits, self.cache, self.mask, joining=False)
+
+    @staticmethod
+    def forward(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                cache: DynamicCache) -> torch.Tensor:
+        """Last-position logits, (rows, vocab)."""
+        return model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1,
+                     **position_kwargs(model, positions)).logits[:, -1, :]
 
     def advance(self, sequences: list[ActiveSequence], logits: torch.Tensor, cache: DynamicCache,
                 mask: torch.Tensor, joining: bool) -> list[Completion]:

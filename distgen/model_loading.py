@@ -20,14 +20,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """auto: flash-attention 2 where it can run (transformers' check: flash_attn installed in a version
-    it supports, CUDA visible; and a half-precision model, all it takes), else PyTorch's SDPA."""
+    it supports, CUDA visible; and a half-precision model, all it takes), else None, so transformers
+    picks what the architecture supports (sdpa where it can, eager for ALiBi models such as Bloom
+    and MPT, which refuse an explicit sdpa)."""
     if name != "auto":
         return name
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
         return "flash_attention_2"
-    return "sdpa"
+    return None
 
 
 def check_model_source(cfg: ModelConfig) -> None:

@@ -1,0 +1,23 @@
+"""A spread of decoder-only architectures, saved and loaded through distgen's real path, against `model.generate`."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import PROMPTS, read_outputs, reference_greedy
+from distgen.run import main as run_in_process
+from helpers import ARCHITECTURES, save_architecture
+
+BUDGET = 6
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_batched_greedy_equals_generate(name, tokenizer, prompts_file, tmp_path):
+    model_dir = save_architecture(name, tmp_path / name)
+    out = tmp_path / "out"
+    assert run_in_process([f"model={model_dir}", f"dataset={prompts_file}", f"output.dir={out}",
+                           f"generation.max_new_tokens={BUDGET}", "generation.batch_size=3",
+                           "generation.eos_token_ids=[]", "output.print_table=false"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for record, prompt in zip(read_outputs(out), PROMPTS):
+        want = reference_greedy(model, tokenizer, prompt["prompt"], prompt.get("max_new_tokens", BUDGET), [])
+        assert record["completion_token_ids"] == want, (name, prompt["id"])
