@@ -14,7 +14,9 @@ MODEL_SOURCES = ("pretrained", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-DATASET_FORMATS = ("auto", "jsonl", "txt")
+DATASET_FORMATS = ("auto", "jsonl", "json", "txt")
+# What a prompt that does not fit the model's context becomes.
+TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -115,10 +117,14 @@ class DatasetConfig:
     prompt_field: str = "prompt"
     id_field: str = "id"
     limit: Optional[int] = None
+    # A prompt whose tokens plus budget exceed the model's context: an error record (the job goes
+    # on), its oldest tokens dropped to fit, or a config error before any worker starts.
+    too_long: str = "error_record"
 
     def check(self) -> None:
         require(bool(self.path), "dataset.path", self.path, "give dataset=<prompts .jsonl or .txt file>")
         require_choice("dataset.format", self.format, DATASET_FORMATS)
+        require_choice("dataset.too_long", self.too_long, TOO_LONG_POLICIES)
         require(self.limit is None or self.limit >= 0, "dataset.limit", self.limit, "must be >= 0")
 
 

@@ -42,11 +42,18 @@ def order_records(per_rank: Iterable[Sequence[dict]], prompt_count: int) -> list
     return [by_index[i] for i in range(prompt_count)]
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one, never a partial write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual 0644
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
@@ -63,8 +70,9 @@ def write_outputs(out_dir: Path, records: Sequence[dict], stats: Sequence[RankSt
         {"summary": summary, "ranks": [s.as_record() for s in stats]}, indent=2) + "\n")
 
 
-def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, job: str = "") -> dict:
-    """`resumed` prompts were finished by an earlier run of `job` (its fingerprint)."""
+def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, job: str = "",
+              errors: int = 0) -> dict:
+    """`resumed` prompts were finished by an earlier run of `job` (its fingerprint); `errors` got error records."""
     generated = sum(s.generated_tokens for s in stats)
     slowest = max((s.generate_seconds for s in stats), default=0.0)
     return {
@@ -72,6 +80,7 @@ def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, j
         "world_size": len(stats),
         "prompts": prompt_count,
         "resumed": resumed,
+        "errors": errors,
         "prompt_tokens": sum(s.prompt_tokens for s in stats),
         "generated_tokens": generated,
         "generate_seconds": round(slowest, 3),

@@ -7,22 +7,31 @@ With launcher=none the job runs in this process (one rank).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from distgen.errors import ConfigError
 from distgen.launchers import get_launcher
 from distgen.load_config import load_config
-from distgen.run import check_inputs
+from distgen.resume import job_complete
+from distgen.run import FLAGS, finished_message, main as run_main, prepare_job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if any(flag in overrides for flag in ("--help", "-h", *FLAGS)):
+        if "--help" in overrides or "-h" in overrides:
+            print(__doc__)
+        return run_main(overrides)
     try:
         cfg = load_config(overrides)
-        check_inputs(cfg)
+        job = prepare_job(cfg)
     except ConfigError as err:
         print(f"distgen: config error: {err}", file=sys.stderr)
         return 2
+    if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint, len(job.prompts)):
+        print(finished_message(job), flush=True)
+        return 0
     return get_launcher(cfg.launcher.name).launch(cfg, overrides)
 
 

@@ -1,11 +1,12 @@
 """Load the tokenizer and the model (whole on CPU, or as a weightless meta skeleton); layouts place or shard it."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PretrainedConfig
 from transformers.utils import is_flash_attn_2_available
 
 from distgen.config import ModelConfig
@@ -38,16 +39,52 @@ def check_model_source(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.path={cfg.path!r} is not a folder with a saved model (no config.json there)")
 
 
+def read_tokenizer(cfg: ModelConfig):
+    """The saved tokenizer; a folder without a usable one is a ConfigError naming it."""
+    folder = cfg.tokenizer_path or cfg.path
+    key = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError, ... depending on what is missing
+        reason = str(err).strip().split("\n")[0][:300]
+        raise ConfigError(f"{key}={folder!r} has no usable tokenizer ({type(err).__name__}: {reason}); save one there "
+                          "with tokenizer.save_pretrained, or give model.tokenizer_path=<folder>") from None
+    if not getattr(tokenizer, "vocab_size", 0):  # transformers builds an empty one when the files are missing
+        raise ConfigError(f"{key}={folder!r} has no usable tokenizer (no vocabulary: tokenizer.json or vocab files "
+                          "are missing); save one there with tokenizer.save_pretrained, or give "
+                          "model.tokenizer_path=<folder>")
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer, where: str) -> None:
+    """Padding needs a token id; its positions are masked out, so any id in the vocabulary works."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        return
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    print(f"distgen: the tokenizer of {where} has neither a pad nor an EOS token: padding with token id 0 "
+          f"({tokenizer.pad_token!r}, masked out); completions end only at max_new_tokens unless "
+          "generation.eos_token_ids is set", file=sys.stderr, flush=True)
+
+
 def load_tokenizer(cfg: ModelConfig):
     if cfg.source == "tiny":
         from distgen.tiny import build_tokenizer
         tokenizer = build_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path,
-                                                  trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = read_tokenizer(cfg)
+    ensure_pad_token(tokenizer, cfg.tokenizer_path or cfg.path or "model=tiny")
     return tokenizer
+
+
+def load_model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
+    """The architecture's settings (context length, sliding window) without loading weights."""
+    if cfg.source == "tiny":
+        from distgen.tiny import tiny_llama_config
+        return tiny_llama_config(cfg.tiny, tokenizer)
+    return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
 
 
 def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:

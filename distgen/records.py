@@ -6,25 +6,48 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from distgen.decode import Completion
+from distgen.prompts import Prompt
 
 PARTS_DIR = "parts"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One line of outputs.jsonl: a completion, or an error record for a prompt that could not run."""
+    # which prompt
+    index: int
+    id: str
+    prompt: str
+    # what was generated
+    completion: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "eos", "length" or "error"
+    completion_token_ids: list[int] = field(default_factory=list)
+    # why an error record has no completion; absent from other records' JSON
+    error: Optional[str] = None
+
+    def as_json(self) -> dict:
+        record = asdict(self)
+        if self.error is None:
+            del record["error"]
+        return record
 
 
 def completion_record(completion: Completion, text: str) -> dict:
-    return {
-        "index": completion.prompt.index,
-        "id": completion.prompt.id,
-        "prompt": completion.prompt.text,
-        "completion": text,
-        "prompt_tokens": completion.prompt_token_count,
-        "completion_tokens": len(completion.token_ids),
-        "finish_reason": completion.finish_reason,
-        "completion_token_ids": completion.token_ids,
-    }
+    return OutputRecord(completion.prompt.index, completion.prompt.id, completion.prompt.text, text,
+                        completion.prompt_token_count, len(completion.token_ids), completion.finish_reason,
+                        completion.token_ids).as_json()
+
+
+def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0) -> dict:
+    return OutputRecord(prompt.index, prompt.id, prompt.text, "", prompt_tokens, 0, ERROR, error=reason).as_json()
 
 
 def journal_dir(out_dir: Path, job: str) -> Path:

@@ -1,8 +1,10 @@
 """What an earlier run of the same job already finished, so a restart skips it.
 
-A job is identified by a fingerprint of everything that decides its completions: the model
-settings, the generation settings and the prompts themselves. Layout and launcher are left
-out: they must not change a completion.
+A job is identified by a fingerprint of everything that decides its completions: the model by
+its content (the files in its folder, not how its path is spelled), the sampling settings and
+budgets, the prompts themselves. How the work is batched or placed (batch size, continuous
+batching, layout, launcher, world size) is left out: it must not change a completion, and a
+restart with a smaller batch after running out of memory must find the earlier work.
 """
 from __future__ import annotations
 
@@ -14,15 +16,53 @@ from typing import Sequence
 
 import torch.distributed as dist
 
-from distgen.config import RunConfig
+from distgen.config import ModelConfig, RunConfig
 from distgen.coordinator import OUTPUTS_FILE, STATS_FILE
 from distgen.prompts import Prompt
 from distgen.records import read_journals, read_jsonl_lenient
 
 
+# Files up to this size are hashed whole (configs, tokenizers); larger ones (weights) by sampling.
+WHOLE_FILE_BYTES = 16 * 1024 * 1024
+SAMPLE_BYTES = 1024 * 1024
+# Generation settings that decide how work is batched, not what is generated.
+BATCHING_KEYS = ("batch_size", "continuous_batching")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a small file; of a large one its size, its head (a safetensors header lists every
+    tensor's name, dtype, shape and offsets) and samples from its middle and end."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            digest.update(f.read())
+        else:
+            for offset in (0, size // 2, size - SAMPLE_BYTES):
+                f.seek(offset)
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def folder_digest(folder: str) -> dict[str, str]:
+    """Each file's digest by its name inside the folder (hidden files and folders left out)."""
+    root = Path(folder)
+    return {str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+def model_identity(cfg: ModelConfig) -> dict:
+    settings = {"source": cfg.source, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.source == "tiny":
+        return {**settings, "tiny": asdict(cfg.tiny)}
+    tokenizer = folder_digest(cfg.tokenizer_path) if cfg.tokenizer_path else {}
+    return {**settings, "files": folder_digest(cfg.path), "tokenizer_files": tokenizer}
+
+
 def job_fingerprint(cfg: RunConfig, prompts: Sequence[Prompt]) -> str:
-    content = {"model": asdict(cfg.model), "generation": asdict(cfg.generation),
-               "prompts": [(p.id, p.text, p.max_new_tokens) for p in prompts]}
+    generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS}
+    content = {"model": model_identity(cfg.model), "generation": generation, "too_long": cfg.dataset.too_long,
+               "prompts": [(p.id, p.text, p.max_new_tokens, p.error) for p in prompts]}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -37,12 +77,17 @@ def finished_outputs(out_dir: Path, fingerprint: str) -> list[dict]:
     return read_jsonl_lenient(out_dir / OUTPUTS_FILE)
 
 
-def shared_skip(finished: dict[int, dict], is_coordinator: bool) -> frozenset[int]:
-    """Rank 0's finished prompts, on every rank: all ranks must plan the same work even when
-    their output folders are not one shared folder."""
-    box = [sorted(finished) if is_coordinator else None]
+def job_complete(out_dir: Path, fingerprint: str, prompt_count: int) -> bool:
+    """Whether out_dir already holds the finished outputs of this same job."""
+    return len(finished_outputs(out_dir, fingerprint)) == prompt_count
+
+
+def shared_skip(finished: dict[int, dict], complete: bool, is_coordinator: bool) -> tuple[frozenset[int], bool]:
+    """Rank 0's finished prompts and whether the job is complete, on every rank: all ranks must
+    plan the same work even when their output folders are not one shared folder."""
+    box = [(sorted(finished), complete) if is_coordinator else None]
     dist.broadcast_object_list(box, src=0)
-    return frozenset(box[0])
+    return frozenset(box[0][0]), box[0][1]
 
 
 def load_finished(out_dir: Path, fingerprint: str, prompts: Sequence[Prompt]) -> dict[int, dict]:

@@ -16,7 +16,7 @@ from distgen.model_loading import ModelSource
 from distgen.plan import assign_to_ranks, decode_order
 from distgen.progress import ProgressLog
 from distgen.prompts import Prompt
-from distgen.records import RecordJournal, completion_record
+from distgen.records import RecordJournal, completion_record, error_record
 from distgen.stats import RankStats, cuda_peaks_mib, peak_rss_mib, reset_peaks
 
 
@@ -28,6 +28,8 @@ class Job:
     tokenizer: object
     token_ids: list[list[int]]
     fingerprint: str
+    # Prompt indices that get an error record instead of a completion, with the reason.
+    rejected: dict[int, str] = field(default_factory=dict)
     # Records an earlier run of this job finished, by prompt index; read by the coordinator only.
     finished: dict[int, dict] = field(default_factory=dict)
     # Prompt indices every rank skips: the coordinator's `finished`, shared once the group starts.
@@ -35,7 +37,12 @@ class Job:
 
     @property
     def todo(self) -> list[int]:
-        return [i for i in range(len(self.prompts)) if i not in self.skip]
+        return [i for i in range(len(self.prompts)) if i not in self.skip and i not in self.rejected]
+
+    def error_records(self) -> list[dict]:
+        """Error records for rejected prompts an earlier run has not already written."""
+        return [error_record(self.prompts[i], reason, len(self.token_ids[i]))
+                for i, reason in sorted(self.rejected.items()) if i not in self.finished]
 
 
 def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[int]:

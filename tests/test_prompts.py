@@ -16,18 +16,58 @@ def test_txt_lines_are_prompts_and_limit_applies():
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", "f:1: not valid JSON"),
-    ('{"text": "x"}', "needs a string field 'prompt'"),
-    ('{"prompt": "x", "max_new_tokens": 0}', "max_new_tokens=0 must be an integer >= 1"),
+    ("{not json", r"f:2: not valid JSON \(Expecting property name"),
+    ('{"text": "x"}', r"f:2: needs a string field 'prompt' \(dataset.prompt_field\); found 'text'"),
+    ('["x"]', r"f:2: expected a JSON object with a string field 'prompt', found list"),
 ])
 def test_bad_records_name_the_line_and_field(line, message):
     with pytest.raises(ConfigError, match=message):
-        parse_prompts([line], "jsonl", "f")
+        parse_prompts(['{"prompt": "fine"}', line], "jsonl", "f")
+
+
+def test_bad_per_record_budget_marks_only_that_record():
+    prompts = parse_prompts(['{"prompt": "x", "max_new_tokens": 0}', '{"prompt": "y", "max_new_tokens": "4"}',
+                             '{"prompt": "z", "max_new_tokens": 2}'], "jsonl", "f")
+    assert [p.error for p in prompts] == ["max_new_tokens=0 is not allowed: must be an integer >= 1",
+                                          "max_new_tokens='4' is not allowed: must be an integer >= 1", None]
+    assert prompts[2].max_new_tokens == 2
 
 
 def test_repeated_ids_are_refused():
-    with pytest.raises(ConfigError, match="id 'a' repeats"):
-        parse_prompts(['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], "jsonl", "f")
+    with pytest.raises(ConfigError, match="f:3: id 'a' repeats the id at line 1"):
+        parse_prompts(['{"id": "a", "prompt": "x"}', "\n", '{"id": "a", "prompt": "y"}'], "jsonl", "f")
+
+
+def test_json_array_file_is_read_and_its_errors_name_the_line(tmp_path):
+    good = tmp_path / "p.json"
+    good.write_text('[\n  {"id": "a", "prompt": "x"},\n  {"prompt": "y", "max_new_tokens": 3}\n]\n')
+    assert read_prompts(DatasetConfig(path=str(good))) == [Prompt(0, "a", "x"), Prompt(1, "1", "y", 3)]
+    lines = tmp_path / "lines.json"  # JSON lines in a .json file still work
+    lines.write_text('{"prompt": "x"}\n{"prompt": "y"}\n')
+    assert len(read_prompts(DatasetConfig(path=str(lines)))) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"prompt": "x"},\n  {"text": "y"}\n]')
+    with pytest.raises(ConfigError, match=r"bad.json:3: needs a string field 'prompt'"):
+        read_prompts(DatasetConfig(path=str(bad)))
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"prompt": "x"}\n  {"prompt": "y"}\n]')
+    with pytest.raises(ConfigError, match=r"broken.json:3: expected ',' or '\]' in the JSON array"):
+        read_prompts(DatasetConfig(path=str(broken)))
+
+
+def test_bytes_that_are_not_utf8_name_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "ok"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.jsonl:2: byte 16 \(b'\\xe9'\) is not UTF-8"):
+        read_prompts(DatasetConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("text, limit", [("\n\n", None), ('{"prompt": "x"}\n', 0)])
+def test_empty_dataset_is_refused(tmp_path, text, limit):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.jsonl' holds no prompts"):
+        read_prompts(DatasetConfig(path=str(path), limit=limit))
 
 
 def test_missing_file_is_a_config_error(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import read_outputs, read_stats
 from distgen.decode import RollingBatch
+from distgen.model_loading import ModelSource
 from distgen.records import PARTS_DIR
 from distgen.run import main as run_in_process
 
@@ -28,7 +29,8 @@ def crash_at_step(monkeypatch, step_count):
     monkeypatch.setattr(RollingBatch, "step", step_then_fail)
 
 
-def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, prompts_file, tmp_path, monkeypatch,
+                                                               capsys):
     args = [f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS]
     complete = tmp_path / "complete"
     assert run_in_process([*args, f"output.dir={complete}"]) == 0
@@ -53,8 +55,12 @@ def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, p
     assert stats["ranks"][0]["prompts"] == len(want) - len(kept)
     assert not (failed / PARTS_DIR).exists()
 
-    assert run_in_process([*args, f"output.dir={failed}"]) == 0  # all done: nothing is generated again
-    assert read_outputs(failed) == want and read_stats(failed)["ranks"][0]["prompts"] == 0
+    # all done: the job says so, loads no model and keeps its stats
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelSource, "full", lambda self: pytest.fail("a finished job loaded the model"))
+        assert run_in_process([*args, f"output.dir={failed}", "generation.batch_size=1"]) == 0
+    assert "already finished: 7 prompts" in capsys.readouterr().out
+    assert read_outputs(failed) == want and read_stats(failed) == stats
 
 
 def test_changed_job_does_not_reuse_outputs(tiny_model_dir, prompts_file, tmp_path):

@@ -1,13 +1,13 @@
 """torchrun: one agent per node starts `nproc_per_node` workers and sets their rank environment."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 from distgen.config import LauncherConfig, RunConfig, require
 from distgen.launchers.base import WORKER_MODULE, Launcher, register
+from distgen.procs import run_process_group
 
 
 @dataclass
@@ -18,10 +18,14 @@ class TorchrunLauncher(LauncherConfig):
     nnodes: int = 1
     # host:port of the c10d rendezvous; empty picks a free local port (single node only).
     rdzv_endpoint: str = ""
+    # torchrun restarts the whole worker group this many times after a rank fails; each restart
+    # resumes from the journals, so finished completions are not generated again.
+    max_restarts: int = 0
 
     def check(self) -> None:
         require(self.nproc_per_node >= 1, "launcher.nproc_per_node", self.nproc_per_node, "must be >= 1")
         require(self.nnodes >= 1, "launcher.nnodes", self.nnodes, "must be >= 1")
+        require(self.max_restarts >= 0, "launcher.max_restarts", self.max_restarts, "must be >= 0")
         require(self.nnodes == 1 or bool(self.rdzv_endpoint), "launcher.rdzv_endpoint", self.rdzv_endpoint,
                 "launcher.nnodes > 1 needs launcher.rdzv_endpoint=<host:port>")
 
@@ -30,14 +34,15 @@ def torchrun_command(cfg: TorchrunLauncher, overrides: Sequence[str], python: st
     """The torchrun argv for one node; a single node picks a free rendezvous port itself."""
     rendezvous = (["--standalone"] if cfg.nnodes == 1 and not cfg.rdzv_endpoint
                   else ["--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}"])
+    restarts = [f"--max-restarts={cfg.max_restarts}"] if cfg.max_restarts else []
     return [python, "-m", "torch.distributed.run", f"--nnodes={cfg.nnodes}",
-            f"--nproc-per-node={cfg.nproc_per_node}", *rendezvous, "-m", WORKER_MODULE, *overrides]
+            f"--nproc-per-node={cfg.nproc_per_node}", *rendezvous, *restarts, "-m", WORKER_MODULE, *overrides]
 
 
 def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
     command = torchrun_command(cfg.launcher, overrides)
     print("distgen: launching " + " ".join(command), flush=True)
-    return subprocess.run(command).returncode
+    return run_process_group(command)
 
 
 register(Launcher("torchrun", launch), TorchrunLauncher)
