@@ -1,0 +1,168 @@
+"""Bad input never kills a job: a bad record gets an error record, a bad file stops before any worker."""
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from conftest import read_outputs, read_stats, reference_greedy, write_prompts
+from distgen.launch import main as launch_main
+from distgen.load_config import load_config
+from distgen.prompts import read_prompts
+from distgen.resume import job_fingerprint
+from distgen.run import main as run_in_process
+from helpers import save_architecture
+
+CONTEXT = 128  # gpt2's n_positions in tests/helpers.py
+BUDGET = 4
+LONG = "x" * 140
+RECORDS = [
+    {"id": "ok", "prompt": "The quick brown fox"},
+    {"id": "long", "prompt": "The end: " + LONG},
+    {"id": "empty", "prompt": ""},
+    {"id": "budget", "prompt": "Hi", "max_new_tokens": -2},
+    {"id": "last", "prompt": "def f(x):", "max_new_tokens": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_architecture("gpt2", tmp_path_factory.mktemp("gpt2") / "m")
+
+
+def job(model_dir, prompts, out, *extra):
+    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}", f"generation.max_new_tokens={BUDGET}",
+            "generation.eos_token_ids=[]", "output.print_table=false", *extra]
+
+
+def test_bad_records_get_error_records_and_the_job_goes_on(gpt2_dir, tokenizer, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", RECORDS)
+    assert run_in_process(job(gpt2_dir, prompts, tmp_path / "out")) == 0
+    records = read_outputs(tmp_path / "out")
+    assert [r["id"] for r in records] == [r["id"] for r in RECORDS]
+    assert [r["finish_reason"] for r in records] == ["length", "error", "error", "error", "length"]
+    assert records[1] == {
+        "index": 1, "id": "long", "prompt": RECORDS[1]["prompt"], "completion": "", "prompt_tokens": 149,
+        "completion_tokens": 0, "finish_reason": "error", "completion_token_ids": [],
+        "error": "prompt of 149 tokens plus max_new_tokens=4 exceeds the model's context of 128 tokens "
+                 "(max_position_embeddings=128)"}
+    assert records[2]["error"] == "prompt tokenizes to nothing"
+    assert records[3]["error"] == "max_new_tokens=-2 is not allowed: must be an integer >= 1"
+    assert "error" not in records[0]
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32).eval()
+    assert records[0]["completion_token_ids"] == reference_greedy(model, tokenizer, RECORDS[0]["prompt"], BUDGET, [])
+    assert read_stats(tmp_path / "out")["summary"]["errors"] == 3
+
+
+def test_too_long_truncate_left_and_fail(gpt2_dir, tokenizer, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", RECORDS[:2])
+    assert run_in_process(job(gpt2_dir, prompts, tmp_path / "t", "dataset.too_long=truncate_left")) == 0
+    kept = read_outputs(tmp_path / "t")[1]
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32).eval()
+    # byte-level tokenizer: the last CONTEXT - BUDGET tokens are the last CONTEXT - BUDGET characters
+    assert kept["prompt_tokens"] == CONTEXT - BUDGET and kept["finish_reason"] == "length"
+    assert kept["completion_token_ids"] == reference_greedy(model, tokenizer, RECORDS[1]["prompt"][-(CONTEXT - BUDGET):],
+                                                            BUDGET, [])
+    assert run_in_process(job(gpt2_dir, prompts, tmp_path / "f", "dataset.too_long=fail")) == 2
+    assert ("config error: 1 prompts do not fit (dataset.too_long=fail; error_record or truncate_left keep the job "
+            "going): id 'long': prompt of 149 tokens") in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+
+
+def save_tokenizer_without_specials(folder):
+    core = Tokenizer(models.WordLevel(vocab={"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core).save_pretrained(folder)
+
+
+def test_tokenizer_without_pad_or_eos_pads_with_id_0_and_says_so(gpt2_dir, tmp_path, capsys):
+    shutil.copytree(gpt2_dir, tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "m" / name).unlink()
+    save_tokenizer_without_specials(tmp_path / "m")
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "a b a"}, {"prompt": "b"}])
+    assert run_in_process(job(tmp_path / "m", prompts, tmp_path / "out", "generation.eos_token_ids=null")) == 0
+    assert "has neither a pad nor an EOS token: padding with token id 0 ('a', masked out)" in capsys.readouterr().err
+    assert [r["completion_tokens"] for r in read_outputs(tmp_path / "out")] == [BUDGET, BUDGET]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-tokenizer", r"model.path='.*/m' has no usable tokenizer \(no vocabulary"),
+    ("model-name", r"model='llama-7b' is neither a model folder \(saved with save_pretrained\) that exists .* nor one "
+                   r"of the model configs: pretrained, tiny"),
+    ("plus-key", r"unknown config key 'generation.temprature' \(added with '\+'\); keys allowed under generation: "
+                 r"max_new_tokens"),
+    ("bad-json", r"p.jsonl:2: not valid JSON"),
+])
+def test_unusable_inputs_stop_before_any_worker(case, message, gpt2_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", RECORDS[:1])
+    model = tmp_path / "m"
+    shutil.copytree(gpt2_dir, model)
+    args = job(model, prompts, tmp_path / "out")
+    if case == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (model / name).unlink()
+    elif case == "model-name":
+        args[0] = "model=llama-7b"
+    elif case == "plus-key":
+        args.append("+generation.temprature=0.5")
+    elif case == "bad-json":
+        prompts.write_text(prompts.read_text() + "{'prompt': 'single quotes'}\n")
+    assert run_in_process(args) == 2
+    assert capsys.readouterr().err.startswith("distgen: config error: ")
+    with pytest.raises(Exception, match=message):
+        cfg = load_config(args)
+        read_prompts(cfg.dataset)
+        from distgen.run import prepare_job
+        prepare_job(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_are_readable_by_others(gpt2_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run_in_process(job(gpt2_dir, write_prompts(tmp_path / "p.jsonl", RECORDS[:1]), tmp_path / "out")) == 0
+    finally:
+        os.umask(old)
+    for name in ("outputs.jsonl", "stats.json"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644
+
+
+def fingerprint(*overrides):
+    cfg = load_config(list(overrides))
+    return job_fingerprint(cfg, read_prompts(cfg.dataset))
+
+
+def test_fingerprint_follows_content_not_spelling_or_batching(gpt2_dir, tmp_path, monkeypatch):
+    prompts = write_prompts(tmp_path / "p.jsonl", RECORDS[:2])
+    base = fingerprint(f"model={gpt2_dir}", f"dataset={prompts}")
+    monkeypatch.chdir(gpt2_dir.parent)
+    copy = shutil.copytree(gpt2_dir, tmp_path / "copy")
+    for spelling in (f"{gpt2_dir}/", f"./{gpt2_dir.name}", f"{gpt2_dir}/../{gpt2_dir.name}", str(copy)):
+        assert fingerprint(f"model={spelling}", f"dataset={prompts}", "generation.batch_size=1",
+                           "generation.continuous_batching=false", "layout=fsdp") == base, spelling
+    assert fingerprint(f"model={gpt2_dir}", f"dataset={prompts}", "generation.max_new_tokens=3") != base
+    assert fingerprint(f"model={gpt2_dir}", f"dataset={prompts}", "dataset.too_long=truncate_left") != base
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert fingerprint(f"model={copy}", f"dataset={prompts}") != base
+
+
+def test_help_lists_groups_keys_and_defaults(capsys):
+    assert launch_main(["--help"]) == 0  # `python -m distgen.launch --help`
+    out = capsys.readouterr().out
+    for line in ("layout=fsdp|replicate", "launcher=none|torchrun", "generation.max_new_tokens=32",
+                 "dataset.too_long=error_record", "launcher.max_restarts=0", "model.path=null"):
+        assert f"  {line}\n" in out, line
+    assert "python -m distgen.launch launcher=torchrun" in out
+
+
+def test_print_config_works_before_a_model_is_named(capsys):
+    assert run_in_process(["--print-config"]) == 0
+    assert "path: null" in capsys.readouterr().out
