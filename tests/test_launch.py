@@ -11,3 +11,9 @@ def test_multi_node_torchrun_uses_the_rendezvous_endpoint():
     cfg = TorchrunLauncher(nproc_per_node=8, nnodes=2, rdzv_endpoint="head:29500")
     cmd = torchrun_command(cfg, [], python="py")
     assert "--nnodes=2" in cmd and "--rdzv-endpoint=head:29500" in cmd and "--standalone" not in cmd
+
+
+def test_max_restarts_reaches_torchrun():
+    cmd = torchrun_command(LauncherConfig(name="torchrun", nproc_per_node=2, max_restarts=3), [], python="py")
+    assert "--max-restarts=3" in cmd
+    assert not any(arg.startswith("--max-restarts") for arg in torchrun_command(LauncherConfig(), [], python="py"))

@@ -1,0 +1,18 @@
+"""Test-only pacing for the fault tests: on PYTHONPATH, in worker processes (RANK is set) and only
+when DISTGEN_TEST_APPEND_DELAY_S is set, every journal append sleeps that long, so a test can
+signal or kill a job while it is surely in the middle of its prompts."""
+import os
+
+if os.environ.get("DISTGEN_TEST_APPEND_DELAY_S") and "RANK" in os.environ:
+    import time
+
+    from distgen import records
+
+    _delay = float(os.environ["DISTGEN_TEST_APPEND_DELAY_S"])
+    _append = records.RecordJournal.append
+
+    def _slow_append(self, finished):
+        _append(self, finished)
+        time.sleep(_delay)
+
+    records.RecordJournal.append = _slow_append

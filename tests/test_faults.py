@@ -1,0 +1,129 @@
+"""Faults under torchrun: a rank SIGKILLed, SIGTERM/SIGINT to the launcher, torchrun restarts.
+
+Each job is paced (tests/slow_journal: every journal append sleeps) so that the fault surely
+lands part way through; each ends within a bound, leaves no process behind, keeps its finished
+completions, and a rerun resumes to the outputs of an uninterrupted run.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, read_outputs, write_prompts
+from distgen.records import PARTS_DIR
+from distgen.run import main as run_in_process
+from helpers import descendants, kill_all, wait_until, worker_pids
+from test_records import journaled
+
+PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 3 + i % 4}
+           for i in range(12)]
+APPEND_DELAY_S = 0.4  # each finished completion holds its rank this long
+ENDS_WITHIN_S = 120  # generous: the machine running the tests is shared and loaded
+STARTS_WITHIN_S = 300
+
+
+@pytest.fixture(scope="module")
+def fault_prompts(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("fault-prompts") / "p.jsonl", PROMPTS)
+
+
+def job_args(model_dir, prompts, out, *extra):
+    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}", "generation.batch_size=1",
+            "output.print_table=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, fault_prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert run_in_process(job_args(tiny_model_dir, fault_prompts, out)) == 0
+    return read_outputs(out)
+
+
+def start(command, *args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests' / 'slow_journal'}",
+           "DISTGEN_TEST_APPEND_DELAY_S": str(APPEND_DELAY_S)}
+    return subprocess.Popen([sys.executable, "-m", *command, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_launcher(model_dir, prompts, out, *extra) -> subprocess.Popen:
+    """`python -m distgen.launch launcher=torchrun`: distgen starts torchrun in a process group of its own."""
+    return start(["distgen.launch"], *job_args(model_dir, prompts, out, "launcher=torchrun",
+                                                 "launcher.nproc_per_node=2", *extra))
+
+
+def start_torchrun(model_dir, prompts, out, torchrun_args=(), *extra) -> subprocess.Popen:
+    """torchrun itself, as a cluster script runs it (one process less to start than the launcher)."""
+    return start(["torch.distributed.run", "--standalone", "--nproc-per-node=2", *torchrun_args, "-m", "distgen.run"],
+                 *job_args(model_dir, prompts, out, *extra))
+
+
+def wait_for_progress(launcher: subprocess.Popen, out) -> dict[int, int]:
+    """The worker pids, once both ranks are generating and some completions are journaled."""
+    wait_until(lambda: len(worker_pids(launcher.pid)) == 2 and len(journaled(out)) >= 2 or launcher.poll() is not None,
+               STARTS_WITHIN_S, "two workers and two journaled completions")
+    assert launcher.poll() is None, launcher.communicate()
+    return worker_pids(launcher.pid)
+
+
+def finish(launcher: subprocess.Popen) -> tuple[int, str, str, float]:
+    """Exit code, stdout, stderr and seconds until the launcher and everything under it are gone."""
+    start = time.monotonic()
+    try:
+        stdout, stderr = launcher.communicate(timeout=ENDS_WITHIN_S)
+    finally:
+        kill_all(descendants(launcher.pid))
+        launcher.kill()
+    return launcher.returncode, stdout, stderr, time.monotonic() - start
+
+
+def assert_resumes_to(uninterrupted, model_dir, prompts, out, capsys):
+    kept = journaled(out)
+    assert 2 <= len(kept) < len(PROMPTS), "the fault should land part way through"
+    assert all(record == uninterrupted[record["index"]] for record in kept)
+    assert run_in_process(job_args(model_dir, prompts, out)) == 0
+    assert f"resuming: {len({r['index'] for r in kept})} of {len(PROMPTS)} prompts" in capsys.readouterr().out
+    assert read_outputs(out) == uninterrupted and not (out / PARTS_DIR).exists()
+
+
+def test_sigkill_of_one_rank_ends_the_job_and_a_rerun_resumes(tiny_model_dir, fault_prompts, uninterrupted, tmp_path,
+                                                              capsys):
+    out = tmp_path / "out"
+    # fsdp: the surviving rank is inside a collective with the killed one
+    launcher = start_torchrun(tiny_model_dir, fault_prompts, out, (), "layout=fsdp")
+    workers = wait_for_progress(launcher, out)
+    os.kill(workers[1], signal.SIGKILL)
+    code, _, stderr, seconds = finish(launcher)
+    assert code != 0 and seconds < ENDS_WITHIN_S, stderr
+    assert not any(pid in descendants(os.getpid()) for pid in workers.values())
+    assert_resumes_to(uninterrupted, tiny_model_dir, fault_prompts, out, capsys)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_launcher_stops_every_rank_and_a_rerun_resumes(signum, tiny_model_dir, fault_prompts,
+                                                                     uninterrupted, tmp_path, capsys):
+    out = tmp_path / "out"
+    launcher = start_launcher(tiny_model_dir, fault_prompts, out)
+    workers = wait_for_progress(launcher, out)
+    launcher.send_signal(signum)
+    code, _, stderr, seconds = finish(launcher)
+    assert code != 0 and seconds < ENDS_WITHIN_S, stderr
+    assert f"got {signum.name}; passing it to process group" in stderr
+    assert stderr.count(f"rank got {signum.name}: closing journals and exiting") == 2, stderr
+    for pid in workers.values():
+        assert not os.path.exists(f"/proc/{pid}"), "a worker outlived the launcher"
+    assert_resumes_to(uninterrupted, tiny_model_dir, fault_prompts, out, capsys)
+
+
+def test_torchrun_max_restarts_brings_the_job_back(tiny_model_dir, fault_prompts, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    launcher = start_torchrun(tiny_model_dir, fault_prompts, out, ["--max-restarts=1"])
+    workers = wait_for_progress(launcher, out)
+    os.kill(workers[1], signal.SIGKILL)
+    code, stdout, stderr, _ = finish(launcher)
+    assert code == 0, stderr
+    assert "distgen: resuming: " in stdout
+    assert read_outputs(out) == uninterrupted
