@@ -193,3 +193,7 @@ def help_text(config_dir: Path = CONFIG_DIR) -> str:
             if option != defaults[group]["name"]:
                 lines += ["", f"Keys with {group}={option}:", *format_keys(option_keys(group, option, config_dir))]
     return "\n".join(lines)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -157,7 +157,7 @@ def test_fingerprint_follows_content_not_spelling_or_batching(gpt2_dir, tmp_path
 def test_help_lists_groups_keys_and_defaults(capsys):
     assert launch_main(["--help"]) == 0  # `python -m distgen.launch --help`
     out = capsys.readouterr().out
-    for line in ("layout=fsdp|replicate", "launcher=none|torchrun", "generation.max_new_tokens=32",
+    for line in ("layout=replicate|fsdp", "launcher=none|torchrun", "generation.max_new_tokens=32",
                  "dataset.too_long=error_record", "launcher.max_restarts=0", "model.path=null"):
         assert f"  {line}\n" in out, line
     assert "python -m distgen.launch launcher=torchrun" in out

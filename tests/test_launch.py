@@ -14,6 +14,6 @@ def test_multi_node_torchrun_uses_the_rendezvous_endpoint():
 
 
 def test_max_restarts_reaches_torchrun():
-    cmd = torchrun_command(LauncherConfig(name="torchrun", nproc_per_node=2, max_restarts=3), [], python="py")
+    cmd = torchrun_command(TorchrunLauncher(max_restarts=3), [], python="py")
     assert "--max-restarts=3" in cmd
-    assert not any(arg.startswith("--max-restarts") for arg in torchrun_command(LauncherConfig(), [], python="py"))
+    assert not any(arg.startswith("--max-restarts") for arg in torchrun_command(TorchrunLauncher(), [], python="py"))
