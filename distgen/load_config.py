@@ -76,7 +76,8 @@ def extra_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[s
         full = f"{prefix}{key}"
         if key not in schema:
             found.append(full)
-        elif isinstance(node.get(key), DictConfig) and isinstance(schema.get(key), DictConfig):
+        elif (isinstance(node.get(key), DictConfig) and isinstance(schema.get(key), DictConfig)
+              and OmegaConf.get_type(schema, key) is not dict):  # a dict-typed field takes any key
             found.extend(extra_keys(node[key], schema[key], full + "."))
     return found
 
