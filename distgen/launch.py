@@ -20,10 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(overrides)
         check_inputs(cfg)
+        return get_launcher(cfg.launcher.name).launch(cfg, overrides)
     except ConfigError as err:
         print(f"distgen: config error: {err}", file=sys.stderr)
         return 2
-    return get_launcher(cfg.launcher.name).launch(cfg, overrides)
 
 
 def cli() -> None:

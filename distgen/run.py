@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 from distgen.config import RunConfig
 from distgen.coordinator import (OUTPUTS_FILE, format_table, gather_to_coordinator, order_records, summarize,
                                  write_outputs)
-from distgen.dist_env import DistContext, init_distributed, shutdown
+from distgen.dist_env import DistContext, discover, init_distributed, shutdown
 from distgen.errors import ConfigError
 from distgen.load_config import config_to_yaml, load_config
 from distgen.model_loading import check_model_source, load_tokenizer
@@ -34,7 +34,23 @@ Options:
   --check         check the config, the prompts file and the model folder, then exit
 """
 FLAGS = ("--print-config", "--check")
-LAUNCHER_ARGS = ("--local_rank=", "--local-rank=")
+# deepspeed's launcher passes one of these to the module it starts, before the user's arguments.
+LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
+
+
+def split_local_rank(args: Sequence[str]) -> tuple[list[str], int | None]:
+    """The arguments without deepspeed's `--local_rank=N` (or `--local_rank N`), and N."""
+    rest, local_rank, values = [], None, iter(args)
+    for arg in values:
+        key, sep, value = arg.partition("=")
+        if key in LOCAL_RANK_FLAGS:
+            value = value if sep else next(values, "")
+            if not value.isdigit():
+                raise ConfigError(f"{key}={value!r} is not allowed: must be a rank number")
+            local_rank = int(value)
+        else:
+            rest.append(arg)
+    return rest, local_rank
 
 
 def check_output_dir(out_dir: str) -> None:
@@ -80,12 +96,12 @@ def coordinate(job: Job, ctx: DistContext, records: list[dict], stats: RankStats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # The deepspeed launcher adds --local_rank=N; LOCAL_RANK in the environment says the same.
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith(LAUNCHER_ARGS)]
+    args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
         print(USAGE)
         return 0
     try:
+        args, local_rank = split_local_rank(args)
         cfg = load_config([a for a in args if a not in FLAGS])
         if "--print-config" in args:
             print(config_to_yaml(cfg))
@@ -99,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distgen: config error: {err}", file=sys.stderr, flush=True)
         return 2
     hf_logging.disable_progress_bar()
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, info=discover(os.environ, local_rank))
     if ctx.is_coordinator and cfg.output.resume:
         job.finished = load_finished(Path(cfg.output.dir), job.fingerprint, job.prompts)
     job.skip = shared_skip(job.finished, ctx.is_coordinator)

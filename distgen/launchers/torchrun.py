@@ -1,13 +1,12 @@
 """torchrun: one agent per node starts `nproc_per_node` workers and sets their rank environment."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 from distgen.config import LauncherConfig, RunConfig, require
-from distgen.launchers.base import WORKER_MODULE, Launcher, register
+from distgen.launchers.base import WORKER_MODULE, Launcher, register, run_command
 
 
 @dataclass
@@ -35,9 +34,7 @@ def torchrun_command(cfg: TorchrunLauncher, overrides: Sequence[str], python: st
 
 
 def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
-    command = torchrun_command(cfg.launcher, overrides)
-    print("distgen: launching " + " ".join(command), flush=True)
-    return subprocess.run(command).returncode
+    return run_command(torchrun_command(cfg.launcher, overrides))
 
 
 register(Launcher("torchrun", launch), TorchrunLauncher)
