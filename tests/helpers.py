@@ -78,6 +78,26 @@ def missing_slurm() -> str:
     return ""
 
 
+class LocalCluster:
+    """Daemons started by `start`, stopped by `stop` on leaving the block, also when start fails."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 SLURM_CONF = """\
 ClusterName=distgen
 SlurmctldHost={host}(127.0.0.1)
@@ -111,7 +131,7 @@ SlurmctldParameters=enable_configless
 """
 
 
-class LocalSlurm:
+class LocalSlurm(LocalCluster):
     """munged, slurmctld and `nodes` slurmd on this machine; `env` lets sbatch/squeue find them."""
 
     def __init__(self, root: Path, nodes: int = 2, cpus: int = 2):
@@ -165,21 +185,13 @@ class LocalSlurm:
         stop_pids(list(reversed(self.pids)))
         self.pids.clear()
 
-    def __enter__(self) -> "LocalSlurm":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 # Facts measured on this machine: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray swaps 127.0.0.1
 # for the routable address and the driver retries a wrong address forever; a token file left by
 # an earlier local ray.init() can switch a new cluster to token auth.
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           # a loaded machine starts the dashboard agent slowly; the raylet waits for it this long
+           "RAY_raylet_start_wait_time_s": "600", "RAY_agent_register_timeout_ms": "600000"}
 
 
 def missing_ray() -> str:
@@ -190,13 +202,15 @@ def missing_ray() -> str:
     return ""
 
 
-class LocalRay:
+class LocalRay(LocalCluster):
     """`ray start --head --block` in its own process group and temp dir; stopped by killing that group
     (never `ray stop`, which ends every Ray process on the machine)."""
 
     def __init__(self, root: Path, cpus: int = 2, dashboard: bool = False, env: Optional[dict] = None):
         self.root = root
-        self.port, self.dashboard_port = free_ports(2)
+        # Fixed agent ports: with port 0 the raylet waits (and under load, times out) for the
+        # agents to write their port files before it registers.
+        self.port, self.dashboard_port, *self.agent_ports = free_ports(6)
         self.dashboard = dashboard
         self.cpus = cpus
         self.proc: Optional[subprocess.Popen] = None
@@ -212,6 +226,9 @@ class LocalRay:
                 "--object-store-memory=100000000", "--disable-usage-stats",
                 f"--include-dashboard={str(self.dashboard).lower()}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}"]
+        argv += [f"--{flag}={port}" for flag, port in zip(
+            ("metrics-export-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "runtime-env-agent-port"),
+            self.agent_ports)]
         with open(self.root / "head.out", "wb") as log:
             self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -251,13 +268,3 @@ class LocalRay:
         except ProcessLookupError:
             pass
         self.proc = None
-
-    def __enter__(self) -> "LocalRay":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

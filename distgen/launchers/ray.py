@@ -77,10 +77,12 @@ def rank_env(rank: int, world_size: int, local_rank: int, master_addr: str, mast
             row.master_addr: master_addr, row.master_port: str(master_port)}
 
 
-def job_submit_command(job_server: str, overrides: Sequence[str], python: str = "python") -> list[str]:
-    """`ray job submit`: the driver (`python -m distgen.launch launcher=ray ...`) runs on the cluster."""
+def job_submit_command(job_server: str, overrides: Sequence[str], python: str = "python",
+                       ray: Sequence[str] = ("ray",)) -> list[str]:
+    """`ray job submit`: the driver (`python -m distgen.launch launcher=ray ...`) runs on the cluster,
+    with the cluster's `python`."""
     entrypoint = [python, "-m", "distgen.launch", *(o for o in overrides if not o.startswith(SUBMIT_KEY + "="))]
-    return ["ray", "job", "submit", f"--address={job_server}", "--", *entrypoint]
+    return [*ray, "job", "submit", f"--address={job_server}", "--", *entrypoint]
 
 
 class RankWorker:
@@ -153,7 +155,8 @@ def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str) -> 
 def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
     settings: RayLauncher = cfg.launcher
     if settings.submit:
-        return run_command(job_submit_command(settings.submit, overrides))
+        # The `ray` command of this Python, whether or not its folder is on PATH.
+        return run_command(job_submit_command(settings.submit, overrides, ray=(sys.executable, "-m", "ray.scripts.scripts")))
     try:
         import ray
     except ImportError:
