@@ -3,10 +3,13 @@ its config checks, and the rank table. Pure: no process is started here.
 Regenerate the golden files after an intended change: DISTGEN_UPDATE_GOLDEN=1 pytest tests/test_launchers.py"""
 import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from distgen.dist_env import ALONE, RANK_ENV, discover, first_host, port_for_job
 from distgen.errors import ConfigError
 from distgen.launchers import LAUNCHERS
@@ -164,3 +167,11 @@ def test_a_failing_ray_actor_ends_the_job_naming_its_rank(capsys):
     err = capsys.readouterr().err
     assert "rank 1 (Ray actor) failed: RuntimeError: boom" in err and "journaled in out" in err
     assert collect(FakeRay({"r0": (2, "")}), {"r0": 0}, "out") == 2
+
+
+def test_ray_and_deepspeed_are_imported_only_when_chosen():
+    code = "import sys, distgen.launch; print(sorted({'ray', 'deepspeed'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
