@@ -208,8 +208,8 @@ class LocalRay(LocalCluster):
 
     def __init__(self, root: Path, cpus: int = 2, dashboard: bool = False, env: Optional[dict] = None):
         self.root = root
-        # Fixed agent ports: with port 0 the raylet waits (and under load, times out) for the
-        # agents to write their port files before it registers.
+        # Every port our own: Ray's defaults (8265, 52365, ...) are fixed and would clash with
+        # another head on the machine.
         self.port, self.dashboard_port, *self.agent_ports = free_ports(6)
         self.dashboard = dashboard
         self.cpus = cpus
@@ -227,8 +227,8 @@ class LocalRay(LocalCluster):
                 f"--include-dashboard={str(self.dashboard).lower()}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}"]
         argv += [f"--{flag}={port}" for flag, port in zip(
-            ("metrics-export-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "runtime-env-agent-port"),
-            self.agent_ports)]
+            ("metrics-export-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port",
+             "runtime-env-agent-port"), self.agent_ports)]
         with open(self.root / "head.out", "wb") as log:
             self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)

@@ -156,7 +156,8 @@ def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
     settings: RayLauncher = cfg.launcher
     if settings.submit:
         # The `ray` command of this Python, whether or not its folder is on PATH.
-        return run_command(job_submit_command(settings.submit, overrides, ray=(sys.executable, "-m", "ray.scripts.scripts")))
+        ray_cli = (sys.executable, "-m", "ray.scripts.scripts")
+        return run_command(job_submit_command(settings.submit, overrides, ray=ray_cli))
     try:
         import ray
     except ImportError:
