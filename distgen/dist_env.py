@@ -62,7 +62,8 @@ RANK_ENV: tuple[RankVars, ...] = (
     RankVars("ray", "DISTGEN_RAY_RANK", "DISTGEN_RAY_RANK", "DISTGEN_RAY_WORLD_SIZE", "DISTGEN_RAY_LOCAL_RANK",
              "DISTGEN_RAY_MASTER_ADDR", "DISTGEN_RAY_MASTER_PORT"),
     # One srun task per rank (the batch script itself has no step id). distgen's sbatch script
-    # exports DISTGEN_MASTER_ADDR/PORT; a hand-written `srun python -m distgen.run` falls back to the nodelist and the job id.
+    # exports DISTGEN_MASTER_ADDR/PORT; a hand-written `srun python -m distgen.run` falls back to
+    # the nodelist and the job id.
     RankVars("slurm", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "DISTGEN_MASTER_ADDR",
              "DISTGEN_MASTER_PORT", nodelist="SLURM_STEP_NODELIST", job_id="SLURM_JOB_ID"),
     # Any other launcher that sets torch's own variables.
