@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from distgen.decode import Completion
+from distgen.engine.request import Completion
 
 PARTS_DIR = "parts"
 

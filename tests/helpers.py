@@ -1,6 +1,8 @@
-"""Real clusters on this one machine, for the launcher tests: a SLURM controller with several
-slurmd "nodes", and a Ray head. Each keeps its state under a temp folder, starts its daemons as
-plain processes and stops exactly those, by PID, even when a test fails."""
+"""Test helpers shared by several test modules (never import one test module from another):
+engines run to the end in this process, and real clusters on this one machine for the launcher
+tests (a SLURM controller with several slurmd "nodes", and a Ray head; each keeps its state under
+a temp folder, starts its daemons as plain processes and stops exactly those, by PID, even when a
+test fails)."""
 from __future__ import annotations
 
 import os
@@ -13,6 +15,31 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
+
+import torch
+
+from distgen.config import GenerationConfig
+from distgen.engine import build_engine
+from distgen.loop import run_loop
+from distgen.prompts import Prompt
+
+CPU = torch.device("cpu")
+
+
+def engine_for(model, tokenizer, records, cfg: GenerationConfig, eos_ids=()):
+    prompts = [Prompt(i, r["id"], r["prompt"], r.get("max_new_tokens")) for i, r in enumerate(records)]
+    queue = [(p, tokenizer(p.text)["input_ids"]) for p in prompts]
+    return build_engine(model, queue, cfg, tokenizer.pad_token_id, list(eos_ids), CPU)
+
+
+def generate_all(engine) -> dict:
+    """Run an engine to the end in this process; completions by prompt id."""
+    completions = []
+    with torch.no_grad():
+        run_loop(engine, lockstep=False, idle_step=lambda: None, device=CPU, on_finished=completions.extend)
+    assert not engine.has_work
+    return {c.prompt.id: c for c in completions}
+
 
 SLURM_DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
 
