@@ -17,7 +17,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 DATASET_FORMATS = ("auto", "jsonl", "txt")
 # The engine's name tables (distgen/engine/scheduler.py and distgen/engine/build.py check they match).
 SCHEDULER_NAMES = ("static", "continuous", "chunked")
-CACHE_NAMES = ("auto", "dynamic", "static", "sliding_window")
+CACHE_NAMES = ("auto", "dynamic", "static", "sliding_window", "quantized")
 COMPILE_NAMES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
@@ -95,7 +95,8 @@ class GenerationConfig:
     # refilled at once), chunked (prompts prefilled in chunks of prefill_chunk_tokens between decode steps).
     scheduler: str = "continuous"
     # KV cache: auto (static when compiling or chunking, sliding_window when the model has one, else
-    # dynamic), dynamic (grows, rows edited in place), static (fixed slots), sliding_window.
+    # dynamic), dynamic (grows, rows edited in place), static (fixed slots), sliding_window, quantized
+    # (int8 slots; picked by auto when the KV cache of batch_size rows would not fit in memory).
     cache: str = "auto"
     # torch.compile of the decode step: auto (when the job is big enough to repay it), on, off.
     compile: str = "auto"

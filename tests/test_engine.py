@@ -53,6 +53,7 @@ def test_auto_choices_say_why(tiny_model):
     assert plan_cache(GenerationConfig(), tiny_model, compiling=True)[0] == "static"
     assert plan_cache(GenerationConfig(), tiny_model, compiling=False)[0] == "static"
     assert plan_cache(GenerationConfig(scheduler="chunked"), tiny_model, compiling=False)[0] == "static"
+    assert plan_cache(GenerationConfig(), tiny_model, compiling=False, need=2 << 30, budget=1 << 30)[0] == "quantized"
     with pytest.raises(ConfigError, match="generation.cache=sliding_window needs"):
         plan_cache(GenerationConfig(cache="sliding_window"), tiny_model, compiling=False)
 
@@ -67,6 +68,19 @@ def test_auto_choices_say_why(tiny_model):
 def test_bad_engine_settings_are_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
         GenerationConfig(**values).check()
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
+def test_quantized_cache_runs_keeps_shapes_and_is_smaller(tiny_model, tokenizer, scheduler):
+    # int8 keys/values change a random model's tokens, so only the shapes and budgets are checked
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="quantized", compile="off",
+                           scheduler=scheduler, prefill_chunk_tokens=8)
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    got = generate_all(engine)
+    assert [len(got[r["id"]].token_ids) for r in PROMPTS] == [r.get("max_new_tokens", DEFAULT_BUDGET) for r in PROMPTS]
+    layer = engine.kv.cache.layers[0]
+    assert layer.keys.dtype == torch.int8 and layer.keys.shape[:3] == layer.key_scales.shape[:3]
+    assert layer.keys.shape == (3, 2, engine.kv.max_len + 1, 16)
 
 
 @pytest.fixture(scope="module")

@@ -45,13 +45,17 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         owner = self.owner
+        self.write(self.keys, key_states)
+        self.write(self.values, value_states)
+        return self.read(self.keys), self.read(self.values)
+
+    def write(self, buffer: torch.Tensor, states: torch.Tensor) -> None:
         # (rows, 1) x (rows, q) index -> (rows, q, heads, head_dim) targets
-        self.keys[owner.write_rows, :, owner.write_cols] = key_states.transpose(1, 2)
-        self.values[owner.write_rows, :, owner.write_cols] = value_states.transpose(1, 2)
-        read = owner.read_rows
-        if isinstance(read, int):
-            return self.keys[:read, :, :owner.width], self.values[:read, :, :owner.width]
-        return self.keys[read, :, :owner.width], self.values[read, :, :owner.width]
+        buffer[self.owner.write_rows, :, self.owner.write_cols] = states.transpose(1, 2)
+
+    def read(self, buffer: torch.Tensor) -> torch.Tensor:
+        rows, width = self.owner.read_rows, self.owner.width
+        return buffer[:rows, :, :width] if isinstance(rows, int) else buffer[rows, :, :width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.width, 0
@@ -63,12 +67,38 @@ class SlotLayer(CacheLayerMixin):
         return self.owner.max_len
 
 
+class Int8SlotLayer(SlotLayer):
+    """Keys/values stored as int8 with one absmax scale per (slot, head, column): about 1/4 of fp32.
+
+    Attention reads a dequantized copy of the columns in use, one layer at a time.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys, self.values = self.keys.to(torch.int8), self.values.to(torch.int8)
+        scale_shape = (*self.keys.shape[:3], 1)  # (slots, heads, cols, 1)
+        self.key_scales = key_states.new_zeros(scale_shape)
+        self.value_scales = value_states.new_zeros(scale_shape)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        out = []
+        for codes, scales, states in ((self.keys, self.key_scales, key_states),
+                                      (self.values, self.value_scales, value_states)):
+            scale = states.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
+            self.write(codes, torch.round(states / scale).clamp(-127, 127).to(torch.int8))
+            self.write(scales, scale)
+            out.append(self.read(codes).to(states.dtype) * self.read(scales))
+        return out[0], out[1]
+
+
 class SlotCache(Cache):
     """The transformers Cache the model writes into; the engine points it at this step's rows."""
 
-    def __init__(self, layers: int, slots: int, max_len: int):
+    def __init__(self, layers: int, slots: int, max_len: int, layer_class: type = SlotLayer):
         self.slots, self.max_len = slots, max_len
-        super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
+        super().__init__(layers=[layer_class(self) for _ in range(layers)])
         # Set before each forward:
         self.write_rows: torch.Tensor = torch.zeros((0, 1), dtype=torch.long)  # (rows, 1) slot of each input row
         self.write_cols: torch.Tensor = torch.zeros((0, 0), dtype=torch.long)  # (rows, q) column of each token
@@ -81,12 +111,12 @@ class SlotKV(KVCache):
     supports_chunks = True
 
     def __init__(self, layers: int, slots: int, max_len: int, pad_id: int, device: torch.device,
-                 dtype: torch.dtype, full_width: bool, window: Optional[int] = None):
+                 dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer):
         """max_len: columns per slot (the longest prompt + budget, or the ring size with a window)."""
         self.slots, self.max_len, self.pad_id, self.device, self.dtype = slots, max_len, pad_id, device, dtype
         # full_width: decode every slot over every column (one shape: what compile needs).
         self.full_width, self.window = full_width, window
-        self.cache = SlotCache(layers, slots, max_len)
+        self.cache = SlotCache(layers, slots, max_len, layer_class)
         self.free = list(range(slots))
         long = dict(dtype=torch.long, device=device)
         self.lengths = torch.zeros(slots, **long)       # cached tokens per slot
@@ -180,5 +210,5 @@ class SlotKV(KVCache):
 
     def close(self) -> None:
         for layer in self.cache.layers:
-            layer.keys = layer.values = None
+            layer.keys = layer.values = layer.key_scales = layer.value_scales = None
             layer.is_initialized = False
