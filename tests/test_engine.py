@@ -1,5 +1,6 @@
 """Engine choices (slot cache, compile, chunked prefill, sliding window) against `model.generate`."""
 import re
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ from transformers import MistralConfig, MistralForCausalLM
 from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
 from distgen.config import GenerationConfig
 from distgen.engine.build import COMPILE_MIN_DECODE_STEPS, plan_cache, plan_compile
+from distgen.engine.request import Request, Status
+from distgen.engine.scheduler import SCHEDULERS, SchedulerState
+from distgen.prompts import Prompt
 from distgen.errors import ConfigError
 from helpers import engine_for, generate_all
 
@@ -42,6 +46,22 @@ def test_compiled_decode_equals_generate_and_compiles_once(tiny_model, tokenizer
     assert engine.runner.compiled and "static" in engine.choice
     assert_matches_generate(tiny_model, tokenizer, generate_all(engine), PROMPTS)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_chunked_scheduler_splits_prompts_under_the_token_budget():
+    waiting = deque(Request(Prompt(i, str(i), ""), [5] * n, 4, None) for i, n in enumerate([10, 3, 7]))
+    state = lambda running, last: SchedulerState(waiting, running, free_rows=2 - len(running), token_budget=8,
+                                                 last_kind=last)
+    first = SCHEDULERS["chunked"](state([], ""))
+    assert [r.prompt.index for r in first.requests] == [0] and first.chunks == [8]
+    waiting[0].status, waiting[0].prefilled = Status.PREFILLING, 8
+    running = [waiting.popleft()]
+    second = SCHEDULERS["chunked"](state(running, "prefill"))
+    assert [r.prompt.index for r in second.requests] == [0, 1] and second.chunks == [2, 3]
+    running[0].status = Status.DECODING
+    assert SCHEDULERS["chunked"](state(running, "prefill")).kind == "decode"
+    assert SCHEDULERS["static"](state(running, "decode")).kind == "decode"
+    assert SCHEDULERS["continuous"](state(running, "decode")).chunks == [3]
 
 
 def test_auto_choices_say_why(tiny_model):
