@@ -65,11 +65,16 @@ def test_chunked_scheduler_splits_prompts_under_the_token_budget():
 
 
 def test_auto_choices_say_why(tiny_model):
-    small = plan_compile(GenerationConfig(), tiny_model, decode_steps=10, lockstep=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # the plan only reads the device type
+    small = plan_compile(GenerationConfig(), tiny_model, decode_steps=10, lockstep=False, device=cuda)
     assert not small.enabled and "too few" in small.reason
-    big = plan_compile(GenerationConfig(), tiny_model, COMPILE_MIN_DECODE_STEPS, lockstep=False)
-    assert big.enabled
-    assert not plan_compile(GenerationConfig(compile="off"), tiny_model, 10**6, lockstep=False).enabled
+    assert plan_compile(GenerationConfig(), tiny_model, COMPILE_MIN_DECODE_STEPS, lockstep=False, device=cuda).enabled
+    on_cpu = plan_compile(GenerationConfig(), tiny_model, COMPILE_MIN_DECODE_STEPS, lockstep=False, device=cpu)
+    assert not on_cpu.enabled and "CPU" in on_cpu.reason
+    sharded = plan_compile(GenerationConfig(), tiny_model, 10**6, lockstep=True, device=cuda)
+    assert not sharded.enabled and "lockstep" in sharded.reason
+    assert plan_compile(GenerationConfig(compile="on"), tiny_model, 10, lockstep=True, device=cpu).enabled
+    assert not plan_compile(GenerationConfig(compile="off"), tiny_model, 10**6, lockstep=False, device=cuda).enabled
     assert plan_cache(GenerationConfig(), tiny_model, compiling=True)[0] == "static"
     assert plan_cache(GenerationConfig(), tiny_model, compiling=False)[0] == "static"
     assert plan_cache(GenerationConfig(scheduler="chunked"), tiny_model, compiling=False)[0] == "static"

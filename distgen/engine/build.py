@@ -54,7 +54,8 @@ def compile_blocker(model: torch.nn.Module) -> Optional[str]:
     return slot_cache_blocker(model)
 
 
-def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool) -> CompilePlan:
+def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
+                 device: torch.device) -> CompilePlan:
     if gen.compile == "off":
         return CompilePlan(False, reason="generation.compile=off")
     blocker = compile_blocker(model)
@@ -68,6 +69,9 @@ def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
         return CompilePlan(False, reason="not compiling: generation.cache=dynamic changes shape every step")
     if lockstep:
         return CompilePlan(False, reason="not compiling: a lockstep (sharded) layout; use generation.compile=on")
+    if device.type != "cuda":
+        return CompilePlan(False, reason="not compiling: on CPU the compiled step measured no faster than eager "
+                                         "slots (bench/engine.py); use generation.compile=on")
     if decode_steps < COMPILE_MIN_DECODE_STEPS:
         return CompilePlan(False, reason=f"not compiling: about {decode_steps} decode steps are too few to repay "
                                          f"a compile (auto compiles from {COMPILE_MIN_DECODE_STEPS})")
@@ -155,7 +159,7 @@ def build_engine(model: torch.nn.Module, queue: Sequence[tuple[Prompt, Sequence[
     if gen.cache == "dynamic" and gen.compile == "auto":
         compile_plan = CompilePlan(False, reason="not compiling: generation.cache=dynamic")
     else:
-        compile_plan = plan_compile(gen, model, decode_steps, lockstep)
+        compile_plan = plan_compile(gen, model, decode_steps, lockstep, device)
     columns = max((r.prompt_length + r.budget for r in requests), default=1)
     cache, why = plan_cache(gen, model, compile_plan.enabled, kv_bytes(model, gen.batch_size, columns),
                             memory_budget(device))
