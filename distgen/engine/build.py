@@ -118,7 +118,7 @@ def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, n
         if blocker:
             raise ConfigError(f"generation.scheduler=chunked is not possible: {blocker}")
         return "static", "chunked prefill continues prompts in a slot cache"
-    if not blocker and model.config.model_type in SLOT_CACHE_AUTO_MODEL_TYPES:
+    if not compile_blocker(model) and model.config.model_type in SLOT_CACHE_AUTO_MODEL_TYPES:
         return "static", f"slots need no row surgery for a {model.config.model_type} model"
     return "dynamic", "no compile, no sliding window"
 
