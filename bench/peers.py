@@ -52,7 +52,7 @@ BASE = "distgen"
 # distgen's best engine settings for this benchmark, appended to every distgen command. Engine
 # options (e.g. generation.scheduler=..., generation.cache=..., generation.compile=...) go here
 # as they land; the batch size is --batch-size, shared with the peers.
-DISTGEN_BEST: list[str] = ["generation.continuous_batching=true"]
+DISTGEN_BEST: list[str] = ["generation.scheduler=continuous", "generation.cache=static"]
 
 # Head size 64: vLLM's CPU attention rejects some head sizes (16 fails, 64 works).
 MODELS = {

@@ -36,7 +36,7 @@ def main() -> None:
                   f"generation.max_new_tokens={args.new_tokens}", "generation.eos_token_ids=[]"]
         batched = [*common, f"generation.batch_size={args.batch_size}"]
         jobs = [("1 rank, continuous", 1, [*batched, "layout=replicate"]),
-                ("1 rank, static batch", 1, [*batched, "generation.continuous_batching=false", "layout=replicate"]),
+                ("1 rank, static batch", 1, [*batched, "generation.scheduler=static", "layout=replicate"]),
                 ("1 rank, batch 1", 1, [*common, "generation.batch_size=1", "layout=replicate"]),
                 ("2 ranks replicate", 2, [*batched, "layout=replicate"]),
                 ("2 ranks fsdp", 2, [*batched, "layout=fsdp"])]

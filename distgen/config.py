@@ -17,6 +17,11 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 DATASET_FORMATS = ("auto", "jsonl", "json", "txt")
 # What a prompt that does not fit the model's context becomes.
 TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
+# The engine's name tables (distgen/engine/scheduler.py and distgen/engine/build.py check they match).
+SCHEDULER_NAMES = ("static", "continuous", "chunked")
+CACHE_NAMES = ("auto", "dynamic", "static", "sliding_window", "quantized")
+COMPILE_NAMES = ("auto", "on", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -88,8 +93,20 @@ class GenerationConfig:
     max_new_tokens: int = 32
     # Most sequences decoded together on a rank.
     batch_size: int = 4
-    # Refill a finished sequence's row from the queue at once, instead of waiting for the batch.
-    continuous_batching: bool = True
+    # Who joins the batch: static (a new batch once all rows are done), continuous (a free row is
+    # refilled at once), chunked (prompts prefilled in chunks of prefill_chunk_tokens between decode steps).
+    scheduler: str = "continuous"
+    # KV cache: auto (static when compiling or chunking, sliding_window when the model has one, else
+    # dynamic), dynamic (grows, rows edited in place), static (fixed slots), sliding_window, quantized
+    # (int8 slots; picked by auto when the KV cache of batch_size rows would not fit in memory).
+    cache: str = "auto"
+    # torch.compile of the decode step: auto (when the job is big enough to repay it), on, off.
+    compile: str = "auto"
+    compile_mode: str = "default"
+    # Where compiled kernels persist across runs (default: $TORCHINDUCTOR_CACHE_DIR or ~/.cache/distgen/inductor).
+    compile_cache_dir: Optional[str] = None
+    # Most prompt tokens one prefill forward runs with scheduler=chunked.
+    prefill_chunk_tokens: int = 512
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -105,6 +122,16 @@ class GenerationConfig:
         require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, "must be >= 1")
         require(self.batch_size >= 1, "generation.batch_size", self.batch_size, "must be >= 1")
         require(self.sync_every >= 1, "generation.sync_every", self.sync_every, "must be >= 1")
+        require_choice("generation.scheduler", self.scheduler, SCHEDULER_NAMES)
+        require_choice("generation.cache", self.cache, CACHE_NAMES)
+        require_choice("generation.compile", self.compile, COMPILE_NAMES)
+        require_choice("generation.compile_mode", self.compile_mode, COMPILE_MODES)
+        require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,
+                "must be >= 1")
+        require(not (self.scheduler == "chunked" and self.cache == "dynamic"), "generation.cache", self.cache,
+                "generation.scheduler=chunked needs a slot cache: static, sliding_window or auto")
+        require(not (self.compile == "on" and self.cache == "dynamic"), "generation.cache", self.cache,
+                "generation.compile=on needs a fixed-shape cache: static, sliding_window or auto")
         require(self.temperature > 0, "generation.temperature", self.temperature, "must be > 0")
         require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
         require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")

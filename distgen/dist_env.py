@@ -1,9 +1,15 @@
-"""The process group and device of this rank, read from the launcher's environment."""
+"""The process group and device of this rank, read from the launcher's environment.
+
+Every launcher tells a rank who it is through environment variables; which ones is one table,
+RANK_ENV, read in one place, `discover`.
+"""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +30,108 @@ class DistContext:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class RankVars:
+    """The environment variables one launcher sets for each rank it starts."""
+    launcher: str
+    # Set only under this launcher: the first row whose marker is present describes this rank.
+    marker: str
+    rank: str
+    world_size: str
+    local_rank: str
+    master_addr: str
+    master_port: str
+    # torch's own env:// names: join with env:// (under torchrun that reuses its agent's store);
+    # otherwise rank 0 hosts the store at tcp://master_addr:master_port.
+    torch_env: bool = False
+    # Where master_addr is not set: the first host of this nodelist variable (SLURM: the batch host).
+    nodelist: str = ""
+    # Where master_port is not set: a port derived from this job id variable, the same on every rank.
+    job_id: str = ""
+
+
+# Order matters: torchrun or deepspeed may run inside a SLURM allocation (srun + torchrun per
+# node), so their rows come first and SLURM's last.
+RANK_ENV: tuple[RankVars, ...] = (
+    RankVars("torchrun", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+             torch_env=True),
+    # deepspeed also passes `--local_rank=N` to the module (see `discover`).
+    RankVars("deepspeed", "CROSS_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+             torch_env=True),
+    # Set by distgen's Ray actors (distgen/launchers/ray.py) in their own process.
+    RankVars("ray", "DISTGEN_RAY_RANK", "DISTGEN_RAY_RANK", "DISTGEN_RAY_WORLD_SIZE", "DISTGEN_RAY_LOCAL_RANK",
+             "DISTGEN_RAY_MASTER_ADDR", "DISTGEN_RAY_MASTER_PORT"),
+    # One srun task per rank (the batch script itself has no step id). distgen's sbatch script
+    # exports DISTGEN_MASTER_ADDR/PORT; a hand-written `srun python -m distgen.run` falls back to
+    # the nodelist and the job id.
+    RankVars("slurm", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "DISTGEN_MASTER_ADDR",
+             "DISTGEN_MASTER_PORT", nodelist="SLURM_STEP_NODELIST", job_id="SLURM_JOB_ID"),
+    # Any other launcher that sets torch's own variables.
+    RankVars("env", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", torch_env=True),
+)
+RANK_VARS = {row.launcher: row for row in RANK_ENV}
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Who this rank is, as its launcher said; launcher "none" when it runs alone."""
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str = ""
+    master_port: int = 0
+    torch_env: bool = False
+
+    @property
+    def init_method(self) -> str:
+        return "env://" if self.torch_env else f"tcp://{self.master_addr}:{self.master_port}"
+
+
+ALONE = RankInfo("none", 0, 1, 0)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: `gpu[03-04,7],cpu1` -> `gpu03`."""
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())
+    if not first:
+        raise ValueError(f"cannot read a host from the nodelist {nodelist!r}")
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first.group(0))
+
+
+def port_for_job(job_id: str) -> int:
+    """A port every rank of one job derives alike, spread over 20000-39999 by job id."""
+    return 20000 + int(job_id) % 20000
+
+
+def rank_info(row: RankVars, environ: Mapping[str, str], local_rank_arg: Optional[int] = None) -> RankInfo:
+    def number(var: str) -> int:
+        try:
+            return int(environ[var])
+        except (KeyError, ValueError):
+            raise RuntimeError(f"running under {row.launcher} ({row.marker} is set), but {var}="
+                               f"{environ.get(var)!r} is not a number") from None
+
+    rank, world_size = number(row.rank), number(row.world_size)
+    addr = environ.get(row.master_addr) or (first_host(environ[row.nodelist]) if row.nodelist in environ else "")
+    port = environ.get(row.master_port) or (str(port_for_job(environ[row.job_id])) if row.job_id in environ else "")
+    if not row.torch_env and (not addr or not port.isdigit()):
+        raise RuntimeError(f"running under {row.launcher}, but the rendezvous address is unknown: set "
+                           f"{row.master_addr} and {row.master_port}")
+    local_rank = number(row.local_rank) if local_rank_arg is None else local_rank_arg
+    return RankInfo(row.launcher, rank, world_size, local_rank, addr,
+                    int(port) if port.isdigit() else 0, row.torch_env)
+
+
+def discover(environ: Mapping[str, str], local_rank_arg: Optional[int] = None) -> RankInfo:
+    """This rank's place in the job, from the first RANK_ENV row whose marker is set. `local_rank_arg`
+    is deepspeed's `--local_rank=N` argument, which wins over the environment."""
+    for row in RANK_ENV:
+        if row.marker in environ:
+            return rank_info(row, environ, local_rank_arg)
+    return ALONE
+
+
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not allowed: no CUDA device is visible; use device=cpu or auto")
@@ -32,22 +140,22 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistContext:
-    """Join the launcher's process group (env://), or make a one-rank group when run alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(requested_device, local_rank)
+def init_distributed(requested_device: str, timeout_s: float = 1800, info: Optional[RankInfo] = None) -> DistContext:
+    """Join the launcher's process group, or make a one-rank group when run alone."""
+    info = discover(os.environ) if info is None else info
+    device = resolve_device(requested_device, info.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
-        if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
-        else:
+        if info.launcher == "none":
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return DistContext(rank, world_size, local_rank, device, backend)
+        else:
+            dist.init_process_group(backend, init_method=info.init_method, rank=info.rank,
+                                    world_size=info.world_size, timeout=timeout,
+                                    device_id=device if backend == "nccl" else None)
+    return DistContext(info.rank, info.world_size, info.local_rank, device, backend)
 
 
 def shutdown(clean: bool) -> None:

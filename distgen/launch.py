@@ -26,13 +26,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(overrides)
         job = prepare_job(cfg)
+        if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint, len(job.prompts)):
+            print(finished_message(job), flush=True)
+            return 0
+        return get_launcher(cfg.launcher.name).launch(cfg, overrides)
     except ConfigError as err:
         print(f"distgen: config error: {err}", file=sys.stderr)
         return 2
-    if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint, len(job.prompts)):
-        print(finished_message(job), flush=True)
-        return 0
-    return get_launcher(cfg.launcher.name).launch(cfg, overrides)
 
 
 def cli() -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from distgen.decode import Completion, RollingBatch
+from distgen.engine import Completion, Engine
 
 
 @dataclass
@@ -39,14 +39,14 @@ def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> N
     model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
 
 
-def run_loop(model: torch.nn.Module, batch: RollingBatch, lockstep: bool, idle_step: Callable[[], None],
+def run_loop(engine: Engine, lockstep: bool, idle_step: Callable[[], None],
              device: torch.device, on_finished: Callable[[list[Completion]], None], group=None,
              sync_every: int = 1) -> LoopCounters:
     counters = LoopCounters()
     start = time.perf_counter()
     step = 0
     while True:
-        has_work = batch.has_work
+        has_work = engine.has_work
         if lockstep:
             if step % sync_every == 0 and not any_rank_has_work(has_work, device, group):
                 break
@@ -57,7 +57,7 @@ def run_loop(model: torch.nn.Module, batch: RollingBatch, lockstep: bool, idle_s
             idle_step()
             counters.idle_steps += 1
             continue
-        finished = batch.step(model)
+        finished = engine.step()
         counters.forward_steps += 1
         if finished:
             on_finished(finished)

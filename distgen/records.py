@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from distgen.decode import Completion
+from distgen.engine.request import Completion
 from distgen.prompts import Prompt
 
 PARTS_DIR = "parts"

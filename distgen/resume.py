@@ -25,8 +25,10 @@ from distgen.records import read_journals, read_jsonl_lenient
 # Files up to this size are hashed whole (configs, tokenizers); larger ones (weights) by sampling.
 WHOLE_FILE_BYTES = 16 * 1024 * 1024
 SAMPLE_BYTES = 1024 * 1024
-# Generation settings that decide how work is batched, not what is generated.
-BATCHING_KEYS = ("batch_size", "continuous_batching")
+# Generation settings that decide how work is batched and run, not what is generated (`cache` stays
+# in: a quantized KV cache changes the tokens).
+BATCHING_KEYS = ("batch_size", "scheduler", "compile", "compile_mode", "compile_cache_dir", "prefill_chunk_tokens",
+                 "sync_every")
 
 
 def file_digest(path: Path) -> str:

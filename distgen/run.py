@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 from distgen.config import RunConfig
 from distgen.coordinator import (OUTPUTS_FILE, format_table, gather_to_coordinator, order_records, summarize,
                                  write_outputs)
-from distgen.dist_env import DistContext, init_distributed, shutdown
+from distgen.dist_env import DistContext, discover, init_distributed, shutdown
 from distgen.errors import ConfigError
 from distgen.load_config import config_to_yaml, help_text, load_config
 from distgen.model_loading import check_model_source, load_model_config, load_tokenizer
@@ -37,7 +37,23 @@ Options:
   --help          this text, the config groups and every key with its default
 """
 FLAGS = ("--print-config", "--check")
-LAUNCHER_ARGS = ("--local_rank=", "--local-rank=")
+# deepspeed's launcher passes one of these to the module it starts, before the user's arguments.
+LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
+
+
+def split_local_rank(args: Sequence[str]) -> tuple[list[str], int | None]:
+    """The arguments without deepspeed's `--local_rank=N` (or `--local_rank N`), and N."""
+    rest, local_rank, values = [], None, iter(args)
+    for arg in values:
+        key, sep, value = arg.partition("=")
+        if key in LOCAL_RANK_FLAGS:
+            value = value if sep else next(values, "")
+            if not value.isdigit():
+                raise ConfigError(f"{key}={value!r} is not allowed: must be a rank number")
+            local_rank = int(value)
+        else:
+            rest.append(arg)
+    return rest, local_rank
 
 
 def usage() -> str:
@@ -116,12 +132,12 @@ def run_job(job: Job, ctx: DistContext) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # The deepspeed launcher adds --local_rank=N; LOCAL_RANK in the environment says the same.
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith(LAUNCHER_ARGS)]
+    args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
         print(usage())
         return 0
     try:
+        args, local_rank = split_local_rank(args)
         overrides = [a for a in args if a not in FLAGS]
         if "--print-config" in args:
             print(config_to_yaml(load_config(overrides, check=False)))
@@ -137,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     hf_logging.disable_progress_bar()
     with exit_on_termination():
-        ctx = init_distributed(cfg.device)
+        ctx = init_distributed(cfg.device, info=discover(os.environ, local_rank))
         clean = False
         try:
             run_job(job, ctx)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 from distgen.config import RunConfig
-from distgen.decode import Completion, RollingBatch
 from distgen.dist_env import DistContext
+from distgen.engine import Completion, build_engine
 from distgen.layouts import DataGroups, get_layout
 from distgen.layouts.base import full_param_bytes, resident_param_bytes
 from distgen.loop import idle_forward, run_loop
@@ -84,8 +84,10 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
     eos_ids = resolve_eos_ids(job.cfg.generation.eos_token_ids, model, job.tokenizer)
     mine = rank_shard(job, groups, ctx.rank)
     gen = job.cfg.generation
-    batch = RollingBatch([(job.prompts[i], job.token_ids[i]) for i in mine], gen, pad_id, eos_ids, device,
-                         max_rows=gen.batch_size, refill=gen.continuous_batching)
+    engine = build_engine(model, [(job.prompts[i], job.token_ids[i]) for i in mine], gen, pad_id, eos_ids,
+                          device, lockstep=placed.lockstep)
+    if ctx.is_coordinator:
+        print(f"distgen: engine: {engine.choice}", flush=True)
     records: list[dict] = []
     progress = ProgressLog(ctx.rank, len(mine), job.cfg.output.progress_every_s)
     with RecordJournal(Path(job.cfg.output.dir), job.fingerprint, ctx.rank) as journal:
@@ -97,7 +99,7 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
             progress.finished(len(finished), sum(r["completion_tokens"] for r in finished))
 
         try:
-            counters = run_loop(model, batch, placed.lockstep, lambda: idle_forward(model, pad_id, device), device,
+            counters = run_loop(engine, placed.lockstep, lambda: idle_forward(model, pad_id, device), device,
                                 keep, group=placed.group, sync_every=gen.sync_every)
         except RuntimeError as err:
             if "timed out" not in str(err).lower() or not placed.lockstep:
@@ -107,6 +109,7 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
             raise RuntimeError(f"rank {ctx.rank}: a collective of layout={job.cfg.layout.name} timed out waiting "
                                f"for the other ranks of its group {peers}: one of them stopped joining forwards "
                                f"(the one whose log lacks this message)") from err
+    engine.close()
     model_bytes = full_param_bytes(model)
     placed.release()
     allocated, reserved = cuda_peaks_mib(ctx.device)

@@ -7,4 +7,6 @@ bash scripts/setup.sh
 # them once here, for the quanto_int4 tests, rather than in setup.sh, which the demo also runs.
 .venv/bin/python -c 'from optimum.quanto.library.extensions import get_extension; get_extension("quanto_cpp").lib' \
   || echo "distgen: optimum-quanto's CPU kernels did not build (no C++ compiler?); quanto_int4 retries on first use"
+# SLURM and munge for the launcher tests that start a local cluster (skip where they cannot).
+bash scripts/setup-clusters.sh
 exec .venv/bin/python -m pytest "$@"

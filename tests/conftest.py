@@ -1,8 +1,10 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from distgen.config import TinyModelConfig
 from distgen.tiny import build_tokenizer, save_tiny
+from helpers import LocalRay, LocalSlurm, missing_ray, missing_slurm
 
 REPO = Path(__file__).resolve().parent.parent
 # Prompts of different lengths; some carry their own budget so batches and ranks end at different steps.
@@ -136,3 +139,33 @@ def layout_names() -> list[str]:
     """Every registered layout, read from the name table (so new layouts are tested as they land)."""
     from distgen.layouts import LAYOUTS
     return list(LAYOUTS.names())
+
+
+# --- Real clusters on this machine for the launcher tests (tests/helpers.py starts and stops them). ---
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A SLURM controller with two slurmd "nodes" (dg1, dg2) on this machine, for the whole session."""
+    reason = missing_slurm()
+    if reason:
+        pytest.skip(reason)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A local Ray head (2 CPUs) for the whole session; with the job server for `ray job submit`
+    where ray[default] is installed (its dashboard costs ~0.65 GB and ~20 s, more on a busy machine)."""
+    reason = missing_ray()
+    if reason:
+        pytest.skip(reason)
+    from ray._private.utils import get_dashboard_dependency_error
+    # Short: Ray's socket paths under it must stay within the 107-byte limit.
+    root = Path(tempfile.mkdtemp(prefix="dgray", dir="/tmp"))
+    env = {**child_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        with LocalRay(root, cpus=2, dashboard=get_dashboard_dependency_error() is None, env=env) as head:
+            yield head
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -145,7 +145,8 @@ def test_fingerprint_follows_content_not_spelling_or_batching(gpt2_dir, tmp_path
     copy = shutil.copytree(gpt2_dir, tmp_path / "copy")
     for spelling in (f"{gpt2_dir}/", f"./{gpt2_dir.name}", f"{gpt2_dir}/../{gpt2_dir.name}", str(copy)):
         assert fingerprint(f"model={spelling}", f"dataset={prompts}", "generation.batch_size=1",
-                           "generation.continuous_batching=false", "layout=fsdp") == base, spelling
+                           "generation.scheduler=static", "generation.prefill_chunk_tokens=64",
+                           "layout=fsdp") == base, spelling
     assert fingerprint(f"model={gpt2_dir}", f"dataset={prompts}", "generation.max_new_tokens=3") != base
     assert fingerprint(f"model={gpt2_dir}", f"dataset={prompts}", "dataset.too_long=truncate_left") != base
     weights = copy / "model.safetensors"

@@ -11,12 +11,17 @@ def job_args(model_dir, prompts, out, *extra):
             f"generation.max_new_tokens={DEFAULT_BUDGET}", "generation.batch_size=2", *extra]
 
 
-@pytest.mark.parametrize("layout", ["replicate", "fsdp"])
-def test_two_ranks_equal_single_process_greedy(layout, tiny_model_dir, tiny_model, tokenizer, prompts_file, tmp_path):
+@pytest.mark.parametrize("layout,engine", [
+    ("replicate", []), ("fsdp", ["generation.cache=dynamic"]),
+    ("replicate", ["generation.cache=dynamic", "generation.scheduler=static"]),
+    ("fsdp", ["generation.scheduler=chunked", "generation.prefill_chunk_tokens=8"])],
+    ids=["replicate-slots", "fsdp-dynamic", "replicate-dynamic-static", "fsdp-slots-chunked"])
+def test_two_ranks_equal_single_process_greedy(layout, engine, tiny_model_dir, tiny_model, tokenizer, prompts_file,
+                                               tmp_path):
     eos = reference_greedy(tiny_model, tokenizer, "The capital of France is", DEFAULT_BUDGET, [])[2]
     out = tmp_path / "out"
     result = run_module("distgen.run", job_args(tiny_model_dir, prompts_file, out, f"layout={layout}",
-                                                f"generation.eos_token_ids=[{eos}]"), nproc=2)
+                                                f"generation.eos_token_ids=[{eos}]", *engine), nproc=2)
     assert result.returncode == 0, result.stderr
 
     records = read_outputs(out)

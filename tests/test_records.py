@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import read_outputs, read_stats
-from distgen.decode import RollingBatch
+from distgen.engine import Engine
 from distgen.model_loading import ModelSource
 from distgen.records import PARTS_DIR
 from distgen.run import main as run_in_process
@@ -18,15 +18,15 @@ def journaled(out_dir):
 
 
 def crash_at_step(monkeypatch, step_count):
-    real_step, steps = RollingBatch.step, []
+    real_step, steps = Engine.step, []
 
-    def step_then_fail(self, model):
+    def step_then_fail(self):
         if len(steps) == step_count:
             raise RuntimeError("simulated crash")
         steps.append(1)
-        return real_step(self, model)
+        return real_step(self)
 
-    monkeypatch.setattr(RollingBatch, "step", step_then_fail)
+    monkeypatch.setattr(Engine, "step", step_then_fail)
 
 
 def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, prompts_file, tmp_path, monkeypatch,

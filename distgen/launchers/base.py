@@ -5,10 +5,14 @@ produces is a pure function of the config (tested against golden text).
 """
 from __future__ import annotations
 
+import shlex
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from distgen.config import RunConfig
+from distgen.procs import run_process_group
 from distgen.registry import Registry
 
 WORKER_MODULE = "distgen.run"
@@ -31,3 +35,25 @@ def register(launcher: Launcher, config: type) -> Launcher:
 
 def get_launcher(name: str) -> Launcher:
     return LAUNCHERS.get(name)
+
+
+def run_command(command: Sequence[str]) -> int:
+    """Start a launcher's command and wait for it: the one place a launcher starts a process."""
+    print("distgen: launching " + shlex.join(command), flush=True)
+    # Its own process group, SIGTERM/SIGINT passed on to all of it: no worker outlives the launcher.
+    return run_process_group(list(command))
+
+
+def free_port() -> int:
+    """A port free on this machine a moment ago (the launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def write_next_to_outputs(out_dir: str, name: str, text: str) -> Path:
+    """A launcher's generated file (hostfile, sbatch script), kept in the job's output folder."""
+    path = Path(out_dir).absolute() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

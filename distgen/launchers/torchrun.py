@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from distgen.config import LauncherConfig, RunConfig, require
-from distgen.launchers.base import WORKER_MODULE, Launcher, register
-from distgen.procs import run_process_group
+from distgen.launchers.base import WORKER_MODULE, Launcher, register, run_command
 
 
 @dataclass
@@ -40,9 +39,7 @@ def torchrun_command(cfg: TorchrunLauncher, overrides: Sequence[str], python: st
 
 
 def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
-    command = torchrun_command(cfg.launcher, overrides)
-    print("distgen: launching " + " ".join(command), flush=True)
-    return run_process_group(command)
+    return run_command(torchrun_command(cfg.launcher, overrides))
 
 
 register(Launcher("torchrun", launch), TorchrunLauncher)

@@ -1,0 +1,103 @@
+"""The engine's schedulers x KV caches, and compile on/off, side by side in one run (one process, one rank).
+
+    python bench/engine.py [--layers 8 --hidden 512 --prompts 128 --batch-size 16 --threads 1]
+
+Builds a random-init Llama, makes prompts of 8..255 tokens with budgets 16..128 (greedy, no EOS),
+and runs the same job with each configuration; prints generated tokens/s and the ratio to the
+first row. A compiled configuration first runs a short warm-up job whose time is reported
+separately as compile time (kernels persist under .cache/inductor, so a second run is warm).
+Every configuration must produce the same tokens; the script says so or stops.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from distgen.config import GenerationConfig, TinyModelConfig
+from distgen.engine import build_engine
+from distgen.loop import run_loop
+from distgen.prompts import Prompt
+from distgen.tiny import build_tiny_model, build_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = [  # (label, generation settings)
+    ("continuous, dynamic", dict(scheduler="continuous", cache="dynamic", compile="off")),
+    ("static, dynamic", dict(scheduler="static", cache="dynamic", compile="off")),
+    ("continuous, static", dict(scheduler="continuous", cache="static", compile="off")),
+    ("static, static", dict(scheduler="static", cache="static", compile="off")),
+    ("chunked, static", dict(scheduler="chunked", cache="static", compile="off", prefill_chunk_tokens=256)),
+    ("continuous, static, compiled", dict(scheduler="continuous", cache="static", compile="on")),
+    ("chunked, static, compiled", dict(scheduler="chunked", cache="static", compile="on", prefill_chunk_tokens=256)),
+]
+
+
+def make_job(count: int, vocab: int, seed: int = 0) -> list[tuple[Prompt, list[int]]]:
+    rng = random.Random(seed)
+    job = []
+    for i in range(count):
+        length, budget = rng.randint(8, 255), rng.randint(16, 128)
+        job.append((Prompt(i, str(i), "", budget), [rng.randrange(3, vocab) for _ in range(length)]))
+    # longest prompts first, as the worker orders a rank's prompts
+    return sorted(job, key=lambda item: -len(item[1]))
+
+
+def run(model, job, settings: dict, batch_size: int) -> tuple[float, int, dict]:
+    cfg = GenerationConfig(max_new_tokens=128, batch_size=batch_size, eos_token_ids=[],
+                           compile_cache_dir=str(REPO / ".cache" / "inductor"), **settings)
+    engine = build_engine(model, job, cfg, pad_id=2, eos_ids=[], device=torch.device("cpu"))
+    completions = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        run_loop(engine, lockstep=False, idle_step=lambda: None, device=torch.device("cpu"),
+                 on_finished=completions.extend)
+    seconds = time.perf_counter() - start
+    engine.close()
+    return seconds, sum(len(c.token_ids) for c in completions), {c.prompt.index: c.token_ids for c in completions}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated row numbers to run (1-based), e.g. 1,3,6")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8, kv_heads=4,
+                                             intermediate_size=args.hidden * 3, init_std=0.02), tokenizer)
+    job = make_job(args.prompts, len(tokenizer))
+    chosen = [CONFIGS[int(k) - 1] for k in args.only.split(",")] if args.only else CONFIGS
+    print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts of 8-255 tokens, budgets "
+          f"16-128, batch {args.batch_size}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
+    rows, reference = [], None
+    for label, settings in chosen:
+        compile_s = 0.0
+        if settings["compile"] == "on":  # warm-up job of the same shapes: the compile happens here
+            start = time.perf_counter()
+            longest_life = max(job, key=lambda item: len(item[1]) + item[0].max_new_tokens)
+            run(model, [longest_life], settings, args.batch_size)  # same slot columns as the job
+            compile_s = time.perf_counter() - start
+        seconds, tokens, outputs = run(model, job, settings, args.batch_size)
+        if reference is None:
+            reference = outputs
+        elif outputs != reference:
+            raise SystemExit(f"{label}: tokens differ from {chosen[0][0]}")
+        rows.append((label, tokens / seconds, seconds, compile_s))
+        print(f"  {label}: {tokens / seconds:.1f} tok/s", flush=True)
+    base = rows[0][1]
+    print(f"all {len(rows)} configurations produced identical tokens")
+    print(f"{'configuration':<32} {'tok/s':>8} {'ratio':>7} {'seconds':>8} {'compile s':>10}")
+    for label, tps, seconds, compile_s in rows:
+        print(f"{label:<32} {tps:>8.1f} {tps / base:>6.2f}x {seconds:>8.1f} {compile_s:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The engine: one step = schedule -> execute (one forward) -> update."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable
+
+import torch
+
+from distgen.engine.kv.base import ForwardBatch, KVCache
+from distgen.engine.request import Completion, Request, Status
+from distgen.engine.runner import Runner
+from distgen.engine.sampler import Sampler
+from distgen.engine.scheduler import Scheduler, SchedulerState, StepPlan
+
+
+class Engine:
+    def __init__(self, requests: Iterable[Request], scheduler: Scheduler, kv: KVCache, runner: Runner,
+                 sampler: Sampler, token_budget: int):
+        self.waiting: deque[Request] = deque(requests)
+        self.running: list[Request] = []  # requests holding a cache row, in the cache's row order
+        self.scheduler, self.kv, self.runner, self.sampler = scheduler, kv, runner, sampler
+        self.token_budget = token_budget
+        self.last_kind = ""
+        self.choice = ""  # which cache/compile the builder chose, and why (printed by the worker)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[Completion]:
+        """One forward; returns the requests it finished."""
+        plan = self.schedule()
+        batch, logits = self.execute(plan)
+        return self.update(plan, batch, logits)
+
+    def schedule(self) -> StepPlan:
+        state = SchedulerState(self.waiting, self.running, self.kv.free_rows, self.token_budget, self.last_kind)
+        plan = self.scheduler(state)
+        for request in plan.requests:
+            if request.status is Status.WAITING:
+                assert self.waiting[0] is request, "schedulers admit queued requests in queue order"
+                self.waiting.popleft()
+                self.kv.admit(request)
+                request.status = Status.PREFILLING
+                self.running.append(request)
+        self.last_kind = plan.kind
+        return plan
+
+    def execute(self, plan: StepPlan) -> tuple[ForwardBatch, torch.Tensor]:
+        if plan.kind == "prefill":
+            batch = self.kv.prefill_inputs(plan)
+            return batch, self.runner.prefill(batch.inputs)
+        batch = self.kv.decode_inputs(plan.requests)
+        return batch, self.runner.decode(batch.inputs)
+
+    def update(self, plan: StepPlan, batch: ForwardBatch, logits: torch.Tensor) -> list[Completion]:
+        # 1. sample every logits row on the device; one device->host copy of tokens and EOS flags
+        tokens, is_eos = self.sampler(logits, batch.rows, [r.generator for r in plan.requests])
+        host_tokens, host_eos = torch.stack([tokens, is_eos.long()]).tolist()
+        # 2. rows whose prompt is now fully cached take their token; finished ones complete
+        finished, completions = [], []
+        for request, chunk, row in zip(plan.requests, plan.chunks, batch.rows):
+            if plan.kind == "prefill" and request.prefilled + chunk < request.prompt_length:
+                finished.append(False)  # a chunk of a longer prompt: no token yet
+                continue
+            request.generated.append(host_tokens[row])
+            reason = "eos" if host_eos[row] else "length" if len(request.generated) >= request.budget else None
+            finished.append(reason is not None)
+            if reason:
+                completions.append(Completion(request.prompt, request.prompt_length, request.generated, reason))
+        # 3. the cache records next inputs and frees finished rows; then request states move on
+        self.kv.commit(plan, batch, tokens, finished)
+        for request, chunk, done in zip(plan.requests, plan.chunks, finished):
+            if plan.kind == "prefill":
+                request.prefilled += chunk
+                if request.prefilled == request.prompt_length:
+                    request.status = Status.DECODING
+            if done:
+                request.status, request.row = Status.FINISHED, -1
+        if completions:
+            self.running = [r for r in self.running if r.status is not Status.FINISHED]
+        return completions
+
+    def close(self) -> None:
+        """Free the cache (and, on GPU, the allocator's cached blocks) once the rank is done."""
+        self.kv.close()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,1 @@
+"""KV-cache implementations behind the `KVCache` seam (base.py)."""

@@ -1,0 +1,74 @@
+"""The KV-cache seam: how a cache lays out rows, builds a forward's inputs and frees rows.
+
+The engine calls, per step: `prefill_inputs(plan)` or `decode_inputs(requests)`, runs the
+forward, samples, then `commit(...)` with the tokens and which requests finished.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from distgen.engine.request import Request
+from distgen.engine.scheduler import StepPlan
+
+
+@dataclass
+class ForwardBatch:
+    """One forward's model inputs, and which logits row belongs to each planned request."""
+    inputs: dict[str, Any]
+    # logits row of each planned request, in plan order
+    rows: list[int]
+
+
+class KVCache(ABC):
+    # True when decode inputs keep one shape for the whole job (what torch.compile needs).
+    fixed_shape: bool = False
+    # Whether a prompt may be prefilled in several chunks.
+    supports_chunks: bool = False
+
+    @property
+    @abstractmethod
+    def free_rows(self) -> int: ...
+
+    @abstractmethod
+    def admit(self, request: Request) -> None:
+        """Give a queued request a row before its first prefill."""
+
+    @abstractmethod
+    def prefill_inputs(self, plan: StepPlan) -> ForwardBatch: ...
+
+    @abstractmethod
+    def decode_inputs(self, requests: list[Request]) -> ForwardBatch: ...
+
+    @abstractmethod
+    def commit(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor, finished: list[bool]) -> None:
+        """After sampling: record each row's next input token; free finished rows.
+
+        tokens: (logits rows,) the sampled ids on the device.
+        """
+
+    def close(self) -> None:
+        """Free the cache buffers (the rank is done)."""
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (..., cols) -> 0 where allowed, the dtype's minimum elsewhere (eager and sdpa both add it)."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def kv_geometry(model: torch.nn.Module) -> tuple[int, Optional[int]]:
+    """(decoder layers, sliding window or None) from the model config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config.num_hidden_layers, getattr(config, "sliding_window", None)

@@ -1,0 +1,214 @@
+"""A static slot cache: fixed-shape per-layer buffers plus a cached length per slot.
+
+Each layer holds keys/values shaped (slots, kv_heads, columns + 1, head_dim). A request owns
+one slot; its token at position p lives in column p % columns, and `col_pos` (slots, columns)
+records which position each column holds (-1: none). The attention mask is "the column holds
+a position <= mine" (and, with a sliding window, "> mine - window"). With a window the
+columns form a ring of window + chunk - 1, so only the window is cached. A request that takes
+a slot clears its `col_pos` row, so it never attends to the previous tenant's columns. The
+last column is scratch: padding tokens write there and no mask ever reads it. Nothing is
+reshaped or copied between steps, so a compiled decode step keeps one shape for the job.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, round_up
+from distgen.engine.request import Request, Status
+from distgen.engine.scheduler import StepPlan
+
+# Eager decode reads only the columns in use, rounded up to this many (few distinct shapes).
+WIDTH_BUCKET = 64
+
+
+class SlotLayer(CacheLayerMixin):
+    """One decoder layer's buffers; `update` writes each row's tokens at that row's own columns."""
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, owner: "SlotCache"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        slots, cols = self.owner.slots, self.owner.max_len + 1
+        self.keys = key_states.new_zeros((slots, key_states.shape[1], cols, key_states.shape[3]))
+        self.values = value_states.new_zeros((slots, value_states.shape[1], cols, value_states.shape[3]))
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states: (rows, heads, q, head_dim) -> the rows' whole buffers (rows, heads, width, head_dim)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        self.write(self.keys, key_states)
+        self.write(self.values, value_states)
+        return self.read(self.keys), self.read(self.values)
+
+    def write(self, buffer: torch.Tensor, states: torch.Tensor) -> None:
+        # (rows, 1) x (rows, q) index -> (rows, q, heads, head_dim) targets
+        buffer[self.owner.write_rows, :, self.owner.write_cols] = states.transpose(1, 2)
+
+    def read(self, buffer: torch.Tensor) -> torch.Tensor:
+        rows, width = self.owner.read_rows, self.owner.width
+        return buffer[:rows, :, :width] if isinstance(rows, int) else buffer[rows, :, :width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.width, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.owner.max_len
+
+
+class Int8SlotLayer(SlotLayer):
+    """Keys/values stored as int8 with one absmax scale per (slot, head, column): about 1/4 of fp32.
+
+    Attention reads a dequantized copy of the columns in use, one layer at a time.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys, self.values = self.keys.to(torch.int8), self.values.to(torch.int8)
+        scale_shape = (*self.keys.shape[:3], 1)  # (slots, heads, cols, 1)
+        self.key_scales = key_states.new_zeros(scale_shape)
+        self.value_scales = value_states.new_zeros(scale_shape)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        out = []
+        for codes, scales, states in ((self.keys, self.key_scales, key_states),
+                                      (self.values, self.value_scales, value_states)):
+            scale = states.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
+            self.write(codes, torch.round(states / scale).clamp(-127, 127).to(torch.int8))
+            self.write(scales, scale)
+            out.append(self.read(codes).to(states.dtype) * self.read(scales))
+        return out[0], out[1]
+
+
+class SlotCache(Cache):
+    """The transformers Cache the model writes into; the engine points it at this step's rows."""
+
+    def __init__(self, layers: int, slots: int, max_len: int, layer_class: type = SlotLayer):
+        self.slots, self.max_len = slots, max_len
+        super().__init__(layers=[layer_class(self) for _ in range(layers)])
+        # Set before each forward:
+        self.write_rows: torch.Tensor = torch.zeros((0, 1), dtype=torch.long)  # (rows, 1) slot of each input row
+        self.write_cols: torch.Tensor = torch.zeros((0, 0), dtype=torch.long)  # (rows, q) column of each token
+        self.read_rows: Union[int, torch.Tensor] = 0  # the first n slots, or these slots
+        self.width = 0                                # columns attention reads
+
+
+class SlotKV(KVCache):
+    fixed_shape = True
+    supports_chunks = True
+
+    def __init__(self, layers: int, slots: int, max_len: int, pad_id: int, device: torch.device,
+                 dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer):
+        """max_len: columns per slot (the longest prompt + budget, or the ring size with a window)."""
+        self.slots, self.max_len, self.pad_id, self.device, self.dtype = slots, max_len, pad_id, device, dtype
+        # full_width: decode every slot over every column (one shape: what compile needs).
+        self.full_width, self.window = full_width, window
+        self.cache = SlotCache(layers, slots, max_len, layer_class)
+        self.free = list(range(slots))
+        long = dict(dtype=torch.long, device=device)
+        self.lengths = torch.zeros(slots, **long)       # cached tokens per slot
+        self.last_tokens = torch.zeros(slots, **long)   # each slot's next decode input
+        self.decoding = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.all_rows = torch.arange(slots, **long).unsqueeze(-1)  # (slots, 1)
+        self.col_pos = torch.full((slots, max_len + 1), -1, **long)  # position each column holds
+
+    @property
+    def free_rows(self) -> int:
+        return len(self.free)
+
+    def admit(self, request: Request) -> None:
+        self.free.sort()
+        request.row = self.free.pop(0)  # lowest first, so eager decode can read a prefix of the slots
+        self.col_pos[request.row] = -1
+
+    def place(self, rows: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, read: Union[int, torch.Tensor],
+              width: int) -> torch.Tensor:
+        """Point the cache at this forward's columns; return the additive mask (rows, 1, q, width).
+
+        rows: (rows, 1) slots; positions, real: (rows, q) each token's position and whether it is a real token.
+        """
+        cols = torch.where(real, positions % self.max_len, self.max_len)  # padding writes to scratch
+        self.col_pos[rows, cols] = positions
+        held, pos = self.col_pos[rows.squeeze(-1), :width].unsqueeze(1), positions.unsqueeze(-1)  # (rows, 1, width)
+        allowed = (held >= 0) & (held <= pos)
+        if self.window is not None:
+            allowed = allowed & (held > pos - self.window)
+        self.point(rows, cols, read, width)
+        return additive_mask(allowed, self.dtype).unsqueeze(1)
+
+    def prefill_inputs(self, plan: StepPlan) -> ForwardBatch:
+        """Left-pad each request's next chunk; its tokens go to columns prefilled.., padding to scratch."""
+        n, width = len(plan.requests), max(plan.chunks)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        real = torch.zeros((n, width), dtype=torch.bool)
+        for i, (request, chunk) in enumerate(zip(plan.requests, plan.chunks)):
+            start = request.prefilled
+            input_ids[i, width - chunk:] = torch.tensor(request.token_ids[start:start + chunk])
+            positions[i, width - chunk:] = torch.arange(start, start + chunk)
+            real[i, width - chunk:] = True
+        read = max(r.prefilled + c for r, c in zip(plan.requests, plan.chunks))
+        rows = torch.tensor([r.row for r in plan.requests], dtype=torch.long).unsqueeze(-1)
+        input_ids, positions, real, rows = (t.to(self.device) for t in (input_ids, positions, real, rows))
+        mask = self.place(rows, positions, real, rows.squeeze(-1), min(self.max_len, round_up(read, WIDTH_BUCKET)))
+        inputs = dict(input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                      logits_to_keep=1)
+        return ForwardBatch(inputs, list(range(n)))
+
+    def decode_inputs(self, requests: list[Request]) -> ForwardBatch:
+        """Every slot up to the highest in use (all slots when full_width) reads one token."""
+        if self.full_width:
+            count, width = self.slots, self.max_len
+        else:
+            count = max(r.row for r in requests) + 1
+            longest = max(r.prompt_length + len(r.generated) for r in requests)
+            width = min(self.max_len, round_up(longest, WIDTH_BUCKET))
+        decoding = self.decoding[:count].unsqueeze(-1)  # (count, 1); idle slots write to scratch
+        positions = torch.where(decoding, self.lengths[:count].unsqueeze(-1), 0)
+        mask = self.place(self.all_rows[:count], positions, decoding, count, width)
+        inputs = dict(input_ids=self.last_tokens[:count].unsqueeze(-1), position_ids=positions, attention_mask=mask,
+                      cache=self.cache, logits_to_keep=1)
+        return ForwardBatch(inputs, [r.row for r in requests])
+
+    def point(self, rows: torch.Tensor, cols: torch.Tensor, read: Union[int, torch.Tensor], width: int) -> None:
+        """This forward writes rows (rows, 1) x cols (rows, q); attention reads `read` slots x `width` columns.
+
+        `read` is a count (the first slots: a view) or the slots themselves (a gather).
+        """
+        cache = self.cache
+        cache.write_rows, cache.write_cols, cache.read_rows, cache.width = rows, cols, read, width
+
+    def commit(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor, finished: list[bool]) -> None:
+        if plan.kind == "decode":
+            count = len(tokens)
+            self.last_tokens[:count] = tokens
+            self.lengths[:count] += self.decoding[:count]
+        else:
+            rows = torch.tensor([r.row for r in plan.requests], dtype=torch.long, device=self.device)
+            ends = torch.tensor([r.prefilled + c for r, c in zip(plan.requests, plan.chunks)], device=self.device)
+            self.last_tokens[rows] = tokens
+            self.lengths[rows] = ends
+            done = [r.prefilled + c == r.prompt_length for r, c in zip(plan.requests, plan.chunks)]
+            self.decoding[rows] = torch.tensor(done, device=self.device)
+        gone = [r.row for r, done in zip(plan.requests, finished) if done]
+        if gone:
+            self.decoding[gone] = False
+            self.free.extend(gone)
+
+    def close(self) -> None:
+        for layer in self.cache.layers:
+            layer.keys = layer.values = layer.key_scales = layer.value_scales = None
+            layer.is_initialized = False

@@ -1,0 +1,48 @@
+"""Request state: one prompt's progress through the engine, and what it hands back when done."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from distgen.prompts import Prompt
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"        # queued; holds no cache row yet
+    PREFILLING = "prefilling"  # holds a cache row; part of its prompt is still to run (chunked prefill)
+    DECODING = "decoding"      # its whole prompt is cached; one new token per decode step
+    FINISHED = "finished"      # EOS or budget reached; its row is free again
+
+
+@dataclass
+class Request:
+    # What to generate
+    prompt: Prompt
+    token_ids: list[int]
+    budget: int
+    generator: Optional[torch.Generator]
+    # Where it is
+    status: Status = Status.WAITING
+    prefilled: int = 0  # prompt tokens already in the cache
+    row: int = -1       # its row (slot) in the KV cache while it holds one
+    # What it produced
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def unprefilled(self) -> int:
+        return len(self.token_ids) - self.prefilled
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt: Prompt
+    prompt_token_count: int
+    token_ids: list[int]
+    finish_reason: str  # "eos" or "length"

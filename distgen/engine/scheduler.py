@@ -1,0 +1,89 @@
+"""Schedulers: which requests run in the next forward, and how many prompt tokens each.
+
+A scheduler reads the engine's queue and running rows and returns a `StepPlan`: either a
+prefill (requests and the prompt tokens each runs now) or a decode of every running row.
+Policies are picked by name (`generation.scheduler`) from `SCHEDULERS`.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from distgen.config import SCHEDULER_NAMES
+from distgen.engine.request import Request, Status
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    # "prefill": run `chunks[i]` more prompt tokens of `requests[i]`; "decode": one token for each request.
+    kind: str
+    requests: list[Request]
+    chunks: list[int]
+
+
+@dataclass(frozen=True)
+class SchedulerState:
+    waiting: deque[Request]
+    running: list[Request]  # requests holding a cache row (prefilling or decoding)
+    free_rows: int
+    token_budget: int       # most prompt tokens one prefill forward may run (chunked)
+    last_kind: str          # what the previous step did ("prefill", "decode" or "")
+
+
+Scheduler = Callable[[SchedulerState], StepPlan]
+
+
+def decode_plan(state: SchedulerState) -> StepPlan:
+    return StepPlan("decode", list(state.running), [1] * len(state.running))
+
+
+def whole_prompts(state: SchedulerState, count: int) -> StepPlan:
+    joining = [state.waiting[i] for i in range(count)]
+    return StepPlan("prefill", joining, [r.unprefilled for r in joining])
+
+
+def schedule_static(state: SchedulerState) -> StepPlan:
+    """Static batches: a new batch is prefilled only once every row of the last one is done."""
+    if state.running:
+        return decode_plan(state)
+    return whole_prompts(state, min(state.free_rows, len(state.waiting)))
+
+
+def schedule_continuous(state: SchedulerState) -> StepPlan:
+    """Continuous batching: queued prompts join (whole) as soon as a row is free."""
+    if state.waiting and state.free_rows:
+        return whole_prompts(state, min(state.free_rows, len(state.waiting)))
+    return decode_plan(state)
+
+
+def schedule_chunked(state: SchedulerState) -> StepPlan:
+    """Chunked prefill: at most `token_budget` prompt tokens per forward, alternating with decode steps.
+
+    Rows still prefilling go first, then queued prompts while rows are free; a long prompt
+    takes several prefill steps, and the decoding rows advance one token between them.
+    """
+    decoding = [r for r in state.running if r.status is Status.DECODING]
+    if decoding and state.last_kind == "prefill":
+        return StepPlan("decode", decoding, [1] * len(decoding))
+    candidates = [r for r in state.running if r.status is Status.PREFILLING]
+    candidates += [state.waiting[i] for i in range(min(state.free_rows, len(state.waiting)))]
+    requests, chunks, left = [], [], state.token_budget
+    for request in candidates:
+        if left <= 0:
+            break
+        take = min(request.unprefilled, left)
+        requests.append(request)
+        chunks.append(take)
+        left -= take
+    if not requests:
+        return StepPlan("decode", decoding, [1] * len(decoding))
+    return StepPlan("prefill", requests, chunks)
+
+
+SCHEDULERS: dict[str, Scheduler] = {
+    "static": schedule_static,
+    "continuous": schedule_continuous,
+    "chunked": schedule_chunked,
+}
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "distgen.config.SCHEDULER_NAMES must list SCHEDULERS"

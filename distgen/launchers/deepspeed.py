@@ -1,0 +1,71 @@
+"""deepspeed's launcher: `deepspeed --num_gpus N --module distgen.run ...` on this node, or over
+ssh/pdsh on the hosts of a hostfile (`--num_nodes`). Each rank gets torch's rank variables plus a
+`--local_rank=N` argument, which distgen.run accepts."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from distgen.config import LauncherConfig, RunConfig, require
+from distgen.errors import ConfigError
+from distgen.launchers.base import WORKER_MODULE, Launcher, free_port, register, run_command, write_next_to_outputs
+
+HOSTFILE_NAME = "deepspeed.hostfile"
+
+
+@dataclass
+class DeepspeedLauncher(LauncherConfig):
+    """deepspeed: launcher.num_gpus ranks per node (multi-node: launcher.hosts or hostfile, num_nodes)."""
+    name: str = "deepspeed"
+    # Ranks per node (one per GPU; on a CPU machine, processes).
+    num_gpus: int = 2
+    num_nodes: int = 1
+    # Multi-node: the hosts (reachable by ssh), written as a hostfile next to the outputs, ...
+    hosts: list[str] = field(default_factory=list)
+    # ... or an existing hostfile ("host slots=N" lines).
+    hostfile: str = ""
+    # Where rank 0 listens; empty: deepspeed's choice (the first host). Port 0: a free one here.
+    master_addr: str = ""
+    master_port: int = 0
+
+    def check(self) -> None:
+        require(self.num_gpus >= 1, "launcher.num_gpus", self.num_gpus, "must be >= 1")
+        require(self.num_nodes >= 1, "launcher.num_nodes", self.num_nodes, "must be >= 1")
+        require(not (self.hosts and self.hostfile), "launcher.hostfile", self.hostfile,
+                "give launcher.hosts or launcher.hostfile, not both")
+        require(self.num_nodes == 1 or len(self.hosts) >= self.num_nodes or bool(self.hostfile), "launcher.num_nodes",
+                self.num_nodes, f"needs launcher.hosts=[...] with at least {self.num_nodes} hosts, "
+                                "or launcher.hostfile=<file>")
+        require(0 <= self.master_port <= 65535, "launcher.master_port", self.master_port, "must be a port, 0-65535")
+
+
+def hostfile_text(hosts: Sequence[str], slots: int) -> str:
+    """deepspeed's hostfile: one `host slots=N` line per node."""
+    return "".join(f"{host} slots={slots}\n" for host in hosts)
+
+
+def deepspeed_command(cfg: DeepspeedLauncher, overrides: Sequence[str], hostfile: Optional[str], master_port: int,
+                      python: str = sys.executable) -> list[str]:
+    """The `deepspeed` argv (run as `python -m deepspeed.launcher.runner`, the same program)."""
+    nodes = [f"--hostfile={hostfile}", f"--num_nodes={cfg.num_nodes}"] if hostfile else []
+    master = [f"--master_addr={cfg.master_addr}"] if cfg.master_addr else []
+    return [python, "-m", "deepspeed.launcher.runner", *nodes, f"--num_gpus={cfg.num_gpus}", *master,
+            f"--master_port={master_port}", "--module", WORKER_MODULE, *overrides]
+
+
+def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
+    settings: DeepspeedLauncher = cfg.launcher
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("launcher=deepspeed is not allowed here: the deepspeed package is not installed "
+                          "(pip install deepspeed)")
+    hostfile = settings.hostfile or None
+    if settings.hosts:
+        hostfile = str(write_next_to_outputs(cfg.output.dir, HOSTFILE_NAME,
+                                             hostfile_text(settings.hosts, settings.num_gpus)))
+    port = settings.master_port or free_port()
+    return run_command(deepspeed_command(settings, overrides, hostfile, port))
+
+
+register(Launcher("deepspeed", launch), DeepspeedLauncher)

@@ -1,0 +1,173 @@
+"""Ray: one actor per rank in one placement group, on a running Ray cluster or a local one.
+
+Rank 0's actor picks a free port on its node; every actor sets the Ray row of the rank table
+(distgen.dist_env.RANK_ENV) and runs the same worker code as a torchrun rank, so the actors form
+one torch.distributed group (gloo or NCCL). The driver prints the coordinator's report. Inside a
+cluster, `ray job submit --address http://HEAD:8265 -- python -m distgen.launch launcher=ray ...`
+runs this driver on the head (`launcher.submit=http://HEAD:8265` writes that command for you).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from distgen.config import LauncherConfig, RunConfig, require, require_choice
+from distgen.dist_env import RANK_VARS
+from distgen.errors import ConfigError
+from distgen.launchers.base import Launcher, free_port, register, run_command
+
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+SUBMIT_KEY = "launcher.submit"
+
+
+@dataclass
+class RayLauncher(LauncherConfig):
+    """Ray: launcher.ranks actors in one placement group on launcher.address (or a local cluster)."""
+    name: str = "ray"
+    # The cluster (host:6379, or "auto"); empty: the one ray.init() finds (RAY_ADDRESS, a cluster
+    # started on this machine), else a new local one.
+    address: str = ""
+    ranks: int = 2
+    # One bundle per rank; gpus_per_rank=0 runs on CPUs (gloo).
+    cpus_per_rank: float = 1.0
+    gpus_per_rank: float = 0.0
+    # STRICT_PACK: every rank on one node; SPREAD: over as many nodes as possible.
+    placement: str = "STRICT_PACK"
+    placement_timeout_s: float = 300.0
+    # A job server (http://HEAD:8265): run this driver there with `ray job submit` instead of here.
+    submit: str = ""
+
+    def check(self) -> None:
+        require(self.ranks >= 1, "launcher.ranks", self.ranks, "must be >= 1")
+        require(self.cpus_per_rank >= 0, "launcher.cpus_per_rank", self.cpus_per_rank, "must be >= 0")
+        require(self.gpus_per_rank >= 0, "launcher.gpus_per_rank", self.gpus_per_rank, "must be >= 0")
+        require(self.cpus_per_rank > 0 or self.gpus_per_rank > 0, "launcher.cpus_per_rank", self.cpus_per_rank,
+                "a rank needs some resources: cpus_per_rank > 0 or gpus_per_rank > 0")
+        require_choice("launcher.placement", self.placement, PLACEMENT_STRATEGIES)
+        require(self.placement_timeout_s > 0, "launcher.placement_timeout_s", self.placement_timeout_s, "must be > 0")
+        require(not self.submit or self.submit.startswith(("http://", "https://")), SUBMIT_KEY, self.submit,
+                "the job server's URL, e.g. http://HEAD:8265")
+
+
+def bundles(cfg: RayLauncher) -> list[dict[str, float]]:
+    """One placement-group bundle per rank."""
+    bundle = {"CPU": cfg.cpus_per_rank, "GPU": cfg.gpus_per_rank}
+    return [{k: v for k, v in bundle.items() if v > 0} for _ in range(cfg.ranks)]
+
+
+def local_ranks(nodes: Sequence[str]) -> list[int]:
+    """Each rank's index among the ranks on its node (ranks in order)."""
+    seen: Counter[str] = Counter()
+    ranks = []
+    for node in nodes:
+        ranks.append(seen[node])
+        seen[node] += 1
+    return ranks
+
+
+def rank_env(rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int) -> dict[str, str]:
+    """What an actor sets before it runs the worker: the Ray row of the rank table."""
+    row = RANK_VARS["ray"]
+    return {row.rank: str(rank), row.world_size: str(world_size), row.local_rank: str(local_rank),
+            row.master_addr: master_addr, row.master_port: str(master_port)}
+
+
+def job_submit_command(job_server: str, overrides: Sequence[str], python: str = "python",
+                       ray: Sequence[str] = ("ray",)) -> list[str]:
+    """`ray job submit`: the driver (`python -m distgen.launch launcher=ray ...`) runs on the cluster,
+    with the cluster's `python`."""
+    entrypoint = [python, "-m", "distgen.launch", *(o for o in overrides if not o.startswith(SUBMIT_KEY + "="))]
+    return [*ray, "job", "submit", f"--address={job_server}", "--", *entrypoint]
+
+
+class RankWorker:
+    """One rank, as a Ray actor (wrapped with ray.remote when the launcher runs)."""
+
+    def node_address(self) -> str:
+        import ray
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        return free_port()
+
+    def run(self, env: dict[str, str], overrides: list[str]) -> tuple[int, str]:
+        """The worker's exit status and what it printed (the coordinator's table)."""
+        from distgen.run import main as run_main
+        os.environ.update(env)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            status = run_main(overrides)
+        return status, printed.getvalue()
+
+
+def collect(ray, runs: dict, out_dir: str) -> int:
+    """Wait for every rank; the first failure ends the job, naming its rank."""
+    pending, report = list(runs), ""
+    while pending:
+        [done], pending = ray.wait(pending, num_returns=1)
+        rank = runs[done]
+        try:
+            status, printed = ray.get(done)
+        except Exception as err:  # an actor that died or raised
+            print(f"distgen: rank {rank} (Ray actor) failed: {type(err).__name__}: {err}\ndistgen: the finished "
+                  f"completions stay journaled in {out_dir}; rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+            return 1
+        if status != 0:
+            print(f"distgen: rank {rank} (Ray actor) exited with status {status}", file=sys.stderr, flush=True)
+            return status
+        report = printed if rank == 0 else report
+    print(report, end="", flush=True)
+    return 0
+
+
+def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str) -> int:
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group(bundles(cfg), strategy=cfg.placement)
+    actors = []
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=cfg.placement_timeout_s)
+        if not ready:
+            raise RuntimeError(f"Ray could not place {cfg.ranks} ranks ({bundles(cfg)[0]} each, {cfg.placement}) "
+                               f"within {cfg.placement_timeout_s:.0f} s; the cluster has {ray.cluster_resources()}")
+        actor = ray.remote(RankWorker)
+        actors = [actor.options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank)).remote()
+                  for rank in range(cfg.ranks)]
+        nodes = ray.get([a.node_address.remote() for a in actors])
+        port = ray.get(actors[0].free_port.remote())
+        runs = {a.run.remote(rank_env(rank, cfg.ranks, local, nodes[0], port), list(overrides)): rank
+                for rank, (a, local) in enumerate(zip(actors, local_ranks(nodes)))}
+        return collect(ray, runs, out_dir)
+    finally:
+        for a in actors:  # a rank still waiting in a collective for a failed peer ends here
+            ray.kill(a)
+        remove_placement_group(group)
+
+
+def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
+    settings: RayLauncher = cfg.launcher
+    if settings.submit:
+        # The `ray` command of this Python, whether or not its folder is on PATH.
+        ray_cli = (sys.executable, "-m", "ray.scripts.scripts")
+        return run_command(job_submit_command(settings.submit, overrides, ray=ray_cli))
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("launcher=ray is not allowed here: the ray package is not installed "
+                          "(pip install 'ray[default]')") from None
+    ray.init(address=settings.address or None, log_to_driver=True)
+    try:
+        return run_ranks(ray, settings, overrides, cfg.output.dir)
+    finally:
+        ray.shutdown()
+
+
+register(Launcher("ray", launch), RayLauncher)

@@ -1,0 +1,154 @@
+"""Engine choices (slot cache, compile, chunked prefill, sliding window) against `model.generate`."""
+import re
+from collections import deque
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
+from distgen.config import GenerationConfig
+from distgen.engine.build import COMPILE_MIN_DECODE_STEPS, plan_cache, plan_compile
+from distgen.engine.request import Request, Status
+from distgen.engine.scheduler import SCHEDULERS, SchedulerState
+from distgen.prompts import Prompt
+from distgen.errors import ConfigError
+from helpers import engine_for, generate_all
+
+
+def assert_matches_generate(model, tokenizer, got, records, eos_ids=()):
+    for record in records:
+        budget = record.get("max_new_tokens", DEFAULT_BUDGET)
+        want = reference_greedy(model, tokenizer, record["prompt"], budget, list(eos_ids))
+        assert got[record["id"]].token_ids == want, record["id"]
+
+
+def test_refilled_slot_never_attends_to_its_previous_tenant(tiny_model, tokenizer):
+    # One slot: the long prompt fills many columns, then the short one reuses the slot. If the short
+    # prompt attended to any stale column its greedy tokens would differ from generating it alone.
+    records = [{"id": "long", "prompt": "x" * 90 + " a long first tenant", "max_new_tokens": 12},
+               {"id": "short", "prompt": "Hi", "max_new_tokens": 12}]
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=1, cache="static", compile="off")
+    engine = engine_for(tiny_model, tokenizer, records, cfg)
+    got = generate_all(engine)
+    assert_matches_generate(tiny_model, tokenizer, got, records)
+    assert engine.kv.free == [0]
+
+
+def test_compiled_decode_equals_generate_and_compiles_once(tiny_model, tokenizer, monkeypatch):
+    # The eager backend traces exactly what inductor would compile, without minutes of codegen on CI.
+    monkeypatch.setenv("DISTGEN_COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, compile="on", scheduler="continuous")
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    assert engine.runner.compiled and "static" in engine.choice
+    assert_matches_generate(tiny_model, tokenizer, generate_all(engine), PROMPTS)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_chunked_scheduler_splits_prompts_under_the_token_budget():
+    waiting = deque(Request(Prompt(i, str(i), ""), [5] * n, 4, None) for i, n in enumerate([10, 3, 7]))
+    state = lambda running, last: SchedulerState(waiting, running, free_rows=2 - len(running), token_budget=8,
+                                                 last_kind=last)
+    first = SCHEDULERS["chunked"](state([], ""))
+    assert [r.prompt.index for r in first.requests] == [0] and first.chunks == [8]
+    waiting[0].status, waiting[0].prefilled = Status.PREFILLING, 8
+    running = [waiting.popleft()]
+    second = SCHEDULERS["chunked"](state(running, "prefill"))
+    assert [r.prompt.index for r in second.requests] == [0, 1] and second.chunks == [2, 3]
+    running[0].status = Status.DECODING
+    assert SCHEDULERS["chunked"](state(running, "prefill")).kind == "decode"
+    assert SCHEDULERS["static"](state(running, "decode")).kind == "decode"
+    assert SCHEDULERS["continuous"](state(running, "decode")).chunks == [3]
+
+
+def test_auto_choices_say_why(tiny_model):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # the plan only reads the device type
+    small = plan_compile(GenerationConfig(), tiny_model, decode_steps=10, lockstep=False, device=cuda)
+    assert not small.enabled and "too few" in small.reason
+    assert plan_compile(GenerationConfig(), tiny_model, COMPILE_MIN_DECODE_STEPS, lockstep=False, device=cuda).enabled
+    on_cpu = plan_compile(GenerationConfig(), tiny_model, COMPILE_MIN_DECODE_STEPS, lockstep=False, device=cpu)
+    assert not on_cpu.enabled and "CPU" in on_cpu.reason
+    sharded = plan_compile(GenerationConfig(), tiny_model, 10**6, lockstep=True, device=cuda)
+    assert not sharded.enabled and "lockstep" in sharded.reason
+    assert plan_compile(GenerationConfig(compile="on"), tiny_model, 10, lockstep=True, device=cpu).enabled
+    assert not plan_compile(GenerationConfig(compile="off"), tiny_model, 10**6, lockstep=False, device=cuda).enabled
+    assert plan_cache(GenerationConfig(), tiny_model, compiling=True)[0] == "static"
+    assert plan_cache(GenerationConfig(), tiny_model, compiling=False)[0] == "static"
+    assert plan_cache(GenerationConfig(scheduler="chunked"), tiny_model, compiling=False)[0] == "static"
+    assert plan_cache(GenerationConfig(), tiny_model, compiling=False, need=2 << 30, budget=1 << 30)[0] == "quantized"
+    with pytest.raises(ConfigError, match="generation.cache=sliding_window needs"):
+        plan_cache(GenerationConfig(cache="sliding_window"), tiny_model, compiling=False)
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"scheduler": "chunked", "cache": "dynamic"}, "generation.cache='dynamic'"),
+    ({"compile": "on", "cache": "dynamic"}, "generation.compile=on needs"),
+    ({"scheduler": "rolling"}, "expected one of static, continuous, chunked"),
+    ({"cache": "paged"}, "generation.cache='paged'"),
+    ({"prefill_chunk_tokens": 0}, "generation.prefill_chunk_tokens"),
+])
+def test_bad_engine_settings_are_config_errors(values, match):
+    with pytest.raises(ConfigError, match=match):
+        GenerationConfig(**values).check()
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
+def test_quantized_cache_runs_keeps_shapes_and_is_smaller(tiny_model, tokenizer, scheduler):
+    # int8 keys/values change a random model's tokens, so only the shapes and budgets are checked
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="quantized", compile="off",
+                           scheduler=scheduler, prefill_chunk_tokens=8)
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    got = generate_all(engine)
+    assert [len(got[r["id"]].token_ids) for r in PROMPTS] == [r.get("max_new_tokens", DEFAULT_BUDGET) for r in PROMPTS]
+    layer = engine.kv.cache.layers[0]
+    assert layer.keys.dtype == torch.int8 and layer.keys.shape[:3] == layer.key_scales.shape[:3]
+    assert layer.keys.shape == (3, 2, engine.kv.max_len + 1, 16)
+
+
+@pytest.fixture(scope="module")
+def sliding_model(tokenizer):
+    torch.manual_seed(3)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6, initializer_range=0.2,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           max_position_embeddings=512)
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
+def test_sliding_window_cache_equals_generate(sliding_model, tokenizer, scheduler):
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler=scheduler, compile="off",
+                           prefill_chunk_tokens=5)
+    engine = engine_for(sliding_model, tokenizer, PROMPTS, cfg)
+    assert "sliding_window" in engine.choice
+    longest_chunk = 5 if scheduler == "chunked" else max(len(tokenizer(p["prompt"])["input_ids"]) for p in PROMPTS)
+    assert engine.kv.max_len == 6 + longest_chunk - 1  # only the window (and one chunk) is cached
+    assert_matches_generate(sliding_model, tokenizer, generate_all(engine), PROMPTS)
+
+
+def peak_rss_growth_kib(run) -> int:
+    """Peak RSS above the starting RSS while `run()` runs (Linux: clear_refs resets the peak)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    status = lambda key: int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    base = status("VmRSS")
+    run()
+    return status("VmHWM") - base
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak RSS")
+def test_chunked_prefill_of_a_4k_prompt_same_tokens_lower_peak(tiny_model, tokenizer):
+    records = [{"id": "long", "prompt": "".join(chr(97 + (i * 7) % 26) for i in range(4000)), "max_new_tokens": 4}]
+    tokens, peaks = {}, {}
+    # chunked first: memory it frees and the allocator keeps would only lower the whole prefill's figure
+    for name, settings in [("chunked", {"scheduler": "chunked", "prefill_chunk_tokens": 256}),
+                           ("whole", {"scheduler": "continuous", "cache": "static"})]:
+        cfg = GenerationConfig(batch_size=1, compile="off", **settings)
+        engine = engine_for(tiny_model, tokenizer, records, cfg)
+        peaks[name] = peak_rss_growth_kib(lambda: tokens.update({name: generate_all(engine)["long"].token_ids}))
+    assert tokens["chunked"] == tokens["whole"] == reference_greedy(tiny_model, tokenizer, records[0]["prompt"], 4, [])
+    # one 4k-token prefill holds a 4000 x 4032 mask and its scores; chunks of 256 hold 16x less
+    assert peaks["chunked"] < peaks["whole"] / 2, peaks
