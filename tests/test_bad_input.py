@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import read_outputs, read_stats, reference_greedy, write_prompts
 from distgen.launch import main as launch_main
+from distgen.launchers import LAUNCHERS
 from distgen.layouts import LAYOUTS
 from distgen.load_config import load_config
 from distgen.prompts import read_prompts
@@ -159,7 +160,8 @@ def test_fingerprint_follows_content_not_spelling_or_batching(gpt2_dir, tmp_path
 def test_help_lists_groups_keys_and_defaults(capsys):
     assert launch_main(["--help"]) == 0  # `python -m distgen.launch --help`
     out = capsys.readouterr().out
-    for line in ("layout=" + "|".join(LAYOUTS.names()), "launcher=none|torchrun", "generation.max_new_tokens=32",
+    for line in ("layout=" + "|".join(LAYOUTS.names()), "launcher=" + "|".join(LAUNCHERS.names()),
+                 "generation.max_new_tokens=32",
                  "dataset.too_long=error_record", "launcher.max_restarts=0", "model.path=null"):
         assert f"  {line}\n" in out, line
     assert "python -m distgen.launch launcher=torchrun" in out
