@@ -92,7 +92,9 @@ class RecordJournal:
 def read_jsonl_lenient(path: Path) -> list[dict]:
     """Records of a JSON-lines file; a line cut short by a crash is skipped."""
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # split on "\n" only: str.splitlines() also splits inside a completion at \x85 or \u2028,
+    # which json.dumps(ensure_ascii=False) leaves unescaped.
+    for line in path.read_text(encoding="utf-8").split("\n"):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -67,7 +67,8 @@ def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_ids
 
 
 def read_outputs(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text().splitlines()]
+    # "\n" only: splitlines() would also split a completion holding \x85 or \u2028.
+    return [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text(encoding="utf-8").split("\n") if line]
 
 
 def read_stats(out_dir: Path) -> dict:

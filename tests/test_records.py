@@ -78,3 +78,13 @@ def test_resume_off_regenerates(tiny_model_dir, prompts_file, tmp_path):
     assert run_in_process(args) == 0
     assert run_in_process([*args, "output.resume=false"]) == 0
     assert read_stats(tmp_path)["ranks"][0]["prompts"] == 7
+
+
+def test_journal_lines_split_only_on_newlines(tmp_path):
+    """A completion holding U+2028 or U+0085 (left unescaped with ensure_ascii=False) is one record."""
+    from distgen.records import read_jsonl_lenient
+
+    records = [{"index": 0, "completion": "a\u2028b\x85c"}, {"index": 1, "completion": "d"}]
+    path = tmp_path / "j.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + '{"index": 2, "cut', "utf-8")
+    assert read_jsonl_lenient(path) == records
