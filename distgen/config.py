@@ -14,7 +14,10 @@ MODEL_SOURCES = ("pretrained", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-DATASET_FORMATS = ("auto", "jsonl", "json", "txt")
+# jsonl, json (a JSON array), txt, csv, parquet: files; saved: a folder written by `datasets.save_to_disk`;
+# folder: a local folder of data files `datasets.load_dataset` reads (never a download).
+DATASET_FORMATS = ("auto", "jsonl", "json", "txt", "csv", "parquet", "saved", "folder")
+OUTPUT_FORMATS = ("jsonl", "parquet")
 # What a prompt that does not fit the model's context becomes.
 TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
 # The engine's name tables (distgen/engine/scheduler.py and distgen/engine/build.py check they match).
@@ -143,13 +146,21 @@ class DatasetConfig:
     format: str = "auto"
     prompt_field: str = "prompt"
     id_field: str = "id"
+    # A column of chat messages ([{role, content}, ...]) rendered with the tokenizer's chat
+    # template (add_generation_prompt); when set, it is used instead of prompt_field.
+    messages_field: Optional[str] = None
+    # The split to take from a saved DatasetDict or a local dataset folder.
+    split: str = "train"
     limit: Optional[int] = None
+    # Shuffle the records with this seed before `limit` applies; None keeps file order.
+    shuffle_seed: Optional[int] = None
     # A prompt whose tokens plus budget exceed the model's context: an error record (the job goes
     # on), its oldest tokens dropped to fit, or a config error before any worker starts.
     too_long: str = "error_record"
 
     def check(self) -> None:
-        require(bool(self.path), "dataset.path", self.path, "give dataset=<prompts .jsonl or .txt file>")
+        require(bool(self.path), "dataset.path", self.path,
+                "give dataset=<prompts file (.jsonl .txt .csv .parquet) or dataset folder>")
         require_choice("dataset.format", self.format, DATASET_FORMATS)
         require_choice("dataset.too_long", self.too_long, TOO_LONG_POLICIES)
         require(self.limit is None or self.limit >= 0, "dataset.limit", self.limit, "must be >= 0")
@@ -163,9 +174,22 @@ class OutputConfig:
     progress_every_s: float = 30.0
     # Skip prompts an earlier run of the same job finished into this output.dir.
     resume: bool = True
+    # Shards under output.dir/outputs/: part-RRRRR-NNNNN.jsonl or .parquet.
+    format: str = "jsonl"
+    # Records per shard; a rank starts a new shard once its current one holds this many.
+    shard_size: int = 10000
+    # Also write outputs.jsonl in dataset order by a streaming k-way merge of the shards.
+    merge: bool = True
+    # Each rank samples its memory and counters this often (seconds) for the report.
+    sample_every_s: float = 1.0
+    # Write report.html (memory and throughput over time, length histograms) next to stats.json.
+    report: bool = True
 
     def check(self) -> None:
         require(self.progress_every_s >= 0, "output.progress_every_s", self.progress_every_s, "must be >= 0")
+        require_choice("output.format", self.format, OUTPUT_FORMATS)
+        require(self.shard_size >= 1, "output.shard_size", self.shard_size, "must be >= 1")
+        require(self.sample_every_s > 0, "output.sample_every_s", self.sample_every_s, "must be > 0")
 
 
 @dataclass

@@ -1,18 +1,16 @@
-"""Rank 0 gathers every rank's completions and stats, checks them, writes and reports them."""
+"""Rank 0 gathers every rank's stats (never its completions: those are in the shards) and reports them."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch.distributed as dist
 
-from distgen.errors import IncompleteOutputError
 from distgen.stats import RankStats
 
-OUTPUTS_FILE = "outputs.jsonl"
 STATS_FILE = "stats.json"
 
 
@@ -21,25 +19,6 @@ def gather_to_coordinator(obj, rank: int, world_size: int) -> list | None:
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
-
-
-def order_records(per_rank: Iterable[Sequence[dict]], prompt_count: int) -> list[dict]:
-    """Dataset order; raises unless every prompt index appears exactly once."""
-    by_index: dict[int, dict] = {}
-    repeated = set()
-    for records in per_rank:
-        for record in records:
-            index = record["index"]
-            if index in by_index:
-                repeated.add(index)
-            by_index[index] = record
-    missing = sorted(set(range(prompt_count)) - by_index.keys())
-    unknown = sorted(by_index.keys() - set(range(prompt_count)))
-    if missing or repeated or unknown:
-        raise IncompleteOutputError(
-            f"outputs do not cover the {prompt_count} prompts once each: missing {missing[:20]}, "
-            f"repeated {sorted(repeated)[:20]}, out of range {unknown[:20]}")
-    return [by_index[i] for i in range(prompt_count)]
 
 
 def current_umask() -> int:
@@ -64,10 +43,10 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_outputs(out_dir: Path, records: Sequence[dict], stats: Sequence[RankStats], summary: dict) -> None:
-    write_atomic(out_dir / OUTPUTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+def write_stats(out_dir: Path, stats: Sequence[RankStats], summary: dict, timelines: Sequence[list[dict]]) -> None:
+    """stats.json: the summary, each rank's figures and each rank's sampled timeline."""
     write_atomic(out_dir / STATS_FILE, json.dumps(
-        {"summary": summary, "ranks": [s.as_record() for s in stats]}, indent=2) + "\n")
+        {"summary": summary, "ranks": [s.as_record() for s in stats], "timelines": list(timelines)}, indent=2) + "\n")
 
 
 def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, job: str = "",

@@ -13,7 +13,7 @@ from typing import Sequence
 from distgen.errors import ConfigError
 from distgen.launchers import get_launcher
 from distgen.load_config import load_config
-from distgen.resume import job_complete
+from distgen.shards import job_complete
 from distgen.run import FLAGS, finished_message, main as run_main, prepare_job
 
 
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(overrides)
         job = prepare_job(cfg)
-        if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint, len(job.prompts)):
+        if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint):
             print(finished_message(job), flush=True)
             return 0
         return get_launcher(cfg.launcher.name).launch(cfg, overrides)

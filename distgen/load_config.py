@@ -26,7 +26,7 @@ PRIMARY_CONFIG = "run"
 SCHEMA_NAME = "distgen_schema"
 # `group=<path>` is shorthand for `group.<field>=<path>` when the value names a file or folder.
 PATH_SHORTHANDS = {"dataset": "path", "model": "path"}
-FILE_SUFFIXES = (".jsonl", ".json", ".txt")
+FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
 
 
 def register_schema() -> None:

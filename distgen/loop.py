@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,8 +41,9 @@ def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> N
 
 def run_loop(engine: Engine, lockstep: bool, idle_step: Callable[[], None],
              device: torch.device, on_finished: Callable[[list[Completion]], None], group=None,
-             sync_every: int = 1) -> LoopCounters:
-    counters = LoopCounters()
+             sync_every: int = 1, counters: Optional[LoopCounters] = None) -> LoopCounters:
+    """`counters`, when given, is updated as the loop runs (a sampler thread reads it)."""
+    counters = LoopCounters() if counters is None else counters
     start = time.perf_counter()
     step = 0
     while True:

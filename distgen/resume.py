@@ -2,9 +2,11 @@
 
 A job is identified by a fingerprint of everything that decides its completions: the model by
 its content (the files in its folder, not how its path is spelled), the sampling settings and
-budgets, the prompts themselves. How the work is batched or placed (batch size, continuous
-batching, layout, launcher, world size) is left out: it must not change a completion, and a
-restart with a smaller batch after running out of memory must find the earlier work.
+budgets, the too-long policy and the content of the prompts (a digest of the dataset's records,
+see `PromptSource.digest`). How the work is batched or placed (batch size, scheduler, layout,
+launcher, world size) is left out: it must not change a completion, and a restart with a smaller
+batch after running out of memory must find the earlier work. The finished work itself is read
+from the output shards (distgen/shards.py), whose manifest names the job.
 """
 from __future__ import annotations
 
@@ -12,15 +14,10 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch.distributed as dist
 
 from distgen.config import ModelConfig, RunConfig
-from distgen.coordinator import OUTPUTS_FILE, STATS_FILE
-from distgen.prompts import Prompt
-from distgen.records import read_journals, read_jsonl_lenient
-
 
 # Files up to this size are hashed whole (configs, tokenizers); larger ones (weights) by sampling.
 WHOLE_FILE_BYTES = 16 * 1024 * 1024
@@ -61,40 +58,16 @@ def model_identity(cfg: ModelConfig) -> dict:
     return {**settings, "files": folder_digest(cfg.path), "tokenizer_files": tokenizer}
 
 
-def job_fingerprint(cfg: RunConfig, prompts: Sequence[Prompt]) -> str:
+def job_fingerprint(cfg: RunConfig, dataset_digest: str) -> str:
     generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS}
     content = {"model": model_identity(cfg.model), "generation": generation, "too_long": cfg.dataset.too_long,
-               "prompts": [(p.id, p.text, p.max_new_tokens, p.error) for p in prompts]}
+               "prompts": dataset_digest}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def finished_outputs(out_dir: Path, fingerprint: str) -> list[dict]:
-    """The records of a completed run of this same job in out_dir, if there is one."""
-    try:
-        stats = json.loads((out_dir / STATS_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return []
-    if stats.get("summary", {}).get("job") != fingerprint or not (out_dir / OUTPUTS_FILE).is_file():
-        return []
-    return read_jsonl_lenient(out_dir / OUTPUTS_FILE)
-
-
-def job_complete(out_dir: Path, fingerprint: str, prompt_count: int) -> bool:
-    """Whether out_dir already holds the finished outputs of this same job."""
-    return len(finished_outputs(out_dir, fingerprint)) == prompt_count
-
-
-def shared_skip(finished: dict[int, dict], complete: bool, is_coordinator: bool) -> tuple[frozenset[int], bool]:
-    """Rank 0's finished prompts and whether the job is complete, on every rank: all ranks must
-    plan the same work even when their output folders are not one shared folder."""
-    box = [(sorted(finished), complete) if is_coordinator else None]
+def shared_skip(finished: set[int], is_coordinator: bool) -> frozenset[int]:
+    """Rank 0's finished prompts, on every rank: all ranks must plan the same work even when their
+    output folders are not one shared folder."""
+    box = [sorted(finished) if is_coordinator else None]
     dist.broadcast_object_list(box, src=0)
-    return frozenset(box[0][0]), box[0][1]
-
-
-def load_finished(out_dir: Path, fingerprint: str, prompts: Sequence[Prompt]) -> dict[int, dict]:
-    """Finished records by prompt index, from a completed run's outputs and from journals."""
-    found = [*finished_outputs(out_dir, fingerprint), *read_journals(out_dir, fingerprint)]
-    return {r["index"]: r for r in found
-            if isinstance(r.get("index"), int) and 0 <= r["index"] < len(prompts)
-            and r.get("id") == prompts[r["index"]].id}
+    return frozenset(box[0])

@@ -1,6 +1,7 @@
 """Choose each sequence's next token from its last-position logits."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -35,3 +36,37 @@ def select_next_tokens(logits: torch.Tensor, cfg: GenerationConfig,
         return logits.argmax(dim=-1)
     probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
     return torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators)])
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """One sequence's sampling settings: generation.* with its record's overrides applied."""
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+def row_sampling(cfg: GenerationConfig, prompt) -> RowSampling:
+    """A record's temperature decides for it: 0 is greedy, > 0 samples (even when generation.do_sample=false)."""
+    temperature = cfg.temperature if prompt.temperature is None else prompt.temperature
+    do_sample = cfg.do_sample if prompt.temperature is None else prompt.temperature > 0
+    return RowSampling(do_sample, temperature if temperature > 0 else 1.0,
+                       cfg.top_k if prompt.top_k is None else prompt.top_k,
+                       cfg.top_p if prompt.top_p is None else prompt.top_p)
+
+
+def sequence_generator(cfg: GenerationConfig, prompt, device: torch.device) -> torch.Generator:
+    """A record's own seed, else one derived from generation.seed and its index."""
+    if prompt.seed is not None:
+        return torch.Generator(device=device).manual_seed(prompt.seed)
+    return prompt_generator(cfg.seed, prompt.index, device)
+
+
+def select_row_tokens(logits: torch.Tensor, settings: Sequence[RowSampling],
+                      generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """logits: (batch, vocab) -> (batch,); one batched call when every row has the same settings."""
+    if len(set(settings)) <= 1:
+        return select_next_tokens(logits, settings[0], generators) if settings else logits.argmax(dim=-1)
+    return torch.cat([select_next_tokens(row.unsqueeze(0), setting, [gen])
+                      for row, setting, gen in zip(logits, settings, generators)])

@@ -55,24 +55,50 @@ def too_long_reason(length: int, budget: int, limit: ContextLimit) -> Optional[s
             f"{limit.tokens} tokens ({limit.source})")
 
 
+# What the length table's screen column holds for a prompt.
+RUNS, ERROR_RECORD, FAILS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Screen:
+    """One prompt's fate: runs (its first `keep` tokens dropped when truncated), an error record, or fails the job."""
+    verdict: int = RUNS
+    reason: Optional[str] = None
+    keep: Optional[int] = None  # truncate_left: keep only the last `keep` tokens
+
+
+def screen_prompt(prompt: Prompt, length: int, limit: ContextLimit, too_long: str, default_budget: int) -> Screen:
+    budget = prompt.budget(default_budget)
+    reason = prompt.error or (None if length else "prompt tokenizes to nothing")
+    if reason:
+        return Screen(ERROR_RECORD, reason)
+    too_long_why = too_long_reason(length, budget, limit)
+    if not too_long_why:
+        return Screen()
+    keep = (limit.tokens or 0) - budget
+    if too_long == "truncate_left" and keep >= 1:
+        return Screen(keep=keep)
+    return Screen(FAILS if too_long == "fail" else ERROR_RECORD, too_long_why)
+
+
+def too_long_failure(failed: Sequence[str], count: int) -> ConfigError:
+    """`failed`: the first few as "id 'x': why"; `count`: how many prompts do not fit."""
+    return ConfigError(f"{count} prompts do not fit (dataset.too_long=fail; error_record or "
+                       "truncate_left keep the job going): " + "; ".join(failed[:5]))
+
+
 def screen_prompts(prompts: Sequence[Prompt], token_ids: Sequence[list[int]], limit: ContextLimit, too_long: str,
                    default_budget: int) -> Screened:
     screened = Screened([list(ids) for ids in token_ids])
     failed = []
-    for prompt, ids in zip(prompts, screened.token_ids):
-        budget = prompt.budget(default_budget)
-        reason = prompt.error or (None if ids else "prompt tokenizes to nothing")
-        too_long_why = None if reason else too_long_reason(len(ids), budget, limit)
-        keep = (limit.tokens or 0) - budget
-        if too_long_why and too_long == "truncate_left" and keep >= 1:
-            screened.token_ids[prompt.index] = ids[-keep:]
-        elif too_long_why and too_long == "fail":
-            failed.append(f"id {prompt.id!r}: {too_long_why}")
-        else:
-            reason = reason or too_long_why
-        if reason:
-            screened.rejected[prompt.index] = reason
+    for k, (prompt, ids) in enumerate(zip(prompts, screened.token_ids)):
+        screen = screen_prompt(prompt, len(ids), limit, too_long, default_budget)
+        if screen.keep is not None:
+            screened.token_ids[k] = ids[-screen.keep:]
+        if screen.verdict == FAILS:
+            failed.append(f"id {prompt.id!r}: {screen.reason}")
+        elif screen.verdict == ERROR_RECORD:
+            screened.rejected[prompt.index] = screen.reason
     if failed:
-        raise ConfigError(f"{len(failed)} prompts do not fit (dataset.too_long=fail; error_record or "
-                          "truncate_left keep the job going): " + "; ".join(failed[:5]))
+        raise too_long_failure(failed, len(failed))
     return screened

@@ -58,6 +58,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mib() -> float:
+    """Resident memory of this process now (Linux /proc), for sampling over time."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize() / MIB
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mib()
+
+
+def cuda_allocated_mib(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / MIB if device.type == "cuda" else 0.0
+
+
 def cuda_peaks_mib(device: torch.device) -> tuple[float, float]:
     if device.type != "cuda":
         return 0.0, 0.0

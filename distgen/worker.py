@@ -1,48 +1,89 @@
-"""What one rank does: load and place the model, take its shard of prompts, generate."""
+"""What one rank does: load and place the model, take its share of prompts, generate, and
+write its completions to its own output shards as they finish."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
+
+import numpy as np
 
 from distgen.config import RunConfig
 from distgen.dist_env import DistContext
 from distgen.engine import Completion, build_engine
+from distgen.engine.build import QueueShape
+from distgen.feed import CHUNK, PromptFeed, Screening
+from distgen.inputs import PromptSource
 from distgen.layouts import DataGroups, get_layout
 from distgen.layouts.base import full_param_bytes, resident_param_bytes
-from distgen.loop import idle_forward, run_loop
+from distgen.loop import LoopCounters, idle_forward, run_loop
 from distgen.model_loading import ModelSource
 from distgen.plan import assign_to_ranks, decode_order
-from distgen.progress import ProgressLog
-from distgen.prompts import Prompt
-from distgen.records import RecordJournal, completion_record, error_record
+from distgen.progress import LiveCounters, ProgressDisplay, RankSampler
+from distgen.records import completion_record, error_record
+from distgen.screening import ERROR_RECORD, RUNS
+from distgen.shards import ShardWriter
 from distgen.stats import RankStats, cuda_peaks_mib, peak_rss_mib, reset_peaks
+from distgen.stops import StopStrings
+
+# distgen's own files in output.dir: the length table cache, the progress side channel.
+WORK_DIR = ".distgen"
 
 
 @dataclass
 class Job:
-    """Everything checked and tokenized before any process group exists."""
+    """Everything checked before any process group exists; `lengths` and `skip` are shared once it does."""
     cfg: RunConfig
-    prompts: list[Prompt]
+    source: PromptSource
     tokenizer: object
-    token_ids: list[list[int]]
     fingerprint: str
-    # Prompt indices that get an error record instead of a completion, with the reason.
-    rejected: dict[int, str] = field(default_factory=dict)
-    # Records an earlier run of this job finished, by prompt index; read by the coordinator only.
-    finished: dict[int, dict] = field(default_factory=dict)
-    # Prompt indices every rank skips: the coordinator's `finished`, shared once the group starts.
+    # What decides whether a prompt runs (the model's context, dataset.too_long).
+    screening: Screening = Screening()
+    # Whether this job created output.dir (for the dataset's cache): an unusable job removes it again.
+    created_out: bool = False
+    # Prompt indices every rank skips: finished by an earlier run of this job (read by the coordinator).
     skip: frozenset[int] = frozenset()
+    # Per prompt: token count as run, the record's own budget (0: generation.max_new_tokens), and
+    # its screening verdict (RUNS, or an ERROR_RECORD instead of a completion).
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    budgets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    screen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
     @property
-    def todo(self) -> list[int]:
-        return [i for i in range(len(self.prompts)) if i not in self.skip and i not in self.rejected]
+    def prompt_count(self) -> int:
+        return len(self.source)
 
-    def error_records(self) -> list[dict]:
-        """Error records for rejected prompts an earlier run has not already written."""
-        return [error_record(self.prompts[i], reason, len(self.token_ids[i]))
-                for i, reason in sorted(self.rejected.items()) if i not in self.finished]
+    def not_done(self) -> np.ndarray:
+        mask = np.ones(self.prompt_count, dtype=bool)
+        mask[list(self.skip)] = False
+        return mask
+
+    @property
+    def todo(self) -> np.ndarray:
+        """Prompts to generate: not finished earlier, not rejected by screening."""
+        return np.flatnonzero(self.not_done() & (self.screen == RUNS))
+
+    @property
+    def rejected(self) -> np.ndarray:
+        """Prompts that get an error record and that no earlier run wrote one for."""
+        return np.flatnonzero(self.not_done() & (self.screen == ERROR_RECORD))
+
+    @property
+    def error_count(self) -> int:
+        return int((self.screen == ERROR_RECORD).sum())
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output.dir)
+
+    def work_path(self, *parts: str) -> Path:
+        return self.out_dir / WORK_DIR / Path(*parts)
+
+    def error_records(self, indices: np.ndarray) -> list[dict]:
+        """Error records for these rejected prompts, with the reason screening gives."""
+        return [error_record(p, self.screening(p, int(self.lengths[p.index])).reason, int(self.lengths[p.index]))
+                for p in self.source.prompts(indices)]
 
 
 def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[int]:
@@ -56,20 +97,42 @@ def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[
     return [model_eos] if isinstance(model_eos, int) else list(model_eos)
 
 
+def split_costs(indices: np.ndarray, job: Job, parts: int) -> list[np.ndarray]:
+    """`indices` balanced over `parts` by prompt length plus budget (each part in dataset order)."""
+    budgets = np.where(job.budgets[indices] > 0, job.budgets[indices], job.cfg.generation.max_new_tokens)
+    return [indices[part] for part in assign_to_ranks((job.lengths[indices] + budgets).tolist(), parts)]
+
+
 def rank_shard(job: Job, groups: DataGroups, rank: int) -> list[int]:
     """This rank's prompt indices in decoding order: prompts split over the layout's data-parallel
-    groups, then over the ranks of a group. Every rank computes the same plan."""
-    lengths = [len(ids) for ids in job.token_ids]
-    todo = job.todo
-    costs = [lengths[i] + job.prompts[i].budget(job.cfg.generation.max_new_tokens) for i in todo]
-    group_todo = [todo[k] for k in assign_to_ranks(costs, len(groups.groups))[groups.index]]
-    group_costs = [lengths[i] + job.prompts[i].budget(job.cfg.generation.max_new_tokens) for i in group_todo]
-    mine = assign_to_ranks(group_costs, len(groups.members))[groups.members.index(rank)]
-    return decode_order([group_todo[k] for k in mine], lengths)
+    groups, then over the ranks of a group. Every rank computes the same plan from the shared lengths."""
+    group_todo = split_costs(job.todo, job, len(groups.groups))[groups.index]
+    mine = split_costs(group_todo, job, len(groups.members))[groups.members.index(rank)]
+    return decode_order(mine.tolist(), job.lengths)
 
 
-def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
-    """This rank's output records (also journaled to disk as they finish) and its stats."""
+@dataclass
+class RankRun:
+    """What a rank hands the coordinator: its stats and its sampled timeline."""
+    stats: RankStats
+    timeline: list[dict]
+
+
+def write_error_records(job: Job, writer: ShardWriter) -> None:
+    """The coordinator's share before it generates: error records for the rejected prompts, a chunk at a time."""
+    rejected = job.rejected
+    for at in range(0, len(rejected), CHUNK):
+        writer.append(job.error_records(rejected[at:at + CHUNK]))
+
+
+def queue_shape(job: Job, mine: list[int]) -> QueueShape:
+    budgets = job.budgets[mine]
+    return QueueShape(job.lengths[mine].astype(np.int64),
+                      np.where(budgets > 0, budgets, job.cfg.generation.max_new_tokens).astype(np.int64))
+
+
+def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay] = None) -> RankRun:
+    """Generate this rank's prompts; records go to this rank's shards as they finish."""
     wall_start = time.perf_counter()
     reset_peaks(ctx.device)
     layout = get_layout(job.cfg.layout.name)
@@ -82,25 +145,31 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
 
     pad_id = job.tokenizer.pad_token_id
     eos_ids = resolve_eos_ids(job.cfg.generation.eos_token_ids, model, job.tokenizer)
+    gen, out = job.cfg.generation, job.cfg.output
+    stops = StopStrings(job.tokenizer)
     mine = rank_shard(job, groups, ctx.rank)
-    gen = job.cfg.generation
-    engine = build_engine(model, [(job.prompts[i], job.token_ids[i]) for i in mine], gen, pad_id, eos_ids,
-                          device, lockstep=placed.lockstep)
+    feed = PromptFeed(job.source, mine, job.tokenizer, lengths=job.lengths)
+    engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
+                          shape=queue_shape(job, mine), stop_check=stops.hit)
     if ctx.is_coordinator:
         print(f"distgen: engine: {engine.choice}", flush=True)
-    records: list[dict] = []
-    progress = ProgressLog(ctx.rank, len(mine), job.cfg.output.progress_every_s)
-    with RecordJournal(Path(job.cfg.output.dir), job.fingerprint, ctx.rank) as journal:
+    live, counters = LiveCounters(), LoopCounters()
+    sampler = RankSampler(ctx.rank, out.sample_every_s, job.work_path("progress"), live, counters, ctx.device,
+                          display)
+    with ShardWriter(job.out_dir, ctx.rank, out.format, out.shard_size) as writer, sampler:
+        if ctx.is_coordinator:
+            write_error_records(job, writer)
+
         def keep(completions: list[Completion]) -> None:
-            finished = [completion_record(c, job.tokenizer.decode(c.token_ids, skip_special_tokens=True))
-                        for c in completions]
-            journal.append(finished)
-            records.extend(finished)
-            progress.finished(len(finished), sum(r["completion_tokens"] for r in finished))
+            finished = [completion_record(c, *stops.cut(c.prompt, c.token_ids)) for c in completions]
+            writer.append(finished)
+            live.prompts += len(finished)
+            live.prompt_tokens += sum(r["prompt_tokens"] for r in finished)
+            live.generated_tokens += sum(r["completion_tokens"] for r in finished)
 
         try:
-            counters = run_loop(engine, placed.lockstep, lambda: idle_forward(model, pad_id, device), device,
-                                keep, group=placed.group, sync_every=gen.sync_every)
+            run_loop(engine, placed.lockstep, lambda: idle_forward(model, pad_id, device), device, keep,
+                     group=placed.group, sync_every=gen.sync_every, counters=counters)
         except RuntimeError as err:
             if "timed out" not in str(err).lower() or not placed.lockstep:
                 raise
@@ -114,13 +183,11 @@ def generate_shard(job: Job, ctx: DistContext) -> tuple[list[dict], RankStats]:
     placed.release()
     allocated, reserved = cuda_peaks_mib(ctx.device)
     stats = RankStats(
-        rank=ctx.rank, device=str(ctx.device), prompts=len(records),
-        prompt_tokens=sum(r["prompt_tokens"] for r in records),
-        generated_tokens=sum(r["completion_tokens"] for r in records),
-        forward_steps=counters.forward_steps, idle_steps=counters.idle_steps,
+        rank=ctx.rank, device=str(ctx.device), prompts=live.prompts, prompt_tokens=live.prompt_tokens,
+        generated_tokens=live.generated_tokens, forward_steps=counters.forward_steps, idle_steps=counters.idle_steps,
         load_seconds=round(load_seconds, 3), generate_seconds=round(counters.seconds, 3),
         wall_seconds=round(time.perf_counter() - wall_start, 3), load_peak_rss_mib=round(load_peak_rss, 1),
         peak_rss_mib=round(peak_rss_mib(), 1),
         cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1),
         param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map)
-    return records, stats
+    return RankRun(stats, [asdict(sample) for sample in sampler.samples])

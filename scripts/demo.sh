@@ -11,4 +11,4 @@ OUT=$DEMO_DIR/outputs
 [ -f "$MODEL/config.json" ] || "$PY" -m distgen.tiny "$MODEL"
 "$PY" -m distgen.launch launcher=torchrun launcher.nproc_per_node=2 model="$MODEL" layout=fsdp \
   generation.max_new_tokens=24 output.dir="$OUT" "$@"
-echo "demo outputs: $OUT/outputs.jsonl (completions), $OUT/stats.json (per-rank stats)"
+echo "demo outputs: $OUT/outputs.jsonl (completions), $OUT/stats.json (per-rank stats), $OUT/report.html (charts)"

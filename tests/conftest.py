@@ -66,6 +66,15 @@ def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_ids
     return new
 
 
+def assert_prompts_greedy(records, model, tokenizer) -> None:
+    """`records` are PROMPTS' outputs, in order, each equal to `model.generate` (the tokenizer's EOS)."""
+    assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]
+    for record, prompt in zip(records, PROMPTS):
+        budget = prompt.get("max_new_tokens", DEFAULT_BUDGET)
+        want = reference_greedy(model, tokenizer, prompt["prompt"], budget, [tokenizer.eos_token_id])
+        assert record["completion_token_ids"] == want, prompt["id"]
+
+
 def read_outputs(out_dir: Path) -> list[dict]:
     # "\n" only: splitlines() would also split a completion holding \x85 or \u2028.
     return [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text(encoding="utf-8").split("\n") if line]
@@ -170,3 +179,22 @@ def ray_head():
             yield head
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def journaled(out_dir: Path) -> list[dict]:
+    """Records a run left in its output shards (open or full)."""
+    from distgen.shards import list_shards, read_shard
+    return [record for path in list_shards(out_dir) for record in read_shard(path)]
+
+
+def crash_at_step(monkeypatch, step_count):
+    from distgen.engine import Engine
+    real_step, steps = Engine.step, []
+
+    def step_then_fail(self):
+        if len(steps) == step_count:
+            raise RuntimeError("simulated crash")
+        steps.append(1)
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", step_then_fail)

@@ -14,9 +14,10 @@ from distgen.launch import main as launch_main
 from distgen.launchers import LAUNCHERS
 from distgen.layouts import LAYOUTS
 from distgen.load_config import load_config
+from distgen.inputs import open_prompts
 from distgen.prompts import read_prompts
 from distgen.resume import job_fingerprint
-from distgen.run import main as run_in_process
+from distgen.run import dataset_cache, main as run_in_process
 from helpers import save_architecture
 
 CONTEXT = 128  # gpt2's n_positions in tests/helpers.py
@@ -136,7 +137,7 @@ def test_outputs_are_readable_by_others(gpt2_dir, tmp_path):
 
 def fingerprint(*overrides):
     cfg = load_config(list(overrides))
-    return job_fingerprint(cfg, read_prompts(cfg.dataset))
+    return job_fingerprint(cfg, open_prompts(cfg.dataset, dataset_cache(cfg)).digest())
 
 
 def test_fingerprint_follows_content_not_spelling_or_batching(gpt2_dir, tmp_path, monkeypatch):

@@ -1,27 +1,5 @@
-import pytest
-
-from distgen.coordinator import format_table, order_records, summarize, write_atomic
-from distgen.errors import IncompleteOutputError
+from distgen.coordinator import format_table, summarize, write_atomic
 from distgen.stats import RankStats
-
-
-def completion(index):
-    return {"index": index, "id": f"p{index}"}
-
-
-def test_orders_by_dataset_index():
-    ordered = order_records([[completion(2), completion(0)], [completion(1)], []], 3)
-    assert [r["index"] for r in ordered] == [0, 1, 2]
-
-
-@pytest.mark.parametrize("per_rank, message", [
-    ([[completion(0)], []], r"missing \[1\]"),
-    ([[completion(0), completion(1)], [completion(1)]], r"repeated \[1\]"),
-    ([[completion(0), completion(1), completion(5)]], r"out of range \[5\]"),
-])
-def test_missing_or_repeated_outputs_are_an_error(per_rank, message):
-    with pytest.raises(IncompleteOutputError, match=message):
-        order_records(per_rank, 2)
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

@@ -1,9 +1,9 @@
 """Two gloo ranks under torchrun, checked against single-process `model.generate`."""
 import pytest
 
-from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module, write_prompts
+from conftest import (DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, crash_at_step, journaled, read_outputs,
+                      read_stats, reference_greedy, run_module, write_prompts)
 from distgen.run import main as run_in_process
-from test_records import crash_at_step, journaled
 
 
 def job_args(model_dir, prompts, out, *extra):
@@ -86,10 +86,5 @@ def test_restart_on_two_fsdp_ranks_finishes_a_crashed_one_rank_job(tiny_model_di
     result = run_module("distgen.run", [*args, "layout=fsdp"], nproc=2)
     assert result.returncode == 0, result.stderr
     assert f"resuming: {kept} of {len(PROMPTS)} prompts already done" in result.stdout
-    records = read_outputs(out)
-    assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]
-    for record, prompt in zip(records, PROMPTS):
-        budget = prompt.get("max_new_tokens", DEFAULT_BUDGET)
-        want = reference_greedy(tiny_model, tokenizer, prompt["prompt"], budget, [tokenizer.eos_token_id])
-        assert record["completion_token_ids"] == want, prompt["id"]
+    assert_prompts_greedy(read_outputs(out), tiny_model, tokenizer)
     assert sum(s["prompts"] for s in read_stats(out)["ranks"]) == len(PROMPTS) - kept

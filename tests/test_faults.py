@@ -13,10 +13,10 @@ import time
 import pytest
 
 from conftest import REPO, read_outputs, write_prompts
-from distgen.records import PARTS_DIR
+from distgen.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
 from helpers import descendants, kill_all, wait_until, worker_pids
-from test_records import journaled
+from conftest import journaled
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 3 + i % 4}
            for i in range(12)]
@@ -86,7 +86,7 @@ def assert_resumes_to(uninterrupted, model_dir, prompts, out, capsys):
     assert all(record == uninterrupted[record["index"]] for record in kept)
     assert run_in_process(job_args(model_dir, prompts, out)) == 0
     assert f"resuming: {len({r['index'] for r in kept})} of {len(PROMPTS)} prompts" in capsys.readouterr().out
-    assert read_outputs(out) == uninterrupted and not (out / PARTS_DIR).exists()
+    assert read_outputs(out) == uninterrupted and not any(p.name.endswith(OPEN_SUFFIX) for p in list_shards(out))
 
 
 def test_sigkill_of_one_rank_ends_the_job_and_a_rerun_resumes(tiny_model_dir, fault_prompts, uninterrupted, tmp_path,

@@ -134,15 +134,14 @@ def test_layout_settings_are_checked_before_start(overrides, message):
 def test_prompts_split_over_groups_then_over_ranks_of_a_group():
     from types import SimpleNamespace
 
+    import numpy as np
+
     from distgen.layouts.base import contiguous_groups
-    from distgen.prompts import Prompt
     from distgen.worker import rank_shard
 
     groups = [contiguous_groups(4, 2, rank) for rank in range(4)]
     assert groups[3].groups == ((0, 1), (2, 3)) and groups[3].members == (2, 3)
-    token_ids = [[1] * n for n in (9, 1, 5, 3, 7)]
-    job = SimpleNamespace(token_ids=token_ids, todo=list(range(5)),
-                          prompts=[Prompt(index=i, id=str(i), text="x", max_new_tokens=None) for i in range(5)],
+    job = SimpleNamespace(lengths=np.array([9, 1, 5, 3, 7]), budgets=np.zeros(5, dtype=np.int32), todo=np.arange(5),
                           cfg=SimpleNamespace(generation=SimpleNamespace(max_new_tokens=1)))
     shards = [rank_shard(job, groups[rank], rank) for rank in range(4)]
     assert sorted(i for shard in shards for i in shard) == list(range(5))

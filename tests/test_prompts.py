@@ -1,8 +1,10 @@
+import re
+
 import pytest
 
 from distgen.config import DatasetConfig
 from distgen.errors import ConfigError
-from distgen.prompts import Prompt, parse_prompts, read_prompts
+from distgen.prompts import Prompt, RecordFields, parse_prompts, read_prompts, record_to_prompt
 
 
 def test_jsonl_records_keep_order_ids_and_budgets():
@@ -13,6 +15,12 @@ def test_jsonl_records_keep_order_ids_and_budgets():
 def test_txt_lines_are_prompts_and_limit_applies():
     assert parse_prompts(["one\n", "two\n", "three\n"], "txt", "f", limit=2) == [
         Prompt(0, "0", "one"), Prompt(1, "1", "two")]
+
+
+def test_per_record_overrides_are_read():
+    record = {"prompt": "x", "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": 9, "stop": "\n"}
+    assert record_to_prompt(record, 0, "f:1", RecordFields()) == Prompt(
+        0, "0", "x", temperature=0.0, top_p=0.5, top_k=3, seed=9, stop=("\n",))
 
 
 @pytest.mark.parametrize("line, message", [
@@ -31,6 +39,15 @@ def test_bad_per_record_budget_marks_only_that_record():
     assert [p.error for p in prompts] == ["max_new_tokens=0 is not allowed: must be an integer >= 1",
                                           "max_new_tokens='4' is not allowed: must be an integer >= 1", None]
     assert prompts[2].max_new_tokens == 2
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "top_p": 2}', "top_p=2 is not allowed: must be a number in"),
+    ('{"prompt": "x", "stop": [""]}', "stop=.* is not allowed: must be a non-empty string"),
+])
+def test_bad_per_record_override_marks_the_record(line, message):
+    prompt = parse_prompts([line], "jsonl", "f")[0]
+    assert prompt.error is not None and re.match(message, prompt.error)
 
 
 def test_repeated_ids_are_refused():

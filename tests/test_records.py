@@ -3,30 +3,12 @@ import json
 
 import pytest
 
-from conftest import read_outputs, read_stats
-from distgen.engine import Engine
+from conftest import crash_at_step, journaled, read_outputs, read_stats
 from distgen.model_loading import ModelSource
-from distgen.records import PARTS_DIR
 from distgen.run import main as run_in_process
+from distgen.shards import list_shards
 
 ARGS = ["generation.batch_size=2", "generation.max_new_tokens=4"]
-
-
-def journaled(out_dir):
-    return [json.loads(line) for path in sorted((out_dir / PARTS_DIR).glob("*/rank-*.jsonl"))
-            for line in path.read_text().splitlines()]
-
-
-def crash_at_step(monkeypatch, step_count):
-    real_step, steps = Engine.step, []
-
-    def step_then_fail(self):
-        if len(steps) == step_count:
-            raise RuntimeError("simulated crash")
-        steps.append(1)
-        return real_step(self)
-
-    monkeypatch.setattr(Engine, "step", step_then_fail)
 
 
 def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, prompts_file, tmp_path, monkeypatch,
@@ -35,7 +17,7 @@ def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, p
     complete = tmp_path / "complete"
     assert run_in_process([*args, f"output.dir={complete}"]) == 0
     want = read_outputs(complete)
-    assert not (complete / PARTS_DIR).exists()
+    assert [p.name for p in list_shards(complete)] == ["part-00000-00000.jsonl"]
     total_steps = read_stats(complete)["ranks"][0]["forward_steps"]
 
     failed = tmp_path / "failed"
@@ -53,7 +35,7 @@ def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, p
     stats = read_stats(failed)
     assert stats["summary"]["resumed"] == len(kept)
     assert stats["ranks"][0]["prompts"] == len(want) - len(kept)
-    assert not (failed / PARTS_DIR).exists()
+    assert not any(p.name.endswith(".open.jsonl") for p in list_shards(failed))
 
     # all done: the job says so, loads no model and keeps its stats
     with monkeypatch.context() as patch:
@@ -82,9 +64,9 @@ def test_resume_off_regenerates(tiny_model_dir, prompts_file, tmp_path):
 
 def test_journal_lines_split_only_on_newlines(tmp_path):
     """A completion holding U+2028 or U+0085 (left unescaped with ensure_ascii=False) is one record."""
-    from distgen.records import read_jsonl_lenient
+    from distgen.shards import read_jsonl_lines
 
     records = [{"index": 0, "completion": "a\u2028b\x85c"}, {"index": 1, "completion": "d"}]
     path = tmp_path / "j.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + '{"index": 2, "cut', "utf-8")
-    assert read_jsonl_lenient(path) == records
+    assert list(read_jsonl_lines(path)) == records

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from distgen.config import CACHE_NAMES, GenerationConfig
-from distgen.engine.core import Engine
+from distgen.engine.core import Engine, StopCheck
 from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
 from distgen.engine.kv.dynamic import DynamicKV
 from distgen.engine.kv.slots import Int8SlotLayer, SlotKV, SlotLayer
+from distgen.engine.queue import PromptQueue, RequestQueue
 from distgen.engine.request import Request
 from distgen.engine.runner import CompilePlan, Runner, persist_inductor_cache
 from distgen.engine.sampler import Sampler
@@ -19,7 +22,7 @@ from distgen.engine.scheduler import SCHEDULERS
 from distgen.errors import ConfigError
 from distgen.forward_args import accepts_position_ids, unwrapped
 from distgen.prompts import Prompt
-from distgen.sampling import prompt_generator
+from distgen.sampling import row_sampling, sequence_generator
 
 log = logging.getLogger("distgen.engine")
 
@@ -123,15 +126,40 @@ def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, n
     return "dynamic", "no compile, no sliding window"
 
 
-def build_kv(name: str, model: torch.nn.Module, gen: GenerationConfig, requests: Sequence[Request], pad_id: int,
+@dataclass(frozen=True)
+class QueueShape:
+    """A rank's prompts as the length table sees them (no request needs to exist): each one's
+    prompt token count and budget, in any order."""
+    lengths: np.ndarray  # (prompts,)
+    budgets: np.ndarray  # (prompts,) each prompt's own max_new_tokens or generation.max_new_tokens
+
+    @classmethod
+    def of(cls, queue: Sequence[tuple[Prompt, Sequence[int]]], gen: GenerationConfig) -> "QueueShape":
+        return cls(np.asarray([len(ids) for _, ids in queue], dtype=np.int64),
+                   np.asarray([p.budget(gen.max_new_tokens) for p, _ in queue], dtype=np.int64))
+
+    @property
+    def columns(self) -> int:
+        """The most cache columns one sequence needs: prompt plus budget."""
+        return int((self.lengths + self.budgets).max()) if len(self.lengths) else 1
+
+    @property
+    def longest_prompt(self) -> int:
+        return int(self.lengths.max()) if len(self.lengths) else 1
+
+    def decode_steps(self, batch_size: int) -> int:
+        return int(self.budgets.sum()) // batch_size
+
+
+def build_kv(name: str, model: torch.nn.Module, gen: GenerationConfig, shape: QueueShape, pad_id: int,
              device: torch.device, compiling: bool) -> KVCache:
     if name == "dynamic":
         return DynamicKV(gen.batch_size, pad_id, device)
     layers, window = kv_geometry(model)
-    columns = max((r.prompt_length + r.budget for r in requests), default=1)
+    columns = shape.columns
     if name == "sliding_window":
         # A ring: a prefill chunk of q tokens must not overwrite what its first token still needs.
-        longest_chunk = max((r.prompt_length for r in requests), default=1)
+        longest_chunk = shape.longest_prompt
         if gen.scheduler == "chunked":
             longest_chunk = min(longest_chunk, gen.prefill_chunk_tokens)
         columns = min(columns, window + longest_chunk - 1)
@@ -145,30 +173,34 @@ KV_BUILDERS: dict[str, Callable] = {"dynamic": build_kv, "static": build_kv, "sl
 assert ("auto", *KV_BUILDERS) == CACHE_NAMES, "distgen.config.CACHE_NAMES must list KV_BUILDERS"
 
 
-def make_requests(queue: Sequence[tuple[Prompt, Sequence[int]]], gen: GenerationConfig,
-                  device: torch.device) -> list[Request]:
-    return [Request(prompt, list(ids), prompt.budget(gen.max_new_tokens),
-                    prompt_generator(gen.seed, prompt.index, device) if gen.do_sample else None)
-            for prompt, ids in queue]
+def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device) -> Request:
+    """A request with its record's own sampling settings (and seed) applied over generation.*."""
+    sampling = row_sampling(gen, prompt)
+    return Request(prompt, list(ids), prompt.budget(gen.max_new_tokens),
+                   sequence_generator(gen, prompt, device) if sampling.do_sample else None, sampling)
 
 
-def build_engine(model: torch.nn.Module, queue: Sequence[tuple[Prompt, Sequence[int]]], gen: GenerationConfig,
-                 pad_id: int, eos_ids: Sequence[int], device: torch.device, lockstep: bool = False) -> Engine:
-    requests = make_requests(queue, gen, device)
-    decode_steps = sum(r.budget for r in requests) // gen.batch_size
+def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Prompt, Sequence[int]]],
+                 gen: GenerationConfig, pad_id: int, eos_ids: Sequence[int], device: torch.device,
+                 lockstep: bool = False, shape: Optional[QueueShape] = None,
+                 stop_check: Optional[StopCheck] = None) -> Engine:
+    """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids)."""
+    shape = shape if shape is not None else QueueShape.of(queue, gen)
+    decode_steps = shape.decode_steps(gen.batch_size)
     if gen.cache == "dynamic" and gen.compile == "auto":
         compile_plan = CompilePlan(False, reason="not compiling: generation.cache=dynamic")
     else:
         compile_plan = plan_compile(gen, model, decode_steps, lockstep, device)
-    columns = max((r.prompt_length + r.budget for r in requests), default=1)
-    cache, why = plan_cache(gen, model, compile_plan.enabled, kv_bytes(model, gen.batch_size, columns),
+    cache, why = plan_cache(gen, model, compile_plan.enabled, kv_bytes(model, gen.batch_size, shape.columns),
                             memory_budget(device))
     if compile_plan.enabled:
         persist_inductor_cache(gen.compile_cache_dir)
     choice = f"scheduler={gen.scheduler}, cache={cache} ({why}); {compile_plan.reason}"
     log.info("engine: %s", choice)
-    kv = build_kv(cache, model, gen, requests, pad_id, device, compile_plan.enabled)
-    engine = Engine(requests, SCHEDULERS[gen.scheduler], kv, Runner(model, compile_plan),
-                    Sampler(gen, eos_ids, device), gen.prefill_chunk_tokens if gen.scheduler == "chunked" else 1 << 62)
+    kv = build_kv(cache, model, gen, shape, pad_id, device, compile_plan.enabled)
+    waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
+    engine = Engine(waiting, SCHEDULERS[gen.scheduler], kv, Runner(model, compile_plan),
+                    Sampler(gen, eos_ids, device), gen.prefill_chunk_tokens if gen.scheduler == "chunked" else 1 << 62,
+                    stop_check)
     engine.choice = choice
     return engine

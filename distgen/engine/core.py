@@ -1,22 +1,27 @@
 """The engine: one step = schedule -> execute (one forward) -> update."""
 from __future__ import annotations
 
-from collections import deque
-from typing import Iterable
+from typing import Callable, Optional
 
 import torch
 
 from distgen.engine.kv.base import ForwardBatch, KVCache
+from distgen.engine.queue import RequestQueue
 from distgen.engine.request import Completion, Request, Status
 from distgen.engine.runner import Runner
 from distgen.engine.sampler import Sampler
 from distgen.engine.scheduler import Scheduler, SchedulerState, StepPlan
+from distgen.prompts import Prompt
+
+# Whether a request's generated tokens hit one of its prompt's stop strings (distgen.stops.StopStrings.hit).
+StopCheck = Callable[[Prompt, list[int]], bool]
 
 
 class Engine:
-    def __init__(self, requests: Iterable[Request], scheduler: Scheduler, kv: KVCache, runner: Runner,
-                 sampler: Sampler, token_budget: int):
-        self.waiting: deque[Request] = deque(requests)
+    def __init__(self, waiting: RequestQueue, scheduler: Scheduler, kv: KVCache, runner: Runner,
+                 sampler: Sampler, token_budget: int, stop_check: Optional[StopCheck] = None):
+        self.waiting = waiting  # lazy: requests are made as the scheduler reaches them
+        self.stop_check = stop_check
         self.running: list[Request] = []  # requests holding a cache row, in the cache's row order
         self.scheduler, self.kv, self.runner, self.sampler = scheduler, kv, runner, sampler
         self.token_budget = token_budget
@@ -55,7 +60,8 @@ class Engine:
 
     def update(self, plan: StepPlan, batch: ForwardBatch, logits: torch.Tensor) -> list[Completion]:
         # 1. sample every logits row on the device; one device->host copy of tokens and EOS flags
-        tokens, is_eos = self.sampler(logits, batch.rows, [r.generator for r in plan.requests])
+        tokens, is_eos = self.sampler(logits, batch.rows, [r.generator for r in plan.requests],
+                                      [r.sampling for r in plan.requests])
         host_tokens, host_eos = torch.stack([tokens, is_eos.long()]).tolist()
         # 2. rows whose prompt is now fully cached take their token; finished ones complete
         finished, completions = [], []
@@ -64,7 +70,7 @@ class Engine:
                 finished.append(False)  # a chunk of a longer prompt: no token yet
                 continue
             request.generated.append(host_tokens[row])
-            reason = "eos" if host_eos[row] else "length" if len(request.generated) >= request.budget else None
+            reason = self.finish_reason(request, host_eos[row])
             finished.append(reason is not None)
             if reason:
                 completions.append(Completion(request.prompt, request.prompt_length, request.generated, reason))
@@ -80,6 +86,12 @@ class Engine:
         if completions:
             self.running = [r for r in self.running if r.status is not Status.FINISHED]
         return completions
+
+    def finish_reason(self, request: Request, is_eos: bool) -> Optional[str]:
+        """After a request took a token: "stop" (a stop string appeared), "eos", "length", or None."""
+        if self.stop_check is not None and self.stop_check(request.prompt, request.generated):
+            return "stop"
+        return "eos" if is_eos else "length" if len(request.generated) >= request.budget else None
 
     def close(self) -> None:
         """Free the cache (and, on GPU, the allocator's cached blocks) once the rank is done."""

@@ -8,13 +8,14 @@ from typing import Optional
 import torch
 
 from distgen.prompts import Prompt
+from distgen.sampling import RowSampling
 
 
 class Status(enum.Enum):
     WAITING = "waiting"        # queued; holds no cache row yet
     PREFILLING = "prefilling"  # holds a cache row; part of its prompt is still to run (chunked prefill)
     DECODING = "decoding"      # its whole prompt is cached; one new token per decode step
-    FINISHED = "finished"      # EOS or budget reached; its row is free again
+    FINISHED = "finished"      # EOS, budget or a stop string reached; its row is free again
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Request:
     token_ids: list[int]
     budget: int
     generator: Optional[torch.Generator]
+    sampling: Optional[RowSampling] = None  # generation.* with the record's overrides; None: generation.*
     # Where it is
     status: Status = Status.WAITING
     prefilled: int = 0  # prompt tokens already in the cache
@@ -45,4 +47,4 @@ class Completion:
     prompt: Prompt
     prompt_token_count: int
     token_ids: list[int]
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "length" or "stop" (a stop string appeared)

@@ -6,22 +6,26 @@ from typing import Optional, Sequence
 import torch
 
 from distgen.config import GenerationConfig
-from distgen.sampling import select_next_tokens
+from distgen.sampling import RowSampling, select_row_tokens
 
 
 class Sampler:
     def __init__(self, cfg: GenerationConfig, eos_ids: Sequence[int], device: torch.device):
-        self.cfg = cfg
+        self.default = RowSampling(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p)
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
-    def __call__(self, logits: torch.Tensor, rows: list[int],
-                 generators: Sequence[Optional[torch.Generator]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, rows: list[int], generators: Sequence[Optional[torch.Generator]],
+                 settings: Sequence[Optional[RowSampling]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """logits: (logits rows, vocab) -> (tokens, is_eos), both (logits rows,).
 
-        Greedy takes every row's argmax; sampling draws the planned `rows` from their own generators.
+        Greedy takes every row's argmax; the planned `rows` that sample (generation.do_sample, or
+        their record's own settings) are drawn from their own generators.
         """
         tokens = logits.argmax(dim=-1)
-        if self.cfg.do_sample:
-            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            tokens[index] = select_next_tokens(logits[index], self.cfg, generators)
+        settings = [s or self.default for s in settings] or [self.default] * len(rows)
+        sampled = [k for k, s in enumerate(settings) if s.do_sample]
+        if sampled:
+            index = torch.tensor([rows[k] for k in sampled], dtype=torch.long, device=logits.device)
+            tokens[index] = select_row_tokens(logits[index], [settings[k] for k in sampled],
+                                              [generators[k] for k in sampled])
         return tokens, torch.isin(tokens, self.eos_ids)

@@ -6,11 +6,11 @@ Policies are picked by name (`generation.scheduler`) from `SCHEDULERS`.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 from distgen.config import SCHEDULER_NAMES
+from distgen.engine.queue import RequestQueue
 from distgen.engine.request import Request, Status
 
 
@@ -24,7 +24,7 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class SchedulerState:
-    waiting: deque[Request]
+    waiting: RequestQueue   # len, waiting[i] and popleft; requests are made as they are looked at
     running: list[Request]  # requests holding a cache row (prefilling or decoding)
     free_rows: int
     token_budget: int       # most prompt tokens one prefill forward may run (chunked)

@@ -1,0 +1,74 @@
+"""Per-record sampling settings and stop strings, decoded in one process."""
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
+from distgen.config import GenerationConfig
+from distgen.engine import build_engine
+from distgen.loop import run_loop
+from distgen.prompts import Prompt
+from distgen.stops import StopStrings
+
+CPU = torch.device("cpu")
+
+
+def decode(model, tokenizer, prompts, cfg, batch_size=3):
+    stops = StopStrings(tokenizer)
+    queue = [(p, tokenizer(p.text)["input_ids"]) for p in prompts]
+    cfg = dataclasses.replace(cfg, batch_size=batch_size, scheduler="continuous")
+    engine = build_engine(model, queue, cfg, tokenizer.pad_token_id, [], CPU, stop_check=stops.hit)
+    done = []
+    with torch.no_grad():
+        run_loop(engine, lockstep=False, idle_step=lambda: None, device=CPU, on_finished=done.extend)
+    return {c.prompt.index: c for c in done}, stops
+
+
+def test_stop_cut_drops_the_stop_string_and_its_tokens(tokenizer):
+    ids = tokenizer("abcXYZdefXY")["input_ids"]
+    text, kept = StopStrings(tokenizer).cut(Prompt(0, "0", "", stop=("XY", "de")), ids)
+    assert (text, kept) == ("abc", ids[:3])
+
+
+def test_stop_strings_end_completions_where_they_first_appear(tiny_model, tokenizer):
+    greedy = {i: reference_greedy(tiny_model, tokenizer, p["prompt"], DEFAULT_BUDGET, [])
+              for i, p in enumerate(PROMPTS)}
+    texts = {i: tokenizer.decode(ids, skip_special_tokens=True) for i, ids in greedy.items()}
+    # A stop string taken from the middle of each greedy completion, and one that never appears.
+    stops = {i: (text[3:5], "\x00never\x00") for i, text in texts.items()}
+    prompts = [Prompt(i, p["id"], p["prompt"], stop=stops[i]) for i, p in enumerate(PROMPTS)]
+    done, cutter = decode(tiny_model, tokenizer, prompts, GenerationConfig(max_new_tokens=DEFAULT_BUDGET))
+    for i, text in texts.items():
+        completion = done[i]
+        assert completion.finish_reason == "stop", PROMPTS[i]["id"]
+        kept_text, kept_ids = cutter.cut(completion.prompt, completion.token_ids)
+        assert kept_text == text[:text.find(stops[i][0])] and stops[i][0] not in kept_text
+        assert kept_ids == greedy[i][:len(kept_ids)]
+        # Generation stopped at the token that completed the stop string, not later.
+        assert stops[i][0] in tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        assert stops[i][0] not in tokenizer.decode(completion.token_ids[:-1], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0.0}, {"top_k": 1, "temperature": 5.0},
+                                      {"top_p": 1e-6}], ids=["temperature-0", "top-k-1", "tiny-top-p"])
+def test_per_record_settings_that_leave_one_choice_are_greedy(settings, tiny_model, tokenizer):
+    sample = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.5, seed=3)
+    prompts = [Prompt(i, p["id"], p["prompt"], 6, **settings) for i, p in enumerate(PROMPTS[:4])]
+    prompts.append(Prompt(4, "free", PROMPTS[4]["prompt"], 6))  # samples with generation.* in the same batch
+    done, _ = decode(tiny_model, tokenizer, prompts, sample)
+    for prompt in prompts[:4]:
+        assert done[prompt.index].token_ids == reference_greedy(tiny_model, tokenizer, prompt.text, 6, [])
+    assert done[4].token_ids != reference_greedy(tiny_model, tokenizer, prompts[4].text, 6, [])
+
+
+def test_record_seed_and_temperature_are_honoured(tiny_model, tokenizer):
+    text = PROMPTS[1]["prompt"]
+    prompts = [Prompt(0, "a", text, 8, temperature=1.0, seed=5), Prompt(1, "b", text, 8, temperature=1.0, seed=5),
+               Prompt(2, "c", text, 8, temperature=1.0, seed=6), Prompt(3, "d", text, 8)]
+    done, _ = decode(tiny_model, tokenizer, prompts, GenerationConfig(max_new_tokens=8), batch_size=2)
+    assert done[0].token_ids == done[1].token_ids, "the same seed samples the same tokens at any index"
+    assert done[2].token_ids != done[0].token_ids
+    # Under the greedy default, a record's temperature > 0 samples it; the record without one is greedy.
+    assert done[0].token_ids != reference_greedy(tiny_model, tokenizer, text, 8, [])
+    assert done[3].token_ids == reference_greedy(tiny_model, tokenizer, text, 8, [])

@@ -1,0 +1,82 @@
+"""Output shards, the streaming every-index-once check, the k-way merge and the report."""
+import json
+from html.parser import HTMLParser
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+
+from distgen.errors import IncompleteOutputError
+from distgen.report import render_report
+from distgen.shards import ShardWriter, finish_outputs, list_shards, read_manifest, read_shard, start_outputs
+
+
+def record(index):
+    return {"index": index, "id": f"p{index}", "prompt_tokens": 3 + index % 4, "completion_tokens": 1 + index % 2}
+
+
+def write_ranks(out, per_rank, fmt="jsonl", shard_size=3):
+    for rank, indices in enumerate(per_rank):
+        with ShardWriter(out, rank, fmt, shard_size) as writer:
+            for index in indices:
+                writer.append([record(index)])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_shards_roll_over_sorted_and_merge_in_dataset_order(fmt, tmp_path):
+    start_outputs(tmp_path, "job1", resume=True)
+    write_ranks(tmp_path, [[6, 0, 4, 2, 9], [5, 1, 8, 3, 7]], fmt)
+    names = [p.name for p in list_shards(tmp_path)]
+    assert names == [f"part-0000{r}-0000{n}.{fmt}" for r in (0, 1) for n in (0, 1)]
+    assert [r["index"] for r in read_shard(list_shards(tmp_path)[0])] == [0, 4, 6]
+    coverage = finish_outputs(tmp_path, "job1", 10, fmt, merge=True, world_size=2)
+    merged = [json.loads(line) for line in (tmp_path / "outputs.jsonl").read_text().splitlines()]
+    assert merged == [record(i) for i in range(10)]
+    manifest = read_manifest(tmp_path)
+    assert manifest["complete"] and manifest["job"] == "job1" and sum(s["records"] for s in manifest["shards"]) == 10
+    lengths = np.concatenate(coverage.prompt_tokens).tolist()
+    assert sorted(lengths) == sorted(record(i)["prompt_tokens"] for i in range(10))
+
+
+@pytest.mark.parametrize("per_rank, message", [
+    ([[0], []], r"missing \[1\]"),
+    ([[0, 1], [1]], r"repeated \[1\]"),
+    ([[0, 1, 5]], r"out of range \[5\]"),
+])
+def test_missing_or_repeated_outputs_are_an_error(per_rank, message, tmp_path):
+    start_outputs(tmp_path, "job", resume=True)
+    write_ranks(tmp_path, per_rank)
+    with pytest.raises(IncompleteOutputError, match=message):
+        finish_outputs(tmp_path, "job", 2, "jsonl", merge=False, world_size=len(per_rank))
+
+
+def test_restart_reads_open_shards_and_another_job_clears_them(tmp_path):
+    start_outputs(tmp_path, "job", resume=True)
+    writer = ShardWriter(tmp_path, 0, "jsonl", 10)
+    writer.append([record(0), record(1)])
+    writer.file.write('{"index": 2, "id": "p')  # a crash cut this line short
+    writer.file.close()
+    assert start_outputs(tmp_path, "job", resume=True) == {0, 1}
+    write_ranks(tmp_path, [[2]])  # the restart writes the next shard number
+    assert finish_outputs(tmp_path, "job", 3, "jsonl", merge=False, world_size=1).shards[0]["records"] == 2
+    assert start_outputs(tmp_path, "other-job", resume=True) == set() and list_shards(tmp_path) == []
+
+
+def test_report_is_valid_html_with_svg_charts():
+    timeline = [{"t": t, "rss_mib": 300 + t, "cuda_mib": 0.0, "prompts": 10 * t, "generated_tokens": 40 * t,
+                 "forward_steps": 5 * t, "idle_steps": 0} for t in range(5)]
+    ranks = [{"rank": r, "forward_steps": 20, "idle_steps": 3 * r} for r in range(2)]
+    page = render_report({"prompts": 40, "job": "<abc>"}, ranks, [timeline, timeline],
+                         np.array([3, 5, 5, 9], np.int32), np.array([1, 2, 2, 2], np.int32))
+    svgs = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "svg":
+                svgs.append(tag)
+
+    Collect().feed(page)
+    assert len(svgs) == 5 and "&lt;abc&gt;" in page
+    for chunk in page.split("<svg")[1:]:  # each chart is well-formed SVG
+        ElementTree.fromstring("<svg" + chunk.split("</svg>")[0] + "</svg>")
+    assert "Resident memory per rank" in page and "Completion length" in page
