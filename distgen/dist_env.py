@@ -140,6 +140,21 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+ELASTIC_ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
+
+
+def elastic_store(info: RankInfo, environ: Mapping[str, str], timeout: timedelta) -> dist.Store:
+    """The rendezvous store of one torchrun attempt. torchrun's agent keeps one store for the whole
+    job and env:// joins it without a per-attempt prefix, so after `--max-restarts` brings the
+    workers back they would read the dead group's gloo addresses and fail to connect ("Connection
+    refused"). A prefix per restart count keeps every attempt's keys apart."""
+    agent_hosts_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(info.master_addr, info.master_port, info.world_size,
+                          is_master=not agent_hosts_store and info.rank == 0, timeout=timeout,
+                          multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"distgen/attempt_{environ[ELASTIC_ATTEMPT]}", store)
+
+
 def init_distributed(requested_device: str, timeout_s: float = 1800, info: Optional[RankInfo] = None) -> DistContext:
     """Join the launcher's process group, or make a one-rank group when run alone."""
     info = discover(os.environ) if info is None else info
@@ -151,6 +166,10 @@ def init_distributed(requested_device: str, timeout_s: float = 1800, info: Optio
         timeout = timedelta(seconds=timeout_s)
         if info.launcher == "none":
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        elif ELASTIC_ATTEMPT in os.environ:
+            dist.init_process_group(backend, store=elastic_store(info, os.environ, timeout), rank=info.rank,
+                                    world_size=info.world_size, timeout=timeout,
+                                    device_id=device if backend == "nccl" else None)
         else:
             dist.init_process_group(backend, init_method=info.init_method, rank=info.rank,
                                     world_size=info.world_size, timeout=timeout,
