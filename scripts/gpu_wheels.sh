@@ -32,6 +32,8 @@ DOWNLOADS=(
   "$(pin transformers)" "$(pin hydra-core)" "$(pin omegaconf)"
   hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   typing_extensions==4.16.0
+  # datasets (inputs): the machine has pyarrow, fsspec, xxhash and pandas, not these.
+  "$(pin datasets)" dill==0.4.1 multiprocess==0.70.19
 )
 # Published as source only: built here (pip reuses its wheel cache), both pure Python.
 # DS_BUILD_OPS=0: DeepSpeed compiles its CUDA ops just in time, where they are needed.
@@ -52,7 +54,7 @@ PIP=("$PYTHON" -m pip --disable-pip-version-check)
 DS_BUILD_OPS=0 "${PIP[@]}" wheel --quiet --no-deps --no-build-isolation -w "$DIR.tmp" "${BUILDS[@]}"
 
 for whl in "$DIR.tmp"/*.whl; do  # a wheel built here must not be tied to this machine's Python
-  case "$whl" in *-py3-none-any.whl|*cp312*|*abi3*) ;; *) echo "gpu_wheels: $whl does not fit Python 3.12" >&2; exit 1;; esac
+  case "$whl" in *-py3-none-any.whl|*-py312-none-any.whl|*cp312*|*abi3*) ;; *) echo "gpu_wheels: $whl does not fit Python 3.12" >&2; exit 1;; esac
 done
 
 wheels_mib=$(du -sm "$DIR.tmp" | cut -f1)
