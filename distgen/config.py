@@ -5,6 +5,7 @@ The dataclasses are the schema Hydra composes the YAML groups in `configs/` into
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -220,6 +221,9 @@ class RunConfig:
 
         require_choice("device", self.device, DEVICES)
         LAYOUTS.check_selected(self.layout)
+        needs = LAYOUTS.get(self.layout.name).needs
+        require(needs is None or importlib.util.find_spec(needs) is not None, "layout", self.layout.name,
+                f"it needs the {needs} package, which is not installed here (pip install {needs})")
         LAUNCHERS.check_selected(self.launcher)
         for part in (self.model, self.model.tiny, self.layout, self.generation, self.dataset, self.output,
                      self.launcher):

@@ -1,4 +1,5 @@
 """Bad input never kills a job: a bad record gets an error record, a bad file stops before any worker."""
+import importlib.util
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import read_outputs, read_stats, reference_greedy, write_prompts
+from distgen.errors import ConfigError
 from distgen.launch import main as launch_main
 from distgen.launchers import LAUNCHERS
 from distgen.layouts import LAYOUTS
@@ -123,6 +125,13 @@ def test_unusable_inputs_stop_before_any_worker(case, message, gpt2_dir, tmp_pat
         from distgen.run import prepare_job
         prepare_job(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_layout_whose_package_is_missing_is_refused_before_start(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"layout='zero3' is not allowed: it needs the deepspeed package"):
+        load_config(["model=tiny", "layout=zero3"])
 
 
 def test_outputs_are_readable_by_others(gpt2_dir, tmp_path):

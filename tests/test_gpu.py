@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import (DEFAULT_BUDGET, PROMPTS, layout_names, read_outputs, read_stats, reference_greedy,
                       run_module, unknown_config_key, write_prompts)
 from distgen.config import ModelConfig, TinyModelConfig
+from distgen.layouts import get_layout
 from distgen.model_loading import load_model, load_tokenizer, resolve_attn_implementation
 from distgen.tiny import save_tiny
 
@@ -24,7 +25,6 @@ MIB = 2**20
 # Wider than the CPU tests' model, so that its weights (~5 MiB in fp32) are a floor the peak memory must clear.
 GPU_TINY = TinyModelConfig(layers=2, hidden_size=256, heads=8, kv_heads=4, intermediate_size=512, seed=7)
 # A layout that needs a package distgen does not install by default: skipped, naming it, when absent.
-LAYOUT_NEEDS = {"zero3": "deepspeed"}
 # Generous bounds for a small model: a peak over this means memory is kept that should not be.
 PEAK_CEILING_MIB = 2048
 RUN_TIMEOUT_S = 300
@@ -66,7 +66,7 @@ def assert_plausible_cuda_peaks(rank: dict, weight_mib: float) -> None:
 
 
 def skip_unless_layout_can_run(layout: str) -> None:
-    needs = LAYOUT_NEEDS.get(layout)
+    needs = get_layout(layout).needs
     if needs and importlib.util.find_spec(needs) is None:
         pytest.skip(f"layout={layout} needs {needs}, which is not installed here")
 

@@ -81,6 +81,8 @@ class Layout:
     name: str
     prepare: Callable[[ModelSource, LayoutConfig, DistContext, DataGroups], Placed]
     data_groups: Callable[[LayoutConfig, DistContext], DataGroups] = one_group_per_rank
+    # The package this layout imports when chosen (beyond distgen's own requirements), if any.
+    needs: Optional[str] = None
 
 
 LAYOUTS: Registry[Layout] = Registry("layout")

@@ -163,4 +163,4 @@ def prepare(source: ModelSource, cfg: Zero3Layout, ctx: DistContext, groups: Dat
                   release=lambda: plain.to_empty(device="meta"))
 
 
-register(Layout("zero3", prepare=prepare, data_groups=shard_groups), Zero3Layout)
+register(Layout("zero3", prepare=prepare, data_groups=shard_groups, needs="deepspeed"), Zero3Layout)
