@@ -21,9 +21,9 @@ DATASET_FORMATS = ("auto", "jsonl", "json", "txt", "csv", "parquet", "saved", "f
 OUTPUT_FORMATS = ("jsonl", "parquet")
 # What a prompt that does not fit the model's context becomes.
 TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
-# The engine's name tables (distgen/engine/scheduler.py and distgen/engine/build.py check they match).
+# The engine's name tables (distgen/engine/scheduler.py checks it matches; the KV caches are the table
+# distgen.engine.kv.CACHES, read by `GenerationConfig.check`).
 SCHEDULER_NAMES = ("static", "continuous", "chunked")
-CACHE_NAMES = ("auto", "dynamic", "static", "sliding_window", "quantized")
 COMPILE_NAMES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
@@ -95,15 +95,24 @@ class LayoutConfig:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 32
-    # Most sequences decoded together on a rank.
-    batch_size: int = 4
+    # Most sequences decoded together on a rank: an integer >= 1, or "auto": the most rows whose KV cache
+    # and activations fit memory_fraction of the free device memory (host RAM on CPU).
+    batch_size: Any = 4
+    # Share of the free device memory (available RAM on CPU, split among the host's ranks) that
+    # batch_size=auto and cache=auto plan the KV cache and activations into.
+    memory_fraction: float = 0.8
     # Who joins the batch: static (a new batch once all rows are done), continuous (a free row is
     # refilled at once), chunked (prompts prefilled in chunks of prefill_chunk_tokens between decode steps).
     scheduler: str = "continuous"
-    # KV cache: auto (static when compiling or chunking, sliding_window when the model has one, else
-    # dynamic), dynamic (grows, rows edited in place), static (fixed slots), sliding_window, quantized
-    # (int8 slots; picked by auto when the KV cache of batch_size rows would not fit in memory).
+    # KV cache: auto or a name in distgen.engine.kv.CACHES (dynamic, static, sliding_window, quantized,
+    # offloaded); auto: sliding_window when the model has one, quantized (offloaded on CUDA) when the KV
+    # cache of batch_size rows does not fit the memory budget, static when compiling or chunking, else dynamic.
     cache: str = "auto"
+    # cache=quantized: int8 (distgen's int8 slots), fp8, quanto or hqq (transformers' quantized caches);
+    # bits: None takes the backend's default; residual_length: recent tokens kept unquantized (quanto, hqq).
+    cache_quant_backend: str = "int8"
+    cache_quant_bits: Optional[int] = None
+    cache_residual_length: int = 128
     # torch.compile of the decode step: auto (when the job is big enough to repay it), on, off.
     compile: str = "auto"
     compile_mode: str = "default"
@@ -124,10 +133,13 @@ class GenerationConfig:
 
     def check(self) -> None:
         require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, "must be >= 1")
-        require(self.batch_size >= 1, "generation.batch_size", self.batch_size, "must be >= 1")
+        require(self.batch_size == "auto" or (type(self.batch_size) is int and self.batch_size >= 1),
+                "generation.batch_size", self.batch_size, "expected auto or an integer >= 1")
+        require(0 < self.memory_fraction <= 1, "generation.memory_fraction", self.memory_fraction, "must be in (0, 1]")
         require(self.sync_every >= 1, "generation.sync_every", self.sync_every, "must be >= 1")
         require_choice("generation.scheduler", self.scheduler, SCHEDULER_NAMES)
-        require_choice("generation.cache", self.cache, CACHE_NAMES)
+        from distgen.engine.kv import check_cache_settings  # the cache table imports this module
+        check_cache_settings(self)
         require_choice("generation.compile", self.compile, COMPILE_NAMES)
         require_choice("generation.compile_mode", self.compile_mode, COMPILE_MODES)
         require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,
@@ -217,7 +229,9 @@ class RunConfig:
         # The tables import this module, so they are imported here, not at the top.
         from distgen.launchers import LAUNCHERS
         from distgen.layouts import LAYOUTS
+        from distgen.engine.kv import check_cache_device
         from distgen.quantizers import check_quantization
+        from distgen.quantizers.base import target_device
 
         require_choice("device", self.device, DEVICES)
         LAYOUTS.check_selected(self.layout)
@@ -229,4 +243,5 @@ class RunConfig:
                      self.launcher):
             part.check()
         check_quantization(self)
+        check_cache_device(self.generation, target_device(self.device))
         return self

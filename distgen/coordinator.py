@@ -64,6 +64,7 @@ def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, j
         "generated_tokens": generated,
         "generate_seconds": round(slowest, 3),
         "tokens_per_second": round(generated / slowest, 2) if slowest > 0 else 0.0,
+        "oom_backoffs": sum(s.oom_backoffs for s in stats),
     }
 
 

@@ -34,6 +34,12 @@ class RankStats:
     model_param_bytes: int = 0
     # device_map: which module went where.
     device_map: Optional[dict[str, str]] = None
+    # The batch size the rank started with and why (generation.batch_size, or what auto picked), the one
+    # it ended with, and how many times it halved it after running out of memory.
+    batch_size: int = 0
+    batch_size_reason: str = ""
+    final_batch_size: int = 0
+    oom_backoffs: int = 0
 
     @property
     def param_mib(self) -> float:

@@ -12,7 +12,8 @@ import numpy as np
 from distgen.config import RunConfig
 from distgen.dist_env import DistContext
 from distgen.engine import Completion, build_engine
-from distgen.engine.build import QueueShape
+from distgen.engine.build import QueueShape, plan_batch_size, rank_budget
+from distgen.engine.memory import BatchChoice, agree_across_ranks
 from distgen.feed import CHUNK, PromptFeed, Screening
 from distgen.inputs import PromptSource
 from distgen.layouts import DataGroups, get_layout
@@ -131,6 +132,17 @@ def queue_shape(job: Job, mine: list[int]) -> QueueShape:
                       np.where(budgets > 0, budgets, job.cfg.generation.max_new_tokens).astype(np.int64))
 
 
+def rank_batch(model, job: Job, shape: QueueShape, device, placed) -> Optional[BatchChoice]:
+    """generation.batch_size=auto: the rows this rank fits (in a lockstep layout, the least over its group)."""
+    gen = job.cfg.generation
+    if gen.batch_size != "auto":
+        return None
+    choice = plan_batch_size(model, gen, shape, rank_budget(gen, device))
+    if placed.lockstep:
+        choice = agree_across_ranks(choice, shape.prompts > 0, device, placed.group)
+    return choice
+
+
 def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay] = None) -> RankRun:
     """Generate this rank's prompts; records go to this rank's shards as they finish."""
     wall_start = time.perf_counter()
@@ -149,10 +161,16 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     stops = StopStrings(job.tokenizer)
     mine = rank_shard(job, groups, ctx.rank)
     feed = PromptFeed(job.source, mine, job.tokenizer, lengths=job.lengths)
+    shape = queue_shape(job, mine)
+    batch = rank_batch(model, job, shape, device, placed)
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
-                          shape=queue_shape(job, mine), stop_check=stops.hit)
+                          shape=shape, stop_check=stops.hit, batch=batch)
+    engine.backoff.label = f"rank {ctx.rank}: "
+    engine.backoff.layout_note = f" (layout={job.cfg.layout.name})"
     if ctx.is_coordinator:
         print(f"distgen: engine: {engine.choice}", flush=True)
+    if batch is not None:
+        print(f"distgen: rank {ctx.rank}: generation.batch_size=auto picked {batch.rows}: {batch.reason}", flush=True)
     live, counters = LiveCounters(), LoopCounters()
     sampler = RankSampler(ctx.rank, out.sample_every_s, job.work_path("progress"), live, counters, ctx.device,
                           display)
@@ -189,5 +207,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         wall_seconds=round(time.perf_counter() - wall_start, 3), load_peak_rss_mib=round(load_peak_rss, 1),
         peak_rss_mib=round(peak_rss_mib(), 1),
         cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1),
-        param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map)
+        param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map,
+        batch_size=engine.batch.rows, batch_size_reason=engine.batch.reason, final_batch_size=engine.backoff.rows,
+        oom_backoffs=engine.backoff.count)
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])

@@ -24,7 +24,16 @@ def test_defaults_compose_into_typed_config():
     (["generation.max_new_token=3"], r"unknown config key 'generation.max_new_token'; keys allowed under "
                                      r"generation: max_new_tokens, batch_size"),
     (["colour=red"], r"unknown config key 'colour'; keys allowed under the top level: model, layout"),
-    (["generation.batch_size=many"], r"generation.batch_size=many.*could not be converted to Integer"),
+    (["generation.batch_size=many"], r"generation.batch_size='many' is not allowed: expected auto or an integer >= 1"),
+    (["generation.batch_size=2.5"], r"generation.batch_size=2.5 is not allowed"),
+    (["generation.memory_fraction=0"], r"generation.memory_fraction=0.* must be in \(0, 1\]"),
+    (["generation.cache=offloaded", "device=cpu"], r"generation.cache='offloaded' is not allowed: it runs on cuda "
+                                                   r"only, and this job runs on cpu; caches for cpu: auto, dynamic, "
+                                                   r"static, sliding_window, quantized"),
+    (["generation.cache=quantized", "generation.cache_quant_backend=quanto", "generation.cache_quant_bits=8"],
+     r"generation.cache_quant_bits=8 is not allowed: generation.cache_quant_backend=quanto takes 4 or 2"),
+    (["generation.cache_quant_backend=nf4"], r"generation.cache_quant_backend='nf4' is not allowed: expected one "
+                                             r"of int8, fp8, quanto, hqq"),
     (["device=tpu"], r"device='tpu' is not allowed: expected one of auto, cpu, cuda"),
 ])
 def test_bad_keys_and_values_name_the_key_and_what_is_allowed(overrides, message):

@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+import os
+from dataclasses import replace
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
-from distgen.config import CACHE_NAMES, GenerationConfig
+from distgen.config import GenerationConfig
+from distgen.engine.backoff import Backoff, injected_oom_step
 from distgen.engine.core import Engine, StopCheck
-from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
-from distgen.engine.kv.dynamic import DynamicKV
-from distgen.engine.kv.slots import Int8SlotLayer, SlotKV, SlotLayer
+from distgen.engine.kv import CACHES, CacheSpec, QueueShape
+from distgen.engine.kv.base import kv_geometry, model_dtype
+from distgen.engine.kv.quantized import quant_bits
+from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
+                                   kv_shape, memory_budget)
 from distgen.engine.queue import PromptQueue, RequestQueue
 from distgen.engine.request import Request
 from distgen.engine.runner import CompilePlan, Runner, persist_inductor_cache
@@ -68,8 +70,8 @@ def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
         return CompilePlan(True, gen.compile_mode, "generation.compile=on")
     if blocker:
         return CompilePlan(False, reason=f"not compiling: {blocker}")
-    if gen.cache == "dynamic":
-        return CompilePlan(False, reason="not compiling: generation.cache=dynamic changes shape every step")
+    if gen.cache != "auto" and not CACHES.get(gen.cache).slots(gen):
+        return CompilePlan(False, reason=f"not compiling: generation.cache={gen.cache} changes shape every step")
     if lockstep:
         return CompilePlan(False, reason="not compiling: a lockstep (sharded) layout; use generation.compile=on")
     if device.type != "cuda":
@@ -81,31 +83,14 @@ def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
     return CompilePlan(True, gen.compile_mode, f"compiling: about {decode_steps} decode steps")
 
 
-def kv_bytes(model: torch.nn.Module, rows: int, columns: int) -> int:
-    """Estimated bytes of a full-precision KV cache of `rows` x `columns` tokens."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = torch.empty((), dtype=model_dtype(model)).element_size()
-    return 2 * config.num_hidden_layers * rows * columns * heads * head_dim * itemsize
-
-
-def memory_budget(device: torch.device) -> int:
-    """Half the memory still free on the device (CUDA) or host (MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    for line in open("/proc/meminfo") if Path("/proc/meminfo").exists() else []:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024 // 2
-    return 1 << 62
-
-
 def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, need: int = 0,
-               budget: int = 1 << 62) -> tuple[str, str]:
-    """(cache name, why); `need` is the estimated KV bytes of the job, `budget` what may be spent on it."""
+               budget: int = 1 << 62, device_type: str = "cpu", quantized_need: Optional[int] = None) -> tuple[str, str]:
+    """(cache name, why); `need` is the estimated KV bytes of batch_size rows in full precision,
+    `quantized_need` in the quantized cache (default: a quarter), `budget` what may be spent on it."""
     window, blocker = kv_geometry(model)[1], slot_cache_blocker(model)
     if gen.cache != "auto":
-        if gen.cache != "dynamic" and blocker:
+        kind = CACHES.get(gen.cache)
+        if kind.slots(gen) and blocker:
             raise ConfigError(f"generation.cache={gen.cache} is not possible: {blocker}; "
                               "use generation.cache=dynamic")
         if gen.cache == "sliding_window" and not window:
@@ -113,8 +98,14 @@ def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, n
         return gen.cache, f"generation.cache={gen.cache}"
     if window and not blocker:
         return "sliding_window", f"the model attends over a sliding window of {window}"
-    if need > budget and not blocker:
-        return "quantized", f"a full-precision KV cache (~{need >> 20} MiB) exceeds the budget of {budget >> 20} MiB"
+    if need > budget:
+        quantized_need = need // 4 if quantized_need is None else quantized_need
+        over = f"a full-precision KV cache (~{need >> 20} MiB) exceeds the budget of {budget >> 20} MiB"
+        can_quantize = not (blocker and CACHES.get("quantized").slots(gen))
+        if device_type == "cuda" and (quantized_need > budget or not can_quantize):
+            return "offloaded", f"{over}, and a quantized one (~{quantized_need >> 20} MiB) too"
+        if can_quantize:
+            return "quantized", f"{over} (quantized: ~{quantized_need >> 20} MiB)"
     if compiling:
         return "static", "a compiled decode step needs fixed shapes"
     if gen.scheduler == "chunked":
@@ -126,53 +117,6 @@ def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, n
     return "dynamic", "no compile, no sliding window"
 
 
-@dataclass(frozen=True)
-class QueueShape:
-    """A rank's prompts as the length table sees them (no request needs to exist): each one's
-    prompt token count and budget, in any order."""
-    lengths: np.ndarray  # (prompts,)
-    budgets: np.ndarray  # (prompts,) each prompt's own max_new_tokens or generation.max_new_tokens
-
-    @classmethod
-    def of(cls, queue: Sequence[tuple[Prompt, Sequence[int]]], gen: GenerationConfig) -> "QueueShape":
-        return cls(np.asarray([len(ids) for _, ids in queue], dtype=np.int64),
-                   np.asarray([p.budget(gen.max_new_tokens) for p, _ in queue], dtype=np.int64))
-
-    @property
-    def columns(self) -> int:
-        """The most cache columns one sequence needs: prompt plus budget."""
-        return int((self.lengths + self.budgets).max()) if len(self.lengths) else 1
-
-    @property
-    def longest_prompt(self) -> int:
-        return int(self.lengths.max()) if len(self.lengths) else 1
-
-    def decode_steps(self, batch_size: int) -> int:
-        return int(self.budgets.sum()) // batch_size
-
-
-def build_kv(name: str, model: torch.nn.Module, gen: GenerationConfig, shape: QueueShape, pad_id: int,
-             device: torch.device, compiling: bool) -> KVCache:
-    if name == "dynamic":
-        return DynamicKV(gen.batch_size, pad_id, device)
-    layers, window = kv_geometry(model)
-    columns = shape.columns
-    if name == "sliding_window":
-        # A ring: a prefill chunk of q tokens must not overwrite what its first token still needs.
-        longest_chunk = shape.longest_prompt
-        if gen.scheduler == "chunked":
-            longest_chunk = min(longest_chunk, gen.prefill_chunk_tokens)
-        columns = min(columns, window + longest_chunk - 1)
-    return SlotKV(layers, gen.batch_size, columns, pad_id, device, model_dtype(model), full_width=compiling,
-                  window=window if name == "sliding_window" else None,
-                  layer_class=Int8SlotLayer if name == "quantized" else SlotLayer)
-
-
-KV_BUILDERS: dict[str, Callable] = {"dynamic": build_kv, "static": build_kv, "sliding_window": build_kv,
-                                    "quantized": build_kv}
-assert ("auto", *KV_BUILDERS) == CACHE_NAMES, "distgen.config.CACHE_NAMES must list KV_BUILDERS"
-
-
 def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device) -> Request:
     """A request with its record's own sampling settings (and seed) applied over generation.*."""
     sampling = row_sampling(gen, prompt)
@@ -180,27 +124,62 @@ def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, devi
                    sequence_generator(gen, prompt, device) if sampling.do_sample else None, sampling)
 
 
+def local_ranks() -> int:
+    """Ranks sharing this host's RAM (torchrun and deepspeed set LOCAL_WORLD_SIZE); 1 if unknown."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
+def rank_budget(gen: GenerationConfig, device: torch.device) -> int:
+    """generation.memory_fraction of the device's free memory (the host's, split among its ranks, on CPU)."""
+    sharing = 1 if device.type == "cuda" else local_ranks()
+    return memory_budget(available_bytes(device), gen.memory_fraction, sharing)
+
+
+def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueShape, budget: int) -> BatchChoice:
+    """generation.batch_size as given, or the most rows that fit `budget` when it is auto."""
+    if gen.batch_size != "auto":
+        return BatchChoice(gen.batch_size, f"generation.batch_size={gen.batch_size}")
+    query = shape.longest_prompt
+    if gen.scheduler == "chunked":
+        query = min(query, gen.prefill_chunk_tokens)
+    kv = kv_shape(model.config, model_dtype(model), quantized=gen.cache == "quantized")
+    activations = activation_bytes_per_row(model.config, model_dtype(model), query, shape.columns)
+    return auto_batch_size(kv, activations, shape.columns, shape.prompts, budget)
+
+
 def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Prompt, Sequence[int]]],
                  gen: GenerationConfig, pad_id: int, eos_ids: Sequence[int], device: torch.device,
                  lockstep: bool = False, shape: Optional[QueueShape] = None,
-                 stop_check: Optional[StopCheck] = None) -> Engine:
-    """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids)."""
+                 stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None) -> Engine:
+    """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids).
+    `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size)."""
     shape = shape if shape is not None else QueueShape.of(queue, gen)
+    budget = rank_budget(gen, device)
+    batch = batch or plan_batch_size(model, gen, shape, budget)
+    gen = replace(gen, batch_size=batch.rows)
     decode_steps = shape.decode_steps(gen.batch_size)
-    if gen.cache == "dynamic" and gen.compile == "auto":
-        compile_plan = CompilePlan(False, reason="not compiling: generation.cache=dynamic")
+    if gen.cache != "auto" and not CACHES.get(gen.cache).slots(gen) and gen.compile == "auto":
+        compile_plan = CompilePlan(False, reason=f"not compiling: generation.cache={gen.cache}")
     else:
         compile_plan = plan_compile(gen, model, decode_steps, lockstep, device)
-    cache, why = plan_cache(gen, model, compile_plan.enabled, kv_bytes(model, gen.batch_size, shape.columns),
-                            memory_budget(device))
+    full = kv_shape(model.config, model_dtype(model))
+    quantized = kv_shape(model.config, model_dtype(model), quantized=True)
+    cache, why = plan_cache(gen, model, compile_plan.enabled, full.bytes(gen.batch_size, shape.columns), budget,
+                            device.type, quantized.bytes(gen.batch_size, shape.columns))
     if compile_plan.enabled:
         persist_inductor_cache(gen.compile_cache_dir)
-    choice = f"scheduler={gen.scheduler}, cache={cache} ({why}); {compile_plan.reason}"
+    if cache == "quantized":
+        why += f"; backend {gen.cache_quant_backend}, {quant_bits(gen)} bits"
+    choice = f"batch_size={batch.rows} ({batch.reason}), scheduler={gen.scheduler}, cache={cache} ({why}); " \
+             f"{compile_plan.reason}"
     log.info("engine: %s", choice)
-    kv = build_kv(cache, model, gen, shape, pad_id, device, compile_plan.enabled)
+    spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled)
+    kind = CACHES.get(cache)
     waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
-    engine = Engine(waiting, SCHEDULERS[gen.scheduler], kv, Runner(model, compile_plan),
+    engine = Engine(waiting, SCHEDULERS[gen.scheduler], kind.build(spec), Runner(model, compile_plan),
                     Sampler(gen, eos_ids, device), gen.prefill_chunk_tokens if gen.scheduler == "chunked" else 1 << 62,
                     stop_check)
-    engine.choice = choice
+    engine.choice, engine.batch = choice, batch
+    engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,
+                             inject_at=injected_oom_step())
     return engine

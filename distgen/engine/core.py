@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
+from distgen.engine.backoff import Backoff, back_off
 from distgen.engine.kv.base import ForwardBatch, KVCache
 from distgen.engine.queue import RequestQueue
 from distgen.engine.request import Completion, Request, Status
@@ -27,14 +28,31 @@ class Engine:
         self.token_budget = token_budget
         self.last_kind = ""
         self.choice = ""  # which cache/compile the builder chose, and why (printed by the worker)
+        self.batch = None  # the batch size and why (memory.BatchChoice), set by the builder
+        self.backoff: Optional[Backoff] = None  # out-of-memory back-off (backoff.py); None: errors propagate
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def step(self) -> list[Completion]:
-        """One forward; returns the requests it finished."""
+        """One forward; returns the requests it finished. Out of memory: back off (backoff.py) and return none."""
+        if self.backoff is None:
+            return self.forward_step()
+        try:
+            return self.forward_step()
+        except torch.OutOfMemoryError as err:
+            refusal, error_text = self.backoff.refuse(err), str(err)
+            if refusal:
+                self.backoff.say(refusal)
+                raise
+        back_off(self, error_text)  # outside the except block: the traceback's tensors are gone
+        return []
+
+    def forward_step(self) -> list[Completion]:
         plan = self.schedule()
+        if self.backoff is not None:
+            self.backoff.before_forward()
         batch, logits = self.execute(plan)
         return self.update(plan, batch, logits)
 

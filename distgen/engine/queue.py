@@ -38,3 +38,7 @@ class RequestQueue:
     def popleft(self) -> Request:
         self[0]
         return self.made.popleft()
+
+    def requeue(self, requests: list[Request]) -> None:
+        """Put these requests back at the front, in this order, made afresh (no tokens, a new sampler)."""
+        self.made.extendleft(reversed([self.make(r.prompt, r.token_ids) for r in requests]))

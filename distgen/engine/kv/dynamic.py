@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from distgen.engine.kv.base import ForwardBatch, KVCache
+from distgen.engine.kv.kinds import CacheKind, register
 from distgen.engine.kv.rows import append_rows, select_rows, trim_dead_columns
 from distgen.engine.request import Request
 from distgen.engine.scheduler import StepPlan
@@ -37,7 +38,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class DynamicKV(KVCache):
     def __init__(self, max_rows: int, pad_id: int, device: torch.device):
         self.max_rows, self.pad_id, self.device = max_rows, pad_id, device
-        self.cache = DynamicCache()
+        self.cache = self.new_cache()
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # (rows, cols)
         self.next_input = torch.zeros((0, 1), dtype=torch.long, device=device)  # (rows, 1)
         self.rows = 0
@@ -54,7 +55,7 @@ class DynamicKV(KVCache):
         assert all(chunk == r.prompt_length for r, chunk in zip(plan.requests, plan.chunks)), "whole prompts only"
         input_ids, mask = left_pad([r.token_ids for r in plan.requests], self.pad_id)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        self.pending = (DynamicCache(), mask)
+        self.pending = (self.new_cache(), mask)
         inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                       cache=self.pending[0], use_cache=True, logits_to_keep=1)
         return ForwardBatch(inputs, list(range(len(plan.requests))))
@@ -82,5 +83,17 @@ class DynamicKV(KVCache):
             self.cache, self.mask, self.next_input, self.rows = cache, mask, tokens.unsqueeze(-1), len(kept)
         self.mask = trim_dead_columns(self.cache, self.mask)
 
+    def new_cache(self) -> DynamicCache:
+        """An empty cache for the running rows or a prefill (a subclass may offload or quantize it)."""
+        return DynamicCache()
+
     def close(self) -> None:
-        self.cache = DynamicCache()
+        self.cache = self.new_cache()
+
+
+class GrowingRows:
+    """transformers' DynamicCache, left-padded rows: finished rows dropped and new ones appended by row surgery."""
+
+
+register(CacheKind("dynamic", lambda spec: DynamicKV(spec.rows, spec.pad_id, spec.device), slots=lambda gen: False),
+         GrowingRows)

@@ -17,7 +17,8 @@ def cache_layers(cache: DynamicCache):
 
 def select_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     for layer in cache_layers(cache):
-        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        index = rows.to(layer.keys.device)  # an offloaded layer lives on the CPU
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
     return mask[rows]
 
 

@@ -16,7 +16,8 @@ from typing import Optional, Union
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, round_up
+from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, kv_geometry, model_dtype, round_up
+from distgen.engine.kv.kinds import CacheKind, CacheSpec, register
 from distgen.engine.request import Request, Status
 from distgen.engine.scheduler import StepPlan
 
@@ -212,3 +213,30 @@ class SlotKV(KVCache):
         for layer in self.cache.layers:
             layer.keys = layer.values = layer.key_scales = layer.value_scales = None
             layer.is_initialized = False
+
+
+def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = False) -> SlotKV:
+    layers, window = kv_geometry(spec.model)
+    columns = spec.shape.columns
+    if sliding:
+        # A ring: a prefill chunk of q tokens must not overwrite what its first token still needs.
+        longest_chunk = spec.shape.longest_prompt
+        if spec.gen.scheduler == "chunked":
+            longest_chunk = min(longest_chunk, spec.gen.prefill_chunk_tokens)
+        columns = min(columns, window + longest_chunk - 1)
+    return SlotKV(layers, spec.rows, columns, spec.pad_id, spec.device, model_dtype(spec.model),
+                  full_width=spec.compiling, window=window if sliding else None, layer_class=layer_class)
+
+
+class StaticSlots:
+    """Fixed-shape slot buffers (slots x heads x columns x head_dim) plus a length per slot: a finished row
+    frees its slot, a queued prompt is prefilled into it; what compile and chunked prefill need."""
+
+
+class SlidingWindowSlots:
+    """The slot cache as a ring holding only the model's sliding window (models whose config has one)."""
+
+
+register(CacheKind("static", build_slots, slots=lambda gen: True), StaticSlots)
+register(CacheKind("sliding_window", lambda spec: build_slots(spec, sliding=True), slots=lambda gen: True),
+         SlidingWindowSlots)

@@ -1,0 +1,83 @@
+"""The name table of KV caches (`generation.cache`): each implementation module registers its kinds here,
+and the config check, the engine builder and the docs read this one table.
+
+`python -c "from distgen.engine.kv import CACHES; print(CACHES.describe())"` lists it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+
+from distgen.registry import Registry
+
+if TYPE_CHECKING:
+    from distgen.config import GenerationConfig
+    from distgen.engine.kv.base import KVCache
+    from distgen.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class QueueShape:
+    """A rank's prompts as the length table sees them (no request needs to exist): each one's
+    prompt token count and budget, in any order."""
+    lengths: np.ndarray  # (prompts,)
+    budgets: np.ndarray  # (prompts,) each prompt's own max_new_tokens or generation.max_new_tokens
+
+    @classmethod
+    def of(cls, queue: Sequence[tuple["Prompt", Sequence[int]]], gen: "GenerationConfig") -> "QueueShape":
+        return cls(np.asarray([len(ids) for _, ids in queue], dtype=np.int64),
+                   np.asarray([p.budget(gen.max_new_tokens) for p, _ in queue], dtype=np.int64))
+
+    @property
+    def prompts(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def columns(self) -> int:
+        """The most cache columns one sequence needs: prompt plus budget."""
+        return int((self.lengths + self.budgets).max()) if len(self.lengths) else 1
+
+    @property
+    def longest_prompt(self) -> int:
+        return int(self.lengths.max()) if len(self.lengths) else 1
+
+    def decode_steps(self, batch_size: int) -> int:
+        return int(self.budgets.sum()) // batch_size
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache builder gets: the model, the settings, the rank's prompts and the rows to hold."""
+    model: torch.nn.Module
+    gen: "GenerationConfig"
+    shape: QueueShape
+    rows: int
+    pad_id: int
+    device: torch.device
+    compiling: bool
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    name: str
+    build: Callable[[CacheSpec], "KVCache"]
+    # Whether, with these settings, it is a slot cache (fixed shape: chunked prefill and compile need one;
+    # it also needs a model that takes position ids and a 4D mask, see engine.build.slot_cache_blocker).
+    slots: Callable[["GenerationConfig"], bool]
+    # Device types it runs on.
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+CACHES: Registry[CacheKind] = Registry("generation.cache")
+
+
+def register(kind: CacheKind, config: type) -> CacheKind:
+    """`config`: the kind's settings (its docstring is the one-line summary the docs print)."""
+    return CACHES.register(kind.name, config, kind)
+
+
+def slot_cache_names(gen: "GenerationConfig") -> list[str]:
+    return [name for name, entry in CACHES.entries.items() if entry.impl.slots(gen)]

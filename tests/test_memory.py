@@ -1,0 +1,207 @@
+"""Memory: KV/activation estimates, generation.batch_size=auto, out-of-memory back-off, cache strategies."""
+import importlib.util
+
+import pytest
+import torch
+from transformers import DynamicCache, MistralConfig, QuantizedCache
+
+from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module
+from distgen.config import GenerationConfig
+from distgen.engine.backoff import INJECT_ENV
+from distgen.engine.build import plan_cache
+from distgen.engine.kv import CACHES
+from distgen.engine.kv.quantized import QUANT_BACKENDS, dequantized, missing_package
+from distgen.engine.memory import (AUTO_BATCH_MAX, BatchChoice, activation_bytes_per_row, agree_across_ranks,
+                                   auto_batch_size, kv_shape, memory_budget)
+from distgen.errors import ConfigError
+from distgen.run import main as run_in_process
+from helpers import engine_for, generate_all
+
+BUDGETS = {r["id"]: r.get("max_new_tokens", DEFAULT_BUDGET) for r in PROMPTS}
+
+
+def greedy_reference(model, tokenizer) -> dict:
+    return {r["id"]: reference_greedy(model, tokenizer, r["prompt"], BUDGETS[r["id"]], []) for r in PROMPTS}
+
+
+def cache_bytes(layers) -> int:
+    return sum(t.numel() * t.element_size() for layer in layers
+               for t in (layer.keys, layer.values, getattr(layer, "key_scales", None),
+                         getattr(layer, "value_scales", None)) if t is not None)
+
+
+# --- estimates against real caches ---
+
+def test_kv_estimate_equals_a_real_dynamic_cache(tiny_model):
+    cache = DynamicCache()
+    with torch.no_grad():
+        tiny_model(input_ids=torch.ones((3, 21), dtype=torch.long), cache=cache, use_cache=True)
+    assert cache_bytes(cache.layers) == kv_shape(tiny_model.config, torch.float32).bytes(3, 21)
+
+
+@pytest.mark.parametrize("cache", ["static", "quantized"])
+def test_kv_estimate_equals_the_slot_caches(tiny_model, tokenizer, cache):
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache=cache, compile="off")
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    generate_all(engine)
+    columns = engine.kv.max_len + 1  # the slot cache's scratch column
+    assert cache_bytes(engine.kv.cache.layers) == kv_shape(tiny_model.config, torch.float32,
+                                                           quantized=cache == "quantized").bytes(3, columns)
+
+
+def test_sliding_window_caps_the_kv_estimate_and_activations_grow_with_the_prompt(tiny_model):
+    config = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=6)
+    shape = kv_shape(config, torch.bfloat16)
+    assert (shape.window, shape.head_dim, shape.itemsize) == (6, 16, 2)
+    assert shape.bytes(2, 100) == 2 * 6 * shape.bytes_per_token == 2 * 6 * (2 * 2 * 2 * 16 * 2)
+    small = activation_bytes_per_row(tiny_model.config, torch.float32, 8, 16)
+    assert activation_bytes_per_row(tiny_model.config, torch.float32, 64, 80) > 8 * small > 0
+
+
+def test_auto_batch_size_fits_the_budget_and_is_capped():
+    kv = kv_shape(MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                sliding_window=None), torch.float32)
+    per_row = kv.bytes(1, 100) + 1000
+    assert auto_batch_size(kv, 1000, 100, prompts=500, budget=7 * per_row + 5).rows == 7
+    capped = auto_batch_size(kv, 1000, 100, prompts=5, budget=7 * per_row)
+    assert capped.rows == 5 and "capped at the rank's 5 prompts" in capped.reason
+    assert auto_batch_size(kv, 1000, 100, prompts=10**6, budget=1 << 50).rows == AUTO_BATCH_MAX
+    assert auto_batch_size(kv, 1000, 100, prompts=5, budget=10).rows == 1
+    assert memory_budget(1000, 0.5, sharing=2, params=100) == 150
+
+
+# --- generation.batch_size=auto ---
+
+def job_args(model_dir, prompts, out, *extra):
+    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}", "output.print_table=false",
+            f"generation.max_new_tokens={DEFAULT_BUDGET}", *extra]
+
+
+def test_batch_size_auto_picks_rows_and_equals_a_fixed_batch(tiny_model_dir, prompts_file, tmp_path, capsys):
+    outputs = {}
+    for batch in ("auto", "2"):
+        out = tmp_path / batch
+        assert run_in_process(job_args(tiny_model_dir, prompts_file, out, f"generation.batch_size={batch}")) == 0
+        outputs[batch] = [(r["id"], r["completion_token_ids"]) for r in read_outputs(out)]
+        [rank] = read_stats(out)["ranks"]
+        if batch == "auto":  # plenty of memory: every prompt in one batch
+            assert rank["batch_size"] == len(PROMPTS) and "capped at the rank's 7 prompts" in rank["batch_size_reason"]
+            assert "generation.batch_size=auto picked 7" in capsys.readouterr().out
+        else:
+            assert rank["batch_size"] == 2 and rank["batch_size_reason"] == "generation.batch_size=2"
+    assert outputs["auto"] == outputs["2"]
+
+
+def test_lockstep_ranks_agree_on_the_least_batch():
+    import torch.distributed as dist
+    from helpers import free_ports
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_ports(1)[0]}", rank=0, world_size=1)
+    try:
+        mine = BatchChoice(6, "mine")
+        assert agree_across_ranks(mine, True, torch.device("cpu")) is mine
+        assert agree_across_ranks(mine, False, torch.device("cpu")).rows == 6  # no prompts: no say, keeps its own
+    finally:
+        dist.destroy_process_group()
+
+
+# --- out-of-memory back-off ---
+
+@pytest.mark.parametrize("cache,do_sample", [("static", False), ("dynamic", False), ("static", True)])
+def test_oom_backoff_requeues_and_gives_the_outputs_of_a_clean_run(tiny_model, tokenizer, monkeypatch, cache,
+                                                                   do_sample):
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=4, cache=cache, compile="off",
+                           do_sample=do_sample, seed=3)
+    clean = generate_all(engine_for(tiny_model, tokenizer, PROMPTS, cfg))
+    monkeypatch.setenv(INJECT_ENV, "3")  # mid-job: rows are decoding, some prompts still queued
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    faulted = generate_all(engine)
+    assert engine.backoff.count == 1 and engine.backoff.rows == 2
+    assert sorted(faulted) == sorted(clean) == sorted(BUDGETS)  # every prompt once
+    assert {k: c.token_ids for k, c in faulted.items()} == {k: c.token_ids for k, c in clean.items()}
+    if not do_sample:
+        assert {k: c.token_ids for k, c in faulted.items()} == greedy_reference(tiny_model, tokenizer)
+
+
+def test_oom_in_a_lockstep_layout_is_not_backed_off(tiny_model, tokenizer, monkeypatch, capsys):
+    monkeypatch.setenv(INJECT_ENV, "1")
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=4, compile="off")
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    engine.backoff.enabled = False  # what build_engine sets for lockstep=True
+    with pytest.raises(torch.OutOfMemoryError, match=INJECT_ENV):
+        generate_all(engine)
+    assert "back-off is supported only where ranks run free" in capsys.readouterr().err
+
+
+def test_oom_backoff_on_two_replicate_ranks_under_torchrun(tiny_model_dir, tiny_model, tokenizer, prompts_file,
+                                                           tmp_path):
+    out = tmp_path / "out"
+    result = run_module("distgen.run", job_args(tiny_model_dir, prompts_file, out, "layout=replicate",
+                                                "generation.batch_size=auto", "generation.eos_token_ids=[]"),
+                        nproc=2, env={INJECT_ENV: "2"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("backing off to generation.batch_size=") == 2, result.stderr
+    records = read_outputs(out)
+    assert [r["index"] for r in records] == list(range(len(PROMPTS)))
+    assert {r["id"]: r["completion_token_ids"] for r in records} == greedy_reference(tiny_model, tokenizer)
+    stats = read_stats(out)
+    assert stats["summary"]["oom_backoffs"] == 2
+    assert [s["final_batch_size"] for s in stats["ranks"]] == [max(1, s["batch_size"] // 2) for s in stats["ranks"]]
+
+
+# --- cache strategies ---
+
+def test_cache_table_is_what_config_checks_and_docs_read():
+    assert CACHES.names() == ("dynamic", "static", "sliding_window", "quantized", "offloaded")
+    assert "generation.cache=offloaded" in CACHES.describe()
+    with pytest.raises(ConfigError, match="generation.cache='paged' is not allowed: expected one of auto, dynamic"):
+        GenerationConfig(cache="paged").check()
+
+
+@pytest.mark.parametrize("backend", QUANT_BACKENDS.names())
+def test_quantized_cache_backends_run_and_keep_shapes(tiny_model, tokenizer, backend):
+    if missing_package(QUANT_BACKENDS.get(backend)):
+        pytest.skip(f"the {backend} backend needs {missing_package(QUANT_BACKENDS.get(backend))}, not installed")
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="quantized", compile="off",
+                           cache_quant_backend=backend, cache_residual_length=3)
+    cfg.check()
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    assert f"backend {backend}" in engine.choice
+    completions = []
+    with torch.no_grad():
+        for _ in range(6):  # a prefill and decode steps past the residual length
+            completions += engine.step()
+    if backend == "int8":
+        layer = engine.kv.cache.layers[0]
+        assert layer.keys.dtype == torch.int8 and layer.keys.shape == (3, 2, engine.kv.max_len + 1, 16)
+    else:  # (rows, kv heads, columns, head_dim), as many columns as the attention mask
+        assert isinstance(engine.kv.cache, QuantizedCache)
+        keys, values = dequantized(engine.kv.cache.layers[0])
+        assert keys.shape == values.shape == (engine.kv.rows, 2, engine.kv.mask.shape[1], 16)
+    rest = generate_all(engine)
+    got = {c.prompt.id: c.token_ids for c in completions} | {k: c.token_ids for k, c in rest.items()}
+    assert {k: len(v) for k, v in got.items()} == BUDGETS  # random weights: tokens differ, budgets hold
+
+
+def test_offloaded_cache_on_cpu_is_a_clear_error(tiny_model, tokenizer):
+    with pytest.raises(ConfigError, match="generation.cache='offloaded' is not allowed: .* this rank runs on cpu"):
+        engine_for(tiny_model, tokenizer, PROMPTS, GenerationConfig(cache="offloaded", compile="off"))
+
+
+def test_auto_picks_quantized_when_memory_is_tight(tiny_model, tokenizer):
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size="auto", memory_fraction=1e-12, compile="off")
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    assert engine.batch.rows == 1 and "not even one row" in engine.batch.reason
+    assert "cache=quantized (a full-precision KV cache" in engine.choice
+    assert len(generate_all(engine)) == len(PROMPTS)
+    # On CUDA, a quantized cache that does not fit either goes to CPU memory.
+    gen = GenerationConfig()
+    assert plan_cache(gen, tiny_model, False, need=8 << 20, budget=4 << 20, device_type="cuda")[0] == "quantized"
+    assert plan_cache(gen, tiny_model, False, need=8 << 20, budget=1 << 20, device_type="cuda")[0] == "offloaded"
+    assert plan_cache(gen, tiny_model, False, need=8 << 20, budget=1 << 20, device_type="cpu")[0] == "quantized"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hqq") is not None, reason="hqq is installed here")
+def test_hqq_backend_without_hqq_is_a_clear_error():
+    with pytest.raises(ConfigError, match="generation.cache_quant_backend='hqq' is not allowed: it needs .*hqq"):
+        GenerationConfig(cache="quantized", cache_quant_backend="hqq").check()
