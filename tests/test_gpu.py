@@ -127,3 +127,14 @@ def test_compiled_decode_with_cuda_graphs_equals_eager(gpu_model_dir, reference,
                                   env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
     assert [r["completion_token_ids"] for r in graphs] == [r["completion_token_ids"] for r in eager]
     assert [r["completion_token_ids"] for r in eager] == [want[p["id"]] for p in PROMPTS]
+
+
+def test_offloaded_kv_cache_equals_generate(gpu_model_dir, reference, tmp_path):
+    """generation.cache=offloaded (each layer in CPU memory between uses) changes no token; auto batch and an
+    injected out-of-memory back-off on CUDA keep them too."""
+    eos, want, _ = reference
+    records, stats = run_one_cuda_rank(gpu_model_dir, tmp_path / "out", "model.dtype=fp32",
+                                       f"generation.eos_token_ids=[{eos}]", "generation.cache=offloaded", "generation.batch_size=auto",
+                                       env={"DISTGEN_INJECT_OOM_AT_STEP": "2"})
+    assert {r["id"]: r["completion_token_ids"] for r in records} == want
+    assert stats["summary"]["oom_backoffs"] == 1

@@ -171,7 +171,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     if cache == "quantized":
         why += f"; backend {gen.cache_quant_backend}, {quant_bits(gen)} bits"
     choice = f"batch_size={batch.rows} ({batch.reason}), scheduler={gen.scheduler}, cache={cache} ({why}); " \
-             f"{compile_plan.reason}"
+             f"{compile_plan.reason}" + ("; out-of-memory back-off off (lockstep layout)" if lockstep else "")
     log.info("engine: %s", choice)
     spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled)
     kind = CACHES.get(cache)
