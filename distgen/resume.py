@@ -24,8 +24,8 @@ WHOLE_FILE_BYTES = 16 * 1024 * 1024
 SAMPLE_BYTES = 1024 * 1024
 # Generation settings that decide how work is batched and run, not what is generated (`cache` stays
 # in: a quantized KV cache changes the tokens).
-BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "compile", "compile_mode", "compile_cache_dir", "prefill_chunk_tokens",
-                 "sync_every")
+BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "compile", "compile_mode", "compile_cache_dir",
+                 "prefill_chunk_tokens", "sync_every")
 
 
 def file_digest(path: Path) -> str:

@@ -134,7 +134,7 @@ def test_offloaded_kv_cache_equals_generate(gpu_model_dir, reference, tmp_path):
     injected out-of-memory back-off on CUDA keep them too."""
     eos, want, _ = reference
     records, stats = run_one_cuda_rank(gpu_model_dir, tmp_path / "out", "model.dtype=fp32",
-                                       f"generation.eos_token_ids=[{eos}]", "generation.cache=offloaded", "generation.batch_size=auto",
-                                       env={"DISTGEN_INJECT_OOM_AT_STEP": "2"})
+                                       f"generation.eos_token_ids=[{eos}]", "generation.cache=offloaded",
+                                       "generation.batch_size=auto", env={"DISTGEN_INJECT_OOM_AT_STEP": "2"})
     assert {r["id"]: r["completion_token_ids"] for r in records} == want
     assert stats["summary"]["oom_backoffs"] == 1

@@ -83,8 +83,8 @@ def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
     return CompilePlan(True, gen.compile_mode, f"compiling: about {decode_steps} decode steps")
 
 
-def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, need: int = 0,
-               budget: int = 1 << 62, device_type: str = "cpu", quantized_need: Optional[int] = None) -> tuple[str, str]:
+def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, need: int = 0, budget: int = 1 << 62,
+               device_type: str = "cpu", quantized_need: Optional[int] = None) -> tuple[str, str]:
     """(cache name, why); `need` is the estimated KV bytes of batch_size rows in full precision,
     `quantized_need` in the quantized cache (default: a quarter), `budget` what may be spent on it."""
     window, blocker = kv_geometry(model)[1], slot_cache_blocker(model)
@@ -103,7 +103,8 @@ def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, n
         over = f"a full-precision KV cache (~{need >> 20} MiB) exceeds the budget of {budget >> 20} MiB"
         can_quantize = not (blocker and CACHES.get("quantized").slots(gen))
         if device_type == "cuda" and (quantized_need > budget or not can_quantize):
-            return "offloaded", f"{over}, and a quantized one (~{quantized_need >> 20} MiB) too"
+            return "offloaded", over + (f", and a quantized one (~{quantized_need >> 20} MiB) too" if can_quantize
+                                        else "; the model cannot use the int8 slot cache")
         if can_quantize:
             return "quantized", f"{over} (quantized: ~{quantized_need >> 20} MiB)"
     if compiling:

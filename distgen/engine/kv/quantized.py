@@ -59,7 +59,8 @@ class HqqRows:
 
 QUANT_BACKENDS: Registry[QuantBackend] = Registry("generation.cache_quant_backend")
 for backend, doc in ((QuantBackend("int8", (8,), None), Int8Slots), (QuantBackend("fp8", (8,), "fp8"), Fp8Rows),
-                     (QuantBackend("quanto", (4, 2), "quanto", ("optimum.quanto", "optimum-quanto==0.2.7")), QuantoRows),
+                     (QuantBackend("quanto", (4, 2), "quanto", ("optimum.quanto", "optimum-quanto==0.2.7")),
+                      QuantoRows),
                      (QuantBackend("hqq", (4, 2, 8), "hqq", ("hqq", "hqq")), HqqRows)):
     QUANT_BACKENDS.register(backend.name, doc, backend)
 
