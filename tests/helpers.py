@@ -392,3 +392,15 @@ def kill_all(pids) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def agree_on_batch(rank: int, world: int, port: int, rows: list[int], has_prompts: list[bool], results) -> None:
+    """One gloo rank of a group that agrees on generation.batch_size=auto (run in a spawned process)."""
+    import torch.distributed as dist
+    from distgen.engine.memory import BatchChoice, agree_across_ranks
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        choice = agree_across_ranks(BatchChoice(rows[rank], "alone"), has_prompts[rank], CPU)
+        results.put((rank, choice.rows, choice.reason))
+    finally:
+        dist.destroy_process_group()

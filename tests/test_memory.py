@@ -1,5 +1,6 @@
 """Memory: KV/activation estimates, generation.batch_size=auto, out-of-memory back-off, cache strategies."""
 import importlib.util
+import multiprocessing
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from distgen.engine.memory import (AUTO_BATCH_MAX, BatchChoice, activation_bytes
                                    auto_batch_size, kv_shape, memory_budget)
 from distgen.errors import ConfigError
 from distgen.run import main as run_in_process
-from helpers import engine_for, generate_all
+from helpers import agree_on_batch, engine_for, free_ports, generate_all
 
 BUDGETS = {r["id"]: r.get("max_new_tokens", DEFAULT_BUDGET) for r in PROMPTS}
 
@@ -94,15 +95,24 @@ def test_batch_size_auto_picks_rows_and_equals_a_fixed_batch(tiny_model_dir, pro
 
 
 def test_lockstep_ranks_agree_on_the_least_batch():
-    import torch.distributed as dist
-    from helpers import free_ports
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_ports(1)[0]}", rank=0, world_size=1)
+    # Three gloo ranks: the least batch any rank with prompts fits wins; a rank without prompts has no say.
+    context = multiprocessing.get_context("fork")  # spawn would import torch and transformers again (slow)
+    results, port = context.Queue(), free_ports(1)[0]
+    rows, has_prompts = [5, 3, 1], [True, True, False]
+    procs = [context.Process(target=agree_on_batch, args=(rank, 3, port, rows, has_prompts, results))
+             for rank in range(3)]
+    for proc in procs:
+        proc.start()
     try:
-        mine = BatchChoice(6, "mine")
-        assert agree_across_ranks(mine, True, torch.device("cpu")) is mine
-        assert agree_across_ranks(mine, False, torch.device("cpu")).rows == 6  # no prompts: no say, keeps its own
+        got = sorted(results.get(timeout=120) for _ in procs)
     finally:
-        dist.destroy_process_group()
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    assert [(rank, agreed) for rank, agreed, _ in got] == [(0, 3), (1, 3), (2, 3)]
+    assert "the least a rank of the lockstep group fits (this rank alone: alone)" == got[0][2]
+    assert got[1][2] == "alone"
 
 
 # --- out-of-memory back-off ---
