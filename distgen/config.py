@@ -26,6 +26,10 @@ TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
 SCHEDULER_NAMES = ("static", "continuous", "chunked")
 COMPILE_NAMES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# Assisted (speculative) generation: who proposes draft tokens (distgen/engine/assist.py checks it matches
+# ASSISTANTS): none, a tiny random draft (tests), n-gram prompt lookup (no model), a draft model folder.
+ASSISTANT_NAMES = ("none", "tiny", "prompt_lookup", "draft")
+ASSISTANT_SCHEDULES = ("constant", "heuristic")
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -71,6 +75,11 @@ class ModelConfig:
     # Quantized weights: a name in the quantizer table (distgen/quantizers); none keeps model.dtype.
     quantization: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # Assisted generation: none | tiny (a random-init draft built like model=tiny with assistant_seed) |
+    # prompt_lookup (n-gram matches in the prompt and generated text) | draft (a model folder: assistant_path).
+    assistant: str = "none"
+    assistant_path: Optional[str] = None
+    assistant_seed: int = 1
 
     def check(self) -> None:
         require_choice("model.source", self.source, MODEL_SOURCES)
@@ -80,6 +89,11 @@ class ModelConfig:
             require(bool(self.path), "model.path", self.path,
                     "model.source=pretrained needs model.path=<local model folder> "
                     "(or model=tiny for a random-init test model)")
+        require_choice("model.assistant", self.assistant, ASSISTANT_NAMES)
+        require(self.assistant != "draft" or bool(self.assistant_path), "model.assistant_path", self.assistant_path,
+                "model.assistant=draft needs model.assistant_path=<local draft model folder>")
+        require(self.assistant == "draft" or self.assistant_path is None, "model.assistant_path",
+                self.assistant_path, f"only model.assistant=draft reads it (model.assistant={self.assistant})")
 
 
 @dataclass
@@ -130,6 +144,14 @@ class GenerationConfig:
     # Lockstep layouts: all-reduce "any rank still has work" every this many steps (idle ranks
     # keep joining forwards in between); 1 checks every step.
     sync_every: int = 1
+    # Assisted generation (model.assistant): draft tokens proposed per round (the start value with the
+    # heuristic schedule: +2 after a fully accepted round, -1 otherwise, per sequence, at least 1).
+    num_assistant_tokens: int = 5
+    assistant_schedule: str = "constant"
+    # A draft model stops drafting a sequence once its token's probability falls below this (None: never).
+    assistant_confidence_threshold: Optional[float] = None
+    # Prompt lookup: the longest n-gram matched (then shorter ones, down to 1).
+    prompt_lookup_ngram: int = 3
 
     def check(self) -> None:
         require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, "must be >= 1")
@@ -151,6 +173,14 @@ class GenerationConfig:
         require(self.temperature > 0, "generation.temperature", self.temperature, "must be > 0")
         require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
         require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
+        require(self.num_assistant_tokens >= 1, "generation.num_assistant_tokens", self.num_assistant_tokens,
+                "must be >= 1")
+        require_choice("generation.assistant_schedule", self.assistant_schedule, ASSISTANT_SCHEDULES)
+        threshold = self.assistant_confidence_threshold
+        require(threshold is None or 0 <= threshold < 1, "generation.assistant_confidence_threshold", threshold,
+                "must be in [0, 1) or null")
+        require(self.prompt_lookup_ngram >= 1, "generation.prompt_lookup_ngram", self.prompt_lookup_ngram,
+                "must be >= 1")
 
 
 @dataclass

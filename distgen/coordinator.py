@@ -87,7 +87,9 @@ def format_table(stats: Sequence[RankStats], summary: dict) -> str:
              f"{summary['generate_seconds']:.2f}s ({summary['tokens_per_second']:.1f} tok/s over "
              f"{summary['world_size']} ranks)")
     maps = [f"rank {s.rank} device map: {compact_map(s.device_map)}" for s in stats if s.device_map]
-    return "\n".join([header, *rows, *maps, total])
+    drafts = [f"rank {s.rank} assisted: {s.draft_accepted} of {s.draft_proposed} draft tokens accepted "
+              f"({100 * s.acceptance_rate:.1f}%)" for s in stats if s.draft_proposed]
+    return "\n".join([header, *rows, *maps, *drafts, total])
 
 
 def compact_map(device_map: dict[str, str]) -> str:

@@ -37,6 +37,9 @@ def check_model_source(cfg: ModelConfig) -> None:
     """Fail before any worker starts when model.path cannot hold a saved model."""
     if cfg.source == "pretrained" and not (Path(cfg.path) / "config.json").is_file():
         raise ConfigError(f"model.path={cfg.path!r} is not a folder with a saved model (no config.json there)")
+    if cfg.assistant == "draft" and not (Path(cfg.assistant_path) / "config.json").is_file():
+        raise ConfigError(f"model.assistant_path={cfg.assistant_path!r} is not a folder with a saved draft model "
+                          "(no config.json there)")
 
 
 def read_tokenizer(cfg: ModelConfig):

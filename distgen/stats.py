@@ -40,6 +40,13 @@ class RankStats:
     batch_size_reason: str = ""
     final_batch_size: int = 0
     oom_backoffs: int = 0
+    # Assisted generation (model.assistant): draft tokens the main model checked, and how many it kept.
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
     @property
     def param_mib(self) -> float:

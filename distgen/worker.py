@@ -12,6 +12,7 @@ import numpy as np
 from distgen.config import RunConfig
 from distgen.dist_env import DistContext
 from distgen.engine import Completion, build_engine
+from distgen.engine.assist import assistant_spec
 from distgen.engine.build import QueueShape, plan_batch_size, rank_budget
 from distgen.engine.memory import BatchChoice, agree_across_ranks
 from distgen.feed import CHUNK, PromptFeed, Screening
@@ -19,7 +20,7 @@ from distgen.inputs import PromptSource
 from distgen.layouts import DataGroups, get_layout
 from distgen.layouts.base import full_param_bytes, resident_param_bytes
 from distgen.loop import LoopCounters, idle_forward, run_loop
-from distgen.model_loading import ModelSource
+from distgen.model_loading import ModelSource, resolve_dtype
 from distgen.plan import assign_to_ranks, decode_order
 from distgen.progress import LiveCounters, ProgressDisplay, RankSampler
 from distgen.records import completion_record, error_record
@@ -143,6 +144,11 @@ def rank_batch(model, job: Job, shape: QueueShape, device, placed) -> Optional[B
     return choice
 
 
+def draft_counts(engine) -> dict[str, int]:
+    counters = engine.assistant.counters if engine.assistant is not None else None
+    return dict(draft_proposed=counters.proposed, draft_accepted=counters.accepted) if counters else {}
+
+
 def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay] = None) -> RankRun:
     """Generate this rank's prompts; records go to this rank's shards as they finish."""
     wall_start = time.perf_counter()
@@ -163,8 +169,10 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     feed = PromptFeed(job.source, mine, job.tokenizer, lengths=job.lengths)
     shape = queue_shape(job, mine)
     batch = rank_batch(model, job, shape, device, placed)
+    # The draft model (model.assistant) is whole on every rank, never sharded (distgen/engine/assist.py).
+    assistant = assistant_spec(job.cfg.model, job.tokenizer, resolve_dtype(job.cfg.model.dtype, device), device)
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
-                          shape=shape, stop_check=stops.hit, batch=batch)
+                          shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant)
     engine.backoff.label = f"rank {ctx.rank}: "
     engine.backoff.layout_note = f" (layout={job.cfg.layout.name})"
     if ctx.is_coordinator:
@@ -209,5 +217,5 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1),
         param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map,
         batch_size=engine.batch.rows, batch_size_reason=engine.batch.reason, final_batch_size=engine.backoff.rows,
-        oom_backoffs=engine.backoff.count)
+        oom_backoffs=engine.backoff.count, **draft_counts(engine))
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from distgen.config import TinyModelConfig
 from distgen.tiny import build_tokenizer, save_tiny
@@ -42,6 +42,17 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sliding_model(tokenizer):
+    """A tiny Mistral attending over a sliding window of 6 tokens."""
+    torch.manual_seed(3)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6, initializer_range=0.2,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           max_position_embeddings=512)
+    return MistralForCausalLM(config).eval()
 
 
 def write_prompts(path: Path, records) -> Path:

@@ -30,10 +30,13 @@ from distgen.tiny import build_tokenizer
 CPU = torch.device("cpu")
 
 
-def engine_for(model, tokenizer, records, cfg: GenerationConfig, eos_ids=()):
-    prompts = [Prompt(i, r["id"], r["prompt"], r.get("max_new_tokens")) for i, r in enumerate(records)]
+def engine_for(model, tokenizer, records, cfg: GenerationConfig, eos_ids=(), assistant=None, stop_check=None):
+    """`records` may carry max_new_tokens, temperature and stop ([strings]) of their own."""
+    prompts = [Prompt(i, r["id"], r["prompt"], r.get("max_new_tokens"), temperature=r.get("temperature"),
+                      stop=tuple(r.get("stop", ()))) for i, r in enumerate(records)]
     queue = [(p, tokenizer(p.text)["input_ids"]) for p in prompts]
-    return build_engine(model, queue, cfg, tokenizer.pad_token_id, list(eos_ids), CPU)
+    return build_engine(model, queue, cfg, tokenizer.pad_token_id, list(eos_ids), CPU, assistant=assistant,
+                        stop_check=stop_check)
 
 
 def generate_all(engine) -> dict:

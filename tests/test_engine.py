@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
 
 from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
 from distgen.config import GenerationConfig
@@ -106,16 +105,6 @@ def test_quantized_cache_runs_keeps_shapes_and_is_smaller(tiny_model, tokenizer,
     layer = engine.kv.cache.layers[0]
     assert layer.keys.dtype == torch.int8 and layer.keys.shape[:3] == layer.key_scales.shape[:3]
     assert layer.keys.shape == (3, 2, engine.kv.max_len + 1, 16)
-
-
-@pytest.fixture(scope="module")
-def sliding_model(tokenizer):
-    torch.manual_seed(3)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6, initializer_range=0.2,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                           max_position_embeddings=512)
-    return MistralForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "chunked"])

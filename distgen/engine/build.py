@@ -9,10 +9,12 @@ from typing import Optional, Sequence
 import torch
 
 from distgen.config import GenerationConfig
+from distgen.engine.assist import Assistant, AssistantSpec, DraftModel, PromptLookup, max_draft_tokens
 from distgen.engine.backoff import Backoff, injected_oom_step
 from distgen.engine.core import Engine, StopCheck
 from distgen.engine.kv import CACHES, CacheSpec, QueueShape
-from distgen.engine.kv.base import kv_geometry, model_dtype
+from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
+from distgen.engine.kv.slots import SlotKV
 from distgen.engine.kv.quantized import quant_bits
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
                                    kv_shape, memory_budget)
@@ -118,6 +120,27 @@ def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, n
     return "dynamic", "no compile, no sliding window"
 
 
+def build_assistant(spec: AssistantSpec, model: torch.nn.Module, kv: KVCache, gen: GenerationConfig,
+                    shape: QueueShape, pad_id: int, eos_ids: Sequence[int], device: torch.device) -> Assistant:
+    if not kv.verifies_drafts:
+        raise ConfigError(f"model.assistant={spec.name} cannot run on generation.cache={gen.cache} "
+                          f"({type(kv).__name__}); use generation.cache=auto, static, sliding_window or dynamic")
+    if spec.draft is None:
+        return Assistant(PromptLookup(gen.prompt_lookup_ngram), gen, eos_ids)
+    draft = spec.draft
+    blocker = slot_cache_blocker(draft)
+    if blocker:
+        raise ConfigError(f"model.assistant={spec.name}: the draft model cannot use a slot cache ({blocker})")
+    vocab, draft_vocab = (unwrapped(m).config.get_text_config().vocab_size for m in (model, draft))
+    if vocab != draft_vocab:
+        raise ConfigError(f"model.assistant={spec.name}: the draft model's vocabulary ({draft_vocab} tokens) differs "
+                          f"from the model's ({vocab}); a draft must share the model's tokenizer")
+    draft_kv = SlotKV(kv_geometry(draft)[0], gen.batch_size, shape.columns, pad_id, device, model_dtype(draft),
+                      full_width=False)
+    return Assistant(DraftModel(draft, draft_kv, gen.prefill_chunk_tokens if gen.scheduler == "chunked" else None),
+                     gen, eos_ids)
+
+
 def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device) -> Request:
     """A request with its record's own sampling settings (and seed) applied over generation.*."""
     sampling = row_sampling(gen, prompt)
@@ -151,15 +174,23 @@ def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueS
 def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Prompt, Sequence[int]]],
                  gen: GenerationConfig, pad_id: int, eos_ids: Sequence[int], device: torch.device,
                  lockstep: bool = False, shape: Optional[QueueShape] = None,
-                 stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None) -> Engine:
+                 stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None,
+                 assistant: Optional[AssistantSpec] = None) -> Engine:
     """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids).
-    `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size)."""
+    `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size).
+    `assistant`: assisted decoding (distgen.engine.assist.assistant_spec builds it from model.assistant)."""
     shape = shape if shape is not None else QueueShape.of(queue, gen)
     budget = rank_budget(gen, device)
     batch = batch or plan_batch_size(model, gen, shape, budget)
     gen = replace(gen, batch_size=batch.rows)
     decode_steps = shape.decode_steps(gen.batch_size)
-    if gen.cache != "auto" and not CACHES.get(gen.cache).slots(gen) and gen.compile == "auto":
+    if assistant is not None:
+        if gen.compile == "on":
+            raise ConfigError(f"generation.compile=on is not possible with model.assistant={assistant.name}: its "
+                              "verify forwards change shape every step; use generation.compile=off or auto")
+        compile_plan = CompilePlan(False, reason=f"not compiling: model.assistant={assistant.name} verifies a "
+                                                 "different number of tokens each step")
+    elif gen.cache != "auto" and not CACHES.get(gen.cache).slots(gen) and gen.compile == "auto":
         compile_plan = CompilePlan(False, reason=f"not compiling: generation.cache={gen.cache}")
     else:
         compile_plan = plan_compile(gen, model, decode_steps, lockstep, device)
@@ -173,13 +204,18 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
         why += f"; backend {gen.cache_quant_backend}, {quant_bits(gen)} bits"
     choice = f"batch_size={batch.rows} ({batch.reason}), scheduler={gen.scheduler}, cache={cache} ({why}); " \
              f"{compile_plan.reason}" + ("; out-of-memory back-off off (lockstep layout)" if lockstep else "")
+    if assistant is not None:
+        choice += f"; assisted by {assistant.name} ({gen.assistant_schedule}, {gen.num_assistant_tokens} draft tokens)"
     log.info("engine: %s", choice)
-    spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled)
+    spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled,
+                     verify_tokens=max_draft_tokens(gen) + 1 if assistant is not None else 1)
     kind = CACHES.get(cache)
+    kv = kind.build(spec)
+    helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
     waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
-    engine = Engine(waiting, SCHEDULERS[gen.scheduler], kind.build(spec), Runner(model, compile_plan),
+    engine = Engine(waiting, SCHEDULERS[gen.scheduler], kv, Runner(model, compile_plan),
                     Sampler(gen, eos_ids, device), gen.prefill_chunk_tokens if gen.scheduler == "chunked" else 1 << 62,
-                    stop_check)
+                    stop_check, helper)
     engine.choice, engine.batch = choice, batch
     engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,
                              inject_at=injected_oom_step())

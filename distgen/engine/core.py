@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
+from distgen.engine.assist import Assistant
 from distgen.engine.backoff import Backoff, back_off
 from distgen.engine.kv.base import ForwardBatch, KVCache
 from distgen.engine.queue import RequestQueue
@@ -20,12 +21,14 @@ StopCheck = Callable[[Prompt, list[int]], bool]
 
 class Engine:
     def __init__(self, waiting: RequestQueue, scheduler: Scheduler, kv: KVCache, runner: Runner,
-                 sampler: Sampler, token_budget: int, stop_check: Optional[StopCheck] = None):
+                 sampler: Sampler, token_budget: int, stop_check: Optional[StopCheck] = None,
+                 assistant: Optional[Assistant] = None):
         self.waiting = waiting  # lazy: requests are made as the scheduler reaches them
         self.stop_check = stop_check
         self.running: list[Request] = []  # requests holding a cache row, in the cache's row order
         self.scheduler, self.kv, self.runner, self.sampler = scheduler, kv, runner, sampler
         self.token_budget = token_budget
+        self.assistant = assistant  # set: decode steps are assisted (draft -> verify in one forward -> accept)
         self.last_kind = ""
         self.choice = ""  # which cache/compile the builder chose, and why (printed by the worker)
         self.batch = None  # the batch size and why (memory.BatchChoice), set by the builder
@@ -53,6 +56,8 @@ class Engine:
         plan = self.schedule()
         if self.backoff is not None:
             self.backoff.before_forward()
+        if plan.kind == "decode" and self.assistant is not None:
+            return self.assistant.step(self, plan.requests)
         batch, logits = self.execute(plan)
         return self.update(plan, batch, logits)
 

@@ -28,6 +28,8 @@ class KVCache(ABC):
     fixed_shape: bool = False
     # Whether a prompt may be prefilled in several chunks.
     supports_chunks: bool = False
+    # Whether assisted decoding can run on it (verify_inputs / verified).
+    verifies_drafts: bool = False
 
     @property
     @abstractmethod
@@ -49,6 +51,17 @@ class KVCache(ABC):
 
         tokens: (logits rows,) the sampled ids on the device.
         """
+
+    def verify_inputs(self, requests: list[Request], chunks: list[list[int]], keep: int) -> dict[str, Any]:
+        """Assisted decoding: inputs that append `chunks[i]` (the last token, then the drafts) to each
+        decoding request's row, left-padded to `keep` tokens, and return the logits of all `keep`."""
+        raise NotImplementedError(f"{type(self).__name__} does not verify drafts")
+
+    def verified(self, requests: list[Request], chunks: list[list[int]], kept: list[int],
+                 finished: list[bool]) -> None:
+        """After a verify: request i's cache holds only the first `kept[i]` tokens of `chunks[i]` (its
+        next input is its last generated token); finished requests' rows are freed."""
+        raise NotImplementedError(f"{type(self).__name__} does not verify drafts")
 
     def close(self) -> None:
         """Free the cache buffers (the rank is done)."""

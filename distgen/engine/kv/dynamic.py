@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from distgen.engine.kv.base import ForwardBatch, KVCache
 from distgen.engine.kv.kinds import CacheKind, register
-from distgen.engine.kv.rows import append_rows, select_rows, trim_dead_columns
+from distgen.engine.kv.rows import append_rows, cache_layers, select_rows, trim_dead_columns
 from distgen.engine.request import Request
 from distgen.engine.scheduler import StepPlan
 
@@ -36,6 +36,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class DynamicKV(KVCache):
+    verifies_drafts = True
     def __init__(self, max_rows: int, pad_id: int, device: torch.device):
         self.max_rows, self.pad_id, self.device = max_rows, pad_id, device
         self.cache = self.new_cache()
@@ -86,6 +87,40 @@ class DynamicKV(KVCache):
     def new_cache(self) -> DynamicCache:
         """An empty cache for the running rows or a prefill (a subclass may offload or quantize it)."""
         return DynamicCache()
+
+    def verify_inputs(self, requests: list[Request], chunks: list[list[int]], keep: int) -> dict:
+        """Every row gets `keep` new columns: its chunk right-aligned, masked padding before it."""
+        input_ids, block = left_pad(chunks, self.pad_id)  # (rows, keep)
+        self.mask = torch.cat([self.mask, block.to(self.device)], dim=-1)
+        positions = positions_from_mask(self.mask)[:, -keep:]
+        return dict(input_ids=input_ids.to(self.device), attention_mask=self.mask, position_ids=positions,
+                    cache=self.cache, use_cache=True, logits_to_keep=keep)
+
+    def verified(self, requests: list[Request], chunks: list[list[int]], kept: list[int],
+                 finished: list[bool]) -> None:
+        """Drop each row's padding and rejected columns of the verify block: the row's old columns move
+        right by their count, its kept ones follow, so every row ends in the last column again and the
+        dropped columns become masked padding at the left. Rotary positions are baked into the keys, so
+        moving columns is safe."""
+        columns, keep = self.mask.shape[1], max(len(c) for c in chunks)
+        old = columns - keep
+        long = dict(dtype=torch.long, device=self.device)
+        pad = torch.tensor([keep - len(c) for c in chunks], **long).unsqueeze(-1)  # (rows, 1)
+        junk = torch.tensor([keep - k for k in kept], **long).unsqueeze(-1)  # padding + rejected, (rows, 1)
+        col = torch.arange(columns, **long)
+        # (rows, columns): new column c <- old column source[c]; the first `junk` columns are masked
+        source = torch.where(col < junk, 0, torch.where(col < junk + old, col - junk, old + pad + col - junk - old))
+        self.mask = self.mask.gather(1, source).masked_fill(col < junk, 0)
+        for layer in cache_layers(self.cache):
+            index = source[:, None, :, None].expand_as(layer.keys)  # (rows, heads, columns, head_dim)
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        self.next_input = torch.tensor([[r.generated[-1]] for r in requests], dtype=torch.long, device=self.device)
+        keep_rows = [row for row, done in enumerate(finished) if not done]
+        if len(keep_rows) < len(finished):
+            rows = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
+            self.mask, self.next_input = select_rows(self.cache, self.mask, rows), self.next_input[rows]
+        self.rows = len(keep_rows)
+        self.mask = trim_dead_columns(self.cache, self.mask)
 
     def close(self) -> None:
         self.cache = self.new_cache()

@@ -58,6 +58,8 @@ class CacheSpec:
     pad_id: int
     device: torch.device
     compiling: bool
+    # The most tokens a row writes in one decode forward (an assisted verify: its drafts + 1).
+    verify_tokens: int = 1
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from distgen.errors import ConfigError
 
 
 class OffloadedKV(DynamicKV):
+    verifies_drafts = False  # its offloaded layers are not moved column by column (assisted decoding)
     def __init__(self, max_rows: int, pad_id: int, device: torch.device):
         if device.type != "cuda":
             raise ConfigError(f"generation.cache='offloaded' is not allowed: it offloads a CUDA KV cache to CPU "

@@ -104,6 +104,7 @@ def unpack(cache: QuantizedCache) -> DynamicCache:
 
 class QuantizedRowsKV(DynamicKV):
     """The dynamic cache's rows, held in a transformers QuantizedCache between steps that change rows."""
+    verifies_drafts = False  # its packed layers are not moved column by column (assisted decoding)
 
     def __init__(self, max_rows: int, pad_id: int, device: torch.device, make: Callable[[], QuantizedCache]):
         super().__init__(max_rows, pad_id, device)

@@ -110,6 +110,7 @@ class SlotCache(Cache):
 class SlotKV(KVCache):
     fixed_shape = True
     supports_chunks = True
+    verifies_drafts = True
 
     def __init__(self, layers: int, slots: int, max_len: int, pad_id: int, device: torch.device,
                  dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer):
@@ -152,22 +153,27 @@ class SlotKV(KVCache):
 
     def prefill_inputs(self, plan: StepPlan) -> ForwardBatch:
         """Left-pad each request's next chunk; its tokens go to columns prefilled.., padding to scratch."""
-        n, width = len(plan.requests), max(plan.chunks)
+        chunks = [r.token_ids[r.prefilled:r.prefilled + c] for r, c in zip(plan.requests, plan.chunks)]
+        inputs = self.chunk_inputs([r.row for r in plan.requests], chunks, [r.prefilled for r in plan.requests], 1)
+        return ForwardBatch(inputs, list(range(len(plan.requests))))
+
+    def chunk_inputs(self, slots: list[int], chunks: list[list[int]], starts: list[int], keep: int) -> dict:
+        """Model inputs that write `chunks[i]` at positions `starts[i]`.. of slot `slots[i]`, left-padded;
+        the logits of the last `keep` columns come back (a prefill keeps 1, an assisted verify k + 1)."""
+        n, width = len(slots), max(len(chunk) for chunk in chunks)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((n, width), dtype=torch.long)
         real = torch.zeros((n, width), dtype=torch.bool)
-        for i, (request, chunk) in enumerate(zip(plan.requests, plan.chunks)):
-            start = request.prefilled
-            input_ids[i, width - chunk:] = torch.tensor(request.token_ids[start:start + chunk])
-            positions[i, width - chunk:] = torch.arange(start, start + chunk)
-            real[i, width - chunk:] = True
-        read = max(r.prefilled + c for r, c in zip(plan.requests, plan.chunks))
-        rows = torch.tensor([r.row for r in plan.requests], dtype=torch.long).unsqueeze(-1)
+        for i, (chunk, start) in enumerate(zip(chunks, starts)):
+            input_ids[i, width - len(chunk):] = torch.tensor(chunk, dtype=torch.long)
+            positions[i, width - len(chunk):] = torch.arange(start, start + len(chunk))
+            real[i, width - len(chunk):] = True
+        read = max(start + len(chunk) for chunk, start in zip(chunks, starts))
+        rows = torch.tensor(slots, dtype=torch.long).unsqueeze(-1)
         input_ids, positions, real, rows = (t.to(self.device) for t in (input_ids, positions, real, rows))
         mask = self.place(rows, positions, real, rows.squeeze(-1), min(self.max_len, round_up(read, WIDTH_BUCKET)))
-        inputs = dict(input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=self.cache,
-                      logits_to_keep=1)
-        return ForwardBatch(inputs, list(range(n)))
+        return dict(input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                    logits_to_keep=keep)
 
     def decode_inputs(self, requests: list[Request]) -> ForwardBatch:
         """Every slot up to the highest in use (all slots when full_width) reads one token."""
@@ -204,10 +210,30 @@ class SlotKV(KVCache):
             self.lengths[rows] = ends
             done = [r.prefilled + c == r.prompt_length for r, c in zip(plan.requests, plan.chunks)]
             self.decoding[rows] = torch.tensor(done, device=self.device)
-        gone = [r.row for r, done in zip(plan.requests, finished) if done]
-        if gone:
-            self.decoding[gone] = False
-            self.free.extend(gone)
+        self.release([r.row for r, done in zip(plan.requests, finished) if done])
+
+    def release(self, slots: list[int]) -> None:
+        """Free finished requests' slots."""
+        if slots:
+            self.decoding[slots] = False
+            self.free.extend(slots)
+
+    def verify_inputs(self, requests: list[Request], chunks: list[list[int]], keep: int) -> dict:
+        starts = [r.prompt_length + len(r.generated) - 1 for r in requests]  # the last token is not cached yet
+        return self.chunk_inputs([r.row for r in requests], chunks, starts, keep)
+
+    def verified(self, requests: list[Request], chunks: list[list[int]], kept: list[int],
+                 finished: list[bool]) -> None:
+        """Rewinding is setting lengths back: columns past a length hold rejected draft tokens, whose
+        positions are above every later query until a forward writes those positions again, so the
+        mask never lets a query read them."""
+        going = [r for r, done in zip(requests, finished) if not done]
+        if going:
+            long = dict(dtype=torch.long, device=self.device)
+            slots = [r.row for r in going]
+            self.lengths[slots] = torch.tensor([r.prompt_length + len(r.generated) - 1 for r in going], **long)
+            self.last_tokens[slots] = torch.tensor([r.generated[-1] for r in going], **long)
+        self.release([r.row for r, done in zip(requests, finished) if done])
 
     def close(self) -> None:
         for layer in self.cache.layers:
@@ -223,6 +249,7 @@ def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = 
         longest_chunk = spec.shape.longest_prompt
         if spec.gen.scheduler == "chunked":
             longest_chunk = min(longest_chunk, spec.gen.prefill_chunk_tokens)
+        longest_chunk = max(longest_chunk, spec.verify_tokens)
         columns = min(columns, window + longest_chunk - 1)
     return SlotKV(layers, spec.rows, columns, spec.pad_id, spec.device, model_dtype(spec.model),
                   full_width=spec.compiling, window=window if sliding else None, layer_class=layer_class)
