@@ -7,6 +7,7 @@ import torch
 
 from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module, write_prompts
 from distgen.config import GenerationConfig, ModelConfig, TinyModelConfig
+from distgen.engine.backoff import INJECT_ENV
 from distgen.engine.assist import AssistantSpec, accept_greedy, accept_sampled, lookup_ngram
 from distgen.errors import ConfigError
 from distgen.stops import StopStrings
@@ -90,6 +91,18 @@ def test_stop_strings_and_budgets_cut_inside_accepted_drafts(tiny_model, tokeniz
            {k: (c.token_ids, c.finish_reason) for k, c in want.items()}
     assert sum(c.finish_reason == "stop" for c in got.values()) >= len(records) - 2
     assert assisted.assistant.counters.accepted > 0
+
+
+def test_oom_backoff_restarts_assisted_rows_afresh(tiny_model, tokenizer, eos, greedy_reference, monkeypatch):
+    # Step 3 is an assisted decode: the requeued prompts come back as new requests with empty draft caches.
+    monkeypatch.setenv(INJECT_ENV, "3")
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=4, compile="off", assistant_schedule="heuristic")
+    engine = engine_for(tiny_model, tokenizer, RECORDS, cfg, [eos], assistant=AssistantSpec("draft", tiny_model))
+    got = generate_all(engine)
+    assert engine.backoff.count == 1 and engine.backoff.rows == 2
+    assert {k: c.token_ids for k, c in got.items()} == greedy_reference
+    counters = engine.assistant.counters
+    assert counters.accepted == counters.proposed > 0  # a stale draft cache would break the self-draft's agreement
 
 
 def test_sliding_window_ring_holds_a_whole_verify(sliding_model, tokenizer):
