@@ -63,7 +63,8 @@ class RankStats:
 
     def as_record(self) -> dict:
         return {**vars(self), "tokens_per_second": round(self.tokens_per_second, 2),
-                "param_mib": round(self.param_mib, 3), "disk_param_mib": round(self.disk_param_mib, 3)}
+                "param_mib": round(self.param_mib, 3),
+                "acceptance_rate": round(self.acceptance_rate, 4), "disk_param_mib": round(self.disk_param_mib, 3)}
 
 
 def peak_rss_mib() -> float:
