@@ -23,9 +23,11 @@ from distgen.config import ModelConfig, RunConfig
 WHOLE_FILE_BYTES = 16 * 1024 * 1024
 SAMPLE_BYTES = 1024 * 1024
 # Generation settings that decide how work is batched and run, not what is generated (`cache` stays
-# in: a quantized KV cache changes the tokens).
+# in: a quantized KV cache changes the tokens). Assisted generation (like model.assistant, which the
+# model identity leaves out) gives greedy rows the same tokens and sampled rows the same distribution.
 BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "compile", "compile_mode", "compile_cache_dir",
-                 "prefill_chunk_tokens", "sync_every")
+                 "prefill_chunk_tokens", "sync_every", "num_assistant_tokens", "assistant_schedule",
+                 "assistant_confidence_threshold", "prompt_lookup_ngram")
 
 
 def file_digest(path: Path) -> str:
