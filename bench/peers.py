@@ -12,8 +12,9 @@ by length), HF continuous batching (the manager behind `generate_batch`) and vLL
 distgen's. Every process gets the same thread count (--threads).
 
 Per system and job it reports the medians over --repeats of generated tokens/s, prompt tokens/s,
-time to first output and startup (both from the process launch), and peak memory (RSS summed over
-the process tree, sampled), each also as a ratio to distgen 1 rank; and `vs floor`: the time of
+time to first output, startup and end to end (all from the process launch; end to end is when
+every completion is available: for distgen its merged outputs.jsonl), and peak memory (RSS summed
+over the process tree, sampled), each also as a ratio to distgen 1 rank; and `vs floor`: the time of
 bare batch-1 forwards for exactly the needed tokens (bench/peer_runner.py `floor`) over the
 system's generation time (above 1 means batching beat per-sequence forwards). Every system's greedy
 tokens are checked against the floor run's (which is the batch-1 reference); a difference that
@@ -44,15 +45,17 @@ sys.path.insert(0, str(REPO))
 from bench.peers_report import (check_equality, choose_eos_ids, floor_seconds, markdown_table,  # noqa: E402
                                 median_run, replace_block, run_figures, write_chart)
 
-VENVS = REPO / ".cache" / "bench-venvs"
+# bench/setup_peers.sh builds them here; DISTGEN_BENCH_VENVS points both at one shared folder instead.
+VENVS = Path(os.environ.get("DISTGEN_BENCH_VENVS") or REPO / ".cache" / "bench-venvs")
 RESULTS = REPO / "bench" / "results"
 RUNNER = REPO / "bench" / "peer_runner.py"
 BASE = "distgen"
 
-# distgen's best engine settings for this benchmark, appended to every distgen command. Engine
-# options (e.g. generation.scheduler=..., generation.cache=..., generation.compile=...) go here
-# as they land; the batch size is --batch-size, shared with the peers.
-DISTGEN_BEST: list[str] = ["generation.scheduler=continuous", "generation.cache=static"]
+# distgen's best engine settings for this benchmark, appended to every distgen command (the batch
+# size is --batch-size, shared with the peers). bench/engine.py measured continuous batching over
+# static slots best on CPU; compile=auto compiles only on CUDA (on CPU the compiled step measured
+# no faster than eager slots), so a GPU run compiles the decode step and a CPU run does not.
+DISTGEN_BEST: list[str] = ["generation.scheduler=continuous", "generation.cache=static", "generation.compile=auto"]
 
 # Head size 64: vLLM's CPU attention rejects some head sizes (16 fails, 64 works).
 MODELS = {
@@ -202,25 +205,22 @@ def watch(command: list[str], env: dict, log: Path, timeout_s: float,
     return launch, peak
 
 
-class JournalWatch:
-    """distgen stamps seen from outside: each rank opens its journal just before its loop starts
-    (ready), and appends a line when its first completion finishes (first output)."""
+class DistgenWatch:
+    """distgen stamps seen from outside: the coordinator prints `distgen: engine: ...` just before
+    its loop starts (ready), and a rank's output shard (output.dir/outputs/part-*) gets its first
+    line when its first completion finishes (first output)."""
 
-    def __init__(self, out_dir: Path, ranks: int):
-        self.parts, self.ranks = out_dir / "parts", ranks
-        self.opened: dict[str, float] = {}
+    def __init__(self, out_dir: Path, log: Path):
+        self.outputs, self.log = out_dir / "outputs", log
+        self.ready: Optional[float] = None
         self.first_output: Optional[float] = None
 
     def __call__(self, now: float) -> None:
-        if self.first_output is not None or not self.parts.is_dir():
-            return
-        for path in self.parts.glob("*/rank-*.jsonl"):
-            self.opened.setdefault(path.name, now)
-            if self.first_output is None and path.stat().st_size > 0:
+        if self.ready is None and self.log.is_file() and b"distgen: engine:" in self.log.read_bytes():
+            self.ready = now
+        if self.first_output is None and self.outputs.is_dir():
+            if any(p.stat().st_size > 0 for p in self.outputs.glob("part-*")):
                 self.first_output = now
-
-    def ready(self) -> Optional[float]:
-        return max(self.opened.values()) if len(self.opened) == self.ranks else None
 
 
 def distgen_command(system: System, job: Job, out_dir: Path, python: str) -> list[str]:
@@ -233,23 +233,24 @@ def distgen_command(system: System, job: Job, out_dir: Path, python: str) -> lis
 
 
 def run_distgen(system: System, job: Job, tag: str, floor_s: float, timeout_s: float) -> Run:
-    out_dir = job.work / tag
-    watcher = JournalWatch(out_dir, system.ranks)
+    out_dir, log = job.work / tag, job.work / f"{tag}.log"
+    watcher = DistgenWatch(out_dir, log)
     launch, peak = watch(distgen_command(system, job, out_dir, sys.executable), thread_env(job.threads),
-                         job.work / f"{tag}.log", timeout_s, watcher)
-    end = time.time()
+                         log, timeout_s, watcher)
+    # Every completion is available once the merged outputs.jsonl is written (stats and report follow).
+    done = (out_dir / "outputs.jsonl").stat().st_mtime
     # split("\n"), not splitlines(): a completion may hold \x85 or \u2028, which splitlines() also splits on.
     records = [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text().split("\n") if line]
     stats = json.loads((out_dir / "stats.json").read_text())
     gen_s = max(rank["generate_seconds"] for rank in stats["ranks"])
-    # Without journal stamps (a very short run), fall back to the process's end less its generation.
-    ready = watcher.ready() or end - gen_s
+    # Without the engine line (a very short run), fall back to the merge less the generation.
+    ready = watcher.ready or done - gen_s
     tokens = [r["completion_token_ids"] for r in records]
     counted = [r["prompt_tokens"] for r in records]
     if counted != [len(p["ids"]) for p in job.prompts]:
         raise RuntimeError(f"{system.name}: distgen tokenized the prompts differently from the benchmark")
     figures = run_figures(sum(map(len, tokens)), job.prompt_tokens(), gen_s, launch, ready,
-                          watcher.first_output or end, peak, floor_s)
+                          watcher.first_output or done, done, peak, floor_s)
     return Run(tokens, figures, {"stats": stats["summary"]})
 
 
@@ -275,7 +276,7 @@ def run_peer(system: System, job: Job, tag: str, floor_s: float, timeout_s: floa
     if system.kind == "floor":  # its generation time is its forwards alone (no sampling, no bookkeeping)
         gen_s = floor_s = floor_seconds(result)
     figures = run_figures(sum(map(len, result["tokens"])), job.prompt_tokens(), gen_s, launch, result["ready"],
-                          result["first_output"], peak, floor_s)
+                          result["first_output"], result["done"], peak, floor_s)
     return Run(result["tokens"], figures, {k: v for k, v in result.items() if k != "tokens"})
 
 
@@ -422,7 +423,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--readme", action="store_true", help="also put the first table into README.md")
     parser.add_argument("--quick", action="store_true", help="small model, mixed dataset, 1 repeat, 32 prompts")
     parser.add_argument("--python", action="append", default=[], metavar="VENV=PYTHON",
-                        help="use this interpreter for a peer venv (hf or vllm) instead of .cache/bench-venvs/VENV")
+                        help="use this interpreter for a peer venv (hf or vllm) instead of $DISTGEN_BENCH_VENVS/VENV "
+                             "(default .cache/bench-venvs/VENV)")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.datasets, args.repeats, args.prompts = ["small"], ["mixed"], 1, 32
@@ -451,6 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                      + describe_job(job))
             results[job.name] = result
             print(markdown_table(result["rows"], BASE), flush=True)
+            # What is done so far is on disk at once: a long run cut short still leaves its tables.
+            write_report(results, args.out, [*header, f"- in progress: {len(results)} job(s) done so far"])
     header.append(f"- machine at end: {machine_line(args.threads)}")
     paths = write_report(results, args.out, header)
     if args.readme and results:

@@ -19,6 +19,7 @@ METRICS = (  # key, header, format, higher is better
     ("prompt_tok_s", "prompt tok/s", ".0f", True),
     ("first_output_s", "first output s", ".2f", False),
     ("startup_s", "startup s", ".2f", False),
+    ("end_to_end_s", "end to end s", ".2f", False),
     ("peak_mib", "peak MiB", ".0f", False),
 )
 
@@ -115,14 +116,16 @@ def median_run(runs: Sequence[dict]) -> dict:
 
 
 def run_figures(generated: int, prompt_tokens: int, gen_s: float, launch: float, ready: float,
-                first_output: float, peak_mib: float, floor_s: float) -> dict:
-    """One run's figures from its stamps (seconds since the epoch) and counts."""
+                first_output: float, done: float, peak_mib: float, floor_s: float) -> dict:
+    """One run's figures from its stamps (seconds since the epoch: process launch, model loaded /
+    engine built, first completion available, every completion available) and counts."""
     return {
         "gen_s": gen_s,
         "gen_tok_s": generated / gen_s if gen_s > 0 else 0.0,
         "prompt_tok_s": prompt_tokens / gen_s if gen_s > 0 else 0.0,
         "first_output_s": first_output - launch,
         "startup_s": ready - launch,
+        "end_to_end_s": done - launch,
         "peak_mib": peak_mib,
         "floor_fraction": floor_s / gen_s if gen_s > 0 else 0.0,
     }

