@@ -289,10 +289,11 @@ def run_system(system: System, job: Job, tag: str, floor_s: float, timeout_s: fl
 # ---------------------------------------------------------------- one job, all systems
 
 def bench_job(job: Job, systems: Sequence[System], repeats: int, timeout_s: float, pythons: dict[str, str],
-              log: Callable[[str], None] = print) -> dict:
-    """Floor first (it is also the reference), then every system `repeats` times, interleaved so
-    that a noisy minute spreads over all of them."""
-    floors = [run_system(FLOOR, job, f"{job.name}-floor-{r}", 0.0, timeout_s, pythons) for r in range(repeats)]
+              log: Callable[[str], None] = print, floors_done: Sequence[Run] = ()) -> dict:
+    """Floor first (it is also the reference; `floors_done` are floor runs made already), then every
+    system `repeats` times, interleaved so that a noisy minute spreads over all of them."""
+    floors = [*floors_done, *(run_system(FLOOR, job, f"{job.name}-floor-{r}", 0.0, timeout_s, pythons)
+                              for r in range(len(floors_done), repeats))]
     reference, margins = floors[0].tokens, floors[0].raw["margins"]
     floor_s = sorted(floor_seconds(f.raw) for f in floors)[len(floors) // 2]
     log(f"[{job.name}] floor {floor_s:.2f}s for {sum(map(len, reference))} generated tokens")
@@ -387,19 +388,22 @@ def write_report(results: dict, out: Path, header: list[str]) -> dict[str, Path]
 # ---------------------------------------------------------------- entry point
 
 def build_jobs(size: str, datasets: Sequence[str], args, work: Path, pythons: dict[str, str],
-               log: Callable[[str], None]) -> list[Job]:
+               log: Callable[[str], None]) -> list[tuple[Job, list[Run]]]:
+    """Each job with the floor runs made for it already (the EOS probe is the mixed job's first)."""
     from transformers import AutoTokenizer
     model = save_model(size, work / f"model-{size}")
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = mixed_prompts(tokenizer, args.prompts, args.seed, budgets=(args.min_new, args.max_new))
     mixed = Job(f"{size}-mixed", model, prompts, [], args.batch_size, args.threads, work)
-    jobs = [mixed] if "mixed" in datasets else []
-    if "eos" in datasets:
-        # The EOS set comes from a reference run without EOS: a token each sequence really produces.
-        probe = run_system(FLOOR, mixed, f"{size}-eos-probe", 0.0, args.timeout, pythons)
-        eos_ids = choose_eos_ids(probe.tokens, [tokenizer.eos_token_id], seed=args.seed)
-        jobs.append(Job(f"{size}-eos", model, prompts, eos_ids, args.batch_size, args.threads, work))
-        log(f"[{size}-eos] EOS ids {eos_ids}")
+    if "eos" not in datasets:
+        return [(mixed, [])]
+    # The EOS set comes from a reference run without EOS (a token each sequence really produces):
+    # the mixed job's floor.
+    probe = run_system(FLOOR, mixed, f"{mixed.name}-floor-0", 0.0, args.timeout, pythons)
+    eos_ids = choose_eos_ids(probe.tokens, [tokenizer.eos_token_id], seed=args.seed)
+    jobs = [(mixed, [probe])] if "mixed" in datasets else []
+    jobs.append((Job(f"{size}-eos", model, prompts, eos_ids, args.batch_size, args.threads, work), []))
+    log(f"[{size}-eos] EOS ids {eos_ids}")
     return jobs
 
 
@@ -447,8 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         header.append(f"- note: {args.note}")
     results = {}
     for size in args.models:
-        for job in build_jobs(size, args.datasets, args, args.work, pythons, print):
-            result = bench_job(job, systems, args.repeats, args.timeout, pythons)
+        for job, floors in build_jobs(size, args.datasets, args, args.work, pythons, print):
+            result = bench_job(job, systems, args.repeats, args.timeout, pythons, floors_done=floors)
             result["description"] = (f"model {size} ({', '.join(f'{k} {v}' for k, v in MODELS[size].items())}); "
                                      + describe_job(job))
             results[job.name] = result
