@@ -113,6 +113,14 @@ def child_env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
 
 
+def paced_env(append_delay_s: float) -> dict[str, str]:
+    """child_env, with every journal append in a rank sleeping `append_delay_s` (tests/slow_journal), so
+    a test can signal, kill or preempt a job while it is surely part way through its prompts."""
+    env = child_env()
+    return {**env, "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{REPO / 'tests' / 'slow_journal'}",
+            "DISTGEN_TEST_APPEND_DELAY_S": str(append_delay_s)}
+
+
 def run_deepspeed(module: str, args, gpus: int, timeout: float = 240) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N --module module args` (on CPU it starts N gloo ranks)."""
     deepspeed = Path(sys.executable).parent / "deepspeed"

@@ -60,32 +60,35 @@ def free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def wait_for(check, timeout_s: float, what: str, log: Optional[Path] = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise RuntimeError(f"{what} did not happen within {timeout_s} s\n{tail}")
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, log: Optional[Path] = None,
+               poll_s: float = 0.1) -> float:
+    """Seconds until `condition()` held; fails naming `what` (and the tail of `log`) after `timeout_s`."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tail}")
+        time.sleep(poll_s)
+    return time.monotonic() - start
 
 
-def stop_pids(pids: list[int], grace_s: float = 5.0) -> None:
-    """SIGTERM each process we started, then SIGKILL what is left after `grace_s`."""
+def signal_each(pids, signum: int) -> None:
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+
+def stop_pids(pids, grace_s: float = 5.0) -> None:
+    """SIGTERM each process we started, then SIGKILL what is left after `grace_s` (0: SIGKILL at once)."""
+    pids = list(pids)
+    signal_each(pids, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
     deadline = time.monotonic() + grace_s
     for pid in pids:
         while time.monotonic() < deadline and alive(pid):
             time.sleep(0.1)
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    signal_each([pid for pid in pids if alive(pid)], signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:
@@ -141,7 +144,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+# cred_expire: a requeued job waits this long (+1 s) before it starts again (default 120)
+AuthInfo=socket={munge_socket},cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -161,7 +165,11 @@ MinJobAge=600
 KillWait=5
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 SlurmctldParameters=enable_configless
-{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# A job in `urgent` preempts jobs in `debug` by requeueing them (those submitted with --requeue).
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
 """
 
 
@@ -194,12 +202,12 @@ class LocalSlurm(LocalCluster):
         self.spawn(["munged", "--foreground", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
                     f"--pid-file={self.root / 'munge' / 'munged.pid'}", f"--log-file={self.root / 'munge' / 'log'}",
                     f"--seed-file={self.root / 'munge' / 'seed'}"], self.root / "munge" / "out")
-        wait_for(self.munge_socket.exists, 20, "munged start", self.root / "munge" / "out")
+        wait_until(self.munge_socket.exists, 20, "munged start", self.root / "munge" / "out")
         self.spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], self.root / "slurmctld.out")
         for name in self.node_names:
             (self.root / "spool" / name).mkdir(exist_ok=True)
             self.spawn(["slurmd", "-D", "-N", name, "-f", str(self.conf)], self.root / f"slurmd-{name}.out")
-        wait_for(self.nodes_idle, 60, "every slurmd registering as idle", self.root / "slurmctld.log")
+        wait_until(self.nodes_idle, 60, "every slurmd registering as idle", self.root / "slurmctld.log")
         return self
 
     def spawn(self, argv: list[str], out: Path) -> None:
@@ -266,7 +274,7 @@ class LocalRay(LocalCluster):
         with open(self.root / "head.out", "wb") as log:
             self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
-        wait_for(self.ready, 120, "the Ray head starting", self.root / "head.out")
+        wait_until(self.ready, 120, "the Ray head starting", self.root / "head.out")
         return self
 
     def ready(self) -> bool:
@@ -377,24 +385,6 @@ def environ_of(pid: int) -> dict[str, str]:
 def worker_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of the distgen workers started under `launcher_pid`."""
     return {int(env["RANK"]): pid for pid in descendants(launcher_pid) if "RANK" in (env := environ_of(pid))}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> float:
-    """Seconds it took; fails naming `what` after `timeout`."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(poll)
-    return time.monotonic() - start
-
-
-def kill_all(pids) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def agree_on_batch(rank: int, world: int, port: int, rows: list[int], has_prompts: list[bool], results) -> None:

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from conftest import REPO, read_outputs, write_prompts
+from conftest import REPO, paced_env, read_outputs, write_prompts
 from distgen.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
-from helpers import descendants, kill_all, wait_until, worker_pids
+from helpers import descendants, stop_pids, wait_until, worker_pids
 from conftest import journaled
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 3 + i % 4}
@@ -43,9 +43,7 @@ def uninterrupted(tiny_model_dir, fault_prompts, tmp_path_factory):
 
 
 def start(command, *args) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests' / 'slow_journal'}",
-           "DISTGEN_TEST_APPEND_DELAY_S": str(APPEND_DELAY_S)}
-    return subprocess.Popen([sys.executable, "-m", *command, *map(str, args)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", *command, *map(str, args)], cwd=REPO, env=paced_env(APPEND_DELAY_S),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -75,7 +73,7 @@ def finish(launcher: subprocess.Popen) -> tuple[int, str, str, float]:
     try:
         stdout, stderr = launcher.communicate(timeout=ENDS_WITHIN_S)
     finally:
-        kill_all(descendants(launcher.pid))
+        stop_pids(descendants(launcher.pid), grace_s=0)
         launcher.kill()
     return launcher.returncode, stdout, stderr, time.monotonic() - start
 

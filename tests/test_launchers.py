@@ -15,7 +15,7 @@ from distgen.errors import ConfigError
 from distgen.launchers import LAUNCHERS
 from distgen.launchers.deepspeed import DeepspeedLauncher, deepspeed_command, hostfile_text
 from distgen.launchers.ray import RayLauncher, bundles, collect, job_submit_command, local_ranks, rank_env
-from distgen.launchers.slurm import SlurmLauncher, job_state, sbatch_script
+from distgen.launchers.slurm import SlurmLauncher, job_restarts, job_state, sbatch_script
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
 from distgen.load_config import load_config
 from distgen.run import split_local_rank
@@ -96,6 +96,9 @@ def test_sbatch_job_state_and_exit_status():
     assert job_state("JobId=3 JobState=FAILED ExitCode=2:0") == ("FAILED", 2)
     assert job_state("JobId=3 JobState=CANCELLED ExitCode=0:15") == ("CANCELLED", 143)
     assert job_state("JobId=3 JobState=PENDING Reason=Priority") == ("PENDING", 0)
+    # a requeued job is PENDING again under the same id, with a restart count
+    assert job_restarts("JobId=3 JobState=PENDING Reason=BeginTime Requeue=1 Restarts=1 BatchFlag=1") == 1
+    assert job_restarts("JobId=3 JobState=RUNNING") == 0
 
 
 SLURM_STEP = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",

@@ -128,6 +128,8 @@ def sbatch_script(cfg: SlurmLauncher, overrides: Sequence[str], python: str, log
         "# Submit it again with `sbatch <this file>`: a rerun resumes from the journals in output.dir.",
         *sbatch_directives(cfg, log, workdir),
         "set -euo pipefail",
+        "# A requeued job (preemption, node failure, `scontrol requeue`) starts here again, same job id.",
+        'echo "distgen: SLURM job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1)), nodes $SLURM_JOB_NODELIST"',
         *cfg.setup,
         "# The first node (this one) hosts the rendezvous.",
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
@@ -149,6 +151,12 @@ def job_state(scontrol_line: str) -> tuple[str, int]:
     return state.group(1), status or (128 + signal if signal else 0)
 
 
+def job_restarts(scontrol_line: str) -> int:
+    """How often the job was requeued so far (`Restarts=` of `scontrol show job -o`)."""
+    found = re.search(r"\bRestarts=(\d+)", scontrol_line)
+    return int(found.group(1)) if found else 0
+
+
 def slurm_command(name: str) -> str:
     found = shutil.which(name)
     if not found:
@@ -165,14 +173,20 @@ def submit(script: Path) -> str:
 
 
 def follow(job_id: str, poll_s: float) -> tuple[str, int]:
-    """Poll the controller until the job reaches a final state (no accounting database needed)."""
+    """Poll the controller until the job reaches a final state (no accounting database needed).
+    A requeue is not an end: the job goes back to PENDING under the same id, and is followed on."""
     scontrol = slurm_command("scontrol")
+    restarts = 0
     while True:
         result = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"SLURM job {job_id} is no longer known to the controller: "
                                f"{result.stderr.strip()}")
         state, status = job_state(result.stdout)
+        if job_restarts(result.stdout) > restarts:
+            restarts = job_restarts(result.stdout)
+            print(f"distgen: SLURM job {job_id} was requeued (restart {restarts}); its next start resumes "
+                  "from the journals", flush=True)
         if state in FINAL_STATES:
             return state, status
         time.sleep(poll_s)
