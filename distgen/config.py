@@ -21,9 +21,8 @@ DATASET_FORMATS = ("auto", "jsonl", "json", "txt", "csv", "parquet", "saved", "f
 OUTPUT_FORMATS = ("jsonl", "parquet")
 # What a prompt that does not fit the model's context becomes.
 TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
-# The engine's name tables (distgen/engine/scheduler.py checks it matches; the KV caches are the table
-# distgen.engine.kv.CACHES, read by `GenerationConfig.check`).
-SCHEDULER_NAMES = ("static", "continuous", "chunked")
+# The engine's name tables: schedulers are distgen.engine.scheduler.SCHEDULERS, KV caches
+# distgen.engine.kv.CACHES; `GenerationConfig.check` reads both.
 COMPILE_NAMES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Assisted (speculative) generation: who proposes draft tokens (distgen/engine/assist.py checks it matches
@@ -159,7 +158,9 @@ class GenerationConfig:
                 "generation.batch_size", self.batch_size, "expected auto or an integer >= 1")
         require(0 < self.memory_fraction <= 1, "generation.memory_fraction", self.memory_fraction, "must be in (0, 1]")
         require(self.sync_every >= 1, "generation.sync_every", self.sync_every, "must be >= 1")
-        require_choice("generation.scheduler", self.scheduler, SCHEDULER_NAMES)
+        from distgen.engine.scheduler import SCHEDULERS  # the engine imports this module
+
+        require_choice("generation.scheduler", self.scheduler, SCHEDULERS.names())
         from distgen.engine.kv import check_cache_settings  # the cache table imports this module
         check_cache_settings(self)
         require_choice("generation.compile", self.compile, COMPILE_NAMES)

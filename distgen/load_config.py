@@ -182,12 +182,20 @@ def format_keys(keys: list[tuple[str, object]]) -> list[str]:
     return [f"  {key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in keys]
 
 
+def value_choices() -> list[str]:
+    """Each name table of a plain config value (e.g. generation.scheduler), one line per name."""
+    from distgen.engine.scheduler import SCHEDULERS
+
+    return [SCHEDULERS.describe()]
+
+
 def help_text(config_dir: Path = CONFIG_DIR) -> str:
     """Groups with their options, every key with its default, and the keys each option brings."""
     groups = group_choices(config_dir)
     defaults = OmegaConf.to_container(compose_config([], config_dir), resolve=True)
     lines = ["Config groups (group=option; model= and dataset= also take a folder or file path):",
              *(f"  {group}=" + "|".join(options) for group, options in groups.items()),
+             "", "Values chosen by name (key=value):", *value_choices(),
              "", "Keys (key=value), with their defaults:", *format_keys(flat_keys(defaults))]
     for group in ("layout", "launcher"):
         for option in groups[group]:

@@ -51,16 +51,16 @@ def test_chunked_scheduler_splits_prompts_under_the_token_budget():
     waiting = deque(Request(Prompt(i, str(i), ""), [5] * n, 4, None) for i, n in enumerate([10, 3, 7]))
     state = lambda running, last: SchedulerState(waiting, running, free_rows=2 - len(running), token_budget=8,
                                                  last_kind=last)
-    first = SCHEDULERS["chunked"](state([], ""))
+    first = SCHEDULERS.get("chunked")(state([], ""))
     assert [r.prompt.index for r in first.requests] == [0] and first.chunks == [8]
     waiting[0].status, waiting[0].prefilled = Status.PREFILLING, 8
     running = [waiting.popleft()]
-    second = SCHEDULERS["chunked"](state(running, "prefill"))
+    second = SCHEDULERS.get("chunked")(state(running, "prefill"))
     assert [r.prompt.index for r in second.requests] == [0, 1] and second.chunks == [2, 3]
     running[0].status = Status.DECODING
-    assert SCHEDULERS["chunked"](state(running, "prefill")).kind == "decode"
-    assert SCHEDULERS["static"](state(running, "decode")).kind == "decode"
-    assert SCHEDULERS["continuous"](state(running, "decode")).chunks == [3]
+    assert SCHEDULERS.get("chunked")(state(running, "prefill")).kind == "decode"
+    assert SCHEDULERS.get("static")(state(running, "decode")).kind == "decode"
+    assert SCHEDULERS.get("continuous")(state(running, "decode")).chunks == [3]
 
 
 def test_auto_choices_say_why(tiny_model):

@@ -213,7 +213,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     kv = kind.build(spec)
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
     waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
-    engine = Engine(waiting, SCHEDULERS[gen.scheduler], kv, Runner(model, compile_plan),
+    engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan),
                     Sampler(gen, eos_ids, device), gen.prefill_chunk_tokens if gen.scheduler == "chunked" else 1 << 62,
                     stop_check, helper)
     engine.choice, engine.batch = choice, batch

@@ -2,16 +2,17 @@
 
 A scheduler reads the engine's queue and running rows and returns a `StepPlan`: either a
 prefill (requests and the prompt tokens each runs now) or a decode of every running row.
-Policies are picked by name (`generation.scheduler`) from `SCHEDULERS`.
+Policies are picked by name (`generation.scheduler`) from the `SCHEDULERS` name table, which the
+config check, `--help` and the engine builder all read.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from distgen.config import SCHEDULER_NAMES
 from distgen.engine.queue import RequestQueue
 from distgen.engine.request import Request, Status
+from distgen.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,7 @@ def schedule_chunked(state: SchedulerState) -> StepPlan:
     return StepPlan("prefill", requests, chunks)
 
 
-SCHEDULERS: dict[str, Scheduler] = {
-    "static": schedule_static,
-    "continuous": schedule_continuous,
-    "chunked": schedule_chunked,
-}
-assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "distgen.config.SCHEDULER_NAMES must list SCHEDULERS"
+SCHEDULERS: Registry[Scheduler] = Registry("generation.scheduler", valued=True)
+SCHEDULERS.register("static", None, schedule_static)
+SCHEDULERS.register("continuous", None, schedule_continuous)
+SCHEDULERS.register("chunked", None, schedule_chunked)
