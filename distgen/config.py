@@ -24,6 +24,9 @@ TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
 # The engine's name tables: schedulers are distgen.engine.scheduler.SCHEDULERS, KV caches
 # distgen.engine.kv.CACHES; `GenerationConfig.check` reads both.
 COMPILE_NAMES = ("auto", "on", "off")
+# torch.autocast around the engine's forwards (for fp32 checkpoints): the name -> dtype table is
+# distgen.engine.runner.AUTOCAST_DTYPES.
+AUTOCAST_NAMES = ("none", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Assisted (speculative) generation: who proposes draft tokens (distgen/engine/assist.py checks it matches
 # ASSISTANTS): none, a tiny random draft (tests), n-gram prompt lookup (no model), a draft model folder.
@@ -131,6 +134,9 @@ class GenerationConfig:
     compile_mode: str = "default"
     # Where compiled kernels persist across runs (default: $TORCHINDUCTOR_CACHE_DIR or ~/.cache/distgen/inductor).
     compile_cache_dir: Optional[str] = None
+    # Run the engine's forwards under torch.autocast in bf16 or fp16 (an fp32 checkpoint computing in half
+    # precision; on CPU without bf16 instructions this is slower than fp32); none: the weights' dtype.
+    autocast: str = "none"
     # Most prompt tokens one prefill forward runs with scheduler=chunked.
     prefill_chunk_tokens: int = 512
     do_sample: bool = False
@@ -165,6 +171,7 @@ class GenerationConfig:
         check_cache_settings(self)
         require_choice("generation.compile", self.compile, COMPILE_NAMES)
         require_choice("generation.compile_mode", self.compile_mode, COMPILE_MODES)
+        require_choice("generation.autocast", self.autocast, AUTOCAST_NAMES)
         require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,
                 "must be >= 1")
         require(not (self.scheduler == "chunked" and self.cache == "dynamic"), "generation.cache", self.cache,
@@ -275,4 +282,7 @@ class RunConfig:
             part.check()
         check_quantization(self)
         check_cache_device(self.generation, target_device(self.device))
+        require(self.generation.autocast == "none" or self.model.dtype in ("auto", "fp32"), "generation.autocast",
+                self.generation.autocast, f"autocast is for fp32 weights, but model.dtype={self.model.dtype}; "
+                "use generation.autocast=none (or model.dtype=fp32)")
         return self

@@ -20,7 +20,7 @@ from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_b
                                    kv_shape, memory_budget)
 from distgen.engine.queue import PromptQueue, RequestQueue
 from distgen.engine.request import Request
-from distgen.engine.runner import CompilePlan, Runner, persist_inductor_cache
+from distgen.engine.runner import AUTOCAST_DTYPES, CompilePlan, Runner, persist_inductor_cache
 from distgen.engine.sampler import Sampler
 from distgen.engine.scheduler import SCHEDULERS
 from distgen.errors import ConfigError
@@ -171,6 +171,16 @@ def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueS
     return auto_batch_size(kv, activations, shape.columns, shape.prompts, budget)
 
 
+def plan_autocast(gen: GenerationConfig, model: torch.nn.Module) -> tuple[Optional[torch.dtype], str]:
+    """(dtype the forwards autocast to or None, why): autocast applies to fp32 weights only."""
+    dtype = AUTOCAST_DTYPES[gen.autocast]
+    if dtype is None:
+        return None, ""
+    if model_dtype(model) != torch.float32:
+        return None, f"no autocast: generation.autocast={gen.autocast} is for fp32 weights, these are {model_dtype(model)}"
+    return dtype, f"autocast to {gen.autocast}"
+
+
 def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Prompt, Sequence[int]]],
                  gen: GenerationConfig, pad_id: int, eos_ids: Sequence[int], device: torch.device,
                  lockstep: bool = False, shape: Optional[QueueShape] = None,
@@ -206,6 +216,8 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
              f"{compile_plan.reason}" + ("; out-of-memory back-off off (lockstep layout)" if lockstep else "")
     if assistant is not None:
         choice += f"; assisted by {assistant.name} ({gen.assistant_schedule}, {gen.num_assistant_tokens} draft tokens)"
+    autocast, autocast_why = plan_autocast(gen, model)
+    choice += f"; {autocast_why}" if autocast_why else ""
     log.info("engine: %s", choice)
     spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled,
                      verify_tokens=max_draft_tokens(gen) + 1 if assistant is not None else 1)
@@ -213,7 +225,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     kv = kind.build(spec)
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
     waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
-    engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan),
+    engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
                     Sampler(gen, eos_ids, device), gen.prefill_chunk_tokens if gen.scheduler == "chunked" else 1 << 62,
                     stop_check, helper)
     engine.choice, engine.batch = choice, batch

@@ -2,10 +2,12 @@
 
 Each is a small function of the model inputs returning the last-position logits
 (rows, vocab). `decode` is what torch.compile wraps (when `generation.compile` says so); the
-eager path calls the very same function.
+eager path calls the very same function. Both run under torch.inference_mode and, with
+`generation.autocast=bf16|fp16`, under torch.autocast in that dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -14,9 +16,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from distgen.config import AUTOCAST_NAMES
 from distgen.forward_args import model_inputs
 
 log = logging.getLogger("distgen.engine")
+
+# generation.autocast -> the dtype the forwards compute in (None: the weights' own).
+AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+assert tuple(AUTOCAST_DTYPES) == AUTOCAST_NAMES, "distgen.config.AUTOCAST_NAMES must list AUTOCAST_DTYPES"
 
 
 def forward_logits(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -31,8 +38,9 @@ class CompilePlan:
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, compile_plan: CompilePlan):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, compile_plan: CompilePlan, autocast: Optional[torch.dtype] = None):
+        """autocast: run the forwards under torch.autocast in this dtype (None: no autocast)."""
+        self.model, self.autocast = model, autocast
         self.compiled = compile_plan.enabled
         self._decode: Callable[[torch.nn.Module, dict], torch.Tensor] = forward_logits
         if compile_plan.enabled:
@@ -41,13 +49,24 @@ class Runner:
             mode = None if compile_plan.mode == "default" else compile_plan.mode
             self._decode = torch.compile(forward_logits, mode=mode, dynamic=False, backend=os.environ.get("DISTGEN_COMPILE_BACKEND", "inductor"))
 
-    @torch.no_grad()
     def prefill(self, inputs: dict[str, Any]) -> torch.Tensor:
-        return forward_logits(self.model, model_inputs(self.model, inputs))
+        with self.context(inputs):
+            return self.fp32_logits(forward_logits(self.model, model_inputs(self.model, inputs)))
 
-    @torch.no_grad()
     def decode(self, inputs: dict[str, Any]) -> torch.Tensor:
-        return self._decode(self.model, model_inputs(self.model, inputs))
+        with self.context(inputs):
+            return self.fp32_logits(self._decode(self.model, model_inputs(self.model, inputs)))
+
+    def context(self, inputs: dict[str, Any]) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast is not None:
+            stack.enter_context(torch.autocast(inputs["input_ids"].device.type, dtype=self.autocast))
+        return stack
+
+    def fp32_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sampling reads fp32 logits whatever dtype the forward computed in."""
+        return logits if self.autocast is None else logits.float()
 
 
 def persist_inductor_cache(cache_dir: Optional[str]) -> Path:

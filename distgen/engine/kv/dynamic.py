@@ -82,7 +82,9 @@ class DynamicKV(KVCache):
             self.rows += len(kept)
         else:
             self.cache, self.mask, self.next_input, self.rows = cache, mask, tokens.unsqueeze(-1), len(kept)
-        self.mask = trim_dead_columns(self.cache, self.mask)
+        if joining or len(kept) < len(finished):
+            # Columns die only when rows leave or join; finding them reads the mask on the host (a sync).
+            self.mask = trim_dead_columns(self.cache, self.mask)
 
     def new_cache(self) -> DynamicCache:
         """An empty cache for the running rows or a prefill (a subclass may offload or quantize it)."""
@@ -123,7 +125,8 @@ class DynamicKV(KVCache):
         self.mask = trim_dead_columns(self.cache, self.mask)
 
     def close(self) -> None:
-        self.cache = self.new_cache()
+        self.cache, self.pending = self.new_cache(), None
+        self.mask, self.next_input = self.mask.new_zeros((0, 0)), self.next_input.new_zeros((0, 1))
 
 
 class GrowingRows:

@@ -239,6 +239,7 @@ class SlotKV(KVCache):
         for layer in self.cache.layers:
             layer.keys = layer.values = layer.key_scales = layer.value_scales = None
             layer.is_initialized = False
+        self.col_pos = self.col_pos.new_empty((0, 0))
 
 
 def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = False) -> SlotKV:
