@@ -4,7 +4,10 @@
 
 Builds a random-init Llama, makes prompts of 8..255 tokens with budgets 16..128 (greedy, no EOS),
 and runs the same job with each configuration; prints generated tokens/s and the ratio to the
-first row. A compiled configuration first runs a short warm-up job whose time is reported
+first row, by wall clock and by this process's CPU seconds (steadier on a shared machine: with one
+thread, CPU seconds are what the wall clock would read on a quiet one). `--hf` adds HF `generate` on
+static batches of the same prompts (sorted by length; each batch runs to its longest budget, only the
+budgeted tokens count). A compiled configuration first runs a short warm-up job whose time is reported
 separately as compile time (kernels persist under .cache/inductor, so a second run is warm).
 Every configuration must produce the same tokens; the script says so or stops.
 """
@@ -46,18 +49,39 @@ def make_job(count: int, vocab: int, seed: int = 0) -> list[tuple[Prompt, list[i
     return sorted(job, key=lambda item: -len(item[1]))
 
 
-def run(model, job, settings: dict, batch_size: int) -> tuple[float, int, dict]:
+def run(model, job, settings: dict, batch_size: int) -> tuple[float, float, int, dict]:
+    """(wall seconds, CPU seconds, generated tokens, token ids by prompt index)."""
     cfg = GenerationConfig(max_new_tokens=128, batch_size=batch_size, eos_token_ids=[],
                            compile_cache_dir=str(REPO / ".cache" / "inductor"), **settings)
     engine = build_engine(model, job, cfg, pad_id=2, eos_ids=[], device=torch.device("cpu"))
     completions = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         run_loop(engine, lockstep=False, idle_step=lambda: None, device=torch.device("cpu"),
                  on_finished=completions.extend)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     engine.close()
-    return seconds, sum(len(c.token_ids) for c in completions), {c.prompt.index: c.token_ids for c in completions}
+    return seconds, cpu, sum(len(c.token_ids) for c in completions), {c.prompt.index: c.token_ids for c in completions}
+
+
+def run_hf_generate(model, job, batch_size: int, pad_id: int) -> tuple[float, float, int, dict]:
+    """model.generate on static batches of the (length-sorted) job, left-padded, greedy, no EOS."""
+    start, cpu = time.perf_counter(), time.process_time()
+    outputs = {}
+    with torch.inference_mode():
+        for first in range(0, len(job), batch_size):
+            batch = job[first:first + batch_size]
+            width = max(len(ids) for _, ids in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, (_, ids) in enumerate(batch):
+                input_ids[row, width - len(ids):], mask[row, width - len(ids):] = torch.tensor(ids), 1
+            out = model.generate(input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id,
+                                 eos_token_id=None, max_new_tokens=max(p.max_new_tokens for p, _ in batch))
+            for row, (prompt, _) in enumerate(batch):
+                outputs[prompt.index] = out[row, width:width + prompt.max_new_tokens].tolist()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, cpu, sum(len(t) for t in outputs.values()), outputs
 
 
 def main() -> None:
@@ -68,6 +92,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", default="", help="comma-separated row numbers to run (1-based), e.g. 1,3,6")
+    parser.add_argument("--hf", action="store_true", help="also run HF generate on sorted static batches")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
@@ -85,18 +110,26 @@ def main() -> None:
             longest_life = max(job, key=lambda item: len(item[1]) + item[0].max_new_tokens)
             run(model, [longest_life], settings, args.batch_size)  # same slot columns as the job
             compile_s = time.perf_counter() - start
-        seconds, tokens, outputs = run(model, job, settings, args.batch_size)
+        seconds, cpu, tokens, outputs = run(model, job, settings, args.batch_size)
         if reference is None:
             reference = outputs
         elif outputs != reference:
             raise SystemExit(f"{label}: tokens differ from {chosen[0][0]}")
-        rows.append((label, tokens / seconds, seconds, compile_s))
-        print(f"  {label}: {tokens / seconds:.1f} tok/s", flush=True)
-    base = rows[0][1]
+        rows.append((label, tokens / seconds, tokens / cpu, seconds, compile_s))
+        print(f"  {label}: {tokens / seconds:.1f} tok/s, {tokens / cpu:.1f} tok/CPU-s", flush=True)
     print(f"all {len(rows)} configurations produced identical tokens")
-    print(f"{'configuration':<32} {'tok/s':>8} {'ratio':>7} {'seconds':>8} {'compile s':>10}")
-    for label, tps, seconds, compile_s in rows:
-        print(f"{label:<32} {tps:>8.1f} {tps / base:>6.2f}x {seconds:>8.1f} {compile_s:>10.1f}")
+    if args.hf:
+        seconds, cpu, tokens, outputs = run_hf_generate(model, job, args.batch_size, pad_id=2)
+        same = sum(outputs[k] == v for k, v in reference.items())
+        rows.append(("hf generate, sorted static", tokens / seconds, tokens / cpu, seconds, 0.0))
+        print(f"  hf generate: {tokens / seconds:.1f} tok/s; same tokens as distgen on {same}/{len(reference)} "
+              "prompts (left padding in a batch may flip a near-tie)", flush=True)
+    base, base_cpu = rows[0][1], rows[0][2]
+    print(f"{'configuration':<32} {'tok/s':>8} {'ratio':>7} {'tok/CPU-s':>10} {'ratio':>7} {'seconds':>8} "
+          f"{'compile s':>10}")
+    for label, tps, tpc, seconds, compile_s in rows:
+        print(f"{label:<32} {tps:>8.1f} {tps / base:>6.2f}x {tpc:>10.1f} {tpc / base_cpu:>6.2f}x {seconds:>8.1f} "
+              f"{compile_s:>10.1f}")
 
 
 if __name__ == "__main__":
