@@ -2,7 +2,7 @@
 
 Each is a small function of the model inputs returning the last-position logits
 (rows, vocab). `decode` is what torch.compile wraps (when `generation.compile` says so); the
-eager path calls the very same function. Both run under torch.inference_mode and, with
+eager path calls the very same function. Both run under torch.no_grad and, with
 `generation.autocast=bf16|fp16`, under torch.autocast in that dtype.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Runner:
 
     def context(self, inputs: dict[str, Any]) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
+        stack.enter_context(torch.no_grad())  # not inference_mode: FSDP updates its gathered params in place later
         if self.autocast is not None:
             stack.enter_context(torch.autocast(inputs["input_ids"].device.type, dtype=self.autocast))
         return stack
