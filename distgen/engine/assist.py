@@ -261,8 +261,9 @@ class Assistant:
         chunks = [[r.generated[-1], *d.tokens] for r, d in zip(requests, drafts)]
         keep = max(len(c) for c in chunks)
         inputs = kv.verify_inputs(requests, chunks, keep)
-        with torch.no_grad():
+        with engine.runner.context(inputs):  # no_grad, and generation.autocast when set
             logits = engine.runner.model(**model_inputs(engine.runner.model, inputs)).logits  # (rows, keep, vocab)
+        logits = engine.runner.fp32_logits(logits)
         self.counters.steps += 1
         # 3. accept, row by row; rows are left-padded, so row i's k + 1 logits are its last ones
         targets = logits.argmax(dim=-1).tolist()  # (rows, keep): one device->host copy for the greedy rows
