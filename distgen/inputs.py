@@ -198,7 +198,9 @@ def open_prompts(cfg: DatasetConfig, cache_dir: str, tokenizer=None) -> PromptSo
         check_utf8(cfg.path)
     import datasets
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Its errors become ours below (naming file:line); its own ERROR lines would come first on stderr,
+    # e.g. the JSON builder's log before the line-by-line reader takes over.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     fields = RecordFields(cfg.prompt_field, cfg.id_field, cfg.messages_field)
     try:
         table, fields = load_table(cfg, fmt, cache_dir, fields)
