@@ -73,7 +73,7 @@ class CacheKind:
     devices: tuple[str, ...] = ("cpu", "cuda")
 
 
-CACHES: Registry[CacheKind] = Registry("generation.cache")
+CACHES: Registry[CacheKind] = Registry("generation.cache", valued=True)
 
 
 def register(kind: CacheKind, config: type) -> CacheKind:

@@ -57,7 +57,7 @@ class HqqRows:
     """transformers' quantized cache with HQQ 2/4/8-bit groups (needs the hqq package)."""
 
 
-QUANT_BACKENDS: Registry[QuantBackend] = Registry("generation.cache_quant_backend")
+QUANT_BACKENDS: Registry[QuantBackend] = Registry("generation.cache_quant_backend", valued=True)
 for backend, doc in ((QuantBackend("int8", (8,), None), Int8Slots), (QuantBackend("fp8", (8,), "fp8"), Fp8Rows),
                      (QuantBackend("quanto", (4, 2), "quanto", ("optimum.quanto", "optimum-quanto==0.2.7")),
                       QuantoRows),
