@@ -16,20 +16,23 @@ configuration must produce the plain run's tokens; the script says so or stops.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from distgen.config import GenerationConfig, TinyModelConfig
-from distgen.engine import build_engine
-from distgen.engine.assist import AssistantSpec
-from distgen.loop import run_loop
-from distgen.prompts import Prompt
-from distgen.tiny import build_tiny_model, build_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/engine.py's model arguments
+from engine import model_from_args, model_parser  # noqa: E402
+
+from distgen.config import GenerationConfig  # noqa: E402
+from distgen.engine import build_engine  # noqa: E402
+from distgen.engine.assist import AssistantSpec  # noqa: E402
+from distgen.loop import run_loop  # noqa: E402
+from distgen.prompts import Prompt  # noqa: E402
 
 
 def make_job(count: int, vocab: int, repetitive: bool, seed: int = 0) -> list[tuple[Prompt, list[int]]]:
@@ -81,19 +84,11 @@ def run(model, job, batch_size: int, assistant=None, **settings) -> tuple[float,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
+    parser = model_parser(__doc__, layers=8, hidden=512, prompts=16, batch_size=8)
     parser.add_argument("--draft-layers", type=int, default=1)
     parser.add_argument("--refine-scale", type=float, default=0.02)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8, kv_heads=4,
-                                             intermediate_size=args.hidden * 3, init_std=0.02), tokenizer)
+    tokenizer, model = model_from_args(args)
     weaken_later_layers(model, args.draft_layers, args.refine_scale)
     draft = AssistantSpec("draft", first_layers(model, args.draft_layers))
     lookup = AssistantSpec("prompt_lookup")

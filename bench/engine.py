@@ -84,20 +84,32 @@ def run_hf_generate(model, job, batch_size: int, pad_id: int) -> tuple[float, fl
     return seconds, cpu, sum(len(t) for t in outputs.values()), outputs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--prompts", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+def model_parser(doc: str, layers: int, hidden: int, prompts: int, batch_size: int) -> argparse.ArgumentParser:
+    """The arguments every engine benchmark takes: the random Llama's size, the job, the threads."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", default="", help="comma-separated row numbers to run (1-based), e.g. 1,3,6")
-    parser.add_argument("--hf", action="store_true", help="also run HF generate on sorted static batches")
-    args = parser.parse_args()
+    return parser
+
+
+def model_from_args(args: argparse.Namespace):
+    """Set the thread count and build the tokenizer and the random-init Llama `args` describe."""
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
     model = build_tiny_model(TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8, kv_heads=4,
                                              intermediate_size=args.hidden * 3, init_std=0.02), tokenizer)
+    return tokenizer, model
+
+
+def main() -> None:
+    parser = model_parser(__doc__, layers=8, hidden=512, prompts=128, batch_size=16)
+    parser.add_argument("--only", default="", help="comma-separated row numbers to run (1-based), e.g. 1,3,6")
+    parser.add_argument("--hf", action="store_true", help="also run HF generate on sorted static batches")
+    args = parser.parse_args()
+    tokenizer, model = model_from_args(args)
     job = make_job(args.prompts, len(tokenizer))
     chosen = [CONFIGS[int(k) - 1] for k in args.only.split(",")] if args.only else CONFIGS
     print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts of 8-255 tokens, budgets "

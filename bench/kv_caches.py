@@ -6,7 +6,6 @@ and how many tokens agree with it (a quantized cache changes some; full-precisio
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -15,14 +14,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/engine.py's job
-from engine import make_job  # noqa: E402
+from engine import make_job, model_from_args, model_parser  # noqa: E402
 
-from distgen.config import GenerationConfig, TinyModelConfig  # noqa: E402
+from distgen.config import GenerationConfig  # noqa: E402
 from distgen.engine import build_engine  # noqa: E402
 from distgen.engine.kv import CACHES  # noqa: E402
 from distgen.engine.kv.quantized import QUANT_BACKENDS, missing_package  # noqa: E402
 from distgen.stats import tensor_bytes  # noqa: E402
-from distgen.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 CPU = torch.device("cpu")
 STATE_FIELDS = ("keys", "values", "key_scales", "value_scales", "_quantized_keys", "_quantized_values")
@@ -74,17 +72,8 @@ def agreement(outputs: dict, reference: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8, kv_heads=4,
-                                             intermediate_size=args.hidden * 3, init_std=0.02), tokenizer)
+    args = model_parser(__doc__, layers=4, hidden=256, prompts=32, batch_size=8).parse_args()
+    tokenizer, model = model_from_args(args)
     job = make_job(args.prompts, len(tokenizer))
     print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts of 8-255 tokens, budgets "
           f"16-128, batch {args.batch_size}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
