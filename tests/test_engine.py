@@ -35,6 +35,35 @@ def test_refilled_slot_never_attends_to_its_previous_tenant(tiny_model, tokenize
     assert engine.kv.free == [0]
 
 
+@pytest.mark.parametrize("scheduler", ["continuous", "static", "chunked"])
+def test_packed_prefills_and_compacted_decodes_equal_generate(tiny_model, tokenizer, scheduler):
+    # A prefill packs its prompts into one row (no padding) under the token budget; a finished row's slot
+    # is refilled or taken by the highest row, so an eager decode reads exactly its running rows.
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=4, cache="static", compile="off",
+                           scheduler=scheduler, prefill_chunk_tokens=48)
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
+    kv, packed, decodes = engine.kv, [], []
+    prefill_inputs, decode_inputs = kv.prefill_inputs, kv.decode_inputs
+
+    def record_prefill(plan):
+        batch = prefill_inputs(plan)
+        assert batch.inputs["input_ids"].shape == (1, sum(plan.chunks)) and sum(plan.chunks) <= 48 or \
+            len(plan.requests) == 1, plan.chunks  # one row; several prompts only while they fit the budget
+        packed.append(len(plan.requests))
+        return batch
+
+    def record_decode(requests):
+        batch = decode_inputs(requests)
+        decodes.append((batch.inputs["input_ids"].shape[0], len(requests)))
+        return batch
+
+    kv.prefill_inputs, kv.decode_inputs = record_prefill, record_decode
+    assert_matches_generate(tiny_model, tokenizer, generate_all(engine), PROMPTS)
+    assert max(packed) >= 2, packed  # some forward packed several prompts
+    assert all(rows == running for rows, running in decodes), decodes  # no idle slot was decoded
+    assert sorted(kv.free) == [0, 1, 2, 3] and not kv.owners
+
+
 def test_compiled_decode_equals_generate_and_compiles_once(tiny_model, tokenizer, monkeypatch):
     # The eager backend traces exactly what inductor would compile, without minutes of codegen on CI.
     monkeypatch.setenv("DISTGEN_COMPILE_BACKEND", "eager")

@@ -136,9 +136,16 @@ def build_assistant(spec: AssistantSpec, model: torch.nn.Module, kv: KVCache, ge
         raise ConfigError(f"model.assistant={spec.name}: the draft model's vocabulary ({draft_vocab} tokens) differs "
                           f"from the model's ({vocab}); a draft must share the model's tokenizer")
     draft_kv = SlotKV(kv_geometry(draft)[0], gen.batch_size, shape.columns, pad_id, device, model_dtype(draft),
-                      full_width=False)
+                      full_width=False, compacts=False)
     return Assistant(DraftModel(draft, draft_kv, gen.prefill_chunk_tokens if gen.scheduler == "chunked" else None),
                      gen, eos_ids)
+
+
+def prefill_token_budget(gen: GenerationConfig, kv: KVCache) -> int:
+    """Most prompt tokens one prefill forward runs: generation.prefill_chunk_tokens when prompts are
+    chunked or packed into one row (a packed forward's attention grows with the square of its tokens);
+    otherwise unbounded (padded prefills admit every prompt a free row can take)."""
+    return gen.prefill_chunk_tokens if gen.scheduler == "chunked" or kv.packs_prefill else 1 << 62
 
 
 def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device) -> Request:
@@ -226,7 +233,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
     waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
     engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
-                    Sampler(gen, eos_ids, device), gen.prefill_chunk_tokens if gen.scheduler == "chunked" else 1 << 62,
+                    Sampler(gen, eos_ids, device), prefill_token_budget(gen, kv),
                     stop_check, helper)
     engine.choice, engine.batch = choice, batch
     engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,

@@ -27,7 +27,10 @@ assert tuple(AUTOCAST_DTYPES) == AUTOCAST_NAMES, "distgen.config.AUTOCAST_NAMES 
 
 
 def forward_logits(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    return model(**inputs).logits[:, -1, :]
+    """(rows, vocab): each row's last logits; a packed prefill (one row of several prompts, `logits_to_keep`
+    the index of each prompt's last token) returns one row per prompt."""
+    logits = model(**inputs).logits
+    return logits[0] if isinstance(inputs.get("logits_to_keep"), torch.Tensor) else logits[:, -1, :]
 
 
 @dataclass(frozen=True)

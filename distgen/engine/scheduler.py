@@ -28,7 +28,9 @@ class SchedulerState:
     waiting: RequestQueue   # len, waiting[i] and popleft; requests are made as they are looked at
     running: list[Request]  # requests holding a cache row (prefilling or decoding)
     free_rows: int
-    token_budget: int       # most prompt tokens one prefill forward may run (chunked)
+    # Most prompt tokens one prefill forward runs: chunked splits prompts to fit it; static and continuous
+    # admit whole prompts while they fit (always at least one), so a packed prefill stays bounded.
+    token_budget: int
     last_kind: str          # what the previous step did ("prefill", "decode" or "")
 
 
@@ -39,22 +41,31 @@ def decode_plan(state: SchedulerState) -> StepPlan:
     return StepPlan("decode", list(state.running), [1] * len(state.running))
 
 
-def whole_prompts(state: SchedulerState, count: int) -> StepPlan:
-    joining = [state.waiting[i] for i in range(count)]
+def whole_prompts(state: SchedulerState) -> StepPlan:
+    """Queued prompts, whole, while rows are free and their tokens fit the token budget (at least one)."""
+    joining, left = [], state.token_budget
+    for i in range(min(state.free_rows, len(state.waiting))):
+        request = state.waiting[i]
+        if joining and request.unprefilled > left:
+            break
+        joining.append(request)
+        left -= request.unprefilled
     return StepPlan("prefill", joining, [r.unprefilled for r in joining])
 
 
 def schedule_static(state: SchedulerState) -> StepPlan:
-    """Static batches: a new batch is prefilled only once every row of the last one is done."""
-    if state.running:
+    """Static batches: a new batch is prefilled only once every row of the last one is done (a batch
+    whose prompts exceed the token budget is admitted over consecutive prefill steps)."""
+    admitting = state.last_kind == "prefill" and state.free_rows and state.waiting
+    if state.running and not admitting:
         return decode_plan(state)
-    return whole_prompts(state, min(state.free_rows, len(state.waiting)))
+    return whole_prompts(state)
 
 
 def schedule_continuous(state: SchedulerState) -> StepPlan:
     """Continuous batching: queued prompts join (whole) as soon as a row is free."""
     if state.waiting and state.free_rows:
-        return whole_prompts(state, min(state.free_rows, len(state.waiting)))
+        return whole_prompts(state)
     return decode_plan(state)
 
 

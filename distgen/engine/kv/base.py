@@ -30,6 +30,9 @@ class KVCache(ABC):
     supports_chunks: bool = False
     # Whether assisted decoding can run on it (verify_inputs / verified).
     verifies_drafts: bool = False
+    # Whether a prefill forward packs its prompts into one row (no padding); the scheduler then bounds
+    # a prefill's tokens by generation.prefill_chunk_tokens (engine.build.prefill_token_budget).
+    packs_prefill: bool = False
 
     @property
     @abstractmethod

@@ -8,6 +8,12 @@ columns form a ring of window + chunk - 1, so only the window is cached. A reque
 a slot clears its `col_pos` row, so it never attends to the previous tenant's columns. The
 last column is scratch: padding tokens write there and no mask ever reads it. Nothing is
 reshaped or copied between steps, so a compiled decode step keeps one shape for the job.
+
+A prefill packs its prompts (or chunks) into ONE row with no padding: each token writes to its own
+slot's column, attention reads the (slot, column) pairs of every packed sequence, and the mask lets
+a token see only its own sequence's earlier positions (the token budget keeps that square small).
+Eager decode reads only the slots and columns in use; when a row finishes, the highest slot in
+use moves into the freed one, so the rows a decode reads have no idle holes.
 """
 from __future__ import annotations
 
@@ -55,7 +61,9 @@ class SlotLayer(CacheLayerMixin):
         buffer[self.owner.write_rows, :, self.owner.write_cols] = states.transpose(1, 2)
 
     def read(self, buffer: torch.Tensor) -> torch.Tensor:
-        rows, width = self.owner.read_rows, self.owner.width
+        rows, width, cols = self.owner.read_rows, self.owner.width, self.owner.read_cols
+        if cols is not None:  # packed: (keys,) slots x (keys,) columns -> (1, heads, keys, head_dim)
+            return buffer[rows, :, cols].transpose(0, 1).unsqueeze(0)
         return buffer[:rows, :, :width] if isinstance(rows, int) else buffer[rows, :, :width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -105,16 +113,21 @@ class SlotCache(Cache):
         self.write_cols: torch.Tensor = torch.zeros((0, 0), dtype=torch.long)  # (rows, q) column of each token
         self.read_rows: Union[int, torch.Tensor] = 0  # the first n slots, or these slots
         self.width = 0                                # columns attention reads
+        self.read_cols: Optional[torch.Tensor] = None  # packed prefill: the column of each read_rows slot
 
 
 class SlotKV(KVCache):
     fixed_shape = True
     supports_chunks = True
     verifies_drafts = True
+    packs_prefill = True
 
     def __init__(self, layers: int, slots: int, max_len: int, pad_id: int, device: torch.device,
-                 dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer):
-        """max_len: columns per slot (the longest prompt + budget, or the ring size with a window)."""
+                 dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer,
+                 compacts: bool = True):
+        """max_len: columns per slot (the longest prompt + budget, or the ring size with a window).
+        compacts: move rows down into freed slots (only without full_width; off when a draft model's
+        cache shares these slot numbers)."""
         self.slots, self.max_len, self.pad_id, self.device, self.dtype = slots, max_len, pad_id, device, dtype
         # full_width: decode every slot over every column (one shape: what compile needs).
         self.full_width, self.window = full_width, window
@@ -126,6 +139,8 @@ class SlotKV(KVCache):
         self.decoding = torch.zeros(slots, dtype=torch.bool, device=device)
         self.all_rows = torch.arange(slots, **long).unsqueeze(-1)  # (slots, 1)
         self.col_pos = torch.full((slots, max_len + 1), -1, **long)  # position each column holds
+        self.owners: dict[int, Request] = {}  # slot -> the request holding it
+        self.compacts = compacts and not full_width  # full_width decode reads every slot anyway
 
     @property
     def free_rows(self) -> int:
@@ -135,6 +150,7 @@ class SlotKV(KVCache):
         self.free.sort()
         request.row = self.free.pop(0)  # lowest first, so eager decode can read a prefix of the slots
         self.col_pos[request.row] = -1
+        self.owners[request.row] = request
 
     def place(self, rows: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, read: Union[int, torch.Tensor],
               width: int) -> torch.Tensor:
@@ -152,9 +168,32 @@ class SlotKV(KVCache):
         return additive_mask(allowed, self.dtype).unsqueeze(1)
 
     def prefill_inputs(self, plan: StepPlan) -> ForwardBatch:
-        """Left-pad each request's next chunk; its tokens go to columns prefilled.., padding to scratch."""
-        chunks = [r.token_ids[r.prefilled:r.prefilled + c] for r, c in zip(plan.requests, plan.chunks)]
-        inputs = self.chunk_inputs([r.row for r in plan.requests], chunks, [r.prefilled for r in plan.requests], 1)
+        """Every request's next chunk packed into one row: token t of request i writes position
+        prefilled_i + t of slot i; attention reads, per request, the columns its chunk may see."""
+        long = dict(dtype=torch.long)
+        ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot, last = [], [], [], [], [], [], [], []
+        for i, (request, chunk) in enumerate(zip(plan.requests, plan.chunks)):
+            start, end = request.prefilled, request.prefilled + chunk
+            ids.append(torch.tensor(request.token_ids[start:end], **long))
+            q_pos.append(torch.arange(start, end, **long))
+            first = 0 if self.window is None else max(0, start - self.window + 1)  # a ring holds the window
+            k_pos.append(torch.arange(first, end, **long))
+            for seqs, count in ((q_seq, chunk), (k_seq, end - first)):
+                seqs.append(torch.full((count,), i, **long))
+            q_slot.append(torch.full((chunk,), request.row, **long))
+            k_slot.append(torch.full((end - first,), request.row, **long))
+            last.append(sum(plan.chunks[:i + 1]) - 1)
+        ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot = (torch.cat(t).to(self.device) for t in
+                                                           (ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot))
+        self.col_pos[q_slot, q_pos % self.max_len] = q_pos
+        allowed = (q_seq.unsqueeze(1) == k_seq) & (k_pos <= q_pos.unsqueeze(1))  # (queries, keys)
+        if self.window is not None:
+            allowed = allowed & (k_pos > q_pos.unsqueeze(1) - self.window)
+        self.point(q_slot.unsqueeze(0), (q_pos % self.max_len).unsqueeze(0), k_slot, len(k_pos),
+                   read_cols=k_pos % self.max_len)
+        inputs = dict(input_ids=ids.unsqueeze(0), position_ids=q_pos.unsqueeze(0),
+                      attention_mask=additive_mask(allowed, self.dtype)[None, None], cache=self.cache,
+                      logits_to_keep=torch.tensor(last, dtype=torch.long, device=self.device))
         return ForwardBatch(inputs, list(range(len(plan.requests))))
 
     def chunk_inputs(self, slots: list[int], chunks: list[list[int]], starts: list[int], keep: int) -> dict:
@@ -190,13 +229,16 @@ class SlotKV(KVCache):
                       cache=self.cache, logits_to_keep=1)
         return ForwardBatch(inputs, [r.row for r in requests])
 
-    def point(self, rows: torch.Tensor, cols: torch.Tensor, read: Union[int, torch.Tensor], width: int) -> None:
+    def point(self, rows: torch.Tensor, cols: torch.Tensor, read: Union[int, torch.Tensor], width: int,
+              read_cols: Optional[torch.Tensor] = None) -> None:
         """This forward writes rows (rows, 1) x cols (rows, q); attention reads `read` slots x `width` columns.
 
-        `read` is a count (the first slots: a view) or the slots themselves (a gather).
+        `read` is a count (the first slots: a view) or the slots themselves (a gather); with `read_cols`
+        (a packed prefill) attention reads the pairs (read[k], read_cols[k]) as one row of `width` keys.
         """
         cache = self.cache
         cache.write_rows, cache.write_cols, cache.read_rows, cache.width = rows, cols, read, width
+        cache.read_cols = read_cols
 
     def commit(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor, finished: list[bool]) -> None:
         if plan.kind == "decode":
@@ -213,10 +255,39 @@ class SlotKV(KVCache):
         self.release([r.row for r, done in zip(plan.requests, finished) if done])
 
     def release(self, slots: list[int]) -> None:
-        """Free finished requests' slots."""
+        """Free finished requests' slots (then move the highest rows down into them, when compacting)."""
         if slots:
             self.decoding[slots] = False
             self.free.extend(slots)
+            for slot in slots:
+                self.owners.pop(slot, None)
+            if self.compacts:
+                self.compact()
+
+    def compact(self) -> None:
+        """While a free slot lies below the highest slot in use, move that row down into it."""
+        self.free.sort()
+        while self.free and self.owners and self.free[0] < max(self.owners):
+            low, high = self.free.pop(0), max(self.owners)
+            self.move(high, low)
+            self.free.append(high)
+            self.free.sort()
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src` (its columns, length, next input and request) becomes row `dst`; `src` is free."""
+        held = self.col_pos[src]
+        used = self.max_len if self.window is not None else max(1, int(held.max()) + 1)  # columns in use
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                for name in ("keys", "values", "key_scales", "value_scales"):
+                    buffer = getattr(layer, name, None)
+                    if buffer is not None:
+                        buffer[dst, :, :used] = buffer[src, :, :used]
+        for state in (self.col_pos, self.lengths, self.last_tokens, self.decoding):
+            state[dst] = state[src]
+        self.col_pos[src], self.decoding[src] = -1, False
+        request = self.owners.pop(src)
+        request.row, self.owners[dst] = dst, request
 
     def verify_inputs(self, requests: list[Request], chunks: list[list[int]], keep: int) -> dict:
         starts = [r.prompt_length + len(r.generated) - 1 for r in requests]  # the last token is not cached yet
@@ -253,7 +324,8 @@ def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = 
         longest_chunk = max(longest_chunk, spec.verify_tokens)
         columns = min(columns, window + longest_chunk - 1)
     return SlotKV(layers, spec.rows, columns, spec.pad_id, spec.device, model_dtype(spec.model),
-                  full_width=spec.compiling, window=window if sliding else None, layer_class=layer_class)
+                  full_width=spec.compiling, window=window if sliding else None, layer_class=layer_class,
+                  compacts=spec.verify_tokens == 1)  # assisted: the draft's cache uses the same slots
 
 
 class StaticSlots:
