@@ -24,6 +24,8 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str
+    # Ranks on this host, sharing its RAM (RankInfo.local_world_size).
+    local_world_size: int = 1
 
     @property
     def is_coordinator(self) -> bool:
@@ -48,26 +50,35 @@ class RankVars:
     nodelist: str = ""
     # Where master_port is not set: a port derived from this job id variable, the same on every rank.
     job_id: str = ""
+    # The ranks on this rank's host: a count, or SLURM's per-node counts (`2(x3),1`, one per node of the
+    # step), of which `node_index` (the host's place in that list) picks this host's. Unset: 1.
+    local_world_size: str = ""
+    node_index: str = ""
 
 
 # Order matters: torchrun or deepspeed may run inside a SLURM allocation (srun + torchrun per
 # node), so their rows come first and SLURM's last.
 RANK_ENV: tuple[RankVars, ...] = (
     RankVars("torchrun", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-             torch_env=True),
-    # deepspeed also passes `--local_rank=N` to the module (see `discover`).
+             torch_env=True, local_world_size="LOCAL_WORLD_SIZE"),
+    # deepspeed also passes `--local_rank=N` to the module (see `discover`); its launcher names the
+    # ranks on a node LOCAL_SIZE (deepspeed/launcher/launch.py), not torch's LOCAL_WORLD_SIZE.
     RankVars("deepspeed", "CROSS_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-             torch_env=True),
+             torch_env=True, local_world_size="LOCAL_SIZE"),
     # Set by distgen's Ray actors (distgen/launchers/ray.py) in their own process.
     RankVars("ray", "DISTGEN_RAY_RANK", "DISTGEN_RAY_RANK", "DISTGEN_RAY_WORLD_SIZE", "DISTGEN_RAY_LOCAL_RANK",
-             "DISTGEN_RAY_MASTER_ADDR", "DISTGEN_RAY_MASTER_PORT"),
+             "DISTGEN_RAY_MASTER_ADDR", "DISTGEN_RAY_MASTER_PORT", local_world_size="DISTGEN_RAY_LOCAL_WORLD_SIZE"),
     # One srun task per rank (the batch script itself has no step id). distgen's sbatch script
     # exports DISTGEN_MASTER_ADDR/PORT; a hand-written `srun python -m distgen.run` falls back to
-    # the nodelist and the job id.
+    # the nodelist and the job id. srun sets the step's tasks per node (`2(x2),1`) in nodelist
+    # order and SLURM_NODEID, this node's index in the step (SLURM_NTASKS_PER_NODE is set only
+    # when --ntasks-per-node was given).
     RankVars("slurm", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "DISTGEN_MASTER_ADDR",
-             "DISTGEN_MASTER_PORT", nodelist="SLURM_STEP_NODELIST", job_id="SLURM_JOB_ID"),
+             "DISTGEN_MASTER_PORT", nodelist="SLURM_STEP_NODELIST", job_id="SLURM_JOB_ID",
+             local_world_size="SLURM_STEP_TASKS_PER_NODE", node_index="SLURM_NODEID"),
     # Any other launcher that sets torch's own variables.
-    RankVars("env", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", torch_env=True),
+    RankVars("env", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", torch_env=True,
+             local_world_size="LOCAL_WORLD_SIZE"),
 )
 RANK_VARS = {row.launcher: row for row in RANK_ENV}
 
@@ -82,6 +93,8 @@ class RankInfo:
     master_addr: str = ""
     master_port: int = 0
     torch_env: bool = False
+    # Ranks on this rank's host (they share its RAM); 1 when the launcher does not say or it runs alone.
+    local_world_size: int = 1
 
     @property
     def init_method(self) -> str:
@@ -104,6 +117,33 @@ def port_for_job(job_id: str) -> int:
     return 20000 + int(job_id) % 20000
 
 
+def tasks_per_node(text: str) -> list[int]:
+    """Ranks per node from a count (`4`) or SLURM's compressed list: `2(x3),1` -> [2, 2, 2, 1]."""
+    counts = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not match:
+            raise ValueError(f"cannot read ranks per node from {text!r}")
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts
+
+
+def local_world_size(row: RankVars, environ: Mapping[str, str]) -> int:
+    """The ranks on this rank's host, as `row`'s launcher says; 1 when it does not."""
+    text = environ.get(row.local_world_size, "") if row.local_world_size else ""
+    if not text.strip():
+        return 1
+    try:
+        counts = tasks_per_node(text)
+    except ValueError:
+        raise RuntimeError(f"running under {row.launcher}, but {row.local_world_size}={text!r} is not a number of "
+                           "ranks per node") from None
+    node = environ.get(row.node_index, "0") if row.node_index else "0"
+    if not node.isdigit():
+        raise RuntimeError(f"running under {row.launcher}, but {row.node_index}={node!r} is not a number")
+    return counts[int(node)] if int(node) < len(counts) else 1
+
+
 def rank_info(row: RankVars, environ: Mapping[str, str], local_rank_arg: Optional[int] = None) -> RankInfo:
     def number(var: str) -> int:
         try:
@@ -120,7 +160,7 @@ def rank_info(row: RankVars, environ: Mapping[str, str], local_rank_arg: Optiona
                            f"{row.master_addr} and {row.master_port}")
     local_rank = number(row.local_rank) if local_rank_arg is None else local_rank_arg
     return RankInfo(row.launcher, rank, world_size, local_rank, addr,
-                    int(port) if port.isdigit() else 0, row.torch_env)
+                    int(port) if port.isdigit() else 0, row.torch_env, local_world_size(row, environ))
 
 
 def discover(environ: Mapping[str, str], local_rank_arg: Optional[int] = None) -> RankInfo:
@@ -174,7 +214,7 @@ def init_distributed(requested_device: str, timeout_s: float = 1800, info: Optio
             dist.init_process_group(backend, init_method=info.init_method, rank=info.rank,
                                     world_size=info.world_size, timeout=timeout,
                                     device_id=device if backend == "nccl" else None)
-    return DistContext(info.rank, info.world_size, info.local_rank, device, backend)
+    return DistContext(info.rank, info.world_size, info.local_rank, device, backend, info.local_world_size)
 
 
 def shutdown(clean: bool) -> None:

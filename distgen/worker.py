@@ -133,12 +133,12 @@ def queue_shape(job: Job, mine: list[int]) -> QueueShape:
                       np.where(budgets > 0, budgets, job.cfg.generation.max_new_tokens).astype(np.int64))
 
 
-def rank_batch(model, job: Job, shape: QueueShape, device, placed) -> Optional[BatchChoice]:
+def rank_batch(model, job: Job, shape: QueueShape, device, placed, local_world_size: int) -> Optional[BatchChoice]:
     """generation.batch_size=auto: the rows this rank fits (in a lockstep layout, the least over its group)."""
     gen = job.cfg.generation
     if gen.batch_size != "auto":
         return None
-    choice = plan_batch_size(model, gen, shape, rank_budget(gen, device))
+    choice = plan_batch_size(model, gen, shape, rank_budget(gen, device, local_world_size))
     if placed.lockstep:
         choice = agree_across_ranks(choice, shape.prompts > 0, device, placed.group)
     return choice
@@ -168,11 +168,12 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     mine = rank_shard(job, groups, ctx.rank)
     feed = PromptFeed(job.source, mine, job.tokenizer, lengths=job.lengths)
     shape = queue_shape(job, mine)
-    batch = rank_batch(model, job, shape, device, placed)
+    batch = rank_batch(model, job, shape, device, placed, ctx.local_world_size)
     # The draft model (model.assistant) is whole on every rank, never sharded (distgen/engine/assist.py).
     assistant = assistant_spec(job.cfg.model, job.tokenizer, resolve_dtype(job.cfg.model.dtype, device), device)
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
-                          shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant)
+                          shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant,
+                          local_world_size=ctx.local_world_size)
     engine.backoff.label = f"rank {ctx.rank}: "
     engine.backoff.layout_note = f" (layout={job.cfg.layout.name})"
     if ctx.is_coordinator:

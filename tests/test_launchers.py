@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from distgen.dist_env import ALONE, RANK_ENV, discover, first_host, port_for_job
+from distgen.dist_env import ALONE, RANK_ENV, discover, first_host, port_for_job, tasks_per_node
 from distgen.errors import ConfigError
 from distgen.launchers import LAUNCHERS
 from distgen.launchers.deepspeed import DeepspeedLauncher, deepspeed_command, hostfile_text
@@ -122,11 +122,32 @@ def test_rank_table_covers_every_launcher():
     assert exported.init_method == "tcp://10.0.0.7:29511"
     # torchrun started by srun (one per node): torchrun's variables win over SLURM's
     assert discover({**SLURM_STEP, **TORCH, "TORCHELASTIC_RUN_ID": "x"}).launcher == "torchrun"
-    ray = discover(rank_env(1, 2, 0, "10.0.0.9", 41000))
+    ray = discover(rank_env(1, 2, 0, 2, "10.0.0.9", 41000))
     assert (ray.launcher, ray.rank, ray.world_size, ray.local_rank, ray.init_method) == (
         "ray", 1, 2, 0, "tcp://10.0.0.9:41000")
     with pytest.raises(RuntimeError, match="SLURM_PROCID=None is not a number"):
         discover({"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n1"})
+
+
+def test_each_launcher_row_says_how_many_ranks_share_this_host():
+    assert discover({}).local_world_size == 1
+    torchrun = {**TORCH, "TORCHELASTIC_RUN_ID": "x"}
+    assert discover({**torchrun, "LOCAL_WORLD_SIZE": "4"}).local_world_size == 4
+    assert discover(torchrun).local_world_size == 1  # not said: 1
+    # deepspeed's launcher calls it LOCAL_SIZE; torch's name is not read under deepspeed
+    assert discover({**TORCH, "CROSS_RANK": "0", "LOCAL_SIZE": "3", "LOCAL_WORLD_SIZE": "8"}).local_world_size == 3
+    assert discover(rank_env(1, 3, 0, 2, "10.0.0.9", 41000)).local_world_size == 2
+    # srun: the step's tasks per node in nodelist order, this node picked by SLURM_NODEID
+    uneven = {**SLURM_STEP, "SLURM_STEP_TASKS_PER_NODE": "2(x2),1"}
+    assert [discover({**uneven, "SLURM_NODEID": str(n)}).local_world_size for n in range(3)] == [2, 2, 1]
+    assert discover({**SLURM_STEP, "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}).local_world_size == 4
+    assert discover(SLURM_STEP).local_world_size == 1
+    assert discover({**TORCH, "LOCAL_WORLD_SIZE": "2"}).local_world_size == 2  # the plain env row
+    assert tasks_per_node("3,2(x2), 1") == [3, 2, 2, 1]
+    with pytest.raises(RuntimeError, match=r"SLURM_STEP_TASKS_PER_NODE='2\(x\)' is not a number of ranks per node"):
+        discover({**uneven, "SLURM_STEP_TASKS_PER_NODE": "2(x)"})
+    with pytest.raises(RuntimeError, match="LOCAL_WORLD_SIZE='two' is not a number"):
+        discover({**torchrun, "LOCAL_WORLD_SIZE": "two"})
 
 
 def test_first_host_of_a_slurm_nodelist():

@@ -9,7 +9,8 @@ from transformers import DynamicCache, MistralConfig, QuantizedCache
 from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module
 from distgen.config import GenerationConfig
 from distgen.engine.backoff import INJECT_ENV
-from distgen.engine.build import plan_cache
+from distgen.engine import build
+from distgen.engine.build import plan_cache, rank_budget
 from distgen.engine.kv import CACHES
 from distgen.engine.kv.quantized import QUANT_BACKENDS, dequantized, missing_package
 from distgen.engine.memory import (AUTO_BATCH_MAX, BatchChoice, activation_bytes_per_row, agree_across_ranks,
@@ -70,6 +71,15 @@ def test_auto_batch_size_fits_the_budget_and_is_capped():
     assert auto_batch_size(kv, 1000, 100, prompts=10**6, budget=1 << 50).rows == AUTO_BATCH_MAX
     assert auto_batch_size(kv, 1000, 100, prompts=5, budget=10).rows == 1
     assert memory_budget(1000, 0.5, sharing=2, params=100) == 150
+
+
+def test_rank_budget_splits_host_ram_among_the_ranks_on_it(monkeypatch):
+    monkeypatch.setattr(build, "available_bytes", lambda device: 8000)
+    gen = GenerationConfig(memory_fraction=0.5)
+    assert rank_budget(gen, torch.device("cpu"), local_world_size=4) == 1000
+    assert rank_budget(gen, torch.device("cpu")) == 4000
+    # each GPU has its own memory: the ranks on its host do not share it
+    assert rank_budget(gen, torch.device("cuda", 0), local_world_size=4) == 4000
 
 
 # --- generation.batch_size=auto ---

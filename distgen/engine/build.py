@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -155,14 +154,10 @@ def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, devi
                    sequence_generator(gen, prompt, device) if sampling.do_sample else None, sampling)
 
 
-def local_ranks() -> int:
-    """Ranks sharing this host's RAM (torchrun and deepspeed set LOCAL_WORLD_SIZE); 1 if unknown."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-
-
-def rank_budget(gen: GenerationConfig, device: torch.device) -> int:
-    """generation.memory_fraction of the device's free memory (the host's, split among its ranks, on CPU)."""
-    sharing = 1 if device.type == "cuda" else local_ranks()
+def rank_budget(gen: GenerationConfig, device: torch.device, local_world_size: int = 1) -> int:
+    """generation.memory_fraction of the device's free memory (on CPU the host's, split among its
+    `local_world_size` ranks: DistContext.local_world_size)."""
+    sharing = 1 if device.type == "cuda" else local_world_size
     return memory_budget(available_bytes(device), gen.memory_fraction, sharing)
 
 
@@ -192,12 +187,13 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                  gen: GenerationConfig, pad_id: int, eos_ids: Sequence[int], device: torch.device,
                  lockstep: bool = False, shape: Optional[QueueShape] = None,
                  stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None,
-                 assistant: Optional[AssistantSpec] = None) -> Engine:
+                 assistant: Optional[AssistantSpec] = None, local_world_size: int = 1) -> Engine:
     """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids).
     `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size).
-    `assistant`: assisted decoding (distgen.engine.assist.assistant_spec builds it from model.assistant)."""
+    `assistant`: assisted decoding (distgen.engine.assist.assistant_spec builds it from model.assistant).
+    `local_world_size`: the ranks on this host (DistContext.local_world_size), which share its RAM."""
     shape = shape if shape is not None else QueueShape.of(queue, gen)
-    budget = rank_budget(gen, device)
+    budget = rank_budget(gen, device, local_world_size)
     batch = batch or plan_batch_size(model, gen, shape, budget)
     gen = replace(gen, batch_size=batch.rows)
     decode_steps = shape.decode_steps(gen.batch_size)

@@ -70,11 +70,13 @@ def local_ranks(nodes: Sequence[str]) -> list[int]:
     return ranks
 
 
-def rank_env(rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int) -> dict[str, str]:
+def rank_env(rank: int, world_size: int, local_rank: int, local_world_size: int, master_addr: str,
+             master_port: int) -> dict[str, str]:
     """What an actor sets before it runs the worker: the Ray row of the rank table."""
     row = RANK_VARS["ray"]
     return {row.rank: str(rank), row.world_size: str(world_size), row.local_rank: str(local_rank),
-            row.master_addr: master_addr, row.master_port: str(master_port)}
+            row.local_world_size: str(local_world_size), row.master_addr: master_addr,
+            row.master_port: str(master_port)}
 
 
 def job_submit_command(job_server: str, overrides: Sequence[str], python: str = "python",
@@ -143,8 +145,9 @@ def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str) -> 
                   for rank in range(cfg.ranks)]
         nodes = ray.get([a.node_address.remote() for a in actors])
         port = ray.get(actors[0].free_port.remote())
-        runs = {a.run.remote(rank_env(rank, cfg.ranks, local, nodes[0], port), list(overrides)): rank
-                for rank, (a, local) in enumerate(zip(actors, local_ranks(nodes)))}
+        on_node = Counter(nodes)
+        runs = {a.run.remote(rank_env(rank, cfg.ranks, local, on_node[node], nodes[0], port), list(overrides)): rank
+                for rank, (a, local, node) in enumerate(zip(actors, local_ranks(nodes), nodes))}
         return collect(ray, runs, out_dir)
     finally:
         for a in actors:  # a rank still waiting in a collective for a failed peer ends here
