@@ -2,9 +2,9 @@
 
 A job is identified by a fingerprint of everything that decides its completions: the model by
 its content (the files in its folder, not how its path is spelled), the sampling settings and
-budgets, the too-long policy and the content of the prompts (a digest of the dataset's records,
-see `PromptSource.digest`). How the work is batched or placed (batch size, scheduler, layout,
-launcher, world size) is left out: it must not change a completion, and a restart with a smaller
+budgets, the too-long policy, the assistant (model.assistant and its settings, when one is set)
+and the content of the prompts (a digest of the dataset's records, see `PromptSource.digest`).
+How the work is batched or placed (batch size, scheduler, layout, launcher, world size) is left out: it must not change a completion, and a restart with a smaller
 batch after running out of memory must find the earlier work. The finished work itself is read
 from the output shards (distgen/shards.py), whose manifest names the job.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -23,11 +23,12 @@ from distgen.config import ModelConfig, RunConfig
 WHOLE_FILE_BYTES = 16 * 1024 * 1024
 SAMPLE_BYTES = 1024 * 1024
 # Generation settings that decide how work is batched and run, not what is generated (`cache` stays
-# in: a quantized KV cache changes the tokens). Assisted generation (like model.assistant, which the
-# model identity leaves out) gives greedy rows the same tokens and sampled rows the same distribution.
+# in: a quantized KV cache changes the tokens).
 BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "compile", "compile_mode", "compile_cache_dir",
-                 "prefill_chunk_tokens", "sync_every", "num_assistant_tokens", "assistant_schedule",
-                 "assistant_confidence_threshold", "prompt_lookup_ngram")
+                 "prefill_chunk_tokens", "sync_every")
+# Assisted generation's settings: part of the fingerprint only with a model.assistant (see `assistant_identity`).
+ASSISTANT_KEYS = ("num_assistant_tokens", "assistant_schedule", "assistant_confidence_threshold",
+                  "prompt_lookup_ngram")
 
 
 def file_digest(path: Path) -> str:
@@ -60,10 +61,28 @@ def model_identity(cfg: ModelConfig) -> dict:
     return {**settings, "files": folder_digest(cfg.path), "tokenizer_files": tokenizer}
 
 
+def assistant_identity(cfg: RunConfig) -> dict:
+    """Who drafts and how, or {} without an assistant. Greedy rows get the same tokens whoever drafts, but a
+    sampled row's tokens depend on the drafts (the accept rule draws other random numbers; the distribution
+    stays). Whether a row samples is its own (a record's temperature), so the assistant always counts."""
+    model = cfg.model
+    if model.assistant == "none":
+        return {}
+    identity = {"name": model.assistant, **{key: getattr(cfg.generation, key) for key in ASSISTANT_KEYS}}
+    if model.assistant == "tiny":
+        identity["tiny"] = asdict(replace(model.tiny, seed=model.assistant_seed))
+    if model.assistant == "draft":
+        identity["files"] = folder_digest(model.assistant_path)
+    return identity
+
+
 def job_fingerprint(cfg: RunConfig, dataset_digest: str) -> str:
-    generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS}
+    generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS + ASSISTANT_KEYS}
     content = {"model": model_identity(cfg.model), "generation": generation, "too_long": cfg.dataset.too_long,
                "prompts": dataset_digest}
+    assistant = assistant_identity(cfg)
+    if assistant:  # without one, a job keeps the fingerprint it had before assistants existed
+        content["assistant"] = assistant
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import stat
+from dataclasses import replace
 
 import pytest
 import torch
@@ -165,6 +166,26 @@ def test_fingerprint_follows_content_not_spelling_or_batching(gpt2_dir, tmp_path
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert fingerprint(f"model={copy}", f"dataset={prompts}") != base
+
+
+def test_fingerprint_counts_the_assistant_and_its_settings():
+    """A draft changes sampled tokens (not greedy ones); a record may sample on its own, so it always counts."""
+    base = load_config(["model=tiny"])
+
+    def of(model=None, **generation):
+        cfg = replace(base, model=replace(base.model, **(model or {})),
+                      generation=replace(base.generation, **generation))
+        return job_fingerprint(cfg, "prompts digest")
+
+    tiny = {"assistant": "tiny"}
+    plain = of()
+    assert of(num_assistant_tokens=2, prompt_lookup_ngram=2) == plain  # no assistant: its settings do nothing
+    assisted = {of({"assistant": "prompt_lookup"}), of(tiny), of({**tiny, "assistant_seed": 2}),
+                of(tiny, num_assistant_tokens=2), of(tiny, assistant_schedule="heuristic"),
+                of(tiny, assistant_confidence_threshold=0.5), of({"assistant": "prompt_lookup"}, prompt_lookup_ngram=2)}
+    assert len(assisted) == 7 and plain not in assisted
+    assert of(do_sample=True, temperature=0.7) != of(tiny, do_sample=True, temperature=0.7)
+    assert of(tiny, batch_size=1) == of(tiny)
 
 
 def test_help_lists_groups_keys_and_defaults(capsys):
