@@ -22,8 +22,7 @@ OUTPUT_FORMATS = ("jsonl", "parquet")
 # What a prompt that does not fit the model's context becomes.
 TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
 # The engine's name tables: schedulers are distgen.engine.scheduler.SCHEDULERS, KV caches
-# distgen.engine.kv.CACHES; `GenerationConfig.check` reads both.
-COMPILE_NAMES = ("auto", "on", "off")
+# distgen.engine.kv.CACHES, compile policies distgen.engine.build.COMPILE; `GenerationConfig.check` reads them.
 # torch.autocast around the engine's forwards (for fp32 checkpoints): the name -> dtype table is
 # distgen.engine.runner.AUTOCAST_DTYPES.
 AUTOCAST_NAMES = ("none", "bf16", "fp16")
@@ -129,7 +128,8 @@ class GenerationConfig:
     cache_quant_backend: str = "int8"
     cache_quant_bits: Optional[int] = None
     cache_residual_length: int = 128
-    # torch.compile of the decode step: auto (when the job is big enough to repay it), on, off.
+    # torch.compile of the decode step: a name in distgen.engine.build.COMPILE: auto (when the job is big
+    # enough to repay it), on, off.
     compile: str = "auto"
     compile_mode: str = "default"
     # Where compiled kernels persist across runs (default: $TORCHINDUCTOR_CACHE_DIR or ~/.cache/distgen/inductor).
@@ -169,7 +169,8 @@ class GenerationConfig:
         require_choice("generation.scheduler", self.scheduler, SCHEDULERS.names())
         from distgen.engine.kv import check_cache_settings  # the cache table imports this module
         check_cache_settings(self)
-        require_choice("generation.compile", self.compile, COMPILE_NAMES)
+        from distgen.engine.build import COMPILE  # the engine imports this module
+        require_choice("generation.compile", self.compile, COMPILE.names())
         require_choice("generation.compile_mode", self.compile_mode, COMPILE_MODES)
         require_choice("generation.autocast", self.autocast, AUTOCAST_NAMES)
         require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,

@@ -1,4 +1,4 @@
-"""Engine runtime options: autocast of fp32 weights, the scheduler name table, freeing the cache at the end."""
+"""Engine runtime options: autocast of fp32 weights, the scheduler and compile name tables, freeing the cache at the end."""
 import copy
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 from conftest import DEFAULT_BUDGET, PROMPTS
 from distgen.config import GenerationConfig
+from distgen.engine.build import COMPILE
 from distgen.engine.scheduler import SCHEDULERS
 from distgen.errors import ConfigError
 from distgen.load_config import help_text, load_config
@@ -41,14 +42,16 @@ def test_autocast_is_refused_for_half_weights_and_unknown_names(tiny_model, toke
     assert "no autocast: generation.autocast=fp16 is for fp32 weights" in half.choice and half.runner.autocast is None
 
 
-def test_scheduler_names_come_from_one_table():
-    assert SCHEDULERS.names() == ("static", "continuous", "chunked")
-    with pytest.raises(ConfigError, match="generation.scheduler='rolling' is not allowed: expected one of "
-                                          + ", ".join(SCHEDULERS.names())):
-        GenerationConfig(scheduler="rolling").check()
+@pytest.mark.parametrize("table,names,key,bad", [(SCHEDULERS, ("static", "continuous", "chunked"), "scheduler", "rolling"),
+                                                  (COMPILE, ("auto", "on", "off"), "compile", "always")])
+def test_scheduler_and_compile_names_come_from_one_table(table, names, key, bad):
+    assert table.names() == names
+    with pytest.raises(ConfigError, match=f"generation.{key}='{bad}' is not allowed: expected one of "
+                                          + ", ".join(names)):
+        GenerationConfig(**{key: bad}).check()
     text = help_text()
-    for name in SCHEDULERS.names():
-        assert f"generation.scheduler={name} " in text
+    for name in names:
+        assert f"generation.{key}={name} " in text
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from distgen.engine.scheduler import SCHEDULERS
 from distgen.errors import ConfigError
 from distgen.forward_args import accepts_position_ids, unwrapped
 from distgen.prompts import Prompt
+from distgen.registry import Registry
 from distgen.sampling import row_sampling, sequence_generator
 
 log = logging.getLogger("distgen.engine")
@@ -60,15 +61,29 @@ def compile_blocker(model: torch.nn.Module) -> Optional[str]:
     return slot_cache_blocker(model)
 
 
-def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
-                 device: torch.device) -> CompilePlan:
-    if gen.compile == "off":
-        return CompilePlan(False, reason="generation.compile=off")
+# A generation.compile policy: (generation settings, model, decode steps, lockstep, device) -> the plan.
+CompilePolicy = Callable[[GenerationConfig, torch.nn.Module, int, bool, torch.device], CompilePlan]
+
+
+def compile_off(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
+                device: torch.device) -> CompilePlan:
+    """Never compile the decode step."""
+    return CompilePlan(False, reason="generation.compile=off")
+
+
+def compile_on(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
+               device: torch.device) -> CompilePlan:
+    """Always compile the decode step (a config error when the model cannot be compiled)."""
     blocker = compile_blocker(model)
-    if gen.compile == "on":
-        if blocker:
-            raise ConfigError(f"generation.compile=on is not possible: {blocker}; use generation.compile=off")
-        return CompilePlan(True, gen.compile_mode, "generation.compile=on")
+    if blocker:
+        raise ConfigError(f"generation.compile=on is not possible: {blocker}; use generation.compile=off")
+    return CompilePlan(True, gen.compile_mode, "generation.compile=on")
+
+
+def compile_auto(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
+                 device: torch.device) -> CompilePlan:
+    """Compile when the job repays it: on CUDA, a slot cache, not lockstep, enough decode steps."""
+    blocker = compile_blocker(model)
     if blocker:
         return CompilePlan(False, reason=f"not compiling: {blocker}")
     if gen.cache != "auto" and not CACHES.get(gen.cache).slots(gen):
@@ -82,6 +97,18 @@ def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
         return CompilePlan(False, reason=f"not compiling: about {decode_steps} decode steps are too few to repay "
                                          f"a compile (auto compiles from {COMPILE_MIN_DECODE_STEPS})")
     return CompilePlan(True, gen.compile_mode, f"compiling: about {decode_steps} decode steps")
+
+
+# generation.compile's names (the config check and --help read them).
+COMPILE: Registry[CompilePolicy] = Registry("generation.compile", valued=True)
+COMPILE.register("auto", None, compile_auto)
+COMPILE.register("on", None, compile_on)
+COMPILE.register("off", None, compile_off)
+
+
+def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
+                 device: torch.device) -> CompilePlan:
+    return COMPILE.get(gen.compile)(gen, model, decode_steps, lockstep, device)
 
 
 def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, need: int = 0, budget: int = 1 << 62,
