@@ -84,24 +84,31 @@ def run_hf_generate(model, job, batch_size: int, pad_id: int) -> tuple[float, fl
     return seconds, cpu, sum(len(t) for t in outputs.values()), outputs
 
 
-def model_parser(doc: str, layers: int, hidden: int, prompts: int, batch_size: int) -> argparse.ArgumentParser:
-    """The arguments every engine benchmark takes: the random Llama's size, the job, the threads."""
+def model_parser(doc: str, layers: int, hidden: int, prompts: int, batch_size: int,
+                 threads: bool = True) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: the random Llama's size, the job and (`threads`: for one
+    in-process rank) the thread count."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=layers)
     parser.add_argument("--hidden", type=int, default=hidden)
     parser.add_argument("--prompts", type=int, default=prompts)
     parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--threads", type=int, default=1)
+    if threads:
+        parser.add_argument("--threads", type=int, default=1)
     return parser
+
+
+def tiny_config(args: argparse.Namespace) -> TinyModelConfig:
+    """The random-init Llama `args` describe: 8 heads, 4 KV heads, an MLP 3x the hidden size."""
+    return TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8, kv_heads=4,
+                           intermediate_size=args.hidden * 3, init_std=0.02)
 
 
 def model_from_args(args: argparse.Namespace):
     """Set the thread count and build the tokenizer and the random-init Llama `args` describe."""
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
-    model = build_tiny_model(TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8, kv_heads=4,
-                                             intermediate_size=args.hidden * 3, init_std=0.02), tokenizer)
-    return tokenizer, model
+    return tokenizer, build_tiny_model(tiny_config(args), tokenizer)
 
 
 def main() -> None:

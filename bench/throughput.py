@@ -9,28 +9,22 @@ first. Peak memory per rank comes from each job's stats.json.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+from engine import model_parser, tiny_config
 from jobs import run_job, write_prompts
 
-from distgen.config import TinyModelConfig
 from distgen.tiny import save_tiny
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--prompts", type=int, default=32)
+    parser = model_parser(__doc__, layers=4, hidden=256, prompts=32, batch_size=8, threads=False)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model = save_tiny(work / "model", TinyModelConfig(layers=args.layers, hidden_size=args.hidden, heads=8,
-                                                          kv_heads=4, intermediate_size=args.hidden * 3))
+        model = save_tiny(work / "model", tiny_config(args))
         write_prompts(work / "prompts.jsonl", args.prompts, args.new_tokens)
         common = [f"model={model}", f"dataset={work / 'prompts.jsonl'}",
                   f"generation.max_new_tokens={args.new_tokens}", "generation.eos_token_ids=[]"]
