@@ -45,8 +45,8 @@ def make_job(count: int, vocab: int, seed: int = 0) -> list[tuple[Prompt, list[i
     for i in range(count):
         length, budget = rng.randint(8, 255), rng.randint(16, 128)
         job.append((Prompt(i, str(i), "", budget), [rng.randrange(3, vocab) for _ in range(length)]))
-    # longest prompts first, as the worker orders a rank's prompts
-    return sorted(job, key=lambda item: -len(item[1]))
+    # largest budget first, then longest prompt, as the worker orders a rank's prompts (distgen.plan.decode_order)
+    return sorted(job, key=lambda item: (-item[0].max_new_tokens, -len(item[1])))
 
 
 def run(model, job, settings: dict, batch_size: int) -> tuple[float, float, int, dict]:

@@ -99,10 +99,15 @@ def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[
     return [model_eos] if isinstance(model_eos, int) else list(model_eos)
 
 
+def resolved_budgets(job: Job) -> np.ndarray:
+    """Each prompt's budget: its record's own max_new_tokens, else generation.max_new_tokens."""
+    return np.where(job.budgets > 0, job.budgets, job.cfg.generation.max_new_tokens)
+
+
 def split_costs(indices: np.ndarray, job: Job, parts: int) -> list[np.ndarray]:
     """`indices` balanced over `parts` by prompt length plus budget (each part in dataset order)."""
-    budgets = np.where(job.budgets[indices] > 0, job.budgets[indices], job.cfg.generation.max_new_tokens)
-    return [indices[part] for part in assign_to_ranks((job.lengths[indices] + budgets).tolist(), parts)]
+    costs = job.lengths[indices] + resolved_budgets(job)[indices]
+    return [indices[part] for part in assign_to_ranks(costs.tolist(), parts)]
 
 
 def rank_shard(job: Job, groups: DataGroups, rank: int) -> list[int]:
@@ -110,7 +115,7 @@ def rank_shard(job: Job, groups: DataGroups, rank: int) -> list[int]:
     groups, then over the ranks of a group. Every rank computes the same plan from the shared lengths."""
     group_todo = split_costs(job.todo, job, len(groups.groups))[groups.index]
     mine = split_costs(group_todo, job, len(groups.members))[groups.members.index(rank)]
-    return decode_order(mine.tolist(), job.lengths)
+    return decode_order(mine.tolist(), job.lengths, resolved_budgets(job))
 
 
 @dataclass
@@ -128,9 +133,7 @@ def write_error_records(job: Job, writer: ShardWriter) -> None:
 
 
 def queue_shape(job: Job, mine: list[int]) -> QueueShape:
-    budgets = job.budgets[mine]
-    return QueueShape(job.lengths[mine].astype(np.int64),
-                      np.where(budgets > 0, budgets, job.cfg.generation.max_new_tokens).astype(np.int64))
+    return QueueShape(job.lengths[mine].astype(np.int64), resolved_budgets(job)[mine].astype(np.int64))
 
 
 def rank_batch(model, job: Job, shape: QueueShape, device, placed, local_world_size: int) -> Optional[BatchChoice]:

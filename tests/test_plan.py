@@ -29,8 +29,11 @@ def test_bad_world_size():
         assign_to_ranks([1], 0)
 
 
-def test_decode_order_is_longest_first_ties_by_index():
+def test_decode_order_is_largest_budget_then_longest_prompt_ties_by_index():
     lengths = {0: 5, 2: 50, 4: 7, 6: 49, 8: 7}
     full = [lengths.get(i, 0) for i in range(9)]
-    assert decode_order([0, 2, 4, 6, 8], full) == [2, 6, 4, 8, 0]
-    assert decode_order([], full) == []
+    same = [16] * 9
+    assert decode_order([0, 2, 4, 6, 8], full, same) == [2, 6, 4, 8, 0]
+    assert decode_order([], full, same) == []
+    budgets = [16, 0, 8, 0, 64, 0, 8, 0, 16]
+    assert decode_order([0, 2, 4, 6, 8], full, budgets) == [4, 8, 0, 2, 6]
