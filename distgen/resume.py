@@ -1,7 +1,7 @@
 """What an earlier run of the same job already finished, so a restart skips it.
 
 A job is identified by a fingerprint of everything that decides its completions: the model by
-its content (the files in its folder, not how its path is spelled), the sampling settings and
+its content (the files in its folder, not how its path is spelled) and its weight quantization, the sampling settings and
 budgets, the too-long policy, the assistant (model.assistant and its settings, when one is set)
 and the content of the prompts (a digest of the dataset's records, see `PromptSource.digest`).
 How the work is batched or placed (batch size, scheduler, layout, launcher, world size) is left out: it must not change a completion, and a restart with a smaller
@@ -55,6 +55,8 @@ def folder_digest(folder: str) -> dict[str, str]:
 
 def model_identity(cfg: ModelConfig) -> dict:
     settings = {"source": cfg.source, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.quantization != "none":  # quantized weights change the tokens; unquantized jobs keep their fingerprint
+        settings["quantization"] = cfg.quantization
     if cfg.source == "tiny":
         return {**settings, "tiny": asdict(cfg.tiny)}
     tokenizer = folder_digest(cfg.tokenizer_path) if cfg.tokenizer_path else {}

@@ -186,6 +186,7 @@ def test_fingerprint_counts_the_assistant_and_its_settings():
     assert len(assisted) == 7 and plain not in assisted
     assert of(do_sample=True, temperature=0.7) != of(tiny, do_sample=True, temperature=0.7)
     assert of(tiny, batch_size=1) == of(tiny)
+    assert of({"quantization": "int8"}) != plain  # quantized weights change the tokens
 
 
 def test_help_lists_groups_keys_and_defaults(capsys):
