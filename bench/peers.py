@@ -424,7 +424,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-peers")
     parser.add_argument("--note", default="", help="a line for the report's header (e.g. what else loaded the machine)")
-    parser.add_argument("--readme", action="store_true", help="also put the first table into README.md")
+    parser.add_argument("--readme", action="store_true", help="also put the header and every table into README.md")
     parser.add_argument("--quick", action="store_true", help="small model, mixed dataset, 1 repeat, 32 prompts")
     parser.add_argument("--python", action="append", default=[], metavar="VENV=PYTHON",
                         help="use this interpreter for a peer venv (hf or vllm) instead of $DISTGEN_BENCH_VENVS/VENV "
@@ -462,9 +462,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     header.append(f"- machine at end: {machine_line(args.threads)}")
     paths = write_report(results, args.out, header)
     if args.readme and results:
-        title, first = next(iter(results.items()))
-        block = "\n".join([*header, "", f"**{title}**: {first['description']}", "",
-                           markdown_table(first["rows"], BASE)])
+        tables = [f"**{title}**: {r['description']}\n\n{markdown_table(r['rows'], BASE)}" for title, r in results.items()]
+        block = "\n\n".join(["\n".join(header), *tables])
         readme = REPO / "README.md"
         readme.write_text(replace_block(readme.read_text(), block))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
