@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,6 +235,7 @@ def distgen_command(system: System, job: Job, out_dir: Path, python: str) -> lis
 
 def run_distgen(system: System, job: Job, tag: str, floor_s: float, timeout_s: float) -> Run:
     out_dir, log = job.work / tag, job.work / f"{tag}.log"
+    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier run's shards would read as this run's first output
     watcher = DistgenWatch(out_dir, log)
     launch, peak = watch(distgen_command(system, job, out_dir, sys.executable), thread_env(job.threads),
                          log, timeout_s, watcher)
