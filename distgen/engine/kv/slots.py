@@ -171,29 +171,31 @@ class SlotKV(KVCache):
         """Every request's next chunk packed into one row: token t of request i writes position
         prefilled_i + t of slot i; attention reads, per request, the columns its chunk may see."""
         long = dict(dtype=torch.long)
-        ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot, last = [], [], [], [], [], [], [], []
-        for i, (request, chunk) in enumerate(zip(plan.requests, plan.chunks)):
-            start, end = request.prefilled, request.prefilled + chunk
-            ids.append(torch.tensor(request.token_ids[start:end], **long))
-            q_pos.append(torch.arange(start, end, **long))
-            first = 0 if self.window is None else max(0, start - self.window + 1)  # a ring holds the window
-            k_pos.append(torch.arange(first, end, **long))
-            for seqs, count in ((q_seq, chunk), (k_seq, end - first)):
-                seqs.append(torch.full((count,), i, **long))
-            q_slot.append(torch.full((chunk,), request.row, **long))
-            k_slot.append(torch.full((end - first,), request.row, **long))
-            last.append(sum(plan.chunks[:i + 1]) - 1)
-        ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot = (torch.cat(t).to(self.device) for t in
-                                                           (ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot))
-        self.col_pos[q_slot, q_pos % self.max_len] = q_pos
+        starts = [r.prefilled for r in plan.requests]
+        ends = [start + chunk for start, chunk in zip(starts, plan.chunks)]
+        # the keys each chunk may see: its sequence from 0 (a ring holds only the window) up to its end
+        firsts = [0 if self.window is None else max(0, start - self.window + 1) for start in starts]
+        ids = torch.tensor([t for r, start, end in zip(plan.requests, starts, ends) for t in r.token_ids[start:end]],
+                           **long)
+        q_pos = torch.cat([torch.arange(start, end, **long) for start, end in zip(starts, ends)])
+        k_pos = torch.cat([torch.arange(first, end, **long) for first, end in zip(firsts, ends)])
+        queries = torch.tensor(plan.chunks, **long)
+        keys = torch.tensor([end - first for first, end in zip(firsts, ends)], **long)
+        seqs, slots = torch.arange(len(plan.requests)), torch.tensor([r.row for r in plan.requests], **long)
+        q_seq, k_seq = seqs.repeat_interleave(queries), seqs.repeat_interleave(keys)
+        q_slot, k_slot = slots.repeat_interleave(queries), slots.repeat_interleave(keys)
+        last = queries.cumsum(0) - 1  # each sequence's last token in the packed row
+        ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot, last = (
+            t.to(self.device) for t in (ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot, last))
+        q_col = q_pos % self.max_len
+        self.col_pos[q_slot, q_col] = q_pos
         allowed = (q_seq.unsqueeze(1) == k_seq) & (k_pos <= q_pos.unsqueeze(1))  # (queries, keys)
         if self.window is not None:
             allowed = allowed & (k_pos > q_pos.unsqueeze(1) - self.window)
-        self.point(q_slot.unsqueeze(0), (q_pos % self.max_len).unsqueeze(0), k_slot, len(k_pos),
-                   read_cols=k_pos % self.max_len)
+        self.point(q_slot.unsqueeze(0), q_col.unsqueeze(0), k_slot, len(k_pos), read_cols=k_pos % self.max_len)
         inputs = dict(input_ids=ids.unsqueeze(0), position_ids=q_pos.unsqueeze(0),
                       attention_mask=additive_mask(allowed, self.dtype)[None, None], cache=self.cache,
-                      logits_to_keep=torch.tensor(last, dtype=torch.long, device=self.device))
+                      logits_to_keep=last)
         return ForwardBatch(inputs, list(range(len(plan.requests))))
 
     def chunk_inputs(self, slots: list[int], chunks: list[list[int]], starts: list[int], keep: int) -> dict:
