@@ -32,6 +32,10 @@ log = logging.getLogger("distgen.engine")
 
 # generation.compile=auto compiles only when the job has at least this many decode steps.
 COMPILE_MIN_DECODE_STEPS = 2048
+# On CPU a frozen compile with inductor's C++ GEMMs (runner.CPU_INDUCTOR_OPTIONS) measured ~1.2x eager
+# per decode step (8 layers/h512, 16 rows, one thread) but took ~40 s (its graph is not cached across
+# runs), so auto compiles on CPU only for jobs this long.
+COMPILE_MIN_DECODE_STEPS_CPU = 8192
 # Model types generation.cache=auto puts in the slot cache without compiling (golden-tested against
 # model.generate; eager slots measured ~1.5x the dynamic cache in bench/engine.py). Others stay dynamic.
 SLOT_CACHE_AUTO_MODEL_TYPES = ("llama", "mistral")
@@ -77,7 +81,13 @@ def compile_on(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int,
     blocker = compile_blocker(model)
     if blocker:
         raise ConfigError(f"generation.compile=on is not possible: {blocker}; use generation.compile=off")
-    return CompilePlan(True, gen.compile_mode, "generation.compile=on")
+    return CompilePlan(True, gen.compile_mode, "generation.compile=on", freeze=freezes(model, device, lockstep))
+
+
+def freezes(model: torch.nn.Module, device: torch.device, lockstep: bool) -> bool:
+    """A CPU compile freezes the weights into the graph (runner.CPU_INDUCTOR_OPTIONS) unless a sharded
+    layout gathers and frees them around every forward or a quantizer owns them."""
+    return device.type == "cpu" and not lockstep and getattr(model, "hf_quantizer", None) is None
 
 
 def compile_auto(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
@@ -90,13 +100,12 @@ def compile_auto(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
         return CompilePlan(False, reason=f"not compiling: generation.cache={gen.cache} changes shape every step")
     if lockstep:
         return CompilePlan(False, reason="not compiling: a lockstep (sharded) layout; use generation.compile=on")
-    if device.type != "cuda":
-        return CompilePlan(False, reason="not compiling: on CPU the compiled step measured no faster than eager "
-                                         "slots (bench/engine.py); use generation.compile=on")
-    if decode_steps < COMPILE_MIN_DECODE_STEPS:
+    least = COMPILE_MIN_DECODE_STEPS if device.type == "cuda" else COMPILE_MIN_DECODE_STEPS_CPU
+    if decode_steps < least:
         return CompilePlan(False, reason=f"not compiling: about {decode_steps} decode steps are too few to repay "
-                                         f"a compile (auto compiles from {COMPILE_MIN_DECODE_STEPS})")
-    return CompilePlan(True, gen.compile_mode, f"compiling: about {decode_steps} decode steps")
+                                         f"a compile (auto compiles on {device.type} from {least})")
+    return CompilePlan(True, gen.compile_mode, f"compiling: about {decode_steps} decode steps",
+                       freeze=freezes(model, device, lockstep))
 
 
 # generation.compile's names (the config check and --help read them).

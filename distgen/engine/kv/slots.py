@@ -17,6 +17,7 @@ use moves into the freed one, so the rows a decode reads have no idle holes.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Union
 
 import torch
@@ -24,6 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, kv_geometry, model_dtype, round_up
 from distgen.engine.kv.kinds import CacheKind, CacheSpec, register
+from distgen.engine.kv.varlen import AttentionPlan, Segment
 from distgen.engine.request import Request, Status
 from distgen.engine.scheduler import StepPlan
 
@@ -124,10 +126,10 @@ class SlotKV(KVCache):
 
     def __init__(self, layers: int, slots: int, max_len: int, pad_id: int, device: torch.device,
                  dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer,
-                 compacts: bool = True):
+                 compacts: bool = True, varlen: bool = True):
         """max_len: columns per slot (the longest prompt + budget, or the ring size with a window).
         compacts: move rows down into freed slots (only without full_width; off when a draft model's
-        cache shares these slot numbers)."""
+        cache shares these slot numbers). varlen: attend through distgen::slot_attention (varlen.py)."""
         self.slots, self.max_len, self.pad_id, self.device, self.dtype = slots, max_len, pad_id, device, dtype
         # full_width: decode every slot over every column (one shape: what compile needs).
         self.full_width, self.window = full_width, window
@@ -141,6 +143,9 @@ class SlotKV(KVCache):
         self.col_pos = torch.full((slots, max_len + 1), -1, **long)  # position each column holds
         self.owners: dict[int, Request] = {}  # slot -> the request holding it
         self.compacts = compacts and not full_width  # full_width decode reads every slot anyway
+        # Prefill and decode forwards attend through distgen::slot_attention (varlen.py): per sequence,
+        # over its own slot. The int8 layers and the sliding-window ring keep the mask-and-read path.
+        self.varlen = varlen and layer_class is SlotLayer and window is None
 
     @property
     def free_rows(self) -> int:
@@ -173,29 +178,36 @@ class SlotKV(KVCache):
         long = dict(dtype=torch.long)
         starts = [r.prefilled for r in plan.requests]
         ends = [start + chunk for start, chunk in zip(starts, plan.chunks)]
-        # the keys each chunk may see: its sequence from 0 (a ring holds only the window) up to its end
-        firsts = [0 if self.window is None else max(0, start - self.window + 1) for start in starts]
         ids = torch.tensor([t for r, start, end in zip(plan.requests, starts, ends) for t in r.token_ids[start:end]],
                            **long)
         q_pos = torch.cat([torch.arange(start, end, **long) for start, end in zip(starts, ends)])
-        k_pos = torch.cat([torch.arange(first, end, **long) for first, end in zip(firsts, ends)])
         queries = torch.tensor(plan.chunks, **long)
-        keys = torch.tensor([end - first for first, end in zip(firsts, ends)], **long)
-        seqs, slots = torch.arange(len(plan.requests)), torch.tensor([r.row for r in plan.requests], **long)
-        q_seq, k_seq = seqs.repeat_interleave(queries), seqs.repeat_interleave(keys)
-        q_slot, k_slot = slots.repeat_interleave(queries), slots.repeat_interleave(keys)
+        slots = torch.tensor([r.row for r in plan.requests], **long)
+        q_slot = slots.repeat_interleave(queries)
         last = queries.cumsum(0) - 1  # each sequence's last token in the packed row
-        ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot, last = (
-            t.to(self.device) for t in (ids, q_pos, q_seq, q_slot, k_pos, k_seq, k_slot, last))
+        ids, q_pos, q_slot, last = (t.to(self.device) for t in (ids, q_pos, q_slot, last))
         q_col = q_pos % self.max_len
         self.col_pos[q_slot, q_col] = q_pos
-        allowed = (q_seq.unsqueeze(1) == k_seq) & (k_pos <= q_pos.unsqueeze(1))  # (queries, keys)
-        if self.window is not None:
-            allowed = allowed & (k_pos > q_pos.unsqueeze(1) - self.window)
-        self.point(q_slot.unsqueeze(0), q_col.unsqueeze(0), k_slot, len(k_pos), read_cols=k_pos % self.max_len)
-        inputs = dict(input_ids=ids.unsqueeze(0), position_ids=q_pos.unsqueeze(0),
-                      attention_mask=additive_mask(allowed, self.dtype)[None, None], cache=self.cache,
-                      logits_to_keep=last)
+        inputs = dict(input_ids=ids.unsqueeze(0), position_ids=q_pos.unsqueeze(0), logits_to_keep=last)
+        if self.varlen:  # each chunk attends to its own slot's columns 0..its end
+            firsts = itertools.accumulate(plan.chunks[:-1], initial=0)  # each chunk's first index in the row
+            segments = [Segment(q0, q0 + chunk, r.row, start)
+                        for r, start, chunk, q0 in zip(plan.requests, starts, plan.chunks, firsts)]
+            inputs.update(use_cache=False, attention_plan=AttentionPlan(self.cache.layers, q_slot, q_col,
+                                                                        segments=segments))
+        else:  # the keys each chunk may see, gathered into one row: its sequence from 0 (a ring: the window)
+            firsts = [0 if self.window is None else max(0, start - self.window + 1) for start in starts]
+            k_pos = torch.cat([torch.arange(first, end, **long) for first, end in zip(firsts, ends)])
+            keys = torch.tensor([end - first for first, end in zip(firsts, ends)], **long)
+            seqs = torch.arange(len(plan.requests))
+            q_seq, k_seq, k_slot = seqs.repeat_interleave(queries), seqs.repeat_interleave(keys), \
+                slots.repeat_interleave(keys)
+            q_seq, k_seq, k_slot, k_pos = (t.to(self.device) for t in (q_seq, k_seq, k_slot, k_pos))
+            allowed = (q_seq.unsqueeze(1) == k_seq) & (k_pos <= q_pos.unsqueeze(1))  # (queries, keys)
+            if self.window is not None:
+                allowed = allowed & (k_pos > q_pos.unsqueeze(1) - self.window)
+            self.point(q_slot.unsqueeze(0), q_col.unsqueeze(0), k_slot, len(k_pos), read_cols=k_pos % self.max_len)
+            inputs.update(attention_mask=additive_mask(allowed, self.dtype)[None, None], cache=self.cache)
         return ForwardBatch(inputs, list(range(len(plan.requests))))
 
     def chunk_inputs(self, slots: list[int], chunks: list[list[int]], starts: list[int], keep: int) -> dict:
@@ -218,15 +230,20 @@ class SlotKV(KVCache):
 
     def decode_inputs(self, requests: list[Request]) -> ForwardBatch:
         """Every slot up to the highest in use (all slots when full_width) reads one token."""
-        if self.full_width:
-            count, width = self.slots, self.max_len
-        else:
-            count = max(r.row for r in requests) + 1
-            longest = max(r.prompt_length + len(r.generated) for r in requests)
-            width = min(self.max_len, round_up(longest, WIDTH_BUCKET))
+        longest = max(r.prompt_length + len(r.generated) for r in requests)
+        width = min(self.max_len, round_up(longest, WIDTH_BUCKET))
+        count = self.slots if self.full_width else max(r.row for r in requests) + 1
+        if self.full_width and not self.varlen:
+            width = self.max_len  # the model reads the keys: one shape for the compiled step
         decoding = self.decoding[:count].unsqueeze(-1)  # (count, 1); idle slots write to scratch
         positions = torch.where(decoding, self.lengths[:count].unsqueeze(-1), 0)
         mask = self.place(self.all_rows[:count], positions, decoding, count, width)
+        if self.varlen:  # one packed row, a token per slot; the op reads the first `width` columns
+            attention = AttentionPlan(self.cache.layers, self.all_rows[:count, 0], self.cache.write_cols[:, 0],
+                                      decode=count, width=width, decode_mask=mask)
+            inputs = dict(input_ids=self.last_tokens[:count].unsqueeze(0), position_ids=positions.view(1, -1),
+                          logits_to_keep=self.all_rows[:count, 0], use_cache=False, attention_plan=attention)
+            return ForwardBatch(inputs, [r.row for r in requests])
         inputs = dict(input_ids=self.last_tokens[:count].unsqueeze(-1), position_ids=positions, attention_mask=mask,
                       cache=self.cache, logits_to_keep=1)
         return ForwardBatch(inputs, [r.row for r in requests])
@@ -327,7 +344,9 @@ def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = 
         columns = min(columns, window + longest_chunk - 1)
     return SlotKV(layers, spec.rows, columns, spec.pad_id, spec.device, model_dtype(spec.model),
                   full_width=spec.compiling, window=window if sliding else None, layer_class=layer_class,
-                  compacts=spec.verify_tokens == 1)  # assisted: the draft's cache uses the same slots
+                  compacts=spec.verify_tokens == 1,  # assisted: the draft's cache uses the same slots
+                  # CUDA graphs would replay the op's per-step plan tensors stale: compiled CUDA keeps the mask path
+                  varlen=not (spec.compiling and spec.device.type == "cuda"))
 
 
 class StaticSlots:
