@@ -221,5 +221,6 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         cuda_peak_allocated_mib=round(allocated, 1), cuda_peak_reserved_mib=round(reserved, 1),
         param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map,
         batch_size=engine.batch.rows, batch_size_reason=engine.batch.reason, final_batch_size=engine.backoff.rows,
-        oom_backoffs=engine.backoff.count, **draft_counts(engine))
+        oom_backoffs=engine.backoff.count, compile_seconds=round(engine.runner.compile_seconds, 3),
+        **draft_counts(engine))
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])

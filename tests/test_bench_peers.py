@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from bench.peers import DISTGEN_BEST, SYSTEMS, distgen_settings
 from bench.peers import main as peers_main
 from bench.peers_report import (Equality, check_equality, choose_eos_ids, end_on, first_divergence, floor_seconds,
                                 markdown_table, replace_block, run_figures)
@@ -88,6 +89,13 @@ def test_peers_runs_distgen_and_hf_systems_on_the_small_model(tmp_path):
     saved = json.loads((tmp_path / "results" / "peers.json").read_text())
     assert saved["jobs"]["small-mixed"]["equality"]["distgen"] == "4/4"
     assert (tmp_path / "results" / "peers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_distgen_system_setting_replaces_the_best_settings_key():
+    compiled = next(s for s in SYSTEMS if s.name == "distgen compiled")
+    settings = distgen_settings(compiled)
+    assert "generation.compile=on" in settings and "generation.compile=auto" not in settings
+    assert len(settings) == len(DISTGEN_BEST) and distgen_settings(SYSTEMS[0]) == DISTGEN_BEST
 
 
 def test_replace_block_swaps_only_what_lies_between_the_markers():

@@ -76,6 +76,7 @@ def test_compiled_decode_equals_generate_and_compiles_once(tiny_model, tokenizer
     assert engine.runner.compiled and "static" in engine.choice
     assert_matches_generate(tiny_model, tokenizer, generate_all(engine), PROMPTS)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert engine.runner.compile_seconds > 0  # the first compiled step, reported in the rank's stats
 
 
 def test_chunked_scheduler_splits_prompts_under_the_token_budget():

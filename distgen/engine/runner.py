@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -73,6 +74,7 @@ class Runner:
         """autocast: run the forwards under torch.autocast in this dtype (None: no autocast)."""
         self.model, self.autocast = model, autocast
         self.compiled = compile_plan.enabled
+        self.compile_seconds = 0.0  # the first compiled decode step (its compile), once it ran
         self._decode: Callable[[torch.nn.Module, dict], torch.Tensor] = forward_logits
         if compile_plan.enabled:
             # Never fullgraph (flash-attention-2 and some models break the graph); fixed shapes, so no dynamic.
@@ -89,8 +91,13 @@ class Runner:
 
     def decode(self, inputs: dict[str, Any]) -> torch.Tensor:
         inputs, plan = split_plan(inputs)
+        first_compiled = self.compiled and not self.compile_seconds
+        start = time.perf_counter()
         with self.context(inputs, plan):
-            return self.fp32_logits(self._decode(self.model, model_inputs(self.model, inputs)))
+            logits = self.fp32_logits(self._decode(self.model, model_inputs(self.model, inputs)))
+        if first_compiled:
+            self.compile_seconds = time.perf_counter() - start
+        return logits
 
     def context(self, inputs: dict[str, Any],
                 plan: Optional[varlen.AttentionPlan] = None) -> contextlib.AbstractContextManager:
