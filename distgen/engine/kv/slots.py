@@ -10,8 +10,10 @@ last column is scratch: padding tokens write there and no mask ever reads it. No
 reshaped or copied between steps, so a compiled decode step keeps one shape for the job.
 
 A prefill packs its prompts (or chunks) into ONE row with no padding: each token writes to its own
-slot's column, attention reads the (slot, column) pairs of every packed sequence, and the mask lets
-a token see only its own sequence's earlier positions (the token budget keeps that square small).
+slot's column. Attention is varlen (varlen.py: each packed chunk attends to its own slot's columns,
+the decode tokens to theirs, through the custom op distgen::slot_attention); the int8 layers and the
+sliding-window ring instead read the (slot, column) pairs of every packed sequence with a mask that
+lets a token see only its own sequence's earlier positions (the token budget keeps that square small).
 Eager decode reads only the slots and columns in use; when a row finishes, the highest slot in
 use moves into the freed one, so the rows a decode reads have no idle holes.
 """
