@@ -81,7 +81,13 @@ def compile_on(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int,
     blocker = compile_blocker(model)
     if blocker:
         raise ConfigError(f"generation.compile=on is not possible: {blocker}; use generation.compile=off")
-    return CompilePlan(True, gen.compile_mode, "generation.compile=on", freeze=freezes(model, device, lockstep))
+    freeze = freezes(model, device, lockstep)
+    return CompilePlan(True, gen.compile_mode, "generation.compile=on" + (FROZEN_NOTE if freeze else ""),
+                       freeze=freeze)
+
+
+# What the engine line adds when a CPU compile freezes the weights.
+FROZEN_NOTE = " (CPU: weights frozen into the compiled step, a prepacked copy beside the model's own)"
 
 
 def freezes(model: torch.nn.Module, device: torch.device, lockstep: bool) -> bool:
@@ -104,8 +110,9 @@ def compile_auto(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
     if decode_steps < least:
         return CompilePlan(False, reason=f"not compiling: about {decode_steps} decode steps are too few to repay "
                                          f"a compile (auto compiles on {device.type} from {least})")
-    return CompilePlan(True, gen.compile_mode, f"compiling: about {decode_steps} decode steps",
-                       freeze=freezes(model, device, lockstep))
+    freeze = freezes(model, device, lockstep)
+    return CompilePlan(True, gen.compile_mode, f"compiling: about {decode_steps} decode steps"
+                       + (FROZEN_NOTE if freeze else ""), freeze=freeze)
 
 
 # generation.compile's names (the config check and --help read them).
