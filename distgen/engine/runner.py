@@ -58,7 +58,11 @@ class CompilePlan:
 CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
-def frozen_cpu(compiled: Callable[[torch.nn.Module, dict], torch.Tensor]) -> Callable[[torch.nn.Module, dict], torch.Tensor]:
+# A decode function: (model, inputs) -> the rows' last logits.
+DecodeFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
+def frozen_cpu(compiled: DecodeFn) -> DecodeFn:
     """Run `compiled` with CPU_INDUCTOR_OPTIONS in force (compiling happens inside the first call;
     torch.compile's own `options` do not reach freezing)."""
     import torch._inductor.config as inductor_config
@@ -75,7 +79,7 @@ class Runner:
         self.model, self.autocast = model, autocast
         self.compiled = compile_plan.enabled
         self.compile_seconds = 0.0  # the first compiled decode step (its compile), once it ran
-        self._decode: Callable[[torch.nn.Module, dict], torch.Tensor] = forward_logits
+        self._decode: DecodeFn = forward_logits
         if compile_plan.enabled:
             # Never fullgraph (flash-attention-2 and some models break the graph); fixed shapes, so no dynamic.
             # DISTGEN_COMPILE_BACKEND=eager traces without codegen (the tests use it).
