@@ -81,13 +81,18 @@ def compile_on(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int,
     blocker = compile_blocker(model)
     if blocker:
         raise ConfigError(f"generation.compile=on is not possible: {blocker}; use generation.compile=off")
-    freeze = freezes(model, device, lockstep)
-    return CompilePlan(True, gen.compile_mode, "generation.compile=on" + (FROZEN_NOTE if freeze else ""),
-                       freeze=freeze)
+    return compiling(gen, model, device, lockstep, "generation.compile=on")
 
 
 # What the engine line adds when a CPU compile freezes the weights.
 FROZEN_NOTE = " (CPU: weights frozen into the compiled step, a prepacked copy beside the model's own)"
+
+
+def compiling(gen: GenerationConfig, model: torch.nn.Module, device: torch.device, lockstep: bool,
+              reason: str) -> CompilePlan:
+    """The plan that compiles, frozen on CPU where `freezes` says so (and the reason says it)."""
+    freeze = freezes(model, device, lockstep)
+    return CompilePlan(True, gen.compile_mode, reason + (FROZEN_NOTE if freeze else ""), freeze=freeze)
 
 
 def freezes(model: torch.nn.Module, device: torch.device, lockstep: bool) -> bool:
@@ -110,9 +115,7 @@ def compile_auto(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
     if decode_steps < least:
         return CompilePlan(False, reason=f"not compiling: about {decode_steps} decode steps are too few to repay "
                                          f"a compile (auto compiles on {device.type} from {least})")
-    freeze = freezes(model, device, lockstep)
-    return CompilePlan(True, gen.compile_mode, f"compiling: about {decode_steps} decode steps"
-                       + (FROZEN_NOTE if freeze else ""), freeze=freeze)
+    return compiling(gen, model, device, lockstep, f"compiling: about {decode_steps} decode steps")
 
 
 # generation.compile's names (the config check and --help read them).

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from distgen.forward_args import unwrapped
+
 ATTENTION_NAME = "distgen_slots"
 
 
@@ -57,7 +59,7 @@ ACTIVE: list[Optional[AttentionPlan]] = [None]
 @contextlib.contextmanager
 def activated(model: torch.nn.Module, plan: AttentionPlan) -> Iterator[None]:
     """Run the forward(s) inside with `plan` and the `distgen_slots` attention implementation."""
-    config = getattr(model, "module", model).config  # (DeepSpeed wraps the transformers model)
+    config = unwrapped(model).config
     configs = list({id(c): c for c in (config, config.get_text_config())}.values())
     previous = [config._attn_implementation for config in configs]
     ACTIVE[0] = plan
