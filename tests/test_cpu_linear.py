@@ -1,0 +1,91 @@
+"""generation.cpu_linear: distgen's packed AVX2 linear kernel against torch's linear and model.generate."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from conftest import PROMPTS, reference_greedy, DEFAULT_BUDGET
+from distgen.config import GenerationConfig
+from distgen.engine import linear
+from distgen.engine.linear import pack, pack_linears, packed_linear, plan_linear, unpack, unpack_linears
+from distgen.errors import ConfigError
+from helpers import engine_for, generate_all
+
+CPU = torch.device("cpu")
+needs_kernel = pytest.mark.skipif(linear.load_kernel()[0] is None,
+                                  reason=f"the packed kernel cannot run here: {linear.load_kernel()[1]}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,bias", [(16, 8, False), (48, 37, True), (64, 128, False), (1536, 512, True)])
+def test_packed_linear_matches_torch_and_rows_do_not_depend_on_their_batch(n, k, bias):
+    torch.manual_seed(n + k)
+    weight, b = torch.randn(n, k), (torch.randn(n) if bias else None)
+    packed = pack(weight)
+    assert torch.equal(unpack(packed), weight)
+    for rows in (1, 5, 6, 7, 13, 40):
+        x = torch.randn(2, rows, k)  # a leading batch dimension, as in a model
+        got = packed_linear(x, packed, b)
+        torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+        # Row 0 alone equals row 0 among the others, bit for bit (one FMA chain per output).
+        assert torch.equal(packed_linear(x[:1, :1], packed, b)[0, 0], got[0, 0])
+    assert packed_linear(torch.randn(0, k), packed, b).shape == (0, n)
+
+
+@needs_kernel
+def test_pack_linears_in_place_is_idempotent_and_undone(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.tensor([[5, 9, 11, 30, 7]])
+    with torch.no_grad():
+        want = model(ids).logits
+        packed, total = pack_linears(model)
+        assert 0 < packed <= total and pack_linears(model) == (packed, total)
+        assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+        unpack_linears(model)
+        assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+        assert torch.equal(model(ids).logits, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
+def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokenizer, scheduler):
+    # The engine's model packs its linears; the reference is an untouched model's generate (MKL).
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler=scheduler, cache="static",
+                           compile="off", cpu_linear="packed", prefill_chunk_tokens=8)
+    engine = engine_for(model, tokenizer, PROMPTS, cfg)
+    assert "packed CPU linear" in engine.choice and linear.is_packed(model.model.layers[0].mlp.down_proj)
+    got = generate_all(engine)
+    for record in PROMPTS:
+        want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
+        assert got[record["id"]].token_ids == want, record["id"]
+    # A later engine that compiles or is told torch unpacks them again.
+    engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_linear="torch", compile="off"))
+    assert not any(linear.is_packed(m) for m in model.modules())
+
+
+def test_plans_say_why_and_bad_settings_are_config_errors(tiny_model, monkeypatch):
+    def plan(name, **kw):
+        args = dict(device=CPU, lockstep=False, compiling=False, autocast=None) | kw
+        return plan_linear(name, tiny_model, **args)
+    assert not plan("auto", lockstep=True).enabled and "lockstep" in plan("auto", lockstep=True).reason
+    assert "compiled step" in plan("auto", compiling=True).reason
+    assert "autocast" in plan("auto", autocast=torch.bfloat16).reason
+    assert plan("auto", device=torch.device("cuda")) == linear.LinearPlan(False, "")
+    assert not plan("torch").enabled
+    with pytest.raises(ConfigError, match="generation.cpu_linear=packed is not possible: a lockstep"):
+        plan("packed", lockstep=True)
+    with pytest.raises(ConfigError, match="generation.cpu_linear='mkl' is not allowed: expected one of auto, packed, torch"):
+        GenerationConfig(cpu_linear="mkl").check()
+    # No compiler: auto falls back to torch and says so (a fresh cache folder forces a build).
+    monkeypatch.setenv("DISTGEN_KERNEL_CACHE", "/nonexistent/none")
+    monkeypatch.setattr(linear, "compiler", lambda: None)
+    linear.load_kernel.cache_clear()
+    try:
+        if linear.cpu_blocker() is None:
+            assert plan("auto") == linear.LinearPlan(False, "torch linear (no C compiler to build the kernel: set CC or install gcc)")
+    finally:
+        linear.load_kernel.cache_clear()
