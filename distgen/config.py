@@ -137,9 +137,9 @@ class GenerationConfig:
     # Run the engine's forwards under torch.autocast in bf16 or fp16 (an fp32 checkpoint computing in half
     # precision; on CPU without bf16 instructions this is slower than fp32); none: the weights' dtype.
     autocast: str = "none"
-    # The linear layers' GEMM on CPU: a name in distgen.engine.linear.CPU_LINEAR: auto (distgen's packed AVX2
-    # kernel where it can run: CPU, fp32, not sharded, not compiled), packed, torch.
-    cpu_linear: str = "auto"
+    # CPU kernels: a name in distgen.engine.cpu_kernels.CPU_KERNELS: auto (distgen's AVX2 packed linear and
+    # decode attention where they can run: CPU, fp32; the linear not sharded or compiled), distgen, torch.
+    cpu_kernels: str = "auto"
     # Most prompt tokens one prefill forward runs with scheduler=chunked.
     prefill_chunk_tokens: int = 512
     do_sample: bool = False
@@ -176,8 +176,8 @@ class GenerationConfig:
         require_choice("generation.compile", self.compile, COMPILE.names())
         require_choice("generation.compile_mode", self.compile_mode, COMPILE_MODES)
         require_choice("generation.autocast", self.autocast, AUTOCAST_NAMES)
-        from distgen.engine.linear import CPU_LINEAR  # the engine imports this module
-        require_choice("generation.cpu_linear", self.cpu_linear, CPU_LINEAR.names())
+        from distgen.engine.cpu_kernels import CPU_KERNELS  # the engine imports this module
+        require_choice("generation.cpu_kernels", self.cpu_kernels, CPU_KERNELS.names())
         require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,
                 "must be >= 1")
         require(not (self.scheduler == "chunked" and self.cache == "dynamic"), "generation.cache", self.cache,

@@ -185,10 +185,10 @@ def format_keys(keys: list[tuple[str, object]]) -> list[str]:
 def value_choices() -> list[str]:
     """Each name table of a plain config value (e.g. generation.scheduler), one line per name."""
     from distgen.engine.build import COMPILE
-    from distgen.engine.linear import CPU_LINEAR
+    from distgen.engine.cpu_kernels import CPU_KERNELS
     from distgen.engine.scheduler import SCHEDULERS
 
-    return [SCHEDULERS.describe(), COMPILE.describe(), CPU_LINEAR.describe()]
+    return [SCHEDULERS.describe(), COMPILE.describe(), CPU_KERNELS.describe()]
 
 
 def help_text(config_dir: Path = CONFIG_DIR) -> str:

@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from distgen.engine.cpu_kernels import decode_attention_blocker
 from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, kv_geometry, model_dtype, round_up
 from distgen.engine.kv.kinds import CacheKind, CacheSpec, register
 from distgen.engine.kv.varlen import AttentionPlan, Segment
@@ -128,10 +129,11 @@ class SlotKV(KVCache):
 
     def __init__(self, layers: int, slots: int, max_len: int, pad_id: int, device: torch.device,
                  dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer,
-                 compacts: bool = True, varlen: bool = True):
+                 compacts: bool = True, varlen: bool = True, decode_kernel: bool = False):
         """max_len: columns per slot (the longest prompt + budget, or the ring size with a window).
         compacts: move rows down into freed slots (only without full_width; off when a draft model's
-        cache shares these slot numbers). varlen: attend through distgen::slot_attention (varlen.py)."""
+        cache shares these slot numbers). varlen: attend through distgen::slot_attention (varlen.py).
+        decode_kernel: with varlen, decode tokens attend through distgen's CPU kernel (cpu_kernels.py)."""
         self.slots, self.max_len, self.pad_id, self.device, self.dtype = slots, max_len, pad_id, device, dtype
         # full_width: decode every slot over every column (one shape: what compile needs).
         self.full_width, self.window = full_width, window
@@ -148,6 +150,7 @@ class SlotKV(KVCache):
         # Prefill and decode forwards attend through distgen::slot_attention (varlen.py): per sequence,
         # over its own slot. The int8 layers and the sliding-window ring keep the mask-and-read path.
         self.varlen = varlen and layer_class is SlotLayer and window is None
+        self.decode_kernel = decode_kernel and self.varlen
 
     @property
     def free_rows(self) -> int:
@@ -243,6 +246,8 @@ class SlotKV(KVCache):
         if self.varlen:  # one packed row, a token per slot; the op reads the first `width` columns
             attention = AttentionPlan(self.cache.layers, self.all_rows[:count, 0], self.cache.write_cols[:, 0],
                                       decode=count, width=width, decode_mask=mask)
+            if self.decode_kernel:  # each slot reads its own columns: through the new token's, none when idle
+                attention.decode_lengths = torch.where(decoding[:, 0], positions[:, 0] + 1, 0)
             inputs = dict(input_ids=self.last_tokens[:count].unsqueeze(0), position_ids=positions.view(1, -1),
                           logits_to_keep=self.all_rows[:count, 0], use_cache=False, attention_plan=attention)
             return ForwardBatch(inputs, [r.row for r in requests])
@@ -348,7 +353,8 @@ def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = 
                   full_width=spec.compiling, window=window if sliding else None, layer_class=layer_class,
                   compacts=spec.verify_tokens == 1,  # assisted: the draft's cache uses the same slots
                   # CUDA graphs would replay the op's per-step plan tensors stale: compiled CUDA keeps the mask path
-                  varlen=not (spec.compiling and spec.device.type == "cuda"))
+                  varlen=not (spec.compiling and spec.device.type == "cuda"),
+                  decode_kernel=decode_attention_blocker(spec.device, model_dtype(spec.model), spec.gen.cpu_kernels) is None)
 
 
 class StaticSlots:

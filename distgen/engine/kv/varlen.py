@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from distgen.engine.cpu_kernels import decode_attention
 from distgen.forward_args import unwrapped
 
 ATTENTION_NAME = "distgen_slots"
@@ -50,6 +51,9 @@ class AttentionPlan:
     decode: int = 0            # the first `decode` tokens are slots 0..decode-1's next tokens
     width: int = 0             # columns the decode tokens read
     decode_mask: Optional[torch.Tensor] = None  # (decode, 1, 1, width) additive
+    # (decode,) columns each decode token reads: set when distgen's CPU decode-attention kernel runs
+    # (cpu_kernels.decode_attention reads exactly those, not the mask's width).
+    decode_lengths: Optional[torch.Tensor] = None
     segments: list[Segment] = field(default_factory=list)
 
 
@@ -93,7 +97,9 @@ def slot_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     gqa = query.shape[1] != key.shape[1]
     out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
     n = plan.decode
-    if n:
+    if n and plan.decode_lengths is not None:
+        out[0, :n] = decode_attention(query[0, :, :n].transpose(0, 1), keys, values, plan.decode_lengths, scale)
+    elif n:
         q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # (n, heads, 1, head_dim)
         o = F.scaled_dot_product_attention(q, keys[:n, :, :plan.width], values[:n, :, :plan.width],
                                            attn_mask=plan.decode_mask, scale=scale, enable_gqa=gqa)

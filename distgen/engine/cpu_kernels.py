@@ -1,13 +1,19 @@
-"""generation.cpu_linear: the linear layers' GEMM on CPU, by name (`auto`, `packed`, `torch`).
+"""generation.cpu_kernels: distgen's own CPU kernels (kernels/cpu_kernels.c), by name (`auto`, `distgen`, `torch`).
 
-A CPU decode step multiplies a few rows by every weight of the model: its GEMMs stream the weights from
-DRAM, and torch's (MKL's) sgemm at 4-16 rows ran at a fifth of this machine's FMA peak (8 layers/h512,
-one thread: 36 ms a step at 16 rows). `packed` re-lays each eligible `nn.Linear` weight in place into
-panels of 16 output features (kernels/packed_linear.c; no second copy of the weights) and computes the
-layer with distgen's AVX2 kernel: ~1.9x MKL at 16 rows, ~2.2x at 8, ~1.2x on 512-row prefills. Each
-output is one FMA chain in a fixed order, so a row's logits do not depend on which rows decode beside
-it. The kernel is built once with the C compiler (`$CC`, else `cc`) into `$DISTGEN_KERNEL_CACHE`
-(default ~/.cache/distgen/kernels), a second or so; `auto` falls back to torch, saying why, when it cannot.
+A CPU decode step multiplies a few rows by every weight of the model and reads every row's keys and
+values: both stream memory, and torch's kernels spent it badly at decode shapes (8 layers/h512, one
+thread, 16 rows: MKL's sgemm ran at a fifth of the FMA peak, 36 ms a step; the batched SDPA read the
+longest row's width for every row).
+- **Packed linear**: each eligible `nn.Linear` weight is re-laid in place into panels of 16 output
+  features (no second copy of the weights) and computed by an AVX2 kernel: ~1.9x MKL at 16 rows,
+  ~2.2x at 8, ~1.1x on 512-row prefills. Each output is one FMA chain in a fixed order, so a row's
+  logits do not depend on which rows decode beside it. Not in sharded (lockstep) layouts, compiled
+  steps (inductor has its own GEMMs), quantized models or under autocast.
+- **Decode attention**: the slot cache's decode tokens (varlen.py) attend to exactly their own
+  slot's columns, one pass over each key and value row.
+The kernels are built once with the C compiler (`$CC`, else `cc`/`gcc`) into `$DISTGEN_KERNEL_CACHE`
+(default ~/.cache/distgen/kernels), a second or so; `auto` falls back to torch's, saying why, where they
+cannot run (no compiler, no AVX2, not fp32 on CPU); `distgen` makes that a config error.
 """
 from __future__ import annotations
 
@@ -27,13 +33,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from distgen.errors import ConfigError
 from distgen.registry import Registry
 
 log = logging.getLogger("distgen.engine")
 
-SOURCE = Path(__file__).parent / "kernels" / "packed_linear.c"
+SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 # Output features per panel (the kernel's two AVX2 vectors); a layer whose out_features is not a
 # multiple keeps torch's linear.
@@ -75,7 +82,7 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
         return None, "no C compiler to build the kernel: set CC or install gcc"
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((cc,) + FLAGS).encode()).hexdigest()[:16]
-    built = cache_dir() / f"packed_linear-{key}.so"
+    built = cache_dir() / f"cpu_kernels-{key}.so"
     if not built.exists():
         built.parent.mkdir(parents=True, exist_ok=True)
         # Ranks build at once on a shared cache: each writes its own file, the rename is atomic.
@@ -90,6 +97,9 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     lib.packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.packed_linear.restype = None
+    lib.decode_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+    lib.decode_attention.restype = None
     return lib, ""
 
 
@@ -118,6 +128,33 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         lib.packed_linear(rows.data_ptr(), k, weight.data_ptr(), None if bias is None else bias.data_ptr(),
                           out.data_ptr(), n, rows.shape[0], n, k, torch.get_num_threads())
     return out.view(*x.shape[:-1], n)
+
+
+def decode_attention_blocker(device: torch.device, dtype: torch.dtype, name: str) -> Optional[str]:
+    """Why the slot cache's decode tokens keep SDPA (generation.cpu_kernels=`name`), or None."""
+    if name == "torch" or device.type != "cpu":
+        return "generation.cpu_kernels=torch" if name == "torch" else f"the cache is on {device.type}"
+    if dtype != torch.float32:
+        return f"the cache is {dtype}"
+    return load_kernel()[1] or None
+
+
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """query (n, heads, head_dim); keys/values (slots, kv_heads, columns, head_dim) slot buffers; slot i's
+    query attends to its columns 0..lengths[i]-1 -> (n, heads, head_dim). SDPA where the kernel cannot."""
+    n, heads, dim = query.shape
+    lib = load_kernel()[0]
+    if lib is None or dim % 8 or keys.stride(-1) != 1 or keys.stride() != values.stride():
+        mask = torch.arange(keys.shape[2]) < lengths.unsqueeze(-1)  # (n, columns)
+        return F.scaled_dot_product_attention(query.unsqueeze(2), keys[:n], values[:n], attn_mask=mask[:, None, None],
+                                              scale=scale, enable_gqa=heads != keys.shape[1]).squeeze(2)
+    query, lengths = query.contiguous(), lengths.contiguous()
+    out = torch.empty_like(query)
+    lib.decode_attention(query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+                         keys.stride(2), lengths.data_ptr(), out.data_ptr(), n, heads, keys.shape[1], dim, scale,
+                         torch.get_num_threads())
+    return out
 
 
 def packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +222,7 @@ def model_blocker(model: torch.nn.Module, device: torch.device, lockstep: bool, 
     return load_kernel()[1] or None
 
 
-# A generation.cpu_linear policy: (model, device, lockstep, compiling, autocast dtype) -> the plan.
+# A generation.cpu_kernels policy: (model, device, lockstep, compiling, autocast dtype) -> the plan.
 LinearPolicy = Callable[[torch.nn.Module, torch.device, bool, bool, Optional[torch.dtype]], LinearPlan]
 
 
@@ -198,32 +235,32 @@ def linear_auto(model: torch.nn.Module, device: torch.device, lockstep: bool, co
     return LinearPlan(True, "packed CPU linear")
 
 
-def linear_packed(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
+def linear_distgen(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
                   autocast: Optional[torch.dtype]) -> LinearPlan:
     """distgen's packed AVX2 kernel (a config error where it cannot run)."""
     blocker = model_blocker(model, device, lockstep, compiling, autocast)
     if blocker:
-        raise ConfigError(f"generation.cpu_linear=packed is not possible: {blocker}; use generation.cpu_linear=auto "
+        raise ConfigError(f"generation.cpu_kernels=distgen is not possible: {blocker}; use generation.cpu_kernels=auto "
                           "or torch")
-    return LinearPlan(True, "packed CPU linear (generation.cpu_linear=packed)")
+    return LinearPlan(True, "packed CPU linear (generation.cpu_kernels=distgen)")
 
 
 def linear_torch(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
                  autocast: Optional[torch.dtype]) -> LinearPlan:
     """torch's linear (MKL/oneDNN on CPU)."""
-    return LinearPlan(False, "torch linear (generation.cpu_linear=torch)" if device.type == "cpu" else "")
+    return LinearPlan(False, "torch linear (generation.cpu_kernels=torch)" if device.type == "cpu" else "")
 
 
-# generation.cpu_linear's names (the config check and --help read them).
-CPU_LINEAR: Registry[LinearPolicy] = Registry("generation.cpu_linear", valued=True)
-CPU_LINEAR.register("auto", None, linear_auto)
-CPU_LINEAR.register("packed", None, linear_packed)
-CPU_LINEAR.register("torch", None, linear_torch)
+# generation.cpu_kernels's names (the config check and --help read them).
+CPU_KERNELS: Registry[LinearPolicy] = Registry("generation.cpu_kernels", valued=True)
+CPU_KERNELS.register("auto", None, linear_auto)
+CPU_KERNELS.register("distgen", None, linear_distgen)
+CPU_KERNELS.register("torch", None, linear_torch)
 
 
 def plan_linear(name: str, model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
                 autocast: Optional[torch.dtype]) -> LinearPlan:
-    return CPU_LINEAR.get(name)(model, device, lockstep, compiling, autocast)
+    return CPU_KERNELS.get(name)(model, device, lockstep, compiling, autocast)
 
 
 def apply_linear(plan: LinearPlan, model: torch.nn.Module) -> str:

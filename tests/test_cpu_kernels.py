@@ -1,4 +1,4 @@
-"""generation.cpu_linear: distgen's packed AVX2 linear kernel against torch's linear and model.generate."""
+"""generation.cpu_kernels: distgen's packed AVX2 linear kernel against torch's linear and model.generate."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import PROMPTS, reference_greedy, DEFAULT_BUDGET
 from distgen.config import GenerationConfig
-from distgen.engine import linear
-from distgen.engine.linear import pack, pack_linears, packed_linear, plan_linear, unpack, unpack_linears
+from distgen.engine import cpu_kernels as linear
+from distgen.engine.cpu_kernels import pack, pack_linears, packed_linear, plan_linear, unpack, unpack_linears
 from distgen.errors import ConfigError
 from helpers import engine_for, generate_all
 
@@ -55,7 +55,7 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler=scheduler, cache="static",
-                           compile="off", cpu_linear="packed", prefill_chunk_tokens=8)
+                           compile="off", cpu_kernels="distgen", prefill_chunk_tokens=8)
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
     assert "packed CPU linear" in engine.choice and linear.is_packed(model.model.layers[0].mlp.down_proj)
     got = generate_all(engine)
@@ -63,7 +63,7 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
         want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
         assert got[record["id"]].token_ids == want, record["id"]
     # A later engine that compiles or is told torch unpacks them again.
-    engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_linear="torch", compile="off"))
+    engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_kernels="torch", compile="off"))
     assert not any(linear.is_packed(m) for m in model.modules())
 
 
@@ -76,10 +76,10 @@ def test_plans_say_why_and_bad_settings_are_config_errors(tiny_model, monkeypatc
     assert "autocast" in plan("auto", autocast=torch.bfloat16).reason
     assert plan("auto", device=torch.device("cuda")) == linear.LinearPlan(False, "")
     assert not plan("torch").enabled
-    with pytest.raises(ConfigError, match="generation.cpu_linear=packed is not possible: a lockstep"):
-        plan("packed", lockstep=True)
-    with pytest.raises(ConfigError, match="generation.cpu_linear='mkl' is not allowed: expected one of auto, packed, torch"):
-        GenerationConfig(cpu_linear="mkl").check()
+    with pytest.raises(ConfigError, match="generation.cpu_kernels=distgen is not possible: a lockstep"):
+        plan("distgen", lockstep=True)
+    with pytest.raises(ConfigError, match="generation.cpu_kernels='mkl' is not allowed: expected one of auto, distgen, torch"):
+        GenerationConfig(cpu_kernels="mkl").check()
     # No compiler: auto falls back to torch and says so (a fresh cache folder forces a build).
     monkeypatch.setenv("DISTGEN_KERNEL_CACHE", "/nonexistent/none")
     monkeypatch.setattr(linear, "compiler", lambda: None)
@@ -89,3 +89,26 @@ def test_plans_say_why_and_bad_settings_are_config_errors(tiny_model, monkeypatc
             assert plan("auto") == linear.LinearPlan(False, "torch linear (no C compiler to build the kernel: set CC or install gcc)")
     finally:
         linear.load_kernel.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 4, 64), (4, 4, 16), (6, 2, 32)])
+def test_decode_attention_reads_each_slots_own_columns(heads, kv_heads, dim):
+    torch.manual_seed(heads * dim)
+    slots, columns = 5, 40
+    keys, values = torch.randn(slots, kv_heads, columns + 1, dim), torch.randn(slots, kv_heads, columns + 1, dim)
+    lengths = torch.tensor([1, 17, 40, 0, 9])
+    query = torch.randn(4, heads, dim)  # the first 4 slots decode; slot 3 is idle (length 0)
+    got = linear.decode_attention(query, keys, values, lengths[:4], 0.125)
+    for i, length in enumerate(lengths[:4].tolist()):
+        if length == 0:
+            assert torch.equal(got[i], torch.zeros(heads, dim))
+            continue
+        k, v = keys[i, :, :length], values[i, :, :length]
+        want = F.scaled_dot_product_attention(query[i].unsqueeze(1), k, v, scale=0.125,
+                                              enable_gqa=heads != kv_heads).squeeze(1)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+    # A column past a slot's length never counts: garbage there changes nothing.
+    keys[:, :, 40:], values[:, :, 40:] = float("nan"), float("nan")
+    keys[1, :, 17:], values[1, :, 17:] = 1e6, 1e6
+    assert torch.equal(linear.decode_attention(query, keys, values, lengths[:4], 0.125), got)

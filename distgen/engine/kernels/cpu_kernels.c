@@ -1,0 +1,127 @@
+/* distgen's CPU kernels (distgen/engine/cpu_kernels.py builds and calls them).
+ *
+ * packed_linear: y[M,N] = x[M,K] @ W^T (+ b) over weights packed in panels of 16 output features,
+ * P[N/16][K][16] (cpu_kernels.py packs them in place).
+ *
+ * A decode step multiplies a few rows (M = the rows decoding) by every weight of the model, so its
+ * GEMMs are weight streaming: each 16-feature panel is read from DRAM once (the next one prefetched
+ * while this one computes) and then serves all M rows from cache, 6 rows x 16 features at a time in
+ * 12 AVX2 accumulators. Each output is one FMA chain over k in order, whatever M is or which rows
+ * share the call: a row's result does not depend on the batch it decodes in. Threads split the panels.
+ *
+ * decode_attention: one query token per slot attends to exactly its own slot's first lens[i] columns
+ * (a batched SDPA reads the longest row's width for every row, masked). Scores, softmax, then the
+ * weighted values, per (slot, kv head) with the kv head's query heads together, so each key and value
+ * row is read once. Threads split the (slot, kv head) pairs.
+ *
+ * Built with -O3 -mavx2 -mfma -fopenmp; with one thread no OpenMP region starts. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 6
+
+static inline __attribute__((always_inline)) void block(const int rows, const float* x, int64_t ldx,
+                                                        const float* P, int64_t K, float* y, int64_t ldy,
+                                                        const float* bias, const float* next) {
+  __m256 lo[ROWS], hi[ROWS];
+#pragma GCC unroll 6
+  for (int i = 0; i < ROWS; i++) if (i < rows) { lo[i] = _mm256_setzero_ps(); hi[i] = _mm256_setzero_ps(); }
+  for (int64_t k = 0; k < K; k++) {
+    if (next) _mm_prefetch((const char*)(next + k * 16), _MM_HINT_T0);
+    const __m256 w0 = _mm256_loadu_ps(P + k * 16), w1 = _mm256_loadu_ps(P + k * 16 + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < ROWS; i++) if (i < rows) {
+      const __m256 u = _mm256_broadcast_ss(x + i * ldx + k);
+      lo[i] = _mm256_fmadd_ps(u, w0, lo[i]);
+      hi[i] = _mm256_fmadd_ps(u, w1, hi[i]);
+    }
+  }
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 6
+  for (int i = 0; i < ROWS; i++) if (i < rows) {
+    _mm256_storeu_ps(y + i * ldy, bias ? _mm256_add_ps(lo[i], b0) : lo[i]);
+    _mm256_storeu_ps(y + i * ldy + 8, bias ? _mm256_add_ps(hi[i], b1) : hi[i]);
+  }
+}
+
+static void panel(const float* x, int64_t ldx, const float* P, const float* bias, float* y, int64_t ldy,
+                  int64_t M, int64_t K, const float* next) {
+  for (int64_t m = 0; m < M; m += ROWS) {
+    const int rows = M - m < ROWS ? (int)(M - m) : ROWS;
+    const float* xm = x + m * ldx;
+    float* ym = y + m * ldy;
+    switch (rows) {
+      case 6: block(6, xm, ldx, P, K, ym, ldy, bias, next); break;
+      case 5: block(5, xm, ldx, P, K, ym, ldy, bias, next); break;
+      case 4: block(4, xm, ldx, P, K, ym, ldy, bias, next); break;
+      case 3: block(3, xm, ldx, P, K, ym, ldy, bias, next); break;
+      case 2: block(2, xm, ldx, P, K, ym, ldy, bias, next); break;
+      default: block(1, xm, ldx, P, K, ym, ldy, bias, next); break;
+    }
+  }
+}
+
+/* N % 16 == 0; x rows ldx apart, y rows ldy apart; bias may be NULL. */
+void packed_linear(const float* x, int64_t ldx, const float* P, const float* bias, float* y, int64_t ldy,
+                   int64_t M, int64_t N, int64_t K, int threads) {
+  const int64_t panels = N / 16;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t p = 0; p < panels; p++) {
+    const float* next = p + 1 < panels ? P + (p + 1) * K * 16 : 0;
+    panel(x, ldx, P + p * K * 16, bias ? bias + p * 16 : 0, y + p * 16, ldy, M, K, next);
+  }
+}
+
+static inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+/* q, out: [n, heads, D] contiguous; k, v: slot i, kv head g, column t at i*s_slot + g*s_head + t*s_col
+ * (D contiguous, D % 8 == 0); lens[i] columns read (0: the row's output is zeros). */
+void decode_attention(const float* q, const float* k, const float* v, int64_t s_slot, int64_t s_head,
+                      int64_t s_col, const int64_t* lens, float* out, int64_t n, int64_t heads,
+                      int64_t kv_heads, int64_t D, float scale, int threads) {
+  const int64_t G = heads / kv_heads;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+  for (int64_t task = 0; task < n * kv_heads; task++) {
+    const int64_t i = task / kv_heads, g = task % kv_heads, L = lens[i];
+    const float* qg = q + (i * heads + g * G) * D;
+    float* og = out + (i * heads + g * G) * D;
+    if (L <= 0) { memset(og, 0, sizeof(float) * G * D); continue; }
+    const float* kb = k + i * s_slot + g * s_head;
+    const float* vb = v + i * s_slot + g * s_head;
+    float* p = malloc(sizeof(float) * G * L);
+    for (int64_t t = 0; t < L; t++) {
+      const float* kt = kb + t * s_col;
+      for (int64_t j = 0; j < G; j++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j * D + d), _mm256_loadu_ps(kt + d), a);
+        p[j * L + t] = hsum(a) * scale;
+      }
+    }
+    for (int64_t j = 0; j < G; j++) {
+      float* pj = p + j * L, top = pj[0], total = 0.f;
+      for (int64_t t = 1; t < L; t++) top = pj[t] > top ? pj[t] : top;
+      for (int64_t t = 0; t < L; t++) { pj[t] = expf(pj[t] - top); total += pj[t]; }
+      const float inv = 1.f / total;
+      for (int64_t t = 0; t < L; t++) pj[t] *= inv;
+    }
+    memset(og, 0, sizeof(float) * G * D);
+    for (int64_t t = 0; t < L; t++) {
+      const float* vt = vb + t * s_col;
+      for (int64_t j = 0; j < G; j++) {
+        const __m256 w = _mm256_set1_ps(p[j * L + t]);
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(og + j * D + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + d), _mm256_loadu_ps(og + j * D + d)));
+      }
+    }
+    free(p);
+  }
+}
