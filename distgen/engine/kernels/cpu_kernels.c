@@ -76,6 +76,23 @@ void packed_linear(const float* x, int64_t ldx, const float* P, const float* bia
   }
 }
 
+/* exp(x) for x <= 0 (softmax after subtracting the max): Cephes' polynomial, ~1 ulp. */
+static inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
 static inline float hsum(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
@@ -109,7 +126,15 @@ void decode_attention(const float* q, const float* k, const float* v, int64_t s_
     for (int64_t j = 0; j < G; j++) {
       float* pj = p + j * L, top = pj[0], total = 0.f;
       for (int64_t t = 1; t < L; t++) top = pj[t] > top ? pj[t] : top;
-      for (int64_t t = 0; t < L; t++) { pj[t] = expf(pj[t] - top); total += pj[t]; }
+      int64_t t = 0;
+      __m256 sums = _mm256_setzero_ps();
+      for (; t + 8 <= L; t += 8) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(pj + t), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(pj + t, e);
+        sums = _mm256_add_ps(sums, e);
+      }
+      total = hsum(sums);
+      for (; t < L; t++) { pj[t] = expf(pj[t] - top); total += pj[t]; }
       const float inv = 1.f / total;
       for (int64_t t = 0; t < L; t++) pj[t] *= inv;
     }
