@@ -157,7 +157,20 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out
 
 
+@torch.library.custom_op("distgen::packed_linear", mutates_args=())
+def packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`packed_linear` as an op torch.compile keeps opaque (it does not trace into ctypes)."""
+    return packed_linear(x, weight, bias)
+
+
+@packed_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.distgen.packed_linear(x, self.weight, self.bias)
     return packed_linear(x, self.weight, self.bias)
 
 
