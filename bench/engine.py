@@ -8,7 +8,8 @@ first row, by wall clock and by this process's CPU seconds (steadier on a shared
 thread, CPU seconds are what the wall clock would read on a quiet one). `--hf` adds HF `generate` on
 static batches of the same prompts (sorted by length; each batch runs to its longest budget, only the
 budgeted tokens count). A compiled configuration first runs a short warm-up job whose time is reported
-separately as compile time (kernels persist under .cache/inductor, so a second run is warm).
+separately as compile time (kernels persist under .cache/inductor, so a second run is warm). Rows use
+generation.cpu_kernels=auto (distgen's CPU kernels where they run) unless they say "torch kernels".
 Every configuration must produce the same tokens; the script says so or stops.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ CONFIGS = [  # (label, generation settings)
     ("continuous, dynamic", dict(scheduler="continuous", cache="dynamic", compile="off")),
     ("static, dynamic", dict(scheduler="static", cache="dynamic", compile="off")),
     ("continuous, static", dict(scheduler="continuous", cache="static", compile="off")),
+    ("continuous, static, torch kernels", dict(scheduler="continuous", cache="static", compile="off",
+                                               cpu_kernels="torch")),
     ("static, static", dict(scheduler="static", cache="static", compile="off")),
     ("chunked, static", dict(scheduler="chunked", cache="static", compile="off", prefill_chunk_tokens=256)),
     ("continuous, static, compiled", dict(scheduler="continuous", cache="static", compile="on")),

@@ -57,7 +57,8 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler=scheduler, cache="static",
                            compile="off", cpu_kernels="distgen", prefill_chunk_tokens=8)
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
-    assert "packed CPU linear" in engine.choice and linear.is_packed(model.model.layers[0].mlp.down_proj)
+    assert "packed CPU linear" in engine.choice and "norms/MLPs fused" in engine.choice
+    assert linear.is_packed(model.model.layers[0].mlp.down_proj)
     got = generate_all(engine)
     for record in PROMPTS:
         want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
@@ -92,7 +93,7 @@ def test_plans_say_why_and_bad_settings_are_config_errors(tiny_model, monkeypatc
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 4, 64), (4, 4, 16), (6, 2, 32)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 4, 64), (4, 4, 16), (6, 2, 32), (4, 2, 12)])  # 12: SDPA fallback
 def test_decode_attention_reads_each_slots_own_columns(heads, kv_heads, dim):
     torch.manual_seed(heads * dim)
     slots, columns = 5, 40
@@ -108,7 +109,44 @@ def test_decode_attention_reads_each_slots_own_columns(heads, kv_heads, dim):
         want = F.scaled_dot_product_attention(query[i].unsqueeze(1), k, v, scale=0.125,
                                               enable_gqa=heads != kv_heads).squeeze(1)
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
-    # A column past a slot's length never counts: garbage there changes nothing.
-    keys[:, :, 40:], values[:, :, 40:] = float("nan"), float("nan")
+    # A column past a slot's length never counts: garbage there changes nothing (the kernel never reads
+    # it, so even NaN; SDPA's masked fallback multiplies masked values by 0, so a finite one).
+    garbage = float("nan") if dim % 8 == 0 else 1e6
+    keys[:, :, 40:], values[:, :, 40:] = garbage, garbage
     keys[1, :, 17:], values[1, :, 17:] = 1e6, 1e6
     assert torch.equal(linear.decode_attention(query, keys, values, lengths[:4], 0.125), got)
+
+
+class OffsetRMSNorm(torch.nn.Module):
+    """A Gemma-style norm, (1 + weight) * normed: the fused kernel computes weight * normed, so the
+    probe check must leave this one alone."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.zeros(width)), 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+@needs_kernel
+def test_fused_norms_and_mlps_match_their_modules_and_only_those(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    odd = OffsetRMSNorm(model.config.hidden_size)
+    model.model.extra_norm = odd  # not called by the model; only the fusing pass looks at it
+    ids = torch.tensor([[5, 9, 11, 30, 7, 12]])
+    with torch.no_grad():
+        want = model(ids).logits
+        pack_linears(model)
+        fused = linear.fuse_modules(model)
+        layers = len(model.model.layers)
+        assert fused == 3 * layers + 1  # two norms and the MLP per layer, the final norm
+        assert linear.fuse_modules(model) == fused and not getattr(odd, "_distgen_fused", False)
+        mlp = model.model.layers[0].mlp
+        assert mlp.gate_proj.weight.data_ptr() + mlp.gate_proj.weight.numel() * 4 == mlp.up_proj.weight.data_ptr()
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+        x = torch.randn(4, 2 * 96)
+        torch.testing.assert_close(linear.silu_mul(x), F.silu(x[:, :96]) * x[:, 96:], rtol=1e-5, atol=1e-6)
+        linear.unfuse_modules(model)
+        unpack_linears(model)
+        assert torch.equal(model(ids).logits, want)

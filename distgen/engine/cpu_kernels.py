@@ -100,6 +100,9 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     lib.decode_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + \
         [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
     lib.decode_attention.restype = None
+    lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.rms_norm.restype = lib.silu_mul.restype = None
     return lib, ""
 
 
@@ -172,6 +175,92 @@ def packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.distgen.packed_linear(x, self.weight, self.bias)
     return packed_linear(x, self.weight, self.bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama-style RMSNorm (`weight * (x * rsqrt(mean(x^2) + eps))`) in one pass."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(rows)
+    load_kernel()[0].rms_norm(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps)
+    return out.view(x.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2I) [gate | up] -> (..., I) silu(gate) * up."""
+    half = gate_up.shape[-1] // 2
+    rows = gate_up.reshape(-1, 2 * half).contiguous()
+    out = torch.empty((rows.shape[0], half), dtype=torch.float32)
+    load_kernel()[0].silu_mul(rows.data_ptr(), out.data_ptr(), rows.shape[0], half)
+    return out.view(*gate_up.shape[:-1], half)
+
+
+def rms_norm_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() or x.dtype != torch.float32:
+        return type(self).forward(self, x)
+    return rms_norm(x, self.weight, self._distgen_eps)
+
+
+def gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return type(self).forward(self, x)
+    return self.down_proj(silu_mul(packed_linear(x, self._distgen_gate_up, None)))
+
+
+def is_silu(act: torch.nn.Module) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+@torch.no_grad()
+def agrees(module: torch.nn.Module, width: int) -> bool:
+    """Does the module's fused forward (already set) match its class's own on a random probe? A model
+    whose norm or MLP computes something else (e.g. `(1 + weight)`) keeps its own forward."""
+    probe = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+    return torch.allclose(module.forward(probe), type(module).forward(module, probe), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def fuse_modules(model: torch.nn.Module) -> int:
+    """Llama-style RMSNorms run as one kernel; gated SiLU MLPs whose gate and up projections are packed
+    run both projections as one packed GEMM (their weights moved side by side into one buffer) and
+    silu(gate) * up as one kernel. Each fused module is checked against its own forward first; (fused)."""
+    fused = 0
+    for module in model.modules():
+        if getattr(module, "_distgen_fused", False):
+            fused += 1
+            continue
+        weight = getattr(module, "weight", None)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1 \
+                and weight.dtype == torch.float32 and weight.is_contiguous() and isinstance(eps, float):
+            module._distgen_eps = eps
+            module.forward = types.MethodType(rms_norm_forward, module)
+            candidate = weight.shape[0]
+        elif all(is_packed(getattr(module, name, None)) and getattr(module, name).bias is None
+                 for name in ("gate_proj", "up_proj")) and isinstance(getattr(module, "down_proj", None),
+                                                                      torch.nn.Linear) \
+                and is_silu(getattr(module, "act_fn", None)) \
+                and module.gate_proj.weight.shape == module.up_proj.weight.shape:
+            gate, up = module.gate_proj.weight, module.up_proj.weight
+            both = torch.cat([gate.data, up.data])  # packed panels side by side: the packed [gate; up]
+            gate.data, up.data = both[:gate.shape[0]], both[gate.shape[0]:]
+            module._distgen_gate_up = both
+            module.forward = types.MethodType(gated_mlp_forward, module)
+            candidate = gate.shape[1]
+        else:
+            continue
+        if agrees(module, candidate):
+            module._distgen_fused = True
+            fused += 1
+        else:
+            del module.forward
+    return fused
+
+
+def unfuse_modules(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if getattr(module, "_distgen_fused", False):
+            del module.forward
+            module._distgen_fused = False
 
 
 def module_blocker(module: torch.nn.Module, shared: Counter) -> Optional[str]:
@@ -279,7 +368,9 @@ def plan_linear(name: str, model: torch.nn.Module, device: torch.device, lockste
 def apply_linear(plan: LinearPlan, model: torch.nn.Module) -> str:
     """Pack or unpack the model's linear layers as the plan says; what the engine line adds."""
     if not plan.enabled:
+        unfuse_modules(model)
         unpack_linears(model)
         return plan.reason
     packed, total = pack_linears(model)
-    return f"{plan.reason}: {packed} of {total} linear layers packed in place"
+    fused = fuse_modules(model)
+    return f"{plan.reason}: {packed} of {total} linear layers packed in place, {fused} norms/MLPs fused"

@@ -150,3 +150,44 @@ void decode_attention(const float* q, const float* k, const float* v, int64_t s_
     free(p);
   }
 }
+
+/* exp(x) over the whole float range (clamped to +-88.38), the polynomial of exp_neg. */
+static inline __m256 exp_any(__m256 x) {
+  return exp_neg(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)));
+}
+
+/* y = w * (x * 1/sqrt(mean(x^2) + eps)) per row of N (transformers' Llama-style RMSNorm, its order of
+ * multiplications; only the sum of squares runs in another order). */
+void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t N, float eps) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* xr = x + m * N;
+    float* yr = y + m * N;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= N; i += 8) { const __m256 v = _mm256_loadu_ps(xr + i); acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v)); }
+    float ss = hsum(acc);
+    for (; i < N; i++) ss += xr[i] * xr[i];
+    const float r = 1.f / sqrtf(ss / (float)N + eps);
+    const __m256 rv = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= N; i += 8)
+      _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), rv)));
+    for (; i < N; i++) yr[i] = w[i] * (xr[i] * r);
+  }
+}
+
+/* y[m, :I] = silu(gu[m, :I]) * gu[m, I:2I]  (a fused gate/up projection's output) */
+void silu_mul(const float* gu, float* y, int64_t M, int64_t I) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (int64_t m = 0; m < M; m++) {
+    const float* g = gu + m * 2 * I;
+    const float* u = g + I;
+    float* yr = y + m * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp_any(_mm256_sub_ps(zero, gv))));
+      _mm256_storeu_ps(yr + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < I; i++) yr[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+  }
+}
