@@ -231,7 +231,8 @@ def fuse_modules(model: torch.nn.Module) -> int:
         weight = getattr(module, "weight", None)
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         if type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1 \
-                and weight.dtype == torch.float32 and weight.is_contiguous() and isinstance(eps, float):
+                and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous() \
+                and isinstance(eps, float) and not hasattr(module, "_hf_hook"):
             module._distgen_eps = eps
             module.forward = types.MethodType(rms_norm_forward, module)
             candidate = weight.shape[0]
@@ -319,6 +320,9 @@ def model_blocker(model: torch.nn.Module, device: torch.device, lockstep: bool, 
         return "the compiled step has its own GEMMs"
     if getattr(model, "hf_quantizer", None) is not None:
         return "the weights are quantized"
+    placed = {str(place) for place in (getattr(model, "hf_device_map", None) or {}).values()}
+    if placed - {"cpu"}:
+        return f"accelerate places the weights (device_map over {', '.join(sorted(placed))})"
     if autocast is not None:
         return "the forwards autocast"
     return load_kernel()[1] or None
