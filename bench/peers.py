@@ -54,8 +54,9 @@ BASE = "distgen"
 
 # distgen's best engine settings for this benchmark, appended to every distgen command (the batch
 # size is --batch-size, shared with the peers). bench/engine.py measured continuous batching over
-# static slots best on CPU; compile=auto compiles only on CUDA (on CPU the compiled step measured
-# no faster than eager slots), so a GPU run compiles the decode step and a CPU run does not.
+# static slots best on CPU; compile=auto compiles a job this size only on CUDA (a CPU compile costs
+# 40-80 s each run), so a GPU run compiles the decode step and a CPU run runs eager with distgen's CPU
+# kernels (generation.cpu_kernels=auto).
 DISTGEN_BEST: list[str] = ["generation.scheduler=continuous", "generation.cache=static", "generation.compile=auto"]
 
 # Head size 64: vLLM's CPU attention rejects some head sizes (16 fails, 64 works).

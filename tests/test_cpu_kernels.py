@@ -142,8 +142,6 @@ def test_fused_norms_and_mlps_match_their_modules_and_only_those(tiny_model_dir)
         layers = len(model.model.layers)
         assert fused == 3 * layers + 1  # two norms and the MLP per layer, the final norm
         assert linear.fuse_modules(model) == fused and not getattr(odd, "_distgen_fused", False)
-        mlp = model.model.layers[0].mlp
-        assert mlp.gate_proj.weight.data_ptr() + mlp.gate_proj.weight.numel() * 4 == mlp.up_proj.weight.data_ptr()
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
         x = torch.randn(4, 2 * 96)
         torch.testing.assert_close(linear.silu_mul(x), F.silu(x[:, :96]) * x[:, 96:], rtol=1e-5, atol=1e-6)

@@ -200,10 +200,22 @@ def rms_norm_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rms_norm(x, self.weight, self._distgen_eps)
 
 
+def gate_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """(..., 2I): [x @ gate^T | x @ up^T] in one buffer (two packed GEMMs, each writing its half of the rows)."""
+    n, k = gate.shape
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty((rows.shape[0], 2 * n), dtype=torch.float32)
+    lib, threads = load_kernel()[0], torch.get_num_threads()
+    for half, weight in enumerate((gate, up)):
+        lib.packed_linear(rows.data_ptr(), k, weight.data_ptr(), None, out.data_ptr() + half * n * out.element_size(),
+                          2 * n, rows.shape[0], n, k, threads)
+    return out.view(*x.shape[:-1], 2 * n)
+
+
 def gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return type(self).forward(self, x)
-    return self.down_proj(silu_mul(packed_linear(x, self._distgen_gate_up, None)))
+    return self.down_proj(silu_mul(gate_up(x, self.gate_proj.weight, self.up_proj.weight)))
 
 
 def is_silu(act: torch.nn.Module) -> bool:
@@ -221,8 +233,8 @@ def agrees(module: torch.nn.Module, width: int) -> bool:
 @torch.no_grad()
 def fuse_modules(model: torch.nn.Module) -> int:
     """Llama-style RMSNorms run as one kernel; gated SiLU MLPs whose gate and up projections are packed
-    run both projections as one packed GEMM (their weights moved side by side into one buffer) and
-    silu(gate) * up as one kernel. Each fused module is checked against its own forward first; (fused)."""
+    write both projections into one buffer and run silu(gate) * up as one kernel. Each fused module is
+    checked against its own forward first; (fused)."""
     fused = 0
     for module in model.modules():
         if getattr(module, "_distgen_fused", False):
@@ -241,12 +253,8 @@ def fuse_modules(model: torch.nn.Module) -> int:
                                                                       torch.nn.Linear) \
                 and is_silu(getattr(module, "act_fn", None)) \
                 and module.gate_proj.weight.shape == module.up_proj.weight.shape:
-            gate, up = module.gate_proj.weight, module.up_proj.weight
-            both = torch.cat([gate.data, up.data])  # packed panels side by side: the packed [gate; up]
-            gate.data, up.data = both[:gate.shape[0]], both[gate.shape[0]:]
-            module._distgen_gate_up = both
             module.forward = types.MethodType(gated_mlp_forward, module)
-            candidate = gate.shape[1]
+            candidate = module.gate_proj.weight.shape[1]
         else:
             continue
         if agrees(module, candidate):
