@@ -148,3 +148,17 @@ def test_fused_norms_and_mlps_match_their_modules_and_only_those(tiny_model_dir)
         linear.unfuse_modules(model)
         unpack_linears(model)
         assert torch.equal(model(ids).logits, want)
+
+
+@needs_kernel
+def test_write_kv_writes_what_indexing_writes():
+    torch.manual_seed(1)
+    keys, values = torch.randn(4, 2, 10, 16), torch.randn(4, 2, 10, 16)
+    want_k, want_v = keys.clone(), values.clone()
+    key = torch.randn(1, 5, 2, 16).transpose(1, 2)[0]  # (kv_heads, tokens, head_dim), as a model hands it over
+    value = torch.randn(1, 5, 2, 16).transpose(1, 2)[0]
+    slots, cols = torch.tensor([0, 0, 3, 1, 2]), torch.tensor([4, 5, 0, 9, 2])
+    want_k[slots, :, cols], want_v[slots, :, cols] = key.transpose(0, 1), value.transpose(0, 1)
+    assert linear.write_kv(key, value, keys, values, slots, cols)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    assert not linear.write_kv(key.double(), value.double(), keys, values, slots, cols)  # the caller indexes

@@ -97,8 +97,11 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     lib.packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.packed_linear.restype = None
-    lib.decode_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + \
-        [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+    lib.decode_attention.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+    lib.write_kv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    lib.write_kv.restype = None
     lib.decode_attention.restype = None
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
@@ -143,21 +146,41 @@ def decode_attention_blocker(device: torch.device, dtype: torch.dtype, name: str
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """query (n, heads, head_dim); keys/values (slots, kv_heads, columns, head_dim) slot buffers; slot i's
-    query attends to its columns 0..lengths[i]-1 -> (n, heads, head_dim). SDPA where the kernel cannot."""
+                     scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """query (n, heads, head_dim) (any strides); keys/values (slots, kv_heads, columns, head_dim) slot
+    buffers; slot i's query attends to its columns 0..lengths[i]-1 -> (n, heads, head_dim), into `out`
+    when given (contiguous). SDPA where the kernel cannot."""
     n, heads, dim = query.shape
     lib = load_kernel()[0]
-    if lib is None or dim % 8 or keys.stride(-1) != 1 or keys.stride() != values.stride():
+    if lib is None or dim % 8 or query.stride(-1) != 1 or keys.stride(-1) != 1 or keys.stride() != values.stride():
         mask = torch.arange(keys.shape[2]) < lengths.unsqueeze(-1)  # (n, columns)
-        return F.scaled_dot_product_attention(query.unsqueeze(2), keys[:n], values[:n], attn_mask=mask[:, None, None],
-                                              scale=scale, enable_gqa=heads != keys.shape[1]).squeeze(2)
-    query, lengths = query.contiguous(), lengths.contiguous()
-    out = torch.empty_like(query)
-    lib.decode_attention(query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
-                         keys.stride(2), lengths.data_ptr(), out.data_ptr(), n, heads, keys.shape[1], dim, scale,
-                         torch.get_num_threads())
+        result = F.scaled_dot_product_attention(query.unsqueeze(2), keys[:n], values[:n],
+                                                attn_mask=mask[:, None, None], scale=scale,
+                                                enable_gqa=heads != keys.shape[1]).squeeze(2)
+        return result if out is None else out.copy_(result)
+    lengths = lengths.contiguous()
+    out = torch.empty((n, heads, dim), dtype=torch.float32) if out is None else out
+    assert out.is_contiguous()
+    lib.decode_attention(query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(),
+                         keys.stride(0), keys.stride(1), keys.stride(2), lengths.data_ptr(), out.data_ptr(), n, heads,
+                         keys.shape[1], dim, scale, torch.get_num_threads())
     return out
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+             cols: torch.Tensor) -> bool:
+    """key/value (kv_heads, tokens, head_dim) -> keys/values[slots[t], :, cols[t]]; False (nothing written)
+    where the kernel cannot (the caller indexes instead)."""
+    lib = load_kernel()[0]
+    if lib is None or key.dtype != torch.float32 or keys.dtype != torch.float32 or key.stride() != value.stride() \
+            or key.stride(-1) != 1 or keys.stride(-1) != 1 or keys.stride() != values.stride() \
+            or slots.dtype != torch.long or cols.dtype != torch.long:
+        return False
+    slots, cols = slots.contiguous(), cols.contiguous()
+    lib.write_kv(key.data_ptr(), value.data_ptr(), key.stride(1), key.stride(0), key.shape[1], key.shape[0],
+                 key.shape[2], keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
+                 slots.data_ptr(), cols.data_ptr())
+    return True
 
 
 @torch.library.custom_op("distgen::packed_linear", mutates_args=())

@@ -100,16 +100,19 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-/* q, out: [n, heads, D] contiguous; k, v: slot i, kv head g, column t at i*s_slot + g*s_head + t*s_col
- * (D contiguous, D % 8 == 0); lens[i] columns read (0: the row's output is zeros). */
-void decode_attention(const float* q, const float* k, const float* v, int64_t s_slot, int64_t s_head,
-                      int64_t s_col, const int64_t* lens, float* out, int64_t n, int64_t heads,
-                      int64_t kv_heads, int64_t D, float scale, int threads) {
+/* q: token i, head h at i*q_tok + h*q_head; out: [n, heads, D] contiguous; k, v: slot i, kv head g,
+ * column t at i*s_slot + g*s_head + t*s_col (D contiguous, D % 8 == 0); lens[i] columns read (0: the
+ * row's output is zeros). */
+void decode_attention(const float* q, int64_t q_tok, int64_t q_head, const float* k, const float* v,
+                      int64_t s_slot, int64_t s_head, int64_t s_col, const int64_t* lens, float* out, int64_t n,
+                      int64_t heads, int64_t kv_heads, int64_t D, float scale, int threads) {
   const int64_t G = heads / kv_heads;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
   for (int64_t task = 0; task < n * kv_heads; task++) {
     const int64_t i = task / kv_heads, g = task % kv_heads, L = lens[i];
-    const float* qg = q + (i * heads + g * G) * D;
+    float qbuf[G * D];  /* this group's query heads, contiguous */
+    for (int64_t j = 0; j < G; j++) memcpy(qbuf + j * D, q + i * q_tok + (g * G + j) * q_head, sizeof(float) * D);
+    const float* qg = qbuf;
     float* og = out + (i * heads + g * G) * D;
     if (L <= 0) { memset(og, 0, sizeof(float) * G * D); continue; }
     const float* kb = k + i * s_slot + g * s_head;
@@ -190,4 +193,17 @@ void silu_mul(const float* gu, float* y, int64_t M, int64_t I) {
     }
     for (; i < I; i++) yr[i] = g[i] / (1.f + expf(-g[i])) * u[i];
   }
+}
+
+/* Write each token's key and value rows (kv_heads x D, token t of head h at t*x_tok + h*x_head) into
+ * slot slots[t], column cols[t] of the buffers (slot, head, column at s_slot, s_head, s_col). */
+void write_kv(const float* key, const float* value, int64_t x_tok, int64_t x_head, int64_t tokens,
+              int64_t kv_heads, int64_t D, float* keys, float* values, int64_t s_slot, int64_t s_head,
+              int64_t s_col, const int64_t* slots, const int64_t* cols) {
+  for (int64_t t = 0; t < tokens; t++)
+    for (int64_t h = 0; h < kv_heads; h++) {
+      const int64_t at = slots[t] * s_slot + h * s_head + cols[t] * s_col;
+      memcpy(keys + at, key + t * x_tok + h * x_head, sizeof(float) * D);
+      memcpy(values + at, value + t * x_tok + h * x_head, sizeof(float) * D);
+    }
 }

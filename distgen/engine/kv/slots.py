@@ -199,7 +199,8 @@ class SlotKV(KVCache):
             segments = [Segment(q0, q0 + chunk, r.row, start)
                         for r, start, chunk, q0 in zip(plan.requests, starts, plan.chunks, firsts)]
             inputs.update(use_cache=False, attention_plan=AttentionPlan(self.cache.layers, q_slot, q_col,
-                                                                        segments=segments))
+                                                                        segments=segments,
+                                                                        cpu_kernels=self.decode_kernel))
         else:  # the keys each chunk may see, gathered into one row: its sequence from 0 (a ring: the window)
             firsts = [0 if self.window is None else max(0, start - self.window + 1) for start in starts]
             k_pos = torch.cat([torch.arange(first, end, **long) for first, end in zip(firsts, ends)])
@@ -248,6 +249,7 @@ class SlotKV(KVCache):
                                       decode=count, width=width, decode_mask=mask)
             if self.decode_kernel:  # each slot reads its own columns: through the new token's, none when idle
                 attention.decode_lengths = torch.where(decoding[:, 0], positions[:, 0] + 1, 0)
+                attention.cpu_kernels = True
             inputs = dict(input_ids=self.last_tokens[:count].unsqueeze(0), position_ids=positions.view(1, -1),
                           logits_to_keep=self.all_rows[:count, 0], use_cache=False, attention_plan=attention)
             return ForwardBatch(inputs, [r.row for r in requests])

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from distgen.engine.cpu_kernels import decode_attention
+from distgen.engine.cpu_kernels import decode_attention, write_kv
 from distgen.forward_args import unwrapped
 
 ATTENTION_NAME = "distgen_slots"
@@ -54,6 +54,8 @@ class AttentionPlan:
     # (decode,) columns each decode token reads: set when distgen's CPU decode-attention kernel runs
     # (cpu_kernels.decode_attention reads exactly those, not the mask's width).
     decode_lengths: Optional[torch.Tensor] = None
+    # Write the new keys/values with distgen's CPU kernel (cpu_kernels.write_kv) instead of index_put.
+    cpu_kernels: bool = False
     segments: list[Segment] = field(default_factory=list)
 
 
@@ -82,23 +84,23 @@ def causal_continuation(queries: int, keys: int, device: torch.device) -> torch.
     return torch.ones((queries, keys), dtype=torch.bool, device=device).tril(keys - queries)
 
 
-@torch.library.custom_op("distgen::slot_attention", mutates_args=())
-def slot_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                   scale: float) -> torch.Tensor:
-    """query (1, heads, tokens, head_dim), key/value (1, kv_heads, tokens, head_dim) -> (1, tokens, heads, head_dim)."""
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """query (1, heads, tokens, head_dim), key/value (1, kv_heads, tokens, head_dim) -> (1, tokens, heads, head_dim).
+    What the op `distgen::slot_attention` runs (eager forwards call it directly, without the dispatcher)."""
     plan = ACTIVE[0]
     assert plan is not None, "distgen::slot_attention runs only inside varlen.activated"
     cache_layer = plan.layers[layer]
     if not cache_layer.is_initialized:
         cache_layer.lazy_initialization(key, value)
     keys, values = cache_layer.keys, cache_layer.values
-    keys[plan.write_slots, :, plan.write_cols] = key[0].transpose(0, 1)
-    values[plan.write_slots, :, plan.write_cols] = value[0].transpose(0, 1)
+    if not (plan.cpu_kernels and write_kv(key[0], value[0], keys, values, plan.write_slots, plan.write_cols)):
+        keys[plan.write_slots, :, plan.write_cols] = key[0].transpose(0, 1)
+        values[plan.write_slots, :, plan.write_cols] = value[0].transpose(0, 1)
     gqa = query.shape[1] != key.shape[1]
     out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
     n = plan.decode
     if n and plan.decode_lengths is not None:
-        out[0, :n] = decode_attention(query[0, :, :n].transpose(0, 1), keys, values, plan.decode_lengths, scale)
+        decode_attention(query[0, :, :n].transpose(0, 1), keys, values, plan.decode_lengths, scale, out=out[0, :n])
     elif n:
         q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # (n, heads, 1, head_dim)
         o = F.scaled_dot_product_attention(q, keys[:n, :, :plan.width], values[:n, :, :plan.width],
@@ -116,6 +118,9 @@ def slot_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return out
 
 
+slot_attention = torch.library.custom_op("distgen::slot_attention", attend, mutates_args=())
+
+
 @slot_attention.register_fake
 def _(query, key, value, layer, scale):
     return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
@@ -126,7 +131,9 @@ def slot_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                            dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
     """The transformers attention function `distgen_slots` (cache=None: the op keeps the keys)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return torch.ops.distgen.slot_attention(query, key, value, module.layer_idx, scale), None
+    if torch.compiler.is_compiling():
+        return torch.ops.distgen.slot_attention(query, key, value, module.layer_idx, scale), None
+    return attend(query, key, value, module.layer_idx, scale), None
 
 
 AttentionInterface.register(ATTENTION_NAME, slot_attention_forward)
