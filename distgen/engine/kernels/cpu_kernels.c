@@ -120,6 +120,8 @@ void decode_attention(const float* q, int64_t q_tok, int64_t q_head, const float
     float* p = malloc(sizeof(float) * G * L);
     for (int64_t t = 0; t < L; t++) {
       const float* kt = kb + t * s_col;
+      /* the values' rows stream in behind the keys (pass 3 then reads them from cache) */
+      for (int64_t d = 0; d < D; d += 16) _mm_prefetch((const char*)(vb + t * s_col + d), _MM_HINT_T1);
       for (int64_t j = 0; j < G; j++) {
         __m256 a = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j * D + d), _mm256_loadu_ps(kt + d), a);
