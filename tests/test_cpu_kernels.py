@@ -1,4 +1,5 @@
-"""generation.cpu_kernels: distgen's packed AVX2 linear kernel against torch's linear and model.generate."""
+"""generation.cpu_kernels: distgen's AVX2 CPU kernels (packed linear, decode attention, KV writes, fused norms/MLPs)
+against torch's own ops and model.generate."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,14 +7,14 @@ from transformers import AutoModelForCausalLM
 
 from conftest import PROMPTS, reference_greedy, DEFAULT_BUDGET
 from distgen.config import GenerationConfig
-from distgen.engine import cpu_kernels as linear
-from distgen.engine.cpu_kernels import pack, pack_linears, packed_linear, plan_linear, unpack, unpack_linears
+from distgen.engine import cpu_kernels as kernels
+from distgen.engine.cpu_kernels import pack, pack_linears, packed_linear, plan_kernels, unpack, unpack_linears
 from distgen.errors import ConfigError
 from helpers import engine_for, generate_all
 
 CPU = torch.device("cpu")
-needs_kernel = pytest.mark.skipif(linear.load_kernel()[0] is None,
-                                  reason=f"the packed kernel cannot run here: {linear.load_kernel()[1]}")
+needs_kernel = pytest.mark.skipif(kernels.load_kernel()[0] is None,
+                                  reason=f"distgen's CPU kernels cannot run here: {kernels.load_kernel()[1]}")
 
 
 @needs_kernel
@@ -57,25 +58,25 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler=scheduler, cache="static",
                            compile="off", cpu_kernels="distgen", prefill_chunk_tokens=8)
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
-    assert "packed CPU linear" in engine.choice and "norms/MLPs fused" in engine.choice
-    assert linear.is_packed(model.model.layers[0].mlp.down_proj)
+    assert "distgen CPU kernels" in engine.choice and "norms/MLPs fused" in engine.choice
+    assert kernels.is_packed(model.model.layers[0].mlp.down_proj)
     got = generate_all(engine)
     for record in PROMPTS:
         want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
         assert got[record["id"]].token_ids == want, record["id"]
     # A later engine that compiles or is told torch unpacks them again.
     engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_kernels="torch", compile="off"))
-    assert not any(linear.is_packed(m) for m in model.modules())
+    assert not any(kernels.is_packed(m) for m in model.modules())
 
 
 def test_plans_say_why_and_bad_settings_are_config_errors(tiny_model, monkeypatch):
     def plan(name, **kw):
         args = dict(device=CPU, lockstep=False, compiling=False, autocast=None) | kw
-        return plan_linear(name, tiny_model, **args)
+        return plan_kernels(name, tiny_model, **args)
     assert not plan("auto", lockstep=True).enabled and "lockstep" in plan("auto", lockstep=True).reason
     assert "compiled step" in plan("auto", compiling=True).reason
     assert "autocast" in plan("auto", autocast=torch.bfloat16).reason
-    assert plan("auto", device=torch.device("cuda")) == linear.LinearPlan(False, "")
+    assert plan("auto", device=torch.device("cuda")) == kernels.KernelPlan(False, "")
     assert not plan("torch").enabled
     with pytest.raises(ConfigError, match="generation.cpu_kernels=distgen is not possible: a lockstep"):
         plan("distgen", lockstep=True)
@@ -83,13 +84,13 @@ def test_plans_say_why_and_bad_settings_are_config_errors(tiny_model, monkeypatc
         GenerationConfig(cpu_kernels="mkl").check()
     # No compiler: auto falls back to torch and says so (a fresh cache folder forces a build).
     monkeypatch.setenv("DISTGEN_KERNEL_CACHE", "/nonexistent/none")
-    monkeypatch.setattr(linear, "compiler", lambda: None)
-    linear.load_kernel.cache_clear()
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
+    kernels.load_kernel.cache_clear()
     try:
-        if linear.cpu_blocker() is None:
-            assert plan("auto") == linear.LinearPlan(False, "torch linear (no C compiler to build the kernel: set CC or install gcc)")
+        if kernels.cpu_blocker() is None:
+            assert plan("auto") == kernels.KernelPlan(False, "torch kernels (no C compiler to build the kernel: set CC or install gcc)")
     finally:
-        linear.load_kernel.cache_clear()
+        kernels.load_kernel.cache_clear()
 
 
 @needs_kernel
@@ -100,7 +101,7 @@ def test_decode_attention_reads_each_slots_own_columns(heads, kv_heads, dim):
     keys, values = torch.randn(slots, kv_heads, columns + 1, dim), torch.randn(slots, kv_heads, columns + 1, dim)
     lengths = torch.tensor([1, 17, 40, 0, 9])
     query = torch.randn(4, heads, dim)  # the first 4 slots decode; slot 3 is idle (length 0)
-    got = linear.decode_attention(query, keys, values, lengths[:4], 0.125)
+    got = kernels.decode_attention(query, keys, values, lengths[:4], 0.125)
     for i, length in enumerate(lengths[:4].tolist()):
         if length == 0:
             assert torch.equal(got[i], torch.zeros(heads, dim))
@@ -114,7 +115,7 @@ def test_decode_attention_reads_each_slots_own_columns(heads, kv_heads, dim):
     garbage = float("nan") if dim % 8 == 0 else 1e6
     keys[:, :, 40:], values[:, :, 40:] = garbage, garbage
     keys[1, :, 17:], values[1, :, 17:] = 1e6, 1e6
-    assert torch.equal(linear.decode_attention(query, keys, values, lengths[:4], 0.125), got)
+    assert torch.equal(kernels.decode_attention(query, keys, values, lengths[:4], 0.125), got)
 
 
 class OffsetRMSNorm(torch.nn.Module):
@@ -138,14 +139,14 @@ def test_fused_norms_and_mlps_match_their_modules_and_only_those(tiny_model_dir)
     with torch.no_grad():
         want = model(ids).logits
         pack_linears(model)
-        fused = linear.fuse_modules(model)
+        fused = kernels.fuse_modules(model)
         layers = len(model.model.layers)
         assert fused == 3 * layers + 1  # two norms and the MLP per layer, the final norm
-        assert linear.fuse_modules(model) == fused and not getattr(odd, "_distgen_fused", False)
+        assert kernels.fuse_modules(model) == fused and not getattr(odd, "_distgen_fused", False)
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
         x = torch.randn(4, 2 * 96)
-        torch.testing.assert_close(linear.silu_mul(x), F.silu(x[:, :96]) * x[:, 96:], rtol=1e-5, atol=1e-6)
-        linear.unfuse_modules(model)
+        torch.testing.assert_close(kernels.silu_mul(x), F.silu(x[:, :96]) * x[:, 96:], rtol=1e-5, atol=1e-6)
+        kernels.unfuse_modules(model)
         unpack_linears(model)
         assert torch.equal(model(ids).logits, want)
 
@@ -159,6 +160,6 @@ def test_write_kv_writes_what_indexing_writes():
     value = torch.randn(1, 5, 2, 16).transpose(1, 2)[0]
     slots, cols = torch.tensor([0, 0, 3, 1, 2]), torch.tensor([4, 5, 0, 9, 2])
     want_k[slots, :, cols], want_v[slots, :, cols] = key.transpose(0, 1), value.transpose(0, 1)
-    assert linear.write_kv(key, value, keys, values, slots, cols)
+    assert kernels.write_kv(key, value, keys, values, slots, cols)
     assert torch.equal(keys, want_k) and torch.equal(values, want_v)
-    assert not linear.write_kv(key.double(), value.double(), keys, values, slots, cols)  # the caller indexes
+    assert not kernels.write_kv(key.double(), value.double(), keys, values, slots, cols)  # the caller indexes

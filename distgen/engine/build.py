@@ -15,7 +15,7 @@ from distgen.engine.kv import CACHES, CacheSpec, QueueShape
 from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.kv.quantized import quant_bits
-from distgen.engine.cpu_kernels import apply_linear, plan_linear
+from distgen.engine.cpu_kernels import apply_kernels, plan_kernels
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
                                    kv_shape, memory_budget)
 from distgen.engine.queue import PromptQueue, RequestQueue
@@ -268,9 +268,9 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
         choice += f"; assisted by {assistant.name} ({gen.assistant_schedule}, {gen.num_assistant_tokens} draft tokens)"
     autocast, autocast_why = plan_autocast(gen, model)
     choice += f"; {autocast_why}" if autocast_why else ""
-    linear_why = apply_linear(plan_linear(gen.cpu_kernels, model, device, lockstep, compile_plan.enabled, autocast),
-                              model)
-    choice += f"; {linear_why}" if linear_why else ""
+    kernels_why = apply_kernels(plan_kernels(gen.cpu_kernels, model, device, lockstep, compile_plan.enabled,
+                                             autocast), model)
+    choice += f"; {kernels_why}" if kernels_why else ""
     spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled,
                      verify_tokens=max_draft_tokens(gen) + 1 if assistant is not None else 1)
     kind = CACHES.get(cache)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -38,8 +37,6 @@ import torch.nn.functional as F
 from distgen.errors import ConfigError
 from distgen.registry import Registry
 
-log = logging.getLogger("distgen.engine")
-
 SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 # Output features per panel (the kernel's two AVX2 vectors); a layer whose out_features is not a
@@ -48,7 +45,7 @@ PANEL = 16
 
 
 @dataclass(frozen=True)
-class LinearPlan:
+class KernelPlan:
     enabled: bool
     reason: str
 
@@ -83,17 +80,20 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((cc,) + FLAGS).encode()).hexdigest()[:16]
     built = cache_dir() / f"cpu_kernels-{key}.so"
-    if not built.exists():
-        built.parent.mkdir(parents=True, exist_ok=True)
-        # Ranks build at once on a shared cache: each writes its own file, the rename is atomic.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=built.parent)
-        os.close(fd)
-        result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if result.returncode != 0:
-            os.unlink(tmp)
-            return None, f"{cc} could not build {SOURCE.name}: {result.stderr.strip()[-300:]}"
-        os.replace(tmp, built)
-    lib = ctypes.CDLL(str(built))
+    try:
+        if not built.exists():
+            built.parent.mkdir(parents=True, exist_ok=True)
+            # Ranks build at once on a shared cache: each writes its own file, the rename is atomic.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=built.parent)
+            os.close(fd)
+            result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if result.returncode != 0:
+                os.unlink(tmp)
+                return None, f"{cc} could not build {SOURCE.name}: {result.stderr.strip()[-300:]}"
+            os.replace(tmp, built)
+        lib = ctypes.CDLL(str(built))
+    except OSError as error:
+        return None, f"the kernels could not be built or loaded in {built.parent} ({error}; set DISTGEN_KERNEL_CACHE)"
     lib.packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.packed_linear.restype = None
@@ -342,7 +342,7 @@ def unpack_linears(model: torch.nn.Module) -> None:
 
 def model_blocker(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
                   autocast: Optional[torch.dtype]) -> Optional[str]:
-    """Why this model's linear layers keep torch's GEMM in this engine, or None."""
+    """Why this model's linear layers and norms/MLPs keep torch's kernels in this engine, or None."""
     if device.type != "cpu":
         return f"the model runs on {device.type}"
     if lockstep:
@@ -360,47 +360,47 @@ def model_blocker(model: torch.nn.Module, device: torch.device, lockstep: bool, 
 
 
 # A generation.cpu_kernels policy: (model, device, lockstep, compiling, autocast dtype) -> the plan.
-LinearPolicy = Callable[[torch.nn.Module, torch.device, bool, bool, Optional[torch.dtype]], LinearPlan]
+KernelPolicy = Callable[[torch.nn.Module, torch.device, bool, bool, Optional[torch.dtype]], KernelPlan]
 
 
-def linear_auto(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
-                autocast: Optional[torch.dtype]) -> LinearPlan:
-    """distgen's packed AVX2 kernel where it can run (CPU, fp32, not sharded or compiled), else torch's."""
+def kernels_auto(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
+                autocast: Optional[torch.dtype]) -> KernelPlan:
+    """distgen's CPU kernels where they can run (CPU, fp32; the linear not sharded or compiled), else torch's."""
     blocker = model_blocker(model, device, lockstep, compiling, autocast)
     if blocker:
-        return LinearPlan(False, f"torch linear ({blocker})" if device.type == "cpu" else "")
-    return LinearPlan(True, "packed CPU linear")
+        return KernelPlan(False, f"torch kernels ({blocker})" if device.type == "cpu" else "")
+    return KernelPlan(True, "distgen CPU kernels")
 
 
-def linear_distgen(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
-                  autocast: Optional[torch.dtype]) -> LinearPlan:
-    """distgen's packed AVX2 kernel (a config error where it cannot run)."""
+def kernels_distgen(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
+                  autocast: Optional[torch.dtype]) -> KernelPlan:
+    """distgen's CPU kernels (a config error where they cannot run)."""
     blocker = model_blocker(model, device, lockstep, compiling, autocast)
     if blocker:
         raise ConfigError(f"generation.cpu_kernels=distgen is not possible: {blocker}; use generation.cpu_kernels=auto "
                           "or torch")
-    return LinearPlan(True, "packed CPU linear (generation.cpu_kernels=distgen)")
+    return KernelPlan(True, "distgen CPU kernels (generation.cpu_kernels=distgen)")
 
 
-def linear_torch(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
-                 autocast: Optional[torch.dtype]) -> LinearPlan:
-    """torch's linear (MKL/oneDNN on CPU)."""
-    return LinearPlan(False, "torch linear (generation.cpu_kernels=torch)" if device.type == "cpu" else "")
+def kernels_torch(model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
+                 autocast: Optional[torch.dtype]) -> KernelPlan:
+    """torch's kernels (MKL/oneDNN GEMMs, SDPA)."""
+    return KernelPlan(False, "torch kernels (generation.cpu_kernels=torch)" if device.type == "cpu" else "")
 
 
 # generation.cpu_kernels's names (the config check and --help read them).
-CPU_KERNELS: Registry[LinearPolicy] = Registry("generation.cpu_kernels", valued=True)
-CPU_KERNELS.register("auto", None, linear_auto)
-CPU_KERNELS.register("distgen", None, linear_distgen)
-CPU_KERNELS.register("torch", None, linear_torch)
+CPU_KERNELS: Registry[KernelPolicy] = Registry("generation.cpu_kernels", valued=True)
+CPU_KERNELS.register("auto", None, kernels_auto)
+CPU_KERNELS.register("distgen", None, kernels_distgen)
+CPU_KERNELS.register("torch", None, kernels_torch)
 
 
-def plan_linear(name: str, model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
-                autocast: Optional[torch.dtype]) -> LinearPlan:
+def plan_kernels(name: str, model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
+                autocast: Optional[torch.dtype]) -> KernelPlan:
     return CPU_KERNELS.get(name)(model, device, lockstep, compiling, autocast)
 
 
-def apply_linear(plan: LinearPlan, model: torch.nn.Module) -> str:
+def apply_kernels(plan: KernelPlan, model: torch.nn.Module) -> str:
     """Pack or unpack the model's linear layers as the plan says; what the engine line adds."""
     if not plan.enabled:
         unfuse_modules(model)
