@@ -137,8 +137,9 @@ class GenerationConfig:
     # Run the engine's forwards under torch.autocast in bf16 or fp16 (an fp32 checkpoint computing in half
     # precision; on CPU without bf16 instructions this is slower than fp32); none: the weights' dtype.
     autocast: str = "none"
-    # CPU kernels: a name in distgen.engine.cpu_kernels.CPU_KERNELS: auto (distgen's AVX2 packed linear and
-    # decode attention where they can run: CPU, fp32; the linear not sharded or compiled), distgen, torch.
+    # CPU kernels: a name in distgen.engine.cpu_kernels.CPU_KERNELS: auto (distgen's AVX2 kernels where they
+    # can run: CPU, fp32; the packed linear and fused norms/MLPs not sharded or compiled; the slot cache's
+    # decode attention and key/value writes), distgen (a config error where they cannot), torch.
     cpu_kernels: str = "auto"
     # Most prompt tokens one prefill forward runs with scheduler=chunked.
     prefill_chunk_tokens: int = 512

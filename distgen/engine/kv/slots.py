@@ -133,7 +133,8 @@ class SlotKV(KVCache):
         """max_len: columns per slot (the longest prompt + budget, or the ring size with a window).
         compacts: move rows down into freed slots (only without full_width; off when a draft model's
         cache shares these slot numbers). varlen: attend through distgen::slot_attention (varlen.py).
-        decode_kernel: with varlen, decode tokens attend through distgen's CPU kernel (cpu_kernels.py)."""
+        decode_kernel: with varlen, decode tokens attend and every forward writes its keys/values through
+        distgen's CPU kernels (cpu_kernels.py)."""
         self.slots, self.max_len, self.pad_id, self.device, self.dtype = slots, max_len, pad_id, device, dtype
         # full_width: decode every slot over every column (one shape: what compile needs).
         self.full_width, self.window = full_width, window

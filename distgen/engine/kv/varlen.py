@@ -5,7 +5,9 @@ A slot-cache forward is one packed row of tokens: first `decode` tokens, one per
 model's attention calls `distgen::slot_attention`, a custom op that writes the new keys/values into
 the slot buffers and attends: the decode tokens in one batched SDPA over their slots' first `width`
 columns (masked by the columns each may see), each segment in one causal SDPA over its own slot's
-columns (no block-diagonal square over the whole packed row, no gathered copy of the keys).
+columns (no block-diagonal square over the whole packed row, no gathered copy of the keys). With
+distgen's CPU kernels (generation.cpu_kernels, cpu_kernels.py) the keys/values are written by a kernel
+and each decode token reads exactly its own slot's columns (`AttentionPlan.decode_lengths`).
 
 The op reads the forward's `AttentionPlan` from `ACTIVE` (set by `activated` around the forward),
 as vLLM's attention reads its forward context: torch.compile sees an opaque op with a fixed
