@@ -126,6 +126,8 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if lib is None:
         raise RuntimeError(f"distgen's packed CPU linear is not available: {why}")
     n, k = weight.shape
+    if n % PANEL:
+        raise ValueError(f"a packed weight has a multiple of {PANEL} output features, this one {n}")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise RuntimeError(f"distgen's packed CPU linear takes fp32 CPU input, got {x.dtype} on {x.device}")
     rows = x.reshape(-1, k).contiguous()
