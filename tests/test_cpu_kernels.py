@@ -112,6 +112,10 @@ def test_decode_attention_reads_each_slots_own_columns(heads, kv_heads, dim):
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
     # A column past a slot's length never counts: garbage there changes nothing (the kernel never reads
     # it, so even NaN; SDPA's masked fallback multiplies masked values by 0, so a finite one).
+    # Half-precision buffers (autocast) are not the kernel's: SDPA answers, nothing is read as fp32.
+    half = kernels.decode_attention(query.bfloat16(), keys.bfloat16(), values.bfloat16(), lengths[:4], 0.125)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half[:3].float(), got[:3], rtol=0.05, atol=0.05)
     garbage = float("nan") if dim % 8 == 0 else 1e6
     keys[:, :, 40:], values[:, :, 40:] = garbage, garbage
     keys[1, :, 17:], values[1, :, 17:] = 1e6, 1e6

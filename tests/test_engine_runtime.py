@@ -21,6 +21,7 @@ def test_autocast_runs_with_every_budget_and_fp32_logits(tiny_model, tokenizer, 
                            scheduler=scheduler, autocast=autocast, prefill_chunk_tokens=8)
     engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
     assert f"autocast to {autocast}" in engine.choice
+    assert "distgen CPU kernels" not in engine.choice and "decode attention: distgen" not in engine.choice  # fp32 only
     logits_dtypes = []
     decode = engine.runner.decode
     engine.runner.decode = lambda inputs: logits_dtypes.append(decode(inputs).dtype) or decode(inputs)

@@ -128,8 +128,10 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     n, k = weight.shape
     if n % PANEL:
         raise ValueError(f"a packed weight has a multiple of {PANEL} output features, this one {n}")
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        raise RuntimeError(f"distgen's packed CPU linear takes fp32 CPU input, got {x.dtype} on {x.device}")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32 \
+            or (bias is not None and bias.dtype != torch.float32):
+        raise RuntimeError(f"distgen's packed CPU linear takes fp32 CPU input and weights, got {x.dtype} on "
+                           f"{x.device}, weight {weight.dtype}")
     rows = x.reshape(-1, k).contiguous()
     out = torch.empty((rows.shape[0], n), dtype=torch.float32)
     if rows.shape[0]:
@@ -138,12 +140,13 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return out.view(*x.shape[:-1], n)
 
 
-def decode_attention_blocker(device: torch.device, dtype: torch.dtype, name: str) -> Optional[str]:
-    """Why the slot cache's decode tokens keep SDPA (generation.cpu_kernels=`name`), or None."""
+def decode_attention_blocker(device: torch.device, dtype: torch.dtype, name: str, autocast: str = "none") -> Optional[str]:
+    """Why the slot cache's decode tokens keep SDPA (generation.cpu_kernels=`name`, the weights' `dtype`,
+    generation.autocast=`autocast`), or None: the kernels read and write fp32 only."""
     if name == "torch" or device.type != "cpu":
         return "generation.cpu_kernels=torch" if name == "torch" else f"the cache is on {device.type}"
-    if dtype != torch.float32:
-        return f"the cache is {dtype}"
+    if dtype != torch.float32 or autocast != "none":
+        return f"the cache is not fp32 (weights {dtype}, generation.autocast={autocast})"
     return load_kernel()[1] or None
 
 
@@ -154,7 +157,9 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     when given (contiguous). SDPA where the kernel cannot."""
     n, heads, dim = query.shape
     lib = load_kernel()[0]
-    if lib is None or dim % 8 or query.stride(-1) != 1 or keys.stride(-1) != 1 or keys.stride() != values.stride():
+    if lib is None or dim % 8 or {query.dtype, keys.dtype, values.dtype} != {torch.float32} \
+            or (out is not None and out.dtype != torch.float32) or lengths.dtype != torch.long \
+            or query.stride(-1) != 1 or keys.stride(-1) != 1 or keys.stride() != values.stride():
         mask = torch.arange(keys.shape[2]) < lengths.unsqueeze(-1)  # (n, columns)
         result = F.scaled_dot_product_attention(query.unsqueeze(2), keys[:n], values[:n],
                                                 attn_mask=mask[:, None, None], scale=scale,
@@ -174,7 +179,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values:
     """key/value (kv_heads, tokens, head_dim) -> keys/values[slots[t], :, cols[t]]; False (nothing written)
     where the kernel cannot (the caller indexes instead)."""
     lib = load_kernel()[0]
-    if lib is None or key.dtype != torch.float32 or keys.dtype != torch.float32 or key.stride() != value.stride() \
+    if lib is None or {key.dtype, value.dtype, keys.dtype, values.dtype} != {torch.float32} \
+            or key.stride() != value.stride() \
             or key.stride(-1) != 1 or keys.stride(-1) != 1 or keys.stride() != values.stride() \
             or slots.dtype != torch.long or cols.dtype != torch.long:
         return False
@@ -220,7 +226,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling() or x.dtype != torch.float32:
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
         return type(self).forward(self, x)
     return rms_norm(x, self.weight, self._distgen_eps)
 
@@ -238,7 +244,7 @@ def gate_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tens
 
 
 def gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or self.gate_proj.weight.dtype != torch.float32:
         return type(self).forward(self, x)
     return self.down_proj(silu_mul(gate_up(x, self.gate_proj.weight, self.up_proj.weight)))
 

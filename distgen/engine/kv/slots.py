@@ -357,7 +357,8 @@ def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = 
                   compacts=spec.verify_tokens == 1,  # assisted: the draft's cache uses the same slots
                   # CUDA graphs would replay the op's per-step plan tensors stale: compiled CUDA keeps the mask path
                   varlen=not (spec.compiling and spec.device.type == "cuda"),
-                  decode_kernel=decode_attention_blocker(spec.device, model_dtype(spec.model), spec.gen.cpu_kernels) is None)
+                  decode_kernel=decode_attention_blocker(spec.device, model_dtype(spec.model), spec.gen.cpu_kernels,
+                                                         spec.gen.autocast) is None)
 
 
 class StaticSlots:
