@@ -120,8 +120,10 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return packed.view(n // PANEL, k, PANEL).transpose(1, 2).contiguous().view(n, k)
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ W^T + b with `weight` as `pack` left it."""
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ W^T + b with `weight` as `pack` left it; into `out` (rows, N) when given (its rows may be strided,
+    e.g. one half of a wider buffer)."""
     lib, why = load_kernel()
     if lib is None:
         raise RuntimeError(f"distgen's packed CPU linear is not available: {why}")
@@ -133,11 +135,18 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise RuntimeError(f"distgen's packed CPU linear takes fp32 CPU input and weights, got {x.dtype} on "
                            f"{x.device}, weight {weight.dtype}")
     rows = x.reshape(-1, k).contiguous()
-    out = torch.empty((rows.shape[0], n), dtype=torch.float32)
+    if out is None:
+        result = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+        out = result.view(-1, n)
+    else:
+        result = out
+        if out.shape != (rows.shape[0], n) or out.dtype != torch.float32 or out.stride(1) != 1:
+            raise ValueError(f"out must be fp32 ({rows.shape[0]}, {n}) with contiguous rows, got {out.dtype} "
+                             f"{tuple(out.shape)} strides {out.stride()}")
     if rows.shape[0]:
         lib.packed_linear(rows.data_ptr(), k, weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                          out.data_ptr(), n, rows.shape[0], n, k, torch.get_num_threads())
-    return out.view(*x.shape[:-1], n)
+                          out.data_ptr(), out.stride(0), rows.shape[0], n, k, torch.get_num_threads())
+    return result
 
 
 def decode_attention_blocker(device: torch.device, dtype: torch.dtype, name: str, autocast: str = "none") -> Optional[str]:
@@ -191,20 +200,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values:
     return True
 
 
-@torch.library.custom_op("distgen::packed_linear", mutates_args=())
-def packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """`packed_linear` as an op torch.compile keeps opaque (it does not trace into ctypes)."""
-    return packed_linear(x, weight, bias)
-
-
-@packed_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
 def packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.distgen.packed_linear(x, self.weight, self.bias)
     return packed_linear(x, self.weight, self.bias)
 
 
@@ -226,25 +222,23 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling() or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+    if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
         return type(self).forward(self, x)
     return rms_norm(x, self.weight, self._distgen_eps)
 
 
 def gate_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """(..., 2I): [x @ gate^T | x @ up^T] in one buffer (two packed GEMMs, each writing its half of the rows)."""
-    n, k = gate.shape
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty((rows.shape[0], 2 * n), dtype=torch.float32)
-    lib, threads = load_kernel()[0], torch.get_num_threads()
-    for half, weight in enumerate((gate, up)):
-        lib.packed_linear(rows.data_ptr(), k, weight.data_ptr(), None, out.data_ptr() + half * n * out.element_size(),
-                          2 * n, rows.shape[0], n, k, threads)
-    return out.view(*x.shape[:-1], 2 * n)
+    n = gate.shape[0]
+    out = torch.empty((*x.shape[:-1], 2 * n), dtype=torch.float32)
+    rows = out.view(-1, 2 * n)
+    packed_linear(x, gate, None, out=rows[:, :n])
+    packed_linear(x, up, None, out=rows[:, n:])
+    return out
 
 
 def gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling() or x.dtype != torch.float32 or self.gate_proj.weight.dtype != torch.float32:
+    if x.dtype != torch.float32 or self.gate_proj.weight.dtype != torch.float32:
         return type(self).forward(self, x)
     return self.down_proj(silu_mul(gate_up(x, self.gate_proj.weight, self.up_proj.weight)))
 

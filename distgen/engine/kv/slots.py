@@ -164,18 +164,21 @@ class SlotKV(KVCache):
         self.owners[request.row] = request
 
     def place(self, rows: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, read: Union[int, torch.Tensor],
-              width: int) -> torch.Tensor:
-        """Point the cache at this forward's columns; return the additive mask (rows, 1, q, width).
+              width: int, masked: bool = True) -> Optional[torch.Tensor]:
+        """Point the cache at this forward's columns; return the additive mask (rows, 1, q, width), or None
+        when not `masked` (the decode-attention kernel reads each slot's length instead).
 
         rows: (rows, 1) slots; positions, real: (rows, q) each token's position and whether it is a real token.
         """
         cols = torch.where(real, positions % self.max_len, self.max_len)  # padding writes to scratch
         self.col_pos[rows, cols] = positions
+        self.point(rows, cols, read, width)
+        if not masked:
+            return None
         held, pos = self.col_pos[rows.squeeze(-1), :width].unsqueeze(1), positions.unsqueeze(-1)  # (rows, 1, width)
         allowed = (held >= 0) & (held <= pos)
         if self.window is not None:
             allowed = allowed & (held > pos - self.window)
-        self.point(rows, cols, read, width)
         return additive_mask(allowed, self.dtype).unsqueeze(1)
 
     def prefill_inputs(self, plan: StepPlan) -> ForwardBatch:
@@ -244,7 +247,7 @@ class SlotKV(KVCache):
             width = self.max_len  # the model reads the keys: one shape for the compiled step
         decoding = self.decoding[:count].unsqueeze(-1)  # (count, 1); idle slots write to scratch
         positions = torch.where(decoding, self.lengths[:count].unsqueeze(-1), 0)
-        mask = self.place(self.all_rows[:count], positions, decoding, count, width)
+        mask = self.place(self.all_rows[:count], positions, decoding, count, width, masked=not self.decode_kernel)
         if self.varlen:  # one packed row, a token per slot; the op reads the first `width` columns
             attention = AttentionPlan(self.cache.layers, self.all_rows[:count, 0], self.cache.write_cols[:, 0],
                                       decode=count, width=width, decode_mask=mask)
