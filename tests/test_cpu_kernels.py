@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from conftest import PROMPTS, reference_greedy, DEFAULT_BUDGET
 from distgen.config import GenerationConfig
 from distgen.engine import cpu_kernels as kernels
+from distgen.engine import cpu_model
 from distgen.engine.cpu_kernels import pack, pack_linears, packed_linear, plan_kernels, unpack, unpack_linears
 from distgen.errors import ConfigError
 from helpers import engine_for, generate_all
@@ -59,6 +60,7 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
                            compile="off", cpu_kernels="distgen", prefill_chunk_tokens=8)
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
     assert "distgen CPU kernels" in engine.choice and "norms/MLPs fused" in engine.choice
+    assert "decoder stack: distgen's forward" in engine.choice and model.model._distgen_owned
     assert kernels.is_packed(model.model.layers[0].mlp.down_proj)
     got = generate_all(engine)
     for record in PROMPTS:
@@ -67,6 +69,7 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
     # A later engine that compiles or is told torch unpacks them again.
     engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_kernels="torch", compile="off"))
     assert not any(kernels.is_packed(m) for m in model.modules())
+    assert "forward" not in vars(model.model) and not model.model._distgen_owned
 
 
 def test_plans_say_why_and_bad_settings_are_config_errors(tiny_model, monkeypatch):
@@ -167,3 +170,45 @@ def test_write_kv_writes_what_indexing_writes():
     assert kernels.write_kv(key, value, keys, values, slots, cols)
     assert torch.equal(keys, want_k) and torch.equal(values, want_v)
     assert not kernels.write_kv(key.double(), value.double(), keys, values, slots, cols)  # the caller indexes
+
+
+@needs_kernel
+def test_rotary_and_residual_linear_round_as_transformers_does():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    torch.manual_seed(3)
+    tokens, heads, kv_heads, dim = 5, 6, 2, 40  # 20 per half: the vector loop and its scalar tail
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    cos, sin = torch.randn(tokens, dim), torch.randn(tokens, dim)  # not duplicated halves: any rotary table
+    q, k = qkv[:, :heads * dim].view(tokens, heads, dim), qkv[:, heads * dim:(heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    v = qkv[:, (heads + kv_heads) * dim:].clone()
+    kernels.rotary(qkv[:, :(heads + kv_heads) * dim].view(tokens, -1, dim), cos, sin)  # strided rows, in place
+    assert torch.equal(q, want_q[0].transpose(0, 1)) and torch.equal(k, want_k[0].transpose(0, 1))
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim:], v)  # the values are not touched
+    with pytest.raises(ValueError, match="rotary takes fp32"):
+        kernels.rotary(q.double(), cos, sin)
+    weight, bias, x, residual = torch.randn(48, 24), torch.randn(48), torch.randn(2, 7, 24), torch.randn(2, 7, 48)
+    packed = pack(weight)
+    assert torch.equal(packed_linear(x, packed, bias, residual=residual), residual + packed_linear(x, packed, bias))
+
+
+@needs_kernel
+def test_owned_stack_computes_transformers_forward_and_a_different_one_is_refused(tiny_model_dir, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    pack_linears(model)
+    kernels.fuse_modules(model)
+    assert cpu_model.own_stack(model) == "decoder stack: distgen's forward"
+    assert cpu_model.own_stack(model) == "decoder stack: distgen's forward"  # idempotent
+    ids = torch.tensor([[5, 9, 11, 30, 7, 12]])
+    with torch.no_grad():  # outside a slot-cache forward it is transformers' own forward
+        owned = model(ids).logits
+        cpu_model.release_stack(model)
+        assert "forward" not in vars(model.model) and torch.equal(model(ids).logits, owned)
+    # A stack computing something else (here a layer that does nothing) fails the probe and is not used.
+    monkeypatch.setattr(cpu_model, "layer_forward", lambda layer, x, cos, sin: x)
+    assert cpu_model.own_stack(model) == ("decoder stack: transformers' forward (its forward differs from a "
+                                          "Llama-style stack's on a probe)")
+    assert "forward" not in vars(model.model)
+    # A layer that is not Llama-style is named.
+    model.model.layers[0].extra = torch.nn.Identity()
+    assert "holds extra, input_layernorm" in cpu_model.own_stack(model)

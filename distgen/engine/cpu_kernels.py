@@ -95,7 +95,8 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     except OSError as error:
         return None, f"the kernels could not be built or loaded in {built.parent} ({error}; set DISTGEN_KERNEL_CACHE)"
     lib.packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_int]
     lib.packed_linear.restype = None
     lib.decode_attention.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
         [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
@@ -106,6 +107,8 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.rms_norm.restype = lib.silu_mul.restype = None
+    lib.rotary.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+    lib.rotary.restype = None
     return lib, ""
 
 
@@ -121,9 +124,10 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ W^T + b with `weight` as `pack` left it; into `out` (rows, N) when given (its rows may be strided,
-    e.g. one half of a wider buffer)."""
+    e.g. one half of a wider buffer); plus `residual` (x's shape but N wide) when given, rounded as
+    `residual + linear(x)` is."""
     lib, why = load_kernel()
     if lib is None:
         raise RuntimeError(f"distgen's packed CPU linear is not available: {why}")
@@ -143,10 +147,29 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if out.shape != (rows.shape[0], n) or out.dtype != torch.float32 or out.stride(1) != 1:
             raise ValueError(f"out must be fp32 ({rows.shape[0]}, {n}) with contiguous rows, got {out.dtype} "
                              f"{tuple(out.shape)} strides {out.stride()}")
+    if residual is not None:
+        residual = residual.reshape(-1, n)
+        if residual.shape != out.shape or residual.dtype != torch.float32 or residual.stride(1) != 1:
+            raise ValueError(f"residual must be fp32 {tuple(out.shape)} with contiguous rows, got {residual.dtype} "
+                             f"{tuple(residual.shape)} strides {residual.stride()}")
     if rows.shape[0]:
         lib.packed_linear(rows.data_ptr(), k, weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                          out.data_ptr(), out.stride(0), rows.shape[0], n, k, torch.get_num_threads())
+                          out.data_ptr(), out.stride(0), None if residual is None else residual.data_ptr(),
+                          0 if residual is None else residual.stride(0), rows.shape[0], n, k, torch.get_num_threads())
     return result
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place: x (tokens, heads, head_dim; rows may be strided, heads contiguous) <- transformers'
+    `x * cos + rotate_half(x) * sin`, bit for bit; cos/sin (tokens, head_dim)."""
+    tokens, heads, dim = x.shape
+    if {x.dtype, cos.dtype, sin.dtype} != {torch.float32} or x.stride(2) != 1 or x.stride(1) != dim \
+            or cos.shape != (tokens, dim) or sin.shape != cos.shape or dim % 2:
+        raise ValueError(f"rotary takes fp32 x (tokens, heads, head_dim) with contiguous heads and cos/sin "
+                         f"(tokens, head_dim), got x {x.dtype} {tuple(x.shape)} strides {x.stride()}, cos "
+                         f"{cos.dtype} {tuple(cos.shape)}")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    load_kernel()[0].rotary(x.data_ptr(), x.stride(0), tokens, heads, dim, cos.data_ptr(), sin.data_ptr(), dim)
 
 
 def decode_attention_blocker(device: torch.device, dtype: torch.dtype, name: str, autocast: str = "none") -> Optional[str]:
@@ -404,10 +427,13 @@ def plan_kernels(name: str, model: torch.nn.Module, device: torch.device, lockst
 
 def apply_kernels(plan: KernelPlan, model: torch.nn.Module) -> str:
     """Pack or unpack the model's linear layers as the plan says; what the engine line adds."""
+    from distgen.engine.cpu_model import own_stack, release_stack  # it builds on this module
     if not plan.enabled:
+        release_stack(model)
         unfuse_modules(model)
         unpack_linears(model)
         return plan.reason
     packed, total = pack_linears(model)
     fused = fuse_modules(model)
-    return f"{plan.reason}: {packed} of {total} linear layers packed in place, {fused} norms/MLPs fused"
+    return f"{plan.reason}: {packed} of {total} linear layers packed in place, {fused} norms/MLPs fused, " \
+        f"{own_stack(model)}"

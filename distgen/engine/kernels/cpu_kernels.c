@@ -25,7 +25,8 @@
 
 static inline __attribute__((always_inline)) void block(const int rows, const float* x, int64_t ldx,
                                                         const float* P, int64_t K, float* y, int64_t ldy,
-                                                        const float* bias, const float* next) {
+                                                        const float* bias, const float* r, int64_t ldr,
+                                                        const float* next) {
   __m256 lo[ROWS], hi[ROWS];
 #pragma GCC unroll 6
   for (int i = 0; i < ROWS; i++) if (i < rows) { lo[i] = _mm256_setzero_ps(); hi[i] = _mm256_setzero_ps(); }
@@ -43,36 +44,43 @@ static inline __attribute__((always_inline)) void block(const int rows, const fl
   const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
 #pragma GCC unroll 6
   for (int i = 0; i < ROWS; i++) if (i < rows) {
-    _mm256_storeu_ps(y + i * ldy, bias ? _mm256_add_ps(lo[i], b0) : lo[i]);
-    _mm256_storeu_ps(y + i * ldy + 8, bias ? _mm256_add_ps(hi[i], b1) : hi[i]);
+    __m256 out0 = bias ? _mm256_add_ps(lo[i], b0) : lo[i], out1 = bias ? _mm256_add_ps(hi[i], b1) : hi[i];
+    if (r) {  /* the residual: r + (x @ W^T + b), as `residual + linear(x)` rounds it */
+      out0 = _mm256_add_ps(_mm256_loadu_ps(r + i * ldr), out0);
+      out1 = _mm256_add_ps(_mm256_loadu_ps(r + i * ldr + 8), out1);
+    }
+    _mm256_storeu_ps(y + i * ldy, out0);
+    _mm256_storeu_ps(y + i * ldy + 8, out1);
   }
 }
 
 static void panel(const float* x, int64_t ldx, const float* P, const float* bias, float* y, int64_t ldy,
-                  int64_t M, int64_t K, const float* next) {
+                  const float* r, int64_t ldr, int64_t M, int64_t K, const float* next) {
   for (int64_t m = 0; m < M; m += ROWS) {
     const int rows = M - m < ROWS ? (int)(M - m) : ROWS;
     const float* xm = x + m * ldx;
     float* ym = y + m * ldy;
+    const float* rm = r ? r + m * ldr : 0;
     switch (rows) {
-      case 6: block(6, xm, ldx, P, K, ym, ldy, bias, next); break;
-      case 5: block(5, xm, ldx, P, K, ym, ldy, bias, next); break;
-      case 4: block(4, xm, ldx, P, K, ym, ldy, bias, next); break;
-      case 3: block(3, xm, ldx, P, K, ym, ldy, bias, next); break;
-      case 2: block(2, xm, ldx, P, K, ym, ldy, bias, next); break;
-      default: block(1, xm, ldx, P, K, ym, ldy, bias, next); break;
+      case 6: block(6, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      case 5: block(5, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      case 4: block(4, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      case 3: block(3, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      case 2: block(2, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      default: block(1, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
     }
   }
 }
 
-/* N % 16 == 0; x rows ldx apart, y rows ldy apart; bias may be NULL. */
+/* N % 16 == 0; x rows ldx apart, y rows ldy apart; bias may be NULL; r (rows ldr apart, may be NULL)
+ * is added to each output (a residual). */
 void packed_linear(const float* x, int64_t ldx, const float* P, const float* bias, float* y, int64_t ldy,
-                   int64_t M, int64_t N, int64_t K, int threads) {
+                   const float* r, int64_t ldr, int64_t M, int64_t N, int64_t K, int threads) {
   const int64_t panels = N / 16;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t p = 0; p < panels; p++) {
     const float* next = p + 1 < panels ? P + (p + 1) * K * 16 : 0;
-    panel(x, ldx, P + p * K * 16, bias ? bias + p * 16 : 0, y + p * 16, ldy, M, K, next);
+    panel(x, ldx, P + p * K * 16, bias ? bias + p * 16 : 0, y + p * 16, ldy, r ? r + p * 16 : 0, ldr, M, K, next);
   }
 }
 
@@ -208,4 +216,35 @@ void write_kv(const float* key, const float* value, int64_t x_tok, int64_t x_hea
       memcpy(keys + at, key + t * x_tok + h * x_head, sizeof(float) * D);
       memcpy(values + at, value + t * x_tok + h * x_head, sizeof(float) * D);
     }
+}
+
+/* Rotary position embedding in place, transformers' `x * cos + rotate_half(x) * sin` (rotate_half(x) =
+ * [-x2, x1]) with its roundings: two products, then one sum (no FMA contraction). Token t, head h at
+ * x + t*ldx + h*D; cos/sin rows of D per token, ldc apart. */
+__attribute__((optimize("fp-contract=off")))
+void rotary(float* x, int64_t ldx, int64_t tokens, int64_t heads, int64_t D, const float* cos, const float* sin,
+            int64_t ldc) {
+  const int64_t H = D / 2;
+  for (int64_t t = 0; t < tokens; t++) {
+    const float* c = cos + t * ldc;
+    const float* s = sin + t * ldc;
+    for (int64_t h = 0; h < heads; h++) {
+      float* v = x + t * ldx + h * D;
+      int64_t i = 0;
+      for (; i + 8 <= H; i += 8) {
+        const __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + H + i);
+        const __m256 lo = _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + i)), _mm256_mul_ps(b, _mm256_loadu_ps(s + i)));
+        const __m256 hi = _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + H + i)),
+                                        _mm256_mul_ps(a, _mm256_loadu_ps(s + H + i)));
+        _mm256_storeu_ps(v + i, lo);
+        _mm256_storeu_ps(v + H + i, hi);
+      }
+      for (; i < H; i++) {
+        const float a = v[i], b = v[H + i];
+        const float lo = a * c[i] - b * s[i], hi = b * c[H + i] + a * s[H + i];
+        v[i] = lo;
+        v[H + i] = hi;
+      }
+    }
+  }
 }
