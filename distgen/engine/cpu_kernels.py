@@ -109,6 +109,10 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     lib.rms_norm.restype = lib.silu_mul.restype = None
     lib.rotary.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
     lib.rotary.restype = None
+    lib.decode_stack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + \
+        [ctypes.c_float] + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + \
+        [ctypes.c_int]
+    lib.decode_stack.restype = None
     return lib, ""
 
 

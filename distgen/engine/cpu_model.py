@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from distgen.engine.cpu_kernels import gate_up, is_packed, packed_linear, rms_norm, rotary, silu_mul
+from distgen.engine.cpu_kernels import gate_up, is_packed, load_kernel, packed_linear, rms_norm, rotary, silu_mul
 from distgen.engine.kv import varlen
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -123,9 +123,77 @@ def stack_forward(self: torch.nn.Module, input_ids: Optional[torch.Tensor] = Non
     hidden = self.embed_tokens(input_ids)
     cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
     x, cos, sin = hidden[0], cos[0], sin[0]
+    table = decode_table(self, varlen.ACTIVE[0], x)
+    if table is not None:
+        return BaseModelOutputWithPast(last_hidden_state=decode_stack(self, table, x, cos, sin)[None])
     for layer in self.layers:
         x = layer_forward(layer, x, cos, sin)
     return BaseModelOutputWithPast(last_hidden_state=rms_norm(x, self.norm.weight, self.norm._distgen_eps)[None])
+
+
+# The per-layer addresses decode_stack (kernels/cpu_kernels.c) reads, in its enum's order.
+LAYER_POINTERS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+                  "self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight",
+                  "self_attn.v_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias",
+                  "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                  "mlp.down_proj.weight", "mlp.down_proj.bias")
+
+
+def layer_tensor(layer: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
+    module, attr = name.rsplit(".", 1)
+    return getattr(layer.get_submodule(module), attr)
+
+
+def uniform(base: torch.nn.Module) -> bool:
+    """Do all layers share one geometry (what one decode_stack call assumes), with contiguous fp32 tensors?"""
+    def geometry(layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        return (attn.head_dim, attn.scaling, attn.q_proj.weight.shape, attn.k_proj.weight.shape,
+                mlp.gate_proj.weight.shape, mlp.down_proj.weight.shape)
+    tensors = [layer_tensor(layer, name) for layer in base.layers for name in LAYER_POINTERS]
+    return len({geometry(layer) for layer in base.layers}) == 1 and base.layers[0].self_attn.head_dim % 8 == 0 \
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors if t is not None)
+
+
+def decode_table(base: torch.nn.Module, plan: varlen.AttentionPlan, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (layers, 16) address table of a decode-only forward that one decode_stack call runs, or None
+    (prefill segments, the SDPA decode path, a cache not yet or differently laid out)."""
+    if not getattr(base, "_distgen_uniform", False) or plan.segments or plan.decode_lengths is None \
+            or plan.decode != x.shape[0] or len(plan.layers) < len(base.layers):
+        return None
+    layers = plan.layers[:len(base.layers)]
+    if not all(layer.is_initialized and layer.keys.dtype == torch.float32 and layer.keys.stride(-1) == 1
+               and layer.keys.stride() == layers[0].keys.stride() == layer.values.stride() for layer in layers):
+        return None
+    key = tuple(layer.keys.data_ptr() for layer in layers) + tuple(layer.values.data_ptr() for layer in layers)
+    cached = getattr(base, "_distgen_table", None)
+    if cached is None or cached[0] != key:
+        rows = [[0 if tensor is None else tensor.data_ptr()
+                 for tensor in [layer_tensor(layer, name) for name in LAYER_POINTERS] + [cache.keys, cache.values]]
+                for layer, cache in zip(base.layers, layers)]
+        base._distgen_table = cached = (key, torch.tensor(rows, dtype=torch.long), torch.tensor(
+            [layer.input_layernorm._distgen_eps if i % 2 == 0 else layer.post_attention_layernorm._distgen_eps
+             for layer in base.layers for i in range(2)], dtype=torch.float32), layers[0].keys.stride())
+    return cached
+
+
+def decode_stack(base: torch.nn.Module, table, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The whole stack of a decode-only forward in one C call (kernels/cpu_kernels.c's decode_stack); x is
+    the step's embeddings (tokens, hidden), written in place; the final norm's output."""
+    _, pointers, eps, strides = table
+    plan, attn, mlp = varlen.ACTIVE[0], base.layers[0].self_attn, base.layers[0].mlp
+    x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    slots, cols, lengths = plan.write_slots.contiguous(), plan.write_cols.contiguous(), plan.decode_lengths.contiguous()
+    out = torch.empty_like(x)
+    tokens, hidden = x.shape
+    load_kernel()[0].decode_stack(
+        x.data_ptr(), out.data_ptr(), tokens, hidden, len(base.layers), pointers.data_ptr(), eps.data_ptr(),
+        base.norm.weight.data_ptr(), base.norm._distgen_eps, attn.q_proj.weight.shape[0] // attn.head_dim,
+        attn.k_proj.weight.shape[0] // attn.head_dim, attn.head_dim, mlp.gate_proj.weight.shape[0], attn.scaling,
+        cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), cols.data_ptr(), lengths.data_ptr(), strides[0],
+        strides[1], strides[2], torch.get_num_threads())
+    return out
 
 
 class ProbeLayer:
@@ -137,30 +205,36 @@ class ProbeLayer:
 
 @torch.no_grad()
 def agrees(model: torch.nn.Module, base: torch.nn.Module) -> bool:
-    """Does `stack_forward` compute what transformers' forward does on a probe: two decode tokens (slots 0
-    and 1, over 3 and 5 cached columns) and a 3-token prompt in slot 2, hidden states and written keys?"""
+    """Does `stack_forward` compute what transformers' forward does on two probes over scratch slot buffers
+    (hidden states and the keys and values written)? A mixed forward: two decode tokens (slots 0 and 1,
+    over 3 and 5 cached columns) and a 3-token prompt in slot 2; and a decode-only one (one C call)."""
     generator = torch.Generator().manual_seed(0)
     attn = base.layers[0].self_attn
     shape = (3, attn.k_proj.weight.shape[0] // attn.head_dim, 8, attn.head_dim)  # slots, kv heads, columns, dim
     init = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)) for _ in base.layers]
     ids = torch.randint(0, base.embed_tokens.weight.shape[0], (1, 5), generator=generator)
     positions = torch.tensor([[2, 4, 0, 1, 2]])
-    results = []
-    for forward in (type(base).forward, stack_forward):
-        layers = [ProbeLayer(keys.clone(), values.clone()) for keys, values in init]
-        plan = varlen.AttentionPlan(layers, write_slots=torch.tensor([0, 1, 2, 2, 2]),
-                                    write_cols=positions[0].clone(), decode=2, width=8,
-                                    decode_lengths=torch.tensor([3, 5]), cpu_kernels=True,
-                                    segments=[varlen.Segment(2, 5, 2, 0)])
-        try:
-            with varlen.activated(model, plan):
-                hidden = forward(base, input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-        except (RuntimeError, ValueError):
+    for tokens, segments in ((5, [varlen.Segment(2, 5, 2, 0)]), (2, [])):
+        results = []
+        for forward in (type(base).forward, stack_forward):
+            layers = [ProbeLayer(keys.clone(), values.clone()) for keys, values in init]
+            plan = varlen.AttentionPlan(layers, write_slots=torch.tensor([0, 1, 2, 2, 2][:tokens]),
+                                        write_cols=positions[0, :tokens].clone(), decode=2, width=8,
+                                        decode_lengths=torch.tensor([3, 5]), cpu_kernels=True, segments=segments)
+            try:
+                with varlen.activated(model, plan):
+                    hidden = forward(base, input_ids=ids[:, :tokens], position_ids=positions[:, :tokens],
+                                     use_cache=False).last_hidden_state
+            except (RuntimeError, ValueError):
+                return False
+            finally:
+                base._distgen_table = None  # addresses of the probe's buffers
+            results.append([hidden] + [buffer for layer in layers for buffer in (layer.keys, layer.values)])
+        want, got = results
+        if want[0].shape != got[0].shape or not all(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                                     for a, b in zip(want, got)):
             return False
-        results.append((hidden, [layer.keys for layer in layers]))
-    (want, want_keys), (got, got_keys) = results
-    return want.shape == got.shape and torch.allclose(want, got, rtol=1e-4, atol=1e-5) \
-        and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(want_keys, got_keys))
+    return True
 
 
 def own_stack(model: torch.nn.Module) -> str:
@@ -171,6 +245,7 @@ def own_stack(model: torch.nn.Module) -> str:
     blocker = stack_blocker(model)
     if blocker is None:
         base.forward = types.MethodType(stack_forward, base)
+        base._distgen_uniform = uniform(base)
         if agrees(model, base):
             base._distgen_owned = True
             return "decoder stack: distgen's forward"
@@ -183,4 +258,4 @@ def release_stack(model: torch.nn.Module) -> None:
     base = base_model(model)
     if base is not None and getattr(base, "_distgen_owned", False):
         del base.forward
-        base._distgen_owned = False
+        base._distgen_owned, base._distgen_table = False, None

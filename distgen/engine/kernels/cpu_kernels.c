@@ -248,3 +248,45 @@ void rotary(float* x, int64_t ldx, int64_t tokens, int64_t heads, int64_t D, con
     }
   }
 }
+
+/* One decode step of a Llama-style decoder stack (cpu_model.py's `layer_forward`, the same kernels in the
+ * same order, so the same results) for T tokens, one per slot: per layer
+ *   h = rms_norm(x); [q|k|v] = h @ Wq/Wk/Wv^T (+ b); rotary(q, k); keys/values[slots[t], :, cols[t]] = k, v;
+ *   a = decode_attention(q, lens); x = x + a @ Wo^T (+ bo);
+ *   h = rms_norm(x); [g|u] = h @ Wg/Wu^T; x = x + (silu(g) * u) @ Wd^T (+ bd)
+ * then out = rms_norm(x) with the final norm. x (T x H) is the residual stream, updated in place.
+ * table: per layer LAYER_PTRS addresses (see the enum), 0 for an absent bias; eps: per layer two norms' eps. */
+enum { P_NORM1, P_WQ, P_BQ, P_WK, P_BK, P_WV, P_BV, P_WO, P_BO, P_NORM2, P_WG, P_WU, P_WD, P_BD, P_KEYS, P_VALUES,
+       LAYER_PTRS };
+
+void decode_stack(float* x, float* out, int64_t T, int64_t H, int64_t L, const int64_t* table, const float* eps,
+                  const float* final_norm, float final_eps, int64_t heads, int64_t kv_heads, int64_t D, int64_t I,
+                  float scale, const float* cos, const float* sin, const int64_t* slots, const int64_t* cols,
+                  const int64_t* lens, int64_t s_slot, int64_t s_head, int64_t s_col, int threads) {
+  const int64_t QW = heads * D, KW = kv_heads * D, W = QW + 2 * KW;
+  float* h = malloc(sizeof(float) * T * H);
+  float* qkv = malloc(sizeof(float) * T * W);
+  float* att = malloc(sizeof(float) * T * QW);
+  float* gu = malloc(sizeof(float) * T * 2 * I);
+  float* act = malloc(sizeof(float) * T * I);
+  for (int64_t l = 0; l < L; l++) {
+    const float* const* p = (const float* const*)(table + l * LAYER_PTRS);
+    rms_norm(x, p[P_NORM1], h, T, H, eps[2 * l]);
+    packed_linear(h, H, p[P_WQ], p[P_BQ], qkv, W, 0, 0, T, QW, H, threads);
+    packed_linear(h, H, p[P_WK], p[P_BK], qkv + QW, W, 0, 0, T, KW, H, threads);
+    packed_linear(h, H, p[P_WV], p[P_BV], qkv + QW + KW, W, 0, 0, T, KW, H, threads);
+    rotary(qkv, W, T, heads + kv_heads, D, cos, sin, D);
+    write_kv(qkv + QW, qkv + QW + KW, W, D, T, kv_heads, D, (float*)p[P_KEYS], (float*)p[P_VALUES], s_slot, s_head,
+             s_col, slots, cols);
+    decode_attention(qkv, W, D, p[P_KEYS], p[P_VALUES], s_slot, s_head, s_col, lens, att, T, heads, kv_heads, D,
+                     scale, threads);
+    packed_linear(att, QW, p[P_WO], p[P_BO], x, H, x, H, T, H, QW, threads);
+    rms_norm(x, p[P_NORM2], h, T, H, eps[2 * l + 1]);
+    packed_linear(h, H, p[P_WG], 0, gu, 2 * I, 0, 0, T, I, H, threads);
+    packed_linear(h, H, p[P_WU], 0, gu + I, 2 * I, 0, 0, T, I, H, threads);
+    silu_mul(gu, act, T, I);
+    packed_linear(act, I, p[P_WD], p[P_BD], x, H, x, H, T, H, I, threads);
+  }
+  rms_norm(x, final_norm, out, T, H, final_eps);
+  free(h); free(qkv); free(att); free(gu); free(act);
+}
