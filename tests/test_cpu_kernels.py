@@ -52,8 +52,12 @@ def test_pack_linears_in_place_is_idempotent_and_undone(tiny_model_dir):
 
 @needs_kernel
 @pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
-def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokenizer, scheduler):
-    # The engine's model packs its linears; the reference is an untouched model's generate (MKL).
+def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokenizer, scheduler, monkeypatch):
+    # The engine's model packs its linears and runs distgen's own decoder stack (decode-only steps as one
+    # C call); the reference is an untouched model's generate (MKL).
+    calls = []
+    real = cpu_model.decode_stack
+    monkeypatch.setattr(cpu_model, "decode_stack", lambda *args: calls.append(1) or real(*args))
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler=scheduler, cache="static",
@@ -66,6 +70,7 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
     for record in PROMPTS:
         want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
         assert got[record["id"]].token_ids == want, record["id"]
+    assert len(calls) >= DEFAULT_BUDGET - 1  # decode steps ran as one C call
     # A later engine that compiles or is told torch unpacks them again.
     engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_kernels="torch", compile="off"))
     assert not any(kernels.is_packed(m) for m in model.modules())
@@ -212,3 +217,39 @@ def test_owned_stack_computes_transformers_forward_and_a_different_one_is_refuse
     # A layer that is not Llama-style is named.
     model.model.layers[0].extra = torch.nn.Identity()
     assert "holds extra, input_layernorm" in cpu_model.own_stack(model)
+
+
+@needs_kernel
+def test_a_tied_lm_head_is_packed_and_its_embedding_reads_the_packed_table(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    reference = LlamaForCausalLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    table = model.lm_head.weight.detach().clone()
+    ids = torch.tensor([[5, 9, 11, 30, 7, 271, 0]])
+    with torch.no_grad():
+        want = model(ids).logits
+        packed, total = pack_linears(model)
+        assert packed == total and kernels.is_packed(model.lm_head)
+        assert model.model.embed_tokens._distgen_packed_rows and not torch.equal(model.lm_head.weight, table)
+        assert torch.equal(model.model.embed_tokens(ids), F.embedding(ids, table))
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+        with pytest.raises(IndexError, match=r"token ids must lie in \[0, 272\), got 0..272"):
+            model.model.embed_tokens(torch.tensor([0, 272]))
+        unpack_linears(model)
+        assert torch.equal(model.lm_head.weight, table) and "forward" not in vars(model.model.embed_tokens)
+        assert torch.equal(model(ids).logits, want)
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler="continuous", cache="static",
+                           compile="off", cpu_kernels="distgen")
+    engine = engine_for(model, tokenizer, PROMPTS, cfg)
+    assert f"{total} of {total} linear layers packed" in engine.choice
+    got = generate_all(engine)
+    for record in PROMPTS:
+        want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
+        assert got[record["id"]].token_ids == want, record["id"]

@@ -113,6 +113,8 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
         [ctypes.c_float] + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + \
         [ctypes.c_int]
     lib.decode_stack.restype = None
+    lib.packed_embedding.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.packed_embedding.restype = None
     return lib, ""
 
 
@@ -231,6 +233,23 @@ def packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return packed_linear(x, self.weight, self.bias)
 
 
+def packed_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.embedding(ids, W) with `weight` as `pack` left it (a tied lm_head's weight, packed for its GEMM)."""
+    vocab, width = weight.shape
+    flat = ids.reshape(-1).contiguous()
+    if flat.dtype != torch.long or weight.dtype != torch.float32:
+        raise RuntimeError(f"a packed embedding takes int64 ids and an fp32 weight, got {flat.dtype}, {weight.dtype}")
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
+        raise IndexError(f"token ids must lie in [0, {vocab}), got {int(flat.min())}..{int(flat.max())}")
+    out = torch.empty((*ids.shape, width), dtype=torch.float32)
+    load_kernel()[0].packed_embedding(flat.data_ptr(), flat.numel(), weight.data_ptr(), width, out.data_ptr())
+    return out
+
+
+def packed_embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    return packed_embedding(ids, self.weight)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama-style RMSNorm (`weight * (x * rsqrt(mean(x^2) + eps))`) in one pass."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
@@ -324,8 +343,18 @@ def unfuse_modules(model: torch.nn.Module) -> None:
             module._distgen_fused = False
 
 
-def module_blocker(module: torch.nn.Module, shared: Counter) -> Optional[str]:
-    """Why this module keeps torch's linear, or None."""
+def tied_embeddings(model: torch.nn.Module) -> dict[int, torch.nn.Embedding]:
+    """weight address -> the plain nn.Embedding sharing it with one linear layer (a tied lm_head): packing
+    that linear packs the embedding's table too, which then gathers its rows from the packed layout."""
+    shared = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+    linears = Counter(m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return {m.weight.data_ptr(): m for m in model.modules()
+            if type(m) is torch.nn.Embedding and m.max_norm is None and shared[m.weight.data_ptr()] == 2
+            and linears[m.weight.data_ptr()] == 1 and not hasattr(m, "_hf_hook")}
+
+
+def module_blocker(module: torch.nn.Module, shared: Counter, tied: Optional[dict] = None) -> Optional[str]:
+    """Why this module keeps torch's linear, or None. `tied`: tied_embeddings(model)."""
     if type(module) is not torch.nn.Linear:
         return "not a plain nn.Linear"
     weight, bias = module.weight, module.bias
@@ -335,8 +364,8 @@ def module_blocker(module: torch.nn.Module, shared: Counter) -> Optional[str]:
         return "not an fp32 bias"
     if weight.shape[0] % PANEL:
         return f"out_features {weight.shape[0]} is not a multiple of {PANEL}"
-    if shared[weight.data_ptr()] > 1:
-        return "its weight is shared (tied)"
+    if shared[weight.data_ptr()] > 1 and weight.data_ptr() not in (tied or {}):
+        return "its weight is shared (tied) with something other than one embedding"
     if hasattr(module, "_hf_hook"):
         return "accelerate hooks place its weight"
     return None
@@ -350,18 +379,27 @@ def is_packed(module: torch.nn.Module) -> bool:
 def pack_linears(model: torch.nn.Module) -> tuple[int, int]:
     """Pack every eligible linear layer in place (idempotent); (packed, linear layers)."""
     shared = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+    tied = tied_embeddings(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for module in linears:
-        if not is_packed(module) and module_blocker(module, shared) is None:
+        if not is_packed(module) and module_blocker(module, shared, tied) is None:
             module.weight.data.copy_(pack(module.weight.data))
             module.forward = types.MethodType(packed_forward, module)
             module._distgen_packed = True
+            embedding = tied.get(module.weight.data_ptr())
+            if embedding is not None:
+                embedding.forward = types.MethodType(packed_embedding_forward, embedding)
+                embedding._distgen_packed_rows = True
     return sum(is_packed(m) for m in linears), len(linears)
 
 
 @torch.no_grad()
 def unpack_linears(model: torch.nn.Module) -> None:
     """Undo `pack_linears`: torch's linear over the original layout."""
+    for module in model.modules():
+        if getattr(module, "_distgen_packed_rows", False):  # a tied embedding: its linear unpacks the table
+            del module.forward
+            module._distgen_packed_rows = False
     for module in model.modules():
         if is_packed(module):
             module.weight.data.copy_(unpack(module.weight.data))

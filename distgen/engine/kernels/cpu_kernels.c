@@ -290,3 +290,13 @@ void decode_stack(float* x, float* out, int64_t T, int64_t H, int64_t L, const i
   rms_norm(x, final_norm, out, T, H, final_eps);
   free(h); free(qkv); free(att); free(gu); free(act);
 }
+
+/* Embedding rows gathered from a packed weight (a tied input embedding / lm_head, packed for the head's
+ * GEMM): row v's feature k is P[(v / 16) * K * 16 + k * 16 + v % 16]. */
+void packed_embedding(const int64_t* ids, int64_t n, const float* P, int64_t K, float* out) {
+  for (int64_t i = 0; i < n; i++) {
+    const float* base = P + (ids[i] / 16) * K * 16 + ids[i] % 16;
+    float* row = out + i * K;
+    for (int64_t k = 0; k < K; k++) row[k] = base[k * 16];
+  }
+}
