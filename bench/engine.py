@@ -1,8 +1,10 @@
 """The engine's schedulers x KV caches, and compile on/off, side by side in one run (one process, one rank).
 
     python bench/engine.py [--layers 8 --hidden 512 --prompts 128 --batch-size 16 --threads 1]
+    python bench/engine.py --shape qwen2.5-0.5b --prompts 16 --only 3,4,3,4
 
-Builds a random-init Llama, makes prompts of 8..255 tokens with budgets 16..128 (greedy, no EOS),
+Builds a random-init Llama (or, with `--shape qwen2.5-0.5b`, a random-init model of Qwen2.5-0.5B's
+shape: 24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864, a tied 151936-token head, fp32), makes prompts of 8..255 tokens with budgets 16..128 (greedy, no EOS),
 and runs the same job with each configuration; prints generated tokens/s and the ratio to the
 first row, by wall clock and by this process's CPU seconds (steadier on a shared machine: with one
 thread, CPU seconds are what the wall clock would read on a quiet one). `--hf` adds HF `generate` on
@@ -114,15 +116,33 @@ def model_from_args(args: argparse.Namespace):
     return tokenizer, build_tiny_model(tiny_config(args), tokenizer)
 
 
+def qwen_shaped(seed: int = 0):
+    """A random-init model of Qwen2.5-0.5B's shape (fp32, ~2 GiB; no download: only the shape is Qwen's)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=4096, use_sliding_window=False, initializer_range=0.02,
+                         rope_theta=1000000.0)
+    return Qwen2ForCausalLM(config).eval()
+
+
 def main() -> None:
     parser = model_parser(__doc__, layers=8, hidden=512, prompts=128, batch_size=16)
+    parser.add_argument("--shape", choices=("llama", "qwen2.5-0.5b"), default="llama",
+                        help="llama: the random Llama of --layers/--hidden; qwen2.5-0.5b: that model's shape")
     parser.add_argument("--only", default="", help="comma-separated row numbers to run (1-based), e.g. 1,3,6")
     parser.add_argument("--hf", action="store_true", help="also run HF generate on sorted static batches")
     args = parser.parse_args()
     tokenizer, model = model_from_args(args)
-    job = make_job(args.prompts, len(tokenizer))
+    if args.shape == "qwen2.5-0.5b":
+        model = qwen_shaped()
+        described = "Qwen2.5-0.5B's shape (24 layers, hidden 896, tied 151936-token head)"
+    else:
+        described = f"{args.layers} layers, hidden {args.hidden}"
+    job = make_job(args.prompts, model.config.vocab_size)
     chosen = [CONFIGS[int(k) - 1] for k in args.only.split(",")] if args.only else CONFIGS
-    print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts of 8-255 tokens, budgets "
+    print(f"model: {described}; {args.prompts} prompts of 8-255 tokens, budgets "
           f"16-128, batch {args.batch_size}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
     rows, reference = [], None
     for label, settings in chosen:

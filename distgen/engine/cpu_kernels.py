@@ -11,6 +11,13 @@ longest row's width for every row).
   steps (inductor has its own GEMMs), quantized models or under autocast.
 - **Decode attention**: the slot cache's decode tokens (varlen.py) attend to exactly their own
   slot's columns, one pass over each key and value row.
+- **Fused modules**: Llama-style RMSNorms in one pass; gated SiLU MLPs (gate and up into one buffer,
+  silu(gate) * up in one pass); each checked against its module's own forward on a probe first.
+- **Tied heads**: an lm_head sharing its weight with the input embedding is packed too; the embedding
+  then gathers its rows from the packed table (`packed_embedding`), so no second copy.
+- **An owned decoder stack** (cpu_model.py): a Llama-style model's layers run distgen's forward over
+  these kernels (rotary embedding by a kernel, residual adds in the GEMMs' stores), a decode-only step
+  as one C call (`decode_stack`).
 The kernels are built once with the C compiler (`$CC`, else `cc`/`gcc`) into `$DISTGEN_KERNEL_CACHE`
 (default ~/.cache/distgen/kernels), a second or so; `auto` falls back to torch's, saying why, where they
 cannot run (no compiler, no AVX2, not fp32 on CPU); `distgen` makes that a config error.

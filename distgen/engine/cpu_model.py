@@ -19,6 +19,7 @@ embeddings, partial rotary, extra norms) keeps its own, and the engine line says
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -123,7 +124,7 @@ def stack_forward(self: torch.nn.Module, input_ids: Optional[torch.Tensor] = Non
     hidden = self.embed_tokens(input_ids)
     cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
     x, cos, sin = hidden[0], cos[0], sin[0]
-    table = decode_table(self, varlen.ACTIVE[0], x)
+    table = decode_table(self, varlen.ACTIVE[0], x, cos)
     if table is not None:
         return BaseModelOutputWithPast(last_hidden_state=decode_stack(self, table, x, cos, sin)[None])
     for layer in self.layers:
@@ -155,32 +156,46 @@ def uniform(base: torch.nn.Module) -> bool:
         and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors if t is not None)
 
 
-def decode_table(base: torch.nn.Module, plan: varlen.AttentionPlan, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The (layers, 16) address table of a decode-only forward that one decode_stack call runs, or None
-    (prefill segments, the SDPA decode path, a cache not yet or differently laid out)."""
+@dataclass(frozen=True)
+class StackTable:
+    """What one decode_stack call reads besides the step's tensors, for one set of cache buffers."""
+    buffers: tuple[int, ...]  # the cache layers' key and value addresses it was built for
+    pointers: torch.Tensor    # (layers, 16) int64 addresses, in LAYER_POINTERS order, then keys and values
+    eps: torch.Tensor         # (layers * 2,) fp32: each layer's two norms' eps
+    strides: tuple[int, ...]  # the key/value buffers' (slot, head, column) strides
+
+
+def decode_table(base: torch.nn.Module, plan: varlen.AttentionPlan, x: torch.Tensor,
+                 cos: torch.Tensor) -> Optional[StackTable]:
+    """The table of a decode-only forward that one decode_stack call runs, or None (prefill segments, the
+    SDPA decode path, a cache not yet or differently laid out, a rotary table not head_dim wide)."""
+    dim = base.layers[0].self_attn.head_dim
     if not getattr(base, "_distgen_uniform", False) or plan.segments or plan.decode_lengths is None \
-            or plan.decode != x.shape[0] or len(plan.layers) < len(base.layers):
+            or plan.decode != x.shape[0] or len(plan.layers) < len(base.layers) or cos.shape != (x.shape[0], dim) \
+            or {plan.write_slots.dtype, plan.write_cols.dtype, plan.decode_lengths.dtype} != {torch.long}:
         return None
     layers = plan.layers[:len(base.layers)]
     if not all(layer.is_initialized and layer.keys.dtype == torch.float32 and layer.keys.stride(-1) == 1
                and layer.keys.stride() == layers[0].keys.stride() == layer.values.stride() for layer in layers):
         return None
-    key = tuple(layer.keys.data_ptr() for layer in layers) + tuple(layer.values.data_ptr() for layer in layers)
-    cached = getattr(base, "_distgen_table", None)
-    if cached is None or cached[0] != key:
+    buffers = tuple(layer.keys.data_ptr() for layer in layers) + tuple(layer.values.data_ptr() for layer in layers)
+    table = getattr(base, "_distgen_table", None)
+    if table is None or table.buffers != buffers:
         rows = [[0 if tensor is None else tensor.data_ptr()
                  for tensor in [layer_tensor(layer, name) for name in LAYER_POINTERS] + [cache.keys, cache.values]]
                 for layer, cache in zip(base.layers, layers)]
-        base._distgen_table = cached = (key, torch.tensor(rows, dtype=torch.long), torch.tensor(
-            [layer.input_layernorm._distgen_eps if i % 2 == 0 else layer.post_attention_layernorm._distgen_eps
-             for layer in base.layers for i in range(2)], dtype=torch.float32), layers[0].keys.stride())
-    return cached
+        eps = [norm._distgen_eps for layer in base.layers
+               for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        base._distgen_table = table = StackTable(buffers, torch.tensor(rows, dtype=torch.long),
+                                                 torch.tensor(eps, dtype=torch.float32), layers[0].keys.stride())
+    return table
 
 
-def decode_stack(base: torch.nn.Module, table, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def decode_stack(base: torch.nn.Module, table: StackTable, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
     """The whole stack of a decode-only forward in one C call (kernels/cpu_kernels.c's decode_stack); x is
     the step's embeddings (tokens, hidden), written in place; the final norm's output."""
-    _, pointers, eps, strides = table
+    pointers, eps, strides = table.pointers, table.eps, table.strides
     plan, attn, mlp = varlen.ACTIVE[0], base.layers[0].self_attn, base.layers[0].mlp
     x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
