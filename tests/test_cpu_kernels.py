@@ -253,3 +253,27 @@ def test_a_tied_lm_head_is_packed_and_its_embedding_reads_the_packed_table(token
     for record in PROMPTS:
         want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
         assert got[record["id"]].token_ids == want, record["id"]
+
+
+@needs_kernel
+def test_owned_stack_without_the_one_call_decode_still_equals_generate(tokenizer, monkeypatch):
+    # head_dim 12: the decode-attention kernel needs multiples of 8, so decode steps run the owned stack's
+    # Python layers (attention by SDPA) instead of one decode_stack call.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(6)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, initializer_range=0.2,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model, reference = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    calls = []
+    monkeypatch.setattr(cpu_model, "decode_stack", lambda *args: calls.append(1))
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler="continuous", cache="static",
+                           compile="off", cpu_kernels="distgen")
+    engine = engine_for(model, tokenizer, PROMPTS, cfg)
+    assert "decoder stack: distgen's forward" in engine.choice and not model.model._distgen_uniform
+    got = generate_all(engine)
+    for record in PROMPTS:
+        want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
+        assert got[record["id"]].token_ids == want, record["id"]
+    assert not calls

@@ -224,6 +224,9 @@ void write_kv(const float* key, const float* value, int64_t x_tok, int64_t x_hea
 __attribute__((optimize("fp-contract=off")))
 void rotary(float* x, int64_t ldx, int64_t tokens, int64_t heads, int64_t D, const float* cos, const float* sin,
             int64_t ldc) {
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF /* clang: the attribute above is GCC's */
+#endif
   const int64_t H = D / 2;
   for (int64_t t = 0; t < tokens; t++) {
     const float* c = cos + t * ldc;
