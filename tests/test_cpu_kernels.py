@@ -18,6 +18,24 @@ needs_kernel = pytest.mark.skipif(kernels.load_kernel()[0] is None,
                                   reason=f"distgen's CPU kernels cannot run here: {kernels.load_kernel()[1]}")
 
 
+def assert_equals_generate(got: dict, reference, tokenizer) -> None:
+    """Every prompt's engine tokens equal `reference.generate`'s greedy tokens."""
+    for record in PROMPTS:
+        want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
+        assert got[record["id"]].token_ids == want, record["id"]
+
+
+def llama_pair(tokenizer, seed: int, **config):
+    """A random 2-layer, 4-head Llama of `config` and an untouched copy of it (the generate reference)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **config)
+    model, reference = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
 @needs_kernel
 @pytest.mark.parametrize("n,k,bias", [(16, 8, False), (48, 37, True), (64, 128, False), (1536, 512, True)])
 def test_packed_linear_matches_torch_and_rows_do_not_depend_on_their_batch(n, k, bias):
@@ -67,9 +85,7 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
     assert "decoder stack: distgen's forward" in engine.choice and model.model._distgen_owned
     assert kernels.is_packed(model.model.layers[0].mlp.down_proj)
     got = generate_all(engine)
-    for record in PROMPTS:
-        want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
-        assert got[record["id"]].token_ids == want, record["id"]
+    assert_equals_generate(got, reference, tokenizer)
     assert len(calls) >= DEFAULT_BUDGET - 1  # decode steps ran as one C call
     # A later engine that compiles or is told torch unpacks them again.
     engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_kernels="torch", compile="off"))
@@ -221,15 +237,8 @@ def test_owned_stack_computes_transformers_forward_and_a_different_one_is_refuse
 
 @needs_kernel
 def test_a_tied_lm_head_is_packed_and_its_embedding_reads_the_packed_table(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
-    reference = LlamaForCausalLM(config).eval()
-    reference.load_state_dict(model.state_dict())
+    model, reference = llama_pair(tokenizer, seed=5, vocab_size=272, hidden_size=64, intermediate_size=128,
+                                  num_key_value_heads=2, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     table = model.lm_head.weight.detach().clone()
     ids = torch.tensor([[5, 9, 11, 30, 7, 271, 0]])
@@ -250,22 +259,15 @@ def test_a_tied_lm_head_is_packed_and_its_embedding_reads_the_packed_table(token
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
     assert f"{total} of {total} linear layers packed" in engine.choice
     got = generate_all(engine)
-    for record in PROMPTS:
-        want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
-        assert got[record["id"]].token_ids == want, record["id"]
+    assert_equals_generate(got, reference, tokenizer)
 
 
 @needs_kernel
 def test_owned_stack_without_the_one_call_decode_still_equals_generate(tokenizer, monkeypatch):
     # head_dim 12: the decode-attention kernel needs multiples of 8, so decode steps run the owned stack's
     # Python layers (attention by SDPA) instead of one decode_stack call.
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(6)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, initializer_range=0.2,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model, reference = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
-    reference.load_state_dict(model.state_dict())
+    model, reference = llama_pair(tokenizer, seed=6, vocab_size=len(tokenizer), hidden_size=48,
+                                  intermediate_size=96, num_key_value_heads=4)
     calls = []
     monkeypatch.setattr(cpu_model, "decode_stack", lambda *args: calls.append(1))
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler="continuous", cache="static",
@@ -273,7 +275,5 @@ def test_owned_stack_without_the_one_call_decode_still_equals_generate(tokenizer
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
     assert "decoder stack: distgen's forward" in engine.choice and not model.model._distgen_uniform
     got = generate_all(engine)
-    for record in PROMPTS:
-        want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
-        assert got[record["id"]].token_ids == want, record["id"]
+    assert_equals_generate(got, reference, tokenizer)
     assert not calls
