@@ -290,10 +290,15 @@ def gate_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tens
     return out
 
 
+def gated_activation(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) of a fused gated MLP (what its down projection reads)."""
+    return silu_mul(gate_up(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+
+
 def gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or self.gate_proj.weight.dtype != torch.float32:
         return type(self).forward(self, x)
-    return self.down_proj(silu_mul(gate_up(x, self.gate_proj.weight, self.up_proj.weight)))
+    return self.down_proj(gated_activation(self, x))
 
 
 def is_silu(act: torch.nn.Module) -> bool:
@@ -350,10 +355,10 @@ def unfuse_modules(model: torch.nn.Module) -> None:
             module._distgen_fused = False
 
 
-def tied_embeddings(model: torch.nn.Module) -> dict[int, torch.nn.Embedding]:
+def tied_embeddings(model: torch.nn.Module, shared: Counter) -> dict[int, torch.nn.Embedding]:
     """weight address -> the plain nn.Embedding sharing it with one linear layer (a tied lm_head): packing
-    that linear packs the embedding's table too, which then gathers its rows from the packed layout."""
-    shared = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+    that linear packs the embedding's table too, which then gathers its rows from the packed layout.
+    `shared`: how many parameters each address holds (pack_linears counts them)."""
     linears = Counter(m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return {m.weight.data_ptr(): m for m in model.modules()
             if type(m) is torch.nn.Embedding and m.max_norm is None and shared[m.weight.data_ptr()] == 2
@@ -361,7 +366,7 @@ def tied_embeddings(model: torch.nn.Module) -> dict[int, torch.nn.Embedding]:
 
 
 def module_blocker(module: torch.nn.Module, shared: Counter, tied: Optional[dict] = None) -> Optional[str]:
-    """Why this module keeps torch's linear, or None. `tied`: tied_embeddings(model)."""
+    """Why this module keeps torch's linear, or None. `tied`: tied_embeddings(model, shared)."""
     if type(module) is not torch.nn.Linear:
         return "not a plain nn.Linear"
     weight, bias = module.weight, module.bias
@@ -386,7 +391,7 @@ def is_packed(module: torch.nn.Module) -> bool:
 def pack_linears(model: torch.nn.Module) -> tuple[int, int]:
     """Pack every eligible linear layer in place (idempotent); (packed, linear layers)."""
     shared = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
-    tied = tied_embeddings(model)
+    tied = tied_embeddings(model, shared)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for module in linears:
         if not is_packed(module) and module_blocker(module, shared, tied) is None:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from distgen.engine.cpu_kernels import gate_up, is_packed, load_kernel, packed_linear, rms_norm, rotary, silu_mul
+from distgen.engine.cpu_kernels import gated_activation, is_packed, load_kernel, packed_linear, rms_norm, rotary
 from distgen.engine.kv import varlen
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -103,7 +103,7 @@ def layer_forward(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, si
     norm = layer.input_layernorm
     x = attention(layer.self_attn, rms_norm(x, norm.weight, norm._distgen_eps), cos, sin, residual=x)
     norm, mlp = layer.post_attention_layernorm, layer.mlp
-    h = silu_mul(gate_up(rms_norm(x, norm.weight, norm._distgen_eps), mlp.gate_proj.weight, mlp.up_proj.weight))
+    h = gated_activation(mlp, rms_norm(x, norm.weight, norm._distgen_eps))
     return packed_linear(h, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
 
 
