@@ -10,10 +10,13 @@ budgets of 32-256 new tokens, bf16, greedy, EOS off (every prompt runs to its bu
 1. distgen, one rank, continuous batching, eager (its defaults at --batch-size rows);
 2. HF `generate`, static batches of --batch-size prompts sorted by length (each batch runs to its
    largest budget; only the tokens prompts asked for count);
-3. distgen with the best settings this branch has (BEST: keys that do not exist yet are left out).
+3. distgen's other settings (VARIANTS, in order, while the time limit allows): `generation.batch_size=auto`
+   eager, the static slot cache with the decode step compiled into CUDA graphs (`reduce-overhead`), and
+   (as many rows as the memory budget holds), eager and with CUDA graphs. The fastest is named best.
 
-Each prints generated tokens/s (tokens the prompts asked for, over generation time, load excluded),
-the ratio to HF, peak CUDA memory, and how many completions equal HF's token for token.
+Each prints generated tokens/s (tokens the prompts asked for, over generation time, load excluded;
+a compile is inside it and also reported on its own, with the tok/s without it), the ratio to HF,
+peak CUDA memory, the rows distgen ran, and how many completions equal HF's token for token.
 `scripts/gpu_check.sh` runs this; copy its bench.md into bench/results/ with the machine named.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -47,8 +51,24 @@ PRESETS = {  # model shape, prompts, prompt lengths and budgets (tokens), rows p
     "smoke": dict(layers=1, hidden=64, heads=4, kv_heads=2, intermediate=128, prompts=6,
                   min_prompt=4, max_prompt=24, min_budget=2, max_budget=6, batch_size=4),
 }
-# distgen's best settings, applied where this branch has the key (the engine's features land over time).
-BEST = ("generation.compile=on", "generation.compile_mode=reduce-overhead", "generation.cache=static")
+CUDA_GRAPHS = ("generation.compile=on", "generation.compile_mode=reduce-overhead", "generation.cache=static")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A distgen configuration the bench runs after the eager baseline and HF."""
+    name: str
+    overrides: tuple[str, ...]
+    cuda_only: bool = False  # CUDA graphs: nothing to measure on a CPU (the smoke preset)
+
+
+VARIANTS = (  # cheapest first: a compile takes a minute or more of the time limit
+    Variant("distgen, batch auto, eager", ("generation.batch_size=auto",)),
+    Variant("distgen, static slots, CUDA graphs", CUDA_GRAPHS, cuda_only=True),
+    Variant("distgen, batch auto, CUDA graphs", ("generation.batch_size=auto", *CUDA_GRAPHS), cuda_only=True),
+)
+# A variant starts only with this many seconds left (a 1B model's load, compile and run).
+MIN_VARIANT_SECONDS = 45
 WORDS = "the model reads a prompt and writes a completion one token at a time until it is done".split()
 
 
@@ -61,6 +81,8 @@ class Result:
     generate_seconds: float = 0.0
     peak_allocated_mib: float = 0.0
     peak_reserved_mib: float = 0.0
+    compile_seconds: float = 0.0
+    rows: int = 0  # distgen: the batch size it ran (batch_size=auto: what it picked)
     equal_to_hf: str = ""
     overrides: list[str] = field(default_factory=list)
     completions: list[list[int]] = field(default_factory=list, repr=False)
@@ -111,9 +133,13 @@ def run_distgen(name: str, args, work: Path, prompts_file: Path, extra: list[str
     stats = json.loads((out / "stats.json").read_text())
     [rank] = stats["ranks"]
     records = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    for line in log.read_text().splitlines():  # what the engine chose (cache, compile, kernels) and why
+        if "engine:" in line:
+            print(f"  {name}: {line.strip()[:400]}", flush=True)
     return Result(name, "ok", stats["summary"]["tokens_per_second"], stats["summary"]["generated_tokens"],
                   stats["summary"]["generate_seconds"], rank["cuda_peak_allocated_mib"], rank["cuda_peak_reserved_mib"],
-                  overrides=extra, completions=[r["completion_token_ids"] for r in records])
+                  rank.get("compile_seconds", 0.0), rank.get("batch_size", 0), overrides=extra,
+                  completions=[r["completion_token_ids"] for r in records])
 
 
 def error_line(log_tail: str) -> str:
@@ -162,7 +188,8 @@ def run_hf_static(args, prompts: list[dict], tokenizer, device: torch.device) ->
         torch.cuda.empty_cache()
     generated = sum(p["max_new_tokens"] for p in prompts)
     return Result("HF generate, static batches", "ok", round(generated / seconds, 2), generated, round(seconds, 3),
-                  round(allocated, 1), round(reserved, 1), completions=[completions[i] for i in range(len(prompts))])
+                  round(allocated, 1), round(reserved, 1), rows=args.batch_size,
+                  completions=[completions[i] for i in range(len(prompts))])
 
 
 def sync(device: torch.device) -> None:
@@ -184,9 +211,21 @@ def machine_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def without_compile(result: Result) -> float:
+    """tok/s over the generation time less the compile (what a longer job approaches)."""
+    seconds = result.generate_seconds - result.compile_seconds
+    return result.generated_tokens / seconds if seconds > 0 else 0.0
+
+
+def best_distgen(results: list[Result]) -> Optional[Result]:
+    done = [r for r in results if r.name.startswith("distgen") and r.status == "ok"]
+    return max(done, key=lambda r: r.tokens_per_second, default=None)
+
+
 def markdown(results: list[Result], args, params: int, prompts: list[dict], device: torch.device) -> str:
     import transformers
     hf = next((r for r in results if r.name.startswith("HF") and r.status == "ok"), None)
+    best = best_distgen(results)
     lengths = [len(build_tokenizer()(p["prompt"])["input_ids"]) for p in prompts]
     lines = [
         f"# distgen GPU benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -197,18 +236,21 @@ def markdown(results: list[Result], args, params: int, prompts: list[dict], devi
         f"- job: {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, budgets "
         f"{args.min_budget}-{args.max_budget} ({sum(p['max_new_tokens'] for p in prompts)} tokens asked for), "
         f"{args.batch_size} rows per batch",
-        f"- best settings on this branch: {' '.join(results[-1].overrides) if results[-1].overrides else '(none yet)'}",
+        f"- best: {best.name} ({' '.join(best.overrides) or 'defaults'})" if best else "- best: none ran",
         "",
-        "| system | tok/s | vs HF | gen s | peak alloc MiB | peak reserved MiB | equal to HF | status |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| system | rows | tok/s | vs HF | gen s | compile s | tok/s less compile | peak alloc MiB | "
+        "peak reserved MiB | equal to HF | status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         ratio = f"{r.tokens_per_second / hf.tokens_per_second:.2f}x" if hf and r.status == "ok" else ""
-        lines.append(f"| {r.name} | {r.tokens_per_second:.0f} | {ratio} | {r.generate_seconds:.1f} | "
-                     f"{r.peak_allocated_mib:.0f} | {r.peak_reserved_mib:.0f} | {r.equal_to_hf} | {r.status} |")
+        lines.append(f"| {r.name} | {r.rows or ''} | {r.tokens_per_second:.0f} | {ratio} | {r.generate_seconds:.1f} | "
+                     f"{r.compile_seconds:.1f} | {without_compile(r):.0f} | {r.peak_allocated_mib:.0f} | "
+                     f"{r.peak_reserved_mib:.0f} | {r.equal_to_hf} | {r.status} |")
     lines += ["", "tok/s: tokens the prompts asked for over generation time (load excluded; HF timed after a "
-              "warm-up, distgen's first step included). 'equal to HF': completions identical token for token "
-              "(bf16 batches of other shapes round differently, so not all need be)."]
+              "warm-up, distgen's first step and any compile included; 'compile s' is the first compiled step). "
+              "rows: the batch size (distgen's batch_size=auto: what it picked). 'equal to HF': completions "
+              "identical token for token (bf16 batches of other shapes round differently, so not all need be)."]
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +281,6 @@ def main(argv=None) -> int:
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     tokenizer = build_tokenizer()
     prompts = make_prompts(args.prompts, args.min_prompt, args.max_prompt, args.min_budget, args.max_budget)
-    best = [o for o in BEST if composes(o)]
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -253,12 +294,9 @@ def main(argv=None) -> int:
         except Exception as err:  # a failing baseline is reported, the others still run
             results.append(Result("HF generate, static batches", f"failed: {type(err).__name__}: {err}"[:300]))
         print(f"{results[-1].name}: {results[-1].status}, {results[-1].tokens_per_second} tok/s", flush=True)
-        if best and left() > 30:
-            results.append(run_distgen("distgen, best", args, work, prompts_file, best, left() - 10))
-        else:
-            results.append(Result("distgen, best", "not run: " + ("no best settings on this branch yet" if not best
-                                                                   else "time limit"), overrides=best))
-        print(f"{results[-1].name}: {results[-1].status}, {results[-1].tokens_per_second} tok/s", flush=True)
+        for variant in VARIANTS:
+            results.append(run_variant(variant, args, work, prompts_file, device, left()))
+            print(f"{results[-1].name}: {results[-1].status}, {results[-1].tokens_per_second} tok/s", flush=True)
     hf = results[1]
     for result in results:
         result.equal_to_hf = agreement(result, hf)
@@ -276,6 +314,18 @@ def main(argv=None) -> int:
                                             indent=2) + "\n")
     print(table)
     return 0 if all(r.status == "ok" or r.status.startswith("not run") for r in results) else 1
+
+
+def run_variant(variant: Variant, args, work: Path, prompts_file: Path, device: torch.device,
+                left: float) -> Result:
+    overrides = list(variant.overrides)
+    if variant.cuda_only and device.type != "cuda":
+        return Result(variant.name, "not run: CUDA graphs need a CUDA device", overrides=overrides)
+    if not all(composes(o) for o in overrides):
+        return Result(variant.name, "not run: a setting this branch lacks", overrides=overrides)
+    if left < MIN_VARIANT_SECONDS:
+        return Result(variant.name, f"not run: time limit ({left:.0f}s left)", overrides=overrides)
+    return run_distgen(variant.name, args, work, prompts_file, overrides, left - 5)
 
 
 def param_count(args, tokenizer) -> int:

@@ -79,7 +79,7 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,clocks.sm,clocks.mem \
     --format=csv 2>&1 | head -n 10 | fenced
 fi
-step "facts" "$(budget 60 380)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py facts > "$1"' "$PYTHON" "$OUT/facts.md"
+step "facts" "$(budget 60 120)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py facts > "$1"' "$PYTHON" "$OUT/facts.md"
 markdown "$OUT/facts.md"
 
 # 2. install: carried wheels for what this Python lacks; into its own environment (the machine is thrown
@@ -88,9 +88,9 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
   mapfile -t TO_INSTALL < <("$PYTHON" scripts/gpu_env.py wheels "$WHEELS" 2>>"$SETUP_LOG")
   if (( ${#TO_INSTALL[@]} )); then
     PIP=("$PYTHON" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check --upgrade)
-    if ! step "install ${#TO_INSTALL[@]} wheels" "$(budget 120 330)" "$SETUP_LOG" "${PIP[@]}" "${TO_INSTALL[@]}"; then
+    if ! step "install ${#TO_INSTALL[@]} wheels" "$(budget 120 200)" "$SETUP_LOG" "${PIP[@]}" "${TO_INSTALL[@]}"; then
       SITE=/tmp/distgen-site
-      step "install into $SITE instead" "$(budget 120 320)" "$SETUP_LOG" "${PIP[@]}" --target "$SITE" "${TO_INSTALL[@]}" \
+      step "install into $SITE instead" "$(budget 120 200)" "$SETUP_LOG" "${PIP[@]}" --target "$SITE" "${TO_INSTALL[@]}" \
         && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     fi
     printf '%s\n' "${TO_INSTALL[@]##*/}" | fenced
@@ -103,16 +103,19 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # 3. imports: what distgen needs, as installed now.
-step "imports" "$(budget 90 300)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py imports > "$1"' "$PYTHON" "$OUT/imports.md"
+step "imports" "$(budget 90 200)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py imports > "$1"' "$PYTHON" "$OUT/imports.md"
 markdown "$OUT/imports.md"
 
 # 4. tests marked gpu (they skip, saying why, without CUDA), from the files that have some; cheapest first.
 if [[ $STEPS == *" tests "* ]]; then
   mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
-  # shellcheck disable=SC2206
-  PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA --junitxml="$OUT/junit.xml"
-          ${GPU_CHECK_PYTEST_ARGS:-})
+  PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA --junitxml="$OUT/junit.xml")
   "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
+  # Four at a time where pytest-xdist is there (each test is a torchrun job that leaves the GPU mostly idle;
+  # torchrun --standalone picks free ports): ~105 s for the lot on the H200. GPU_CHECK_PYTEST_ARGS="-n 0" undoes it.
+  "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST+=(-n 4)
+  # shellcheck disable=SC2206
+  PYTEST+=(${GPU_CHECK_PYTEST_ARGS:-})
   : > "$PYTEST_LOG"
   reserve=170; [[ $STEPS == *" bench "* ]] || reserve=10
   step "tests (pytest -m gpu ${GPU_TESTS[*]})" "$(budget 400 $reserve)" "$PYTEST_LOG" "${PYTEST[@]}"

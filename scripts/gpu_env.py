@@ -19,9 +19,10 @@ from typing import Callable, Iterator
 # Import name -> distribution name, for everything a GPU run of distgen imports.
 NEEDED = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "accelerate": "accelerate",
           "safetensors": "safetensors", "hydra": "hydra-core", "omegaconf": "omegaconf", "pytest": "pytest",
-          "deepspeed": "deepspeed", "flash_attn": "flash-attn", "distgen.run": None}
-# Optional: their absence is a fact to report, not a failure.
-OPTIONAL = {"deepspeed", "flash_attn"}
+          "deepspeed": "deepspeed", "flash_attn": "flash-attn", "optimum.quanto": "optimum-quanto",
+          "bitsandbytes": "bitsandbytes", "distgen.run": None}
+# Optional: their absence is a fact to report, not a failure (the tests that need one skip, naming it).
+OPTIONAL = {"deepspeed", "flash_attn", "optimum.quanto", "bitsandbytes"}
 
 
 def row(key: str, value: object) -> str:

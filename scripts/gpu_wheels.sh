@@ -34,7 +34,13 @@ DOWNLOADS=(
   typing_extensions==4.16.0
   # datasets (inputs): the machine has pyarrow, fsspec, xxhash and pandas, not these.
   "$(pin datasets)" dill==0.4.1 multiprocess==0.70.19
+  # model.quantization=quanto_*: pure Python (it JIT-builds its CUDA kernels with the machine's nvcc and ninja).
+  "$(pin optimum-quanto)"
 )
+# Carried only while they fit beside the rest (the carry limit, the tree and a small margin): bitsandbytes
+# (model.quantization=bnb_*) is one 41 MiB wheel of CUDA kernels; without it the bnb GPU tests skip, saying so.
+OPTIONAL=("$(pin bitsandbytes)")
+OPTIONAL_MARGIN_MIB=2
 # Published as source only: built here (pip reuses its wheel cache), both pure Python.
 # DS_BUILD_OPS=0: DeepSpeed compiles its CUDA ops just in time, where they are needed.
 BUILDS=(antlr4-python3-runtime==4.9.3 "$DEEPSPEED_PIN")
@@ -64,6 +70,19 @@ if (( wheels_mib + TREE_ALLOWANCE_MIB > CARRY_LIMIT_MIB )) || (( wheels_mib + tr
        "the $CARRY_LIMIT_MIB MiB carry limit" >&2
   exit 1
 fi
+left_out=()
+for want in "${OPTIONAL[@]}"; do
+  rm -rf "$DIR.opt" && mkdir -p "$DIR.opt"
+  "${PIP[@]}" download --quiet --no-deps --only-binary=:all: "${TARGET[@]}" --platform manylinux_2_24_x86_64 \
+    -d "$DIR.opt" "$want"
+  # bytes, not rounded MiB: the margin is small
+  total=$(( $(du -sb "$DIR.tmp" | cut -f1) + $(du -sb "$DIR.opt" | cut -f1) + $(git ls-files -z | xargs -0 cat 2>/dev/null | wc -c) ))
+  if (( total + OPTIONAL_MARGIN_MIB * 1048576 <= CARRY_LIMIT_MIB * 1048576 )); then mv "$DIR.opt"/*.whl "$DIR.tmp"/
+  else left_out+=("$want"); fi
+done
+rm -rf "$DIR.opt"
+(( ${#left_out[@]} )) && echo "gpu_wheels: left out (would not fit the carry limit): ${left_out[*]}" >&2
+wheels_mib=$(du -sm "$DIR.tmp" | cut -f1)
 rm -rf "$DIR"
 mv "$DIR.tmp" "$DIR"
 echo "$WANT" > "$STAMP"
