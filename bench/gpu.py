@@ -11,7 +11,8 @@ budgets of 32-256 new tokens, bf16, greedy, EOS off (every prompt runs to its bu
 2. HF `generate`, static batches of --batch-size prompts sorted by length (each batch runs to its
    largest budget; only the tokens prompts asked for count);
 3. distgen's other settings (VARIANTS, in order, while the time limit allows): `generation.batch_size=auto`
-   eager, the static slot cache with the decode step compiled into CUDA graphs (`reduce-overhead`), and
+   eager, `generation.mixed_steps=false` (what mixing decode rows into prefill forwards is worth), the
+   static slot cache with the decode step compiled into CUDA graphs (`reduce-overhead`), and
    (as many rows as the memory budget holds), eager and with CUDA graphs. The fastest is named best.
 
 Each prints generated tokens/s (tokens the prompts asked for, over generation time, load excluded;
@@ -64,6 +65,8 @@ class Variant:
 
 VARIANTS = (  # cheapest first: a compile takes a minute or more of the time limit
     Variant("distgen, batch auto, eager", ("generation.batch_size=auto",)),
+    # what mixed steps (the default: decoding rows ride along each prefill forward) are worth on a GPU
+    Variant("distgen, no mixed steps", ("generation.mixed_steps=false",)),
     Variant("distgen, static slots, CUDA graphs", CUDA_GRAPHS, cuda_only=True),
     Variant("distgen, batch auto, CUDA graphs", ("generation.batch_size=auto", *CUDA_GRAPHS), cuda_only=True),
 )

@@ -119,6 +119,9 @@ class GenerationConfig:
     # Who joins the batch: static (a new batch once all rows are done), continuous (a free row is
     # refilled at once), chunked (prompts prefilled in chunks of prefill_chunk_tokens between decode steps).
     scheduler: str = "continuous"
+    # continuous/chunked: the running rows decode in the same forward that admits (or chunks) prompts, where
+    # the cache packs both (the varlen slot cache; not with model.assistant); false: a prefill forward pauses them.
+    mixed_steps: bool = True
     # KV cache: auto or a name in distgen.engine.kv.CACHES (dynamic, static, sliding_window, quantized,
     # offloaded); auto: sliding_window when the model has one, quantized (offloaded on CUDA) when the KV
     # cache of batch_size rows does not fit the memory budget, static when compiling or chunking, else dynamic.

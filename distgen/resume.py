@@ -24,7 +24,7 @@ WHOLE_FILE_BYTES = 16 * 1024 * 1024
 SAMPLE_BYTES = 1024 * 1024
 # Generation settings that decide how work is batched and run, not what is generated (`cache` stays
 # in: a quantized KV cache changes the tokens).
-BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "compile", "compile_mode", "compile_cache_dir",
+BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "mixed_steps", "compile", "compile_mode", "compile_cache_dir",
                  "prefill_chunk_tokens", "sync_every", "cpu_kernels")
 # Assisted generation's settings: part of the fingerprint only with a model.assistant (see `assistant_identity`).
 ASSISTANT_KEYS = ("num_assistant_tokens", "assistant_schedule", "assistant_confidence_threshold",

@@ -96,6 +96,54 @@ def test_chunked_scheduler_splits_prompts_under_the_token_budget():
     assert SCHEDULERS.get("continuous")(state(running, "decode")).chunks == [3]
 
 
+def test_mixing_schedulers_decode_the_running_rows_with_the_prompts_they_admit():
+    waiting = deque(Request(Prompt(i, str(i), ""), [5] * n, 4, None) for i, n in enumerate([10, 3, 7]))
+    decoding = Request(Prompt(9, "9", ""), [5] * 4, 4, None, status=Status.DECODING, prefilled=4, row=0)
+    state = lambda running, last, budget=8: SchedulerState(waiting, running, free_rows=3 - len(running),
+                                                           token_budget=budget, last_kind=last, mixes=True)
+    plan = SCHEDULERS.get("continuous")(state([decoding], "decode"))  # whole prompts, under the budget
+    assert plan.kind == "mixed" and plan.decodes == 1 and plan.chunks == [1, 10]
+    assert [plan.prefills(i) for i in range(2)] == [False, True]
+    assert plan.part("prefill").requests == [waiting[0]] and plan.part("decode").requests == [decoding]
+    plan = SCHEDULERS.get("chunked")(state([decoding], "prefill"))  # no alternating: the decode rides along
+    assert plan.kind == "mixed" and plan.decodes == 1 and plan.chunks == [1, 7]  # budget 8 less 1 decode token
+    plan = SCHEDULERS.get("chunked")(state([decoding] * 2, "prefill", budget=3))  # prompts keep half the budget
+    assert plan.chunks == [1, 1, 2]
+    assert SCHEDULERS.get("static")(state([decoding], "decode")).kind == "decode"  # a static batch never mixes
+    assert SCHEDULERS.get("continuous")(state([], "")).kind == "prefill"  # nothing decoding: a plain prefill
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
+@pytest.mark.parametrize("kernels", ["auto", "torch"])  # distgen's stack and decode kernel; transformers' + SDPA
+def test_mixed_steps_equal_generate_and_save_forwards(tiny_model, tokenizer, scheduler, kernels):
+    """Admitting a prompt (or a chunk of one) while rows decode runs both in one forward; the tokens are
+    generate's, with fewer forwards than the steps that pause the decoding rows."""
+    records = [*PROMPTS, {"id": "late", "prompt": "A prompt admitted while others decode " * 3, "max_new_tokens": 9}]
+    steps = {}
+    for mixed in (True, False):
+        cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="static", compile="off",
+                               scheduler=scheduler, prefill_chunk_tokens=24, cpu_kernels=kernels, mixed_steps=mixed)
+        engine = engine_for(tiny_model, tokenizer, records, cfg)
+        kinds = []
+        execute = engine.execute
+        engine.execute = lambda plan: (kinds.append(plan.kind), execute(plan))[1]
+        assert_matches_generate(tiny_model, tokenizer, generate_all(engine), records)
+        assert ("mixed" in kinds) == mixed, kinds
+        assert sorted(engine.kv.free) == [0, 1, 2] and not engine.kv.owners
+        steps[mixed] = len(kinds)
+    assert steps[True] < steps[False], steps
+
+
+def test_mixed_steps_keep_each_prompts_sampled_tokens(tiny_model, tokenizer):
+    # Each prompt draws from its own seeded generator: riding along a prefill forward changes no draw.
+    got = {}
+    for mixed in (True, False):
+        cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=2, cache="static", compile="off",
+                               do_sample=True, temperature=0.9, top_k=20, seed=3, mixed_steps=mixed)
+        got[mixed] = {k: c.token_ids for k, c in generate_all(engine_for(tiny_model, tokenizer, PROMPTS, cfg)).items()}
+    assert got[True] == got[False]
+
+
 def test_auto_choices_say_why(tiny_model):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # the plan only reads the device type
     small = plan_compile(GenerationConfig(), tiny_model, decode_steps=10, lockstep=False, device=cuda)

@@ -22,13 +22,16 @@ StopCheck = Callable[[Prompt, list[int]], bool]
 class Engine:
     def __init__(self, waiting: RequestQueue, scheduler: Scheduler, kv: KVCache, runner: Runner,
                  sampler: Sampler, token_budget: int, stop_check: Optional[StopCheck] = None,
-                 assistant: Optional[Assistant] = None):
+                 assistant: Optional[Assistant] = None, mixed_steps: bool = True):
         self.waiting = waiting  # lazy: requests are made as the scheduler reaches them
         self.stop_check = stop_check
         self.running: list[Request] = []  # requests holding a cache row, in the cache's row order
         self.scheduler, self.kv, self.runner, self.sampler = scheduler, kv, runner, sampler
         self.token_budget = token_budget
         self.assistant = assistant  # set: decode steps are assisted (draft -> verify in one forward -> accept)
+        # generation.mixed_steps: decoding rows ride along prefill forwards where the cache can pack both
+        # (an assisted decode is a verify forward of its own, so it does not mix)
+        self.mixed_steps = mixed_steps and assistant is None
         self.last_kind = ""
         self.choice = ""  # which cache/compile the builder chose, and why (printed by the worker)
         self.batch = None  # the batch size and why (memory.BatchChoice), set by the builder
@@ -62,7 +65,8 @@ class Engine:
         return self.update(plan, batch, logits)
 
     def schedule(self) -> StepPlan:
-        state = SchedulerState(self.waiting, self.running, self.kv.free_rows, self.token_budget, self.last_kind)
+        state = SchedulerState(self.waiting, self.running, self.kv.free_rows, self.token_budget, self.last_kind,
+                               mixes=self.mixed_steps and self.kv.mixes)
         plan = self.scheduler(state)
         for request in plan.requests:
             if request.status is Status.WAITING:
@@ -75,8 +79,8 @@ class Engine:
         return plan
 
     def execute(self, plan: StepPlan) -> tuple[ForwardBatch, torch.Tensor]:
-        if plan.kind == "prefill":
-            batch = self.kv.prefill_inputs(plan)
+        if plan.kind in ("prefill", "mixed"):  # a mixed step runs as a prefill (eager, never the compiled decode)
+            batch = self.kv.prefill_inputs(plan) if plan.kind == "prefill" else self.kv.mixed_inputs(plan)
             return batch, self.runner.prefill(batch.inputs)
         batch = self.kv.decode_inputs(plan.requests)
         return batch, self.runner.decode(batch.inputs)
@@ -88,8 +92,8 @@ class Engine:
         host_tokens, host_eos = torch.stack([tokens, is_eos.long()]).tolist()
         # 2. rows whose prompt is now fully cached take their token; finished ones complete
         finished, completions = [], []
-        for request, chunk, row in zip(plan.requests, plan.chunks, batch.rows):
-            if plan.kind == "prefill" and request.prefilled + chunk < request.prompt_length:
+        for index, (request, chunk, row) in enumerate(zip(plan.requests, plan.chunks, batch.rows)):
+            if plan.prefills(index) and request.prefilled + chunk < request.prompt_length:
                 finished.append(False)  # a chunk of a longer prompt: no token yet
                 continue
             request.generated.append(host_tokens[row])
@@ -99,8 +103,8 @@ class Engine:
                 completions.append(Completion(request.prompt, request.prompt_length, request.generated, reason))
         # 3. the cache records next inputs and frees finished rows; then request states move on
         self.kv.commit(plan, batch, tokens, finished)
-        for request, chunk, done in zip(plan.requests, plan.chunks, finished):
-            if plan.kind == "prefill":
+        for index, (request, chunk, done) in enumerate(zip(plan.requests, plan.chunks, finished)):
+            if plan.prefills(index):
                 request.prefilled += chunk
                 if request.prefilled == request.prompt_length:
                     request.status = Status.DECODING

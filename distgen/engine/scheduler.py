@@ -1,7 +1,10 @@
 """Schedulers: which requests run in the next forward, and how many prompt tokens each.
 
-A scheduler reads the engine's queue and running rows and returns a `StepPlan`: either a
-prefill (requests and the prompt tokens each runs now) or a decode of every running row.
+A scheduler reads the engine's queue and running rows and returns a `StepPlan`: a prefill
+(requests and the prompt tokens each runs now), a decode of every running row, or, where the cache
+packs both into one forward (`SchedulerState.mixes`), a mixed step: the decoding rows' next tokens and
+prompt tokens together, so that admitting a prompt does not pause the rows already decoding (what
+vLLM's scheduler does; on a GPU a forward's cost is mostly fixed, so it saves a forward per admission).
 Policies are picked by name (`generation.scheduler`) from the `SCHEDULERS` name table, which the
 config check, `--help` and the engine builder all read.
 """
@@ -17,10 +20,21 @@ from distgen.registry import Registry
 
 @dataclass(frozen=True)
 class StepPlan:
-    # "prefill": run `chunks[i]` more prompt tokens of `requests[i]`; "decode": one token for each request.
+    # "prefill": run `chunks[i]` more prompt tokens of `requests[i]`; "decode": one token for each request;
+    # "mixed": the first `decodes` requests decode one token, the rest run prompt chunks.
     kind: str
     requests: list[Request]
     chunks: list[int]
+    decodes: int = 0
+
+    def prefills(self, index: int) -> bool:
+        """Whether requests[index] runs prompt tokens in this step (else it decodes one token)."""
+        return self.kind == "prefill" or (self.kind == "mixed" and index >= self.decodes)
+
+    def part(self, kind: str) -> "StepPlan":
+        """A mixed step's decode or prefill part, as a plan of its own."""
+        cut = slice(None, self.decodes) if kind == "decode" else slice(self.decodes, None)
+        return StepPlan(kind, self.requests[cut], self.chunks[cut])
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,10 @@ class SchedulerState:
     # Most prompt tokens one prefill forward runs: chunked splits prompts to fit it; static and continuous
     # admit whole prompts while they fit (always at least one), so a packed prefill stays bounded.
     token_budget: int
-    last_kind: str          # what the previous step did ("prefill", "decode" or "")
+    last_kind: str          # what the previous step did ("prefill", "decode", "mixed" or "")
+    # The cache runs decode and prompt tokens in one forward (the varlen slot cache) and the step may
+    # mix them (generation.mixed_steps, no assistant): continuous and chunked then emit mixed steps.
+    mixes: bool = False
 
 
 Scheduler = Callable[[SchedulerState], StepPlan]
@@ -62,10 +79,19 @@ def schedule_static(state: SchedulerState) -> StepPlan:
     return whole_prompts(state)
 
 
+def mixed(decoding: list[Request], prefill: StepPlan) -> StepPlan:
+    """The decoding rows' next tokens and `prefill`'s prompt tokens in one step (a prefill alone without them)."""
+    if not decoding:
+        return prefill
+    return StepPlan("mixed", decoding + prefill.requests, [1] * len(decoding) + prefill.chunks, len(decoding))
+
+
 def schedule_continuous(state: SchedulerState) -> StepPlan:
-    """Continuous batching: queued prompts join (whole) as soon as a row is free."""
+    """Continuous batching: queued prompts join (whole) as soon as a row is free; where the cache
+    mixes, the running rows decode in the same forward."""
     if state.waiting and state.free_rows:
-        return whole_prompts(state)
+        prefill = whole_prompts(state)
+        return mixed([r for r in state.running if r.status is Status.DECODING], prefill) if state.mixes else prefill
     return decode_plan(state)
 
 
@@ -73,14 +99,18 @@ def schedule_chunked(state: SchedulerState) -> StepPlan:
     """Chunked prefill: at most `token_budget` prompt tokens per forward, alternating with decode steps.
 
     Rows still prefilling go first, then queued prompts while rows are free; a long prompt
-    takes several prefill steps, and the decoding rows advance one token between them.
+    takes several prefill steps, and the decoding rows advance one token between them (where the
+    cache mixes: in the same forward as each chunk, which then takes the budget less their tokens, at
+    least half of it).
     """
     decoding = [r for r in state.running if r.status is Status.DECODING]
-    if decoding and state.last_kind == "prefill":
+    if decoding and state.last_kind == "prefill" and not state.mixes:
         return StepPlan("decode", decoding, [1] * len(decoding))
     candidates = [r for r in state.running if r.status is Status.PREFILLING]
     candidates += [state.waiting[i] for i in range(min(state.free_rows, len(state.waiting)))]
-    requests, chunks, left = [], [], state.token_budget
+    # Mixed: the decode tokens take their share of the budget first, but prompts keep at least half of it.
+    left = max(state.token_budget - len(decoding), (state.token_budget + 1) // 2) if state.mixes else state.token_budget
+    requests, chunks = [], []
     for request in candidates:
         if left <= 0:
             break
@@ -90,7 +120,8 @@ def schedule_chunked(state: SchedulerState) -> StepPlan:
         left -= take
     if not requests:
         return StepPlan("decode", decoding, [1] * len(decoding))
-    return StepPlan("prefill", requests, chunks)
+    prefill = StepPlan("prefill", requests, chunks)
+    return mixed(decoding, prefill) if state.mixes else prefill
 
 
 SCHEDULERS: Registry[Scheduler] = Registry("generation.scheduler", valued=True)

@@ -1,7 +1,8 @@
 """The KV-cache seam: how a cache lays out rows, builds a forward's inputs and frees rows.
 
-The engine calls, per step: `prefill_inputs(plan)` or `decode_inputs(requests)`, runs the
-forward, samples, then `commit(...)` with the tokens and which requests finished.
+The engine calls, per step: `prefill_inputs(plan)`, `decode_inputs(requests)` or (a cache that
+`mixes`) `mixed_inputs(plan)`, runs the forward, samples, then `commit(...)` with the tokens and
+which requests finished.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class ForwardBatch:
     inputs: dict[str, Any]
     # logits row of each planned request, in plan order
     rows: list[int]
+    # A mixed step: the packed row's first `decode_slots` tokens are the decode part's (one per slot).
+    decode_slots: int = 0
 
 
 class KVCache(ABC):
@@ -33,6 +36,8 @@ class KVCache(ABC):
     # Whether a prefill forward packs its prompts into one row (no padding); the scheduler then bounds
     # a prefill's tokens by generation.prefill_chunk_tokens (engine.build.prefill_token_budget).
     packs_prefill: bool = False
+    # Whether one forward can carry decode tokens and prompt chunks together (`mixed_inputs`).
+    mixes: bool = False
 
     @property
     @abstractmethod
@@ -47,6 +52,10 @@ class KVCache(ABC):
 
     @abstractmethod
     def decode_inputs(self, requests: list[Request]) -> ForwardBatch: ...
+
+    def mixed_inputs(self, plan: StepPlan) -> ForwardBatch:
+        """A mixed step (StepPlan.kind "mixed"): its decode part's tokens, then its prompt chunks, in one forward."""
+        raise NotImplementedError(f"{type(self).__name__} does not mix decode and prefill tokens")
 
     @abstractmethod
     def commit(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor, finished: list[bool]) -> None:

@@ -20,6 +20,7 @@ use moves into the freed one, so the rows a decode reads have no idle holes.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
@@ -152,6 +153,7 @@ class SlotKV(KVCache):
         # over its own slot. The int8 layers and the sliding-window ring keep the mask-and-read path.
         self.varlen = varlen and layer_class is SlotLayer and window is None
         self.decode_kernel = decode_kernel and self.varlen
+        self.mixes = self.varlen  # the attention plan takes decode tokens and segments in one packed row
 
     @property
     def free_rows(self) -> int:
@@ -261,6 +263,23 @@ class SlotKV(KVCache):
                       cache=self.cache, logits_to_keep=1)
         return ForwardBatch(inputs, [r.row for r in requests])
 
+    def mixed_inputs(self, plan: StepPlan) -> ForwardBatch:
+        """The decode part's packed row (a token per slot up to the highest decoding one; slots that are
+        not decoding, those prefilling in this step among them, write to scratch), then the prefill part's
+        chunks, as one packed row: the attention plan's decode tokens, then its segments."""
+        decode = self.decode_inputs(plan.part("decode").requests)
+        prefill = self.prefill_inputs(plan.part("prefill"))
+        first, second = decode.inputs, prefill.inputs
+        count = first["input_ids"].shape[1]
+        attention, chunks = first["attention_plan"], second["attention_plan"]
+        attention.write_slots = torch.cat([attention.write_slots, chunks.write_slots])
+        attention.write_cols = torch.cat([attention.write_cols, chunks.write_cols])
+        attention.segments = [replace(seg, q0=seg.q0 + count, q1=seg.q1 + count) for seg in chunks.segments]
+        inputs = dict(first, input_ids=torch.cat([first["input_ids"], second["input_ids"]], dim=1),
+                      position_ids=torch.cat([first["position_ids"], second["position_ids"]], dim=1),
+                      logits_to_keep=torch.cat([first["logits_to_keep"], second["logits_to_keep"] + count]))
+        return ForwardBatch(inputs, decode.rows + [count + row for row in prefill.rows], decode_slots=count)
+
     def point(self, rows: torch.Tensor, cols: torch.Tensor, read: Union[int, torch.Tensor], width: int,
               read_cols: Optional[torch.Tensor] = None) -> None:
         """This forward writes rows (rows, 1) x cols (rows, q); attention reads `read` slots x `width` columns.
@@ -274,17 +293,28 @@ class SlotKV(KVCache):
 
     def commit(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor, finished: list[bool]) -> None:
         if plan.kind == "decode":
-            count = len(tokens)
-            self.last_tokens[:count] = tokens
-            self.lengths[:count] += self.decoding[:count]
-        else:
-            rows = torch.tensor([r.row for r in plan.requests], dtype=torch.long, device=self.device)
-            ends = torch.tensor([r.prefilled + c for r, c in zip(plan.requests, plan.chunks)], device=self.device)
-            self.last_tokens[rows] = tokens
-            self.lengths[rows] = ends
-            done = [r.prefilled + c == r.prompt_length for r, c in zip(plan.requests, plan.chunks)]
-            self.decoding[rows] = torch.tensor(done, device=self.device)
+            self.commit_decode(tokens)
+        elif plan.kind == "prefill":
+            self.commit_prefill(plan, tokens)
+        else:  # mixed: the decode part first (it reads which slots were decoding before this step)
+            self.commit_decode(tokens[:batch.decode_slots])
+            self.commit_prefill(plan.part("prefill"), tokens[batch.decode_slots:])
         self.release([r.row for r, done in zip(plan.requests, finished) if done])
+
+    def commit_decode(self, tokens: torch.Tensor) -> None:
+        """tokens: one per slot 0..len(tokens)-1; the decoding ones take theirs and grow by one column."""
+        count = len(tokens)
+        self.last_tokens[:count] = tokens
+        self.lengths[:count] += self.decoding[:count]
+
+    def commit_prefill(self, plan: StepPlan, tokens: torch.Tensor) -> None:
+        """tokens: one per planned request; a request whose whole prompt is now cached starts decoding."""
+        rows = torch.tensor([r.row for r in plan.requests], dtype=torch.long, device=self.device)
+        ends = torch.tensor([r.prefilled + c for r, c in zip(plan.requests, plan.chunks)], device=self.device)
+        self.last_tokens[rows] = tokens
+        self.lengths[rows] = ends
+        done = [r.prefilled + c == r.prompt_length for r, c in zip(plan.requests, plan.chunks)]
+        self.decoding[rows] = torch.tensor(done, device=self.device)
 
     def release(self, slots: list[int]) -> None:
         """Free finished requests' slots (then move the highest rows down into them, when compacting)."""
