@@ -77,6 +77,14 @@ def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_ids
     return new
 
 
+def assert_matches_generate(model, tokenizer, got: dict, records=PROMPTS, eos_ids=()) -> None:
+    """In-process engine completions (by prompt id) equal `model.generate`'s greedy tokens, each record's budget."""
+    for record in records:
+        budget = record.get("max_new_tokens", DEFAULT_BUDGET)
+        want = reference_greedy(model, tokenizer, record["prompt"], budget, list(eos_ids))
+        assert got[record["id"]].token_ids == want, record["id"]
+
+
 def assert_prompts_greedy(records, model, tokenizer) -> None:
     """`records` are PROMPTS' outputs, in order, each equal to `model.generate` (the tokenizer's EOS)."""
     assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]

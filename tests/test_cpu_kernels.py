@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import PROMPTS, reference_greedy, DEFAULT_BUDGET
+from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.config import GenerationConfig
 from distgen.engine import cpu_kernels as kernels
 from distgen.engine import cpu_model
@@ -16,13 +16,6 @@ from helpers import engine_for, generate_all
 CPU = torch.device("cpu")
 needs_kernel = pytest.mark.skipif(kernels.load_kernel()[0] is None,
                                   reason=f"distgen's CPU kernels cannot run here: {kernels.load_kernel()[1]}")
-
-
-def assert_equals_generate(got: dict, reference, tokenizer) -> None:
-    """Every prompt's engine tokens equal `reference.generate`'s greedy tokens."""
-    for record in PROMPTS:
-        want = reference_greedy(reference, tokenizer, record["prompt"], record.get("max_new_tokens", DEFAULT_BUDGET), [])
-        assert got[record["id"]].token_ids == want, record["id"]
 
 
 def llama_pair(tokenizer, seed: int, **config):
@@ -85,7 +78,7 @@ def test_engine_with_packed_linears_equals_torch_generate(tiny_model_dir, tokeni
     assert "decoder stack: distgen's forward" in engine.choice and model.model._distgen_owned
     assert kernels.is_packed(model.model.layers[0].mlp.down_proj)
     got = generate_all(engine)
-    assert_equals_generate(got, reference, tokenizer)
+    assert_matches_generate(reference, tokenizer, got)
     assert len(calls) >= DEFAULT_BUDGET - 1  # decode steps ran as one C call
     # A later engine that compiles or is told torch unpacks them again.
     engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_kernels="torch", compile="off"))
@@ -259,7 +252,7 @@ def test_a_tied_lm_head_is_packed_and_its_embedding_reads_the_packed_table(token
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
     assert f"{total} of {total} linear layers packed" in engine.choice
     got = generate_all(engine)
-    assert_equals_generate(got, reference, tokenizer)
+    assert_matches_generate(reference, tokenizer, got)
 
 
 @needs_kernel
@@ -275,5 +268,5 @@ def test_owned_stack_without_the_one_call_decode_still_equals_generate(tokenizer
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
     assert "decoder stack: distgen's forward" in engine.choice and not model.model._distgen_uniform
     got = generate_all(engine)
-    assert_equals_generate(got, reference, tokenizer)
+    assert_matches_generate(reference, tokenizer, got)
     assert not calls

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
+from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate, reference_greedy
 from distgen.config import GenerationConfig, TinyModelConfig
 from distgen.engine.build import COMPILE_MIN_DECODE_STEPS, COMPILE_MIN_DECODE_STEPS_CPU, plan_cache, plan_compile
 from distgen.engine.request import Request, Status
@@ -15,13 +15,6 @@ from distgen.prompts import Prompt
 from distgen.tiny import build_tiny_model
 from distgen.errors import ConfigError
 from helpers import engine_for, generate_all
-
-
-def assert_matches_generate(model, tokenizer, got, records, eos_ids=()):
-    for record in records:
-        budget = record.get("max_new_tokens", DEFAULT_BUDGET)
-        want = reference_greedy(model, tokenizer, record["prompt"], budget, list(eos_ids))
-        assert got[record["id"]].token_ids == want, record["id"]
 
 
 def test_refilled_slot_never_attends_to_its_previous_tenant(tiny_model, tokenizer):
