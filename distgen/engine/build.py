@@ -277,15 +277,14 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     kv = kind.build(spec)
     if getattr(kv, "decode_kernel", False):
         choice += "; decode attention: distgen's CPU kernel (each slot reads its own columns)"
-    mixes = gen.mixed_steps and kv.mixes and assistant is None
-    if mixes and gen.scheduler != "static":  # a static batch admits prompts only once no row decodes
-        choice += "; mixed steps (the decoding rows ride along each prefill forward)"
-    log.info("engine: %s", choice)
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
     waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
     engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
                     Sampler(gen, eos_ids, device), prefill_token_budget(gen, kv),
-                    stop_check, helper, mixed_steps=mixes)
+                    stop_check, helper, mixed_steps=gen.mixed_steps)
+    if engine.mixes and gen.scheduler != "static":  # a static batch admits prompts only once no row decodes
+        choice += "; mixed steps (the decoding rows ride along each prefill forward)"
+    log.info("engine: %s", choice)
     engine.choice, engine.batch = choice, batch
     engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,
                              inject_at=injected_oom_step())

@@ -29,13 +29,17 @@ class Engine:
         self.scheduler, self.kv, self.runner, self.sampler = scheduler, kv, runner, sampler
         self.token_budget = token_budget
         self.assistant = assistant  # set: decode steps are assisted (draft -> verify in one forward -> accept)
-        # generation.mixed_steps: decoding rows ride along prefill forwards where the cache can pack both
-        # (an assisted decode is a verify forward of its own, so it does not mix)
-        self.mixed_steps = mixed_steps and assistant is None
+        self.mixed_steps = mixed_steps  # generation.mixed_steps (see `mixes`)
         self.last_kind = ""
         self.choice = ""  # which cache/compile the builder chose, and why (printed by the worker)
         self.batch = None  # the batch size and why (memory.BatchChoice), set by the builder
         self.backoff: Optional[Backoff] = None  # out-of-memory back-off (backoff.py); None: errors propagate
+
+    @property
+    def mixes(self) -> bool:
+        """Whether decoding rows ride along prefill forwards: asked for, and the cache packs both into one
+        forward (an assisted decode is a verify forward of its own, so it never mixes)."""
+        return self.mixed_steps and self.kv.mixes and self.assistant is None
 
     @property
     def has_work(self) -> bool:
@@ -66,7 +70,7 @@ class Engine:
 
     def schedule(self) -> StepPlan:
         state = SchedulerState(self.waiting, self.running, self.kv.free_rows, self.token_budget, self.last_kind,
-                               mixes=self.mixed_steps and self.kv.mixes)
+                               mixes=self.mixes)
         plan = self.scheduler(state)
         for request in plan.requests:
             if request.status is Status.WAITING:

@@ -54,6 +54,11 @@ class SchedulerState:
 Scheduler = Callable[[SchedulerState], StepPlan]
 
 
+def decoding_rows(state: SchedulerState) -> list[Request]:
+    """The running requests whose whole prompt is cached (those still prefilling a chunk are not)."""
+    return [r for r in state.running if r.status is Status.DECODING]
+
+
 def decode_plan(state: SchedulerState) -> StepPlan:
     return StepPlan("decode", list(state.running), [1] * len(state.running))
 
@@ -91,7 +96,7 @@ def schedule_continuous(state: SchedulerState) -> StepPlan:
     mixes, the running rows decode in the same forward."""
     if state.waiting and state.free_rows:
         prefill = whole_prompts(state)
-        return mixed([r for r in state.running if r.status is Status.DECODING], prefill) if state.mixes else prefill
+        return mixed(decoding_rows(state), prefill) if state.mixes else prefill
     return decode_plan(state)
 
 
@@ -103,7 +108,7 @@ def schedule_chunked(state: SchedulerState) -> StepPlan:
     cache mixes: in the same forward as each chunk, which then takes the budget less their tokens, at
     least half of it).
     """
-    decoding = [r for r in state.running if r.status is Status.DECODING]
+    decoding = decoding_rows(state)
     if decoding and state.last_kind == "prefill" and not state.mixes:
         return StepPlan("decode", decoding, [1] * len(decoding))
     candidates = [r for r in state.running if r.status is Status.PREFILLING]
