@@ -64,7 +64,8 @@ for whl in "$DIR.tmp"/*.whl; do  # a wheel built here must not be tied to this m
 done
 
 wheels_mib=$(du -sm "$DIR.tmp" | cut -f1)
-tree_mib=$(( ($(git ls-files -z | xargs -0 cat 2>/dev/null | wc -c) + 1048575) / 1048576 ))
+tree_bytes=$(git ls-files -z | xargs -0 cat 2>/dev/null | wc -c)
+tree_mib=$(( (tree_bytes + 1048575) / 1048576 ))
 if (( wheels_mib + TREE_ALLOWANCE_MIB > CARRY_LIMIT_MIB )) || (( wheels_mib + tree_mib > CARRY_LIMIT_MIB )); then
   echo "gpu_wheels: $wheels_mib MiB of wheels + tree ($tree_mib MiB, allowance $TREE_ALLOWANCE_MIB) exceed" \
        "the $CARRY_LIMIT_MIB MiB carry limit" >&2
@@ -76,7 +77,7 @@ for want in "${OPTIONAL[@]}"; do
   "${PIP[@]}" download --quiet --no-deps --only-binary=:all: "${TARGET[@]}" --platform manylinux_2_24_x86_64 \
     -d "$DIR.opt" "$want"
   # bytes, not rounded MiB: the margin is small
-  total=$(( $(du -sb "$DIR.tmp" | cut -f1) + $(du -sb "$DIR.opt" | cut -f1) + $(git ls-files -z | xargs -0 cat 2>/dev/null | wc -c) ))
+  total=$(( $(du -sb "$DIR.tmp" | cut -f1) + $(du -sb "$DIR.opt" | cut -f1) + tree_bytes ))
   if (( total + OPTIONAL_MARGIN_MIB * 1048576 <= CARRY_LIMIT_MIB * 1048576 )); then mv "$DIR.opt"/*.whl "$DIR.tmp"/
   else left_out+=("$want"); fi
 done
