@@ -31,8 +31,8 @@ from engine import model_from_args, model_parser  # noqa: E402
 from distgen.config import GenerationConfig  # noqa: E402
 from distgen.engine import build_engine  # noqa: E402
 from distgen.engine.assist import AssistantSpec  # noqa: E402
-from distgen.loop import run_loop  # noqa: E402
-from distgen.prompts import Prompt  # noqa: E402
+from distgen.parallel.loop import run_loop  # noqa: E402
+from distgen.inputs.records import Prompt  # noqa: E402
 
 
 def make_job(count: int, vocab: int, repetitive: bool, seed: int = 0) -> list[tuple[Prompt, list[int]]]:

@@ -26,9 +26,9 @@ import torch
 
 from distgen.config import GenerationConfig, TinyModelConfig
 from distgen.engine import build_engine
-from distgen.loop import run_loop
-from distgen.prompts import Prompt
-from distgen.tiny import build_tiny_model, build_tokenizer
+from distgen.parallel.loop import run_loop
+from distgen.inputs.records import Prompt
+from distgen.models.tiny import build_tiny_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [  # (label, generation settings)
@@ -50,7 +50,7 @@ def make_job(count: int, vocab: int, seed: int = 0) -> list[tuple[Prompt, list[i
     for i in range(count):
         length, budget = rng.randint(8, 255), rng.randint(16, 128)
         job.append((Prompt(i, str(i), "", budget), [rng.randrange(3, vocab) for _ in range(length)]))
-    # largest budget first, then longest prompt, as the worker orders a rank's prompts (distgen.plan.decode_order)
+    # largest budget first, then longest prompt, as the worker orders a rank's prompts (distgen.parallel.plan.decode_order)
     return sorted(job, key=lambda item: (-item[0].max_new_tokens, -len(item[1])))
 
 

@@ -4,7 +4,7 @@
     python3 bench/gpu.py --preset smoke --device cpu      # the plumbing only, in seconds, on any machine
 
 A random-init Llama of about 1B parameters (22 layers, hidden 2048, GQA 32/4 heads), built from a
-config (no download, the byte-level tokenizer of distgen.tiny), 512 prompts of 16-512 tokens with
+config (no download, the byte-level tokenizer of distgen.models.tiny), 512 prompts of 16-512 tokens with
 budgets of 32-256 new tokens, bf16, greedy, EOS off (every prompt runs to its budget):
 
 1. distgen, one rank, continuous batching, eager (its defaults at --batch-size rows);
@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from distgen.config import TinyModelConfig  # noqa: E402
-from distgen.errors import ConfigError  # noqa: E402
-from distgen.load_config import load_config  # noqa: E402
-from distgen.stats import cuda_peaks_mib, reset_peaks  # noqa: E402
-from distgen.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from distgen.common.errors import ConfigError  # noqa: E402
+from distgen.catalog.load import load_config  # noqa: E402
+from distgen.outputs.stats import cuda_peaks_mib, reset_peaks  # noqa: E402
+from distgen.models.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 PRESETS = {  # model shape, prompts, prompt lengths and budgets (tokens), rows per batch
     "1b": dict(layers=22, hidden=2048, heads=32, kv_heads=4, intermediate=5632, prompts=512,
@@ -336,7 +336,7 @@ def run_variant(variant: Variant, args, work: Path, prompts_file: Path, device: 
 
 def param_count(args, tokenizer) -> int:
     """Parameters of the benchmark model, counted on the meta device (no memory, no init)."""
-    from distgen.tiny import tiny_llama_config
+    from distgen.models.tiny import tiny_llama_config
     from transformers import LlamaForCausalLM
     with torch.device("meta"):
         return sum(p.numel() for p in LlamaForCausalLM(tiny_llama_config(model_config(args), tokenizer)).parameters())

@@ -20,7 +20,7 @@ from distgen.config import GenerationConfig  # noqa: E402
 from distgen.engine import build_engine  # noqa: E402
 from distgen.engine.kv import CACHES  # noqa: E402
 from distgen.engine.kv.quantized import QUANT_BACKENDS, missing_package  # noqa: E402
-from distgen.stats import tensor_bytes  # noqa: E402
+from distgen.outputs.stats import tensor_bytes  # noqa: E402
 
 CPU = torch.device("cpu")
 STATE_FIELDS = ("keys", "values", "key_scales", "value_scales", "_quantized_keys", "_quantized_values")

@@ -141,7 +141,7 @@ def mixed_prompts(tokenizer, count: int, seed: int, lengths=(8, 256), budgets=(1
 
 def save_model(size: str, folder: Path) -> Path:
     from distgen.config import TinyModelConfig
-    from distgen.tiny import save_tiny
+    from distgen.models.tiny import save_tiny
     if not (folder / "config.json").is_file():
         save_tiny(folder, TinyModelConfig(**MODELS[size], init_std=0.2, seed=0))
     return folder

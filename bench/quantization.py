@@ -15,8 +15,8 @@ import torch
 from engine import model_parser, tiny_config  # bench/ is on sys.path when this script runs
 from jobs import run_job, write_prompts
 
-from distgen.quantizers import QUANTIZERS
-from distgen.tiny import save_tiny
+from distgen.models.quantizers import QUANTIZERS
+from distgen.models.tiny import save_tiny
 
 MIB = 1024 * 1024
 

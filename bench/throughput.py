@@ -15,7 +15,7 @@ from pathlib import Path
 from engine import model_parser, tiny_config
 from jobs import run_job, write_prompts
 
-from distgen.tiny import save_tiny
+from distgen.models.tiny import save_tiny
 
 
 def main() -> None:

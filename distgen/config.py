@@ -1,6 +1,6 @@
 """Typed run configuration.
 
-The dataclasses are the schema Hydra composes the YAML groups in `configs/` into.
+The dataclasses are the schema Hydra composes the YAML groups in `distgen/configs/` into.
 `RunConfig.check` checks every value after composition, before any process group exists.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from distgen.errors import ConfigError
+from distgen.common.errors import ConfigError
 
 MODEL_SOURCES = ("pretrained", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -73,7 +73,7 @@ class ModelConfig:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
-    # Quantized weights: a name in the quantizer table (distgen/quantizers); none keeps model.dtype.
+    # Quantized weights: a name in the quantizer table (distgen/models/quantizers); none keeps model.dtype.
     quantization: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # Assisted generation: none | tiny (a random-init draft built like model=tiny with assistant_seed) |
@@ -99,7 +99,7 @@ class ModelConfig:
 
 @dataclass
 class LayoutConfig:
-    """Base of every layout's settings; each layout in distgen/layouts/ derives its own and
+    """Base of every layout's settings; each layout in distgen/parallel/layouts/ derives its own and
     registers it, and `layout=<name>` selects it."""
     name: str = "replicate"
 
@@ -140,7 +140,7 @@ class GenerationConfig:
     # Run the engine's forwards under torch.autocast in bf16 or fp16 (an fp32 checkpoint computing in half
     # precision; on CPU without bf16 instructions this is slower than fp32); none: the weights' dtype.
     autocast: str = "none"
-    # CPU kernels: a name in distgen.engine.cpu_kernels.CPU_KERNELS: auto (distgen's AVX2 kernels where they
+    # CPU kernels: a name in distgen.backends.cpu.kernels.CPU_KERNELS: auto (distgen's AVX2 kernels where they
     # can run: CPU, fp32; the packed linear and fused norms/MLPs not sharded or compiled; the slot cache's
     # decode attention and key/value writes), distgen (a config error where they cannot), torch.
     cpu_kernels: str = "auto"
@@ -180,7 +180,7 @@ class GenerationConfig:
         require_choice("generation.compile", self.compile, COMPILE.names())
         require_choice("generation.compile_mode", self.compile_mode, COMPILE_MODES)
         require_choice("generation.autocast", self.autocast, AUTOCAST_NAMES)
-        from distgen.engine.cpu_kernels import CPU_KERNELS  # the engine imports this module
+        from distgen.backends.cpu.kernels import CPU_KERNELS  # the engine imports this module
         require_choice("generation.cpu_kernels", self.cpu_kernels, CPU_KERNELS.names())
         require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,
                 "must be >= 1")
@@ -276,10 +276,10 @@ class RunConfig:
     def check(self) -> "RunConfig":
         # The tables import this module, so they are imported here, not at the top.
         from distgen.launchers import LAUNCHERS
-        from distgen.layouts import LAYOUTS
+        from distgen.parallel.layouts import LAYOUTS
         from distgen.engine.kv import check_cache_device
-        from distgen.quantizers import check_quantization
-        from distgen.quantizers.base import target_device
+        from distgen.models.quantizers import check_quantization
+        from distgen.models.quantizers.base import target_device
 
         require_choice("device", self.device, DEVICES)
         LAYOUTS.check_selected(self.layout)

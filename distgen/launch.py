@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from distgen.errors import ConfigError
+from distgen.common.errors import ConfigError
 from distgen.launchers import get_launcher
-from distgen.load_config import load_config
-from distgen.shards import job_complete
-from distgen.run import FLAGS, finished_message, main as run_main, prepare_job
+from distgen.catalog.load import load_config
+from distgen.outputs.shards import job_complete
+from distgen.job.prepare import finished_message, prepare_job
+from distgen.run import FLAGS, main as run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint):
             print(finished_message(job), flush=True)
             return 0
-        return get_launcher(cfg.launcher.name).launch(cfg, overrides)
+        return get_launcher(cfg.launcher.name).launch(cfg, overrides, run_main)
     except ConfigError as err:
         print(f"distgen: config error: {err}", file=sys.stderr)
         return 2

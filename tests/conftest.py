@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from distgen.config import TinyModelConfig
-from distgen.tiny import build_tokenizer, save_tiny
+from distgen.models.tiny import build_tokenizer, save_tiny
 from helpers import LocalRay, LocalSlurm, missing_ray, missing_slurm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,8 +162,8 @@ def pytest_collection_modifyitems(config, items):
 def unknown_config_key(*overrides: str) -> str | None:
     """Why `overrides` do not compose because a key or option does not exist (a feature not on this
     branch yet), or None. Other config errors are left to the run that uses them."""
-    from distgen.errors import ConfigError
-    from distgen.load_config import load_config
+    from distgen.common.errors import ConfigError
+    from distgen.catalog.load import load_config
     try:
         load_config(["model=tiny", "dataset=prompts.jsonl", *overrides])
     except ConfigError as err:
@@ -174,7 +174,7 @@ def unknown_config_key(*overrides: str) -> str | None:
 
 def layout_names() -> list[str]:
     """Every registered layout, read from the name table (so new layouts are tested as they land)."""
-    from distgen.layouts import LAYOUTS
+    from distgen.parallel.layouts import LAYOUTS
     return list(LAYOUTS.names())
 
 
@@ -210,7 +210,7 @@ def ray_head():
 
 def journaled(out_dir: Path) -> list[dict]:
     """Records a run left in its output shards (open or full)."""
-    from distgen.shards import list_shards, read_shard
+    from distgen.outputs.shards import list_shards, read_shard
     return [record for path in list_shards(out_dir) for record in read_shard(path)]
 
 

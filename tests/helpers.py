@@ -23,9 +23,9 @@ from transformers import (AutoModelForCausalLM, BloomConfig, GPT2Config, MptConf
 
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
-from distgen.loop import run_loop
-from distgen.prompts import Prompt
-from distgen.tiny import build_tokenizer
+from distgen.parallel.loop import run_loop
+from distgen.inputs.records import Prompt
+from distgen.models.tiny import build_tokenizer
 
 CPU = torch.device("cpu")
 

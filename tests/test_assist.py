@@ -9,9 +9,9 @@ from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, referenc
 from distgen.config import GenerationConfig, ModelConfig, TinyModelConfig
 from distgen.engine.backoff import INJECT_ENV
 from distgen.engine.assist import AssistantSpec, accept_greedy, accept_sampled, lookup_ngram
-from distgen.errors import ConfigError
-from distgen.stops import StopStrings
-from distgen.tiny import build_tiny_model
+from distgen.common.errors import ConfigError
+from distgen.engine.stops import StopStrings
+from distgen.models.tiny import build_tiny_model
 from helpers import engine_for, generate_all
 
 # A record whose text repeats, so prompt lookup finds n-grams, and one cut by a stop string.

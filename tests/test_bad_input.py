@@ -12,15 +12,16 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import read_outputs, read_stats, reference_greedy, write_prompts
-from distgen.errors import ConfigError
+from distgen.common.errors import ConfigError
 from distgen.launch import main as launch_main
 from distgen.launchers import LAUNCHERS
-from distgen.layouts import LAYOUTS
-from distgen.load_config import load_config
-from distgen.inputs import open_prompts
-from distgen.prompts import read_prompts
-from distgen.resume import job_fingerprint
-from distgen.run import dataset_cache, main as run_in_process
+from distgen.parallel.layouts import LAYOUTS
+from distgen.catalog.load import load_config
+from distgen.inputs.source import open_prompts
+from distgen.inputs.records import read_prompts
+from distgen.outputs.resume import job_fingerprint
+from distgen.job.prepare import dataset_cache
+from distgen.run import main as run_in_process
 from helpers import save_architecture
 
 CONTEXT = 128  # gpt2's n_positions in tests/helpers.py
@@ -123,7 +124,7 @@ def test_unusable_inputs_stop_before_any_worker(case, message, gpt2_dir, tmp_pat
     with pytest.raises(Exception, match=message):
         cfg = load_config(args)
         read_prompts(cfg.dataset)
-        from distgen.run import prepare_job
+        from distgen.job.prepare import prepare_job
         prepare_job(cfg)
     assert not (tmp_path / "out").exists()
 

@@ -1,9 +1,10 @@
 import pytest
 
 from conftest import run_module
-from distgen.errors import ConfigError
-from distgen.load_config import expand_path_shorthands, load_config
-from distgen.run import check_output_dir, main as run_main
+from distgen.common.errors import ConfigError
+from distgen.catalog.load import expand_path_shorthands, load_config
+from distgen.job.prepare import check_output_dir
+from distgen.run import main as run_main
 
 TINY = ["model=tiny"]
 
@@ -111,8 +112,8 @@ def test_each_layout_and_launcher_takes_only_its_own_keys(overrides, message):
 
 def test_layout_and_launcher_options_come_from_their_tables():
     from distgen.launchers import LAUNCHERS
-    from distgen.layouts import LAYOUTS
-    from distgen.load_config import compose_config
+    from distgen.parallel.layouts import LAYOUTS
+    from distgen.catalog.load import compose_config
 
     assert LAYOUTS.names()[:2] == ("replicate", "fsdp") and LAUNCHERS.names()[:2] == ("none", "torchrun")
     for name in LAYOUTS.names():

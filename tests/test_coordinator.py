@@ -1,5 +1,5 @@
-from distgen.coordinator import format_table, summarize, write_atomic
-from distgen.stats import RankStats
+from distgen.outputs.coordinator import format_table, summarize, write_atomic
+from distgen.outputs.stats import RankStats
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

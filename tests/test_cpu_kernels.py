@@ -9,8 +9,8 @@ from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.config import GenerationConfig
 from distgen.engine import cpu_kernels as kernels
 from distgen.engine import cpu_model
-from distgen.engine.cpu_kernels import pack, pack_linears, packed_linear, plan_kernels, unpack, unpack_linears
-from distgen.errors import ConfigError
+from distgen.backends.cpu.kernels import pack, pack_linears, packed_linear, plan_kernels, unpack, unpack_linears
+from distgen.common.errors import ConfigError
 from helpers import engine_for, generate_all
 
 CPU = torch.device("cpu")

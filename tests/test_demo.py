@@ -4,7 +4,7 @@ import os
 import subprocess
 
 from conftest import REPO
-from distgen.tiny import main as tiny_main
+from distgen.models.tiny import main as tiny_main
 
 
 def test_demo_script_generates_every_bundled_prompt(tmp_path):

@@ -11,9 +11,9 @@ from distgen.config import GenerationConfig, TinyModelConfig
 from distgen.engine.build import COMPILE_MIN_DECODE_STEPS, COMPILE_MIN_DECODE_STEPS_CPU, plan_cache, plan_compile
 from distgen.engine.request import Request, Status
 from distgen.engine.scheduler import SCHEDULERS, SchedulerState
-from distgen.prompts import Prompt
-from distgen.tiny import build_tiny_model
-from distgen.errors import ConfigError
+from distgen.inputs.records import Prompt
+from distgen.models.tiny import build_tiny_model
+from distgen.common.errors import ConfigError
 from helpers import engine_for, generate_all
 
 

@@ -8,8 +8,8 @@ from conftest import DEFAULT_BUDGET, PROMPTS
 from distgen.config import GenerationConfig
 from distgen.engine.build import COMPILE
 from distgen.engine.scheduler import SCHEDULERS
-from distgen.errors import ConfigError
-from distgen.load_config import help_text, load_config
+from distgen.common.errors import ConfigError
+from distgen.catalog.load import help_text, load_config
 from helpers import engine_for, generate_all
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import REPO, paced_env, read_outputs, write_prompts
-from distgen.shards import OPEN_SUFFIX, list_shards
+from distgen.outputs.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
 from helpers import descendants, stop_pids, wait_until, worker_pids
 from conftest import journaled

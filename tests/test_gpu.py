@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 from conftest import (DEFAULT_BUDGET, PROMPTS, layout_names, read_outputs, read_stats, reference_greedy,
                       run_module, unknown_config_key, write_prompts)
 from distgen.config import ModelConfig, TinyModelConfig
-from distgen.layouts import get_layout
-from distgen.model_loading import load_model, load_tokenizer, resolve_attn_implementation
-from distgen.tiny import save_tiny
+from distgen.parallel.layouts import get_layout
+from distgen.models.loading import load_model, load_tokenizer, resolve_attn_implementation
+from distgen.models.tiny import save_tiny
 
 pytestmark = pytest.mark.gpu
 

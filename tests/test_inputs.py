@@ -8,10 +8,10 @@ from datasets import Dataset
 
 from conftest import DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, read_outputs, reference_greedy, write_prompts
 from distgen.config import DatasetConfig
-from distgen.errors import ConfigError
-from distgen.inputs import open_prompts
+from distgen.common.errors import ConfigError
+from distgen.inputs.source import open_prompts
 from distgen.run import main as run_in_process
-from distgen.shards import list_shards
+from distgen.outputs.shards import list_shards
 
 # Chat markers the tiny byte-level tokenizer spells out byte by byte; BOS/EOS are its own special tokens.
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"

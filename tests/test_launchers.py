@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from distgen.dist_env import ALONE, RANK_ENV, discover, first_host, port_for_job, tasks_per_node
-from distgen.errors import ConfigError
+from distgen.parallel.env import ALONE, RANK_ENV, discover, first_host, port_for_job, tasks_per_node
+from distgen.common.errors import ConfigError
 from distgen.launchers import LAUNCHERS
 from distgen.launchers.deepspeed import DeepspeedLauncher, deepspeed_command, hostfile_text
 from distgen.launchers.ray import RayLauncher, bundles, collect, job_submit_command, local_ranks, rank_env
 from distgen.launchers.slurm import SlurmLauncher, job_restarts, job_state, sbatch_script
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
-from distgen.load_config import load_config
+from distgen.catalog.load import load_config
 from distgen.run import split_local_rank
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

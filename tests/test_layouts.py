@@ -5,8 +5,8 @@ import pytest
 from conftest import (DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_deepspeed, run_module,
                       write_prompts)
 from distgen.config import TinyModelConfig
-from distgen.errors import ConfigError
-from distgen.load_config import load_config
+from distgen.common.errors import ConfigError
+from distgen.catalog.load import load_config
 
 # The unsharded remainder a ZeRO-3 partition may carry: each parameter padded to a multiple of the ranks.
 PADDING_SLACK_BYTES = 4096
@@ -136,8 +136,8 @@ def test_prompts_split_over_groups_then_over_ranks_of_a_group():
 
     import numpy as np
 
-    from distgen.layouts.base import contiguous_groups
-    from distgen.worker import rank_shard
+    from distgen.parallel.layouts.base import contiguous_groups
+    from distgen.job.worker import rank_shard
 
     groups = [contiguous_groups(4, 2, rank) for rank in range(4)]
     assert groups[3].groups == ((0, 1), (2, 3)) and groups[3].members == (2, 3)
@@ -152,7 +152,7 @@ def test_prompts_split_over_groups_then_over_ranks_of_a_group():
 def test_deepspeed_config_from_layout_settings():
     import torch
 
-    from distgen.layouts.zero3 import Zero3Layout, deepspeed_config
+    from distgen.parallel.layouts.zero3 import Zero3Layout, deepspeed_config
 
     ds = deepspeed_config(Zero3Layout(offload_param="nvme", nvme_path="/nvme", param_persistence_threshold=0,
                                       stage3_prefetch_bucket_size=1000), torch.bfloat16)
@@ -164,7 +164,7 @@ def test_deepspeed_config_from_layout_settings():
 
 
 def test_half_built_nvme_op_is_detected(tmp_path):
-    from distgen.layouts.zero3 import check_nvme_offload
+    from distgen.parallel.layouts.zero3 import check_nvme_offload
 
     lock = tmp_path / "py311_cpu" / "async_io" / "lock"
     lock.parent.mkdir(parents=True)
@@ -174,7 +174,7 @@ def test_half_built_nvme_op_is_detected(tmp_path):
 
 
 def test_device_map_is_printed_as_runs():
-    from distgen.coordinator import compact_map
+    from distgen.outputs.coordinator import compact_map
 
     assert compact_map({"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                         "model.norm": "disk", "lm_head": "cuda:0"}) == \

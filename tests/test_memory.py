@@ -15,7 +15,7 @@ from distgen.engine.kv import CACHES
 from distgen.engine.kv.quantized import QUANT_BACKENDS, dequantized, missing_package
 from distgen.engine.memory import (AUTO_BATCH_MAX, BatchChoice, activation_bytes_per_row, agree_across_ranks,
                                    auto_batch_size, kv_shape, memory_budget)
-from distgen.errors import ConfigError
+from distgen.common.errors import ConfigError
 from distgen.run import main as run_in_process
 from helpers import agree_on_batch, engine_for, free_ports, generate_all
 

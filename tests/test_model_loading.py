@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from distgen.config import ModelConfig, TinyModelConfig
-from distgen.errors import ConfigError
-from distgen.model_loading import check_model_source, load_model, load_tokenizer, resolve_dtype
-from distgen.tiny import build_tiny_model
+from distgen.common.errors import ConfigError
+from distgen.models.loading import check_model_source, load_model, load_tokenizer, resolve_dtype
+from distgen.models.tiny import build_tiny_model
 
 CPU = torch.device("cpu")
 
@@ -40,6 +40,6 @@ def test_folder_without_model_is_refused(tmp_path):
 
 
 def test_auto_attention_is_left_to_transformers_without_cuda_and_a_named_one_is_kept():
-    from distgen.model_loading import resolve_attn_implementation
+    from distgen.models.loading import resolve_attn_implementation
     assert resolve_attn_implementation("auto", CPU, torch.bfloat16) is None  # transformers picks
     assert resolve_attn_implementation("eager", torch.device("cuda", 0), torch.float32) == "eager"

@@ -1,6 +1,6 @@
 import pytest
 
-from distgen.plan import assign_to_ranks, decode_order
+from distgen.parallel.plan import assign_to_ranks, decode_order
 
 
 def test_every_prompt_assigned_once_and_loads_balanced():

@@ -1,7 +1,7 @@
 import io
 from types import SimpleNamespace
 
-from distgen.progress import LiveCounters, ProgressDisplay, RankSampler, progress_line
+from distgen.outputs.progress import LiveCounters, ProgressDisplay, RankSampler, progress_line
 
 
 def test_plain_lines_once_each_interval_with_rate_and_eta():

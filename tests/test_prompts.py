@@ -3,8 +3,8 @@ import re
 import pytest
 
 from distgen.config import DatasetConfig
-from distgen.errors import ConfigError
-from distgen.prompts import Prompt, RecordFields, parse_prompts, read_prompts, record_to_prompt
+from distgen.common.errors import ConfigError
+from distgen.inputs.records import Prompt, RecordFields, parse_prompts, read_prompts, record_to_prompt
 
 
 def test_jsonl_records_keep_order_ids_and_budgets():

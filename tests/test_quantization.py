@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats
-from distgen.errors import ConfigError
-from distgen.load_config import load_config
-from distgen.layouts import LAYOUTS
-from distgen.quantizers import QUANTIZERS, base as quantizer_base
+from distgen.common.errors import ConfigError
+from distgen.catalog.load import load_config
+from distgen.parallel.layouts import LAYOUTS
+from distgen.models.quantizers import QUANTIZERS, base as quantizer_base
 from distgen.run import main as run_main
 
 # Fraction of the fp32 parameter bytes each quantizer must stay under on the tiny model (its fp32
@@ -88,8 +88,8 @@ def test_quantized_model_generates_on_cuda(name, tiny_model_dir, prompts_file, t
 
 def test_four_bits_take_less_than_eight(tiny_model_dir):
     from distgen.config import ModelConfig
-    from distgen.model_loading import ModelSource, load_tokenizer
-    from distgen.layouts.base import full_param_bytes
+    from distgen.models.loading import ModelSource, load_tokenizer
+    from distgen.parallel.layouts.base import full_param_bytes
 
     def loaded_bytes(name: str) -> int:
         cfg = ModelConfig(source="pretrained", path=str(tiny_model_dir), quantization=name)

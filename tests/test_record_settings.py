@@ -7,9 +7,9 @@ import torch
 from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
-from distgen.loop import run_loop
-from distgen.prompts import Prompt
-from distgen.stops import StopStrings
+from distgen.parallel.loop import run_loop
+from distgen.inputs.records import Prompt
+from distgen.engine.stops import StopStrings
 
 CPU = torch.device("cpu")
 

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from conftest import crash_at_step, journaled, read_outputs, read_stats
-from distgen.model_loading import ModelSource
+from distgen.models.loading import ModelSource
 from distgen.run import main as run_in_process
-from distgen.shards import list_shards
+from distgen.outputs.shards import list_shards
 
 ARGS = ["generation.batch_size=2", "generation.max_new_tokens=4"]
 
@@ -64,7 +64,7 @@ def test_resume_off_regenerates(tiny_model_dir, prompts_file, tmp_path):
 
 def test_journal_lines_split_only_on_newlines(tmp_path):
     """A completion holding U+2028 or U+0085 (left unescaped with ensure_ascii=False) is one record."""
-    from distgen.shards import read_jsonl_lines
+    from distgen.outputs.shards import read_jsonl_lines
 
     records = [{"index": 0, "completion": "a\u2028b\x85c"}, {"index": 1, "completion": "d"}]
     path = tmp_path / "j.jsonl"

@@ -1,6 +1,6 @@
 import torch
 
-from distgen.sampling import filter_logits
+from distgen.engine.sampling import filter_logits
 
 
 def test_top_k_keeps_the_k_best():

@@ -6,9 +6,9 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from distgen.errors import IncompleteOutputError
-from distgen.report import render_report
-from distgen.shards import ShardWriter, finish_outputs, list_shards, read_manifest, read_shard, start_outputs
+from distgen.common.errors import IncompleteOutputError
+from distgen.outputs.report import render_report
+from distgen.outputs.shards import ShardWriter, finish_outputs, list_shards, read_manifest, read_shard, start_outputs
 
 
 def record(index):

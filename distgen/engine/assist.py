@@ -28,8 +28,8 @@ from distgen.config import ASSISTANT_NAMES, GenerationConfig
 from distgen.engine.kv.base import KVCache
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.request import Completion, Request, Status
-from distgen.forward_args import model_inputs
-from distgen.sampling import RowSampling, filter_logits
+from distgen.models.forward_args import model_inputs
+from distgen.engine.sampling import RowSampling, filter_logits
 
 # The heuristic schedule grows a sequence's draft length up to this many tokens.
 HEURISTIC_MAX_DRAFT = 16
@@ -318,7 +318,7 @@ class AssistantSpec:
 def build_tiny_draft(model_cfg, tokenizer, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     from dataclasses import replace
 
-    from distgen.tiny import build_tiny_model
+    from distgen.models.tiny import build_tiny_model
     return build_tiny_model(replace(model_cfg.tiny, seed=model_cfg.assistant_seed), tokenizer).to(dtype).to(device)
 
 
@@ -326,7 +326,7 @@ def build_draft_model(model_cfg, tokenizer, dtype: torch.dtype, device: torch.de
     """model.assistant=draft: the folder's model, loaded whole on this rank (replicated, never sharded)."""
     from dataclasses import replace
 
-    from distgen.model_loading import load_model
+    from distgen.models.loading import load_model
     cfg = replace(model_cfg, source="pretrained", path=model_cfg.assistant_path, quantization="none",
                   assistant="none", assistant_path=None)
     return load_model(cfg, tokenizer, device).to(dtype).to(device)

@@ -15,7 +15,7 @@ from distgen.engine.kv import CACHES, CacheSpec, QueueShape
 from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.kv.quantized import quant_bits
-from distgen.engine.cpu_kernels import apply_kernels, plan_kernels
+from distgen.backends.cpu.kernels import apply_kernels, plan_kernels
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
                                    kv_shape, memory_budget)
 from distgen.engine.queue import PromptQueue, RequestQueue
@@ -23,11 +23,11 @@ from distgen.engine.request import Request
 from distgen.engine.runner import AUTOCAST_DTYPES, CompilePlan, Runner, persist_inductor_cache
 from distgen.engine.sampler import Sampler
 from distgen.engine.scheduler import SCHEDULERS
-from distgen.errors import ConfigError
-from distgen.forward_args import accepts_position_ids, unwrapped
-from distgen.prompts import Prompt
-from distgen.registry import Registry
-from distgen.sampling import row_sampling, sequence_generator
+from distgen.common.errors import ConfigError
+from distgen.models.forward_args import accepts_position_ids, unwrapped
+from distgen.inputs.records import Prompt
+from distgen.common.registry import Registry
+from distgen.engine.sampling import row_sampling, sequence_generator
 
 log = logging.getLogger("distgen.engine")
 

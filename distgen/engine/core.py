@@ -13,9 +13,9 @@ from distgen.engine.request import Completion, Request, Status
 from distgen.engine.runner import Runner
 from distgen.engine.sampler import Sampler
 from distgen.engine.scheduler import Scheduler, SchedulerState, StepPlan
-from distgen.prompts import Prompt
+from distgen.inputs.records import Prompt
 
-# Whether a request's generated tokens hit one of its prompt's stop strings (distgen.stops.StopStrings.hit).
+# Whether a request's generated tokens hit one of its prompt's stop strings (distgen.engine.stops.StopStrings.hit).
 StopCheck = Callable[[Prompt, list[int]], bool]
 
 

@@ -5,11 +5,11 @@ from collections import deque
 from typing import Callable, Iterable, Protocol, Sequence
 
 from distgen.engine.request import Request
-from distgen.prompts import Prompt
+from distgen.inputs.records import Prompt
 
 
 class PromptQueue(Protocol):
-    """(prompt, token ids) in decoding order, taken from the front (distgen.feed.PromptFeed)."""
+    """(prompt, token ids) in decoding order, taken from the front (distgen.parallel.feed.PromptFeed)."""
     def popleft(self) -> tuple[Prompt, Sequence[int]]: ...
     def __len__(self) -> int: ...
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from distgen.prompts import Prompt
-from distgen.sampling import RowSampling
+from distgen.inputs.records import Prompt
+from distgen.engine.sampling import RowSampling
 
 
 class Status(enum.Enum):

@@ -19,7 +19,7 @@ import torch
 
 from distgen.config import AUTOCAST_NAMES
 from distgen.engine.kv import varlen
-from distgen.forward_args import model_inputs
+from distgen.models.forward_args import model_inputs
 
 log = logging.getLogger("distgen.engine")
 

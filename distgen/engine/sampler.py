@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from distgen.config import GenerationConfig
-from distgen.sampling import RowSampling, select_row_tokens
+from distgen.engine.sampling import RowSampling, select_row_tokens
 
 
 class Sampler:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from distgen.engine.queue import RequestQueue
 from distgen.engine.request import Request, Status
-from distgen.registry import Registry
+from distgen.common.registry import Registry
 
 
 @dataclass(frozen=True)

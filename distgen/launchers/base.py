@@ -12,18 +12,21 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from distgen.config import RunConfig
-from distgen.procs import run_process_group
-from distgen.registry import Registry
+from distgen.common.procs import run_process_group
+from distgen.common.registry import Registry
 
 WORKER_MODULE = "distgen.run"
+# A rank's main: the command-line overrides -> its exit status.
+Entry = Callable[[list[str]], int]
 
 
 @dataclass(frozen=True)
 class Launcher:
     name: str
     # Start the job for a checked config; `overrides` are the user's command-line overrides,
-    # passed on unchanged to every worker. Returns the job's exit status.
-    launch: Callable[[RunConfig, Sequence[str]], int]
+    # passed on unchanged to every worker; `entry` is what a rank runs in-process (`distgen.run.main`, for the
+    # launchers that start ranks as Python calls: none, ray). Returns the job's exit status.
+    launch: Callable[[RunConfig, Sequence[str], "Entry"], int]
 
 
 LAUNCHERS: Registry[Launcher] = Registry("launcher")

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from distgen.config import LauncherConfig, RunConfig, require
-from distgen.errors import ConfigError
-from distgen.launchers.base import WORKER_MODULE, Launcher, free_port, register, run_command, write_next_to_outputs
+from distgen.common.errors import ConfigError
+from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, free_port, register, run_command, write_next_to_outputs
 
 HOSTFILE_NAME = "deepspeed.hostfile"
 
@@ -55,7 +55,7 @@ def deepspeed_command(cfg: DeepspeedLauncher, overrides: Sequence[str], hostfile
             f"--master_port={master_port}", "--module", WORKER_MODULE, *overrides]
 
 
-def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
+def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     settings: DeepspeedLauncher = cfg.launcher
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("launcher=deepspeed is not allowed here: the deepspeed package is not installed "

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from distgen.config import LauncherConfig, RunConfig
-from distgen.launchers.base import Launcher, register
+from distgen.launchers.base import Entry, Launcher, register
 
 
 @dataclass
@@ -15,9 +15,8 @@ class NoLauncher(LauncherConfig):
     name: str = "none"
 
 
-def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
-    from distgen.run import main as run_main
-    return run_main(list(overrides))
+def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
+    return entry(list(overrides))
 
 
 register(Launcher("none", launch), NoLauncher)

@@ -1,7 +1,7 @@
 """Ray: one actor per rank in one placement group, on a running Ray cluster or a local one.
 
 Rank 0's actor picks a free port on its node; every actor sets the Ray row of the rank table
-(distgen.dist_env.RANK_ENV) and runs the same worker code as a torchrun rank, so the actors form
+(distgen.parallel.env.RANK_ENV) and runs the same worker code as a torchrun rank, so the actors form
 one torch.distributed group (gloo or NCCL). The driver prints the coordinator's report. Inside a
 cluster, `ray job submit --address http://HEAD:8265 -- python -m distgen.launch launcher=ray ...`
 runs this driver on the head (`launcher.submit=http://HEAD:8265` writes that command for you).
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from distgen.config import LauncherConfig, RunConfig, require, require_choice
-from distgen.dist_env import RANK_VARS
-from distgen.errors import ConfigError
-from distgen.launchers.base import Launcher, free_port, register, run_command
+from distgen.parallel.env import RANK_VARS
+from distgen.common.errors import ConfigError
+from distgen.launchers.base import Entry, Launcher, free_port, register, run_command
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 SUBMIT_KEY = "launcher.submit"
@@ -97,13 +97,13 @@ class RankWorker:
     def free_port(self) -> int:
         return free_port()
 
-    def run(self, env: dict[str, str], overrides: list[str]) -> tuple[int, str]:
-        """The worker's exit status and what it printed (the coordinator's table)."""
-        from distgen.run import main as run_main
+    def run(self, env: dict[str, str], overrides: list[str], entry: Entry) -> tuple[int, str]:
+        """The worker's exit status and what it printed (the coordinator's table). `entry` (distgen.run.main)
+        travels by reference: the actor imports it."""
         os.environ.update(env)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            status = run_main(overrides)
+            status = entry(overrides)
         return status, printed.getvalue()
 
 
@@ -128,7 +128,7 @@ def collect(ray, runs: dict, out_dir: str) -> int:
     return 0
 
 
-def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str) -> int:
+def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str, entry: Entry) -> int:
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -146,7 +146,8 @@ def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str) -> 
         nodes = ray.get([a.node_address.remote() for a in actors])
         port = ray.get(actors[0].free_port.remote())
         on_node = Counter(nodes)
-        runs = {a.run.remote(rank_env(rank, cfg.ranks, local, on_node[node], nodes[0], port), list(overrides)): rank
+        runs = {a.run.remote(rank_env(rank, cfg.ranks, local, on_node[node], nodes[0], port), list(overrides),
+                                  entry): rank
                 for rank, (a, local, node) in enumerate(zip(actors, local_ranks(nodes), nodes))}
         return collect(ray, runs, out_dir)
     finally:
@@ -155,7 +156,7 @@ def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str) -> 
         remove_placement_group(group)
 
 
-def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
+def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     settings: RayLauncher = cfg.launcher
     if settings.submit:
         # The `ray` command of this Python, whether or not its folder is on PATH.
@@ -168,7 +169,7 @@ def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
                           "(pip install 'ray[default]')") from None
     ray.init(address=settings.address or None, log_to_driver=True)
     try:
-        return run_ranks(ray, settings, overrides, cfg.output.dir)
+        return run_ranks(ray, settings, overrides, cfg.output.dir, entry)
     finally:
         ray.shutdown()
 

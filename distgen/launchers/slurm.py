@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from distgen.config import LauncherConfig, RunConfig, require, require_choice
-from distgen.errors import ConfigError
-from distgen.launchers.base import WORKER_MODULE, Launcher, register, write_next_to_outputs
+from distgen.common.errors import ConfigError
+from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, write_next_to_outputs
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
 
 SLURM_MODES = ("torchrun", "srun")
@@ -111,7 +111,7 @@ def rank_lines(cfg: SlurmLauncher, overrides: Sequence[str], python: str) -> lis
     if cfg.mode == "torchrun":
         node = TorchrunLauncher(nproc_per_node=cfg.ranks, nnodes=cfg.nodes, rdzv_endpoint="$HEAD_ADDR:$PORT")
         return [shell_line([*srun, *torchrun_command(node, overrides, python)])]
-    # Read by distgen.dist_env's SLURM row; each task's rank comes from SLURM_PROCID.
+    # Read by distgen.parallel.env's SLURM row; each task's rank comes from SLURM_PROCID.
     return ['export DISTGEN_MASTER_ADDR="$HEAD_ADDR" DISTGEN_MASTER_PORT="$PORT"',
             shell_line([*srun, python, "-m", WORKER_MODULE, *overrides])]
 
@@ -196,7 +196,7 @@ def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:]) if log.exists() else ""
 
 
-def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
+def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     settings: SlurmLauncher = cfg.launcher
     out_dir = Path(cfg.output.dir).absolute()
     log = out_dir / "slurm-%j.log"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from distgen.config import LauncherConfig, RunConfig, require
-from distgen.launchers.base import WORKER_MODULE, Launcher, register, run_command
+from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, run_command
 
 
 @dataclass
@@ -38,7 +38,7 @@ def torchrun_command(cfg: TorchrunLauncher, overrides: Sequence[str], python: st
             f"--nproc-per-node={cfg.nproc_per_node}", *rendezvous, *restarts, "-m", WORKER_MODULE, *overrides]
 
 
-def launch(cfg: RunConfig, overrides: Sequence[str]) -> int:
+def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     return run_command(torchrun_command(cfg.launcher, overrides))
 
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from distgen.registry import Registry
+from distgen.common.registry import Registry
 
 if TYPE_CHECKING:
     from distgen.config import GenerationConfig
     from distgen.engine.kv.base import KVCache
-    from distgen.prompts import Prompt
+    from distgen.inputs.records import Prompt
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from distgen.engine.kv.dynamic import DynamicKV
 from distgen.engine.kv.kinds import CacheKind, register
 from distgen.engine.kv.rows import cache_layers
 from distgen.engine.scheduler import StepPlan
-from distgen.errors import ConfigError
+from distgen.common.errors import ConfigError
 
 
 class OffloadedKV(DynamicKV):

@@ -23,7 +23,7 @@ from distgen.engine.kv.rows import cache_layers
 from distgen.engine.kv.slots import Int8SlotLayer, build_slots
 from distgen.engine.memory import kv_shape
 from distgen.engine.scheduler import StepPlan
-from distgen.registry import Registry
+from distgen.common.registry import Registry
 
 
 # transformers' quantization group size, used when head_dim is a multiple of it.

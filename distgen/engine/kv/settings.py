@@ -4,7 +4,7 @@ from __future__ import annotations
 from distgen.config import GenerationConfig, require, require_choice
 from distgen.engine.kv.kinds import CACHES, slot_cache_names
 from distgen.engine.kv.quantized import QUANT_BACKENDS, missing_package
-from distgen.errors import ConfigError
+from distgen.common.errors import ConfigError
 
 
 def check_cache_settings(gen: GenerationConfig) -> None:

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from distgen.engine.cpu_kernels import decode_attention_blocker
+from distgen.backends.cpu.kernels import decode_attention_blocker
 from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, kv_geometry, model_dtype, round_up
 from distgen.engine.kv.kinds import CacheKind, CacheSpec, register
 from distgen.engine.kv.varlen import AttentionPlan, Segment

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from distgen.engine.cpu_kernels import decode_attention, write_kv
-from distgen.forward_args import unwrapped
+from distgen.backends.cpu.kernels import decode_attention, write_kv
+from distgen.models.forward_args import unwrapped
 
 ATTENTION_NAME = "distgen_slots"
 

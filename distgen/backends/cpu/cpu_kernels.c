@@ -1,0 +1,305 @@
+/* distgen's CPU kernels (distgen/backends/cpu/kernels.py builds and calls them).
+ *
+ * packed_linear: y[M,N] = x[M,K] @ W^T (+ b) over weights packed in panels of 16 output features,
+ * P[N/16][K][16] (cpu_kernels.py packs them in place).
+ *
+ * A decode step multiplies a few rows (M = the rows decoding) by every weight of the model, so its
+ * GEMMs are weight streaming: each 16-feature panel is read from DRAM once (the next one prefetched
+ * while this one computes) and then serves all M rows from cache, 6 rows x 16 features at a time in
+ * 12 AVX2 accumulators. Each output is one FMA chain over k in order, whatever M is or which rows
+ * share the call: a row's result does not depend on the batch it decodes in. Threads split the panels.
+ *
+ * decode_attention: one query token per slot attends to exactly its own slot's first lens[i] columns
+ * (a batched SDPA reads the longest row's width for every row, masked). Scores, softmax, then the
+ * weighted values, per (slot, kv head) with the kv head's query heads together, so each key and value
+ * row is read once. Threads split the (slot, kv head) pairs.
+ *
+ * Built with -O3 -mavx2 -mfma -fopenmp; with one thread no OpenMP region starts. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 6
+
+static inline __attribute__((always_inline)) void block(const int rows, const float* x, int64_t ldx,
+                                                        const float* P, int64_t K, float* y, int64_t ldy,
+                                                        const float* bias, const float* r, int64_t ldr,
+                                                        const float* next) {
+  __m256 lo[ROWS], hi[ROWS];
+#pragma GCC unroll 6
+  for (int i = 0; i < ROWS; i++) if (i < rows) { lo[i] = _mm256_setzero_ps(); hi[i] = _mm256_setzero_ps(); }
+  for (int64_t k = 0; k < K; k++) {
+    if (next) _mm_prefetch((const char*)(next + k * 16), _MM_HINT_T0);
+    const __m256 w0 = _mm256_loadu_ps(P + k * 16), w1 = _mm256_loadu_ps(P + k * 16 + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < ROWS; i++) if (i < rows) {
+      const __m256 u = _mm256_broadcast_ss(x + i * ldx + k);
+      lo[i] = _mm256_fmadd_ps(u, w0, lo[i]);
+      hi[i] = _mm256_fmadd_ps(u, w1, hi[i]);
+    }
+  }
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 6
+  for (int i = 0; i < ROWS; i++) if (i < rows) {
+    __m256 out0 = bias ? _mm256_add_ps(lo[i], b0) : lo[i], out1 = bias ? _mm256_add_ps(hi[i], b1) : hi[i];
+    if (r) {  /* the residual: r + (x @ W^T + b), as `residual + linear(x)` rounds it */
+      out0 = _mm256_add_ps(_mm256_loadu_ps(r + i * ldr), out0);
+      out1 = _mm256_add_ps(_mm256_loadu_ps(r + i * ldr + 8), out1);
+    }
+    _mm256_storeu_ps(y + i * ldy, out0);
+    _mm256_storeu_ps(y + i * ldy + 8, out1);
+  }
+}
+
+static void panel(const float* x, int64_t ldx, const float* P, const float* bias, float* y, int64_t ldy,
+                  const float* r, int64_t ldr, int64_t M, int64_t K, const float* next) {
+  for (int64_t m = 0; m < M; m += ROWS) {
+    const int rows = M - m < ROWS ? (int)(M - m) : ROWS;
+    const float* xm = x + m * ldx;
+    float* ym = y + m * ldy;
+    const float* rm = r ? r + m * ldr : 0;
+    switch (rows) {
+      case 6: block(6, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      case 5: block(5, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      case 4: block(4, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      case 3: block(3, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      case 2: block(2, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+      default: block(1, xm, ldx, P, K, ym, ldy, bias, rm, ldr, next); break;
+    }
+  }
+}
+
+/* N % 16 == 0; x rows ldx apart, y rows ldy apart; bias may be NULL; r (rows ldr apart, may be NULL)
+ * is added to each output (a residual). */
+void packed_linear(const float* x, int64_t ldx, const float* P, const float* bias, float* y, int64_t ldy,
+                   const float* r, int64_t ldr, int64_t M, int64_t N, int64_t K, int threads) {
+  const int64_t panels = N / 16;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t p = 0; p < panels; p++) {
+    const float* next = p + 1 < panels ? P + (p + 1) * K * 16 : 0;
+    panel(x, ldx, P + p * K * 16, bias ? bias + p * 16 : 0, y + p * 16, ldy, r ? r + p * 16 : 0, ldr, M, K, next);
+  }
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the max): Cephes' polynomial, ~1 ulp. */
+static inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+static inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+/* q: token i, head h at i*q_tok + h*q_head; out: [n, heads, D] contiguous; k, v: slot i, kv head g,
+ * column t at i*s_slot + g*s_head + t*s_col (D contiguous, D % 8 == 0); lens[i] columns read (0: the
+ * row's output is zeros). */
+void decode_attention(const float* q, int64_t q_tok, int64_t q_head, const float* k, const float* v,
+                      int64_t s_slot, int64_t s_head, int64_t s_col, const int64_t* lens, float* out, int64_t n,
+                      int64_t heads, int64_t kv_heads, int64_t D, float scale, int threads) {
+  const int64_t G = heads / kv_heads;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+  for (int64_t task = 0; task < n * kv_heads; task++) {
+    const int64_t i = task / kv_heads, g = task % kv_heads, L = lens[i];
+    float qbuf[G * D];  /* this group's query heads, contiguous */
+    for (int64_t j = 0; j < G; j++) memcpy(qbuf + j * D, q + i * q_tok + (g * G + j) * q_head, sizeof(float) * D);
+    const float* qg = qbuf;
+    float* og = out + (i * heads + g * G) * D;
+    if (L <= 0) { memset(og, 0, sizeof(float) * G * D); continue; }
+    const float* kb = k + i * s_slot + g * s_head;
+    const float* vb = v + i * s_slot + g * s_head;
+    float* p = malloc(sizeof(float) * G * L);
+    for (int64_t t = 0; t < L; t++) {
+      const float* kt = kb + t * s_col;
+      /* the values' rows stream in behind the keys (pass 3 then reads them from cache) */
+      for (int64_t d = 0; d < D; d += 16) _mm_prefetch((const char*)(vb + t * s_col + d), _MM_HINT_T1);
+      for (int64_t j = 0; j < G; j++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j * D + d), _mm256_loadu_ps(kt + d), a);
+        p[j * L + t] = hsum(a) * scale;
+      }
+    }
+    for (int64_t j = 0; j < G; j++) {
+      float* pj = p + j * L, top = pj[0], total = 0.f;
+      for (int64_t t = 1; t < L; t++) top = pj[t] > top ? pj[t] : top;
+      int64_t t = 0;
+      __m256 sums = _mm256_setzero_ps();
+      for (; t + 8 <= L; t += 8) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(pj + t), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(pj + t, e);
+        sums = _mm256_add_ps(sums, e);
+      }
+      total = hsum(sums);
+      for (; t < L; t++) { pj[t] = expf(pj[t] - top); total += pj[t]; }
+      const float inv = 1.f / total;
+      for (int64_t t = 0; t < L; t++) pj[t] *= inv;
+    }
+    memset(og, 0, sizeof(float) * G * D);
+    for (int64_t t = 0; t < L; t++) {
+      const float* vt = vb + t * s_col;
+      for (int64_t j = 0; j < G; j++) {
+        const __m256 w = _mm256_set1_ps(p[j * L + t]);
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(og + j * D + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + d), _mm256_loadu_ps(og + j * D + d)));
+      }
+    }
+    free(p);
+  }
+}
+
+/* exp(x) over the whole float range (clamped to +-88.38), the polynomial of exp_neg. */
+static inline __m256 exp_any(__m256 x) {
+  return exp_neg(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)));
+}
+
+/* y = w * (x * 1/sqrt(mean(x^2) + eps)) per row of N (transformers' Llama-style RMSNorm, its order of
+ * multiplications; only the sum of squares runs in another order). */
+void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t N, float eps) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* xr = x + m * N;
+    float* yr = y + m * N;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= N; i += 8) { const __m256 v = _mm256_loadu_ps(xr + i); acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v)); }
+    float ss = hsum(acc);
+    for (; i < N; i++) ss += xr[i] * xr[i];
+    const float r = 1.f / sqrtf(ss / (float)N + eps);
+    const __m256 rv = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= N; i += 8)
+      _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), rv)));
+    for (; i < N; i++) yr[i] = w[i] * (xr[i] * r);
+  }
+}
+
+/* y[m, :I] = silu(gu[m, :I]) * gu[m, I:2I]  (a fused gate/up projection's output) */
+void silu_mul(const float* gu, float* y, int64_t M, int64_t I) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (int64_t m = 0; m < M; m++) {
+    const float* g = gu + m * 2 * I;
+    const float* u = g + I;
+    float* yr = y + m * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp_any(_mm256_sub_ps(zero, gv))));
+      _mm256_storeu_ps(yr + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < I; i++) yr[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+  }
+}
+
+/* Write each token's key and value rows (kv_heads x D, token t of head h at t*x_tok + h*x_head) into
+ * slot slots[t], column cols[t] of the buffers (slot, head, column at s_slot, s_head, s_col). */
+void write_kv(const float* key, const float* value, int64_t x_tok, int64_t x_head, int64_t tokens,
+              int64_t kv_heads, int64_t D, float* keys, float* values, int64_t s_slot, int64_t s_head,
+              int64_t s_col, const int64_t* slots, const int64_t* cols) {
+  for (int64_t t = 0; t < tokens; t++)
+    for (int64_t h = 0; h < kv_heads; h++) {
+      const int64_t at = slots[t] * s_slot + h * s_head + cols[t] * s_col;
+      memcpy(keys + at, key + t * x_tok + h * x_head, sizeof(float) * D);
+      memcpy(values + at, value + t * x_tok + h * x_head, sizeof(float) * D);
+    }
+}
+
+/* Rotary position embedding in place, transformers' `x * cos + rotate_half(x) * sin` (rotate_half(x) =
+ * [-x2, x1]) with its roundings: two products, then one sum (no FMA contraction). Token t, head h at
+ * x + t*ldx + h*D; cos/sin rows of D per token, ldc apart. */
+__attribute__((optimize("fp-contract=off")))
+void rotary(float* x, int64_t ldx, int64_t tokens, int64_t heads, int64_t D, const float* cos, const float* sin,
+            int64_t ldc) {
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF /* clang: the attribute above is GCC's */
+#endif
+  const int64_t H = D / 2;
+  for (int64_t t = 0; t < tokens; t++) {
+    const float* c = cos + t * ldc;
+    const float* s = sin + t * ldc;
+    for (int64_t h = 0; h < heads; h++) {
+      float* v = x + t * ldx + h * D;
+      int64_t i = 0;
+      for (; i + 8 <= H; i += 8) {
+        const __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + H + i);
+        const __m256 lo = _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + i)), _mm256_mul_ps(b, _mm256_loadu_ps(s + i)));
+        const __m256 hi = _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + H + i)),
+                                        _mm256_mul_ps(a, _mm256_loadu_ps(s + H + i)));
+        _mm256_storeu_ps(v + i, lo);
+        _mm256_storeu_ps(v + H + i, hi);
+      }
+      for (; i < H; i++) {
+        const float a = v[i], b = v[H + i];
+        const float lo = a * c[i] - b * s[i], hi = b * c[H + i] + a * s[H + i];
+        v[i] = lo;
+        v[H + i] = hi;
+      }
+    }
+  }
+}
+
+/* One decode step of a Llama-style decoder stack (cpu_model.py's `layer_forward`, the same kernels in the
+ * same order, so the same results) for T tokens, one per slot: per layer
+ *   h = rms_norm(x); [q|k|v] = h @ Wq/Wk/Wv^T (+ b); rotary(q, k); keys/values[slots[t], :, cols[t]] = k, v;
+ *   a = decode_attention(q, lens); x = x + a @ Wo^T (+ bo);
+ *   h = rms_norm(x); [g|u] = h @ Wg/Wu^T; x = x + (silu(g) * u) @ Wd^T (+ bd)
+ * then out = rms_norm(x) with the final norm. x (T x H) is the residual stream, updated in place.
+ * table: per layer LAYER_PTRS addresses (see the enum), 0 for an absent bias; eps: per layer two norms' eps. */
+enum { P_NORM1, P_WQ, P_BQ, P_WK, P_BK, P_WV, P_BV, P_WO, P_BO, P_NORM2, P_WG, P_WU, P_WD, P_BD, P_KEYS, P_VALUES,
+       LAYER_PTRS };
+
+void decode_stack(float* x, float* out, int64_t T, int64_t H, int64_t L, const int64_t* table, const float* eps,
+                  const float* final_norm, float final_eps, int64_t heads, int64_t kv_heads, int64_t D, int64_t I,
+                  float scale, const float* cos, const float* sin, const int64_t* slots, const int64_t* cols,
+                  const int64_t* lens, int64_t s_slot, int64_t s_head, int64_t s_col, int threads) {
+  const int64_t QW = heads * D, KW = kv_heads * D, W = QW + 2 * KW;
+  float* h = malloc(sizeof(float) * T * H);
+  float* qkv = malloc(sizeof(float) * T * W);
+  float* att = malloc(sizeof(float) * T * QW);
+  float* gu = malloc(sizeof(float) * T * 2 * I);
+  float* act = malloc(sizeof(float) * T * I);
+  for (int64_t l = 0; l < L; l++) {
+    const float* const* p = (const float* const*)(table + l * LAYER_PTRS);
+    rms_norm(x, p[P_NORM1], h, T, H, eps[2 * l]);
+    packed_linear(h, H, p[P_WQ], p[P_BQ], qkv, W, 0, 0, T, QW, H, threads);
+    packed_linear(h, H, p[P_WK], p[P_BK], qkv + QW, W, 0, 0, T, KW, H, threads);
+    packed_linear(h, H, p[P_WV], p[P_BV], qkv + QW + KW, W, 0, 0, T, KW, H, threads);
+    rotary(qkv, W, T, heads + kv_heads, D, cos, sin, D);
+    write_kv(qkv + QW, qkv + QW + KW, W, D, T, kv_heads, D, (float*)p[P_KEYS], (float*)p[P_VALUES], s_slot, s_head,
+             s_col, slots, cols);
+    decode_attention(qkv, W, D, p[P_KEYS], p[P_VALUES], s_slot, s_head, s_col, lens, att, T, heads, kv_heads, D,
+                     scale, threads);
+    packed_linear(att, QW, p[P_WO], p[P_BO], x, H, x, H, T, H, QW, threads);
+    rms_norm(x, p[P_NORM2], h, T, H, eps[2 * l + 1]);
+    packed_linear(h, H, p[P_WG], 0, gu, 2 * I, 0, 0, T, I, H, threads);
+    packed_linear(h, H, p[P_WU], 0, gu + I, 2 * I, 0, 0, T, I, H, threads);
+    silu_mul(gu, act, T, I);
+    packed_linear(act, I, p[P_WD], p[P_BD], x, H, x, H, T, H, I, threads);
+  }
+  rms_norm(x, final_norm, out, T, H, final_eps);
+  free(h); free(qkv); free(att); free(gu); free(act);
+}
+
+/* Embedding rows gathered from a packed weight (a tied input embedding / lm_head, packed for the head's
+ * GEMM): row v's feature k is P[(v / 16) * K * 16 + k * 16 + v % 16]. */
+void packed_embedding(const int64_t* ids, int64_t n, const float* P, int64_t K, float* out) {
+  for (int64_t i = 0; i < n; i++) {
+    const float* base = P + (ids[i] / 16) * K * 16 + ids[i] % 16;
+    float* row = out + i * K;
+    for (int64_t k = 0; k < K; k++) row[k] = base[k * 16];
+  }
+}

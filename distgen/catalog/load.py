@@ -1,0 +1,211 @@
+"""Compose `distgen/configs/` with command-line overrides into a checked `RunConfig`.
+
+Hydra's compose API is used rather than `@hydra.main`, so that nothing (log folders,
+working-directory changes) happens per rank, and every composition error surfaces as one
+`ConfigError` that names the bad key or value before any worker does work.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from distgen.config import RunConfig
+from distgen.common.errors import ConfigError
+
+PACKAGE = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PACKAGE / "configs"
+DATA_DIR = PACKAGE / "data"
+PRIMARY_CONFIG = "run"
+SCHEMA_NAME = "distgen_schema"
+# `group=<path>` is shorthand for `group.<field>=<path>` when the value names a file or folder.
+PATH_SHORTHANDS = {"dataset": "path", "model": "path"}
+FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
+
+
+def register_schema() -> None:
+    """The schema, plus one Hydra option per registered layout and launcher (their settings classes)."""
+    from distgen.launchers import LAUNCHERS
+    from distgen.parallel.layouts import LAYOUTS
+
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=RunConfig)
+    for table in (LAYOUTS, LAUNCHERS):
+        table.store(store)
+    if not OmegaConf.has_resolver("distgen_data"):
+        OmegaConf.register_new_resolver("distgen_data", lambda name: str(DATA_DIR / name))
+
+
+def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def expand_path_shorthand(key: str, value: str, config_dir: Path) -> str | None:
+    """`group=<path>` as `group.<field>=<path>`; None when `value` names one of the group's options.
+    A value that is neither an option nor an existing path is an error naming both choices."""
+    options = group_options(key, config_dir)
+    if value in options:
+        return None
+    if os.path.exists(value) or os.sep in value or value.endswith(FILE_SUFFIXES):
+        return f"{key}.{PATH_SHORTHANDS[key]}={value}"
+    what = "model folder (saved with save_pretrained)" if key == "model" else "prompts file"
+    raise ConfigError(f"{key}={value!r} is neither a {what} that exists (looked in {os.getcwd()}) nor one of the "
+                      f"{key} configs: " + ", ".join(options))
+
+
+def expand_path_shorthands(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
+    expanded = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key in PATH_SHORTHANDS:
+            override = expand_path_shorthand(key, value, config_dir) or override
+        expanded.append(override)
+    return expanded
+
+
+def extra_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of `node` the schema does not have: Hydra lets `+key=value` add them even to a typed config."""
+    found = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            found.append(full)
+        elif (isinstance(node.get(key), DictConfig) and isinstance(schema.get(key), DictConfig)
+              and OmegaConf.get_type(schema, key) is not dict):  # a dict-typed field takes any key
+            found.extend(extra_keys(node[key], schema[key], full + "."))
+    return found
+
+
+def reject_extra_keys(composed: DictConfig, schema: DictConfig) -> None:
+    """`schema`: the config with the same group choices (`layout=fsdp`) and no key overrides."""
+    extra = extra_keys(composed, schema)
+    if extra:
+        raise ConfigError(f"unknown config key '{extra[0]}' (added with '+'); {unknown_key_hint(schema, extra[0])}")
+
+
+def unknown_key_hint(base: DictConfig, full_key: str) -> str:
+    """Name the keys that do exist where `full_key` was looked for."""
+    parts = full_key.split(".")
+    node = base
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, DictConfig) else None
+        if not isinstance(child, DictConfig):
+            parts = parts[: depth + 1]
+            break
+        node = child
+    where = ".".join(parts[:-1]) or "the top level"
+    return f"keys allowed under {where}: " + ", ".join(str(k) for k in node.keys())
+
+
+def root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def describe(err: BaseException, root: BaseException) -> str:
+    """The first lines of Hydra's message plus the innermost reason, without search-path noise."""
+    outer = str(err).split("Config search path:")[0].strip()
+    inner = str(root).split("\n")[0].strip()
+    return outer if root is err or inner in outer else f"{outer}: {inner}"
+
+
+def compose_selected_options(overrides: Sequence[str]) -> DictConfig:
+    """The config with only the user's group choices (`layout=fsdp`) applied, so an unknown-key
+    hint names the keys of the option the user picked; the defaults if those do not compose."""
+    choices = [o for o in overrides if "=" in o and "." not in o.split("=")[0] and not o.startswith(("+", "~"))]
+    try:
+        return compose(config_name=PRIMARY_CONFIG, overrides=choices)
+    except (HydraException, OmegaConfBaseException):
+        return compose(config_name=PRIMARY_CONFIG)
+
+
+def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
+    register_schema()
+    overrides = expand_path_shorthands(overrides, config_dir)
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        try:
+            composed = compose(config_name=PRIMARY_CONFIG, overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as err:
+            root = root_cause(err)
+            full_key = getattr(root, "full_key", None)
+            if isinstance(root, (ConfigKeyError, ConfigAttributeError)) and full_key:
+                base = compose_selected_options(overrides)
+                raise ConfigError(f"unknown config key '{full_key}'; {unknown_key_hint(base, full_key)}") from None
+            raise ConfigError(describe(err, root)) from None
+        if any(o.startswith("+") for o in overrides):
+            reject_extra_keys(composed, compose_selected_options(overrides))
+        return composed
+
+
+def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: bool = True) -> RunConfig:
+    """`check=False` composes without checking values (to show a config that is not finished yet)."""
+    composed = compose_config(overrides, config_dir)
+    try:
+        cfg = OmegaConf.to_object(composed)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).strip()) from None
+    return cfg.check() if check else cfg
+
+
+def flat_keys(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) for every leaf of a nested dict."""
+    keys = []
+    for key, value in tree.items():
+        keys.extend(flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)])
+    return keys
+
+
+def group_choices(config_dir: Path = CONFIG_DIR) -> dict[str, list[str]]:
+    """Each config group's options: YAML groups from `distgen/configs/`, registered ones from their tables."""
+    from distgen.launchers import LAUNCHERS
+    from distgen.parallel.layouts import LAYOUTS
+
+    groups = {p.name: group_options(p.name, config_dir) for p in config_dir.iterdir() if p.is_dir()}
+    groups.update({table.group: list(table.names()) for table in (LAYOUTS, LAUNCHERS)})
+    return dict(sorted(groups.items()))
+
+
+def option_keys(group: str, option: str, config_dir: Path) -> list[tuple[str, object]]:
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        composed = compose(config_name=PRIMARY_CONFIG, overrides=[f"{group}={option}"])
+    return flat_keys(OmegaConf.to_container(composed[group], resolve=True), f"{group}.")
+
+
+def format_keys(keys: list[tuple[str, object]]) -> list[str]:
+    return [f"  {key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in keys]
+
+
+def value_choices() -> list[str]:
+    """Each name table of a plain config value (e.g. generation.scheduler), one line per name."""
+    from distgen.engine.build import COMPILE
+    from distgen.backends.cpu.kernels import CPU_KERNELS
+    from distgen.engine.scheduler import SCHEDULERS
+
+    return [SCHEDULERS.describe(), COMPILE.describe(), CPU_KERNELS.describe()]
+
+
+def help_text(config_dir: Path = CONFIG_DIR) -> str:
+    """Groups with their options, every key with its default, and the keys each option brings."""
+    groups = group_choices(config_dir)
+    defaults = OmegaConf.to_container(compose_config([], config_dir), resolve=True)
+    lines = ["Config groups (group=option; model= and dataset= also take a folder or file path):",
+             *(f"  {group}=" + "|".join(options) for group, options in groups.items()),
+             "", "Values chosen by name (key=value):", *value_choices(),
+             "", "Keys (key=value), with their defaults:", *format_keys(flat_keys(defaults))]
+    for group in ("layout", "launcher"):
+        for option in groups[group]:
+            if option != defaults[group]["name"]:
+                lines += ["", f"Keys with {group}={option}:", *format_keys(option_keys(group, option, config_dir))]
+    return "\n".join(lines)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

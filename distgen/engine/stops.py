@@ -1,0 +1,45 @@
+"""Stop strings: a completion ends where one of its record's stop strings first appears in the
+decoded text, and the stop string is not part of the completion."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from distgen.inputs.records import Prompt
+
+# Tokens decoded per character of the longest stop string (a UTF-8 character is at most 4
+# bytes, and a byte-level token at least one), plus slack for tokens that decode to no text.
+TOKENS_PER_CHAR, TAIL_SLACK = 4, 4
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in `text`, or -1."""
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    return min(found, default=-1)
+
+
+class StopStrings:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def hit(self, prompt: Prompt, generated: list[int]) -> bool:
+        """Checked after every token on the decoded tail only: a stop string that just appeared
+        lies within the last 4 * len(stop) tokens (a character cut at the tail's start decodes
+        to a replacement character, before the stop string)."""
+        if not prompt.stop:
+            return False
+        window = TOKENS_PER_CHAR * max(len(stop) for stop in prompt.stop) + TAIL_SLACK
+        return first_stop(self.decode(generated[-window:]), prompt.stop) >= 0
+
+    def cut(self, prompt: Prompt, token_ids: list[int]) -> tuple[str, list[int]]:
+        """The completion text before the first stop string, and the tokens whose text ends before it."""
+        text = self.decode(token_ids)
+        at = first_stop(text, prompt.stop)
+        if at < 0:
+            return text, token_ids
+        keep = len(token_ids)
+        while keep > 0 and len(self.decode(token_ids[:keep])) > at:
+            keep -= 1
+        return text[:at], token_ids[:keep]

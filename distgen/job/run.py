@@ -1,0 +1,103 @@
+"""A rank's whole job once the process group exists: share the plan (lengths, screening, finished work),
+generate this rank's share, and (rank 0) check, merge and report the outputs."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+from distgen.common.errors import ConfigError
+from distgen.common.procs import exit_on_termination
+from distgen.job.prepare import Job, finished_message
+from distgen.job.worker import RankRun, generate_shard
+from distgen.outputs.coordinator import format_table, gather_to_coordinator, summarize, write_atomic, write_stats
+from distgen.outputs.progress import ProgressDisplay
+from distgen.outputs.report import REPORT_FILE, render_report
+from distgen.outputs.resume import shared_skip
+from distgen.outputs.shards import MERGED_FILE, OUTPUTS_DIR, finish_outputs, job_complete, start_outputs
+from distgen.parallel.env import DistContext, discover, init_distributed, shutdown
+from distgen.parallel.feed import BUDGET, LENGTH, SCREEN, broadcast_flag, check_fits, shared_lengths
+
+def share_plan(job: Job, ctx: DistContext) -> bool:
+    """Every prompt's length and screening, and the finished prompts (rank 0 reads the shards), on
+    every rank; False when an earlier run already finished the whole job (nothing to do)."""
+    resume = job.cfg.output.resume
+    complete = ctx.is_coordinator and resume and job_complete(job.out_dir, job.fingerprint)
+    if broadcast_flag(complete, ctx):
+        if ctx.is_coordinator:
+            print(finished_message(job), flush=True)
+        return False
+    table = shared_lengths(job.source, job.tokenizer, ctx, job.work_path(f"lengths-{job.fingerprint}.npy"),
+                           job.screening)
+    check_fits(table, job.source, job.tokenizer, job.screening)
+    job.lengths, job.budgets, job.screen = table[LENGTH], table[BUDGET], table[SCREEN]
+    finished = start_outputs(job.out_dir, job.fingerprint, resume) if ctx.is_coordinator else set()
+    job.skip = shared_skip(finished, ctx.is_coordinator)
+    if job.skip and ctx.is_coordinator:
+        print(f"distgen: resuming: {len(job.skip)} of {job.prompt_count} prompts already done in "
+              f"{job.cfg.output.dir}", flush=True)
+    return True
+
+
+def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDisplay | None) -> None:
+    """Rank 0: check the shards cover every prompt once, write the manifest, merge, stats and report."""
+    gathered = gather_to_coordinator(run, ctx.rank, ctx.world_size)
+    if not ctx.is_coordinator:
+        return
+    stats = [r.stats for r in gathered]
+    if display is not None:
+        display.update(sum(s.prompts for s in stats), sum(s.generated_tokens for s in stats), final=True)
+    out, cfg = job.out_dir, job.cfg.output
+    coverage = finish_outputs(out, job.fingerprint, job.prompt_count, cfg.format, cfg.merge, ctx.world_size)
+    summary = summarize(stats, job.prompt_count, resumed=len(job.skip), job=job.fingerprint,
+                        errors=job.error_count)
+    write_stats(out, stats, summary, [r.timeline for r in gathered])
+    if cfg.report:
+        write_atomic(out / REPORT_FILE, render_report(
+            summary, [s.as_record() for s in stats], [r.timeline for r in gathered],
+            np.concatenate(coverage.prompt_tokens or [np.zeros(0, np.int32)]),
+            np.concatenate(coverage.completion_tokens or [np.zeros(0, np.int32)])))
+    if cfg.print_table:
+        print(format_table(stats, summary))
+    where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR
+    print(f"wrote {job.prompt_count} records to {where} ({summary['errors']} errors)", flush=True)
+
+
+def run_job(job: Job, ctx: DistContext) -> int:
+    try:
+        if not share_plan(job, ctx):
+            return 0
+    except ConfigError as err:  # a bad record found while measuring lengths, or dataset.too_long=fail
+        if ctx.is_coordinator and job.created_out:
+            shutil.rmtree(job.out_dir, ignore_errors=True)  # nothing of an unusable job stays behind
+        return config_error(err)
+    display = ProgressDisplay(len(job.todo), job.cfg.output.progress_every_s) if ctx.is_coordinator else None
+    with torch.no_grad():
+        run = generate_shard(job, ctx, display)
+    coordinate(job, ctx, run, display)
+    return 0
+
+
+
+def run_ranks(job: Job, local_rank: int | None = None) -> int:
+    """This process as one rank of the job: join the process group (from the launcher's environment), run, leave."""
+    hf_logging.disable_progress_bar()
+    with exit_on_termination():
+        ctx = init_distributed(job.cfg.device, info=discover(os.environ, local_rank))
+        clean = False
+        try:
+            code = run_job(job, ctx)
+            clean = code == 0
+        finally:
+            shutdown(clean)
+    return code
+
+
+def config_error(err: ConfigError) -> int:
+    # Every rank says it: torchrun stops the others as soon as the first one exits.
+    print(f"distgen: config error: {err}", file=sys.stderr, flush=True)
+    return 2

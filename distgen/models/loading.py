@@ -1,0 +1,142 @@
+"""Load the tokenizer and the model (whole on CPU, or as a weightless meta skeleton); layouts place or shard it."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PretrainedConfig
+from transformers.utils import is_flash_attn_2_available
+
+from distgen.config import ModelConfig
+from distgen.common.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """auto: flash-attention 2 where it can run (transformers' check: flash_attn installed in a version
+    it supports, CUDA visible; and a half-precision model, all it takes), else None, so transformers
+    picks what the architecture supports (sdpa where it can, eager for ALiBi models such as Bloom
+    and MPT, which refuse an explicit sdpa)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return None
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Fail before any worker starts when model.path cannot hold a saved model."""
+    if cfg.source == "pretrained" and not (Path(cfg.path) / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.path!r} is not a folder with a saved model (no config.json there)")
+    if cfg.assistant == "draft" and not (Path(cfg.assistant_path) / "config.json").is_file():
+        raise ConfigError(f"model.assistant_path={cfg.assistant_path!r} is not a folder with a saved draft model "
+                          "(no config.json there)")
+
+
+def read_tokenizer(cfg: ModelConfig):
+    """The saved tokenizer; a folder without a usable one is a ConfigError naming it."""
+    folder = cfg.tokenizer_path or cfg.path
+    key = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError, ... depending on what is missing
+        reason = str(err).strip().split("\n")[0][:300]
+        raise ConfigError(f"{key}={folder!r} has no usable tokenizer ({type(err).__name__}: {reason}); save one there "
+                          "with tokenizer.save_pretrained, or give model.tokenizer_path=<folder>") from None
+    if not getattr(tokenizer, "vocab_size", 0):  # transformers builds an empty one when the files are missing
+        raise ConfigError(f"{key}={folder!r} has no usable tokenizer (no vocabulary: tokenizer.json or vocab files "
+                          "are missing); save one there with tokenizer.save_pretrained, or give "
+                          "model.tokenizer_path=<folder>")
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer, where: str) -> None:
+    """Padding needs a token id; its positions are masked out, so any id in the vocabulary works."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        return
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    print(f"distgen: the tokenizer of {where} has neither a pad nor an EOS token: padding with token id 0 "
+          f"({tokenizer.pad_token!r}, masked out); completions end only at max_new_tokens unless "
+          "generation.eos_token_ids is set", file=sys.stderr, flush=True)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    if cfg.source == "tiny":
+        from distgen.models.tiny import build_tokenizer
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = read_tokenizer(cfg)
+    ensure_pad_token(tokenizer, cfg.tokenizer_path or cfg.path or "model=tiny")
+    return tokenizer
+
+
+def load_model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
+    """The architecture's settings (context length, sliding window) without loading weights."""
+    if cfg.source == "tiny":
+        from distgen.models.tiny import tiny_llama_config
+        return tiny_llama_config(cfg.tiny, tokenizer)
+    return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
+    """The whole model with its weights, on CPU."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.source == "tiny":
+        from distgen.models.tiny import build_tiny_model
+        model = build_tiny_model(cfg.tiny, tokenizer).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=dtype, attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, dtype),
+            trust_remote_code=cfg.trust_remote_code)
+    return model.eval()
+
+
+def build_unloaded(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
+    """The architecture built from its config, no checkpoint read; the caller's context decides
+    where its tensors go (the meta device, DeepSpeed's zero.Init)."""
+    if cfg.source == "tiny":  # built from config, so building it in the caller's context is enough
+        return load_model(cfg, tokenizer, device)
+    config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, dtype))
+    return model.eval()
+
+
+def build_skeleton(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
+    """The same architecture on the meta device: shapes and dtypes, no memory, no weights."""
+    with torch.device("meta"):
+        return build_unloaded(cfg, tokenizer, device)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a layout gets the model: whole with weights, or as a weightless skeleton."""
+    cfg: ModelConfig
+    tokenizer: object
+    device: torch.device
+
+    def full(self) -> PreTrainedModel:
+        """The weights as read, their Linear layers then quantized by model.quantization (if not none)."""
+        from distgen.models.quantizers import get_quantizer
+        return get_quantizer(self.cfg.quantization).apply(load_model(self.cfg, self.tokenizer, self.device),
+                                                          self.device)
+
+    def skeleton(self) -> PreTrainedModel:
+        return build_skeleton(self.cfg, self.tokenizer, self.device)
+
+    def unloaded(self) -> PreTrainedModel:
+        return build_unloaded(self.cfg, self.tokenizer, self.device)

@@ -1,0 +1,108 @@
+"""What a quantizer is, the table of quantizers by name, and the check of what it can be combined with.
+
+A quantizer turns a loaded model's Linear layers (all but the output head) into quantized ones
+after the weights are read and before a layout places the model. Each says on which devices its
+kernels run, which layouts can place its weights (sharding layouts cannot split bitsandbytes or
+quanto tensors, so none of them lists fsdp), and whether torch.compile may wrap the result (the
+engine's compile rule reads `compileable`).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+from torch import nn
+
+from distgen.config import require, require_choice
+from distgen.common.errors import ConfigError
+from distgen.common.registry import Registry
+
+if TYPE_CHECKING:
+    from distgen.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    name: str
+    # Device types its kernels run on.
+    devices: tuple[str, ...]
+    # Layouts that can place its weights; None: every layout.
+    layouts: Optional[tuple[str, ...]]
+    # torch.compile may wrap the quantized model (transformers says the same of its own quantizers).
+    compileable: bool
+    # The pip package (import name, pinned requirement) it needs; None: torch alone.
+    package: Optional[tuple[str, str]]
+    # (model loaded on CPU, target device) -> the model with quantized Linear layers.
+    apply: Callable[[nn.Module, torch.device], nn.Module]
+    # model.dtype values it accepts; None: all.
+    dtypes: Optional[tuple[str, ...]] = None
+
+
+QUANTIZERS: Registry[Quantizer] = Registry("model.quantization")
+
+
+def register(quantizer: Quantizer, config: type) -> Quantizer:
+    return QUANTIZERS.register(quantizer.name, config, quantizer)
+
+
+def get_quantizer(name: str) -> Quantizer:
+    return QUANTIZERS.get(name)
+
+
+def target_device(requested: str) -> str:
+    """The device type a rank will use for `device=<requested>` (as dist_env.resolve_device picks it)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def check_quantization(cfg: "RunConfig") -> None:
+    """Refuse, before any worker starts, a quantizer that cannot run with the chosen device, layout,
+    dtype, or without its package."""
+    name = cfg.model.quantization
+    require_choice("model.quantization", name, QUANTIZERS.names())
+    quantizer = get_quantizer(name)
+    device = target_device(cfg.device)
+    require(device in quantizer.devices, "model.quantization", name,
+            f"{name} runs on {' and '.join(quantizer.devices)}, not on device={cfg.device} ({device})"
+            + ("; use device=cpu" if quantizer.devices == ("cpu",) else ""))
+    if quantizer.layouts is not None:
+        require(cfg.layout.name in quantizer.layouts, "model.quantization", name,
+                f"layout={cfg.layout.name} cannot shard {name} weights; layouts that can place them: "
+                + ", ".join(quantizer.layouts))
+    if quantizer.dtypes is not None:
+        require(cfg.model.dtype in quantizer.dtypes, "model.quantization", name,
+                f"it needs model.dtype in {', '.join(quantizer.dtypes)}, not {cfg.model.dtype}")
+    if quantizer.package is not None:
+        module, requirement = quantizer.package
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"model.quantization={name!r} is not allowed: it needs the Python package "
+                              f"{requirement.split('==')[0]}, which is not installed "
+                              f"(pip install {requirement}, as scripts/setup.sh does)")
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Names of the Linear layers to quantize: all but the output head (kept in full precision,
+    as transformers' quantizers keep it)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
+
+
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Swap each quantizable Linear for `make(linear)`, in place."""
+    for name in quantizable_linears(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, make(getattr(parent, child)))
+    return model
+
+
+@dataclass(frozen=True)
+class NoQuantization:
+    """Weights stay in model.dtype."""
+
+
+register(Quantizer("none", devices=("cpu", "cuda"), layouts=None, compileable=True, package=None,
+                   apply=lambda model, device: model), NoQuantization)

@@ -1,0 +1,104 @@
+"""Rank 0 gathers every rank's stats (never its completions: those are in the shards) and reports them."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch.distributed as dist
+
+from distgen.outputs.stats import RankStats
+
+STATS_FILE = "stats.json"
+
+
+def gather_to_coordinator(obj, rank: int, world_size: int) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0; None elsewhere."""
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a partial write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual 0644
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_stats(out_dir: Path, stats: Sequence[RankStats], summary: dict, timelines: Sequence[list[dict]]) -> None:
+    """stats.json: the summary, each rank's figures and each rank's sampled timeline."""
+    write_atomic(out_dir / STATS_FILE, json.dumps(
+        {"summary": summary, "ranks": [s.as_record() for s in stats], "timelines": list(timelines)}, indent=2) + "\n")
+
+
+def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, job: str = "",
+              errors: int = 0) -> dict:
+    """`resumed` prompts were finished by an earlier run of `job` (its fingerprint); `errors` got error records."""
+    generated = sum(s.generated_tokens for s in stats)
+    slowest = max((s.generate_seconds for s in stats), default=0.0)
+    return {
+        "job": job,
+        "world_size": len(stats),
+        "prompts": prompt_count,
+        "resumed": resumed,
+        "errors": errors,
+        "prompt_tokens": sum(s.prompt_tokens for s in stats),
+        "generated_tokens": generated,
+        "generate_seconds": round(slowest, 3),
+        "tokens_per_second": round(generated / slowest, 2) if slowest > 0 else 0.0,
+        "oom_backoffs": sum(s.oom_backoffs for s in stats),
+    }
+
+
+TABLE_COLUMNS = (  # header, width, format spec, value
+    ("rank", 4, "", lambda s: s.rank), ("device", 7, "", lambda s: s.device),
+    ("prompts", 7, "", lambda s: s.prompts), ("prompt_tok", 10, "", lambda s: s.prompt_tokens),
+    ("gen_tok", 8, "", lambda s: s.generated_tokens), ("steps", 6, "", lambda s: s.forward_steps),
+    ("idle", 5, "", lambda s: s.idle_steps), ("tok/s", 9, ".1f", lambda s: s.tokens_per_second),
+    ("gen_s", 7, ".2f", lambda s: s.generate_seconds), ("param_MiB", 9, ".1f", lambda s: s.param_mib),
+    ("disk_MiB", 8, ".1f", lambda s: s.disk_param_mib), ("rss_MiB", 8, ".0f", lambda s: s.peak_rss_mib),
+    ("cuda_alloc", 10, ".0f", lambda s: s.cuda_peak_allocated_mib),
+    ("cuda_rsv", 8, ".0f", lambda s: s.cuda_peak_reserved_mib),
+)
+
+
+def format_table(stats: Sequence[RankStats], summary: dict) -> str:
+    header = " ".join(f"{name:>{width}}" for name, width, _, _ in TABLE_COLUMNS)
+    rows = [" ".join(f"{value(s):>{width}{spec}}" for _, width, spec, value in TABLE_COLUMNS) for s in stats]
+    total = (f"total: {summary['prompts']} prompts, {summary['generated_tokens']} tokens generated in "
+             f"{summary['generate_seconds']:.2f}s ({summary['tokens_per_second']:.1f} tok/s over "
+             f"{summary['world_size']} ranks)")
+    maps = [f"rank {s.rank} device map: {compact_map(s.device_map)}" for s in stats if s.device_map]
+    drafts = [f"rank {s.rank} assisted: {s.draft_accepted} of {s.draft_proposed} draft tokens accepted "
+              f"({100 * s.acceptance_rate:.1f}%)" for s in stats if s.draft_proposed]
+    return "\n".join([header, *rows, *maps, *drafts, total])
+
+
+def compact_map(device_map: dict[str, str]) -> str:
+    """`model.layers.0..3: cpu, lm_head: disk`: consecutive modules on one device in one run."""
+    runs: list[list] = []  # [first name, last name, where]
+    for name, where in device_map.items():
+        if runs and runs[-1][2] == where:
+            runs[-1][1] = name
+        else:
+            runs.append([name, name, where])
+    return ", ".join(f"{first}: {where}" if first == last else f"{first}..{last}: {where}"
+                     for first, last, where in runs)

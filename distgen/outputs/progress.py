@@ -1,0 +1,141 @@
+"""Progress of the whole job, shown once, on rank 0, with no collectives added.
+
+Each rank's `RankSampler` thread samples its memory and counters every
+output.sample_every_s (the report's timeline) and writes its latest sample to a small file in
+the side channel folder, output.dir/.distgen/progress/. Rank 0's sampler also reads every
+rank's file and shows the sums: a tqdm bar when stderr is a terminal, otherwise a plain log line
+every output.progress_every_s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, TextIO
+
+from distgen.outputs.stats import current_rss_mib, cuda_allocated_mib
+
+# Beyond this many samples a rank keeps every other one and samples half as often.
+MAX_SAMPLES = 1000
+
+
+@dataclass
+class LiveCounters:
+    """Updated by the rank's loop as completions finish; read by its sampler thread."""
+    prompts: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float  # seconds since the rank started generating
+    rss_mib: float
+    cuda_mib: float
+    prompts: int
+    generated_tokens: int
+    forward_steps: int
+    idle_steps: int
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_channel(folder: Path) -> list[dict]:
+    found = []
+    for path in sorted(folder.glob("rank-*.json")):
+        try:
+            found.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress_line(prompts: int, total: int, tokens: int, elapsed: float) -> str:
+    rate = tokens / elapsed if elapsed > 0 else 0.0
+    eta = format_eta(elapsed * (total - prompts) / prompts) if 0 < prompts < total else "-"
+    percent = 100.0 * prompts / total if total else 100.0
+    return (f"distgen: {prompts}/{total} prompts ({percent:.1f}%), {tokens} tokens, {rate:.1f} tok/s, "
+            f"{elapsed:.0f}s elapsed, ETA {eta}")
+
+
+class ProgressDisplay:
+    """Rank 0's view of all ranks: a tqdm bar on a terminal, else a log line every `every_s`."""
+
+    def __init__(self, total_prompts: int, every_s: float, out: TextIO = sys.stderr,
+                 clock: Callable[[], float] = time.monotonic, terminal: Optional[bool] = None):
+        self.total, self.every_s, self.out, self.clock = total_prompts, every_s, out, clock
+        self.start = self.last_line = clock()
+        self.bar = None
+        if (out.isatty() if terminal is None else terminal):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_prompts, unit="prompt", file=out, dynamic_ncols=True, desc="distgen")
+
+    def update(self, prompts: int, tokens: int, final: bool = False) -> None:
+        elapsed = self.clock() - self.start
+        if self.bar is not None:
+            self.bar.n = prompts
+            self.bar.set_postfix_str(f"{tokens} tok, {tokens / elapsed if elapsed > 0 else 0:.1f} tok/s", refresh=True)
+            if final:
+                self.bar.close()
+        elif self.every_s > 0 and (final or self.clock() - self.last_line >= self.every_s):
+            self.last_line = self.clock()
+            print(progress_line(prompts, self.total, tokens, elapsed), file=self.out, flush=True)
+
+
+class RankSampler:
+    """A daemon thread: samples this rank every `every_s`, publishes the sample to the side
+    channel, and (with a display, on rank 0) shows every rank's sum."""
+
+    def __init__(self, rank: int, every_s: float, channel: Path, live: LiveCounters, loop_counters,
+                 device, display: Optional[ProgressDisplay] = None):
+        self.rank, self.every_s, self.channel, self.live, self.loop = rank, every_s, channel, live, loop_counters
+        self.device, self.display = device, display
+        self.samples: list[Sample] = []
+        self.start = time.monotonic()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name=f"distgen-sampler-{rank}", daemon=True)
+        channel.mkdir(parents=True, exist_ok=True)
+
+    def sample(self) -> Sample:
+        sample = Sample(round(time.monotonic() - self.start, 3), round(current_rss_mib(), 1),
+                        round(cuda_allocated_mib(self.device), 1), self.live.prompts, self.live.generated_tokens,
+                        self.loop.forward_steps, self.loop.idle_steps)
+        self.samples.append(sample)
+        if len(self.samples) > MAX_SAMPLES:
+            self.samples = self.samples[::2]
+            self.every_s *= 2
+        write_json_atomic(self.channel / f"rank-{self.rank:05d}.json", asdict(sample))
+        return sample
+
+    def show(self, final: bool = False) -> None:
+        if self.display is not None:
+            ranks = read_channel(self.channel)
+            self.display.update(sum(r["prompts"] for r in ranks), sum(r["generated_tokens"] for r in ranks), final)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            self.sample()
+            self.show()
+
+    def __enter__(self) -> "RankSampler":
+        self.sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sample()

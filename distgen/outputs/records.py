@@ -1,0 +1,44 @@
+"""Output records: a completion, or an error record for a prompt that could not run."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from distgen.engine.request import Completion
+from distgen.inputs.records import Prompt
+
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One output line: a completion, or an error record for a prompt that could not run."""
+    # which prompt
+    index: int
+    id: str
+    prompt: str
+    # what was generated
+    completion: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "eos", "length", "stop" or "error"
+    completion_token_ids: list[int] = field(default_factory=list)
+    # why an error record has no completion; absent from other records' JSON
+    error: Optional[str] = None
+
+    def as_json(self) -> dict:
+        record = asdict(self)
+        if self.error is None:
+            del record["error"]
+        return record
+
+
+def completion_record(completion: Completion, text: str, token_ids: list[int]) -> dict:
+    """`text` and `token_ids` are the completion as kept (cut before a stop string)."""
+    return OutputRecord(completion.prompt.index, completion.prompt.id, completion.prompt.text, text,
+                        completion.prompt_token_count, len(token_ids), completion.finish_reason,
+                        list(token_ids)).as_json()
+
+
+def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0) -> dict:
+    return OutputRecord(prompt.index, prompt.id, prompt.text, "", prompt_tokens, 0, ERROR, error=reason).as_json()

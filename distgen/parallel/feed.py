@@ -1,0 +1,142 @@
+"""What each rank reads and tokenizes: a slice of the dataset for the shared length table the
+plan is made from, then only its own prompts, a chunk at a time, as batch rows free up."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distgen.parallel.env import DistContext
+from distgen.inputs.source import PromptSource
+from distgen.inputs.records import Prompt
+from distgen.inputs.screening import FAILS, ContextLimit, screen_prompt, too_long_failure
+
+CHUNK = 1024
+# Rows of the length table.
+LENGTH, BUDGET, SCREEN = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Screening:
+    """What decides whether a prompt runs: the model's context and dataset.too_long."""
+    limit: ContextLimit = ContextLimit(None)
+    too_long: str = "error_record"
+    default_budget: int = 1
+
+    def __call__(self, prompt: Prompt, length: int):
+        return screen_prompt(prompt, length, self.limit, self.too_long, self.default_budget)
+
+
+def tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """A chat-rendered prompt already holds its special tokens; a plain one gets the tokenizer's.
+    A prompt that tokenizes to nothing gets no tokens (screening gives it an error record)."""
+    ids: list[list[int]] = [[] for _ in prompts]
+    for templated in (False, True):
+        rows = [k for k, p in enumerate(prompts) if p.templated == templated]
+        if rows:
+            encoded = tokenizer([prompts[k].text for k in rows], add_special_tokens=not templated)["input_ids"]
+            for k, row_ids in zip(rows, encoded):
+                ids[k] = row_ids
+    return ids
+
+
+def slice_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
+    per = -(-count // world_size)
+    return min(rank * per, count), min((rank + 1) * per, count)
+
+
+def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: Screening) -> np.ndarray:
+    """(3, stop - start) int32: prompt token counts as run (after truncate_left), per-record
+    budgets (0: the default) and each prompt's screening verdict (RUNS, ERROR_RECORD, FAILS)."""
+    table = np.zeros((3, stop - start), dtype=np.int32)
+    for at in range(start, stop, CHUNK):
+        prompts = source.prompts(range(at, min(at + CHUNK, stop)))
+        lengths = [len(ids) for ids in tokenize(tokenizer, prompts)]
+        screens = [screening(p, n) for p, n in zip(prompts, lengths)]
+        part = slice(at - start, at - start + len(prompts))
+        table[LENGTH, part] = lengths
+        table[BUDGET, part] = [p.max_new_tokens or 0 for p in prompts]
+        table[SCREEN, part] = [s.verdict for s in screens]
+        kept = [k for k, s in enumerate(screens) if s.keep is not None]
+        table[LENGTH, [part.start + k for k in kept]] = [screens[k].keep for k in kept]
+    return table
+
+
+def broadcast_flag(value: bool, ctx: DistContext) -> bool:
+    flag = torch.tensor([1 if value else 0], dtype=torch.int32, device=ctx.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def shared_lengths(source: PromptSource, tokenizer, ctx: DistContext, cache: Optional[Path],
+                   screening: Screening = Screening()) -> np.ndarray:
+    """Every prompt's token count and budget, on every rank. Each rank measures one slice and
+    the slices are all-gathered; rank 0 keeps the table in `cache` (keyed by the job
+    fingerprint), and a later run of the job broadcasts it instead of measuring again.
+    Returns the (3, prompts) table: LENGTH, BUDGET and SCREEN rows."""
+    count = len(source)
+    hit = broadcast_flag(ctx.is_coordinator and cache is not None and cache.is_file(), ctx)
+    if hit:
+        table = torch.from_numpy(np.load(cache)) if ctx.is_coordinator else torch.zeros((3, count), dtype=torch.int32)
+        table = table.to(ctx.device)
+        dist.broadcast(table, src=0)
+        table = table.cpu().numpy()
+    else:
+        start, stop = slice_bounds(count, ctx.world_size, ctx.rank)
+        per = -(-count // ctx.world_size)
+        mine = torch.zeros((3, per), dtype=torch.int32)
+        mine[:, :stop - start] = torch.from_numpy(measure(source, tokenizer, start, stop, screening))
+        parts = [torch.zeros_like(mine, device=ctx.device) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, mine.to(ctx.device))
+        table = torch.cat([p.cpu() for p in parts], dim=1)[:, :count].numpy()
+        if ctx.is_coordinator and cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.tmp.npy")
+            np.save(tmp, table)
+            tmp.replace(cache)
+    return table
+
+
+def check_fits(table: np.ndarray, source: PromptSource, tokenizer, screening: Screening) -> None:
+    """dataset.too_long=fail: a ConfigError naming the first prompts that do not fit (same on every rank)."""
+    failed = np.flatnonzero(table[SCREEN] == FAILS)
+    if len(failed):
+        prompts = source.prompts(failed[:5])
+        lengths = [len(ids) for ids in tokenize(tokenizer, prompts)]
+        raise too_long_failure([f"id {p.id!r}: {screening(p, n).reason}" for p, n in zip(prompts, lengths)],
+                               len(failed))
+
+
+class PromptFeed:
+    """A rank's prompts in decoding order, read and tokenized CHUNK at a time as they are taken:
+    the batch queue holds at most one chunk of prompts, never the rank's whole share."""
+
+    def __init__(self, source: PromptSource, order: Sequence[int], tokenizer, chunk: int = CHUNK,
+                 lengths: Optional[np.ndarray] = None):
+        """`lengths`: the table's token count per prompt; a longer prompt keeps its last tokens (truncate_left)."""
+        self.source, self.tokenizer, self.chunk, self.lengths = source, tokenizer, chunk, lengths
+        self.order = np.asarray(order, dtype=np.int64)
+        self.taken = 0  # prompts of `order` read so far
+        self.ready: deque[tuple[Prompt, list[int]]] = deque()
+
+    def __len__(self) -> int:
+        return len(self.order) - self.taken + len(self.ready)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def popleft(self) -> tuple[Prompt, list[int]]:
+        if not self.ready:
+            indices = self.order[self.taken:self.taken + self.chunk]
+            self.taken += len(indices)
+            prompts = self.source.prompts(indices)
+            ids = tokenize(self.tokenizer, prompts)
+            if self.lengths is not None:
+                ids = [row[len(row) - int(self.lengths[p.index]):] for p, row in zip(prompts, ids)]
+            self.ready.extend(zip(prompts, ids))
+        return self.ready.popleft()

@@ -1,0 +1,22 @@
+"""Every rank holds the whole model and generates for its own prompts (data parallel)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distgen.config import LayoutConfig
+from distgen.parallel.env import DistContext
+from distgen.parallel.layouts.base import DataGroups, Layout, Placed, register
+from distgen.models.loading import ModelSource
+
+
+@dataclass
+class ReplicateLayout(LayoutConfig):
+    """Every rank holds the whole model; ranks run free (data parallel)."""
+    name: str = "replicate"
+
+
+def prepare(source: ModelSource, cfg: ReplicateLayout, ctx: DistContext, groups: DataGroups) -> Placed:
+    return Placed(source.full().to(ctx.device), lockstep=False, input_device=ctx.device)
+
+
+register(Layout("replicate", prepare=prepare), ReplicateLayout)
