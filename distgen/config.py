@@ -1,46 +1,16 @@
-"""Typed run configuration.
+"""Typed run configuration: the schema Hydra composes the YAML groups in `configs/` into.
 
-The dataclasses are the schema Hydra composes the YAML groups in `distgen/configs/` into.
-`RunConfig.check` checks every value after composition, before any process group exists.
+Each part's `check` checks its own values (ranges, and rules among its own fields). Names (a layout, a cache, a
+dtype) are checked against the implementations' name tables by the catalog (distgen/catalog), which also runs
+the rules an implementation states about the rest of the config: this module imports nothing of distgen's
+above `common/`, and loading it pulls in no torch.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-from distgen.common.errors import ConfigError
-
-MODEL_SOURCES = ("pretrained", "tiny")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-# jsonl, json (a JSON array), txt, csv, parquet: files; saved: a folder written by `datasets.save_to_disk`;
-# folder: a local folder of data files `datasets.load_dataset` reads (never a download).
-DATASET_FORMATS = ("auto", "jsonl", "json", "txt", "csv", "parquet", "saved", "folder")
-OUTPUT_FORMATS = ("jsonl", "parquet")
-# What a prompt that does not fit the model's context becomes.
-TOO_LONG_POLICIES = ("error_record", "truncate_left", "fail")
-# The engine's name tables: schedulers are distgen.engine.scheduler.SCHEDULERS, KV caches
-# distgen.engine.kv.CACHES, compile policies distgen.engine.build.COMPILE; `GenerationConfig.check` reads them.
-# torch.autocast around the engine's forwards (for fp32 checkpoints): the name -> dtype table is
-# distgen.engine.runner.AUTOCAST_DTYPES.
-AUTOCAST_NAMES = ("none", "bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-# Assisted (speculative) generation: who proposes draft tokens (distgen/engine/assist.py checks it matches
-# ASSISTANTS): none, a tiny random draft (tests), n-gram prompt lookup (no model), a draft model folder.
-ASSISTANT_NAMES = ("none", "tiny", "prompt_lookup", "draft")
-ASSISTANT_SCHEDULES = ("constant", "heuristic")
-
-
-def require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-def require_choice(key: str, value: Any, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    require(value in choices, key, value, "expected one of " + ", ".join(choices))
+from distgen.common.checks import require
 
 
 @dataclass
@@ -83,16 +53,10 @@ class ModelConfig:
     assistant_seed: int = 1
 
     def check(self) -> None:
-        require_choice("model.source", self.source, MODEL_SOURCES)
-        require_choice("model.dtype", self.dtype, DTYPES)
-        require_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if self.source == "pretrained":
             require(bool(self.path), "model.path", self.path,
                     "model.source=pretrained needs model.path=<local model folder> "
                     "(or model=tiny for a random-init test model)")
-        require_choice("model.assistant", self.assistant, ASSISTANT_NAMES)
-        require(self.assistant != "draft" or bool(self.assistant_path), "model.assistant_path", self.assistant_path,
-                "model.assistant=draft needs model.assistant_path=<local draft model folder>")
         require(self.assistant == "draft" or self.assistant_path is None, "model.assistant_path",
                 self.assistant_path, f"only model.assistant=draft reads it (model.assistant={self.assistant})")
 
@@ -171,29 +135,15 @@ class GenerationConfig:
                 "generation.batch_size", self.batch_size, "expected auto or an integer >= 1")
         require(0 < self.memory_fraction <= 1, "generation.memory_fraction", self.memory_fraction, "must be in (0, 1]")
         require(self.sync_every >= 1, "generation.sync_every", self.sync_every, "must be >= 1")
-        from distgen.engine.scheduler import SCHEDULERS  # the engine imports this module
-
-        require_choice("generation.scheduler", self.scheduler, SCHEDULERS.names())
-        from distgen.engine.kv import check_cache_settings  # the cache table imports this module
-        check_cache_settings(self)
-        from distgen.engine.build import COMPILE  # the engine imports this module
-        require_choice("generation.compile", self.compile, COMPILE.names())
-        require_choice("generation.compile_mode", self.compile_mode, COMPILE_MODES)
-        require_choice("generation.autocast", self.autocast, AUTOCAST_NAMES)
-        from distgen.backends.cpu.kernels import CPU_KERNELS  # the engine imports this module
-        require_choice("generation.cpu_kernels", self.cpu_kernels, CPU_KERNELS.names())
         require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,
                 "must be >= 1")
-        require(not (self.scheduler == "chunked" and self.cache == "dynamic"), "generation.cache", self.cache,
-                "generation.scheduler=chunked needs a slot cache: static, sliding_window or auto")
-        require(not (self.compile == "on" and self.cache == "dynamic"), "generation.cache", self.cache,
-                "generation.compile=on needs a fixed-shape cache: static, sliding_window or auto")
+        require(self.cache_residual_length >= 1, "generation.cache_residual_length", self.cache_residual_length,
+                "must be >= 1")
         require(self.temperature > 0, "generation.temperature", self.temperature, "must be > 0")
         require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
         require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
         require(self.num_assistant_tokens >= 1, "generation.num_assistant_tokens", self.num_assistant_tokens,
                 "must be >= 1")
-        require_choice("generation.assistant_schedule", self.assistant_schedule, ASSISTANT_SCHEDULES)
         threshold = self.assistant_confidence_threshold
         require(threshold is None or 0 <= threshold < 1, "generation.assistant_confidence_threshold", threshold,
                 "must be in [0, 1) or null")
@@ -222,8 +172,6 @@ class DatasetConfig:
     def check(self) -> None:
         require(bool(self.path), "dataset.path", self.path,
                 "give dataset=<prompts file (.jsonl .txt .csv .parquet) or dataset folder>")
-        require_choice("dataset.format", self.format, DATASET_FORMATS)
-        require_choice("dataset.too_long", self.too_long, TOO_LONG_POLICIES)
         require(self.limit is None or self.limit >= 0, "dataset.limit", self.limit, "must be >= 0")
 
 
@@ -248,7 +196,6 @@ class OutputConfig:
 
     def check(self) -> None:
         require(self.progress_every_s >= 0, "output.progress_every_s", self.progress_every_s, "must be >= 0")
-        require_choice("output.format", self.format, OUTPUT_FORMATS)
         require(self.shard_size >= 1, "output.shard_size", self.shard_size, "must be >= 1")
         require(self.sample_every_s > 0, "output.sample_every_s", self.sample_every_s, "must be > 0")
 
@@ -273,26 +220,11 @@ class RunConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     device: str = "auto"
 
-    def check(self) -> "RunConfig":
-        # The tables import this module, so they are imported here, not at the top.
-        from distgen.launchers import LAUNCHERS
-        from distgen.parallel.layouts import LAYOUTS
-        from distgen.engine.kv import check_cache_device
-        from distgen.models.quantizers import check_quantization
-        from distgen.models.quantizers.base import target_device
+    def parts(self) -> tuple[Any, ...]:
+        return (self.model, self.model.tiny, self.layout, self.generation, self.dataset, self.output, self.launcher)
 
-        require_choice("device", self.device, DEVICES)
-        LAYOUTS.check_selected(self.layout)
-        needs = LAYOUTS.get(self.layout.name).needs
-        require(needs is None or importlib.util.find_spec(needs) is not None, "layout", self.layout.name,
-                f"it needs the {needs} package, which is not installed here (pip install {needs})")
-        LAUNCHERS.check_selected(self.launcher)
-        for part in (self.model, self.model.tiny, self.layout, self.generation, self.dataset, self.output,
-                     self.launcher):
+    def check(self) -> "RunConfig":
+        """Every part's own values (names and rules across parts: distgen.catalog.check)."""
+        for part in self.parts():
             part.check()
-        check_quantization(self)
-        check_cache_device(self.generation, target_device(self.device))
-        require(self.generation.autocast == "none" or self.model.dtype in ("auto", "fp32"), "generation.autocast",
-                self.generation.autocast, f"autocast is for fp32 weights, but model.dtype={self.model.dtype}; "
-                "use generation.autocast=none (or model.dtype=fp32)")
         return self

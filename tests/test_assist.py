@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module, write_prompts
+from distgen.catalog import check_section
 from distgen.config import GenerationConfig, ModelConfig, TinyModelConfig
 from distgen.engine.backoff import INJECT_ENV
 from distgen.engine.assist import AssistantSpec, accept_greedy, accept_sampled, lookup_ngram
@@ -169,16 +170,16 @@ def test_sampled_assisted_runs_are_seeded_and_keep_budgets(tiny_model, tokenizer
     ({"prompt_lookup_ngram": 0}, "generation.prompt_lookup_ngram")])
 def test_bad_assistant_settings_are_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
-        GenerationConfig(**values).check()
+        check_section("generation", GenerationConfig(**values))
 
 
 def test_bad_assistant_choices_name_the_key(tiny_model, tokenizer):
     with pytest.raises(ConfigError, match="model.assistant='medusa'.*none, tiny, prompt_lookup, draft"):
-        ModelConfig(source="tiny", assistant="medusa").check()
+        check_section("model", ModelConfig(source="tiny", assistant="medusa"))
     with pytest.raises(ConfigError, match="model.assistant=draft needs model.assistant_path"):
-        ModelConfig(source="tiny", assistant="draft").check()
+        check_section("model", ModelConfig(source="tiny", assistant="draft"))
     with pytest.raises(ConfigError, match="only model.assistant=draft reads it"):
-        ModelConfig(source="tiny", assistant="tiny", assistant_path="/x").check()
+        check_section("model", ModelConfig(source="tiny", assistant="tiny", assistant_path="/x"))
     lookup = AssistantSpec("prompt_lookup")
     with pytest.raises(ConfigError, match="generation.compile=on is not possible with model.assistant"):
         engine_for(tiny_model, tokenizer, PROMPTS, GenerationConfig(compile="on"), assistant=lookup)

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
+from distgen.catalog import check_section
 from distgen.config import GenerationConfig
-from distgen.engine import cpu_kernels as kernels
-from distgen.engine import cpu_model
+from distgen.backends.cpu import kernels
+from distgen.backends.cpu import model as cpu_model
 from distgen.backends.cpu.kernels import pack, pack_linears, packed_linear, plan_kernels, unpack, unpack_linears
 from distgen.common.errors import ConfigError
 from helpers import engine_for, generate_all
@@ -98,7 +99,7 @@ def test_plans_say_why_and_bad_settings_are_config_errors(tiny_model, monkeypatc
     with pytest.raises(ConfigError, match="generation.cpu_kernels=distgen is not possible: a lockstep"):
         plan("distgen", lockstep=True)
     with pytest.raises(ConfigError, match="generation.cpu_kernels='mkl' is not allowed: expected one of auto, distgen, torch"):
-        GenerationConfig(cpu_kernels="mkl").check()
+        check_section("generation", GenerationConfig(cpu_kernels="mkl"))
     # No compiler: auto falls back to torch and says so (a fresh cache folder forces a build).
     monkeypatch.setenv("DISTGEN_KERNEL_CACHE", "/nonexistent/none")
     monkeypatch.setattr(kernels, "compiler", lambda: None)

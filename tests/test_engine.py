@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate, reference_greedy
+from distgen.catalog import check_section
 from distgen.config import GenerationConfig, TinyModelConfig
 from distgen.engine.build import COMPILE_MIN_DECODE_STEPS, COMPILE_MIN_DECODE_STEPS_CPU, plan_cache, plan_compile
 from distgen.engine.request import Request, Status
@@ -168,7 +169,7 @@ def test_auto_choices_say_why(tiny_model):
 ])
 def test_bad_engine_settings_are_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
-        GenerationConfig(**values).check()
+        check_section("generation", GenerationConfig(**values))
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "chunked"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import DEFAULT_BUDGET, PROMPTS
+from distgen.catalog import check_section
 from distgen.config import GenerationConfig
 from distgen.engine.build import COMPILE
 from distgen.engine.scheduler import SCHEDULERS
@@ -37,7 +38,7 @@ def test_autocast_is_refused_for_half_weights_and_unknown_names(tiny_model, toke
     with pytest.raises(ConfigError, match="generation.autocast='bf16' is not allowed: autocast is for fp32 weights"):
         load_config(["model=tiny", "model.dtype=bf16", "dataset=demo", "generation.autocast=bf16"])
     with pytest.raises(ConfigError, match="generation.autocast='int8' is not allowed: expected one of none, bf16, fp16"):
-        GenerationConfig(autocast="int8").check()
+        check_section("generation", GenerationConfig(autocast="int8"))
     half = engine_for(copy.deepcopy(tiny_model).to(torch.bfloat16), tokenizer, PROMPTS[:1],
                       GenerationConfig(autocast="fp16", compile="off"))
     assert "no autocast: generation.autocast=fp16 is for fp32 weights" in half.choice and half.runner.autocast is None
@@ -49,7 +50,7 @@ def test_scheduler_and_compile_names_come_from_one_table(table, names, key, bad)
     assert table.names() == names
     with pytest.raises(ConfigError, match=f"generation.{key}='{bad}' is not allowed: expected one of "
                                           + ", ".join(names)):
-        GenerationConfig(**{key: bad}).check()
+        check_section("generation", GenerationConfig(**{key: bad}))
     text = help_text()
     for name in names:
         assert f"generation.{key}={name} " in text

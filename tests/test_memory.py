@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, MistralConfig, QuantizedCache
 
 from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module
+from distgen.catalog import check_section
 from distgen.config import GenerationConfig
 from distgen.engine.backoff import INJECT_ENV
 from distgen.engine import build
@@ -175,7 +176,7 @@ def test_cache_table_is_what_config_checks_and_docs_read():
     assert CACHES.names() == ("dynamic", "static", "sliding_window", "quantized", "offloaded")
     assert "generation.cache=offloaded" in CACHES.describe()
     with pytest.raises(ConfigError, match="generation.cache='paged' is not allowed: expected one of auto, dynamic"):
-        GenerationConfig(cache="paged").check()
+        check_section("generation", GenerationConfig(cache="paged"))
 
 
 @pytest.mark.parametrize("backend", QUANT_BACKENDS.names())
@@ -184,7 +185,7 @@ def test_quantized_cache_backends_run_and_keep_shapes(tiny_model, tokenizer, bac
         pytest.skip(f"the {backend} backend needs {missing_package(QUANT_BACKENDS.get(backend))}, not installed")
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="quantized", compile="off",
                            cache_quant_backend=backend, cache_residual_length=3)
-    cfg.check()
+    check_section("generation", cfg)
     engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
     assert f"backend {backend}" in engine.choice
     completions = []
@@ -224,4 +225,4 @@ def test_auto_picks_quantized_when_memory_is_tight(tiny_model, tokenizer):
 @pytest.mark.skipif(importlib.util.find_spec("hqq") is not None, reason="hqq is installed here")
 def test_hqq_backend_without_hqq_is_a_clear_error():
     with pytest.raises(ConfigError, match="generation.cache_quant_backend='hqq' is not allowed: it needs .*hqq"):
-        GenerationConfig(cache="quantized", cache_quant_backend="hqq").check()
+        check_section("generation", GenerationConfig(cache="quantized", cache_quant_backend="hqq"))

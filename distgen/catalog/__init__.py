@@ -1,1 +1,60 @@
-""""""
+"""The catalog: every implementation imported so that it registers in its name table, and the checks that read
+those tables. The schema (distgen/config.py) checks values; here a config's names are checked against the
+tables (a layout, a cache, a dtype ...), then each selected implementation's own rule about the rest of the
+config runs (`Entry.check`: a quantizer's devices, a cache's device, a layout's package). Everything below
+this stage knows nothing of the others' names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from distgen.backends.cpu.kernels import CPU_KERNELS
+from distgen.common.device import DEVICES
+from distgen.common.registry import Registry
+from distgen.config import RunConfig
+from distgen.engine.assist import ASSISTANTS, DRAFT_SCHEDULES
+from distgen.engine.build import COMPILE
+from distgen.engine.kv import CACHES
+from distgen.engine.kv.quantized import QUANT_BACKENDS
+from distgen.engine.runner import AUTOCAST, COMPILE_MODES
+from distgen.engine.scheduler import SCHEDULERS
+from distgen.inputs.screening import TOO_LONG
+from distgen.inputs.source import DATASET_FORMATS
+from distgen.launchers import LAUNCHERS
+from distgen.models.loading import ATTENTION, DTYPES, MODEL_SOURCES
+from distgen.models.quantizers import QUANTIZERS
+from distgen.outputs.shards import OUTPUT_FORMATS
+from distgen.parallel.layouts import LAYOUTS
+
+# Every choice's name table, in the order a config's names are checked (and --help lists them).
+TABLES: tuple[Registry, ...] = (
+    DEVICES, LAYOUTS, LAUNCHERS,
+    MODEL_SOURCES, DTYPES, ATTENTION, QUANTIZERS, ASSISTANTS,
+    SCHEDULERS, CACHES, QUANT_BACKENDS, COMPILE, COMPILE_MODES, AUTOCAST, CPU_KERNELS, DRAFT_SCHEDULES,
+    DATASET_FORMATS, TOO_LONG, OUTPUT_FORMATS,
+)
+# The Hydra groups (each option is an implementation's settings class); the rest are plain values.
+GROUPS: tuple[Registry, ...] = tuple(table for table in TABLES if not table.valued)
+VALUES: tuple[Registry, ...] = tuple(table for table in TABLES if table.valued)
+
+
+def check(cfg: RunConfig) -> RunConfig:
+    """Names against the tables, then every part's values, then each selected implementation's rules."""
+    for table in TABLES:
+        table.check_name(cfg)
+    cfg.check()
+    for table in TABLES:
+        table.check_rules(cfg)
+    return cfg
+
+
+def check_section(section: str, part: Any) -> Any:
+    """One part of a run config (e.g. `generation`) checked as `check` would, the other parts at their defaults."""
+    cfg = RunConfig(**{section: part})
+    tables = [table for table in TABLES if table.key.startswith(section + ".")]
+    for table in tables:
+        table.check_name(cfg)
+    part.check()
+    for table in tables:
+        table.check_rules(cfg)
+    return part

@@ -17,6 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from distgen.catalog import GROUPS, VALUES, check as check_config
 from distgen.config import RunConfig
 from distgen.common.errors import ConfigError
 
@@ -32,12 +33,9 @@ FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
 
 def register_schema() -> None:
     """The schema, plus one Hydra option per registered layout and launcher (their settings classes)."""
-    from distgen.launchers import LAUNCHERS
-    from distgen.parallel.layouts import LAYOUTS
-
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=RunConfig)
-    for table in (LAYOUTS, LAUNCHERS):
+    for table in GROUPS:
         table.store(store)
     if not OmegaConf.has_resolver("distgen_data"):
         OmegaConf.register_new_resolver("distgen_data", lambda name: str(DATA_DIR / name))
@@ -152,7 +150,7 @@ def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: 
         cfg = OmegaConf.to_object(composed)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).strip()) from None
-    return cfg.check() if check else cfg
+    return check_config(cfg) if check else cfg
 
 
 def flat_keys(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -165,11 +163,8 @@ def flat_keys(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def group_choices(config_dir: Path = CONFIG_DIR) -> dict[str, list[str]]:
     """Each config group's options: YAML groups from `distgen/configs/`, registered ones from their tables."""
-    from distgen.launchers import LAUNCHERS
-    from distgen.parallel.layouts import LAYOUTS
-
     groups = {p.name: group_options(p.name, config_dir) for p in config_dir.iterdir() if p.is_dir()}
-    groups.update({table.group: list(table.names()) for table in (LAYOUTS, LAUNCHERS)})
+    groups.update({table.group: list(table.names()) for table in GROUPS})
     return dict(sorted(groups.items()))
 
 
@@ -185,11 +180,7 @@ def format_keys(keys: list[tuple[str, object]]) -> list[str]:
 
 def value_choices() -> list[str]:
     """Each name table of a plain config value (e.g. generation.scheduler), one line per name."""
-    from distgen.engine.build import COMPILE
-    from distgen.backends.cpu.kernels import CPU_KERNELS
-    from distgen.engine.scheduler import SCHEDULERS
-
-    return [SCHEDULERS.describe(), COMPILE.describe(), CPU_KERNELS.describe()]
+    return [table.describe() for table in VALUES]
 
 
 def help_text(config_dir: Path = CONFIG_DIR) -> str:

@@ -1,14 +1,17 @@
-"""One name table per choice (layout, launcher, ...).
+"""One name table per choice (layout, launcher, cache, dtype, ...).
 
-Each implementation is one module that registers itself with its own settings dataclass; the
-config check, the Hydra group (the settings class is stored in Hydra's ConfigStore under the
-implementation's name) and the docs all read the table, so a name is written down once.
+Each implementation registers itself in its table, with its own settings dataclass where it has
+settings, and with the cross-component rule it states (`check`). The catalog (distgen/catalog) checks a
+config's names against the tables and runs the selected entries' checks; the Hydra group (a settings class
+is stored in Hydra's ConfigStore under its name) and `--help` read the same tables, so a name is written
+down once.
 """
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass
-from typing import Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, Optional, TypeVar
 
 from distgen.common.errors import ConfigError
 
@@ -22,41 +25,76 @@ class Entry(Generic[T]):
     # choice that is a plain value (`generation.scheduler=chunked`), whose implementation documents it.
     config: Optional[type]
     impl: T
+    # One line for --help (else the first line of the settings' or the implementation's docstring).
+    doc: str = ""
+    # A rule the implementation states about the rest of the run config (e.g. a quantizer's devices),
+    # run by the catalog when this entry is selected: (the run config) -> None, raising ConfigError.
+    check: Optional[Callable[[Any], None]] = None
 
     @property
     def summary(self) -> str:
-        return (inspect.getdoc(self.config if self.config is not None else self.impl) or "").split("\n")[0]
+        return self.doc or (inspect.getdoc(self.config if self.config is not None else self.impl) or "").split("\n")[0]
 
 
 class Registry(Generic[T]):
-    """Implementations of one config group (e.g. `layout`), in registration order."""
+    """Implementations of one config choice (e.g. `layout`), in registration order."""
 
-    def __init__(self, group: str, valued: bool = False):
-        """valued: the choice is a plain config value (`generation.scheduler`), not a Hydra group."""
-        self.group, self.valued = group, valued
+    def __init__(self, group: str, valued: bool = False, also: Optional[dict[str, str]] = None):
+        """valued: the choice is a plain config value (`generation.scheduler`), not a Hydra group.
+        also: names the key accepts besides the registered ones, each with what it resolves to when the
+        choice is built ({"auto": "a slot cache where ..."}): generation.cache=auto picks a registered cache."""
+        self.group, self.valued, self.also = group, valued, dict(also or {})
         self.entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, config: Optional[type], impl: T) -> T:
-        if name in self.entries:
+    def register(self, name: str, config: Optional[type], impl: T, doc: str = "",
+                 check: Optional[Callable[[Any], None]] = None) -> T:
+        if name in self.entries or name in self.also:
             raise ValueError(f"{self.group} {name!r} is registered twice")
-        self.entries[name] = Entry(name, config, impl)
+        self.entries[name] = Entry(name, config, impl, doc, check)
         return impl
 
     def names(self) -> tuple[str, ...]:
         return tuple(self.entries)
+
+    def allowed(self) -> tuple[str, ...]:
+        """Every name the key accepts: `also` first, then the registered ones."""
+        return (*self.also, *self.entries)
 
     def get(self, name: str) -> T:
         return self.entry(name).impl
 
     def entry(self, name: str) -> Entry[T]:
         if name not in self.entries:
-            raise ConfigError(f"{self.key}={name!r} is not allowed: expected one of {', '.join(self.names())}")
+            raise self.refusal(name)
         return self.entries[name]
+
+    def refusal(self, name: Any) -> ConfigError:
+        return ConfigError(f"{self.key}={name!r} is not allowed: expected one of {', '.join(self.allowed())}")
 
     @property
     def key(self) -> str:
         """The config key that names a choice: `layout.name` for a group, the key itself for a plain value."""
         return self.group if self.valued else f"{self.group}.name"
+
+    def selected(self, cfg: Any) -> Any:
+        """The name this table's key holds in a run config."""
+        return operator.attrgetter(self.key)(cfg)
+
+    def check_name(self, cfg: Any) -> None:
+        """The run config names one of this table's choices (and, for a group, holds that choice's settings)."""
+        name = self.selected(cfg)
+        if name in self.also:
+            return
+        if self.valued:
+            self.entry(name)
+        else:
+            self.check_selected(operator.attrgetter(self.group)(cfg))
+
+    def check_rules(self, cfg: Any) -> None:
+        """The selected choice's own rule about the rest of the config, if it states one."""
+        entry = self.entries.get(self.selected(cfg))
+        if entry is not None and entry.check is not None:
+            entry.check(cfg)
 
     def check_selected(self, settings) -> None:
         """`settings` names a registered implementation and is that implementation's settings class."""
@@ -73,4 +111,5 @@ class Registry(Generic[T]):
                 config_store.store(group=self.group, name=entry.name, node=entry.config)
 
     def describe(self) -> str:
-        return "\n".join(f"  {self.group}={e.name:<12} {e.summary}" for e in self.entries.values())
+        lines = [f"  {self.group}={name:<12} {doc}" for name, doc in self.also.items()]
+        return "\n".join(lines + [f"  {self.group}={e.name:<12} {e.summary}" for e in self.entries.values()])

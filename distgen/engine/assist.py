@@ -20,11 +20,13 @@ different numbers of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
-from distgen.config import ASSISTANT_NAMES, GenerationConfig
+from distgen.common.checks import require
+from distgen.common.registry import Registry
+from distgen.config import GenerationConfig
 from distgen.engine.kv.base import KVCache
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.request import Completion, Request, Status
@@ -35,11 +37,33 @@ from distgen.engine.sampling import RowSampling, filter_logits
 HEURISTIC_MAX_DRAFT = 16
 
 
+@dataclass(frozen=True)
+class DraftSchedule:
+    # generation.num_assistant_tokens -> the most draft tokens a row proposes in one step
+    longest: Callable[[int], int]
+    # (a row's draft length, tokens it proposed, tokens accepted, the longest) -> its next draft length
+    next_length: Callable[[int, int, int, int], int]
+
+
+def heuristic_length(length: int, proposed: int, accepted: int, longest: int) -> int:
+    """+2 after a fully accepted round, -1 otherwise, within 1..longest (a round that proposed nothing: unchanged)."""
+    if not proposed:
+        return length
+    return min(longest, length + 2) if accepted == proposed else max(1, length - 1)
+
+
+# generation.assistant_schedule: how a row's draft length moves from round to round.
+DRAFT_SCHEDULES: Registry[DraftSchedule] = Registry("generation.assistant_schedule", valued=True)
+DRAFT_SCHEDULES.register("constant", None, DraftSchedule(lambda start: start, lambda length, *_: length),
+                         doc="every round proposes generation.num_assistant_tokens")
+DRAFT_SCHEDULES.register("heuristic", None, DraftSchedule(lambda start: max(start, HEURISTIC_MAX_DRAFT),
+                                                          heuristic_length),
+                         doc=f"+2 after a fully accepted round, -1 otherwise, per sequence (1..{HEURISTIC_MAX_DRAFT})")
+
+
 def max_draft_tokens(gen: GenerationConfig) -> int:
     """The most draft tokens one row proposes in one step (a verify forward then runs this + 1 per row)."""
-    if gen.assistant_schedule == "heuristic":
-        return max(gen.num_assistant_tokens, HEURISTIC_MAX_DRAFT)
-    return gen.num_assistant_tokens
+    return DRAFT_SCHEDULES.get(gen.assistant_schedule).longest(gen.num_assistant_tokens)
 
 
 @dataclass
@@ -235,7 +259,7 @@ class Assistant:
 
     def __init__(self, proposer: Proposer, gen: GenerationConfig, eos_ids: Sequence[int]):
         self.proposer = proposer
-        self.start_length, self.heuristic = gen.num_assistant_tokens, gen.assistant_schedule == "heuristic"
+        self.start_length, self.schedule = gen.num_assistant_tokens, DRAFT_SCHEDULES.get(gen.assistant_schedule)
         self.max_length = max_draft_tokens(gen)
         self.confidence = gen.assistant_confidence_threshold
         self.eos = set(eos_ids)
@@ -278,9 +302,7 @@ class Assistant:
                 emitted, accepted = accept_greedy(targets[i][keep - k - 1:], draft.tokens)
             self.counters.proposed += k
             self.counters.accepted += accepted
-            if self.heuristic and k:
-                state.draft_length = min(self.max_length, state.draft_length + 2) if accepted == k else \
-                    max(1, state.draft_length - 1)
+            state.draft_length = self.schedule.next_length(state.draft_length, k, accepted, self.max_length)
             # 4. take the emitted tokens one at a time: EOS, a stop string or the budget cuts them exactly
             kept.append(1 + accepted)  # cached now: the last input and the accepted drafts
             reason = self.take(engine, request, emitted)
@@ -332,13 +354,23 @@ def build_draft_model(model_cfg, tokenizer, dtype: torch.dtype, device: torch.de
     return load_model(cfg, tokenizer, device).to(dtype).to(device)
 
 
-# name -> how the worker builds the assistant's draft model (None: no draft model)
-ASSISTANTS = {"none": None, "tiny": build_tiny_draft, "prompt_lookup": None, "draft": build_draft_model}
-assert tuple(ASSISTANTS) == ASSISTANT_NAMES, "distgen.config.ASSISTANT_NAMES must list ASSISTANTS"
+def check_draft_model(cfg) -> None:
+    """model.assistant=draft needs its folder."""
+    require(bool(cfg.model.assistant_path), "model.assistant_path", cfg.model.assistant_path,
+            "model.assistant=draft needs model.assistant_path=<local draft model folder>")
+
+
+# model.assistant: who proposes draft tokens -> how the worker builds its draft model (None: no draft model).
+ASSISTANTS: Registry[Optional[Callable]] = Registry("model.assistant", valued=True)
+ASSISTANTS.register("none", None, None, doc="no assisted generation")
+ASSISTANTS.register("tiny", None, build_tiny_draft, doc="a random-init draft built like model=tiny (tests)")
+ASSISTANTS.register("prompt_lookup", None, None, doc="n-gram matches in the prompt and generated text (no model)")
+ASSISTANTS.register("draft", None, build_draft_model, doc="a draft model folder (model.assistant_path)",
+                    check=check_draft_model)
 
 
 def assistant_spec(model_cfg, tokenizer, dtype: torch.dtype, device: torch.device) -> Optional[AssistantSpec]:
     if model_cfg.assistant == "none":
         return None
-    build = ASSISTANTS[model_cfg.assistant]
+    build = ASSISTANTS.get(model_cfg.assistant)
     return AssistantSpec(model_cfg.assistant, build(model_cfg, tokenizer, dtype, device) if build else None)

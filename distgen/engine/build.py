@@ -20,7 +20,7 @@ from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_b
                                    kv_shape, memory_budget)
 from distgen.engine.queue import PromptQueue, RequestQueue
 from distgen.engine.request import Request
-from distgen.engine.runner import AUTOCAST_DTYPES, CompilePlan, Runner, persist_inductor_cache
+from distgen.engine.runner import AUTOCAST, CompilePlan, Runner, persist_inductor_cache
 from distgen.engine.sampler import Sampler
 from distgen.engine.scheduler import SCHEDULERS
 from distgen.common.errors import ConfigError
@@ -222,7 +222,7 @@ def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueS
 
 def plan_autocast(gen: GenerationConfig, model: torch.nn.Module) -> tuple[Optional[torch.dtype], str]:
     """(dtype the forwards autocast to or None, why): autocast applies to fp32 weights only."""
-    dtype = AUTOCAST_DTYPES[gen.autocast]
+    dtype = AUTOCAST.get(gen.autocast)
     if dtype is None:
         return None, ""
     if model_dtype(model) != torch.float32:

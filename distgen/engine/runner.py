@@ -17,15 +17,32 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from distgen.config import AUTOCAST_NAMES
+from distgen.common.checks import require
+from distgen.common.registry import Registry
 from distgen.engine.kv import varlen
 from distgen.models.forward_args import model_inputs
 
 log = logging.getLogger("distgen.engine")
 
+def check_fp32_weights(cfg) -> None:
+    """Autocast computes fp32 weights in half precision: it needs fp32 weights."""
+    require(cfg.model.dtype in ("auto", "fp32"), "generation.autocast", cfg.generation.autocast,
+            f"autocast is for fp32 weights, but model.dtype={cfg.model.dtype}; use generation.autocast=none "
+            "(or model.dtype=fp32)")
+
+
 # generation.autocast -> the dtype the forwards compute in (None: the weights' own).
-AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-assert tuple(AUTOCAST_DTYPES) == AUTOCAST_NAMES, "distgen.config.AUTOCAST_NAMES must list AUTOCAST_DTYPES"
+AUTOCAST: Registry[Optional[torch.dtype]] = Registry("generation.autocast", valued=True)
+AUTOCAST.register("none", None, None, doc="compute in the weights' dtype")
+AUTOCAST.register("bf16", None, torch.bfloat16, doc="fp32 weights computed under torch.autocast in bf16",
+                  check=check_fp32_weights)
+AUTOCAST.register("fp16", None, torch.float16, doc="fp32 weights computed under torch.autocast in fp16",
+                  check=check_fp32_weights)
+# generation.compile_mode: torch.compile's modes.
+COMPILE_MODES: Registry[Optional[str]] = Registry("generation.compile_mode", valued=True)
+COMPILE_MODES.register("default", None, None, doc="torch.compile's default mode")
+COMPILE_MODES.register("reduce-overhead", None, "reduce-overhead", doc="CUDA graphs through torch.compile")
+COMPILE_MODES.register("max-autotune", None, "max-autotune", doc="autotuned kernels, and CUDA graphs on CUDA")
 
 
 def forward_logits(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -83,8 +100,7 @@ class Runner:
         if compile_plan.enabled:
             # Never fullgraph (flash-attention-2 and some models break the graph); fixed shapes, so no dynamic.
             # DISTGEN_COMPILE_BACKEND=eager traces without codegen (the tests use it).
-            mode = None if compile_plan.mode == "default" else compile_plan.mode
-            compiled = torch.compile(forward_logits, mode=mode, dynamic=False,
+            compiled = torch.compile(forward_logits, mode=COMPILE_MODES.get(compile_plan.mode), dynamic=False,
                                      backend=os.environ.get("DISTGEN_COMPILE_BACKEND", "inductor"))
             self._decode = frozen_cpu(compiled) if compile_plan.freeze else compiled
 

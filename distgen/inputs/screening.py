@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from distgen.common.errors import ConfigError
+from distgen.common.registry import Registry
 from distgen.inputs.records import Prompt
 
 # Config attributes that bound the positions a model can attend over, by architecture family.
@@ -57,6 +58,12 @@ def too_long_reason(length: int, budget: int, limit: ContextLimit) -> Optional[s
 
 # What the length table's screen column holds for a prompt.
 RUNS, ERROR_RECORD, FAILS = 0, 1, 2
+# dataset.too_long -> what a prompt that does not fit the model's context becomes (the verdict; truncate_left
+# keeps it running, with its oldest tokens dropped, where a token of it still fits).
+TOO_LONG: Registry[int] = Registry("dataset.too_long", valued=True)
+TOO_LONG.register("error_record", None, ERROR_RECORD, doc="an error record; the job goes on")
+TOO_LONG.register("truncate_left", None, RUNS, doc="its oldest tokens dropped to fit")
+TOO_LONG.register("fail", None, FAILS, doc="a config error before any worker starts")
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,10 @@ def screen_prompt(prompt: Prompt, length: int, limit: ContextLimit, too_long: st
     if not too_long_why:
         return Screen()
     keep = (limit.tokens or 0) - budget
-    if too_long == "truncate_left" and keep >= 1:
+    verdict = TOO_LONG.get(too_long)
+    if verdict == RUNS and keep >= 1:
         return Screen(keep=keep)
-    return Screen(FAILS if too_long == "fail" else ERROR_RECORD, too_long_why)
+    return Screen(FAILS if verdict == FAILS else ERROR_RECORD, too_long_why)
 
 
 def too_long_failure(failed: Sequence[str], count: int) -> ConfigError:

@@ -15,15 +15,26 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
+from distgen.common.registry import Registry
 from distgen.inputs.records import OVERRIDES, Prompt, RecordFields, check_utf8_line, parse_jsonl_record, record_to_prompt
 
 # Never reach the Hub: every input is a local file or folder.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt", ".csv": "csv", ".parquet": "parquet"}
-# Builder of `datasets.load_dataset` for each file format.
-BUILDERS = {"jsonl": "json", "txt": "text", "csv": "csv", "parquet": "parquet"}
-TEXT_FORMATS = ("jsonl", "txt", "csv")
+# dataset.format -> the `datasets.load_dataset` builder that reads it (None: a folder, read by load_table).
+DATASET_FORMATS: Registry[Optional[str]] = Registry(
+    "dataset.format", valued=True, also={"auto": "from the path: a file by its suffix, a folder by its contents"})
+for _name, _builder, _doc in (
+        ("jsonl", "json", "JSON lines (.jsonl; .json holding JSON lines or one array)"),
+        ("json", "json", "a JSON array of records (or JSON lines)"),
+        ("txt", "text", "one prompt per line, blank lines skipped"),
+        ("csv", "csv", "a CSV file with a header row"),
+        ("parquet", "parquet", "a parquet file"),
+        ("saved", None, "a folder written by datasets.save_to_disk (dataset.split picks a split)"),
+        ("folder", None, "a local folder of data files")):
+    DATASET_FORMATS.register(_name, None, _builder, doc=_doc)
+TEXT_FORMATS = ("jsonl", "json", "txt", "csv")
 TEXT_COLUMN = "text"
 SAVED_MARKERS = ("state.json", "dataset_dict.json")
 HASH_BATCH = 10_000
@@ -100,13 +111,13 @@ def load_jsonl(path: str, cache_dir: str, fields: RecordFields):
 
 def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordFields):
     import datasets
-    if fmt == "jsonl":
+    if fmt in ("jsonl", "json"):
         return load_jsonl(cfg.path, cache_dir, fields)
     if fmt == "saved":
         return pick_split(datasets.load_from_disk(cfg.path), cfg.split, cfg.path), fields
     if fmt == "folder":
         return pick_split(datasets.load_dataset(cfg.path, cache_dir=cache_dir), cfg.split, cfg.path), fields
-    table = datasets.load_dataset(BUILDERS[fmt], data_files=cfg.path, split="train", cache_dir=cache_dir)
+    table = datasets.load_dataset(DATASET_FORMATS.get(fmt), data_files=cfg.path, split="train", cache_dir=cache_dir)
     if fmt == "txt":
         # Blank lines are not prompts.
         table = table.filter(lambda batch: [bool(t.strip()) for t in batch[TEXT_COLUMN]], batched=True)

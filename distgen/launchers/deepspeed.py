@@ -8,7 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from distgen.config import LauncherConfig, RunConfig, require
+from distgen.common.checks import require
+from distgen.config import LauncherConfig, RunConfig
 from distgen.common.errors import ConfigError
 from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, free_port, register, run_command, write_next_to_outputs
 

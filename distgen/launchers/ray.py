@@ -16,7 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from distgen.config import LauncherConfig, RunConfig, require, require_choice
+from distgen.common.checks import require, require_choice
+from distgen.config import LauncherConfig, RunConfig
 from distgen.parallel.env import RANK_VARS
 from distgen.common.errors import ConfigError
 from distgen.launchers.base import Entry, Launcher, free_port, register, run_command

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from distgen.config import LauncherConfig, RunConfig, require, require_choice
+from distgen.common.checks import require, require_choice
+from distgen.config import LauncherConfig, RunConfig
 from distgen.common.errors import ConfigError
 from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, write_next_to_outputs
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command

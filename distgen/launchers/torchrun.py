@@ -5,7 +5,8 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from distgen.config import LauncherConfig, RunConfig, require
+from distgen.common.checks import require
+from distgen.config import LauncherConfig, RunConfig
 from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, run_command
 
 

@@ -9,16 +9,31 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PretrainedConfig
 from transformers.utils import is_flash_attn_2_available
 
-from distgen.config import ModelConfig
 from distgen.common.errors import ConfigError
+from distgen.common.registry import Registry
+from distgen.config import ModelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# model.source: where the weights come from.
+MODEL_SOURCES: Registry[None] = Registry("model.source", valued=True)
+MODEL_SOURCES.register("pretrained", None, None, doc="a folder saved with save_pretrained (model.path)")
+MODEL_SOURCES.register("tiny", None, None, doc="a 2-layer random-init Llama built in memory (model.tiny.*)")
+# model.dtype -> the weights' dtype (auto: bf16 on CUDA, fp32 on CPU).
+DTYPES: Registry[torch.dtype] = Registry("model.dtype", valued=True, also={"auto": "bf16 on CUDA, fp32 on CPU"})
+DTYPES.register("fp32", None, torch.float32, doc="float32")
+DTYPES.register("bf16", None, torch.bfloat16, doc="bfloat16")
+DTYPES.register("fp16", None, torch.float16, doc="float16")
+# model.attn_implementation -> what transformers is asked for (auto: see resolve_attn_implementation).
+ATTENTION: Registry[str] = Registry("model.attn_implementation", valued=True, also={
+    "auto": "flash_attention_2 where it can run, else what transformers picks (sdpa, or eager)"})
+ATTENTION.register("eager", None, "eager", doc="transformers' eager attention")
+ATTENTION.register("sdpa", None, "sdpa", doc="torch's scaled_dot_product_attention")
+ATTENTION.register("flash_attention_2", None, "flash_attention_2", doc="the flash-attn package (CUDA, fp16/bf16)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return DTYPES.get(name)
 
 
 def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -27,7 +42,7 @@ def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dt
     picks what the architecture supports (sdpa where it can, eager for ALiBi models such as Bloom
     and MPT, which refuse an explicit sdpa)."""
     if name != "auto":
-        return name
+        return ATTENTION.get(name)
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
         return "flash_attention_2"
     return None

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from distgen.common.errors import IncompleteOutputError
+from distgen.common.registry import Registry
 
 OUTPUTS_DIR = "outputs"
 MANIFEST_FILE = "manifest.json"
@@ -32,6 +33,10 @@ MERGED_FILE = "outputs.jsonl"
 OPEN_SUFFIX = ".open.jsonl"
 SHARD_PATTERN = re.compile(r"^part-(\d{5})-(\d{5})(\.open\.jsonl|\.jsonl|\.parquet)$")
 READ_BATCH = 1024
+# output.format -> the full shards' file suffix (an open shard is always JSON lines).
+OUTPUT_FORMATS: Registry[str] = Registry("output.format", valued=True)
+OUTPUT_FORMATS.register("jsonl", None, ".jsonl", doc="JSON lines")
+OUTPUT_FORMATS.register("parquet", None, ".parquet", doc="parquet (pyarrow)")
 
 
 def outputs_dir(out_dir: Path) -> Path:
@@ -93,7 +98,7 @@ def write_shard(records: Sequence[dict], path: Path) -> None:
 def close_shard(open_path: Path, fmt: str) -> Path:
     """An open shard as a full one: its records sorted by index (for the k-way merge), in `fmt`."""
     records = sorted(read_jsonl_lines(open_path), key=lambda r: r["index"])
-    final = open_path.with_name(open_path.name[: -len(OPEN_SUFFIX)] + f".{fmt}")
+    final = open_path.with_name(open_path.name[: -len(OPEN_SUFFIX)] + OUTPUT_FORMATS.get(fmt))
     write_shard(records, final)
     open_path.unlink()
     return final

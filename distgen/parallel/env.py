@@ -14,6 +14,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from distgen.common.device import target_device
 from distgen.common.errors import ConfigError
 
 
@@ -175,7 +176,7 @@ def discover(environ: Mapping[str, str], local_rank_arg: Optional[int] = None) -
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not allowed: no CUDA device is visible; use device=cpu or auto")
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+    if target_device(requested) == "cpu":
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 

@@ -2,6 +2,5 @@
 from distgen.engine.kv.kinds import CACHES, CacheKind, CacheSpec, QueueShape
 # Registration order is the order users see.
 from distgen.engine.kv import dynamic, slots, quantized, offloaded  # noqa: F401,E402,I001  (each registers itself)
-from distgen.engine.kv.settings import check_cache_device, check_cache_settings  # noqa: E402
 
-__all__ = ["CACHES", "CacheKind", "CacheSpec", "QueueShape", "check_cache_device", "check_cache_settings"]
+__all__ = ["CACHES", "CacheKind", "CacheSpec", "QueueShape"]

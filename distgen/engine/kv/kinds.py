@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from distgen.common.checks import require
+from distgen.common.device import target_device
 from distgen.common.registry import Registry
 
 if TYPE_CHECKING:
@@ -73,13 +75,32 @@ class CacheKind:
     devices: tuple[str, ...] = ("cpu", "cuda")
 
 
-CACHES: Registry[CacheKind] = Registry("generation.cache", valued=True)
+# generation.cache: auto (the builder picks one: engine.build.plan_cache) or a registered kind.
+CACHES: Registry[CacheKind] = Registry("generation.cache", valued=True, also={
+    "auto": "picked per job: sliding_window, quantized/offloaded when memory is short, static, else dynamic"})
 
 
 def register(kind: CacheKind, config: type) -> CacheKind:
     """`config`: the kind's settings (its docstring is the one-line summary the docs print)."""
-    return CACHES.register(kind.name, config, kind)
+    return CACHES.register(kind.name, config, kind, check=check_cache_kind)
 
 
 def slot_cache_names(gen: "GenerationConfig") -> list[str]:
     return [name for name, entry in CACHES.entries.items() if entry.impl.slots(gen)]
+
+
+def check_cache_kind(cfg) -> None:
+    """generation.cache=<kind>: it runs on the job's device, and is a slot cache where chunked prefill or a
+    compiled decode needs one."""
+    gen = cfg.generation
+    kind = CACHES.get(gen.cache)
+    device = target_device(cfg.device)
+    require(device in kind.devices, "generation.cache", gen.cache,
+            f"it runs on {' and '.join(kind.devices)} only, and this job runs on {device}; caches for "
+            f"{device}: auto, " + ", ".join(n for n, e in CACHES.entries.items() if device in e.impl.devices))
+    slot_names = ", ".join(slot_cache_names(gen)) + " or auto"
+    slots = kind.slots(gen)
+    require(slots or gen.scheduler != "chunked", "generation.cache", gen.cache,
+            f"generation.scheduler=chunked needs a slot cache: {slot_names}")
+    require(slots or gen.compile != "on", "generation.cache", gen.cache,
+            f"generation.compile=on needs a fixed-shape cache: {slot_names}")

@@ -23,6 +23,8 @@ from distgen.engine.kv.rows import cache_layers
 from distgen.engine.kv.slots import Int8SlotLayer, build_slots
 from distgen.engine.memory import kv_shape
 from distgen.engine.scheduler import StepPlan
+from distgen.common.checks import require
+from distgen.common.errors import ConfigError
 from distgen.common.registry import Registry
 
 
@@ -62,7 +64,21 @@ for backend, doc in ((QuantBackend("int8", (8,), None), Int8Slots), (QuantBacken
                      (QuantBackend("quanto", (4, 2), "quanto", ("optimum.quanto", "optimum-quanto==0.2.7")),
                       QuantoRows),
                      (QuantBackend("hqq", (4, 2, 8), "hqq", ("hqq", "hqq")), HqqRows)):
-    QUANT_BACKENDS.register(backend.name, doc, backend)
+    QUANT_BACKENDS.register(backend.name, doc, backend, check=lambda cfg: check_quant_backend(cfg))  # defined below
+
+
+def check_quant_backend(cfg) -> None:
+    """generation.cache_quant_backend: its bits, and its package wherever a quantized cache may be built."""
+    gen = cfg.generation
+    backend = QUANT_BACKENDS.get(gen.cache_quant_backend)
+    if gen.cache_quant_bits is not None:
+        require(gen.cache_quant_bits in backend.bits, "generation.cache_quant_bits", gen.cache_quant_bits,
+                f"generation.cache_quant_backend={backend.name} takes " + " or ".join(map(str, backend.bits)))
+    missing = missing_package(backend)
+    if gen.cache in ("auto", "quantized") and missing:
+        raise ConfigError(f"generation.cache_quant_backend={backend.name!r} is not allowed: it needs the Python "
+                          f"package {missing}, which is not installed (pip install {missing}); backends: "
+                          + ", ".join(QUANT_BACKENDS.names()))
 
 
 def quant_bits(gen) -> int:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch import nn
 
-from distgen.config import require, require_choice
+from distgen.common.checks import require
+from distgen.common.device import target_device
 from distgen.common.errors import ConfigError
 from distgen.common.registry import Registry
 
@@ -40,29 +41,21 @@ class Quantizer:
     dtypes: Optional[tuple[str, ...]] = None
 
 
-QUANTIZERS: Registry[Quantizer] = Registry("model.quantization")
+QUANTIZERS: Registry[Quantizer] = Registry("model.quantization", valued=True)
 
 
 def register(quantizer: Quantizer, config: type) -> Quantizer:
-    return QUANTIZERS.register(quantizer.name, config, quantizer)
+    return QUANTIZERS.register(quantizer.name, config, quantizer, check=check_quantization)
 
 
 def get_quantizer(name: str) -> Quantizer:
     return QUANTIZERS.get(name)
 
 
-def target_device(requested: str) -> str:
-    """The device type a rank will use for `device=<requested>` (as dist_env.resolve_device picks it)."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
 def check_quantization(cfg: "RunConfig") -> None:
     """Refuse, before any worker starts, a quantizer that cannot run with the chosen device, layout,
     dtype, or without its package."""
     name = cfg.model.quantization
-    require_choice("model.quantization", name, QUANTIZERS.names())
     quantizer = get_quantizer(name)
     device = target_device(cfg.device)
     require(device in quantizer.devices, "model.quantization", name,

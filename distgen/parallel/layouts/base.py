@@ -8,6 +8,7 @@ and how many parameter bytes stayed on this rank.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -15,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from distgen.common.checks import require
 from distgen.config import LayoutConfig
 from distgen.parallel.env import DistContext
 from distgen.common.errors import ConfigError
@@ -84,12 +86,17 @@ class Layout:
     # The package this layout imports when chosen (beyond distgen's own requirements), if any.
     needs: Optional[str] = None
 
+    def check(self, cfg) -> None:
+        """Its package is installed (checked before any worker starts)."""
+        require(self.needs is None or importlib.util.find_spec(self.needs) is not None, "layout", self.name,
+                f"it needs the {self.needs} package, which is not installed here (pip install {self.needs})")
+
 
 LAYOUTS: Registry[Layout] = Registry("layout")
 
 
 def register(layout: Layout, config: type[LayoutConfig]) -> Layout:
-    return LAYOUTS.register(layout.name, config, layout)
+    return LAYOUTS.register(layout.name, config, layout, check=layout.check)
 
 
 def get_layout(name: str) -> Layout:

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distgen.config import LayoutConfig, require
+from distgen.common.checks import require
+from distgen.config import LayoutConfig
 from distgen.parallel.env import DistContext
 from distgen.common.errors import ConfigError
 from distgen.parallel.layouts.base import DataGroups, Layout, Placed, block_classes, register

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from distgen.config import LayoutConfig, require
+from distgen.common.checks import require
+from distgen.config import LayoutConfig
 from distgen.parallel.env import DistContext
 from distgen.parallel.layouts.base import DataGroups, Layout, Placed, block_classes, register, shard_groups
 from distgen.models.loading import ModelSource

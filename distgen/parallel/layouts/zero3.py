@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distgen.config import LayoutConfig, require, require_choice
+from distgen.common.checks import require, require_choice
+from distgen.config import LayoutConfig
 from distgen.parallel.env import DistContext
 from distgen.parallel.layouts.base import (DataGroups, Layout, Placed, process_group, register, resident_param_bytes,
                                   shard_groups)
