@@ -38,7 +38,12 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     source: str = "pretrained"
+    # A model folder (saved with save_pretrained), or a Hugging Face hub id (`org/name`) found in the local HF
+    # cache (model=org/name); model.revision picks a branch, tag or commit of a hub id.
     path: Optional[str] = None
+    revision: Optional[str] = None
+    # Let a hub id missing from the cache be downloaded (never when HF_HUB_OFFLINE is set).
+    allow_download: bool = False
     tokenizer_path: Optional[str] = None
     dtype: str = "auto"
     attn_implementation: str = "auto"

@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from distgen.common.errors import ConfigError
+from distgen.config import RunConfig
 from distgen.launchers import get_launcher
-from distgen.catalog.load import load_config
+from distgen.catalog.load import job_file_args, load_config, split_job_file
 from distgen.outputs.shards import job_complete
 from distgen.job.prepare import finished_message, prepare_job
 from distgen.run import FLAGS, main as run_main
+
+
+def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path] = None) -> int:
+    """Start the checked job `cfg` (composed from `job_file` and `overrides`) with its launcher; its exit status.
+    Raises ConfigError for what can be found wrong before any rank starts."""
+    job = prepare_job(cfg)
+    if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint):
+        print(finished_message(job), flush=True)
+        return 0
+    # The ranks read the same job file (by its absolute path) and the same overrides.
+    return get_launcher(cfg.launcher.name).launch(cfg, job_file_args(job_file) + list(overrides), run_main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,12 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(__doc__)
         return run_main(overrides)
     try:
-        cfg = load_config(overrides)
-        job = prepare_job(cfg)
-        if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint):
-            print(finished_message(job), flush=True)
-            return 0
-        return get_launcher(cfg.launcher.name).launch(cfg, overrides, run_main)
+        overrides, job_file = split_job_file(overrides)
+        return launch_job(load_config(overrides, job_file=job_file), overrides, job_file)
     except ConfigError as err:
         print(f"distgen: config error: {err}", file=sys.stderr)
         return 2

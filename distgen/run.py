@@ -10,13 +10,16 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from distgen.catalog.load import config_to_yaml, help_text, load_config
+from distgen.catalog.load import config_to_yaml, help_text, load_config, split_job_file
 from distgen.common.errors import ConfigError
 from distgen.job.prepare import check_inputs, prepare_job
 from distgen.job.run import config_error, run_ranks
 
 USAGE = __doc__ + """
 Options:
+  --config-dir DIR --config-name NAME
+                  a job file: NAME.yaml in DIR (default: here), composed over the defaults; the key=value
+                  overrides after it win. What --print-config prints is a job file (print, edit, run).
   --print-config  show the composed config (unchecked, so it works before a model is named) and exit
   --check         check the config, the prompts file, the model folder and its tokenizer, then exit
   --help          this text, the config groups and every key with its default
@@ -52,13 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         args, local_rank = split_local_rank(args)
+        args, job_file = split_job_file(args)
         overrides = [a for a in args if a not in FLAGS]
         if "--print-config" in args:
-            print(config_to_yaml(load_config(overrides, check=False)))
+            print(config_to_yaml(load_config(overrides, check=False, job_file=job_file)))
             return 0
-        cfg = load_config(overrides)
+        cfg = load_config(overrides, job_file=job_file)
         if "--check" in args:
-            print(f"distgen: config ok, {len(check_inputs(cfg)[0])} prompts")
+            print(f"distgen: config ok, {len(check_inputs(cfg)[1])} prompts")
             return 0
         job = prepare_job(cfg)
     except ConfigError as err:

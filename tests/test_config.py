@@ -2,7 +2,7 @@ import pytest
 
 from conftest import run_module
 from distgen.common.errors import ConfigError
-from distgen.catalog.load import expand_path_shorthands, load_config
+from distgen.catalog.load import expand_path_shorthands, hydra_value, load_config, split_job_file
 from distgen.job.prepare import check_output_dir
 from distgen.run import main as run_main
 
@@ -120,3 +120,38 @@ def test_layout_and_launcher_options_come_from_their_tables():
         assert type(load_config([*TINY, f"layout={name}"]).layout) is LAYOUTS.entry(name).config
     assert compose_config([*TINY, "layout=fsdp"]).layout.reshard_after_forward is True
     assert "layout=fsdp" in LAYOUTS.describe()
+
+
+def test_printed_config_is_a_job_file_and_command_line_overrides_win(tmp_path, capsys):
+    odd = "/data/my prompts's \\ file.jsonl"  # a space, a quote and a backslash survive the round trip
+    assert run_main([*TINY, "layout=fsdp", "generation.max_new_tokens=5", f"dataset.path={hydra_value(odd)}",
+                     "--print-config"]) == 0
+    (tmp_path / "job.yaml").write_text(capsys.readouterr().out)
+    cfg = load_config(["generation.temperature=0.5"], job_file=tmp_path / "job.yaml", check=False)
+    assert cfg.layout.name == "fsdp" and cfg.model.source == "tiny"
+    assert cfg.generation.max_new_tokens == 5 and cfg.generation.temperature == 0.5
+    assert cfg.dataset.path == odd
+    assert run_main(["--config-dir", str(tmp_path), "--config-name", "job", "generation.max_new_tokens=7",
+                     "--print-config"]) == 0
+    assert "max_new_tokens: 7" in capsys.readouterr().out
+    # A short job file: the command line's group and path shorthands work as keys of it.
+    (tmp_path / "short.yaml").write_text("model: tiny\ndataset: demo\nlayout:\n  name: fsdp\n  shard_group_size: 2\n")
+    args, job_file = split_job_file(["-cd", str(tmp_path), "-cn", "short.yaml", "output.dir=x"])
+    assert args == ["output.dir=x"] and job_file == tmp_path / "short.yaml"
+    short = load_config(args, job_file=job_file)
+    assert short.layout.shard_group_size == 2 and short.dataset.path.endswith("demo_prompts.jsonl")
+
+
+@pytest.mark.parametrize("text, args, message", [
+    ("generation:\n  max_new_token: 3\n", [], r"unknown config key 'generation.max_new_token'"),
+    ("- a\n- b\n", [], r"holds no keys"),
+    ("generation: [\n", [], r"is not valid YAML"),
+    ("{}\n", ["--config-name", "nowhere"], r"--config-name='nowhere' is not allowed: no job file .*nowhere.yaml"),
+    ("{}\n", ["--config-dir", "."], r"needs --config-name NAME"),
+])
+def test_bad_job_files_name_the_file_and_the_key(text, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        rest, job_file = split_job_file(args or ["--config-name", "job"])
+        load_config([*TINY, *rest], job_file=job_file)

@@ -1,3 +1,10 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,3 +50,39 @@ def test_auto_attention_is_left_to_transformers_without_cuda_and_a_named_one_is_
     from distgen.models.loading import resolve_attn_implementation
     assert resolve_attn_implementation("auto", CPU, torch.bfloat16) is None  # transformers picks
     assert resolve_attn_implementation("eager", torch.device("cuda", 0), torch.float32) == "eager"
+
+
+def fake_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str = "0" * 40) -> Path:
+    """`model_dir`'s files laid out as huggingface_hub caches a download of `repo_id` at `commit` (refs/main)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_ids_load_from_the_local_cache_and_name_the_cache_when_missing(tiny_model_dir, tmp_path):
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "acme/tiny-llama", tiny_model_dir)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Hello"}\n')
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "distgen.run", f"dataset={prompts}", "generation.max_new_tokens=3"]
+    done = subprocess.run([*run, "model=acme/tiny-llama", f"output.dir={tmp_path / 'out'}"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [record] = [json.loads(line) for line in (tmp_path / "out" / "outputs.jsonl").read_text().splitlines()]
+    assert record["id"] == "a" and record["completion_tokens"] == 3
+    # The same tokens as the folder itself gives.
+    direct = subprocess.run([*run, f"model={tiny_model_dir}", f"output.dir={tmp_path / 'direct'}"], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    [same] = [json.loads(line) for line in (tmp_path / "direct" / "outputs.jsonl").read_text().splitlines()]
+    assert same["completion_token_ids"] == record["completion_token_ids"]
+    missing = subprocess.run([*run, "model=acme/not-cached", f"output.dir={tmp_path / 'none'}"], env=env,
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert (f"model.path='acme/not-cached' is neither a folder here ({tmp_path}) nor a model in the Hugging Face "
+            f"cache ({cache}), and HF_HUB_OFFLINE is set; fetch it with `hf download acme/not-cached`") in missing.stderr
+    assert not (tmp_path / "none").exists()

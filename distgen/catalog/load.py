@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -54,8 +55,9 @@ def expand_path_shorthand(key: str, value: str, config_dir: Path) -> str | None:
     if os.path.exists(value) or os.sep in value or value.endswith(FILE_SUFFIXES):
         return f"{key}.{PATH_SHORTHANDS[key]}={value}"
     what = "model folder (saved with save_pretrained)" if key == "model" else "prompts file"
-    raise ConfigError(f"{key}={value!r} is neither a {what} that exists (looked in {os.getcwd()}) nor one of the "
-                      f"{key} configs: " + ", ".join(options))
+    hub = f", nor a hub id (org/name; an id without org: {key}.path={value})" if key == "model" else ""
+    raise ConfigError(f"{key}={value!r} is neither a {what} that exists (looked in {os.getcwd()}){hub}, nor one of "
+                      f"the {key} configs: " + ", ".join(options))
 
 
 def expand_path_shorthands(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -143,8 +145,98 @@ def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> D
         return composed
 
 
-def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: bool = True) -> RunConfig:
-    """`check=False` composes without checking values (to show a config that is not finished yet)."""
+# Hydra's flags naming a job file: --config-dir DIR --config-name NAME (NAME.yaml in DIR; -cd/-cn for short).
+JOB_FILE_FLAGS = {"--config-dir": "dir", "-cd": "dir", "--config-name": "name", "-cn": "name"}
+
+
+def split_job_file(args: Sequence[str]) -> tuple[list[str], Optional[Path]]:
+    """The arguments without --config-dir/--config-name (as `--flag value` or `--flag=value`), and the job file
+    they name: NAME(.yaml) in DIR (default: the working folder). A missing file is a ConfigError."""
+    rest, given, values = [], {}, iter(args)
+    for arg in values:
+        flag, sep, value = arg.partition("=")
+        if flag not in JOB_FILE_FLAGS:
+            rest.append(arg)
+            continue
+        value = value if sep else next(values, "")
+        if not value or value.startswith("-"):
+            raise ConfigError(f"{flag} needs a value: --config-dir DIR --config-name NAME (NAME.yaml in DIR)")
+        given[JOB_FILE_FLAGS[flag]] = value
+    if not given:
+        return rest, None
+    if "name" not in given:
+        raise ConfigError(f"--config-dir={given['dir']!r} needs --config-name NAME (the job file NAME.yaml in it)")
+    name = given["name"] if given["name"].endswith((".yaml", ".yml")) else given["name"] + ".yaml"
+    path = (Path(given.get("dir", ".")) / name).absolute()
+    if not path.is_file():
+        raise ConfigError(f"--config-name={given['name']!r} is not allowed: no job file {path}")
+    return rest, path
+
+
+def job_file_args(job_file: Optional[Path]) -> list[str]:
+    """The flags that name `job_file` again (for the ranks a launcher starts)."""
+    return [] if job_file is None else ["--config-dir", str(job_file.parent), "--config-name", job_file.name]
+
+
+def hydra_value(value) -> str:
+    """A value as Hydra's override grammar reads it back unchanged (strings quoted, lists and dicts spelled out)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        bad = [k for k in value if not re.fullmatch(r"[\w-]+", str(k))]
+        if bad:
+            raise ConfigError(f"key {bad[0]!r} of a mapping cannot be given as an override: use letters, digits, _ or -")
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, str(value))  # backslashes before a quote or the end
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def leaf_overrides(tree: dict, schema: DictConfig, prefix: str = "") -> list[str]:
+    """`key=value` for every value of a job file's tree; a dict the schema types as a structure is descended into,
+    a dict-typed field (or a key the schema lacks, which composing then names) is one value."""
+    found = []
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        node = schema.get(key) if isinstance(schema, DictConfig) and key in schema else None
+        if isinstance(value, dict) and isinstance(node, DictConfig) and OmegaConf.get_type(schema, key) is not dict:
+            found += leaf_overrides(value, node, full + ".")
+        else:
+            found.append(f"{full}={hydra_value(value)}")
+    return found
+
+
+def job_file_overrides(job_file: Path, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """A job file (a YAML tree of keys, as --print-config prints) as overrides: its layout/launcher choices first,
+    then every value; the command line's overrides go after them, so they win."""
+    try:
+        tree = OmegaConf.to_container(OmegaConf.load(job_file), resolve=False)
+    except Exception as err:  # yaml's and OmegaConf's errors: name the file
+        raise ConfigError(f"job file {job_file} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"job file {job_file} holds no keys: expected a YAML mapping such as --print-config prints")
+    tree.pop("defaults", None)
+    choices = [f"{table.group}={tree[table.group]['name']}" for table in GROUPS
+               if isinstance(tree.get(table.group), dict) and "name" in tree[table.group]]
+    # `model: <folder or option>` and `dataset: <file>` read as on the command line
+    choices += [f"{key}={tree.pop(key)}" for key in PATH_SHORTHANDS if isinstance(tree.get(key), str)]
+    register_schema()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        schema = compose_selected_options(choices)
+    return choices + leaf_overrides(tree, schema)
+
+
+def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: bool = True,
+                job_file: Optional[Path] = None) -> RunConfig:
+    """`check=False` composes without checking values (to show a config that is not finished yet); `job_file`: a
+    YAML job file composed over the defaults, `overrides` on top."""
+    if job_file is not None:
+        overrides = job_file_overrides(job_file, config_dir) + list(overrides)
     composed = compose_config(overrides, config_dir)
     try:
         cfg = OmegaConf.to_object(composed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from distgen.common.errors import ConfigError
 from distgen.config import RunConfig
 from distgen.inputs.screening import ERROR_RECORD, RUNS, context_limit
 from distgen.inputs.source import PromptSource, open_prompts
-from distgen.models.loading import check_model_source, load_model_config, load_tokenizer
+from distgen.models.loading import check_model_source, load_model_config, load_tokenizer, resolve_hub_ids
 from distgen.outputs.records import error_record
 from distgen.outputs.resume import job_fingerprint
 from distgen.outputs.shards import OUTPUTS_DIR
@@ -105,19 +105,21 @@ def open_checked(cfg: RunConfig, tokenizer=None) -> PromptSource:
         raise
 
 
-def check_inputs(cfg: RunConfig) -> tuple[PromptSource, object, bool]:
-    """The dataset and the tokenizer, once the model folder, its tokenizer, the output folder and
-    the dataset are known to be usable; and whether output.dir was created for the dataset's cache."""
+def check_inputs(cfg: RunConfig) -> tuple[RunConfig, PromptSource, object, bool]:
+    """The config with hub ids resolved to their cached folders, the dataset and the tokenizer, once the model
+    folder, its tokenizer, the output folder and the dataset are known to be usable; and whether output.dir was
+    created for the dataset's cache."""
+    cfg = replace(cfg, model=resolve_hub_ids(cfg.model))
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     check_output_dir(cfg.output.dir)
     created = not Path(cfg.output.dir).exists()
-    return open_checked(cfg, tokenizer), tokenizer, created
+    return cfg, open_checked(cfg, tokenizer), tokenizer, created
 
 
 def prepare_job(cfg: RunConfig) -> Job:
     """Everything up to the first worker: inputs checked; prompts are tokenized and screened by the ranks."""
-    source, tokenizer, created = check_inputs(cfg)
+    cfg, source, tokenizer, created = check_inputs(cfg)
     screening = Screening(context_limit(load_model_config(cfg.model, tokenizer)), cfg.dataset.too_long,
                           cfg.generation.max_new_tokens)
     return Job(cfg, source, tokenizer, job_fingerprint(cfg, source.digest()), screening, created_out=created)

@@ -1,8 +1,10 @@
 """Load the tokenizer and the model (whole on CPU, or as a weightless meta skeleton); layouts place or shard it."""
 from __future__ import annotations
 
+import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +48,50 @@ def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dt
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
         return "flash_attention_2"
     return None
+
+
+# A Hugging Face hub id: `name` or `org/name` (letters, digits, . _ -).
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+HUB_KEYS = ("path", "tokenizer_path", "assistant_path")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_snapshot(key: str, repo_id: str, cfg: ModelConfig) -> str:
+    """The local folder of hub model `repo_id` at model.revision: from the HF cache, or downloaded where the user
+    allows it (model.allow_download=true and HF_HUB_OFFLINE unset). Not there: a ConfigError saying how to get it."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    local_only = offline() or not cfg.allow_download
+    revision = f" at model.revision={cfg.revision}" if cfg.revision else ""
+    try:
+        return snapshot_download(repo_id, revision=cfg.revision, local_files_only=local_only)
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline() else "downloads are off (model.allow_download=false)"
+        raise ConfigError(f"model.{key}={repo_id!r} is neither a folder here ({os.getcwd()}) nor a model{revision} in "
+                          f"the Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}; fetch it with "
+                          f"`hf download {repo_id}`" + (f" --revision {cfg.revision}" if cfg.revision else "")
+                          + " (or give model.allow_download=true)") from None
+    except HFValidationError as err:
+        raise ConfigError(f"model.{key}={repo_id!r} is not allowed: not a folder, and not a hub id "
+                          f"({str(err).splitlines()[0]})") from None
+    except Exception as err:  # the hub's HTTP errors: repository, revision or gated access
+        raise ConfigError(f"model.{key}={repo_id!r}{revision} could not be fetched from the hub: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def resolve_hub_ids(cfg: ModelConfig) -> ModelConfig:
+    """model.path (and tokenizer_path, assistant_path) as local folders: a value that is not a folder here but
+    reads as a hub id (`org/name`) becomes its snapshot folder in the Hugging Face cache."""
+    found = {}
+    for key in HUB_KEYS:
+        value = getattr(cfg, key)
+        if value and not Path(value).exists() and HUB_ID.match(value) and not value.startswith("."):
+            found[key] = hub_snapshot(key, value, cfg)
+    return replace(cfg, **found) if found else cfg
 
 
 def check_model_source(cfg: ModelConfig) -> None:

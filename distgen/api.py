@@ -1,0 +1,121 @@
+"""distgen from Python:
+
+    import distgen
+    records = distgen.generate(["The capital of France is", "def fibonacci(n):"], model="/models/qwen",
+                               overrides=["generation.max_new_tokens=64"])
+    for record in distgen.read_outputs("out/"): ...
+
+`generate` runs the same job the command line runs, with the same checks and errors (a `ConfigError` naming the
+bad key or value): launcher=none (the default) runs it in this process as one rank; any other launcher starts its
+ranks as `python -m distgen.launch` would and waits for them.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+from distgen.common.errors import ConfigError
+from distgen.launch import launch_job
+from distgen.outputs.shards import MERGED_FILE, OPEN_SUFFIX, list_shards, read_jsonl_lines, read_manifest, read_shard
+
+Prompts = Union[str, os.PathLike, Sequence[str], Sequence[dict], Any]  # Any: a datasets.Dataset
+
+
+class JobFailed(RuntimeError):
+    """The job started but did not finish (a rank failed): its finished records stay in output.dir."""
+
+
+def override_keys(overrides: Sequence[str]) -> set[str]:
+    return {o.lstrip("+").partition("=")[0] for o in overrides}
+
+
+def write_prompts(prompts: Prompts, folder: Path) -> str:
+    """`dataset=` for `prompts`: a path as given; a datasets.Dataset saved to disk; a list of strings or of
+    records (the JSON-lines fields) written as JSON lines, one per item, in order."""
+    if isinstance(prompts, (str, os.PathLike)):
+        return os.fspath(prompts)
+    if hasattr(prompts, "save_to_disk"):
+        prompts.save_to_disk(str(folder / "prompts"))
+        return str(folder / "prompts")
+    items = list(prompts)
+    if not items:
+        raise ConfigError("prompts=[] is not allowed: give at least one prompt")
+    if all(isinstance(item, str) for item in items):
+        records = [{"prompt": text} for text in items]
+    elif all(isinstance(item, dict) for item in items):
+        records = items
+    else:
+        kinds = sorted({type(item).__name__ for item in items})
+        raise ConfigError(f"prompts is not allowed: a list of strings or of records (dicts), not of {', '.join(kinds)}")
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    return str(path)
+
+
+def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[str] = ()) -> list[dict]:
+    """Generate a completion for every prompt; returns the output records in input order.
+
+    prompts: a list of strings, a list of records with the JSON-lines fields (`prompt` or `messages`, `id`,
+    `max_new_tokens`, `temperature`, `stop`, ...), a path to a prompts file or folder, or a `datasets.Dataset`.
+    model: a model folder (or `tiny`); the same as `model=...` among the overrides.
+    overrides: the command line's `key=value` strings. Without `output.dir=`, the job writes to a temporary folder
+    that is removed once its records are read; with one, the outputs stay there (and a rerun resumes).
+    """
+    overrides = list(overrides)
+    keys = override_keys(overrides)
+    if "dataset" in keys or "dataset.path" in keys:
+        raise ConfigError("dataset= is not allowed among the overrides of distgen.generate: pass the prompts")
+    with ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distgen-")))
+        args = [f"dataset={write_prompts(prompts, folder)}"]
+        if model is not None:
+            args.append(f"model={model}")
+        if "output.dir" not in keys:
+            args.append(f"output.dir={folder / 'out'}")
+        args += overrides
+        out_dir = run(args)
+        return list(read_outputs(out_dir))
+
+
+def run(args: list[str]) -> Path:
+    """Run a job from command-line arguments; its output folder. Raises ConfigError or JobFailed."""
+    from distgen.catalog.load import load_config, split_job_file
+
+    overrides, job_file = split_job_file(args)
+    cfg = load_config(overrides, job_file=job_file)
+    out_dir = Path(cfg.output.dir)
+    status = launch_job(cfg, overrides, job_file)
+    if status != 0:
+        raise JobFailed(f"the job exited with status {status}; its finished records stay in {out_dir} "
+                        "(run it again with the same output.dir to resume)")
+    return out_dir
+
+
+def read_outputs(output_dir: Union[str, os.PathLike]) -> Iterator[dict]:
+    """Every record of a finished or partial job in `output_dir`, in dataset order (each index once: a record an
+    interrupted run wrote twice is read once)."""
+    out_dir = Path(output_dir)
+    manifest = read_manifest(out_dir)
+    merged = out_dir / MERGED_FILE
+    if manifest.get("complete") and manifest.get("merged") and merged.is_file():
+        yield from read_jsonl_lines(merged)
+        return
+    shards = list_shards(out_dir)
+    if not shards and not merged.is_file():
+        raise ConfigError(f"output_dir={os.fspath(output_dir)!r} holds no distgen outputs (no shards under outputs/)")
+    streams = [sorted(read_shard(p), key=index_of) if p.name.endswith(OPEN_SUFFIX) else read_shard(p)
+               for p in shards]
+    last = None
+    for record in heapq.merge(*streams, key=index_of):
+        if record["index"] != last:
+            yield record
+        last = record["index"]
+
+
+def index_of(record: dict) -> int:
+    return record["index"]
