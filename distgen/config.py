@@ -144,7 +144,7 @@ class GenerationConfig:
                 "must be >= 1")
         require(self.cache_residual_length >= 1, "generation.cache_residual_length", self.cache_residual_length,
                 "must be >= 1")
-        require(self.temperature > 0, "generation.temperature", self.temperature, "must be > 0")
+        require(self.temperature >= 0, "generation.temperature", self.temperature, "must be >= 0 (0 is greedy)")
         require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
         require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
         require(self.num_assistant_tokens >= 1, "generation.num_assistant_tokens", self.num_assistant_tokens,
@@ -176,7 +176,8 @@ class DatasetConfig:
 
     def check(self) -> None:
         require(bool(self.path), "dataset.path", self.path,
-                "give dataset=<prompts file (.jsonl .txt .csv .parquet) or dataset folder>")
+                "give dataset=<prompts file (.jsonl .json .txt .csv .parquet) or dataset folder> "
+                "(dataset=demo runs the bundled demo prompts)")
         require(self.limit is None or self.limit >= 0, "dataset.limit", self.limit, "must be >= 0")
 
 

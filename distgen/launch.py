@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from distgen.common.errors import ConfigError
+from distgen.common.errors import ConfigError, LaunchError
 from distgen.config import RunConfig
 from distgen.launchers import get_launcher
 from distgen.catalog.load import job_file_args, load_config, split_job_file
@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"distgen: config error: {err}", file=sys.stderr)
         return 2
+    except LaunchError as err:
+        print(f"distgen: launch failed: {err}", file=sys.stderr)
+        return 1
 
 
 def cli() -> None:

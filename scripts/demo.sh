@@ -9,6 +9,6 @@ DEMO_DIR=${DEMO_DIR:-.demo}
 MODEL=$DEMO_DIR/tiny-llama
 OUT=$DEMO_DIR/outputs
 [ -f "$MODEL/config.json" ] || "$PY" -m distgen.models.tiny "$MODEL"
-"$PY" -m distgen.launch launcher=torchrun launcher.nproc_per_node=2 model="$MODEL" layout=fsdp \
+"$PY" -m distgen.launch launcher=torchrun launcher.nproc_per_node=2 model="$MODEL" dataset=demo layout=fsdp \
   generation.max_new_tokens=24 output.dir="$OUT" "$@"
 echo "demo outputs: $OUT/outputs.jsonl (completions), $OUT/stats.json (per-rank stats), $OUT/report.html (charts)"

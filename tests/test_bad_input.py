@@ -133,7 +133,7 @@ def test_a_layout_whose_package_is_missing_is_refused_before_start(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"layout='zero3' is not allowed: it needs the deepspeed package"):
-        load_config(["model=tiny", "layout=zero3"])
+        load_config(["model=tiny", "dataset=demo", "layout=zero3"])
 
 
 def test_outputs_are_readable_by_others(gpt2_dir, tmp_path):
@@ -171,7 +171,7 @@ def test_fingerprint_follows_content_not_spelling_or_batching(gpt2_dir, tmp_path
 
 def test_fingerprint_counts_the_assistant_and_its_settings():
     """A draft changes sampled tokens (not greedy ones); a record may sample on its own, so it always counts."""
-    base = load_config(["model=tiny"])
+    base = load_config(["model=tiny", "dataset=demo"])
 
     def of(model=None, **generation):
         cfg = replace(base, model=replace(base.model, **(model or {})),

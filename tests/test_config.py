@@ -6,7 +6,7 @@ from distgen.catalog.load import expand_path_shorthands, hydra_value, load_confi
 from distgen.job.prepare import check_output_dir
 from distgen.run import main as run_main
 
-TINY = ["model=tiny"]
+TINY = ["model=tiny", "dataset=demo"]
 
 
 def test_defaults_compose_into_typed_config():
@@ -73,7 +73,7 @@ def test_bad_config_under_torchrun_exits_before_process_group(tmp_path):
 
 
 def test_missing_model_folder_is_reported_before_start(tmp_path):
-    result = run_module("distgen.run", [f"model={tmp_path / 'no-model'}", "--check"], timeout=120)
+    result = run_module("distgen.run", [f"model={tmp_path / 'no-model'}", "dataset=demo", "--check"], timeout=120)
     assert result.returncode == 2 and "is not a folder with a saved model" in result.stderr
 
 

@@ -2,6 +2,7 @@
 its config checks, and the rank table. Pure: no process is started here.
 Regenerate the golden files after an intended change: DISTGEN_UPDATE_GOLDEN=1 pytest tests/test_launchers.py"""
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from distgen.common.errors import ConfigError
 from distgen.launchers import LAUNCHERS
 from distgen.launchers.deepspeed import DeepspeedLauncher, deepspeed_command, hostfile_text
 from distgen.launchers.ray import RayLauncher, bundles, collect, job_submit_command, local_ranks, rank_env
+from distgen.launch import main as launch_main
 from distgen.launchers.slurm import SlurmLauncher, job_restarts, job_state, sbatch_script
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
 from distgen.catalog.load import load_config
@@ -38,9 +40,10 @@ def command_text(*commands) -> str:
 def test_every_launcher_is_a_hydra_option_with_its_own_settings():
     assert LAUNCHERS.names() == ("none", "torchrun", "deepspeed", "slurm", "ray")
     for name in LAUNCHERS.names():
-        assert type(load_config(["model=tiny", f"launcher={name}"]).launcher) is LAUNCHERS.entry(name).config
+        chosen = load_config(["model=tiny", "dataset=demo", f"launcher={name}"], check=False).launcher
+        assert type(chosen) is LAUNCHERS.entry(name).config
     with pytest.raises(ConfigError, match="unknown config key 'launcher.nodes'.*nproc_per_node"):
-        load_config(["model=tiny", "launcher=torchrun", "launcher.nodes=2"])
+        load_config(["model=tiny", "dataset=demo", "launcher=torchrun", "launcher.nodes=2"])
 
 
 def test_torchrun_commands():
@@ -78,7 +81,12 @@ def test_ray_plan_and_job_submit_command():
 
 @pytest.mark.parametrize("overrides, message", [
     (["launcher=slurm", "launcher.mode=mpi"], "launcher.mode='mpi' is not allowed: expected one of torchrun, srun"),
-    (["launcher=slurm", "launcher.gpus_per_node=0"], "launcher.ranks_per_node=0 is not allowed"),
+    (["launcher=slurm", "launcher.ranks_per_node=0"], "launcher.ranks_per_node=0 is not allowed: must be >= 1"),
+    (["launcher=slurm", "device=cuda"], "launcher.gpus_per_node=None is not allowed: device=cuda needs the GPUs per "
+                                        "node to ask SLURM for"),
+    (["launcher=torchrun", "device=cpu"], "launcher.nproc_per_node='gpu' is not allowed: one worker per GPU, but "
+                                          "this job runs on CPU"),
+    (["launcher=torchrun", "launcher.nproc_per_node=auto"], "expected gpu (one worker per GPU) or an integer >= 1"),
     (["launcher=slurm", "launcher.extra_sbatch=[qos]"], "each entry is one sbatch option"),
     (["launcher=deepspeed", "launcher.num_nodes=2"], "launcher.num_nodes=2 is not allowed: needs launcher.hosts"),
     (["launcher=deepspeed", "launcher.hosts=[a]", "launcher.hostfile=h"], "not both"),
@@ -87,8 +95,32 @@ def test_ray_plan_and_job_submit_command():
     (["launcher=ray", "launcher.nodes=2"], "unknown config key 'launcher.nodes'"),
 ])
 def test_launcher_settings_are_checked(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        load_config(["model=tiny", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(["model=tiny", "dataset=demo", *overrides])
+
+
+def test_slurm_asks_for_gpus_only_when_told(tmp_path):
+    cpu_job = load_config(["model=tiny", "dataset=demo", "launcher=slurm", "launcher.nodes=2"]).launcher
+    script = sbatch_script(cpu_job, JOB, "python", "/job/out/slurm-%j.log", "/job")
+    assert "--gpus-per-node" not in script and "--nproc-per-node=1" in script
+    gpu_job = load_config(["model=tiny", "dataset=demo", "launcher=slurm", "launcher.gpus_per_node=4"]).launcher
+    assert "#SBATCH --gpus-per-node=4" in sbatch_script(gpu_job, JOB, "python", "/l", "/job")
+    assert "--nproc-per-node=4" in sbatch_script(gpu_job, JOB, "python", "/l", "/job")
+
+
+def test_a_refused_sbatch_is_a_message_in_its_own_words(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Invalid generic resource (gres) specification' >&2\n"
+                                 "exit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    status = launch_main(["model=tiny", "dataset=demo", "launcher=slurm", "launcher.gpus_per_node=8",
+                          f"output.dir={tmp_path / 'out'}"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "distgen: launch failed: sbatch refused the job" in err
+    assert "Invalid generic resource (gres) specification" in err and "Traceback" not in err
 
 
 def test_sbatch_job_state_and_exit_status():

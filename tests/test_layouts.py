@@ -128,7 +128,7 @@ def test_two_groups_of_two_ranks_each_shard_one_copy(layout, tiny_model_dir, tin
 ])
 def test_layout_settings_are_checked_before_start(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(["model=tiny", *overrides])
+        load_config(["model=tiny", "dataset=demo", *overrides])
 
 
 def test_prompts_split_over_groups_then_over_ranks_of_a_group():

@@ -12,8 +12,8 @@ def test_plain_lines_once_each_interval_with_rate_and_eta():
         now[0] = t
         display.update(prompts, tokens=10 * prompts)
     assert out.getvalue().splitlines() == [
-        "distgen: 4/10 prompts (40.0%), 40 tokens, 6.7 tok/s, 6s elapsed, ETA 0m09s",
-        "distgen: 10/10 prompts (100.0%), 100 tokens, 8.3 tok/s, 12s elapsed, ETA -",
+        "distgen: 4/10 prompts (40.0%), 40 tokens generated, 6.7 generated tok/s (wall), 6s elapsed, ETA 0m09s",
+        "distgen: 10/10 prompts (100.0%), 100 tokens generated, 8.3 generated tok/s (wall), 12s elapsed, ETA -",
     ]
 
 

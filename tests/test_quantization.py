@@ -114,7 +114,7 @@ def test_four_bits_take_less_than_eight(tiny_model_dir):
 ])
 def test_impossible_combinations_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(["model=tiny", *overrides])
+        load_config(["model=tiny", "dataset=demo", *overrides])
 
 
 @pytest.mark.skipif("device_map" not in LAYOUTS.names(), reason="no device_map layout on this branch")
@@ -132,9 +132,9 @@ def test_missing_package_is_named(monkeypatch, capsys):
     with pytest.raises(ConfigError, match=r"model.quantization='quanto_int4' is not allowed: it needs the Python "
                                           r"package optimum-quanto, which is not installed \(pip install "
                                           r"optimum-quanto==0.2.7"):
-        load_config(["model=tiny", "model.quantization=quanto_int4"])
+        load_config(["model=tiny", "dataset=demo", "model.quantization=quanto_int4"])
     # The run stops before any worker starts, saying why.
-    assert run_main(["model=tiny", "model.quantization=quanto_int4", "--check"]) == 2
+    assert run_main(["model=tiny", "dataset=demo", "model.quantization=quanto_int4", "--check"]) == 2
     assert "needs the Python package optimum-quanto" in capsys.readouterr().err
 
 

@@ -2,5 +2,9 @@ class ConfigError(ValueError):
     """A config key or value a user gave is not allowed; the message names both."""
 
 
+class LaunchError(RuntimeError):
+    """A launcher's tool (sbatch, scontrol, ray, ssh) refused or failed; the message holds the tool's own words."""
+
+
 class IncompleteOutputError(RuntimeError):
     """The gathered outputs do not cover every prompt exactly once."""

@@ -48,9 +48,10 @@ class RowSampling:
 
 
 def row_sampling(cfg: GenerationConfig, prompt) -> RowSampling:
-    """A record's temperature decides for it: 0 is greedy, > 0 samples (even when generation.do_sample=false)."""
+    """A record's temperature decides for it: 0 is greedy, > 0 samples (even when generation.do_sample=false);
+    generation.temperature=0 is greedy too (whatever generation.do_sample says), as in vLLM."""
     temperature = cfg.temperature if prompt.temperature is None else prompt.temperature
-    do_sample = cfg.do_sample if prompt.temperature is None else prompt.temperature > 0
+    do_sample = (cfg.do_sample if prompt.temperature is None else prompt.temperature > 0) and temperature > 0
     return RowSampling(do_sample, temperature if temperature > 0 else 1.0,
                        cfg.top_k if prompt.top_k is None else prompt.top_k,
                        cfg.top_p if prompt.top_p is None else prompt.top_p)

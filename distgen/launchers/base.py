@@ -9,7 +9,7 @@ import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from distgen.config import RunConfig
 from distgen.common.procs import run_process_group
@@ -32,8 +32,9 @@ class Launcher:
 LAUNCHERS: Registry[Launcher] = Registry("launcher")
 
 
-def register(launcher: Launcher, config: type) -> Launcher:
-    return LAUNCHERS.register(launcher.name, config, launcher)
+def register(launcher: Launcher, config: type, check: Optional[Callable[[RunConfig], None]] = None) -> Launcher:
+    """`check`: the launcher's rule about the rest of the config (run by the catalog before anything starts)."""
+    return LAUNCHERS.register(launcher.name, config, launcher, check=check)
 
 
 def get_launcher(name: str) -> Launcher:

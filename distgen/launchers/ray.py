@@ -19,7 +19,7 @@ from typing import Sequence
 from distgen.common.checks import require, require_choice
 from distgen.config import LauncherConfig, RunConfig
 from distgen.parallel.env import RANK_VARS
-from distgen.common.errors import ConfigError
+from distgen.common.errors import ConfigError, LaunchError
 from distgen.launchers.base import Entry, Launcher, free_port, register, run_command
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
@@ -138,7 +138,7 @@ def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str, ent
     try:
         ready, _ = ray.wait([group.ready()], timeout=cfg.placement_timeout_s)
         if not ready:
-            raise RuntimeError(f"Ray could not place {cfg.ranks} ranks ({bundles(cfg)[0]} each, {cfg.placement}) "
+            raise LaunchError(f"Ray could not place {cfg.ranks} ranks ({bundles(cfg)[0]} each, {cfg.placement}) "
                                f"within {cfg.placement_timeout_s:.0f} s; the cluster has {ray.cluster_resources()}")
         actor = ray.remote(RankWorker)
         actors = [actor.options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
@@ -168,7 +168,12 @@ def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     except ImportError:
         raise ConfigError("launcher=ray is not allowed here: the ray package is not installed "
                           "(pip install 'ray[default]')") from None
-    ray.init(address=settings.address or None, log_to_driver=True)
+    try:
+        ray.init(address=settings.address or None, log_to_driver=True)
+    except Exception as err:  # ray raises ConnectionError, RuntimeError, ... for a cluster it cannot reach
+        where = f"launcher.address={settings.address!r}" if settings.address else "a local Ray cluster"
+        raise LaunchError(f"ray.init could not reach {where}: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
     try:
         return run_ranks(ray, settings, overrides, cfg.output.dir, entry)
     finally:

@@ -16,11 +16,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from distgen.common.checks import require, require_choice
 from distgen.config import LauncherConfig, RunConfig
-from distgen.common.errors import ConfigError
+from distgen.common.errors import ConfigError, LaunchError
 from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, write_next_to_outputs
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
 
@@ -37,10 +37,10 @@ class SlurmLauncher(LauncherConfig):
     """An sbatch job: launcher.nodes x ranks per node, srun + torchrun per node or one srun task per rank."""
     name: str = "slurm"
     nodes: int = 1
-    # GPUs asked for per node (0: none, a CPU job).
-    gpus_per_node: int = 8
-    # Ranks per node; 0: one per GPU.
-    ranks_per_node: int = 0
+    # GPUs asked for per node (--gpus-per-node); null or 0: none, a CPU job (device=cuda needs it set).
+    gpus_per_node: Optional[int] = None
+    # Ranks per node; null: one per GPU asked for (1 in a CPU job).
+    ranks_per_node: Optional[int] = None
     # torchrun: srun starts torchrun once per node; srun: one srun task per rank, no torchrun.
     mode: str = "torchrun"
     partition: str = ""
@@ -65,11 +65,10 @@ class SlurmLauncher(LauncherConfig):
 
     def check(self) -> None:
         require(self.nodes >= 1, "launcher.nodes", self.nodes, "must be >= 1")
-        require(self.gpus_per_node >= 0, "launcher.gpus_per_node", self.gpus_per_node, "must be >= 0")
-        require(self.ranks_per_node >= 0, "launcher.ranks_per_node", self.ranks_per_node,
-                "must be >= 0 (0: one rank per GPU)")
-        require(self.ranks_per_node >= 1 or self.gpus_per_node >= 1, "launcher.ranks_per_node", self.ranks_per_node,
-                "launcher.gpus_per_node=0 (a CPU job) needs launcher.ranks_per_node >= 1")
+        require(self.gpus_per_node is None or self.gpus_per_node >= 0, "launcher.gpus_per_node", self.gpus_per_node,
+                "must be >= 0 (or null: no GPUs)")
+        require(self.ranks_per_node is None or self.ranks_per_node >= 1, "launcher.ranks_per_node",
+                self.ranks_per_node, "must be >= 1 (or null: one rank per GPU asked for, 1 in a CPU job)")
         require_choice("launcher.mode", self.mode, SLURM_MODES)
         require(self.cpus_per_task >= 0, "launcher.cpus_per_task", self.cpus_per_task, "must be >= 0")
         require(0 <= self.port <= 65535, "launcher.port", self.port, "must be a port, 0-65535")
@@ -80,7 +79,14 @@ class SlurmLauncher(LauncherConfig):
 
     @property
     def ranks(self) -> int:
-        return self.ranks_per_node or self.gpus_per_node
+        return self.ranks_per_node or self.gpus_per_node or 1
+
+
+def check_gpus(cfg: RunConfig) -> None:
+    """A job that runs on GPUs (device=cuda) says how many to ask for: SLURM asks for none unless told."""
+    gpus = cfg.launcher.gpus_per_node
+    require(cfg.device != "cuda" or bool(gpus), "launcher.gpus_per_node", gpus,
+            "device=cuda needs the GPUs per node to ask SLURM for (launcher.gpus_per_node=N)")
 
 
 def shell_word(arg: str) -> str:
@@ -169,7 +175,8 @@ def slurm_command(name: str) -> str:
 def submit(script: Path) -> str:
     result = subprocess.run([slurm_command("sbatch"), "--parsable", str(script)], capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"sbatch {script} failed ({result.returncode}): {result.stderr.strip()}")
+        raise LaunchError(f"sbatch refused the job ({script}, exit status {result.returncode}): "
+                          f"{result.stderr.strip() or result.stdout.strip()}")
     return result.stdout.strip().split(";")[0]
 
 
@@ -181,8 +188,8 @@ def follow(job_id: str, poll_s: float) -> tuple[str, int]:
     while True:
         result = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"SLURM job {job_id} is no longer known to the controller: "
-                               f"{result.stderr.strip()}")
+            raise LaunchError(f"SLURM job {job_id} is no longer known to the controller (scontrol: "
+                              f"{result.stderr.strip()}); its log and finished outputs stay in output.dir")
         state, status = job_state(result.stdout)
         if job_restarts(result.stdout) > restarts:
             restarts = job_restarts(result.stdout)
@@ -219,4 +226,4 @@ def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     return status if state == "COMPLETED" or status else 1
 
 
-register(Launcher("slurm", launch), SlurmLauncher)
+register(Launcher("slurm", launch), SlurmLauncher, check=check_gpus)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from distgen.common.checks import require
+from distgen.common.device import target_device
 from distgen.config import LauncherConfig, RunConfig
 from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, run_command
 
@@ -14,7 +15,8 @@ from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, run
 class TorchrunLauncher(LauncherConfig):
     """torchrun on this node: launcher.nproc_per_node workers (multi-node: nnodes + rdzv_endpoint)."""
     name: str = "torchrun"
-    nproc_per_node: int = 2
+    # Workers on this node: a number, or gpu (one per visible GPU, as torchrun reads it).
+    nproc_per_node: Any = "gpu"
     nnodes: int = 1
     # host:port of the c10d rendezvous; empty picks a free local port (single node only).
     rdzv_endpoint: str = ""
@@ -23,7 +25,8 @@ class TorchrunLauncher(LauncherConfig):
     max_restarts: int = 0
 
     def check(self) -> None:
-        require(self.nproc_per_node >= 1, "launcher.nproc_per_node", self.nproc_per_node, "must be >= 1")
+        require(self.nproc_per_node == "gpu" or (type(self.nproc_per_node) is int and self.nproc_per_node >= 1),
+                "launcher.nproc_per_node", self.nproc_per_node, "expected gpu (one worker per GPU) or an integer >= 1")
         require(self.nnodes >= 1, "launcher.nnodes", self.nnodes, "must be >= 1")
         require(self.max_restarts >= 0, "launcher.max_restarts", self.max_restarts, "must be >= 0")
         require(self.nnodes == 1 or bool(self.rdzv_endpoint), "launcher.rdzv_endpoint", self.rdzv_endpoint,
@@ -39,8 +42,17 @@ def torchrun_command(cfg: TorchrunLauncher, overrides: Sequence[str], python: st
             f"--nproc-per-node={cfg.nproc_per_node}", *rendezvous, *restarts, "-m", WORKER_MODULE, *overrides]
 
 
+def check_gpus_visible(cfg: RunConfig) -> None:
+    """nproc_per_node=gpu (the default) counts this node's GPUs: there must be some, and the job must use them."""
+    if cfg.launcher.nproc_per_node != "gpu":
+        return
+    require(target_device(cfg.device) == "cuda", "launcher.nproc_per_node", "gpu",
+            "one worker per GPU, but this job runs on CPU (no GPU visible, or device=cpu); give the number of "
+            "workers, e.g. launcher.nproc_per_node=2")
+
+
 def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     return run_command(torchrun_command(cfg.launcher, overrides))
 
 
-register(Launcher("torchrun", launch), TorchrunLauncher)
+register(Launcher("torchrun", launch), TorchrunLauncher, check=check_gpus_visible)

@@ -54,6 +54,7 @@ def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, j
     """`resumed` prompts were finished by an earlier run of `job` (its fingerprint); `errors` got error records."""
     generated = sum(s.generated_tokens for s in stats)
     slowest = max((s.generate_seconds for s in stats), default=0.0)
+    wall = max((s.wall_seconds for s in stats), default=0.0)
     return {
         "job": job,
         "world_size": len(stats),
@@ -63,7 +64,10 @@ def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, j
         "prompt_tokens": sum(s.prompt_tokens for s in stats),
         "generated_tokens": generated,
         "generate_seconds": round(slowest, 3),
+        "wall_seconds": round(wall, 3),
+        # generated tokens per second of generation (the slowest rank's), and per second of the whole run (load too)
         "tokens_per_second": round(generated / slowest, 2) if slowest > 0 else 0.0,
+        "tokens_per_wall_second": round(generated / wall, 2) if wall > 0 else 0.0,
         "oom_backoffs": sum(s.oom_backoffs for s in stats),
     }
 
@@ -72,7 +76,7 @@ TABLE_COLUMNS = (  # header, width, format spec, value
     ("rank", 4, "", lambda s: s.rank), ("device", 7, "", lambda s: s.device),
     ("prompts", 7, "", lambda s: s.prompts), ("prompt_tok", 10, "", lambda s: s.prompt_tokens),
     ("gen_tok", 8, "", lambda s: s.generated_tokens), ("steps", 6, "", lambda s: s.forward_steps),
-    ("idle", 5, "", lambda s: s.idle_steps), ("tok/s", 9, ".1f", lambda s: s.tokens_per_second),
+    ("idle", 5, "", lambda s: s.idle_steps), ("gen_tok/s", 9, ".1f", lambda s: s.tokens_per_second),
     ("gen_s", 7, ".2f", lambda s: s.generate_seconds), ("param_MiB", 9, ".1f", lambda s: s.param_mib),
     ("disk_MiB", 8, ".1f", lambda s: s.disk_param_mib), ("rss_MiB", 8, ".0f", lambda s: s.peak_rss_mib),
     ("cuda_alloc", 10, ".0f", lambda s: s.cuda_peak_allocated_mib),
@@ -84,8 +88,9 @@ def format_table(stats: Sequence[RankStats], summary: dict) -> str:
     header = " ".join(f"{name:>{width}}" for name, width, _, _ in TABLE_COLUMNS)
     rows = [" ".join(f"{value(s):>{width}{spec}}" for _, width, spec, value in TABLE_COLUMNS) for s in stats]
     total = (f"total: {summary['prompts']} prompts, {summary['generated_tokens']} tokens generated in "
-             f"{summary['generate_seconds']:.2f}s ({summary['tokens_per_second']:.1f} tok/s over "
-             f"{summary['world_size']} ranks)")
+             f"{summary['generate_seconds']:.2f}s of generation ({summary['tokens_per_second']:.1f} generated tok/s; "
+             f"{summary['tokens_per_wall_second']:.1f} per wall second, {summary['wall_seconds']:.1f}s with loading) "
+             f"over {summary['world_size']} ranks")
     maps = [f"rank {s.rank} device map: {compact_map(s.device_map)}" for s in stats if s.device_map]
     drafts = [f"rank {s.rank} assisted: {s.draft_accepted} of {s.draft_proposed} draft tokens accepted "
               f"({100 * s.acceptance_rate:.1f}%)" for s in stats if s.draft_proposed]

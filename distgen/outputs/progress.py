@@ -67,8 +67,8 @@ def progress_line(prompts: int, total: int, tokens: int, elapsed: float) -> str:
     rate = tokens / elapsed if elapsed > 0 else 0.0
     eta = format_eta(elapsed * (total - prompts) / prompts) if 0 < prompts < total else "-"
     percent = 100.0 * prompts / total if total else 100.0
-    return (f"distgen: {prompts}/{total} prompts ({percent:.1f}%), {tokens} tokens, {rate:.1f} tok/s, "
-            f"{elapsed:.0f}s elapsed, ETA {eta}")
+    return (f"distgen: {prompts}/{total} prompts ({percent:.1f}%), {tokens} tokens generated, {rate:.1f} generated "
+            f"tok/s (wall), {elapsed:.0f}s elapsed, ETA {eta}")
 
 
 class ProgressDisplay:
@@ -87,7 +87,8 @@ class ProgressDisplay:
         elapsed = self.clock() - self.start
         if self.bar is not None:
             self.bar.n = prompts
-            self.bar.set_postfix_str(f"{tokens} tok, {tokens / elapsed if elapsed > 0 else 0:.1f} tok/s", refresh=True)
+            self.bar.set_postfix_str(f"{tokens} tok, {tokens / elapsed if elapsed > 0 else 0:.1f} gen tok/s (wall)",
+                                     refresh=True)
             if final:
                 self.bar.close()
         elif self.every_s > 0 and (final or self.clock() - self.last_line >= self.every_s):
