@@ -25,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -320,7 +321,7 @@ def chosen(suite: Suite, model: Path, only: Sequence[str]) -> list[Config]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(argv if argv is not None else sys.argv[1:])
     results = {}
     for name in args.suites:
         suite = SUITES[name] if args.model is None else replace(SUITES[name], model=args.model)

@@ -36,6 +36,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -358,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     systems = [s for s in SYSTEMS if s.name in args.systems]
     args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(argv if argv is not None else sys.argv[1:])
     header = [f"Run {started:%Y-%m-%d %H:%M} UTC: `bench/peers.py {command}`", "",
               f"- machine: {machine().describe()}",
               f"- binding: {binding.describe()}; every system the same (vLLM: VLLM_CPU_OMP_THREADS_BIND="

@@ -267,7 +267,7 @@ def write_chart(jobs: dict[str, Sequence[Run]], base: str, path: Path) -> Path:
         ax.set_yticks(range(len(systems)), list(reversed(systems)), fontsize=8)
         ax.axvline(1.0, color="gray", linewidth=0.8)
         ax.set_title(f"{title}: o clean run, x loaded (its load from elsewhere)", fontsize=9)
-        ax.set_xlabel(f"generated tok/s, x {base}'s median (bar: median; over clean runs where any)", fontsize=8)
+        ax.set_xlabel(f"generated tok/s, x {base}'s median (bar: a system's median)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
