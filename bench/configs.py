@@ -17,7 +17,7 @@ run records its process tree's CPU seconds and the load from elsewhere, and a lo
 cores busy elsewhere) is left out of the medians and the headline ratios. The table gives each
 configuration's medians as ratios to the suite's first, and how many completions equal the first's token
 for token (full-precision configurations must agree; quantized ones may not). Writes
-bench/results/configs-SUITE.{md,json,png}.
+bench/results/configs-SUITE-MODEL.{md,json,png}.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ METRICS = (  # key, header, format, higher is better
     ("startup_s", "startup s", ".2f", False),
     ("end_to_end_s", "end to end s", ".2f", False),
     ("peak_mib", "peak MiB (tree)", ".0f", False),
+    ("growth_mib", "RSS growth in generation MiB (rank)", ".1f", False),
     ("param_mib", "param MiB (rank)", ".1f", False),
     ("compile_s", "compile s", ".1f", False),
     ("acceptance", "draft accepted", ".2f", True),
@@ -183,8 +184,8 @@ def lookup_configs(model: Path) -> list[Config]:
 SUITES = {suite.name: suite for suite in (
     Suite("engine", "one rank's engine: scheduler x KV cache, distgen's CPU kernels or torch's, the compiled "
           "decode step (its compile counted as start-up), batch 1", "large", 64, 16, (16, 128), engine_configs),
-    Suite("caches", "every KV cache that runs on CPU and every quantized cache backend installed; memory in "
-          "the tree's peak RSS", "medium", 32, 8, (16, 128), cache_configs, exact=False),
+    Suite("caches", "every KV cache that runs on CPU and every quantized cache backend installed; their memory "
+          "in the RSS growth during generation (coarse: the old in-process byte count of the cache is gone)", "medium", 32, 8, (16, 128), cache_configs, exact=False),
     Suite("quantization", "every weight quantizer that runs on CPU: tok/s and parameter memory",
           "large", 16, 8, (8, 32), quantization_configs, exact=False),
     Suite("layouts", "2 ranks: the four layouts (zero3 two ways, device_map in memory and offloaded to disk), "
@@ -216,6 +217,8 @@ def run_config(config: Config, common: list[str], out: Path, binding: Binding, t
     figures = {"gen_s": gen_s, "gen_tok_s": sum(map(len, tokens)) / gen_s if gen_s > 0 else 0.0,
                "startup_s": done.ready - launch, "end_to_end_s": done.done - launch,
                "peak_mib": done.measured.usage.peak_rss_mib, "param_mib": max(rank["param_mib"] for rank in ranks),
+               # what a rank's resident memory grew by once its model was placed: the KV cache and activations
+               "growth_mib": max(rank["peak_rss_mib"] - rank["load_peak_rss_mib"] for rank in ranks),
                "compile_s": compile_seconds(done.stats)}
     if proposed:
         figures["acceptance"] = sum(rank.get("draft_accepted", 0) for rank in ranks) / proposed
@@ -274,7 +277,7 @@ def write_report(suite: Suite, result: dict, out: Path, header: list[str]) -> di
              *[f"- {headline(result['runs'], name, base)}" for name in names],
              *[f"- {name} did not run: {reason}" for name, reason in result["failures"].items()],
              "", "Every run, in the order it ran:", "", usage_table(result["runs"]), ""]
-    paths = {kind: out / f"configs-{suite.name}.{kind}" for kind in ("md", "json", "png")}
+    paths = {kind: out / f"configs-{suite.name}-{suite.model}.{kind}" for kind in ("md", "json", "png")}
     out.mkdir(parents=True, exist_ok=True)
     paths["md"].write_text("\n".join(lines))
     paths["json"].write_text(json.dumps({
