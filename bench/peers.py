@@ -105,8 +105,8 @@ class Job:
 
     def describe(self) -> str:
         lengths, budgets = sorted(map(len, self.ids)), sorted(p.budget for p in self.prompts)
-        return (f"{len(self.prompts)} prompts of {lengths[0]}-{lengths[-1]} tokens, budgets {budgets[0]}-{budgets[-1]}, "
-                f"batch size {self.batch_size}, EOS ids {self.eos_ids or 'none'}")
+        return (f"{len(self.prompts)} prompts of {lengths[0]}-{lengths[-1]} tokens, budgets "
+                f"{budgets[0]}-{budgets[-1]}, batch size {self.batch_size}, EOS ids {self.eos_ids or 'none'}")
 
 
 @dataclass(frozen=True)

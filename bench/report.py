@@ -15,15 +15,21 @@ from typing import Optional, Sequence
 # sequences differ without either being wrong.
 TIE_MARGIN = 1e-3
 
-# Figures per run; `better` says which way is good, for the ratio column.
-METRICS = (  # key, header, format, higher is better
-    ("gen_tok_s", "gen tok/s", ".1f", True),
-    ("prompt_tok_s", "prompt tok/s", ".0f", True),
-    ("first_output_s", "first output s", ".2f", False),
-    ("startup_s", "startup s", ".2f", False),
-    ("end_to_end_s", "end to end s", ".2f", False),
-    ("peak_mib", "peak MiB", ".0f", False),
-)
+# Every figure a run may hold: its column header and format.
+COLUMNS = {
+    "gen_tok_s": ("gen tok/s", ".1f"),
+    "prompt_tok_s": ("prompt tok/s", ".0f"),
+    "first_output_s": ("first output s", ".2f"),
+    "startup_s": ("startup s", ".2f"),
+    "end_to_end_s": ("end to end s", ".2f"),
+    "peak_mib": ("peak MiB (tree)", ".0f"),
+    "growth_mib": ("RSS growth in generation MiB (rank)", ".1f"),
+    "param_mib": ("param MiB (rank)", ".1f"),
+    "compile_s": ("compile s", ".1f"),
+    "acceptance": ("draft accepted", ".2f"),
+}
+# The peers table's columns (bench/peers.py).
+METRICS = ("gen_tok_s", "prompt_tok_s", "first_output_s", "startup_s", "end_to_end_s", "peak_mib")
 
 
 @dataclass(frozen=True)
@@ -194,22 +200,23 @@ def clean_cell(runs: Sequence[Run]) -> str:
     return f"{clean}/{len(runs)}" if clean else f"0/{len(runs)} LOADED"
 
 
-def markdown_table(rows: Sequence[dict], base: str, metrics: Sequence[tuple] = METRICS, unfair_note: bool = True) -> str:
+def markdown_table(rows: Sequence[dict], base: str, metrics: Sequence[str] = METRICS, unfair_note: bool = True) -> str:
     """rows: {"system", "equality": Equality | None, "runs": [Run]}. Each figure is the median over the
     system's clean runs, followed by its ratio to the `base` system's; `vs floor` (where a floor ran) is
     floor time / generation time. A system whose every run was loaded shows medians of its loaded runs,
     marked. `unfair_note`: say so under the table when a system's tokens differ (not at near ties)."""
     medians = {row["system"]: median_figures(row["runs"]) for row in rows}
     base_figures = medians.get(base, {})
-    metrics = [m for m in metrics if any(m[0] in figures for figures in medians.values())]
+    metrics = [key for key in metrics if any(key in figures for figures in medians.values())]
     floor = any("floor_fraction" in figures for figures in medians.values())
-    header = ["system", "same tokens", "clean runs", *[f"{title} (x {base})" for _, title, _, _ in metrics],
+    header = ["system", "same tokens", "clean runs", *[f"{COLUMNS[key][0]} (x {base})" for key in metrics],
               *(["vs floor"] if floor else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         figures = medians[row["system"]]
         cells = [row["system"], row["equality"].summary() if row["equality"] else "reference", clean_cell(row["runs"])]
-        for key, _, spec, _ in metrics:
+        for key in metrics:
+            spec = COLUMNS[key][1]
             if key in figures:
                 cells.append(f"{figures[key]:{spec}} ({ratio(figures[key], base_figures.get(key, 0.0))})")
             else:
