@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from distgen.common.errors import ConfigError
+from distgen.common.errors import ConfigError, OutputSpaceError
 from distgen.common.procs import exit_on_termination
 from distgen.job.prepare import Job, finished_message
 from distgen.job.worker import RankRun, generate_shard
@@ -18,7 +18,8 @@ from distgen.outputs.coordinator import format_table, gather_to_coordinator, sum
 from distgen.outputs.progress import ProgressDisplay
 from distgen.outputs.report import REPORT_FILE, render_report
 from distgen.outputs.resume import shared_skip
-from distgen.outputs.shards import MERGED_FILE, OUTPUTS_DIR, finish_outputs, job_complete, start_outputs
+from distgen.outputs.shards import (MERGED_FILE, NO_SPACE, OUTPUTS_DIR, finish_outputs, job_complete, no_space,
+                                    start_outputs)
 from distgen.parallel.env import DistContext, discover, init_distributed, shutdown
 from distgen.parallel.feed import BUDGET, LENGTH, SCREEN, broadcast_flag, check_fits, shared_lengths
 
@@ -76,9 +77,19 @@ def run_job(job: Job, ctx: DistContext) -> int:
             shutil.rmtree(job.out_dir, ignore_errors=True)  # nothing of an unusable job stays behind
         return config_error(err)
     display = ProgressDisplay(len(job.todo), job.cfg.output.progress_every_s) if ctx.is_coordinator else None
-    with torch.no_grad():
-        run = generate_shard(job, ctx, display)
-    coordinate(job, ctx, run, display)
+    try:
+        with torch.no_grad():
+            run = generate_shard(job, ctx, display)
+        try:
+            coordinate(job, ctx, run, display)
+        except OSError as err:
+            if err.errno not in NO_SPACE or isinstance(err, OutputSpaceError):
+                raise
+            raise no_space(err, job.out_dir, f"rank {ctx.rank} closed and merged the shards",
+                           "every record of the job, in its shards") from err
+    except OutputSpaceError as err:  # a full disk: the message says what was kept and how to go on
+        print(f"distgen: {err.strerror}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ keeps the shards as finished work, and a different job clears them first.
 """
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from distgen.common.errors import IncompleteOutputError
+from distgen.common.errors import IncompleteOutputError, OutputSpaceError
 
 OUTPUTS_DIR = "outputs"
 MANIFEST_FILE = "manifest.json"
@@ -32,6 +33,8 @@ MERGED_FILE = "outputs.jsonl"
 OPEN_SUFFIX = ".open.jsonl"
 SHARD_PATTERN = re.compile(r"^part-(\d{5})-(\d{5})(\.open\.jsonl|\.jsonl|\.parquet)$")
 READ_BATCH = 1024
+# A full file system, or the user's quota on it.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def outputs_dir(out_dir: Path) -> Path:
@@ -99,10 +102,24 @@ def close_shard(open_path: Path, fmt: str) -> Path:
     return final
 
 
+def no_space(err: OSError, out_dir: Path, doing: str, kept: str) -> OutputSpaceError:
+    """A full disk (`err.errno` in NO_SPACE) as an error naming output.dir, what was being written and what is kept."""
+    return OutputSpaceError(err.errno, f"output.dir={str(out_dir)!r}: {os.strerror(err.errno).lower()} while "
+                            f"{doing}. Kept: {kept}, in {outputs_dir(out_dir)} (a record the full disk cut short is "
+                            "dropped). Free space (or quota) there and run the same command again: it resumes from "
+                            "what is kept")
+
+
+def writer_no_space(err: OSError, writer: "ShardWriter") -> OutputSpaceError:
+    return no_space(err, writer.out_dir, f"rank {writer.rank} wrote {writer.open_path.name}",
+                    f"what this rank wrote before (at least {writer.kept} records of this run) and earlier runs' records")
+
+
 class ShardWriter:
     """One rank's completions, appended to its open shard as they finish. Every append is
     flushed to the OS (a crashed process loses nothing); fsync runs at most every
-    `fsync_every_s`. A shard holding `shard_size` records is closed and the next one opened."""
+    `fsync_every_s`. A shard holding `shard_size` records is closed and the next one opened.
+    A full disk is an `OutputSpaceError` saying what was kept."""
 
     def __init__(self, out_dir: Path, rank: int, fmt: str, shard_size: int, fsync_every_s: float = 1.0):
         self.out_dir, self.rank, self.fmt, self.shard_size = Path(out_dir), rank, fmt, shard_size
@@ -112,6 +129,7 @@ class ShardWriter:
         self.last_fsync = time.monotonic()
         self.file = None
         self.count = 0
+        self.kept = 0  # records of this run flushed to the OS
         self.closed: list[Path] = []
 
     @property
@@ -119,6 +137,14 @@ class ShardWriter:
         return outputs_dir(self.out_dir) / shard_name(self.rank, self.number, OPEN_SUFFIX)
 
     def append(self, records: Sequence[dict]) -> None:
+        try:
+            self.write(records)
+        except OSError as err:
+            if err.errno not in NO_SPACE:
+                raise
+            raise writer_no_space(err, self) from err
+
+    def write(self, records: Sequence[dict]) -> None:
         for record in records:
             if self.file is None:
                 self.file = self.open_path.open("a", encoding="utf-8")
@@ -130,12 +156,14 @@ class ShardWriter:
             self.file.flush()
             if time.monotonic() - self.last_fsync >= self.fsync_every_s:
                 self.sync()
+        self.kept += len(records)
 
     def sync(self) -> None:
         os.fsync(self.file.fileno())
         self.last_fsync = time.monotonic()
 
     def finish_shard(self) -> None:
+        self.file.flush()
         self.sync()
         self.file.close()
         self.closed.append(close_shard(self.open_path, self.fmt))
@@ -144,7 +172,12 @@ class ShardWriter:
 
     def close(self) -> None:
         if self.file is not None:
-            self.finish_shard()
+            try:
+                self.finish_shard()
+            except OSError as err:
+                if err.errno not in NO_SPACE:
+                    raise
+                raise writer_no_space(err, self) from err
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -153,8 +186,11 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         elif self.file is not None:  # a failed run leaves its open shard as the journal a restart reads
-            self.sync()
-            self.file.close()
+            try:
+                self.sync()
+                self.file.close()
+            except OSError:  # a full disk: what could be written is there; the error in flight says so
+                pass
 
 
 def read_manifest(out_dir: Path) -> dict:
