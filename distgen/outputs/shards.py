@@ -78,13 +78,20 @@ def read_shard(path: Path) -> Iterator[dict]:
         yield from read_jsonl_lines(path)
 
 
+def parquet_records(records: Sequence[dict]) -> list[dict]:
+    """A parquet column holds one type: a shard whose ids mix strings and integers holds them as text."""
+    if len({type(r.get("id")) for r in records}) > 1:
+        return [{**r, "id": str(r["id"])} for r in records]
+    return list(records)
+
+
 def write_shard(records: Sequence[dict], path: Path) -> None:
     """Atomically: readers see no shard or the whole one."""
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.Table.from_pylist(list(records)), tmp)
+        pq.write_table(pa.Table.from_pylist(parquet_records(records)), tmp)
     else:
         with tmp.open("w", encoding="utf-8") as out:
             out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
