@@ -340,3 +340,17 @@ def test_a_full_disk_says_what_was_kept_and_a_rerun_finishes(tiny_model_dir, tmp
         assert run_in_process(args(out)) == 0
         assert f"resuming: {len(kept)} of {len(records)} prompts already done" in capsys.readouterr().out
         assert read_outputs(out) == read_outputs(tmp_path / "whole")
+
+
+def test_a_disk_too_full_for_the_dataset_cache_is_a_config_error(tiny_model_dir, tmp_path, capsys):
+    reason = Tmpfs.missing()
+    if reason:
+        pytest.skip(reason)
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"prompt number {i} " + "x" * 40} for i in range(300)])
+    with Tmpfs(tmp_path / "disk", 8 * 1024) as disk:
+        assert run_in_process(tiny_job(tiny_model_dir, prompts, disk.path / "out")) == 2
+        err = capsys.readouterr().err
+        assert err == (f"distgen: config error: dataset.path='{prompts}': its Arrow cache cannot be written to "
+                       f"{disk.path}/out/.distgen/datasets (No space left on device); free space under output.dir or "
+                       "give another output.dir\n")
+        assert not (disk.path / "out").exists()

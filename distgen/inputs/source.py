@@ -11,6 +11,7 @@ without a word). Its files are never sorted into splits: `dataset.split` is for 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -271,6 +272,13 @@ def config_error_in(err: BaseException) -> Optional[ConfigError]:
     return err
 
 
+def no_space_in(err: BaseException) -> Optional[OSError]:
+    """A full disk (or quota) among the causes of `err` (the datasets library wraps what it raises)."""
+    while err is not None and not (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def check_columns(table, fields: RecordFields, path: str) -> None:
     needed = fields.messages or fields.prompt
     if needed not in table.column_names:
@@ -408,6 +416,10 @@ def open_prompts(cfg: DatasetConfig, cache_dir: str, tokenizer=None) -> PromptSo
         cause = config_error_in(err)
         if cause is not None:
             raise cause from None
+        full = no_space_in(err)
+        if full is not None:
+            raise ConfigError(f"dataset.path={cfg.path!r}: its Arrow cache cannot be written to {cache_dir} "
+                              f"({full.strerror}); free space under output.dir or give another output.dir") from None
         raise ConfigError(f"dataset.path={cfg.path!r} could not be read as {fmt}: {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
     check_columns(table, fields, cfg.path)

@@ -18,7 +18,7 @@ from distgen.outputs.coordinator import format_table, gather_to_coordinator, sum
 from distgen.outputs.progress import ProgressDisplay
 from distgen.outputs.report import REPORT_FILE, render_report
 from distgen.outputs.resume import shared_skip
-from distgen.outputs.shards import (MERGED_FILE, NO_SPACE, OUTPUTS_DIR, finish_outputs, job_complete, no_space,
+from distgen.outputs.shards import (MERGED_FILE, OUTPUTS_DIR, finish_outputs, job_complete, saying_no_space,
                                     start_outputs)
 from distgen.parallel.env import DistContext, discover, init_distributed, shutdown
 from distgen.parallel.feed import BUDGET, LENGTH, SCREEN, broadcast_flag, check_fits, shared_lengths
@@ -70,26 +70,29 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
 
 def run_job(job: Job, ctx: DistContext) -> int:
     try:
-        if not share_plan(job, ctx):
+        return run_steps(job, ctx)
+    except OutputSpaceError as err:  # a full disk: the message says what was kept and how to go on
+        print(f"distgen: {err.strerror}", file=sys.stderr, flush=True)
+        return 1
+
+
+def run_steps(job: Job, ctx: DistContext) -> int:
+    try:
+        with saying_no_space(job.out_dir, f"rank {ctx.rank} prepared the job (length table, manifest)",
+                             "every record of earlier runs of this job"):
+            planned = share_plan(job, ctx)
+        if not planned:
             return 0
     except ConfigError as err:  # a bad record found while measuring lengths, or dataset.too_long=fail
         if ctx.is_coordinator and job.created_out:
             shutil.rmtree(job.out_dir, ignore_errors=True)  # nothing of an unusable job stays behind
         return config_error(err)
     display = ProgressDisplay(len(job.todo), job.cfg.output.progress_every_s) if ctx.is_coordinator else None
-    try:
-        with torch.no_grad():
-            run = generate_shard(job, ctx, display)
-        try:
-            coordinate(job, ctx, run, display)
-        except OSError as err:
-            if err.errno not in NO_SPACE or isinstance(err, OutputSpaceError):
-                raise
-            raise no_space(err, job.out_dir, f"rank {ctx.rank} closed and merged the shards",
-                           "every record of the job, in its shards") from err
-    except OutputSpaceError as err:  # a full disk: the message says what was kept and how to go on
-        print(f"distgen: {err.strerror}", file=sys.stderr, flush=True)
-        return 1
+    with torch.no_grad():
+        run = generate_shard(job, ctx, display)
+    with saying_no_space(job.out_dir, f"rank {ctx.rank} closed and merged the shards",
+                         "every record of the job, in its shards"):
+        coordinate(job, ctx, run, display)
     return 0
 
 

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
@@ -115,6 +116,17 @@ def no_space(err: OSError, out_dir: Path, doing: str, kept: str) -> OutputSpaceE
                             f"{doing}. Kept: {kept}, in {outputs_dir(out_dir)} (a record the full disk cut short is "
                             "dropped). Free space (or quota) there and run the same command again: it resumes from "
                             "what is kept")
+
+
+@contextmanager
+def saying_no_space(out_dir: Path, doing: str, kept: str) -> Iterator[None]:
+    """Inside the block, a full disk is an OutputSpaceError naming output.dir, what was being done and what is kept."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE or isinstance(err, OutputSpaceError):
+            raise
+        raise no_space(err, out_dir, doing, kept) from err
 
 
 def writer_no_space(err: OSError, writer: "ShardWriter") -> OutputSpaceError:
