@@ -432,7 +432,9 @@ class Tmpfs:
         assert done.returncode == 0, done.stderr
 
     def __exit__(self, *exc) -> None:
-        subprocess.run(["umount", str(self.path)], capture_output=True)
+        # A file this process still holds open there (the datasets library's) makes it busy: detach it lazily.
+        if subprocess.run(["umount", str(self.path)], capture_output=True).returncode:
+            subprocess.run(["umount", "--lazy", str(self.path)], capture_output=True)
 
 
 def unreadable_runner() -> Optional[list[str]]:
