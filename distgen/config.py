@@ -12,6 +12,29 @@ from typing import Any, Optional
 
 from distgen.common.checks import require
 
+# The length table (distgen/parallel/feed.py) holds token counts as int32: a prompt plus its budget fit in it.
+MAX_SEQUENCE_TOKENS = 2**31 - 1
+# What torch.Generator.manual_seed takes without wrapping (it also takes negatives down to -2**63, as their
+# two's complement, so -1 would be the same seed as 2**64 - 1): distgen allows 0 .. 2**64 - 1.
+MAX_SEED = 2**64 - 1
+# Logits are divided by the temperature in fp32: a smaller positive temperature rounds to 0 there.
+MIN_TEMPERATURE = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def seed_ok(value: Any) -> bool:
+    return is_int(value) and 0 <= value <= MAX_SEED
+
+
+def temperature_ok(value: Any) -> bool:
+    """0 (greedy, for a record) or a finite temperature fp32 can divide by."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value == 0 or MIN_TEMPERATURE <= value < float("inf"))
+
 
 @dataclass
 class TinyModelConfig:
@@ -135,7 +158,9 @@ class GenerationConfig:
     prompt_lookup_ngram: int = 3
 
     def check(self) -> None:
-        require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(is_int(self.max_new_tokens) and 1 <= self.max_new_tokens < MAX_SEQUENCE_TOKENS,
+                "generation.max_new_tokens", self.max_new_tokens,
+                f"must be >= 1 and <= {MAX_SEQUENCE_TOKENS - 1} (a prompt plus its budget are counted in int32)")
         require(self.batch_size == "auto" or (type(self.batch_size) is int and self.batch_size >= 1),
                 "generation.batch_size", self.batch_size, "expected auto or an integer >= 1")
         require(0 < self.memory_fraction <= 1, "generation.memory_fraction", self.memory_fraction, "must be in (0, 1]")
@@ -144,7 +169,12 @@ class GenerationConfig:
                 "must be >= 1")
         require(self.cache_residual_length >= 1, "generation.cache_residual_length", self.cache_residual_length,
                 "must be >= 1")
-        require(self.temperature >= 0, "generation.temperature", self.temperature, "must be >= 0 (0 is greedy)")
+        require(temperature_ok(self.temperature), "generation.temperature", self.temperature,
+                f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (fp32's smallest normal number)")
+        require(seed_ok(self.seed), "generation.seed", self.seed, f"must be an integer in [0, {MAX_SEED}] "
+                "(torch.Generator.manual_seed's range)")
+        require(self.eos_token_ids is None or all(is_int(t) and 0 <= t < 2**63 for t in self.eos_token_ids),
+                "generation.eos_token_ids", self.eos_token_ids, "must be null or a list of token ids >= 0")
         require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
         require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
         require(self.num_assistant_tokens >= 1, "generation.num_assistant_tokens", self.num_assistant_tokens,
@@ -179,6 +209,8 @@ class DatasetConfig:
                 "give dataset=<prompts file (.jsonl .json .txt .csv .parquet) or dataset folder> "
                 "(dataset=demo runs the bundled demo prompts)")
         require(self.limit is None or self.limit >= 0, "dataset.limit", self.limit, "must be >= 0")
+        require(self.shuffle_seed is None or (is_int(self.shuffle_seed) and self.shuffle_seed >= 0),
+                "dataset.shuffle_seed", self.shuffle_seed, "must be null or an integer >= 0")
 
 
 @dataclass

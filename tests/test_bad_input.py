@@ -1,9 +1,12 @@
 """Bad input never kills a job: a bad record gets an error record, a bad file stops before any worker."""
 import importlib.util
 import json
+import re
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import read_outputs, read_stats, reference_greedy, write_prompts
+from conftest import REPO, child_env, journaled, read_outputs, read_stats, reference_greedy, write_prompts
 from distgen.common.errors import ConfigError
 from distgen.launch import main as launch_main
 from distgen.launchers import LAUNCHERS
@@ -22,9 +25,11 @@ from distgen.inputs.records import read_prompts
 from distgen.outputs.resume import job_fingerprint
 from distgen.job.prepare import dataset_cache
 from distgen.run import main as run_in_process
-from helpers import save_architecture
+from helpers import Tmpfs, save_architecture, unreadable_runner
 
 CONTEXT = 128  # gpt2's n_positions in tests/helpers.py
+# A tmpfs that holds the dataset's Arrow cache and the manifest, but not the outputs of 300 records.
+DISK_BYTES = 96 * 1024
 BUDGET = 4
 LONG = "x" * 140
 RECORDS = [
@@ -58,7 +63,7 @@ def test_bad_records_get_error_records_and_the_job_goes_on(gpt2_dir, tokenizer, 
         "error": "prompt of 149 tokens plus max_new_tokens=4 exceeds the model's context of 128 tokens "
                  "(max_position_embeddings=128)"}
     assert records[2]["error"] == "prompt tokenizes to nothing"
-    assert records[3]["error"] == "max_new_tokens=-2 is not allowed: must be an integer >= 1"
+    assert records[3]["error"] == "max_new_tokens=-2 is not allowed: must be an integer in [1, 2147483646]"
     assert "error" not in records[0]
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32).eval()
     assert records[0]["completion_token_ids"] == reference_greedy(model, tokenizer, RECORDS[0]["prompt"], BUDGET, [])
@@ -203,3 +208,149 @@ def test_help_lists_groups_keys_and_defaults(capsys):
 def test_print_config_works_before_a_model_is_named(capsys):
     assert run_in_process(["--print-config"]) == 0
     assert "path: null" in capsys.readouterr().out
+
+
+# Records whose settings are out of the range the job can hold; each gets an error record naming the field.
+POISON = [
+    {"id": 10, "prompt": "A fine first prompt"},
+    {"id": 11, "prompt": "A seed past any generator", "temperature": 1.0, "seed": 1e30},
+    {"id": 12, "prompt": "A budget past int32", "max_new_tokens": 3000000000},
+    {"id": 13, "prompt": "A temperature that is 0 in fp32", "temperature": 1e-300},
+    {"id": 14, "prompt": "A negative seed", "temperature": 1.0, "seed": -1},
+    {"id": 15, "prompt": "A tiny temperature is greedy", "temperature": 1e-30},
+    {"id": 16, "prompt": "The tiniest one too", "temperature": 1.2e-38},
+    {"id": 17, "prompt": "A top_k past int64", "top_k": 1e30},
+    {"id": "last", "prompt": "And a fine last one", "seed": 2**63, "temperature": 0.7},  # a float column: exact
+]
+BAD_FIELD = {11: "seed", 12: "max_new_tokens", 13: "temperature", 14: "seed", 17: "top_k"}
+
+
+def tiny_job(model_dir, prompts, out, *extra):
+    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}", f"generation.max_new_tokens={BUDGET}",
+            "generation.eos_token_ids=[]", "output.print_table=false", "output.progress_every_s=0", *extra]
+
+
+def test_poison_records_get_error_records_and_the_job_finishes(tiny_model_dir, tiny_model, tokenizer, tmp_path,
+                                                               capsys):
+    args = tiny_job(tiny_model_dir, write_prompts(tmp_path / "p.jsonl", POISON), tmp_path / "out")
+    assert run_in_process(args) == 0
+    records = read_outputs(tmp_path / "out")
+    assert [r["id"] for r in records] == [r["id"] for r in POISON]  # every id once, an int id still an int
+    for record in records:
+        field = BAD_FIELD.get(record["id"])
+        if field:
+            assert record["finish_reason"] == "error" and record["error"].startswith(f"{field}="), record
+            assert "is not allowed: must be" in record["error"]
+        else:
+            assert "error" not in record and record["completion_tokens"] == BUDGET, record
+    # A tiny temperature samples the argmax (a logit overflowing fp32 is held at its largest number, not NaN).
+    for tiny in (5, 6):
+        assert records[tiny]["completion_token_ids"] == reference_greedy(tiny_model, tokenizer, POISON[tiny]["prompt"],
+                                                                         BUDGET, [])
+    assert read_stats(tmp_path / "out")["summary"]["errors"] == len(BAD_FIELD)
+    capsys.readouterr()
+    assert run_in_process(args) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", [10_000_000_000_000_000, 2**64 - 1])
+def test_a_large_generation_seed_samples(seed, tiny_model_dir, tmp_path):
+    """seed * 1_000_003 + index once overflowed torch's 64-bit seed at the first sampled token."""
+    args = tiny_job(tiny_model_dir, write_prompts(tmp_path / "p.jsonl", POISON[:1] + POISON[-1:]), tmp_path / "out",
+                    "generation.do_sample=true", f"generation.seed={seed}")
+    assert run_in_process(args) == 0
+    assert [r["finish_reason"] for r in read_outputs(tmp_path / "out")] == ["length", "length"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generation.seed=18446744073709551616", "generation.seed=18446744073709551616 is not allowed: must be an integer "
+                                             "in [0, 18446744073709551615]"),
+    ("generation.seed=-1", "generation.seed=-1 is not allowed"),
+    ("generation.max_new_tokens=3000000000", "generation.max_new_tokens=3000000000 is not allowed: must be >= 1 and "
+                                             "<= 2147483646"),
+    ("generation.temperature=1e-300", "generation.temperature=1e-300 is not allowed: must be 0 (greedy) or a finite number"),
+    ("dataset.shuffle_seed=-3", "dataset.shuffle_seed=-3 is not allowed"),
+    ("generation.eos_token_ids=[-1]", "generation.eos_token_ids=[-1] is not allowed"),
+])
+def test_config_values_out_of_range_stop_before_start(override, message, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", POISON[:1])
+    assert run_in_process(["model=tiny", f"dataset={prompts}", f"output.dir={tmp_path / 'out'}", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("empty.jsonl", b"", r"empty.jsonl' holds no prompts: the file is empty"),
+    ("blank.jsonl", b"\n  \n\n", r"blank.jsonl' holds no prompts: the file holds only blank lines"),
+    ("blank.txt", b"\xef\xbb\xbf\n\t\n", r"blank.txt' holds no prompts: the file holds only blank lines"),
+    ("empty.csv", b"", r"empty.csv' holds no prompts: the file is empty"),
+    ("surrogate.jsonl", b'{"prompt": "fine"}\n{"prompt": "half \\ud800 a pair"}\n',
+     r"surrogate.jsonl:2: field 'prompt' holds a lone surrogate \('\\ud800' at character 6\), which is not Unicode"),
+    ("surrogate-id.jsonl", b'{"id": "\\udfff", "prompt": "x"}\n', r"surrogate-id.jsonl:1: field 'id' holds a lone"),
+    ("folder.jsonl", None, r"dataset.path='.*folder.jsonl' is not a file"),
+])
+def test_unusable_prompts_files_get_a_clear_message(name, data, message, tmp_path, capsys):
+    path = tmp_path / name
+    if data is None:
+        path.mkdir()  # a folder where the file should be
+    else:
+        path.write_bytes(data)
+    fmt = ["dataset.format=jsonl"] if data is None else []
+    assert run_in_process(["model=tiny", f"dataset={path}", f"output.dir={tmp_path / 'out'}", *fmt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distgen: config error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_prompts_file_gets_a_clear_message(tmp_path):
+    runner = unreadable_runner()
+    if runner is None:
+        pytest.skip("running as root without setpriv: root reads a file of mode 000, so nothing is unreadable")
+    path = write_prompts(tmp_path / "locked.jsonl", POISON[:1])
+    path.chmod(0)
+    done = subprocess.run([*runner, sys.executable, "-m", "distgen.run", "model=tiny", f"dataset={path}",
+                           f"output.dir={tmp_path / 'out'}"], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (f"distgen: config error: dataset.path: {path} cannot be read (Permission denied); check "
+                           "that it is a file this user may read\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_says_what_was_kept_and_a_rerun_finishes(tiny_model_dir, tmp_path, capsys):
+    reason = Tmpfs.missing()
+    if reason:
+        pytest.skip(reason)
+    records = [{"id": f"r{i}", "prompt": f"prompt number {i} " + "x" * 40} for i in range(300)]
+    prompts = write_prompts(tmp_path / "p.jsonl", records)
+    args = lambda out: tiny_job(tiny_model_dir, prompts, out, "generation.batch_size=32")  # noqa: E731
+    assert run_in_process(args(tmp_path / "whole")) == 0
+    with Tmpfs(tmp_path / "disk", DISK_BYTES) as disk:
+        out = disk.path / "out"
+        capsys.readouterr()
+        assert run_in_process(args(out)) == 1
+        err = capsys.readouterr().err
+        assert (f"distgen: output.dir='{out}': no space left on device while rank 0 wrote "
+                "part-00000-00000.open.jsonl. Kept: what this rank wrote before (at least ") in err, err
+        assert "Traceback" not in err
+        kept = {r["id"] for r in journaled(out)}
+        assert 0 < len(kept) < len(records)
+        disk.grow(8 << 20)
+        assert run_in_process(args(out)) == 0
+        assert f"resuming: {len(kept)} of {len(records)} prompts already done" in capsys.readouterr().out
+        assert read_outputs(out) == read_outputs(tmp_path / "whole")
+
+
+def test_a_disk_too_full_for_the_dataset_cache_is_a_config_error(tiny_model_dir, tmp_path, capsys):
+    reason = Tmpfs.missing()
+    if reason:
+        pytest.skip(reason)
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"prompt number {i} " + "x" * 40} for i in range(300)])
+    with Tmpfs(tmp_path / "disk", 8 * 1024) as disk:
+        assert run_in_process(tiny_job(tiny_model_dir, prompts, disk.path / "out")) == 2
+        err = capsys.readouterr().err
+        assert err == (f"distgen: config error: dataset.path='{prompts}': its Arrow cache cannot be written to "
+                       f"{disk.path}/out/.distgen/datasets (No space left on device); free space under output.dir or "
+                       "give another output.dir\n")
+        assert not (disk.path / "out").exists()

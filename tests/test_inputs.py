@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 from conftest import DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, read_outputs, reference_greedy, write_prompts
 from distgen.config import DatasetConfig
@@ -58,7 +58,7 @@ def test_text_lines_and_shuffle_with_limit(tmp_path):
 def test_columns_that_mix_types_still_load(tmp_path):
     mixed = write_prompts(tmp_path / "mixed.jsonl", [{"id": 1, "prompt": "a", "stop": "x"},
                                                      {"id": "b", "prompt": "b", "stop": ["y", "z"]}])
-    assert [(p.id, p.stop) for p in read_all(mixed, tmp_path)] == [("1", ("x",)), ("b", ("y", "z"))]
+    assert [(p.id, p.stop) for p in read_all(mixed, tmp_path)] == [(1, ("x",)), ("b", ("y", "z"))]
 
 
 @pytest.mark.parametrize("records, settings, message", [
@@ -74,7 +74,8 @@ def test_bad_datasets_name_the_problem(records, settings, message, tmp_path):
 def test_bad_override_marks_only_that_record(tmp_path):
     prompts = read_all(write_prompts(tmp_path / "bad.jsonl", [{"prompt": "x"}, {"prompt": "y", "temperature": -1}]),
                        tmp_path)
-    assert [p.error for p in prompts] == [None, "temperature=-1 is not allowed: must be a number >= 0 (0 is greedy)"]
+    assert [p.error for p in prompts] == [None, "temperature=-1 is not allowed: must be 0 (greedy) or a finite "
+                                                "number >= 1.1754943508222875e-38"]
 
 
 def test_bad_json_line_names_file_and_line(tmp_path):
@@ -128,3 +129,158 @@ def test_a_text_file_that_is_not_utf8_names_line_and_byte_before_any_worker(suff
     out = tmp_path / "out"
     assert run_in_process(["model=tiny", f"dataset={path}", f"output.dir={out}"]) == 2
     assert not out.exists()
+
+
+def mixed_folder(root):
+    """Two .jsonl, a .csv, a .parquet and a .txt in a subfolder: 13 records, ids of both types and none."""
+    root.mkdir()
+    write_prompts(root / "b.jsonl", [{"id": 7, "prompt": "b one"}, {"id": 8, "prompt": "b two", "max_new_tokens": 3}])
+    write_prompts(root / "a.jsonl", [{"id": "a1", "prompt": "alpha one"}, {"prompt": "alpha two"},
+                                     {"id": "a3", "prompt": "alpha three", "temperature": 0}])
+    (root / "c.csv").write_text("id,prompt\nc1,see one\nc2,see two\n")
+    Dataset.from_list([{"id": "p1", "prompt": "par one"}, {"id": "p2", "prompt": "par two"},
+                       {"id": "p3", "prompt": "par three"}]).to_parquet(root / "d.parquet")
+    (root / "a").mkdir()  # sorted as text: "a.jsonl" < "a/t.txt" < "b.jsonl"
+    (root / "a" / "t.txt").write_text("just text\n\nmore text\n")
+    (root / ".cache").mkdir()  # hidden: left out
+    write_prompts(root / ".cache" / "x.jsonl", [{"prompt": "hidden"}])
+    (root / "empty.jsonl").write_text("")  # no records: nothing to read
+    return root
+
+
+MIXED_ORDER = [("a1", "alpha one"), (1, "alpha two"), ("a3", "alpha three"), (3, "just text"), (4, "more text"),
+               (7, "b one"), (8, "b two"), ("c1", "see one"), ("c2", "see two"), ("p1", "par one"),
+               ("p2", "par two"), ("p3", "par three")]
+
+
+def test_a_folder_of_mixed_files_reads_every_file_in_path_order(tmp_path):
+    folder = mixed_folder(tmp_path / "data")
+    prompts = read_all(folder, tmp_path)
+    assert [(p.id, p.text) for p in prompts] == MIXED_ORDER
+    assert [p.index for p in prompts] == list(range(len(MIXED_ORDER)))
+    assert prompts[6].max_new_tokens == 3 and prompts[2].temperature == 0.0
+    again = open_prompts(DatasetConfig(path=str(folder)), str(tmp_path / "other-cache"))
+    assert again.prompts(range(len(again))) == prompts and again.digest() == open_prompts(
+        DatasetConfig(path=str(folder)), str(tmp_path / "cache")).digest()
+
+
+def test_a_folder_of_one_format_is_concatenated_in_path_order(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train-00001.jsonl", "train-00000.jsonl", "test.jsonl"):  # no split is picked from names
+        write_prompts(folder / name, [{"id": f"{name}:{k}", "prompt": f"{name} {k}"} for k in range(2)])
+    assert [p.id for p in read_all(folder, tmp_path)] == [
+        "test.jsonl:0", "test.jsonl:1", "train-00000.jsonl:0", "train-00000.jsonl:1", "train-00001.jsonl:0",
+        "train-00001.jsonl:1"]
+
+
+def test_a_folder_of_mixed_files_runs_every_record_once(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = [f"model={tiny_model_dir}", f"dataset={mixed_folder(tmp_path / 'data')}", f"output.dir={out}",
+            "generation.max_new_tokens=2", "output.print_table=false"]
+    assert run_in_process(args) == 0
+    records = read_outputs(out)
+    assert [(r["id"], r["prompt"]) for r in records] == MIXED_ORDER
+    assert all(r["finish_reason"] in ("eos", "length") for r in records)
+
+
+@pytest.mark.parametrize("setup, settings, message", [
+    (lambda f: (f / "README.md").write_text("about"), {},
+     r"holds files that are not prompts files: README.md, notes/x.py\. Every file of a folder is read"),
+    (lambda f: None, {"split": "test"}, r"dataset.split='test' is not allowed: .* is a plain folder"),
+])
+def test_a_folder_with_other_files_or_a_split_is_refused_naming_them(setup, settings, message, tmp_path):
+    folder = mixed_folder(tmp_path / "data")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "x.py").write_text("")
+    setup(folder)
+    if not settings:
+        with pytest.raises(ConfigError, match=message):
+            read_all(folder, tmp_path)
+        return
+    (folder / "notes" / "x.py").unlink()
+    with pytest.raises(ConfigError, match=message):
+        read_all(folder, tmp_path, **settings)
+
+
+def test_a_folder_holding_output_dir_is_refused(tmp_path):
+    folder = mixed_folder(tmp_path / "data")
+    with pytest.raises(ConfigError, match="holds output.dir .*: put output.dir outside the dataset folder"):
+        open_prompts(DatasetConfig(path=str(folder)), str(folder / "out" / ".distgen" / "datasets"))
+
+
+def test_a_saved_dataset_dict_keeps_its_splits(tmp_path):
+    DatasetDict({"train": Dataset.from_list(PROMPTS[:2]), "test": Dataset.from_list(PROMPTS[2:3])}).save_to_disk(
+        tmp_path / "saved")
+    assert [p.id for p in read_all(tmp_path / "saved", tmp_path, split="test")] == [PROMPTS[2]["id"]]
+
+
+@pytest.mark.parametrize("suffix, body", [(".txt", "first\nsecond\n"),
+                                          (".jsonl", '{"prompt": "first"}\n{"prompt": "second"}\n'),
+                                          (".csv", "prompt\nfirst\nsecond\n")])
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(suffix, body, tmp_path):
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert [p.text for p in read_all(path, tmp_path)] == ["first", "second"]
+    folder = tmp_path / "folder"  # the same file among others of another format (read record by record)
+    folder.mkdir()
+    path.rename(folder / path.name)
+    write_prompts(folder / "z.json" if suffix == ".jsonl" else folder / "z.jsonl", [{"prompt": "third", "id": 9}])
+    assert [p.text for p in read_all(folder, tmp_path)] == ["first", "second", "third"]
+
+
+def test_ids_keep_their_type_and_records_without_one_get_their_row(tiny_model_dir, tmp_path):
+    records = [{"id": 100, "prompt": "an int id"}, {"prompt": "no id"}, {"id": "s", "prompt": "a str id"},
+               {"prompt": "no id either"}]
+    out = tmp_path / "out"
+    args = [f"model={tiny_model_dir}", f"dataset={write_prompts(tmp_path / 'p.jsonl', records)}", f"output.dir={out}",
+            "generation.max_new_tokens=2", "output.print_table=false"]
+    assert run_in_process(args) == 0
+    assert [r["id"] for r in read_outputs(out)] == [100, 1, "s", 3]
+    ints = write_prompts(tmp_path / "ints.jsonl", [{"id": 5, "prompt": "x"}, {"id": 6, "prompt": "y"}])
+    assert [p.id for p in read_all(ints, tmp_path)] == [5, 6]
+    # Shuffled, a record without an id keeps the one its row gives it.
+    shuffled = read_all(write_prompts(tmp_path / "rows.jsonl", [{"prompt": f"p{k}"} for k in range(6)]), tmp_path,
+                        shuffle_seed=3, limit=4)
+    assert [p.id for p in shuffled] == [int(p.text[1:]) for p in shuffled] and len({p.id for p in shuffled}) == 4
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"id": "1", "prompt": "x"}, {"prompt": "y"}],
+     r"id '1' appears 2 times \(records 0, 1; 1 ids repeat\); dataset.id_field='id' must be unique \(a record "
+     r"without an id gets its row"),
+    ([{"id": 1, "prompt": "x"}, {"id": "1", "prompt": "y"}], r"id '1' appears 2 times"),  # unique by their text
+    ([{"id": 2.5, "prompt": "x"}], r"record 0: id 2.5 is not allowed: an id .* is a string or an integer"),
+    ([{"id": [1], "prompt": "x"}, {"id": "a", "prompt": "y"}], r"record 0: id \[1\] is not allowed"),
+])
+def test_ids_that_could_collide_or_are_not_ids_are_refused(records, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        read_all(write_prompts(tmp_path / "ids.jsonl", records), tmp_path)
+
+
+def test_parquet_shards_hold_ids_of_mixed_types_as_text(tiny_model_dir, tmp_path):
+    records = [{"id": 100, "prompt": "an int id"}, {"id": "s", "prompt": "a str id"}, {"id": 7, "prompt": "x"}]
+    out = tmp_path / "out"
+    args = [f"model={tiny_model_dir}", f"dataset={write_prompts(tmp_path / 'p.jsonl', records)}", f"output.dir={out}",
+            "generation.max_new_tokens=2", "output.format=parquet", "output.shard_size=2", "output.print_table=false"]
+    assert run_in_process(args) == 0
+    assert [r["id"] for r in read_outputs(out)] == ["100", "s", 7]  # the first shard mixes them; the second does not
+
+
+def test_chat_messages_the_template_refuses_get_an_error_record(tiny_model_dir, tokenizer, tmp_path):
+    chat_model = shutil.copytree(tiny_model_dir, tmp_path / "chat-model")
+    templated = tokenizer.__class__.from_pretrained(tiny_model_dir)
+    templated.chat_template = ("{% for m in messages %}{% if m['role'] not in ('user', 'system') %}"
+                               "{{ raise_exception('roles are user or system') }}{% endif %}{% endfor %}"
+                               + CHAT_TEMPLATE)
+    templated.save_pretrained(chat_model)
+    chats = [{"id": "ok", "messages": [{"role": "user", "content": "Hi there"}]},
+             {"id": "bad", "messages": [{"role": "robot", "content": "Beep"}]}]
+    out = tmp_path / "out"
+    assert run_in_process([f"model={chat_model}", f"dataset={write_prompts(tmp_path / 'chat.jsonl', chats)}",
+                           "dataset.messages_field=messages", f"output.dir={out}", "generation.max_new_tokens=2",
+                           "output.print_table=false"]) == 0
+    ok, bad = read_outputs(out)
+    assert ok["finish_reason"] in ("eos", "length") and ok["prompt"] == "<s><user>Hi there</s><assistant>"
+    assert bad["finish_reason"] == "error"
+    assert bad["error"] == "messages could not be rendered by the chat template: TemplateError: roles are user or system"

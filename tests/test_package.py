@@ -32,9 +32,15 @@ def test_config_schema_pulls_in_no_torch():
 def installed_wheel(tmp_path_factory) -> Path:
     """distgen built into a wheel and installed (no dependencies: those are the venv's) into a fresh folder."""
     out = tmp_path_factory.mktemp("wheel")
-    source = out / "source"  # a copy, so the build leaves nothing (build/, egg-info) in the checkout
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", ".demo", "build", "outputs",
-                                                                  "*.egg-info", "__pycache__", ".pytest_cache"))
+    # A copy of what a clone holds (tracked files, and new ones git does not ignore: a package folder that
+    # .gitignore swallows would be missing here too), so the build also leaves nothing in the checkout.
+    source = out / "source"
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(out / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]

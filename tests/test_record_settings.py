@@ -7,6 +7,9 @@ import torch
 from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
+from distgen.engine.request import Completion
+from distgen.outputs.records import output_record
+from distgen.parallel.feed import tokenize_checked
 from distgen.parallel.loop import run_loop
 from distgen.inputs.records import Prompt
 from distgen.engine.stops import StopStrings
@@ -14,10 +17,10 @@ from distgen.engine.stops import StopStrings
 CPU = torch.device("cpu")
 
 
-def decode(model, tokenizer, prompts, cfg, batch_size=3):
-    stops = StopStrings(tokenizer)
+def decode(model, tokenizer, prompts, cfg, batch_size=3, scheduler="continuous", stops=None):
+    stops = stops or StopStrings(tokenizer)
     queue = [(p, tokenizer(p.text)["input_ids"]) for p in prompts]
-    cfg = dataclasses.replace(cfg, batch_size=batch_size, scheduler="continuous")
+    cfg = dataclasses.replace(cfg, batch_size=batch_size, scheduler=scheduler)
     engine = build_engine(model, queue, cfg, tokenizer.pad_token_id, [], CPU, stop_check=stops.hit)
     done = []
     with torch.no_grad():
@@ -72,3 +75,66 @@ def test_record_seed_and_temperature_are_honoured(tiny_model, tokenizer):
     # Under the greedy default, a record's temperature > 0 samples it; the record without one is greedy.
     assert done[0].token_ids != reference_greedy(tiny_model, tokenizer, text, 8, [])
     assert done[3].token_ids == reference_greedy(tiny_model, tokenizer, text, 8, [])
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous", "chunked"])
+def test_a_request_that_cannot_be_made_fails_alone(scheduler, tiny_model, tokenizer):
+    """Screening keeps such records out of a job; built directly, they reach the engine and fail there alone."""
+    prompts = [Prompt(i, p["id"], p["prompt"], 4) for i, p in enumerate(PROMPTS[:5])]
+    prompts[1] = dataclasses.replace(prompts[1], temperature=1.0, seed=2**70)  # torch cannot seed with it
+    prompts[2] = dataclasses.replace(prompts[2], error="the prompt could not be tokenized: TypeError: x")
+    prompts[4] = dataclasses.replace(prompts[4], temperature=1.0, seed=-2**64)
+    done, _ = decode(tiny_model, tokenizer, prompts, GenerationConfig(max_new_tokens=4), batch_size=2,
+                     scheduler=scheduler)
+    assert sorted(done) == list(range(5))
+    assert done[1].finish_reason == "error" and done[1].token_ids == []
+    assert done[1].error.startswith(f"seed={2**70} cannot seed a sampler: ")
+    assert done[2].error == "the prompt could not be tokenized: TypeError: x"
+    assert done[4].finish_reason == "error"
+    for k in (0, 3):
+        assert done[k].error is None and done[k].token_ids == reference_greedy(tiny_model, tokenizer,
+                                                                                 prompts[k].text, 4, [])
+    record = output_record(done[1], StopStrings(tokenizer).cut)
+    assert record["finish_reason"] == "error" and record["error"] == done[1].error and record["id"] == PROMPTS[1]["id"]
+
+
+def test_a_queue_of_only_failing_requests_ends(tiny_model, tokenizer):
+    prompts = [Prompt(i, i, "x", 2, error="bad") for i in range(3)]
+    done, _ = decode(tiny_model, tokenizer, prompts, GenerationConfig(max_new_tokens=2))
+    assert [done[i].finish_reason for i in range(3)] == ["error"] * 3
+
+
+class DecodeFailsOn:
+    """The real tokenizer, except that decoding a list holding `token` fails (as a sentencepiece tokenizer does
+    on an id past its vocabulary, which a model with a larger embedding can sample)."""
+
+    def __init__(self, tokenizer, token: int):
+        self.tokenizer, self.token = tokenizer, token
+
+    def decode(self, ids, **settings):
+        if self.token in ids:
+            raise IndexError("piece id is out of range")
+        return self.tokenizer.decode(ids, **settings)
+
+
+def test_a_completion_whose_tokens_cannot_be_decoded_fails_alone(tiny_model, tokenizer):
+    greedy = [reference_greedy(tiny_model, tokenizer, p["prompt"], 6, []) for p in PROMPTS]
+    others = {t for k, ids in enumerate(greedy) if k != 3 for t in ids}
+    token = next(t for t in greedy[3] if t not in others)  # only prompt 3 generates it
+    prompts = [Prompt(i, p["id"], p["prompt"], 6, stop=("\x00never\x00",)) for i, p in enumerate(PROMPTS)]
+    stops = StopStrings(DecodeFailsOn(tokenizer, token))
+    done, _ = decode(tiny_model, tokenizer, prompts, GenerationConfig(max_new_tokens=6), stops=stops)
+    assert done[3].finish_reason == "error" and done[3].error == (
+        "its tokens could not be decoded to look for its stop strings: IndexError: piece id is out of range")
+    for k in set(range(len(PROMPTS))) - {3}:
+        assert done[k].finish_reason == "length" and done[k].token_ids == greedy[k], k
+    # Without stop strings the tokens are decoded only when the record is written: it fails alone there too.
+    kept = Completion(Prompt(3, "code", PROMPTS[3]["prompt"]), 5, greedy[3], "length")
+    assert output_record(kept, stops.cut)["error"].startswith("its tokens could not be decoded")
+
+
+def test_a_prompt_the_tokenizer_fails_on_is_found_alone(tokenizer):
+    prompts = [Prompt(0, 0, "fine"), Prompt(1, 1, "half \ud800 a pair"), Prompt(2, 2, "also fine")]
+    ids, failed = tokenize_checked(tokenizer, prompts)
+    assert ids == [tokenizer("fine")["input_ids"], [], tokenizer("also fine")["input_ids"]]
+    assert list(failed) == [1] and failed[1].startswith("the prompt could not be tokenized: TypeError")

@@ -31,7 +31,7 @@ from distgen.engine.kv.base import KVCache
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.request import Completion, Request, Status
 from distgen.models.forward_args import model_inputs
-from distgen.engine.sampling import RowSampling, filter_logits
+from distgen.engine.sampling import RowSampling, filter_logits, scale_logits
 
 # The heuristic schedule grows a sequence's draft length up to this many tokens.
 HEURISTIC_MAX_DRAFT = 16
@@ -99,7 +99,7 @@ def sequence_of(request: Request) -> list[int]:
 
 def token_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
     """(..., vocab) logits -> the distribution a sampled row draws from (temperature, top-k, top-p)."""
-    return filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
+    return filter_logits(scale_logits(logits, sampling.temperature), sampling.top_k, sampling.top_p).softmax(-1)
 
 
 def draft_prob(logits: torch.Tensor, q: Optional[torch.Tensor], token: int) -> float:
@@ -308,7 +308,7 @@ class Assistant:
             reason = self.take(engine, request, emitted)
             done.append(reason is not None)
             if reason:
-                completions.append(Completion(request.prompt, request.prompt_length, request.generated, reason))
+                completions.append(request.completion(reason))
                 finished.append(request)
                 self.states.pop(id(request))
             else:

@@ -19,7 +19,7 @@ from distgen.backends.cpu.kernels import apply_kernels, plan_kernels
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
                                    kv_shape, memory_budget)
 from distgen.engine.queue import PromptQueue, RequestQueue
-from distgen.engine.request import Request
+from distgen.engine.request import Request, RequestFailed
 from distgen.engine.runner import AUTOCAST, CompilePlan, Runner, persist_inductor_cache
 from distgen.engine.sampler import Sampler
 from distgen.engine.scheduler import SCHEDULERS
@@ -194,11 +194,23 @@ def prefill_token_budget(gen: GenerationConfig, kv: KVCache) -> int:
     return gen.prefill_chunk_tokens if gen.scheduler == "chunked" or kv.packs_prefill else 1 << 62
 
 
+def seeded_generator(gen: GenerationConfig, prompt: Prompt, device: torch.device) -> torch.Generator:
+    """The record's sampler; a seed torch cannot take (screening checks the range) fails this request only."""
+    try:
+        return sequence_generator(gen, prompt, device)
+    except (ValueError, RuntimeError, OverflowError, TypeError) as err:
+        raise RequestFailed(f"seed={prompt.seed if prompt.seed is not None else gen.seed} cannot seed a sampler: "
+                            f"{type(err).__name__}: {err}") from err
+
+
 def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device) -> Request:
-    """A request with its record's own sampling settings (and seed) applied over generation.*."""
+    """A request with its record's own sampling settings (and seed) applied over generation.*; a record
+    that reaches the engine already failed (Prompt.error, e.g. it could not be tokenized) fails here."""
+    if prompt.error is not None:
+        raise RequestFailed(prompt.error)
     sampling = row_sampling(gen, prompt)
     return Request(prompt, list(ids), prompt.budget(gen.max_new_tokens),
-                   sequence_generator(gen, prompt, device) if sampling.do_sample else None, sampling)
+                   seeded_generator(gen, prompt, device) if sampling.do_sample else None, sampling)
 
 
 def rank_budget(gen: GenerationConfig, device: torch.device, local_world_size: int = 1) -> int:

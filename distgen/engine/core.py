@@ -9,7 +9,7 @@ from distgen.engine.assist import Assistant
 from distgen.engine.backoff import Backoff, back_off
 from distgen.engine.kv.base import ForwardBatch, KVCache
 from distgen.engine.queue import RequestQueue
-from distgen.engine.request import Completion, Request, Status
+from distgen.engine.request import Completion, Request, RequestFailed, Status
 from distgen.engine.runner import Runner
 from distgen.engine.sampler import Sampler
 from distgen.engine.scheduler import Scheduler, SchedulerState, StepPlan
@@ -43,6 +43,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
+        self.waiting.settle()  # prompts whose request cannot be made leave as error completions first
         return bool(self.waiting or self.running)
 
     def step(self) -> list[Completion]:
@@ -69,6 +70,7 @@ class Engine:
         return self.update(plan, batch, logits)
 
     def schedule(self) -> StepPlan:
+        self.waiting.settle()
         state = SchedulerState(self.waiting, self.running, self.kv.free_rows, self.token_budget, self.last_kind,
                                mixes=self.mixes)
         plan = self.scheduler(state)
@@ -104,7 +106,7 @@ class Engine:
             reason = self.finish_reason(request, host_eos[row])
             finished.append(reason is not None)
             if reason:
-                completions.append(Completion(request.prompt, request.prompt_length, request.generated, reason))
+                completions.append(request.completion(reason))
         # 3. the cache records next inputs and frees finished rows; then request states move on
         self.kv.commit(plan, batch, tokens, finished)
         for index, (request, chunk, done) in enumerate(zip(plan.requests, plan.chunks, finished)):
@@ -119,8 +121,14 @@ class Engine:
         return completions
 
     def finish_reason(self, request: Request, is_eos: bool) -> Optional[str]:
-        """After a request took a token: "stop" (a stop string appeared), "eos", "length", or None."""
-        if self.stop_check is not None and self.stop_check(request.prompt, request.generated):
+        """After a request took a token: "stop" (a stop string appeared), "eos", "length", "error" (looking
+        for its stop strings failed on its tokens: it becomes an error record), or None."""
+        try:
+            stopped = self.stop_check is not None and self.stop_check(request.prompt, request.generated)
+        except RequestFailed as err:
+            request.error = str(err)
+            return "error"
+        if stopped:
             return "stop"
         return "eos" if is_eos else "length" if len(request.generated) >= request.budget else None
 

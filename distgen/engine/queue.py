@@ -1,10 +1,15 @@
-"""The engine's waiting queue, made lazily: a request is built only when a scheduler looks at it."""
+"""The engine's waiting queue, made lazily: a request is built only when a scheduler looks at it.
+
+Making a request can fail for a reason of its record alone (`RequestFailed`: a seed torch cannot
+take, a prompt that could not be tokenized): that prompt becomes an error completion, handed to
+`on_failed` (the generation loop sets it; distgen.parallel.loop.run_loop), and the queue goes on.
+"""
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
-from distgen.engine.request import Request
+from distgen.engine.request import Completion, Request, RequestFailed
 from distgen.inputs.records import Prompt
 
 
@@ -15,14 +20,17 @@ class PromptQueue(Protocol):
 
 
 class RequestQueue:
-    """What the schedulers read as `waiting`: `len`, `waiting[i]` and `popleft`. Requests are made
-    from the prompt queue as they are first looked at, so at most a batch of them exists at a time."""
+    """What the schedulers read as `waiting`: `len`, iteration, `waiting[i]` and `popleft`. Requests are
+    made from the prompt queue as they are first looked at, so at most a batch of them exists at a time.
+    `len` counts prompts not made yet, some of which may fail; after `settle` it is 0 only when nothing is left."""
 
     def __init__(self, prompts: PromptQueue | Iterable[tuple[Prompt, Sequence[int]]],
                  make: Callable[[Prompt, Sequence[int]], Request]):
         self.prompts = prompts if hasattr(prompts, "popleft") else deque(prompts)
         self.make = make
         self.made: deque[Request] = deque()
+        # Where a prompt whose request cannot be made goes, as an error completion; None: the failure propagates.
+        self.on_failed: Optional[Callable[[Completion], None]] = None
 
     def __len__(self) -> int:
         return len(self.made) + len(self.prompts)
@@ -30,15 +38,46 @@ class RequestQueue:
     def __bool__(self) -> bool:
         return len(self) > 0
 
+    def take(self, prompt: Prompt, ids: Sequence[int]) -> Optional[Request]:
+        """The prompt's request, or None when its record fails it (handed to `on_failed`)."""
+        try:
+            return self.make(prompt, ids)
+        except RequestFailed as err:
+            if self.on_failed is None:
+                raise
+            self.on_failed(Completion(prompt, len(ids), [], "error", str(err)))
+            return None
+
+    def fill(self, count: int) -> None:
+        """Make requests until `count` exist or no prompt is left."""
+        while len(self.made) < count and len(self.prompts):
+            request = self.take(*self.prompts.popleft())
+            if request is not None:
+                self.made.append(request)
+
+    def settle(self) -> None:
+        """The front is a made request, or the queue is empty (so `bool(queue)` says whether a request is left)."""
+        self.fill(1)
+
+    def __iter__(self) -> Iterator[Request]:
+        """The requests in order, each made when the iteration reaches it (stop early to make no more)."""
+        i = 0
+        while True:
+            self.fill(i + 1)
+            if i >= len(self.made):
+                return
+            yield self.made[i]
+            i += 1
+
     def __getitem__(self, i: int) -> Request:
-        while len(self.made) <= i:
-            self.made.append(self.make(*self.prompts.popleft()))
+        self.fill(i + 1)
         return self.made[i]
 
     def popleft(self) -> Request:
-        self[0]
+        self.fill(1)
         return self.made.popleft()
 
     def requeue(self, requests: list[Request]) -> None:
         """Put these requests back at the front, in this order, made afresh (no tokens, a new sampler)."""
-        self.made.extendleft(reversed([self.make(r.prompt, r.token_ids) for r in requests]))
+        remade = (self.take(r.prompt, r.token_ids) for r in requests)
+        self.made.extendleft(reversed([r for r in remade if r is not None]))

@@ -11,11 +11,17 @@ from distgen.inputs.records import Prompt
 from distgen.engine.sampling import RowSampling
 
 
+class RequestFailed(Exception):
+    """One request cannot go on, for a reason of its own record (its seed cannot seed a generator, its tokens
+    cannot be decoded, its prompt cannot be tokenized): it becomes an error record and the rank goes on.
+    Raised only around calls whose input is that one record, never around a batched forward."""
+
+
 class Status(enum.Enum):
     WAITING = "waiting"        # queued; holds no cache row yet
     PREFILLING = "prefilling"  # holds a cache row; part of its prompt is still to run (chunked prefill)
     DECODING = "decoding"      # its whole prompt is cached; one new token per decode step
-    FINISHED = "finished"      # EOS, budget or a stop string reached; its row is free again
+    FINISHED = "finished"      # EOS, budget, a stop string reached, or failed; its row is free again
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Request:
     row: int = -1       # its row (slot) in the KV cache while it holds one
     # What it produced
     generated: list[int] = field(default_factory=list)
+    error: Optional[str] = None  # why it failed (RequestFailed), finishing with reason "error"
 
     @property
     def prompt_length(self) -> int:
@@ -41,10 +48,16 @@ class Request:
     def unprefilled(self) -> int:
         return len(self.token_ids) - self.prefilled
 
+    def completion(self, reason: str) -> "Completion":
+        if self.error is not None:
+            return Completion(self.prompt, self.prompt_length, [], reason, self.error)
+        return Completion(self.prompt, self.prompt_length, self.generated, reason)
+
 
 @dataclass(frozen=True)
 class Completion:
     prompt: Prompt
     prompt_token_count: int
     token_ids: list[int]
-    finish_reason: str  # "eos", "length" or "stop" (a stop string appeared)
+    finish_reason: str  # "eos", "length", "stop" (a stop string appeared) or "error" (the request failed)
+    error: Optional[str] = None  # why it failed: it becomes an error record

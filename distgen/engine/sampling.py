@@ -9,9 +9,25 @@ import torch
 from distgen.config import GenerationConfig
 
 
+# torch.Generator.manual_seed takes 64-bit seeds.
+SEED_SPACE = 2**64
+
+
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """generation.seed and a prompt's index as one 64-bit seed: seed * 1_000_003 + index, wrapped to 64 bits
+    (manual_seed wrapped every value it took the same way, so no earlier seed changes)."""
+    return (seed * 1_000_003 + prompt_index) % SEED_SPACE
+
+
 def prompt_generator(seed: int, prompt_index: int, device: torch.device) -> torch.Generator:
     """One generator per prompt, so a completion does not depend on its rank or batch."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + prompt_index)
+    return torch.Generator(device=device).manual_seed(prompt_seed(seed, prompt_index))
+
+
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / temperature; a tiny temperature overflows a logit to +inf, which is held at fp32's
+    largest number (softmax over several +inf would be NaN; the limit is the argmax, ties shared)."""
+    return (logits.float() / temperature).clamp(max=torch.finfo(torch.float32).max)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -34,7 +50,7 @@ def select_next_tokens(logits: torch.Tensor, cfg: GenerationConfig,
     logits = logits.float()
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    probs = filter_logits(scale_logits(logits, cfg.temperature), cfg.top_k, cfg.top_p).softmax(-1)
     return torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators)])
 
 

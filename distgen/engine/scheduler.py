@@ -11,6 +11,7 @@ config check, `--help` and the engine builder all read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable
 
 from distgen.engine.queue import RequestQueue
@@ -39,7 +40,7 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class SchedulerState:
-    waiting: RequestQueue   # len, waiting[i] and popleft; requests are made as they are looked at
+    waiting: RequestQueue   # len, iteration and popleft; requests are made as they are looked at
     running: list[Request]  # requests holding a cache row (prefilling or decoding)
     free_rows: int
     # Most prompt tokens one prefill forward runs: chunked splits prompts to fit it; static and continuous
@@ -66,8 +67,7 @@ def decode_plan(state: SchedulerState) -> StepPlan:
 def whole_prompts(state: SchedulerState) -> StepPlan:
     """Queued prompts, whole, while rows are free and their tokens fit the token budget (at least one)."""
     joining, left = [], state.token_budget
-    for i in range(min(state.free_rows, len(state.waiting))):
-        request = state.waiting[i]
+    for request in islice(state.waiting, state.free_rows):
         if joining and request.unprefilled > left:
             break
         joining.append(request)
@@ -112,7 +112,7 @@ def schedule_chunked(state: SchedulerState) -> StepPlan:
     if decoding and state.last_kind == "prefill" and not state.mixes:
         return StepPlan("decode", decoding, [1] * len(decoding))
     candidates = [r for r in state.running if r.status is Status.PREFILLING]
-    candidates += [state.waiting[i] for i in range(min(state.free_rows, len(state.waiting)))]
+    candidates += islice(state.waiting, state.free_rows)
     # Mixed: the decode tokens take their share of the budget first, but prompts keep at least half of it.
     left = max(state.token_budget - len(decoding), (state.token_budget + 1) // 2) if state.mixes else state.token_budget
     requests, chunks = [], []

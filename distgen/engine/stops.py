@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from distgen.engine.request import RequestFailed
 from distgen.inputs.records import Prompt
 
 # Tokens decoded per character of the longest stop string (a UTF-8 character is at most 4
@@ -22,7 +23,12 @@ class StopStrings:
         self.tokenizer = tokenizer
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        """One request's tokens as text; a tokenizer that cannot decode them fails that request only."""
+        try:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        except Exception as err:  # only this request's tokens went in: attributable to it
+            raise RequestFailed(f"its tokens could not be decoded to look for its stop strings: "
+                                f"{type(err).__name__}: {err}") from err
 
     def hit(self, prompt: Prompt, generated: list[int]) -> bool:
         """Checked after every token on the decoded tail only: a stop string that just appeared

@@ -2,10 +2,15 @@
 
 `record_to_prompt` is the one place a record is validated, whatever the input format (JSON
 lines or a JSON array read line by line, or rows of an Arrow dataset, see distgen/inputs/source.py).
-Whatever makes the whole file unusable (bytes that are not UTF-8, malformed JSON, a missing
-field, a repeated id, no prompts at all) is a `ConfigError` naming the file and its 1-based line.
-A bad per-record setting only marks that record (`Prompt.error`): it gets an error record and
-the job goes on.
+Whatever makes the whole file unusable (bytes that are not UTF-8, a lone surrogate, malformed
+JSON, a missing field, an id that is neither a string nor an integer, a repeated id, no prompts at
+all) is a `ConfigError` naming the file and its 1-based line. A bad per-record setting (out of its
+range) or chat messages the template refuses only mark that record (`Prompt.error`): it gets an
+error record and the job goes on.
+
+Ids keep their type (a string or an integer); a record without one gets its row in the dataset
+(an integer, before any shuffle), and ids are unique by their text, so a given id "3" and the id a
+record without one gets at row 3 are refused as the same id.
 """
 from __future__ import annotations
 
@@ -16,14 +21,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
+from distgen.config import MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, is_int, seed_ok, temperature_ok
 
 JSON_ARRAY_HINT = "a .json file holds one JSON array of records ([{\"prompt\": ...}, ...]) or JSON lines"
+BOM = "\ufeff"
+# A record's id: given (a string or an integer), or its row in the dataset.
+RecordId = str | int
+GENERATED_ID_NOTE = ("a record without an id gets its row (from 0) as its id; give every record an id, or none, "
+                     "or ids that are not row numbers")
 
 
 @dataclass(frozen=True)
 class Prompt:
     index: int
-    id: str
+    id: RecordId
     text: str
     # Per-record settings from the dataset; None means the generation.* setting.
     max_new_tokens: Optional[int] = None
@@ -48,12 +59,13 @@ class RecordFields:
     prompt: str = "prompt"
     id: str = "id"
     messages: Optional[str] = None
-    # Where a normalized record (distgen/inputs/source.py) keeps why one of its overrides was not allowed.
+    # Where a normalized record (distgen/inputs/source.py) keeps why one of its overrides was not allowed;
+    # set, the id column holds ids as text and `ID_IS_INT` says which were integers.
     error: Optional[str] = None
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# A normalized record's column: whether its id (kept as text) was an integer.
+ID_IS_INT = "id_is_int"
 
 
 def is_number(value: Any) -> bool:
@@ -66,12 +78,15 @@ def is_whole(value: Any) -> bool:
 
 
 # Per-record override: (check, what is allowed, convert).
+# The ranges are what the rest of the job can hold: budgets in the int32 length table
+# (distgen/parallel/feed.py), seeds in torch.Generator.manual_seed, temperatures in fp32 division.
 OVERRIDES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
-    "max_new_tokens": (lambda v: is_whole(v) and v >= 1, "an integer >= 1", int),
-    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0 (0 is greedy)", float),
+    "max_new_tokens": (lambda v: is_whole(v) and 1 <= v < MAX_SEQUENCE_TOKENS,
+                       f"an integer in [1, {MAX_SEQUENCE_TOKENS - 1}]", int),
+    "temperature": (temperature_ok, f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}", float),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]", float),
-    "top_k": (lambda v: is_whole(v) and v >= 0, "an integer >= 0", int),
-    "seed": (lambda v: is_whole(v), "an integer", int),
+    "top_k": (lambda v: is_whole(v) and 0 <= v < 2**63, "an integer >= 0 (0 disables top-k)", int),
+    "seed": (lambda v: is_whole(v) and seed_ok(int(v)), f"an integer in [0, {MAX_SEED}]", int),
     "stop": (lambda v: isinstance(v, str) and v != "" or isinstance(v, (list, tuple)) and all(
         isinstance(s, str) and s for s in v), "a non-empty string or a list of them",
              lambda v: (v,) if isinstance(v, str) else tuple(v)),
@@ -92,38 +107,92 @@ def overrides_of(record: dict) -> tuple[dict, Optional[str]]:
     return found, error
 
 
+def check_unicode(value: str, where: str, field: str) -> None:
+    """A string JSON escapes made (\\ud800) can hold a lone surrogate: not text, and no UTF-8 output can hold it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(f"{where}: field '{field}' holds a lone surrogate ({value[err.start]!r} at character "
+                          f"{err.start + 1}), which is not Unicode text; fix its escape in the record") from None
+
+
+def has_id(record: dict, fields: RecordFields) -> bool:
+    """Whether the record gives its own id (a gap in a CSV column, NaN, is none)."""
+    value = record.get(fields.id) if fields.id else None
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def record_id(record: dict, fields: RecordFields, row: int, where: str) -> RecordId:
+    """The record's own id (a string or an integer; a whole float from a CSV column with gaps is an
+    integer), or its row when it has none."""
+    if not has_id(record, fields):
+        return row
+    value = record[fields.id]
+    if fields.error is not None:  # normalized: the id as text and whether it was an integer
+        return int(value) if record.get(ID_IS_INT) else value
+    if isinstance(value, str):
+        check_unicode(value, where, fields.id)
+        return value
+    if is_whole(value):
+        return int(value)
+    raise ConfigError(f"{where}: id {value!r} is not allowed: an id ('{fields.id}', dataset.id_field) is a string "
+                      "or an integer")
+
+
+def rendered(messages: list, render: Callable[[list], str]) -> tuple[str, Optional[str]]:
+    """(text, None), or ("", why) when the chat template refuses these messages (templates raise on
+    e.g. roles that do not alternate): that record gets an error record."""
+    try:
+        return render(messages), None
+    except Exception as err:  # the tokenizer's template is data, as the record is; attributable to this record
+        return "", f"messages could not be rendered by the chat template: {type(err).__name__}: {err}"
+
+
 def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
-                     render: Optional[Callable[[list], str]] = None) -> Prompt:
-    """One input record as a Prompt; a ConfigError names `where` (file:line or file:record) and the field."""
+                     render: Optional[Callable[[list], str]] = None, row: Optional[int] = None) -> Prompt:
+    """One input record as a Prompt; a ConfigError names `where` (file:line or file:record) and the field.
+    `row`: the record's row in the dataset before any shuffle (its id when it has none; default `index`)."""
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: expected a JSON object with a string field '{fields.prompt}', "
                           f"found {type(record).__name__}")
+    error = None
     if fields.messages:
         messages = record.get(fields.messages)
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             raise ConfigError(f"{where}: needs a list of {{role, content}} messages in '{fields.messages}' "
                               "(dataset.messages_field)")
-        text, templated = render(messages), True
+        for m in messages:
+            for value in m.values():
+                if isinstance(value, str):
+                    check_unicode(value, where, fields.messages)
+        (text, error), templated = rendered(messages, render), True
     else:
         text, templated = record.get(fields.prompt), False
         if not isinstance(text, str):
             found = ", ".join(map(repr, record)) or "no fields"
             raise ConfigError(f"{where}: needs a string field '{fields.prompt}' (dataset.prompt_field); found {found}")
-    record_id = record.get(fields.id)
-    overrides, error = overrides_of(record)
-    error = error or (record.get(fields.error) if fields.error else None)
-    return Prompt(index, str(index if record_id is None else record_id), text, templated=templated, error=error,
-                  **overrides)
+        check_unicode(text, where, fields.prompt)
+    stops = record.get("stop")
+    for stop in stops if isinstance(stops, (list, tuple)) else [stops]:
+        if isinstance(stop, str):
+            check_unicode(stop, where, "stop")
+    overrides, bad = overrides_of(record)
+    error = error or bad or (record.get(fields.error) if fields.error else None)
+    return Prompt(index, record_id(record, fields, index if row is None else row, where), text,
+                  templated=templated, error=error, **overrides)
+
+
+def parse_json_line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
 
 
 def parse_jsonl_record(line: str, index: int, where: str, fields: RecordFields,
                        render: Optional[Callable[[list], str]] = None) -> Prompt:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
-    return record_to_prompt(record, index, where, fields, render)
+    return record_to_prompt(parse_json_line(line, where), index, where, fields, render)
 
 
 def detect_format(path: str, fmt: str, head: str = "") -> str:
@@ -145,8 +214,9 @@ def check_utf8_line(raw: bytes, source: str, line_no: int) -> None:
 
 
 def decode_lines(data: bytes, source: str) -> list[str]:
-    """UTF-8 lines, or an error naming the first line and byte that is not UTF-8."""
-    lines = data.split(b"\n")
+    """UTF-8 lines (a byte order mark at the start dropped), or an error naming the first line and byte that
+    is not UTF-8."""
+    lines = data.removeprefix(BOM.encode()).split(b"\n")
     for line_no, raw in enumerate(lines, start=1):
         check_utf8_line(raw, source, line_no)
     return [raw.decode("utf-8") for raw in lines]
@@ -186,21 +256,24 @@ def parse_prompts(lines: Iterable[str], fmt: str, source: str, fields: RecordFie
     else:
         records = ((line_no, line) for line_no, line in enumerate(lines, start=1) if line.strip())
     prompts: list[Prompt] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, bool]] = {}  # id as text -> (line, whether that id came from the position)
     for line_no, item in records:
         if limit is not None and len(prompts) >= limit:
             break
         index, where = len(prompts), f"{source}:{line_no}"
         if fmt == "txt":
-            prompt = Prompt(index, str(index), item.rstrip("\r\n"))
-        elif fmt == "jsonl":
-            prompt = parse_jsonl_record(item, index, where, fields, render)
+            prompt, given = Prompt(index, index, item.rstrip("\r\n")), False
         else:
-            prompt = record_to_prompt(item, index, where, fields, render)
-        if prompt.id in seen:
-            raise ConfigError(f"{where}: id {prompt.id!r} repeats the id at line {seen[prompt.id]} "
-                              f"(dataset.id_field={fields.id!r} must be unique)")
-        seen[prompt.id] = line_no
+            record = parse_json_line(item, where) if fmt == "jsonl" else item
+            prompt = record_to_prompt(record, index, where, fields, render)
+            given = has_id(record, fields)
+        key = str(prompt.id)
+        if key in seen:
+            line, generated = seen[key]
+            raise ConfigError(f"{where}: id {prompt.id!r} repeats the id at line {line} (dataset.id_field="
+                              f"{fields.id!r} must be unique" + (f"; {GENERATED_ID_NOTE}" if generated or not given
+                                                                 else "") + ")")
+        seen[key] = (line_no, not given)
         prompts.append(prompt)
     return prompts
 
@@ -210,7 +283,11 @@ def read_prompts(cfg) -> list[Prompt]:
     path = Path(cfg.path)
     if not path.is_file():
         raise ConfigError(f"dataset.path={cfg.path!r} is not a file; give a .jsonl, .json or .txt prompts file")
-    lines = [line + "\n" for line in decode_lines(path.read_bytes(), cfg.path)]
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"dataset.path={cfg.path!r} cannot be read: {err.strerror or err}") from None
+    lines = [line + "\n" for line in decode_lines(data, cfg.path)]
     fmt = detect_format(cfg.path, cfg.format, "".join(lines).lstrip()[:1])
     prompts = parse_prompts(lines, fmt, cfg.path, RecordFields(cfg.prompt_field, cfg.id_field), cfg.limit)
     if not prompts:

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from distgen.common.errors import ConfigError
 from distgen.common.registry import Registry
+from distgen.config import MAX_SEQUENCE_TOKENS
 from distgen.inputs.records import Prompt
 
 # Config attributes that bound the positions a model can attend over, by architecture family.
@@ -16,10 +17,15 @@ POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", 
 
 @dataclass(frozen=True)
 class ContextLimit:
-    """Most tokens (prompt plus completion) one sequence may hold; None: no limit known (ALiBi)."""
+    """Most tokens (prompt plus completion) one sequence may hold; None: no limit known (ALiBi), then
+    distgen's own (`TABLE_LIMIT`)."""
     tokens: Optional[int]
     # the config setting it comes from, for messages
     source: str = ""
+
+
+# What any sequence is held to: the length table counts a prompt plus its budget in int32.
+TABLE_LIMIT = ContextLimit(MAX_SEQUENCE_TOKENS, "distgen counts a prompt plus its budget in int32")
 
 
 @dataclass
@@ -50,7 +56,8 @@ def context_limit(config) -> ContextLimit:
 
 
 def too_long_reason(length: int, budget: int, limit: ContextLimit) -> Optional[str]:
-    if limit.tokens is None or length + budget <= limit.tokens:
+    limit = TABLE_LIMIT if limit.tokens is None else limit
+    if length + budget <= limit.tokens:
         return None
     return (f"prompt of {length} tokens plus max_new_tokens={budget} exceeds the model's context of "
             f"{limit.tokens} tokens ({limit.source})")
@@ -82,7 +89,7 @@ def screen_prompt(prompt: Prompt, length: int, limit: ContextLimit, too_long: st
     too_long_why = too_long_reason(length, budget, limit)
     if not too_long_why:
         return Screen()
-    keep = (limit.tokens or 0) - budget
+    keep = (limit.tokens or TABLE_LIMIT.tokens) - budget
     verdict = TOO_LONG.get(too_long)
     if verdict == RUNS and keep >= 1:
         return Screen(keep=keep)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from distgen.common.errors import ConfigError
+from distgen.common.errors import ConfigError, OutputSpaceError
 from distgen.common.procs import exit_on_termination
 from distgen.job.prepare import Job, finished_message
 from distgen.job.worker import RankRun, generate_shard
@@ -18,7 +18,8 @@ from distgen.outputs.coordinator import format_table, gather_to_coordinator, sum
 from distgen.outputs.progress import ProgressDisplay
 from distgen.outputs.report import REPORT_FILE, render_report
 from distgen.outputs.resume import shared_skip
-from distgen.outputs.shards import MERGED_FILE, OUTPUTS_DIR, finish_outputs, job_complete, start_outputs
+from distgen.outputs.shards import (MERGED_FILE, OUTPUTS_DIR, finish_outputs, job_complete, saying_no_space,
+                                    start_outputs)
 from distgen.parallel.env import DistContext, discover, init_distributed, shutdown
 from distgen.parallel.feed import BUDGET, LENGTH, SCREEN, broadcast_flag, check_fits, shared_lengths
 
@@ -69,7 +70,18 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
 
 def run_job(job: Job, ctx: DistContext) -> int:
     try:
-        if not share_plan(job, ctx):
+        return run_steps(job, ctx)
+    except OutputSpaceError as err:  # a full disk: the message says what was kept and how to go on
+        print(f"distgen: {err.strerror}", file=sys.stderr, flush=True)
+        return 1
+
+
+def run_steps(job: Job, ctx: DistContext) -> int:
+    try:
+        with saying_no_space(job.out_dir, f"rank {ctx.rank} prepared the job (length table, manifest)",
+                             "every record of earlier runs of this job"):
+            planned = share_plan(job, ctx)
+        if not planned:
             return 0
     except ConfigError as err:  # a bad record found while measuring lengths, or dataset.too_long=fail
         if ctx.is_coordinator and job.created_out:
@@ -78,7 +90,9 @@ def run_job(job: Job, ctx: DistContext) -> int:
     display = ProgressDisplay(len(job.todo), job.cfg.output.progress_every_s) if ctx.is_coordinator else None
     with torch.no_grad():
         run = generate_shard(job, ctx, display)
-    coordinate(job, ctx, run, display)
+    with saying_no_space(job.out_dir, f"rank {ctx.rank} closed and merged the shards",
+                         "every record of the job, in its shards"):
+        coordinate(job, ctx, run, display)
     return 0
 
 

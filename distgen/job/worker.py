@@ -22,7 +22,7 @@ from distgen.models.loading import ModelSource, resolve_dtype
 from distgen.parallel.plan import assign_to_ranks, decode_order
 from distgen.job.prepare import Job
 from distgen.outputs.progress import LiveCounters, ProgressDisplay, RankSampler
-from distgen.outputs.records import completion_record, error_record
+from distgen.outputs.records import output_record
 from distgen.inputs.screening import ERROR_RECORD, RUNS
 from distgen.outputs.shards import ShardWriter
 from distgen.outputs.stats import RankStats, cuda_peaks_mib, peak_rss_mib, reset_peaks
@@ -131,7 +131,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
             write_error_records(job, writer)
 
         def keep(completions: list[Completion]) -> None:
-            finished = [completion_record(c, *stops.cut(c.prompt, c.token_ids)) for c in completions]
+            finished = [output_record(c, stops.cut) for c in completions]
             writer.append(finished)
             live.prompts += len(finished)
             live.prompt_tokens += sum(r["prompt_tokens"] for r in finished)

@@ -118,7 +118,10 @@ class RankSampler:
         if len(self.samples) > MAX_SAMPLES:
             self.samples = self.samples[::2]
             self.every_s *= 2
-        write_json_atomic(self.channel / f"rank-{self.rank:05d}.json", asdict(sample))
+        try:
+            write_json_atomic(self.channel / f"rank-{self.rank:05d}.json", asdict(sample))
+        except OSError:  # a side channel only: a full disk is reported by the shard writer
+            pass
         return sample
 
     def show(self, final: bool = False) -> None:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
-from distgen.engine.request import Completion
-from distgen.inputs.records import Prompt
+from distgen.engine.request import Completion, RequestFailed
+from distgen.inputs.records import Prompt, RecordId
 
 ERROR = "error"
 
@@ -15,7 +15,7 @@ class OutputRecord:
     """One output line: a completion, or an error record for a prompt that could not run."""
     # which prompt
     index: int
-    id: str
+    id: RecordId  # the record's own id, a string or an integer as given, or its row
     prompt: str
     # what was generated
     completion: str
@@ -42,3 +42,19 @@ def completion_record(completion: Completion, text: str, token_ids: list[int]) -
 
 def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0) -> dict:
     return OutputRecord(prompt.index, prompt.id, prompt.text, "", prompt_tokens, 0, ERROR, error=reason).as_json()
+
+
+# How a completion is kept: (prompt, token ids) -> (text, token ids) cut before a stop string
+# (distgen.engine.stops.StopStrings.cut).
+Cut = Callable[[Prompt, list[int]], tuple[str, list[int]]]
+
+
+def output_record(completion: Completion, cut: Cut) -> dict:
+    """A finished request's record: its completion as kept, or an error record when it failed (in the
+    engine, or here when its tokens cannot be decoded)."""
+    if completion.error is None:
+        try:
+            return completion_record(completion, *cut(completion.prompt, completion.token_ids))
+        except RequestFailed as err:
+            completion = Completion(completion.prompt, completion.prompt_token_count, [], ERROR, str(err))
+    return error_record(completion.prompt, completion.error, completion.prompt_token_count)

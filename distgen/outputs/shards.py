@@ -12,19 +12,21 @@ keeps the shards as finished work, and a different job clears them first.
 """
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from distgen.common.errors import IncompleteOutputError
+from distgen.common.errors import IncompleteOutputError, OutputSpaceError
 from distgen.common.registry import Registry
 
 OUTPUTS_DIR = "outputs"
@@ -37,6 +39,8 @@ READ_BATCH = 1024
 OUTPUT_FORMATS: Registry[str] = Registry("output.format", valued=True)
 OUTPUT_FORMATS.register("jsonl", None, ".jsonl", doc="JSON lines")
 OUTPUT_FORMATS.register("parquet", None, ".parquet", doc="parquet (pyarrow)")
+# A full file system, or the user's quota on it.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def outputs_dir(out_dir: Path) -> Path:
@@ -80,13 +84,20 @@ def read_shard(path: Path) -> Iterator[dict]:
         yield from read_jsonl_lines(path)
 
 
+def parquet_records(records: Sequence[dict]) -> list[dict]:
+    """A parquet column holds one type: a shard whose ids mix strings and integers holds them as text."""
+    if len({type(r.get("id")) for r in records}) > 1:
+        return [{**r, "id": str(r["id"])} for r in records]
+    return list(records)
+
+
 def write_shard(records: Sequence[dict], path: Path) -> None:
     """Atomically: readers see no shard or the whole one."""
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.Table.from_pylist(list(records)), tmp)
+        pq.write_table(pa.Table.from_pylist(parquet_records(records)), tmp)
     else:
         with tmp.open("w", encoding="utf-8") as out:
             out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -104,10 +115,35 @@ def close_shard(open_path: Path, fmt: str) -> Path:
     return final
 
 
+def no_space(err: OSError, out_dir: Path, doing: str, kept: str) -> OutputSpaceError:
+    """A full disk (`err.errno` in NO_SPACE) as an error naming output.dir, what was being written and what is kept."""
+    return OutputSpaceError(err.errno, f"output.dir={str(out_dir)!r}: {os.strerror(err.errno).lower()} while "
+                            f"{doing}. Kept: {kept}, in {outputs_dir(out_dir)} (a record the full disk cut short is "
+                            "dropped). Free space (or quota) there and run the same command again: it resumes from "
+                            "what is kept")
+
+
+@contextmanager
+def saying_no_space(out_dir: Path, doing: str, kept: str) -> Iterator[None]:
+    """Inside the block, a full disk is an OutputSpaceError naming output.dir, what was being done and what is kept."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE or isinstance(err, OutputSpaceError):
+            raise
+        raise no_space(err, out_dir, doing, kept) from err
+
+
+def writer_no_space(err: OSError, writer: "ShardWriter") -> OutputSpaceError:
+    return no_space(err, writer.out_dir, f"rank {writer.rank} wrote {writer.open_path.name}",
+                    f"what this rank wrote before (at least {writer.kept} records of this run) and earlier runs' records")
+
+
 class ShardWriter:
     """One rank's completions, appended to its open shard as they finish. Every append is
     flushed to the OS (a crashed process loses nothing); fsync runs at most every
-    `fsync_every_s`. A shard holding `shard_size` records is closed and the next one opened."""
+    `fsync_every_s`. A shard holding `shard_size` records is closed and the next one opened.
+    A full disk is an `OutputSpaceError` saying what was kept."""
 
     def __init__(self, out_dir: Path, rank: int, fmt: str, shard_size: int, fsync_every_s: float = 1.0):
         self.out_dir, self.rank, self.fmt, self.shard_size = Path(out_dir), rank, fmt, shard_size
@@ -117,6 +153,7 @@ class ShardWriter:
         self.last_fsync = time.monotonic()
         self.file = None
         self.count = 0
+        self.kept = 0  # records of this run flushed to the OS
         self.closed: list[Path] = []
 
     @property
@@ -124,6 +161,14 @@ class ShardWriter:
         return outputs_dir(self.out_dir) / shard_name(self.rank, self.number, OPEN_SUFFIX)
 
     def append(self, records: Sequence[dict]) -> None:
+        try:
+            self.write(records)
+        except OSError as err:
+            if err.errno not in NO_SPACE:
+                raise
+            raise writer_no_space(err, self) from err
+
+    def write(self, records: Sequence[dict]) -> None:
         for record in records:
             if self.file is None:
                 self.file = self.open_path.open("a", encoding="utf-8")
@@ -135,12 +180,14 @@ class ShardWriter:
             self.file.flush()
             if time.monotonic() - self.last_fsync >= self.fsync_every_s:
                 self.sync()
+        self.kept += len(records)
 
     def sync(self) -> None:
         os.fsync(self.file.fileno())
         self.last_fsync = time.monotonic()
 
     def finish_shard(self) -> None:
+        self.file.flush()
         self.sync()
         self.file.close()
         self.closed.append(close_shard(self.open_path, self.fmt))
@@ -149,7 +196,12 @@ class ShardWriter:
 
     def close(self) -> None:
         if self.file is not None:
-            self.finish_shard()
+            try:
+                self.finish_shard()
+            except OSError as err:
+                if err.errno not in NO_SPACE:
+                    raise
+                raise writer_no_space(err, self) from err
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -158,8 +210,11 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         elif self.file is not None:  # a failed run leaves its open shard as the journal a restart reads
-            self.sync()
-            self.file.close()
+            try:
+                self.sync()
+                self.file.close()
+            except OSError:  # a full disk: what could be written is there; the error in flight says so
+                pass
 
 
 def read_manifest(out_dir: Path) -> dict:

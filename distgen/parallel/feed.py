@@ -2,8 +2,9 @@
 plan is made from, then only its own prompts, a chunk at a time, as batch rows free up."""
 from __future__ import annotations
 
+import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,17 +33,50 @@ class Screening:
         return screen_prompt(prompt, length, self.limit, self.too_long, self.default_budget)
 
 
-def tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+def encode(tokenizer, texts: list[str], templated: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+
+
+def encode_each(tokenizer, prompts: Sequence[Prompt], templated: bool) -> tuple[list[list[int]], dict[int, str]]:
+    """One prompt at a time, after a batch failed: (ids, {position: why}) for the prompts the tokenizer fails on."""
+    ids, failed = [], {}
+    for k, prompt in enumerate(prompts):
+        try:
+            ids.append(encode(tokenizer, [prompt.text], templated)[0])
+        except Exception as err:  # only this prompt's text went in: attributable to its record
+            ids.append([])
+            failed[k] = f"the prompt could not be tokenized: {type(err).__name__}: {err}"
+    return ids, failed
+
+
+def tokenize_checked(tokenizer, prompts: Sequence[Prompt]) -> tuple[list[list[int]], dict[int, str]]:
     """A chat-rendered prompt already holds its special tokens; a plain one gets the tokenizer's.
-    A prompt that tokenizes to nothing gets no tokens (screening gives it an error record)."""
+    A prompt that tokenizes to nothing gets no tokens (screening gives it an error record), and so does
+    one the tokenizer fails on: (ids, {position in `prompts`: why it failed})."""
     ids: list[list[int]] = [[] for _ in prompts]
+    failed: dict[int, str] = {}
     for templated in (False, True):
         rows = [k for k, p in enumerate(prompts) if p.templated == templated]
-        if rows:
-            encoded = tokenizer([prompts[k].text for k in rows], add_special_tokens=not templated)["input_ids"]
-            for k, row_ids in zip(rows, encoded):
-                ids[k] = row_ids
-    return ids
+        if not rows:
+            continue
+        try:
+            encoded, bad = encode(tokenizer, [prompts[k].text for k in rows], templated), {}
+        except Exception:  # the batch failed: find the prompt(s) it failed on
+            encoded, bad = encode_each(tokenizer, [prompts[k] for k in rows], templated)
+        for k, row_ids in zip(rows, encoded):
+            ids[k] = row_ids
+        failed.update({rows[k]: why for k, why in bad.items()})
+    return ids, failed
+
+
+def tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    return tokenize_checked(tokenizer, prompts)[0]
+
+
+def say_failed(prompts: Sequence[Prompt], failed: dict[int, str]) -> None:
+    for k, why in failed.items():
+        print(f"distgen: record {prompts[k].id!r} (index {prompts[k].index}): {why}; it gets an error record",
+              file=sys.stderr, flush=True)
 
 
 def slice_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -56,10 +90,13 @@ def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: S
     table = np.zeros((3, stop - start), dtype=np.int32)
     for at in range(start, stop, CHUNK):
         prompts = source.prompts(range(at, min(at + CHUNK, stop)))
-        lengths = [len(ids) for ids in tokenize(tokenizer, prompts)]
+        ids, failed = tokenize_checked(tokenizer, prompts)
+        say_failed(prompts, failed)
+        lengths = [len(row) for row in ids]
         screens = [screening(p, n) for p, n in zip(prompts, lengths)]
         part = slice(at - start, at - start + len(prompts))
         table[LENGTH, part] = lengths
+        # A budget fits int32 (records.OVERRIDES checks its range; a bad one is dropped for an error record).
         table[BUDGET, part] = [p.max_new_tokens or 0 for p in prompts]
         table[SCREEN, part] = [s.verdict for s in screens]
         kept = [k for k, s in enumerate(screens) if s.keep is not None]
@@ -135,7 +172,9 @@ class PromptFeed:
             indices = self.order[self.taken:self.taken + self.chunk]
             self.taken += len(indices)
             prompts = self.source.prompts(indices)
-            ids = tokenize(self.tokenizer, prompts)
+            ids, failed = tokenize_checked(self.tokenizer, prompts)
+            # Measured fine before (else screened out): fails its request now (distgen.engine.build.make_request).
+            prompts = [replace(p, error=failed[k]) if k in failed else p for k, p in enumerate(prompts)]
             if self.lengths is not None:
                 ids = [row[len(row) - int(self.lengths[p.index]):] for p, row in zip(prompts, ids)]
             self.ready.extend(zip(prompts, ids))

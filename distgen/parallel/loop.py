@@ -44,6 +44,8 @@ def run_loop(engine: Engine, lockstep: bool, idle_step: Callable[[], None],
              sync_every: int = 1, counters: Optional[LoopCounters] = None) -> LoopCounters:
     """`counters`, when given, is updated as the loop runs (a sampler thread reads it)."""
     counters = LoopCounters() if counters is None else counters
+    # A prompt whose request cannot be made (distgen.engine.queue) is finished as an error completion.
+    engine.waiting.on_failed = lambda completion: on_finished([completion])
     start = time.perf_counter()
     step = 0
     while True:
