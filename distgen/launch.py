@@ -26,8 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_main(overrides)
     try:
         cfg = load_config(overrides)
-        job = prepare_job(cfg)
-        if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint):
+        job = prepare_job(cfg)  # refuses here, before any worker, what rank 0 would refuse (a lock, a changed job)
+        if job.reuses and job_complete(Path(cfg.output.dir), job.fingerprint):
             print(finished_message(job), flush=True)
             return 0
         return get_launcher(cfg.launcher.name).launch(cfg, overrides, run_main)

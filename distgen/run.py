@@ -7,6 +7,7 @@ before the process group starts (a bad record: while the ranks measure prompt le
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -14,11 +15,13 @@ from distgen.catalog.load import config_to_yaml, help_text, load_config
 from distgen.common.errors import ConfigError
 from distgen.job.prepare import check_inputs, prepare_job
 from distgen.job.run import config_error, run_ranks
+from distgen.parallel.env import discover
 
 USAGE = __doc__ + """
 Options:
   --print-config  show the composed config (unchecked, so it works before a model is named) and exit
-  --check         check the config, the prompts file, the model folder and its tokenizer, then exit
+  --check         check the config, the prompts file, the model folder (config, weight file headers, remote
+                  code), its tokenizer and what an earlier job left in output.dir, then exit
   --help          this text, the config groups and every key with its default
 """
 FLAGS = ("--print-config", "--check")
@@ -60,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "--check" in args:
             print(f"distgen: config ok, {len(check_inputs(cfg)[0])} prompts")
             return 0
-        job = prepare_job(cfg)
+        # Rank 0 checks what an earlier job left in output.dir (it alone writes there before the start).
+        job = prepare_job(cfg, checks_output=discover(os.environ, local_rank).rank == 0)
     except ConfigError as err:
         return config_error(err)
     return run_ranks(job, local_rank)
