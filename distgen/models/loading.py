@@ -73,8 +73,9 @@ def safetensors_problem(path: Path) -> str | None:
             return "its header is not JSON"
     if not isinstance(header, dict):
         return "its header is not a JSON object"
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"
-            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2]
+    offsets = [entry.get("data_offsets") for name, entry in header.items()
+               if name != "__metadata__" and isinstance(entry, dict)]
+    ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], int)]
     if max(ends, default=0) > size - 8 - length:
         return f"its tensors need {max(ends) + 8 + length} bytes but the file has {size} (cut short?)"
     return None
