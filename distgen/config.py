@@ -219,8 +219,16 @@ class OutputConfig:
     print_table: bool = True
     # Each rank logs its progress this often (seconds); 0 turns it off.
     progress_every_s: float = 30.0
-    # Skip prompts an earlier run of the same job finished into this output.dir.
+    # Skip prompts an earlier run of the same job finished into this output.dir (per record: same index, id,
+    # prompt and per-record settings). false: reuse nothing; with earlier outputs there it needs overwrite=true.
     resume: bool = True
+    # Earlier outputs this run cannot reuse (other settings, or resume=false) are moved aside into
+    # output.dir/previous-<time>/ instead of refusing the run. Nothing is ever deleted.
+    overwrite: bool = False
+    # output.dir/distgen.lock: one job at a time. Its holder touches it every lock_heartbeat_s seconds; it is
+    # stale after 3 of them, and break_lock=true then takes it (a job on another host that died).
+    break_lock: bool = False
+    lock_heartbeat_s: float = 30.0
     # Shards under output.dir/outputs/: part-RRRRR-NNNNN.jsonl or .parquet.
     format: str = "jsonl"
     # Records per shard; a rank starts a new shard once its current one holds this many.
@@ -236,6 +244,7 @@ class OutputConfig:
         require(self.progress_every_s >= 0, "output.progress_every_s", self.progress_every_s, "must be >= 0")
         require(self.shard_size >= 1, "output.shard_size", self.shard_size, "must be >= 1")
         require(self.sample_every_s > 0, "output.sample_every_s", self.sample_every_s, "must be > 0")
+        require(self.lock_heartbeat_s > 0, "output.lock_heartbeat_s", self.lock_heartbeat_s, "must be > 0")
 
 
 @dataclass

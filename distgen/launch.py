@@ -22,8 +22,8 @@ from distgen.run import FLAGS, main as run_main
 def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path] = None) -> int:
     """Start the checked job `cfg` (composed from `job_file` and `overrides`) with its launcher; its exit status.
     Raises ConfigError for what can be found wrong before any rank starts."""
-    job = prepare_job(cfg)
-    if cfg.output.resume and job_complete(Path(cfg.output.dir), job.fingerprint):
+    job = prepare_job(cfg)  # refuses here, before any worker, what rank 0 would refuse (a lock, a changed job)
+    if job.reuses and job_complete(Path(cfg.output.dir), job.fingerprint):
         print(finished_message(job), flush=True)
         return 0
     # The ranks read the same job file (by its absolute path) and the same overrides.

@@ -7,13 +7,15 @@ before the process group starts (a bad record: while the ranks measure prompt le
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
 from distgen.catalog.load import config_to_yaml, help_text, load_config, split_job_file
 from distgen.common.errors import ConfigError
-from distgen.job.prepare import check_inputs, prepare_job
+from distgen.job.prepare import check_inputs, prepare_job, resolve_sources
 from distgen.job.run import config_error, run_ranks
+from distgen.parallel.env import discover
 
 USAGE = __doc__ + """
 Options:
@@ -21,7 +23,8 @@ Options:
                   a job file: NAME.yaml in DIR (default: here), composed over the defaults; the key=value
                   overrides after it win. What --print-config prints is a job file (print, edit, run).
   --print-config  show the composed config (unchecked, so it works before a model is named) and exit
-  --check         check the config, the prompts file, the model folder and its tokenizer, then exit
+  --check         check the config, the prompts file, the model folder (config, weight file headers, remote
+                  code), its tokenizer and what an earlier job left in output.dir, then exit
   --help          this text, the config groups and every key with its default
 """
 FLAGS = ("--print-config", "--check")
@@ -62,9 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         cfg = load_config(overrides, job_file=job_file)
         if "--check" in args:
-            print(f"distgen: config ok, {len(check_inputs(cfg)[1])} prompts")
+            print(f"distgen: config ok, {len(check_inputs(resolve_sources(cfg))[0])} prompts")
             return 0
-        job = prepare_job(cfg)
+        # Rank 0 checks what an earlier job left in output.dir (it alone writes there before the start).
+        job = prepare_job(cfg, checks_output=discover(os.environ, local_rank).rank == 0)
     except ConfigError as err:
         return config_error(err)
     return run_ranks(job, local_rank)

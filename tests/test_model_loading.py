@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -8,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_module, write_prompts
 from distgen.config import ModelConfig, TinyModelConfig
 from distgen.common.errors import ConfigError
 from distgen.models.loading import check_model_source, load_model, load_tokenizer, resolve_dtype
 from distgen.models.tiny import build_tiny_model
+from distgen.run import main as run_main
 
 CPU = torch.device("cpu")
 
@@ -86,3 +89,34 @@ def test_hub_ids_load_from_the_local_cache_and_name_the_cache_when_missing(tiny_
     assert (f"model.path='acme/not-cached' is neither a folder here ({tmp_path}) nor a model in the Hugging Face "
             f"cache ({cache}), and HF_HUB_OFFLINE is set; fetch it with `hf download acme/not-cached`") in missing.stderr
     assert not (tmp_path / "none").exists()
+def test_model_folder_problems_stop_before_anything_starts(tiny_model_dir, tmp_path, capsys):
+    """Issue 21 item 9: --check and the pre-start checks open the model folder (config, weight headers,
+    remote code), before any process group and before output.dir exists."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hi"}])
+
+    def broken(name, change):
+        folder = shutil.copytree(tiny_model_dir, tmp_path / name)
+        change(folder)
+        return folder
+
+    weights = "model.safetensors"
+    cases = {
+        "no-weights": (lambda m: (m / weights).unlink(), r"has no weight files"),
+        "cut-weights": (lambda m: (m / weights).write_bytes((m / weights).read_bytes()[:-100]),
+                        r"weight file model.safetensors is not usable: its tensors need \d+ bytes but the file has"),
+        "bad-header": (lambda m: (m / weights).write_bytes(b"\xff" * 64), r"header length .* does not fit"),
+        "bad-config": (lambda m: (m / "config.json").write_text("{not json"), r"config.json cannot be read as JSON"),
+        "remote-code": (lambda m: (m / "config.json").write_text(json.dumps(
+            {**json.loads((m / "config.json").read_text()), "auto_map": {"AutoModelForCausalLM": "x.Model"}})),
+                        r"needs its own Python code .* model.trust_remote_code=true"),
+    }
+    for name, (change, message) in cases.items():
+        out = tmp_path / f"out-{name}"
+        assert run_main(["--check", f"model={broken(name, change)}", f"dataset={prompts}", f"output.dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("distgen: config error: ") and re.search(message, err), (name, err)
+        assert not out.exists()
+    # and a real run (not --check) stops the same way, before output.dir exists
+    failed = run_module("distgen.run", [f"model={tmp_path / 'cut-weights'}", f"dataset={prompts}",
+                                        f"output.dir={tmp_path / 'out'}"])
+    assert failed.returncode == 2 and "is not usable" in failed.stderr and not (tmp_path / "out").exists()

@@ -45,21 +45,34 @@ def test_failure_keeps_finished_batches_and_restart_skips_them(tiny_model_dir, p
     assert read_outputs(failed) == want and read_stats(failed) == stats
 
 
-def test_changed_job_does_not_reuse_outputs(tiny_model_dir, prompts_file, tmp_path):
+def test_changed_job_refuses_and_overwrite_moves_the_earlier_outputs_aside(tiny_model_dir, prompts_file, tmp_path,
+                                                                            capsys):
+    """Issue 21: a rerun with other settings no longer deletes the earlier outputs; it refuses naming what
+    changed, and output.overwrite=true moves them aside."""
     out = tmp_path / "out"
-    assert run_in_process([f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"output.dir={out}"]) == 0
-    assert run_in_process([f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"output.dir={out}",
-                           "generation.max_new_tokens=3"]) == 0
+    args = [f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"output.dir={out}"]
+    assert run_in_process(args) == 0
+    first = read_outputs(out)
+    assert run_in_process([*args, "generation.max_new_tokens=3"]) == 2
+    assert "generation.max_new_tokens: 4 -> 3" in capsys.readouterr().err
+    assert read_outputs(out) == first
+    assert run_in_process([*args, "generation.max_new_tokens=3", "output.overwrite=true"]) == 0
     stats = read_stats(out)
     assert stats["summary"]["resumed"] == 0 and stats["ranks"][0]["prompts"] == 7
     assert all(r["completion_tokens"] <= 3 for r in read_outputs(out) if r["id"] not in ("story", "code"))
+    [previous] = out.glob("previous-*")
+    assert read_outputs(previous) == first
 
 
-def test_resume_off_regenerates(tiny_model_dir, prompts_file, tmp_path):
+def test_resume_off_needs_overwrite_then_regenerates(tiny_model_dir, prompts_file, tmp_path, capsys):
+    """Issue 21: output.resume=false no longer deletes the earlier outputs: it refuses without overwrite=true."""
     args = [f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"output.dir={tmp_path}"]
     assert run_in_process(args) == 0
-    assert run_in_process([*args, "output.resume=false"]) == 0
+    assert run_in_process([*args, "output.resume=false"]) == 2
+    assert "output.resume=false does not reuse them" in capsys.readouterr().err
+    assert run_in_process([*args, "output.resume=false", "output.overwrite=true"]) == 0
     assert read_stats(tmp_path)["ranks"][0]["prompts"] == 7
+    assert len(list(tmp_path.glob("previous-*"))) == 1
 
 
 def test_journal_lines_split_only_on_newlines(tmp_path):

@@ -15,6 +15,11 @@ def record(index):
     return {"index": index, "id": f"p{index}", "prompt_tokens": 3 + index % 4, "completion_tokens": 1 + index % 2}
 
 
+def keys(count, changed=()):
+    """Record keys for `count` prompts; those at `changed` differ (their prompt changed)."""
+    return np.array([i + 1000 * (i in changed) for i in range(count)], dtype=np.int64)
+
+
 def write_ranks(out, per_rank, fmt="jsonl", shard_size=3):
     for rank, indices in enumerate(per_rank):
         with ShardWriter(out, rank, fmt, shard_size) as writer:
@@ -24,7 +29,7 @@ def write_ranks(out, per_rank, fmt="jsonl", shard_size=3):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_shards_roll_over_sorted_and_merge_in_dataset_order(fmt, tmp_path):
-    start_outputs(tmp_path, "job1", resume=True)
+    start_outputs(tmp_path, {"job": "job1"}, keys(10))
     write_ranks(tmp_path, [[6, 0, 4, 2, 9], [5, 1, 8, 3, 7]], fmt)
     names = [p.name for p in list_shards(tmp_path)]
     assert names == [f"part-0000{r}-0000{n}.{fmt}" for r in (0, 1) for n in (0, 1)]
@@ -44,22 +49,28 @@ def test_shards_roll_over_sorted_and_merge_in_dataset_order(fmt, tmp_path):
     ([[0, 1, 5]], r"out of range \[5\]"),
 ])
 def test_missing_or_repeated_outputs_are_an_error(per_rank, message, tmp_path):
-    start_outputs(tmp_path, "job", resume=True)
+    start_outputs(tmp_path, {"job": "job"}, keys(2))
     write_ranks(tmp_path, per_rank)
     with pytest.raises(IncompleteOutputError, match=message):
         finish_outputs(tmp_path, "job", 2, "jsonl", merge=False, world_size=len(per_rank))
 
 
-def test_restart_reads_open_shards_and_another_job_clears_them(tmp_path):
-    start_outputs(tmp_path, "job", resume=True)
+def test_restart_reads_open_shards_and_sets_changed_records_aside(tmp_path):
+    """Issue 21: records whose prompt changed are set aside (previous-<time>/set-aside.jsonl), never removed."""
+    start_outputs(tmp_path, {"job": "job"}, keys(3))
     writer = ShardWriter(tmp_path, 0, "jsonl", 10)
     writer.append([record(0), record(1)])
     writer.file.write('{"index": 2, "id": "p')  # a crash cut this line short
     writer.file.close()
-    assert start_outputs(tmp_path, "job", resume=True) == {0, 1}
+    repairs = start_outputs(tmp_path, {"job": "job"}, keys(3))
+    assert repairs.finished == {0, 1} and repairs.torn == 1
     write_ranks(tmp_path, [[2]])  # the restart writes the next shard number
     assert finish_outputs(tmp_path, "job", 3, "jsonl", merge=False, world_size=1).shards[0]["records"] == 2
-    assert start_outputs(tmp_path, "other-job", resume=True) == set() and list_shards(tmp_path) == []
+    repairs = start_outputs(tmp_path, {"job": "job"}, keys(3, changed=[1]))
+    assert repairs.finished == {0, 2} and repairs.aside == {"prompt changed": 1}
+    [aside] = tmp_path.glob("previous-*/set-aside.jsonl")
+    assert [json.loads(line) for line in aside.read_text().splitlines()] == [
+        {**record(1), "set_aside": "prompt changed"}]
 
 
 def test_report_is_valid_html_with_svg_charts():

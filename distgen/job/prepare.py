@@ -1,11 +1,15 @@
 """Everything a job needs before any process group exists: the config's inputs checked (model folder,
-tokenizer, output folder, dataset), and the `Job` every rank then plans from."""
+tokenizer, output folder and what an earlier job left there, dataset), the `Job` every rank then plans
+from, and (rank 0) the claim on output.dir: its lock, and earlier outputs moved aside when asked."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -15,8 +19,11 @@ from distgen.inputs.screening import ERROR_RECORD, RUNS, context_limit
 from distgen.inputs.source import PromptSource, open_prompts
 from distgen.models.loading import check_model_source, load_model_config, load_tokenizer, resolve_hub_ids
 from distgen.outputs.records import error_record
-from distgen.outputs.resume import job_fingerprint
-from distgen.outputs.shards import OUTPUTS_DIR
+from distgen.outputs.coordinator import STATS_FILE
+from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, OutputPlan, move_aside, plan_outputs
+from distgen.outputs.lock import OutputLock, lock_status
+from distgen.outputs.report import REPORT_FILE
+from distgen.outputs.resume import job_fingerprint, job_settings
 from distgen.parallel.feed import Screening
 
 # distgen's own files in output.dir: the length table cache, the progress side channel.
@@ -30,6 +37,11 @@ class Job:
     source: PromptSource
     tokenizer: object
     fingerprint: str
+    # What decides the completions (`key: value`, recorded in the manifest) and the dataset's digest.
+    settings: dict = field(default_factory=dict)
+    dataset_digest: str = ""
+    # What this run does with output.dir's earlier outputs (None: not checked, this rank does not write there).
+    plan: Optional[OutputPlan] = None
     # What decides whether a prompt runs (the model's context, dataset.too_long).
     screening: Screening = Screening()
     # Whether this job created output.dir (for the dataset's cache): an unusable job removes it again.
@@ -72,6 +84,17 @@ class Job:
     def work_path(self, *parts: str) -> Path:
         return self.out_dir / WORK_DIR / Path(*parts)
 
+    @property
+    def reuses(self) -> bool:
+        """Whether this run reuses the records an earlier run of the job left in output.dir."""
+        return self.plan is not None and self.plan.reuse
+
+    def start(self) -> dict:
+        """The manifest's start: this job, and the top-level files this run will write (claimed first)."""
+        out = self.cfg.output
+        files = [STATS_FILE] + [MERGED_FILE] * out.merge + [REPORT_FILE] * out.report
+        return {"job": self.fingerprint, "settings": self.settings, "dataset": self.dataset_digest, "files": files}
+
     def error_records(self, indices: np.ndarray) -> list[dict]:
         """Error records for these rejected prompts, with the reason screening gives."""
         return [error_record(p, self.screening(p, int(self.lengths[p.index])).reason, int(self.lengths[p.index]))
@@ -105,28 +128,63 @@ def open_checked(cfg: RunConfig, tokenizer=None) -> PromptSource:
         raise
 
 
-def check_inputs(cfg: RunConfig) -> tuple[RunConfig, PromptSource, object, bool]:
-    """The config with hub ids resolved to their cached folders, the dataset and the tokenizer, once the model
-    folder, its tokenizer, the output folder and the dataset are known to be usable; and whether output.dir was
-    created for the dataset's cache."""
-    cfg = replace(cfg, model=resolve_hub_ids(cfg.model))
+def check_output_plan(cfg: RunConfig, settings: dict) -> OutputPlan:
+    """Read-only, without the lock: a job holding output.dir is named first (what it writes meanwhile
+    is no verdict on the folder), then what an earlier job left there is checked against this one."""
+    out = cfg.output
+    lock_status(Path(out.dir), out.lock_heartbeat_s, out.break_lock)
+    return plan_outputs(Path(out.dir), settings, out.resume, out.overwrite)
+
+
+def check_inputs(cfg: RunConfig, checks_output: bool = True
+                 ) -> tuple[PromptSource, object, bool, dict, Optional[OutputPlan]]:
+    """The dataset, the tokenizer, whether output.dir was created for the dataset's cache, the job's
+    settings and what it may do with output.dir: the model folder, its tokenizer and the output
+    folder are checked (and what an earlier job left there, where `checks_output`: rank 0, a launcher)
+    before the dataset is opened, so a refusal touches nothing in output.dir."""
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     check_output_dir(cfg.output.dir)
+    settings = job_settings(cfg)
+    plan = check_output_plan(cfg, settings) if checks_output else None
     created = not Path(cfg.output.dir).exists()
-    return cfg, open_checked(cfg, tokenizer), tokenizer, created
+    return open_checked(cfg, tokenizer), tokenizer, created, settings, plan
 
 
-def prepare_job(cfg: RunConfig) -> Job:
+def resolve_sources(cfg: RunConfig) -> RunConfig:
+    """The config with hub ids (model.path, tokenizer_path, assistant_path) resolved to their cached folders."""
+    return replace(cfg, model=resolve_hub_ids(cfg.model))
+
+
+def prepare_job(cfg: RunConfig, checks_output: bool = True) -> Job:
     """Everything up to the first worker: inputs checked; prompts are tokenized and screened by the ranks."""
-    cfg, source, tokenizer, created = check_inputs(cfg)
+    cfg = resolve_sources(cfg)
+    source, tokenizer, created, settings, plan = check_inputs(cfg, checks_output)
     screening = Screening(context_limit(load_model_config(cfg.model, tokenizer)), cfg.dataset.too_long,
                           cfg.generation.max_new_tokens)
-    return Job(cfg, source, tokenizer, job_fingerprint(cfg, source.digest()), screening, created_out=created)
+    digest = source.digest()
+    return Job(cfg, source, tokenizer, job_fingerprint(cfg, digest), settings=settings, dataset_digest=digest,
+               plan=plan, screening=screening, created_out=created)
+
+
+@contextlib.contextmanager
+def claim_output_dir(job: Job) -> Iterator[OutputLock]:
+    """Rank 0, before any process group: hold output.dir's lock for the whole run (released on the way
+    out, also on an exception or SIGTERM), check again under it what the earlier outputs allow, and
+    with output.overwrite=true move them aside. Nothing in output.dir changes before the lock is held."""
+    out = job.cfg.output
+    with OutputLock(job.out_dir, out.lock_heartbeat_s, out.break_lock) as lock:
+        job.plan = plan_outputs(job.out_dir, job.settings, out.resume, out.overwrite)
+        if job.plan.move_aside:
+            where = move_aside(job.out_dir)
+            print(f"distgen: output.overwrite=true: moved the earlier outputs aside into {where}", file=sys.stderr,
+                  flush=True)
+        yield lock
 
 
 def finished_message(job: Job) -> str:
     return (f"distgen: job {job.fingerprint} already finished: {job.prompt_count} prompts in "
-            f"{job.out_dir / OUTPUTS_DIR}; nothing to do (output.resume=false runs it again)")
+            f"{job.out_dir / OUTPUTS_DIR}; nothing to do (output.resume=false output.overwrite=true moves it aside "
+            "and runs it again)")
 
 

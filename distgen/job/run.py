@@ -2,6 +2,7 @@
 generate this rank's share, and (rank 0) check, merge and report the outputs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -12,22 +13,38 @@ from transformers.utils import logging as hf_logging
 
 from distgen.common.errors import ConfigError, OutputSpaceError
 from distgen.common.procs import exit_on_termination
-from distgen.job.prepare import Job, finished_message
+from distgen.job.prepare import Job, claim_output_dir, finished_message
+from distgen.inputs.keys import join_halves
 from distgen.job.worker import RankRun, generate_shard
-from distgen.outputs.coordinator import format_table, gather_to_coordinator, summarize, write_atomic, write_stats
+from distgen.outputs.coordinator import (format_table, gather_to_coordinator, run_figures, summarize, whole_job,
+                                         write_atomic, write_stats)
+from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, read_manifest
+from distgen.outputs.lock import OutputLock
 from distgen.outputs.progress import ProgressDisplay
 from distgen.outputs.report import REPORT_FILE, render_report
 from distgen.outputs.resume import shared_skip
-from distgen.outputs.shards import (MERGED_FILE, OUTPUTS_DIR, finish_outputs, job_complete, saying_no_space,
-                                    start_outputs)
+from distgen.outputs.shards import finish_outputs, job_complete, saying_no_space, start_outputs
 from distgen.parallel.env import DistContext, discover, init_distributed, shutdown
-from distgen.parallel.feed import BUDGET, LENGTH, SCREEN, broadcast_flag, check_fits, shared_lengths
+from distgen.parallel.feed import BUDGET, KEY_HIGH, KEY_LOW, LENGTH, SCREEN, broadcast_flag, check_fits, shared_lengths
+
+
+def record_keys(table: np.ndarray) -> np.ndarray:
+    """Each prompt's record key (distgen/inputs/keys.py) from its two halves in the length table."""
+    return join_halves(table[KEY_HIGH].astype(np.int64), table[KEY_LOW].astype(np.int64))
+
+
+def start_coordinator(job: Job, table: np.ndarray) -> set[int]:
+    """Rank 0, holding the lock: repair and read the earlier shards, say what it found, claim the job's files."""
+    repairs = start_outputs(job.out_dir, job.start(), record_keys(table), job.cfg.output.format)
+    for line in repairs.messages():
+        print(f"distgen: {line}", flush=True)
+    return repairs.finished
+
 
 def share_plan(job: Job, ctx: DistContext) -> bool:
     """Every prompt's length and screening, and the finished prompts (rank 0 reads the shards), on
     every rank; False when an earlier run already finished the whole job (nothing to do)."""
-    resume = job.cfg.output.resume
-    complete = ctx.is_coordinator and resume and job_complete(job.out_dir, job.fingerprint)
+    complete = ctx.is_coordinator and job.reuses and job_complete(job.out_dir, job.fingerprint)
     if broadcast_flag(complete, ctx):
         if ctx.is_coordinator:
             print(finished_message(job), flush=True)
@@ -36,7 +53,7 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
                            job.screening)
     check_fits(table, job.source, job.tokenizer, job.screening)
     job.lengths, job.budgets, job.screen = table[LENGTH], table[BUDGET], table[SCREEN]
-    finished = start_outputs(job.out_dir, job.fingerprint, resume) if ctx.is_coordinator else set()
+    finished = start_coordinator(job, table) if ctx.is_coordinator else set()
     job.skip = shared_skip(finished, ctx.is_coordinator)
     if job.skip and ctx.is_coordinator:
         print(f"distgen: resuming: {len(job.skip)} of {job.prompt_count} prompts already done in "
@@ -44,8 +61,10 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
     return True
 
 
-def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDisplay | None) -> None:
-    """Rank 0: check the shards cover every prompt once, write the manifest, merge, stats and report."""
+def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDisplay | None,
+               lock: OutputLock | None = None) -> None:
+    """Rank 0: check the shards cover every prompt once, write the manifest, merge, stats and report
+    (of the whole job: the earlier runs' figures are kept in the manifest)."""
     gathered = gather_to_coordinator(run, ctx.rank, ctx.world_size)
     if not ctx.is_coordinator:
         return
@@ -53,30 +72,35 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     if display is not None:
         display.update(sum(s.prompts for s in stats), sum(s.generated_tokens for s in stats), final=True)
     out, cfg = job.out_dir, job.cfg.output
-    coverage = finish_outputs(out, job.fingerprint, job.prompt_count, cfg.format, cfg.merge, ctx.world_size)
-    summary = summarize(stats, job.prompt_count, resumed=len(job.skip), job=job.fingerprint,
-                        errors=job.error_count)
+    if lock is not None:
+        lock.check_held()
+    this_run = summarize(stats, job.prompt_count, resumed=len(job.skip), job=job.fingerprint,
+                         errors=job.error_count)
+    coverage = finish_outputs(out, job.fingerprint, job.prompt_count, cfg.format, cfg.merge, ctx.world_size,
+                              run=run_figures(this_run, stats))
+    runs = read_manifest(out).get("runs", [])
+    summary = whole_job(this_run, runs, coverage.completion_prompt_tokens, coverage.generated_tokens)
     write_stats(out, stats, summary, [r.timeline for r in gathered])
     if cfg.report:
         write_atomic(out / REPORT_FILE, render_report(
             summary, [s.as_record() for s in stats], [r.timeline for r in gathered],
             np.concatenate(coverage.prompt_tokens or [np.zeros(0, np.int32)]),
-            np.concatenate(coverage.completion_tokens or [np.zeros(0, np.int32)])))
+            np.concatenate(coverage.completion_tokens or [np.zeros(0, np.int32)]), runs))
     if cfg.print_table:
         print(format_table(stats, summary))
     where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR
     print(f"wrote {job.prompt_count} records to {where} ({summary['errors']} errors)", flush=True)
 
 
-def run_job(job: Job, ctx: DistContext) -> int:
+def run_job(job: Job, ctx: DistContext, lock: OutputLock | None = None) -> int:
     try:
-        return run_steps(job, ctx)
+        return run_steps(job, ctx, lock)
     except OutputSpaceError as err:  # a full disk: the message says what was kept and how to go on
         print(f"distgen: {err.strerror}", file=sys.stderr, flush=True)
         return 1
 
 
-def run_steps(job: Job, ctx: DistContext) -> int:
+def run_steps(job: Job, ctx: DistContext, lock: OutputLock | None = None) -> int:
     try:
         with saying_no_space(job.out_dir, f"rank {ctx.rank} prepared the job (length table, manifest)",
                              "every record of earlier runs of this job"):
@@ -92,22 +116,27 @@ def run_steps(job: Job, ctx: DistContext) -> int:
         run = generate_shard(job, ctx, display)
     with saying_no_space(job.out_dir, f"rank {ctx.rank} closed and merged the shards",
                          "every record of the job, in its shards"):
-        coordinate(job, ctx, run, display)
+        coordinate(job, ctx, run, display, lock)
     return 0
-
 
 
 def run_ranks(job: Job, local_rank: int | None = None) -> int:
     """This process as one rank of the job: join the process group (from the launcher's environment), run, leave."""
     hf_logging.disable_progress_bar()
     with exit_on_termination():
-        ctx = init_distributed(job.cfg.device, info=discover(os.environ, local_rank))
-        clean = False
+        info = discover(os.environ, local_rank)
         try:
-            code = run_job(job, ctx)
-            clean = code == 0
-        finally:
-            shutdown(clean)
+            # Rank 0 holds output.dir's lock from before the process group to its end.
+            with claim_output_dir(job) if info.rank == 0 else contextlib.nullcontext() as lock:
+                ctx = init_distributed(job.cfg.device, info=info)
+                clean = False
+                try:
+                    code = run_job(job, ctx, lock)
+                    clean = code == 0
+                finally:
+                    shutdown(clean)
+        except ConfigError as err:  # output.dir locked or in the way, or the lock lost before the merge
+            return config_error(err)
     return code
 
 

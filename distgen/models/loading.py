@@ -1,8 +1,10 @@
 """Load the tokenizer and the model (whole on CPU, or as a weightless meta skeleton); layouts place or shard it."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +52,94 @@ def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dt
     return None
 
 
+# Weight files from_pretrained reads, and the index files that list a sharded checkpoint's parts.
+SAFETENSORS, BIN = ".safetensors", ".bin"
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# A safetensors header is JSON of this size at most (the format's own limit).
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def read_model_config(folder: Path, key: str) -> dict:
+    """config.json as a dict; a missing or unreadable one is a ConfigError naming `key` and the file."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{key}={str(folder)!r} is not a folder with a saved model (no config.json there)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"{key}={str(folder)!r}: {path} cannot be read as JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}={str(folder)!r}: {path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (its 8-byte header length, its JSON header, the tensors'
+    offsets against the file size), or None. No tensor is read."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, too short for a safetensors header"
+        length = struct.unpack("<Q", head)[0]
+        if length > min(MAX_SAFETENSORS_HEADER, size - 8):
+            return f"its header length {length} does not fit the file ({size} bytes)"
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, ValueError):
+            return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    offsets = [entry.get("data_offsets") for name, entry in header.items()
+               if name != "__metadata__" and isinstance(entry, dict)]
+    ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], int)]
+    if max(ends, default=0) > size - 8 - length:
+        return f"its tensors need {max(ends) + 8 + length} bytes but the file has {size} (cut short?)"
+    return None
+
+
+def weight_files(folder: Path, key: str) -> list[Path]:
+    """The checkpoint's weight files: those an index lists (each must exist), else the top-level
+    .safetensors (preferred, as from_pretrained does) or .bin files."""
+    for name in WEIGHT_INDEXES:
+        index = folder / name
+        if index.is_file():
+            try:
+                parts = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ConfigError(f"{key}={str(folder)!r}: {index} is not a weight index ({err!r})") from None
+            missing = [p for p in parts if not (folder / p).is_file()]
+            if missing:
+                raise ConfigError(f"{key}={str(folder)!r}: {index.name} lists weight files that are not there: "
+                                  f"{', '.join(missing[:5])}")
+            return [folder / p for p in parts]
+    for suffix in (SAFETENSORS, BIN):
+        found = sorted(p for p in folder.glob(f"*{suffix}") if p.is_file() and p.name != "training_args.bin")
+        if found:
+            return found
+    raise ConfigError(f"{key}={str(folder)!r} has no weight files (*.safetensors or *.bin, or an index of them); "
+                      "save the model there with save_pretrained")
+
+
+def check_weights(folder: Path, key: str) -> None:
+    for path in weight_files(folder, key):
+        problem = safetensors_problem(path) if path.suffix == SAFETENSORS else (
+            "it is empty" if path.stat().st_size == 0 else None)
+        if problem:
+            raise ConfigError(f"{key}={str(folder)!r}: the weight file {path.name} is not usable: {problem}")
+
+
+def check_model_folder(folder: Path, key: str, trust_remote_code: bool) -> None:
+    """config.json parses, the weight files are there with valid headers, and a model that needs its own
+    code (auto_map in config.json) is run only with model.trust_remote_code=true."""
+    config = read_model_config(folder, key)
+    if config.get("auto_map") and not trust_remote_code:
+        raise ConfigError(f"{key}={str(folder)!r} needs its own Python code (auto_map in config.json: "
+                          f"{', '.join(sorted(config['auto_map']))}), which distgen runs only with "
+                          "model.trust_remote_code=true; read that code first")
+    check_weights(folder, key)
+
+
 # A Hugging Face hub id: `name` or `org/name` (letters, digits, . _ -).
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 HUB_KEYS = ("path", "tokenizer_path", "assistant_path")
@@ -95,12 +185,12 @@ def resolve_hub_ids(cfg: ModelConfig) -> ModelConfig:
 
 
 def check_model_source(cfg: ModelConfig) -> None:
-    """Fail before any worker starts when model.path cannot hold a saved model."""
-    if cfg.source == "pretrained" and not (Path(cfg.path) / "config.json").is_file():
-        raise ConfigError(f"model.path={cfg.path!r} is not a folder with a saved model (no config.json there)")
-    if cfg.assistant == "draft" and not (Path(cfg.assistant_path) / "config.json").is_file():
-        raise ConfigError(f"model.assistant_path={cfg.assistant_path!r} is not a folder with a saved draft model "
-                          "(no config.json there)")
+    """Fail before any worker starts, and before output.dir is touched, when a model folder cannot
+    load: no or broken config.json, missing or cut weight files, remote code without the flag."""
+    if cfg.source == "pretrained":
+        check_model_folder(Path(cfg.path), "model.path", cfg.trust_remote_code)
+    if cfg.assistant == "draft":
+        check_model_folder(Path(cfg.assistant_path), "model.assistant_path", cfg.trust_remote_code)
 
 
 def read_tokenizer(cfg: ModelConfig):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -72,6 +73,31 @@ def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, j
     }
 
 
+# A run's figures kept in the manifest's runs list (a resumed job's stats add them up).
+RUN_KEYS = ("world_size", "resumed", "prompt_tokens", "generated_tokens", "generate_seconds", "tokens_per_second",
+            "oom_backoffs")
+
+
+def run_figures(summary: dict, stats: Sequence[RankStats]) -> dict:
+    """This run's entry in the manifest's runs list: when it ended, what it generated and how fast."""
+    return {"ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompts": sum(s.prompts for s in stats),
+            "forward_steps": sum(s.forward_steps for s in stats), **{k: summary[k] for k in RUN_KEYS}}
+
+
+def whole_job(summary: dict, runs: Sequence[dict], prompt_tokens: int, generated_tokens: int) -> dict:
+    """The summary of the whole job, over every run that wrote its records: tokens counted from the
+    records (so a run that crashed counts too), seconds and tokens/s over the runs that finished (each
+    kept its figures in `runs`, this one last); `this_run` is the last run's own. A job that ran once
+    reads as before."""
+    seconds = sum(r["generate_seconds"] for r in runs)
+    measured = sum(r["generated_tokens"] for r in runs)
+    this_run = {k: summary[k] for k in RUN_KEYS if k != "resumed"}
+    return {**summary, "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
+            "generate_seconds": round(seconds, 3),
+            "tokens_per_second": round(measured / seconds, 2) if seconds else 0.0,
+            "oom_backoffs": sum(r["oom_backoffs"] for r in runs), "runs": len(runs), "this_run": this_run}
+
+
 TABLE_COLUMNS = (  # header, width, format spec, value
     ("rank", 4, "", lambda s: s.rank), ("device", 7, "", lambda s: s.device),
     ("prompts", 7, "", lambda s: s.prompts), ("prompt_tok", 10, "", lambda s: s.prompt_tokens),
@@ -91,6 +117,11 @@ def format_table(stats: Sequence[RankStats], summary: dict) -> str:
              f"{summary['generate_seconds']:.2f}s of generation ({summary['tokens_per_second']:.1f} generated tok/s; "
              f"{summary['tokens_per_wall_second']:.1f} per wall second, {summary['wall_seconds']:.1f}s with loading) "
              f"over {summary['world_size']} ranks")
+    if summary.get("resumed") or summary.get("runs", 1) > 1:
+        run = summary["this_run"]
+        total += (f"\nthis run: {sum(s.prompts for s in stats)} prompts ({summary['resumed']} done earlier, "
+                  f"{summary['runs']} runs in all), {run['generated_tokens']} tokens in "
+                  f"{run['generate_seconds']:.2f}s ({run['tokens_per_second']:.1f} generated tok/s)")
     maps = [f"rank {s.rank} device map: {compact_map(s.device_map)}" for s in stats if s.device_map]
     drafts = [f"rank {s.rank} assisted: {s.draft_accepted} of {s.draft_proposed} draft tokens accepted "
               f"({100 * s.acceptance_rate:.1f}%)" for s in stats if s.draft_proposed]

@@ -89,8 +89,19 @@ def throughput(timeline: Sequence[dict]) -> list[tuple[float, float]]:
             for a, b in zip(timeline, timeline[1:]) if b["t"] > a["t"]]
 
 
+def runs_table(runs: Sequence[dict]) -> str:
+    """One row per run of the job (a job resumed after a crash or with a grown dataset ran more than once)."""
+    if len(runs) < 2:
+        return ""
+    keys = list(runs[-1])
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["run", *keys])
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in [n + 1, *(r.get(k, "") for k in keys)])
+                   + "</tr>" for n, r in enumerate(runs))
+    return f"<h2>Runs of this job (charts and ranks: the last run)</h2><table><tr>{head}</tr>{rows}</table>"
+
+
 def render_report(summary: dict, ranks: Sequence[dict], timelines: Sequence[Sequence[dict]],
-                  prompt_tokens: np.ndarray, completion_tokens: np.ndarray) -> str:
+                  prompt_tokens: np.ndarray, completion_tokens: np.ndarray, runs: Sequence[dict] = ()) -> str:
     names = [f"rank {r['rank']}" for r in ranks]
     memory = {n: [(s["t"], s["rss_mib"]) for s in line] for n, line in zip(names, timelines)}
     cuda = {n: [(s["t"], s["cuda_mib"]) for s in line] for n, line in zip(names, timelines)}
@@ -109,4 +120,4 @@ def render_report(summary: dict, ranks: Sequence[dict], timelines: Sequence[Sequ
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>distgen report</title>"
             "<style>body{font-family:sans-serif;margin:2em}figure{margin:1em 0}figcaption{font-weight:bold}"
             "td,th{text-align:left;padding:0 1em}</style></head><body><h1>distgen report</h1>"
-            f"<table>{rows}</table>{''.join(charts)}</body></html>\n")
+            f"<table>{rows}</table>{runs_table(runs)}{''.join(charts)}</body></html>\n")

@@ -1,19 +1,27 @@
-"""What an earlier run of the same job already finished, so a restart skips it.
+"""What decides a job's completions, so that a rerun finds the work it may reuse.
 
-A job is identified by a fingerprint of everything that decides its completions: the model by
-its content (the files in its folder, not how its path is spelled) and its weight quantization, the sampling settings and
-budgets, the too-long policy, the assistant (model.assistant and its settings, when one is set)
-and the content of the prompts (a digest of the dataset's records, see `PromptSource.digest`).
-How the work is batched or placed (batch size, scheduler, layout, launcher, world size) is left out: it must not change a completion, and a restart with a smaller
-batch after running out of memory must find the earlier work. The finished work itself is read
-from the output shards (distgen/outputs/shards.py), whose manifest names the job.
+A job is its settings: everything that decides a completion, flat as `key: value` so a rerun with
+other settings can say what changed (`generation.max_new_tokens: 8 -> 16`). The model by its content:
+the files that make its outputs (weights, configs, tokenizer, remote code; not a README or a .git
+folder), by name and digest, not how its path is spelled; its dtype, attention and quantization; the
+sampling settings and budgets; the too-long policy; the assistant (model.assistant and its
+settings, when one is set). How the work is batched or placed (batch size, scheduler, layout,
+launcher, world size) is left out: it must not change a completion, and a restart with a smaller
+batch after running out of memory must find the earlier work.
+
+The prompts are not part of the settings: each record is resumed on its own, by its index and a
+digest of the record (distgen/inputs/keys.py), so a grown dataset runs only its new rows. The job
+fingerprint (settings and the dataset's digest) only says whether a folder holds this very job,
+finished. The finished work itself is read from the output shards (distgen/outputs/shards.py).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -29,6 +37,12 @@ BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "mixed_steps", "c
 # Assisted generation's settings: part of the fingerprint only with a model.assistant (see `assistant_identity`).
 ASSISTANT_KEYS = ("num_assistant_tokens", "assistant_schedule", "assistant_confidence_threshold",
                   "prompt_lookup_ngram")
+# The files of a model (or tokenizer) folder that decide its outputs, by name (the folder's top level, where
+# from_pretrained reads them): weights and their index, configs, tokenizer files, remote code.
+OUTPUT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json", "generation_config.json",
+                "quant*config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+                "merges.txt", "*.model", "*.tiktoken", "chat_template*", "*.py")
+DIGEST_CHARS = 16
 
 
 def file_digest(path: Path) -> str:
@@ -43,19 +57,23 @@ def file_digest(path: Path) -> str:
             for offset in (0, size // 2, size - SAMPLE_BYTES):
                 f.seek(offset)
                 digest.update(f.read(SAMPLE_BYTES))
-    return digest.hexdigest()
+    return digest.hexdigest()[:DIGEST_CHARS]
+
+
+def output_files(folder: str) -> list[Path]:
+    """The files of `folder` that decide a model's outputs (see OUTPUT_FILES)."""
+    return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith(".")
+            and any(fnmatch.fnmatch(p.name, pattern) for pattern in OUTPUT_FILES)]
 
 
 def folder_digest(folder: str) -> dict[str, str]:
-    """Each file's digest by its name inside the folder (hidden files and folders left out)."""
-    root = Path(folder)
-    return {str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    """Each output-deciding file's digest by its name (other files come and go freely)."""
+    return {p.name: file_digest(p) for p in output_files(folder)}
 
 
 def model_identity(cfg: ModelConfig) -> dict:
     settings = {"source": cfg.source, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
-    if cfg.quantization != "none":  # quantized weights change the tokens; unquantized jobs keep their fingerprint
+    if cfg.quantization != "none":  # quantized weights change the tokens
         settings["quantization"] = cfg.quantization
     if cfg.source == "tiny":
         return {**settings, "tiny": asdict(cfg.tiny)}
@@ -78,14 +96,51 @@ def assistant_identity(cfg: RunConfig) -> dict:
     return identity
 
 
-def job_fingerprint(cfg: RunConfig, dataset_digest: str) -> str:
+# How a settings key names a file: `model.path[model.safetensors]` is that file's digest.
+FILE_GROUPS = {"model.files": "model.path", "model.tokenizer_files": "model.tokenizer_path",
+               "assistant.files": "model.assistant_path"}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as `a.b.c: value`; a folder's files as `model.path[name]: digest`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if name in FILE_GROUPS:
+            flat.update({f"{FILE_GROUPS[name]}[{file}]": digest for file, digest in value.items()})
+        elif isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def job_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Everything that decides a completion, flat (`generation.max_new_tokens: 32`), JSON values."""
     generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS + ASSISTANT_KEYS}
-    content = {"model": model_identity(cfg.model), "generation": generation, "too_long": cfg.dataset.too_long,
-               "prompts": dataset_digest}
+    content = {"model": model_identity(cfg.model), "generation": generation,
+               "dataset": {"too_long": cfg.dataset.too_long}}
     assistant = assistant_identity(cfg)
-    if assistant:  # without one, a job keeps the fingerprint it had before assistants existed
+    if assistant:
         content["assistant"] = assistant
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(flatten(content)))  # tuples as lists: as a manifest reads back
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:DIGEST_CHARS]
+
+
+def job_fingerprint(cfg: RunConfig, dataset_digest: str) -> str:
+    """This very job: its settings and its dataset's content (a finished one has nothing left to do)."""
+    return settings_digest({"settings": job_settings(cfg), "prompts": dataset_digest})
+
+
+def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each setting that differs (`(none)` where one side lacks it)."""
+    def show(settings: dict, key: str) -> str:
+        return json.dumps(settings[key]) if key in settings else "(none)"
+    return [f"{key}: {show(old, key)} -> {show(new, key)}" for key in sorted(old.keys() | new.keys())
+            if old.get(key, ()) != new.get(key, ())]
 
 
 def shared_skip(finished: set[int], is_coordinator: bool) -> frozenset[int]:

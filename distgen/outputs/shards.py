@@ -4,11 +4,15 @@ so no rank ever holds more than one shard, and nothing is gathered.
     output.dir/outputs/part-RRRRR-NNNNN.open.jsonl  a rank's shard while it fills (its journal)
     output.dir/outputs/part-RRRRR-NNNNN.jsonl       a full shard, sorted by prompt index
     output.dir/outputs/part-RRRRR-NNNNN.parquet     (output.format=parquet)
-    output.dir/outputs/manifest.json                the job fingerprint, and once complete every shard
+    output.dir/outputs/manifest.json                the job (distgen/outputs/folder.py), and once complete every shard
+    output.dir/outputs/record-keys.npy              each prompt's record key as of the last start
     output.dir/outputs.jsonl                        optional (output.merge): a streaming k-way merge
 
-The manifest names the job (its fingerprint) from the start, so a restart of the same job
-keeps the shards as finished work, and a different job clears them first.
+A start (rank 0, holding the lock, before any rank writes) reads the shards a crashed or earlier
+run left: a record is finished when its index is in the dataset and its key is the record's key
+now; torn lines (a crash mid-line) are dropped and redone, a second record of an index is a
+duplicate (two jobs wrote), and records of changed or vanished prompts are set aside into
+output.dir/previous-<time>/set-aside.jsonl, never deleted. The start says what it repaired.
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ import heapq
 import json
 import os
 import re
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,10 +31,12 @@ import numpy as np
 
 from distgen.common.errors import IncompleteOutputError, OutputSpaceError
 from distgen.common.registry import Registry
+from distgen.outputs.records import ERROR
+from distgen.outputs.folder import (MANIFEST_VERSION, MERGED_FILE, claimed_files, outputs_dir, previous_folder,
+                                    read_manifest, write_manifest)
 
-OUTPUTS_DIR = "outputs"
-MANIFEST_FILE = "manifest.json"
-MERGED_FILE = "outputs.jsonl"
+KEYS_FILE = "record-keys.npy"
+SET_ASIDE_FILE = "set-aside.jsonl"
 OPEN_SUFFIX = ".open.jsonl"
 SHARD_PATTERN = re.compile(r"^part-(\d{5})-(\d{5})(\.open\.jsonl|\.jsonl|\.parquet)$")
 READ_BATCH = 1024
@@ -41,10 +46,6 @@ OUTPUT_FORMATS.register("jsonl", None, ".jsonl", doc="JSON lines")
 OUTPUT_FORMATS.register("parquet", None, ".parquet", doc="parquet (pyarrow)")
 # A full file system, or the user's quota on it.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def outputs_dir(out_dir: Path) -> Path:
-    return Path(out_dir) / OUTPUTS_DIR
 
 
 def shard_name(rank: int, number: int, suffix: str) -> str:
@@ -65,23 +66,28 @@ def next_number(out_dir: Path, rank: int) -> int:
     return max(numbers, default=-1) + 1
 
 
-def read_jsonl_lines(path: Path) -> Iterator[dict]:
-    """Records of a JSON-lines file, streamed; a line cut short by a crash is skipped."""
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
+def read_jsonl_lines(path: Path, torn: Optional[list[int]] = None) -> Iterator[dict]:
+    """Records of a JSON-lines file, streamed; a line cut short by a crash (or two writers' lines run
+    together) is skipped, and its line number appended to `torn`."""
+    with path.open(encoding="utf-8", errors="replace", newline="\n") as lines:
+        for line_no, line in enumerate(lines, start=1):
             try:
-                yield json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                record = None
+            if isinstance(record, dict) and type(record.get("index")) is int:
+                yield record
+            elif line.strip() and torn is not None:
+                torn.append(line_no)
 
 
-def read_shard(path: Path) -> Iterator[dict]:
+def read_shard(path: Path, torn: Optional[list[int]] = None) -> Iterator[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH):
             yield from batch.to_pylist()
     else:
-        yield from read_jsonl_lines(path)
+        yield from read_jsonl_lines(path, torn)
 
 
 def parquet_records(records: Sequence[dict]) -> list[dict]:
@@ -217,44 +223,159 @@ class ShardWriter:
                 pass
 
 
-def read_manifest(out_dir: Path) -> dict:
-    try:
-        return json.loads((outputs_dir(out_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def write_manifest(out_dir: Path, manifest: dict) -> None:
-    from distgen.outputs.coordinator import write_atomic
-    write_atomic(outputs_dir(out_dir) / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
-
-
 def job_complete(out_dir: Path, job: str) -> bool:
-    """Whether out_dir already holds the finished, checked outputs of this same job."""
+    """Whether out_dir already holds the finished, checked outputs of this same job (settings and dataset)."""
     manifest = read_manifest(out_dir)
     return manifest.get("job") == job and bool(manifest.get("complete"))
 
 
-def start_outputs(out_dir: Path, job: str, resume: bool) -> set[int]:
-    """Coordinator only, before any rank writes: the prompt indices this job already finished
-    here (when resuming); shards of another job (or of this one, without resume) are removed."""
+def read_keys(out_dir: Path) -> Optional[np.ndarray]:
+    """The record keys the last start wrote (int64, one per prompt index), or None."""
+    try:
+        keys = np.load(outputs_dir(out_dir) / KEYS_FILE)
+    except (OSError, ValueError):
+        return None
+    return keys if keys.ndim == 1 and keys.dtype == np.int64 else None
+
+
+def write_keys(out_dir: Path, keys: np.ndarray) -> None:
+    path = outputs_dir(out_dir) / KEYS_FILE
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, np.asarray(keys, dtype=np.int64))
+    os.replace(tmp, path)
+
+
+class SetAside:
+    """Records taken out of the job, each with why, appended to output.dir/previous-<time>/set-aside.jsonl
+    (made on first use): nothing a run finished is deleted."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.path: Optional[Path] = None
+        self.file = None
+
+    def add(self, record: dict, reason: str) -> None:
+        if self.file is None:
+            self.path = previous_folder(self.out_dir) / SET_ASIDE_FILE
+            self.file = self.path.open("w", encoding="utf-8")
+        self.file.write(json.dumps({**record, "set_aside": reason}, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+
+# Why a record found at a start is not part of the job (it is set aside).
+DUPLICATE, CHANGED, GONE, UNVERIFIED = ("duplicate", "prompt changed", "prompt no longer in the dataset",
+                                        "no record key to check it against")
+
+
+@dataclass
+class Repairs:
+    """What a start found in the shards: the finished indices, and what it dropped or set aside."""
+    finished: set[int] = field(default_factory=set)
+    torn: int = 0  # lines cut short (a crash mid-line, or two writers' lines run together): redone
+    aside: dict[str, int] = field(default_factory=dict)  # reason -> records set aside
+    changed_ids: list[str] = field(default_factory=list)  # the first ids whose prompt changed
+    aside_path: Optional[Path] = None
+
+    def note(self, record: dict, reason: str) -> None:
+        self.aside[reason] = self.aside.get(reason, 0) + 1
+        if reason == CHANGED and len(self.changed_ids) < 5:
+            self.changed_ids.append(str(record.get("id")))
+
+    def messages(self) -> list[str]:
+        lines = [f"repaired: {self.torn} torn line(s) dropped (those prompts run again)"] if self.torn else []
+        if self.aside.get(DUPLICATE):
+            lines.append(f"repaired: {self.aside[DUPLICATE]} duplicate record(s) of one index (two jobs wrote) "
+                         "taken out of the job")
+        if self.aside.get(CHANGED):
+            lines.append(f"{self.aside[CHANGED]} prompt(s) changed since their record was written (text or "
+                         f"per-record settings; ids {', '.join(map(repr, self.changed_ids))}"
+                         f"{', ...' if self.aside[CHANGED] > 5 else ''}): they run again")
+        if self.aside.get(GONE):
+            lines.append(f"{self.aside[GONE]} record(s) of prompts no longer in the dataset are not part of the job")
+        if self.aside.get(UNVERIFIED):
+            lines.append(f"{self.aside[UNVERIFIED]} record(s) without a record key to check them run again")
+        if self.aside_path is not None:
+            lines.append(f"set aside {sum(self.aside.values())} record(s) into {self.aside_path}")
+        return lines
+
+
+def verdict(record: dict, keys: np.ndarray, stored: Optional[np.ndarray], seen: np.ndarray) -> Optional[str]:
+    """None when the record is finished work of this job; else why it is not."""
+    index = record["index"]
+    if not 0 <= index < len(keys):
+        return GONE
+    if stored is None or index >= len(stored):
+        return UNVERIFIED
+    if stored[index] != keys[index]:
+        return CHANGED
+    return DUPLICATE if seen[index] else None
+
+
+def repair_shard(path: Path, fmt: str, keys: np.ndarray, stored: Optional[np.ndarray], seen: np.ndarray,
+                 repairs: Repairs, aside: SetAside) -> None:
+    """Keep the shard's finished records; an open shard (a crashed run's journal) is closed, and a full
+    one rewritten only when it lost records."""
+    torn: list[int] = []
+    kept, dropped = [], 0
+    for record in read_shard(path, torn):
+        reason = verdict(record, keys, stored, seen)
+        if reason is None:
+            seen[record["index"]] = True
+            kept.append(record)
+        else:
+            repairs.note(record, reason)
+            aside.add(record, reason)
+            dropped += 1
+    repairs.torn += len(torn)
+    is_open = path.name.endswith(OPEN_SUFFIX)
+    if is_open or torn or dropped:
+        target = path.with_name(path.name[: -len(OPEN_SUFFIX)] + f".{fmt}") if is_open else path
+        if kept or not is_open:
+            write_shard(sorted(kept, key=lambda r: r["index"]), target)
+        if is_open:
+            path.unlink()
+    repairs.finished.update(r["index"] for r in kept)
+
+
+def start_outputs(out_dir: Path, job: dict, keys: np.ndarray, fmt: str = "jsonl") -> Repairs:
+    """Coordinator only, holding the lock, before any rank writes: the prompt indices already finished
+    here (their records' keys match `keys`, this dataset's), with torn lines and duplicates repaired and
+    records that are no longer part of the job set aside. `job` is the manifest's start: the job
+    fingerprint, its settings and dataset digest, and the top-level files this run will write."""
     out_dir = Path(out_dir)
-    if not (resume and read_manifest(out_dir).get("job") == job):
-        shutil.rmtree(outputs_dir(out_dir), ignore_errors=True)
-        (out_dir / MERGED_FILE).unlink(missing_ok=True)
-    outputs_dir(out_dir).mkdir(parents=True, exist_ok=True)
-    finished = {r["index"] for path in list_shards(out_dir) for r in read_shard(path)
-                if isinstance(r.get("index"), int)}
-    write_manifest(out_dir, {"job": job, "complete": False})
-    return finished
+    earlier = read_manifest(out_dir)
+    stored = read_keys(out_dir)
+    keys = np.asarray(keys, dtype=np.int64)
+    repairs, aside = Repairs(), SetAside(out_dir)
+    seen = np.zeros(len(keys), dtype=bool)
+    try:
+        for path in list_shards(out_dir):
+            repair_shard(path, fmt, keys, stored, seen, repairs, aside)
+    finally:
+        aside.close()
+    repairs.aside_path = aside.path
+    claimed = sorted(claimed_files(earlier) | set(job.get("files", [])))
+    write_manifest(out_dir, {"distgen_manifest": MANIFEST_VERSION, **job, "files": claimed, "keys": KEYS_FILE,
+                             "complete": False, "runs": earlier.get("runs", [])})
+    write_keys(out_dir, keys)  # after the manifest: outputs/ never holds a file of ours without one
+    return repairs
 
 
 @dataclass
 class Coverage:
-    """What one streaming pass over the shards found: per-shard counts and the length histograms' data."""
+    """What one streaming pass over the shards found: per-shard counts, the length histograms' data, and
+    the whole job's tokens as the ranks count them (completion records; error records generate nothing)."""
     shards: list[dict] = field(default_factory=list)
     prompt_tokens: list[np.ndarray] = field(default_factory=list)
     completion_tokens: list[np.ndarray] = field(default_factory=list)
+    completion_prompt_tokens: int = 0
+    generated_tokens: int = 0
 
 
 def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int) -> Coverage:
@@ -268,6 +389,9 @@ def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int) -> 
             indices.append(record["index"])
             prompt_tokens.append(record.get("prompt_tokens", 0))
             completion_tokens.append(record.get("completion_tokens", 0))
+            if record.get("finish_reason") != ERROR:
+                coverage.completion_prompt_tokens += prompt_tokens[-1]
+                coverage.generated_tokens += completion_tokens[-1]
         index = np.asarray(indices, dtype=np.int64)
         inside = (index >= 0) & (index < prompt_count)
         unknown.extend(index[~inside][:20].tolist())
@@ -298,18 +422,22 @@ def merge_shards(shards: Sequence[Path], target: Path) -> None:
 
 
 def finish_outputs(out_dir: Path, job: str, prompt_count: int, fmt: str, merge: bool,
-                   world_size: int) -> Coverage:
-    """Coordinator only, once every rank closed its shards: close shards a crashed earlier run
-    left open, check every index is there once, write the manifest and (optionally) merge."""
+                   world_size: int, run: Optional[dict] = None) -> Coverage:
+    """Coordinator only, once every rank closed its shards: close shards left open, check every
+    index is there once, write the manifest (with this run's figures `run` added to the earlier
+    runs') and (optionally) merge."""
     out_dir = Path(out_dir)
     shards = [close_shard(p, fmt) if p.name.endswith(OPEN_SUFFIX) else p for p in list_shards(out_dir)]
     coverage = check_coverage(out_dir, shards, prompt_count)
+    started = read_manifest(out_dir)
     merged: Optional[str] = None
     if merge:
         merge_shards(shards, out_dir / MERGED_FILE)
         merged = MERGED_FILE
-    write_manifest(out_dir, {"job": job, "complete": True, "format": fmt, "records": prompt_count,
-                             "world_size": world_size, "merged": merged, "shards": coverage.shards})
+    files = sorted(claimed_files(started) | ({MERGED_FILE} if merged else set()))
+    write_manifest(out_dir, {**started, "job": job, "files": files, "complete": True, "format": fmt,
+                             "records": prompt_count, "world_size": world_size, "merged": merged,
+                             "runs": started.get("runs", []) + ([run] if run else []), "shards": coverage.shards})
     return coverage
 
 

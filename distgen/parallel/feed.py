@@ -13,13 +13,15 @@ import torch
 import torch.distributed as dist
 
 from distgen.parallel.env import DistContext
+from distgen.inputs.keys import key_halves, record_key
 from distgen.inputs.source import PromptSource
 from distgen.inputs.records import Prompt
 from distgen.inputs.screening import FAILS, ContextLimit, screen_prompt, too_long_failure
 
 CHUNK = 1024
-# Rows of the length table.
-LENGTH, BUDGET, SCREEN = 0, 1, 2
+# Rows of the length table; KEY_HIGH and KEY_LOW: each record's key (distgen/inputs/keys.py) in two halves.
+LENGTH, BUDGET, SCREEN, KEY_HIGH, KEY_LOW = range(5)
+ROWS = 5
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,9 @@ def slice_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: Screening) -> np.ndarray:
-    """(3, stop - start) int32: prompt token counts as run (after truncate_left), per-record
-    budgets (0: the default) and each prompt's screening verdict (RUNS, ERROR_RECORD, FAILS)."""
-    table = np.zeros((3, stop - start), dtype=np.int32)
+    """(ROWS, stop - start) int32: prompt token counts as run (after truncate_left), per-record
+    budgets (0: the default), each prompt's screening verdict (RUNS, ERROR_RECORD, FAILS) and its key."""
+    table = np.zeros((ROWS, stop - start), dtype=np.int32)
     for at in range(start, stop, CHUNK):
         prompts = source.prompts(range(at, min(at + CHUNK, stop)))
         ids, failed = tokenize_checked(tokenizer, prompts)
@@ -99,6 +101,7 @@ def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: S
         # A budget fits int32 (records.OVERRIDES checks its range; a bad one is dropped for an error record).
         table[BUDGET, part] = [p.max_new_tokens or 0 for p in prompts]
         table[SCREEN, part] = [s.verdict for s in screens]
+        table[[KEY_HIGH, KEY_LOW], part] = np.asarray([key_halves(record_key(p)) for p in prompts], np.int32).T
         kept = [k for k, s in enumerate(screens) if s.keep is not None]
         table[LENGTH, [part.start + k for k in kept]] = [screens[k].keep for k in kept]
     return table
@@ -110,23 +113,32 @@ def broadcast_flag(value: bool, ctx: DistContext) -> bool:
     return bool(flag.item())
 
 
+def cached_table(cache: Path, count: int) -> Optional[np.ndarray]:
+    """The length table an earlier run of the job kept, if it has this table's shape."""
+    try:
+        table = np.load(cache)
+    except (OSError, ValueError):
+        return None
+    return table if table.shape == (ROWS, count) and table.dtype == np.int32 else None
+
+
 def shared_lengths(source: PromptSource, tokenizer, ctx: DistContext, cache: Optional[Path],
                    screening: Screening = Screening()) -> np.ndarray:
     """Every prompt's token count and budget, on every rank. Each rank measures one slice and
     the slices are all-gathered; rank 0 keeps the table in `cache` (keyed by the job
     fingerprint), and a later run of the job broadcasts it instead of measuring again.
-    Returns the (3, prompts) table: LENGTH, BUDGET and SCREEN rows."""
+    Returns the (ROWS, prompts) table: LENGTH, BUDGET, SCREEN, KEY_HIGH and KEY_LOW rows."""
     count = len(source)
-    hit = broadcast_flag(ctx.is_coordinator and cache is not None and cache.is_file(), ctx)
-    if hit:
-        table = torch.from_numpy(np.load(cache)) if ctx.is_coordinator else torch.zeros((3, count), dtype=torch.int32)
+    kept = cached_table(cache, count) if ctx.is_coordinator and cache is not None else None
+    if broadcast_flag(kept is not None, ctx):
+        table = torch.from_numpy(kept) if ctx.is_coordinator else torch.zeros((ROWS, count), dtype=torch.int32)
         table = table.to(ctx.device)
         dist.broadcast(table, src=0)
         table = table.cpu().numpy()
     else:
         start, stop = slice_bounds(count, ctx.world_size, ctx.rank)
         per = -(-count // ctx.world_size)
-        mine = torch.zeros((3, per), dtype=torch.int32)
+        mine = torch.zeros((ROWS, per), dtype=torch.int32)
         mine[:, :stop - start] = torch.from_numpy(measure(source, tokenizer, start, stop, screening))
         parts = [torch.zeros_like(mine, device=ctx.device) for _ in range(ctx.world_size)]
         dist.all_gather(parts, mine.to(ctx.device))

@@ -1,0 +1,39 @@
+"""A record's key: a short digest of everything in one input record that decides its completion
+(its id, its prompt text as run, its own settings and why it cannot run), every field of `Prompt`
+but its index. A finished record is reused only at the same index with the same key, so a changed
+prompt under the same id runs again and an appended row is the only new work.
+
+Keys are 62-bit integers, kept as two 31-bit halves in the ranks' int32 length table."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import fields
+from functools import lru_cache
+
+from distgen.inputs.records import Prompt
+
+HALF_BITS = 31
+HALF_MASK = (1 << HALF_BITS) - 1
+
+
+@lru_cache(maxsize=None)
+def content_fields(kind: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(kind) if f.name != "index")
+
+
+def record_key(prompt: Prompt) -> int:
+    """The record's content without its index, as JSON (any field type: an id 1 and an id "1" differ), hashed."""
+    content = {name: getattr(prompt, name) for name in content_fields(type(prompt))}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode("utf-8", "surrogatepass"))
+    return int.from_bytes(digest.digest()[:8], "little") >> (64 - 2 * HALF_BITS)
+
+
+def key_halves(key: int) -> tuple[int, int]:
+    """(high, low) 31-bit halves, each fitting an int32."""
+    return key >> HALF_BITS, key & HALF_MASK
+
+
+def join_halves(high, low):
+    """Keys from their halves (ints or int64 arrays)."""
+    return (high << HALF_BITS) | low

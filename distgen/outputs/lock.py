@@ -1,0 +1,236 @@
+"""One job at a time in an output folder: `output.dir/distgen.lock`.
+
+The lock is a file made by exclusive create (O_CREAT | O_EXCL: atomic on local disks and on
+NFS v3+/Lustre, unlike flock), holding who made it: host, pid, scheduler job id, start time and a
+random token. Its holder touches it every `heartbeat_s` from a thread; a lock whose file was not
+touched for 3 heartbeats is stale (the mtime is the file server's clock; clocks are assumed within
+a heartbeat of each other). Another job refuses while the lock is held, naming the holder. A lock
+is taken over, saying so, only when its holder is surely gone:
+
+  - the same host and its pid no longer runs (a crash, a SIGKILL; torchrun's restarted rank 0);
+  - the same scheduler job id at another start (a requeued SLURM job: a job id runs once at a time);
+  - stale, and `output.break_lock=true` (a holder on another host that vanished).
+
+Rank 0 holds it (or the only process, launcher=none): the one process that writes the manifest,
+moves earlier outputs aside and merges. The other ranks write only after rank 0 has shared the
+plan, which it does once it holds the lock. A launcher (distgen.launch) only looks: its ranks may
+run on other nodes or after it returned (slurm, ray), and a lock held by the writing process
+stays right when the launcher is killed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+from distgen.common.errors import ConfigError
+
+LOCK_FILE = "distgen.lock"
+STALE_HEARTBEATS = 3
+# The batch scheduler's job id, where one is set: the first of these present names the job (not torchrun's
+# run id: without --standalone every torchrun job has the run id "none").
+JOB_ID_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")
+# A requeued SLURM job keeps its id and counts its starts here.
+RESTART_VARS = ("SLURM_RESTART_COUNT",)
+
+
+class LockedError(ConfigError):
+    """output.dir is locked by another job (exit status 2, like every refusal before the start)."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What a lock file says about the job that made it."""
+    host: str
+    pid: int
+    job_id: str
+    start: int  # the scheduler's start count of job_id (0 without one)
+    started: str  # local time the lock was taken, ISO 8601
+    heartbeat_s: float
+    token: str
+
+    def describe(self) -> str:
+        job = f", job {self.job_id}" if self.job_id else ""
+        return f"pid {self.pid} on {self.host}{job}, started {self.started}"
+
+
+def scheduler_job(environ: Mapping[str, str]) -> tuple[str, int]:
+    """(job id, start count) from the scheduler's variables; ("", 0) outside a scheduler."""
+    job_id = next((f"{name}={environ[name]}" for name in JOB_ID_VARS if environ.get(name)), "")
+    start = next((int(environ[name]) for name in RESTART_VARS if environ.get(name, "").isdigit()), 0)
+    return job_id, start
+
+
+def this_holder(heartbeat_s: float, environ: Mapping[str, str] = os.environ) -> Holder:
+    job_id, start = scheduler_job(environ)
+    return Holder(socket.gethostname(), os.getpid(), job_id, start, time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  heartbeat_s, secrets.token_hex(8))
+
+
+def read_holder(path: Path) -> Optional[tuple[Holder, float]]:
+    """The lock's holder and seconds since its last heartbeat; None when there is no lock file.
+    A file that cannot be read as a lock (cut short by a crash mid-write) counts as a holder
+    with no process: stale once its mtime is."""
+    try:
+        with path.open("rb") as f:  # open, then fstat: NFS revalidates attributes on open
+            age = time.time() - os.fstat(f.fileno()).st_mtime
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    try:
+        fields = json.loads(text)
+        return Holder(**{k: fields[k] for k in Holder.__dataclass_fields__}), age
+    except (ValueError, KeyError, TypeError):
+        return Holder("?", 0, "", 0, "?", 0.0, ""), age
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def takeover(holder: Holder, age: float, me: Holder, break_lock: bool) -> Optional[str]:
+    """Why this job may take the lock from `holder`, or None when it must refuse."""
+    stale = age > STALE_HEARTBEATS * max(holder.heartbeat_s, me.heartbeat_s)
+    if holder.host == me.host and (holder.pid == me.pid or pid_gone(holder.pid)):
+        return f"its process {holder.pid} on this host is gone"
+    if holder.job_id and holder.job_id == me.job_id and holder.start != me.start:
+        return f"{holder.job_id} started again (start {me.start + 1}): its earlier start is over"
+    if stale and break_lock:
+        return f"its last heartbeat was {age:.0f}s ago and output.break_lock=true"
+    return None
+
+
+def refusal(path: Path, holder: Holder, age: float, break_lock: bool) -> LockedError:
+    stale_s = STALE_HEARTBEATS * holder.heartbeat_s
+    if age > stale_s:
+        how = (f"its last heartbeat was {age:.0f}s ago (stale after {stale_s:.0f}s): if that job is gone, "
+               "rerun with output.break_lock=true to take the lock")
+    else:
+        how = (f"it is running (last heartbeat {age:.0f}s ago); wait for it to end, stop it, or give another "
+               "output.dir" + (" (output.break_lock=true breaks only a stale lock)" if break_lock else ""))
+    return LockedError(f"output.dir={str(path.parent)!r} is locked by another job: {holder.describe()} "
+                       f"({path}); {how}")
+
+
+def create(path: Path, me: Holder) -> bool:
+    """Exclusive create of the lock file holding `me`; False when one exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(json.dumps(asdict(me), indent=1) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    return True
+
+
+def break_lock_file(path: Path, holder: Holder) -> None:
+    """Remove `holder`'s lock, and only it: renamed aside (atomic; of two jobs breaking it at once,
+    one gets it), then put back if what was renamed is another holder's (a job that took it meanwhile)."""
+    aside = path.with_name(f"{path.name}.broken-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    found = read_holder(aside)
+    if found is not None and found[0].token != holder.token:
+        try:
+            os.link(aside, path)  # never replaces a lock taken since
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
+
+
+class OutputLock:
+    """The lock on output.dir, held from `acquire` to `release` with a heartbeat thread."""
+
+    def __init__(self, out_dir: Path, heartbeat_s: float, break_lock: bool = False):
+        self.path = Path(out_dir) / LOCK_FILE
+        self.heartbeat_s, self.break_lock = heartbeat_s, break_lock
+        self.me = this_holder(heartbeat_s)
+        self.stop = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        self.lost = False
+
+    def acquire(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # each pass: create, or judge the holder (which may change under us)
+            if create(self.path, self.me):
+                self.thread = threading.Thread(target=self.beat, name="distgen-lock", daemon=True)
+                self.thread.start()
+                return self
+            found = read_holder(self.path)
+            if found is None:
+                continue
+            holder, age = found
+            reason = takeover(holder, age, self.me, self.break_lock)
+            if reason is None:
+                raise refusal(self.path, holder, age, self.break_lock)
+            print(f"distgen: taking over the lock on {self.path.parent} from {holder.describe()}: {reason}",
+                  file=sys.stderr, flush=True)
+            break_lock_file(self.path, holder)
+        raise LockedError(f"output.dir={str(self.path.parent)!r}: could not take the lock {self.path}; other jobs "
+                          "keep taking it")
+
+    def owned(self) -> bool:
+        found = read_holder(self.path)
+        return found is not None and found[0].token == self.me.token
+
+    def beat(self) -> None:
+        while not self.stop.wait(self.heartbeat_s):
+            try:
+                if not self.owned():
+                    self.lost = True
+                    print(f"distgen: lost the lock {self.path} (another job broke it); this job's outputs are no "
+                          "longer protected", file=sys.stderr, flush=True)
+                    return
+                os.utime(self.path)
+            except OSError as err:  # a file server hiccup: the next beat tries again
+                print(f"distgen: lock heartbeat on {self.path} failed: {err}", file=sys.stderr, flush=True)
+
+    def check_held(self) -> None:
+        """Before writing the manifest and merging: still ours (another job may have broken it)."""
+        if self.lost or not self.owned():
+            raise LockedError(f"output.dir={str(self.path.parent)!r}: this job lost its lock {self.path} to another "
+                              "job (output.break_lock=true); not merging into a folder another job writes")
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        try:
+            if self.owned():
+                self.path.unlink()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_status(out_dir: Path, heartbeat_s: float, break_lock: bool) -> None:
+    """For a launcher (which does not hold the lock): refuse now if its ranks would be refused."""
+    path = Path(out_dir) / LOCK_FILE
+    found = read_holder(path)
+    if found is None:
+        return
+    holder, age = found
+    if takeover(holder, age, this_holder(heartbeat_s), break_lock) is None:
+        raise refusal(path, holder, age, break_lock)

@@ -1,0 +1,227 @@
+"""Finished work is never lost or clobbered (issue 21): two jobs into one folder, reruns with other
+settings, output.overwrite, grown and changed datasets, files distgen did not write, torn and
+duplicated records, stale locks. Each case starts real
+`python -m distgen.run` processes (launcher=none, model=tiny) and asserts on the records."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, journaled, paced_env, read_outputs, read_stats, run_module, write_prompts
+from distgen.catalog.load import load_config
+from distgen.outputs.lock import LOCK_FILE, LockedError, OutputLock, this_holder
+from distgen.outputs.resume import job_settings
+from distgen.outputs.shards import OPEN_SUFFIX, list_shards
+from distgen.run import main as run_in_process
+from helpers import stop_pids, wait_until
+
+PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 2 + i % 3}
+           for i in range(16)]
+STARTS_WITHIN_S = 300  # generous: the machine running the tests is shared and loaded
+
+
+def job(prompts, out, *extra) -> list[str]:
+    return ["model=tiny", f"dataset={prompts}", f"output.dir={out}", "generation.batch_size=1",
+            "output.print_table=false", *map(str, extra)]
+
+
+def run(prompts, out, *extra) -> subprocess.CompletedProcess:
+    return run_module("distgen.run", job(prompts, out, *extra))
+
+
+def start_paced(prompts, out, delay_s: float, *extra) -> subprocess.Popen:
+    """A job whose every journal append sleeps `delay_s` (tests/slow_journal paces processes with RANK set;
+    RANK alone, without MASTER_ADDR, still runs as launcher=none)."""
+    return subprocess.Popen([sys.executable, "-m", "distgen.run", *job(prompts, out, *extra)], cwd=REPO,
+                            env={**paced_env(delay_s), "RANK": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def start_until_journaled(prompts, out, delay_s: float, count: int) -> subprocess.Popen:
+    """A paced job, once it journaled `count` records (killed if it ends or stalls before)."""
+    job = start_paced(prompts, out, delay_s)
+    try:
+        wait_until(lambda: len(journaled(out)) >= count or job.poll() is not None, STARTS_WITHIN_S,
+                   f"{count} journaled records")
+        assert job.poll() is None, job.communicate()
+    except BaseException:
+        stop_pids([job.pid], grace_s=0)
+        raise
+    return job
+
+
+def ids_once(records) -> bool:
+    return sorted(r["id"] for r in records) == sorted(p["id"] for p in PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("keep-prompts") / "p.jsonl", PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("keep-uninterrupted")
+    assert run_in_process(job(prompts, out)) == 0
+    return read_outputs(out), read_stats(out)
+
+
+def test_a_second_job_into_a_locked_folder_refuses_naming_the_holder(prompts, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    first = start_until_journaled(prompts, out, 1.0, 1)
+    try:
+        second = run(prompts, out)
+        assert first.poll() is None, "the first job should still run while the second one is refused"
+        assert second.returncode == 2, second.stderr
+        assert (f"is locked by another job: pid {first.pid} on {socket.gethostname()}" in second.stderr
+                and "it is running" in second.stderr), second.stderr
+        stdout, stderr = first.communicate(timeout=STARTS_WITHIN_S)
+    finally:
+        if first.poll() is None:
+            stop_pids([first.pid], grace_s=0)
+    assert first.returncode == 0, stderr
+    assert ids_once(read_outputs(out)) and read_outputs(out) == uninterrupted[0]
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_other_settings_refuse_before_loading_and_overwrite_moves_aside(prompts, tmp_path):
+    out = tmp_path / "out"
+    assert run(prompts, out, "generation.max_new_tokens=8").returncode == 0
+    first = read_outputs(out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    refused = run(prompts, out, "generation.max_new_tokens=16")
+    assert refused.returncode == 2
+    assert "generation.max_new_tokens: 8 -> 16" in refused.stderr and "output.overwrite=true" in refused.stderr
+    assert "engine:" not in refused.stdout  # refused before loading anything
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing in output.dir touched
+
+    moved = run(prompts, out, "generation.max_new_tokens=16", "output.overwrite=true")
+    assert moved.returncode == 0, moved.stderr
+    assert "moved the earlier outputs aside into" in moved.stderr
+    [previous] = out.glob("previous-*")
+    assert read_outputs(previous) == first and (previous / "stats.json").exists()
+    assert ids_once(read_outputs(out)) and read_stats(out)["summary"]["resumed"] == 0
+
+
+def test_a_grown_dataset_runs_only_its_new_rows_and_a_changed_prompt_again(tmp_path):
+    first, grown = PROMPTS[:10], [*PROMPTS[:3], {**PROMPTS[3], "prompt": "A changed prompt"}, *PROMPTS[4:]]
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(write_prompts(tmp_path / "first.jsonl", first), out).returncode == 0
+    resumed = run(write_prompts(tmp_path / "grown.jsonl", grown), out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert ("1 prompt(s) changed since their record was written (text or per-record settings; ids 'p3'): "
+            "they run again") in resumed.stdout
+    assert "resuming: 9 of 16 prompts already done" in resumed.stdout
+    stats = read_stats(out)
+    assert stats["ranks"][0]["prompts"] == 7 and stats["summary"]["resumed"] == 9  # 6 new rows + p3
+    assert run(tmp_path / "grown.jsonl", fresh).returncode == 0
+    assert read_outputs(out) == read_outputs(fresh)
+    # the whole job's figures, not only the last run's
+    whole, alone = stats["summary"], read_stats(fresh)["summary"]
+    assert (whole["generated_tokens"], whole["prompt_tokens"]) == (alone["generated_tokens"], alone["prompt_tokens"])
+    assert whole["runs"] == 2 and whole["this_run"]["generated_tokens"] < whole["generated_tokens"]
+    [aside] = out.glob("previous-*/set-aside.jsonl")
+    [old] = [json.loads(line) for line in aside.read_text().splitlines()]
+    assert old["id"] == "p3" and old["prompt"] == PROMPTS[3]["prompt"] and old["set_aside"] == "prompt changed"
+
+    # a shrunk dataset: the records of rows no longer there are kept out of outputs.jsonl, not deleted
+    shrunk = run(write_prompts(tmp_path / "shrunk.jsonl", grown[:5]), out)
+    assert shrunk.returncode == 0, shrunk.stderr
+    assert "11 record(s) of prompts no longer in the dataset are not part of the job" in shrunk.stdout
+    assert read_outputs(out) == read_outputs(fresh)[:5] and read_stats(out)["ranks"][0]["prompts"] == 0
+    assert sum(len(p.read_text().splitlines()) for p in out.glob("previous-*/set-aside.jsonl")) == 1 + 11
+
+
+def test_files_distgen_did_not_write_are_never_deleted(prompts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "outputs.jsonl"
+    mine.write_text('{"my": "own results"}\n')
+    refused = run(prompts, out, "output.overwrite=true")
+    assert refused.returncode == 2
+    assert f"holds {mine}, which distgen did not write" in refused.stderr
+    assert mine.read_text() == '{"my": "own results"}\n'
+    mine.unlink()
+    (out / "outputs").mkdir()
+    (out / "outputs" / "notes.txt").write_text("mine")
+    refused = run(prompts, out)
+    assert refused.returncode == 2 and f"holds {out / 'outputs'}, which distgen did not write" in refused.stderr
+    assert (out / "outputs" / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_job_leaving_duplicated_and_torn_records_repairs_itself(prompts, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    killed = start_until_journaled(prompts, out, 0.5, 3)
+    killed.kill()  # SIGKILL: no clean-up; its lock stays behind with a dead pid
+    killed.communicate()
+    assert (out / LOCK_FILE).exists()
+    [journal] = [p for p in list_shards(out) if p.name.endswith(OPEN_SUFFIX)]
+    lines = journal.read_text().splitlines(keepends=True)
+    assert lines[-1].endswith("\n"), "SIGKILL landed mid-line; this test adds its own torn line"
+    # as if two jobs wrote: the last record cut short (a crash mid-write: it runs again), the first one twice
+    journal.write_text("".join(lines[:-1]) + lines[-1][:25] + "\n" + lines[0])
+    done = {json.loads(line)["index"] for line in lines[:-1]}
+    assert 2 <= len(done) < len(PROMPTS)
+    again = run(prompts, out)
+    assert again.returncode == 0, again.stderr
+    assert f"taking over the lock on {out} from pid {killed.pid}" in again.stderr
+    assert "its process" in again.stderr and "is gone" in again.stderr
+    assert "repaired: 1 torn line(s) dropped" in again.stdout
+    assert "repaired: 1 duplicate record(s) of one index" in again.stdout
+    assert read_outputs(out) == uninterrupted[0] and ids_once(read_outputs(out))
+    summary, alone = read_stats(out)["summary"], uninterrupted[1]["summary"]
+    assert summary["resumed"] == len(done) and summary["generated_tokens"] == alone["generated_tokens"]
+
+
+def write_lock(out, host: str, pid: int, age_s: float = 0.0):
+    out.mkdir(parents=True, exist_ok=True)
+    holder = {**this_holder(30.0).__dict__, "host": host, "pid": pid, "job_id": "SLURM_JOB_ID=77"}
+    path = out / LOCK_FILE
+    path.write_text(json.dumps(holder))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def test_a_lock_from_another_host_refuses_until_stale_and_broken(prompts, tmp_path, capsys):
+    out = tmp_path / "out"
+    lock = write_lock(out, "elsewhere", 4242)
+    assert run_in_process(job(prompts, out)) == 2
+    err = capsys.readouterr().err
+    assert "locked by another job: pid 4242 on elsewhere, job SLURM_JOB_ID=77" in err and "it is running" in err
+    write_lock(out, "elsewhere", 4242, age_s=600)
+    assert run_in_process(job(prompts, out)) == 2
+    assert "stale after 90s): if that job is gone, rerun with output.break_lock=true" in capsys.readouterr().err
+    assert run_in_process(job(prompts, out, "output.break_lock=true")) == 0
+    assert "taking over the lock" in capsys.readouterr().err and not lock.exists()
+    assert ids_once(read_outputs(out))
+
+
+def test_lock_heartbeat_and_takeover_rules(tmp_path):
+    with OutputLock(tmp_path, heartbeat_s=0.1) as lock:
+        first = (tmp_path / LOCK_FILE).stat().st_mtime_ns
+        wait_until(lambda: (tmp_path / LOCK_FILE).stat().st_mtime_ns > first, 10, "a heartbeat")
+        with pytest.raises(LockedError, match="it is running"):
+            # another process on this host (pid 1 is alive): refused
+            write_lock(tmp_path / "other", socket.gethostname(), 1)
+            OutputLock(tmp_path / "other", 0.1).acquire()
+        lock.check_held()
+    assert not (tmp_path / LOCK_FILE).exists()
+    # a requeued SLURM job (same job id, a later start) takes its own earlier start's lock
+    write_lock(tmp_path, "elsewhere", 4242)
+    requeued = OutputLock(tmp_path, 30.0)
+    requeued.me = this_holder(30.0, {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+    requeued.acquire().release()
+
+
+def test_only_files_that_decide_outputs_are_in_the_job(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    settings = job_settings(load_config([f"model={folder}", "dataset=x.jsonl"]))
+    (folder / "README.md").write_text("notes")
+    (folder / ".git").mkdir()
+    assert job_settings(load_config([f"model={folder}", "dataset=x.jsonl"])) == settings
+    assert "model.path[model.safetensors]" in settings and "model.path[config.json]" in settings
