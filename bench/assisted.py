@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/engine.py's mo
 from engine import model_from_args, model_parser  # noqa: E402
 
 from distgen.config import GenerationConfig  # noqa: E402
+import distgen.backends.cpu  # noqa: F401,E402  registers the CPU backend with the engine
 from distgen.engine import build_engine  # noqa: E402
 from distgen.engine.assist import AssistantSpec  # noqa: E402
 from distgen.parallel.loop import run_loop  # noqa: E402

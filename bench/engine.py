@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from distgen.config import GenerationConfig, TinyModelConfig
+import distgen.backends.cpu  # noqa: F401,E402  registers the CPU backend with the engine
 from distgen.engine import build_engine
 from distgen.parallel.loop import run_loop
 from distgen.inputs.records import Prompt

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/engine.py's jo
 from engine import make_job, model_from_args, model_parser  # noqa: E402
 
 from distgen.config import GenerationConfig  # noqa: E402
+import distgen.backends.cpu  # noqa: F401,E402  registers the CPU backend with the engine
 from distgen.engine import build_engine  # noqa: E402
 from distgen.engine.kv import CACHES  # noqa: E402
 from distgen.engine.kv.quantized import QUANT_BACKENDS, missing_package  # noqa: E402

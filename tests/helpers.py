@@ -397,3 +397,48 @@ def agree_on_batch(rank: int, world: int, port: int, rows: list[int], has_prompt
         results.put((rank, choice.rows, choice.reason))
     finally:
         dist.destroy_process_group()
+
+
+class ProbeLayer:
+    """A slot cache layer of given buffers (what the slot attention implementations read and write)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values, self.is_initialized = keys, values, True
+
+
+def token_major(buffer: torch.Tensor) -> torch.Tensor:
+    """The same (slots, kv_heads, columns, head_dim) values stored token-major (what cuda_varlen reads)."""
+    return buffer.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def attention_case(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_heads: int = 2, dim: int = 16,
+                   seed: int = 0):
+    """One mixed step's attention, two ways: (query, (torch_sdpa plan, its layer), (varlen plan, its layer)).
+
+    Slots 0 and 1 decode one token each over 3 and 5 cached columns (their new token's included); slot 2 prefills
+    a 4-token prompt, slot 3 continues a prompt with 3 tokens at positions 2..4. The torch_sdpa plan reads slots
+    0..1 under an additive mask; the varlen plan reads token-major copies of the same buffers through cu_q / cu_k
+    / seqused_k, its decode rows addressed by slot id (here the same slots)."""
+    from distgen.engine.kv.attention import ATTENTIONS
+    from distgen.engine.kv.base import additive_mask
+    from distgen.engine.kv.varlen import AttentionPlan, Segment
+    generator = torch.Generator().manual_seed(seed)
+    slots, columns = 4, 9
+    keys, values = (torch.randn((slots, kv_heads, columns, dim), generator=generator).to(device, dtype)
+                    for _ in range(2))
+    query = torch.randn((1, heads, 9, dim), generator=generator).to(device, dtype)
+    segments = [Segment(2, 6, 2, 0), Segment(6, 9, 3, 2)]
+    lengths = torch.tensor([3, 5], device=device)
+    width = 8
+    allowed = torch.arange(width, device=device) < lengths.unsqueeze(-1)
+    sdpa = AttentionPlan([], torch.zeros(0), torch.zeros(0), decode=2, width=width,
+                         decode_mask=additive_mask(allowed, dtype)[:, None, None], segments=segments,
+                         impl=ATTENTIONS.get("torch_sdpa"))
+    int32 = dict(dtype=torch.int32, device=device)
+    varlen = AttentionPlan([], torch.zeros(0), torch.zeros(0), decode=2, width=columns, segments=segments,
+                           impl=ATTENTIONS.get("varlen_reference"),
+                           cu_q=torch.tensor([0, 1, 2, 6, 9], **int32),
+                           cu_k=torch.tensor([0, 1, 2, 3, 4], **int32) * columns,
+                           seqused_k=torch.tensor([3, 5, 4, 5], **int32), max_q=4, max_k=columns,
+                           rows=torch.tensor([0, 1], device=device))
+    return query, (sdpa, ProbeLayer(keys, values)), (varlen, ProbeLayer(token_major(keys), token_major(values)))

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.config import GenerationConfig
-from distgen.engine import cpu_kernels as kernels
-from distgen.engine import cpu_model
+from distgen.backends.cpu import kernels
+from distgen.backends.cpu import model as cpu_model
 from distgen.backends.cpu.kernels import pack, pack_linears, packed_linear, plan_kernels, unpack, unpack_linears
 from distgen.common.errors import ConfigError
 from helpers import engine_for, generate_all

@@ -12,10 +12,11 @@ from distgen.engine.assist import Assistant, AssistantSpec, DraftModel, PromptLo
 from distgen.engine.backoff import Backoff, injected_oom_step
 from distgen.engine.core import Engine, StopCheck
 from distgen.engine.kv import CACHES, CacheSpec, QueueShape
+from distgen.engine.kernels import apply_backends
+from distgen.engine.kv.attention import attention_context, plan_attention
 from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.kv.quantized import quant_bits
-from distgen.backends.cpu.kernels import apply_kernels, plan_kernels
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
                                    kv_shape, memory_budget)
 from distgen.engine.queue import PromptQueue, RequestQueue
@@ -268,15 +269,17 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
         choice += f"; assisted by {assistant.name} ({gen.assistant_schedule}, {gen.num_assistant_tokens} draft tokens)"
     autocast, autocast_why = plan_autocast(gen, model)
     choice += f"; {autocast_why}" if autocast_why else ""
-    kernels_why = apply_kernels(plan_kernels(gen.cpu_kernels, model, device, lockstep, compile_plan.enabled,
-                                             autocast), model)
-    choice += f"; {kernels_why}" if kernels_why else ""
+    for said in apply_backends(gen, model, device, lockstep, compile_plan.enabled, autocast):
+        choice += f"; {said}"
+    attention, attention_why = plan_attention(attention_context(
+        model.config, device, autocast or model_dtype(model), model_dtype(model), gen.cpu_kernels, gen.autocast,
+        compile_plan.enabled))
     spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled,
-                     verify_tokens=max_draft_tokens(gen) + 1 if assistant is not None else 1)
+                     verify_tokens=max_draft_tokens(gen) + 1 if assistant is not None else 1, attention=attention)
     kind = CACHES.get(cache)
     kv = kind.build(spec)
-    if getattr(kv, "decode_kernel", False):
-        choice += "; decode attention: distgen's CPU kernel (each slot reads its own columns)"
+    if getattr(kv, "varlen", False):
+        choice += f"; decode attention: {attention_why}"
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
     waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
     engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
@@ -284,6 +287,12 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                     stop_check, helper, mixed_steps=gen.mixed_steps)
     if engine.mixes and gen.scheduler != "static":  # a static batch admits prompts only once no row decodes
         choice += "; mixed steps (the decoding rows ride along each prefill forward)"
+    # Rows addressed by slot id: a step's inputs come from device state, so the next step can be launched
+    # before this one's tokens are read. Not in lockstep layouts (every step a collective, landed in step) nor
+    # with an assistant (its accept step reads every row's tokens).
+    engine.pipelined = getattr(kv, "addressed", False) and not lockstep and helper is None
+    if engine.pipelined:
+        choice += "; pipelined steps (step N+1 launched before step N's tokens are read)"
     log.info("engine: %s", choice)
     engine.choice, engine.batch = choice, batch
     engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,

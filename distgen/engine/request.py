@@ -30,6 +30,7 @@ class Request:
     status: Status = Status.WAITING
     prefilled: int = 0  # prompt tokens already in the cache
     row: int = -1       # its row (slot) in the KV cache while it holds one
+    inflight: int = 0   # tokens of launched steps not read yet (engine.core: the pipelined engine)
     # What it produced
     generated: list[int] = field(default_factory=list)
 
@@ -40,6 +41,11 @@ class Request:
     @property
     def unprefilled(self) -> int:
         return len(self.token_ids) - self.prefilled
+
+    @property
+    def saturated(self) -> bool:
+        """Every token of its budget is launched: no further step needs it (its last tokens may still be landing)."""
+        return len(self.generated) + self.inflight >= self.budget
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from distgen.config import GenerationConfig
+from distgen.engine.host import upload
 from distgen.engine.sampling import RowSampling, select_row_tokens
 
 
@@ -25,7 +26,7 @@ class Sampler:
         settings = [s or self.default for s in settings] or [self.default] * len(rows)
         sampled = [k for k, s in enumerate(settings) if s.do_sample]
         if sampled:
-            index = torch.tensor([rows[k] for k in sampled], dtype=torch.long, device=logits.device)
+            index = upload(torch.tensor([rows[k] for k in sampled], dtype=torch.long), logits.device)
             tokens[index] = select_row_tokens(logits[index], [settings[k] for k in sampled],
                                               [generators[k] for k in sampled])
         return tokens, torch.isin(tokens, self.eos_ids)

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+import distgen.backends.cpu  # noqa: F401  registers the CPU backend with the engine (until the catalog does)
 from distgen.parallel.env import DistContext
 from distgen.engine import Completion, build_engine
 from distgen.engine.assist import assistant_spec
@@ -162,5 +163,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map,
         batch_size=engine.batch.rows, batch_size_reason=engine.batch.reason, final_batch_size=engine.backoff.rows,
         oom_backoffs=engine.backoff.count, compile_seconds=round(engine.runner.compile_seconds, 3),
+        host_reads=engine.host_reads,
+        blocking_syncs_per_step=round(engine.host_reads / max(1, counters.forward_steps), 3),
         **draft_counts(engine))
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])
