@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
@@ -11,6 +12,7 @@ from distgen.config import GenerationConfig
 from distgen.engine.assist import Assistant, AssistantSpec, DraftModel, PromptLookup, max_draft_tokens
 from distgen.engine.backoff import Backoff, injected_oom_step
 from distgen.engine.core import Engine, StopCheck
+from distgen.engine.graphs import DecodeRunner, graphs_blocker
 from distgen.engine.kv import CACHES, CacheSpec, QueueShape
 from distgen.engine.kernels import apply_backends
 from distgen.engine.kv.attention import attention_context, plan_attention
@@ -32,6 +34,8 @@ from distgen.engine.sampling import row_sampling, sequence_generator
 
 log = logging.getLogger("distgen.engine")
 
+# DISTGEN_CUDA_GRAPHS=0 runs the padded decode step eagerly on CUDA too (bench/gpu.py's graphs-off variant).
+GRAPHS_ENV = "DISTGEN_CUDA_GRAPHS"
 # generation.compile=auto compiles only when the job has at least this many decode steps.
 COMPILE_MIN_DECODE_STEPS = 2048
 # On CPU a frozen compile with inductor's C++ GEMMs (runner.CPU_INDUCTOR_OPTIONS) measured ~1.2x eager
@@ -293,6 +297,13 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     engine.pipelined = getattr(kv, "addressed", False) and not lockstep and helper is None
     if engine.pipelined:
         choice += "; pipelined steps (step N+1 launched before step N's tokens are read)"
+    if getattr(kv, "addressed", False) and helper is None:
+        graphs_off = graphs_blocker(device, lockstep, compile_plan.enabled, autocast, model, attention.capturable,
+                                    False, os.environ.get(GRAPHS_ENV, "1").strip() == "0")
+        engine.decoder = DecodeRunner(engine.runner, engine.sampler.eos_ids, capture=graphs_off is None,
+                                      why=graphs_off or "")
+        choice += f"; decode rows padded to {len(kv.buckets)} buckets of 1..{kv.buckets[-1]} rows, " + \
+            ("each captured as a CUDA graph on first use" if graphs_off is None else f"eager: {graphs_off}")
     log.info("engine: %s", choice)
     engine.choice, engine.batch = choice, batch
     engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,

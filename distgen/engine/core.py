@@ -17,6 +17,7 @@ import torch
 
 from distgen.engine.assist import Assistant
 from distgen.engine.backoff import Backoff, back_off
+from distgen.engine.graphs import DecodeRunner
 from distgen.engine.host import READS, Pending, read
 from distgen.engine.kv.base import ForwardBatch, KVCache
 from distgen.engine.queue import RequestQueue
@@ -60,6 +61,9 @@ class Engine:
         self.pipelined = False
         self.inflight: Optional[Launched] = None
         self.forwards = 0  # forwards launched
+        # Decode steps over rows addressed by slot id, padded to buckets, replayed as CUDA graphs where they can be
+        # (graphs.py); set by the builder for such caches, else None (decode through kv.decode_inputs).
+        self.decoder: Optional[DecodeRunner] = None
         self.reads_at_start = READS.count
 
     @property
@@ -134,11 +138,20 @@ class Engine:
     def launch(self, plan: StepPlan) -> Launched:
         """Run the plan's forward and sample its tokens, all on the device; move the host's bookkeeping on (what
         the next step's schedule reads) without looking at the tokens."""
-        batch, logits = self.execute(plan)
-        # 1. sample every logits row on the device; the cache's device state takes the tokens (next inputs)
-        tokens, is_eos = self.sampler(logits, batch.rows, [r.generator for r in plan.requests],
-                                      [r.sampling for r in plan.requests])
-        self.kv.advance_state(plan, batch, tokens)
+        generators, settings = [r.generator for r in plan.requests], [r.sampling for r in plan.requests]
+        if plan.kind == "decode" and self.decoder is not None:
+            # 1. the padded (graph-replayed) step: greedy tokens and the cache's next inputs, on the device; rows
+            # that sample draw from the step's logits and replace their greedy next input
+            out = self.decoder.run(self.kv, plan.requests)
+            batch, tokens, is_eos = out.batch, out.tokens, out.is_eos
+            if self.sampler.samples(settings):
+                tokens, is_eos = self.sampler(out.logits, batch.rows, generators, settings)
+                self.kv.last_tokens[batch.decode_rows] = tokens
+        else:
+            batch, logits = self.execute(plan)
+            # 1. sample every logits row on the device; the cache's device state takes the tokens (next inputs)
+            tokens, is_eos = self.sampler(logits, batch.rows, generators, settings)
+            self.kv.advance_state(plan, batch, tokens)
         host = Pending(torch.stack([tokens, is_eos.long()]))  # to pinned memory, not waited for here
         # 2. prompts move on; rows whose prompt is now fully cached take a token from this step
         takes = []
@@ -186,5 +199,7 @@ class Engine:
     def close(self) -> None:
         """Free the cache (and, on GPU, the allocator's cached blocks) once the rank is done."""
         self.kv.close()
+        if self.decoder is not None:
+            self.decoder.kv, self.decoder.graphs = None, {}  # the graphs' memory pool goes with them
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -15,6 +15,10 @@ class Sampler:
         self.default = RowSampling(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p)
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
+    def samples(self, settings: Sequence[Optional[RowSampling]]) -> bool:
+        """Whether any row with these settings (None: generation.*) samples rather than takes the argmax."""
+        return any((s or self.default).do_sample for s in settings)
+
     def __call__(self, logits: torch.Tensor, rows: list[int], generators: Sequence[Optional[torch.Generator]],
                  settings: Sequence[Optional[RowSampling]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """logits: (logits rows, vocab) -> (tokens, is_eos), both (logits rows,).

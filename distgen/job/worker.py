@@ -88,6 +88,12 @@ def rank_batch(model, job: Job, shape: QueueShape, device, placed, local_world_s
     return choice
 
 
+def graph_counts(engine) -> dict:
+    counters = engine.decoder.counters if engine.decoder is not None else None
+    return dict(cuda_graph_replays=counters.replays, cuda_graph_capture_seconds=round(counters.capture_seconds, 3),
+                eager_decode_steps=counters.eager_steps) if counters else {}
+
+
 def draft_counts(engine) -> dict[str, int]:
     counters = engine.assistant.counters if engine.assistant is not None else None
     return dict(draft_proposed=counters.proposed, draft_accepted=counters.accepted) if counters else {}
@@ -164,6 +170,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         batch_size=engine.batch.rows, batch_size_reason=engine.batch.reason, final_batch_size=engine.backoff.rows,
         oom_backoffs=engine.backoff.count, compile_seconds=round(engine.runner.compile_seconds, 3),
         host_reads=engine.host_reads,
+        **graph_counts(engine),
         blocking_syncs_per_step=round(engine.host_reads / max(1, counters.forward_steps), 3),
         **draft_counts(engine))
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])

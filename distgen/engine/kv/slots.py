@@ -23,6 +23,7 @@ tensors hold one more entry than there are slots: the padding rows' (`self.slots
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import replace
 from typing import Optional, Union
@@ -40,6 +41,22 @@ from distgen.engine.scheduler import StepPlan
 
 # Eager decode reads only the columns in use, rounded up to this many (few distinct shapes).
 WIDTH_BUCKET = 64
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """The row counts an addressed decode is padded to (vLLM's CUDA-graph capture sizes): 1, 2, 4, then every
+    multiple of 8 up to 256, then of 16, up to the first one that holds `max_rows`."""
+    sizes = []
+    for size in itertools.chain((1, 2, 4), range(8, 257, 8), itertools.count(272, 16)):
+        sizes.append(size)
+        if size >= max_rows:
+            return sizes
+    raise AssertionError("unreachable")
+
+
+def bucket_of(rows: int, sizes: list[int]) -> int:
+    """The smallest bucket that holds `rows`."""
+    return sizes[bisect.bisect_left(sizes, rows)]
 
 
 class SlotLayer(CacheLayerMixin):
@@ -167,8 +184,9 @@ class SlotKV(KVCache):
         # full_width decode reads every slot anyway; addressed rows never move
         self.compacts = compacts and not full_width and not self.addressed
         self.mixes = self.varlen  # the attention plan takes decode tokens and segments in one packed row
-        # Addressed decode: rows 0..B-1 of a bucket (cu_q) and their logits rows, sized for every slot.
-        self.row_index = torch.arange(slots + 1, **long)
+        # Addressed decode: rows 0..B-1 of a bucket (cu_q) and their logits rows, for every bucket's rows.
+        self.buckets = row_buckets(slots)
+        self.row_index = torch.arange(self.buckets[-1] + 1, **long)
         self.cu_rows = self.row_index.to(torch.int32)
 
     @property
