@@ -111,8 +111,9 @@ class LayoutConfig:
 class GenerationConfig:
     max_new_tokens: int = 32
     # Most sequences decoded together on a rank: an integer >= 1, or "auto": the most rows whose KV cache
-    # and activations fit memory_fraction of the free device memory (host RAM on CPU).
-    batch_size: Any = 4
+    # and activations fit memory_fraction of the free device memory (host RAM on CPU); None: the device's
+    # default (auto on CUDA, 4 on CPU: distgen.engine.build.DEVICE_DEFAULTS).
+    batch_size: Any = None
     # Share of the free device memory (available RAM on CPU, split among the host's ranks) that
     # batch_size=auto and cache=auto plan the KV cache and activations into.
     memory_fraction: float = 0.8
@@ -144,8 +145,9 @@ class GenerationConfig:
     # can run: CPU, fp32; the packed linear and fused norms/MLPs not sharded or compiled; the slot cache's
     # decode attention and key/value writes), distgen (a config error where they cannot), torch.
     cpu_kernels: str = "auto"
-    # Most prompt tokens one prefill forward runs with scheduler=chunked.
-    prefill_chunk_tokens: int = 512
+    # Most prompt tokens one prefill forward runs (chunked splits prompts to fit; a slot cache packs prompts up to
+    # it); None: the device's default (8192 on CUDA, 512 on CPU: distgen.engine.build.DEVICE_DEFAULTS).
+    prefill_chunk_tokens: Optional[int] = None
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -167,8 +169,8 @@ class GenerationConfig:
 
     def check(self) -> None:
         require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, "must be >= 1")
-        require(self.batch_size == "auto" or (type(self.batch_size) is int and self.batch_size >= 1),
-                "generation.batch_size", self.batch_size, "expected auto or an integer >= 1")
+        require(self.batch_size in (None, "auto") or (type(self.batch_size) is int and self.batch_size >= 1),
+                "generation.batch_size", self.batch_size, "expected auto or an integer >= 1 (null: the device's default)")
         require(0 < self.memory_fraction <= 1, "generation.memory_fraction", self.memory_fraction, "must be in (0, 1]")
         require(self.sync_every >= 1, "generation.sync_every", self.sync_every, "must be >= 1")
         from distgen.engine.scheduler import SCHEDULERS  # the engine imports this module
@@ -182,8 +184,8 @@ class GenerationConfig:
         require_choice("generation.autocast", self.autocast, AUTOCAST_NAMES)
         from distgen.backends.cpu.kernels import CPU_KERNELS  # the engine imports this module
         require_choice("generation.cpu_kernels", self.cpu_kernels, CPU_KERNELS.names())
-        require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,
-                "must be >= 1")
+        require(self.prefill_chunk_tokens is None or self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens",
+                self.prefill_chunk_tokens, "must be >= 1 (or null: the device's default)")
         require(not (self.scheduler == "chunked" and self.cache == "dynamic"), "generation.cache", self.cache,
                 "generation.scheduler=chunked needs a slot cache: static, sliding_window or auto")
         require(not (self.compile == "on" and self.cache == "dynamic"), "generation.cache", self.cache,

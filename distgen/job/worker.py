@@ -13,7 +13,7 @@ import distgen.backends.cpu  # noqa: F401  registers the CPU backend with the en
 from distgen.parallel.env import DistContext
 from distgen.engine import Completion, build_engine
 from distgen.engine.assist import assistant_spec
-from distgen.engine.build import QueueShape, plan_batch_size, rank_budget
+from distgen.engine.build import QueueShape, device_defaults, plan_batch_size, rank_budget
 from distgen.engine.memory import BatchChoice, agree_across_ranks
 from distgen.parallel.feed import CHUNK, PromptFeed, Screening
 from distgen.parallel.layouts import DataGroups, get_layout
@@ -78,11 +78,12 @@ def queue_shape(job: Job, mine: list[int]) -> QueueShape:
 
 
 def rank_batch(model, job: Job, shape: QueueShape, device, placed, local_world_size: int) -> Optional[BatchChoice]:
-    """generation.batch_size=auto: the rows this rank fits (in a lockstep layout, the least over its group)."""
-    gen = job.cfg.generation
+    """generation.batch_size=auto (given, or the device's default): the rows this rank fits (in a lockstep layout,
+    the least over its group)."""
+    gen = device_defaults(job.cfg.generation, device)[0]
     if gen.batch_size != "auto":
         return None
-    choice = plan_batch_size(model, gen, shape, rank_budget(gen, device, local_world_size))
+    choice = plan_batch_size(model, gen, shape, rank_budget(gen, device, local_world_size), device)
     if placed.lockstep:
         choice = agree_across_ranks(choice, shape.prompts > 0, device, placed.group)
     return choice
