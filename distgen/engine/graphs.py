@@ -139,7 +139,8 @@ class DecodeRunner:
         if self.logits is None or self.logits.dtype != logits.dtype:
             self.logits = logits.new_empty((len(self.slots), logits.shape[-1]))
         self.logits[:rows].copy_(logits)
-        return self.logits[:rows], tokens, torch.isin(tokens, self.eos_ids)
+        is_eos = (tokens.unsqueeze(-1) == self.eos_ids).any(-1)  # a plain comparison: nothing isin might sync
+        return self.logits[:rows], tokens, is_eos
 
     def eager(self, rows: int) -> Outputs:
         self.counters.eager_steps += 1

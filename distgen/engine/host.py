@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -19,6 +20,7 @@ import torch
 @dataclass
 class HostReads:
     count: int = 0  # device->host reads of values, each a wait for the device where it is a GPU
+    waited_seconds: float = 0.0  # of which spent waiting for a pending copy's event
 
 
 READS = HostReads()
@@ -47,7 +49,9 @@ def read(values: Union[torch.Tensor, Pending]) -> Any:
     READS.count += 1
     if isinstance(values, Pending):
         if values.event is not None:
+            start = time.perf_counter()
             values.event.synchronize()
+            READS.waited_seconds += time.perf_counter() - start
         return values.host.tolist()
     return values.tolist()
 
