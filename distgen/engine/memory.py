@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from distgen.engine.host import read
+
 # generation.batch_size=auto never picks more rows than this (nor more than the rank's prompts).
 AUTO_BATCH_MAX = 1024
 
@@ -147,7 +149,7 @@ def agree_across_ranks(choice: BatchChoice, has_prompts: bool, device: torch.dev
     none = 2**31 - 1
     rows = torch.tensor([choice.rows if has_prompts else none], dtype=torch.int64, device=device)
     dist.all_reduce(rows, op=dist.ReduceOp.MIN, group=group)
-    agreed = int(rows.item())
+    agreed = read(rows)[0]
     agreed = choice.rows if agreed == none else agreed
     if agreed == choice.rows:
         return choice
