@@ -445,3 +445,25 @@ def attention_case(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_
                            rows=torch.tensor(swap[:2], device=device))
     return query, (sdpa, ProbeLayer(keys, values)), (varlen, ProbeLayer(token_major(keys[swap]),
                                                                          token_major(values[swap])))
+
+
+class ReplayingCapturer:
+    """Stands in for CUDA-graph capture on a CPU (engine/graphs.py's capturer): the warm-up and the "capture" run
+    the step (on padding rows), and a replay runs it again into the captured outputs, so the static buffers,
+    padding and bookkeeping around graphs run as they would on a GPU. `fail`: every capture raises instead."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.captures = fail, 0
+
+    def __call__(self, step):
+        from distgen.engine.graphs import Captured
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        step()
+        outputs = step()
+        self.captures += 1
+
+        def replay():
+            for out, new in zip(outputs, step()):
+                out.copy_(new)
+        return Captured(replay, outputs)
