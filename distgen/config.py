@@ -103,8 +103,9 @@ class LayoutConfig:
 class GenerationConfig:
     max_new_tokens: int = 32
     # Most sequences decoded together on a rank: an integer >= 1, or "auto": the most rows whose KV cache
-    # and activations fit memory_fraction of the free device memory (host RAM on CPU).
-    batch_size: Any = 4
+    # and activations fit memory_fraction of the free device memory (host RAM on CPU); None: the device's
+    # default (auto on CUDA, 4 on CPU: distgen.engine.build.DEVICE_DEFAULTS).
+    batch_size: Any = None
     # Share of the free device memory (available RAM on CPU, split among the host's ranks) that
     # batch_size=auto and cache=auto plan the KV cache and activations into.
     memory_fraction: float = 0.8
@@ -136,8 +137,9 @@ class GenerationConfig:
     # can run: CPU, fp32; the packed linear and fused norms/MLPs not sharded or compiled; the slot cache's
     # decode attention and key/value writes), distgen (a config error where they cannot), torch.
     cpu_kernels: str = "auto"
-    # Most prompt tokens one prefill forward runs with scheduler=chunked.
-    prefill_chunk_tokens: int = 512
+    # Most prompt tokens one prefill forward runs (chunked splits prompts to fit; a slot cache packs prompts up to
+    # it); None: the device's default (8192 on CUDA, 512 on CPU: distgen.engine.build.DEVICE_DEFAULTS).
+    prefill_chunk_tokens: Optional[int] = None
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -161,12 +163,12 @@ class GenerationConfig:
         require(is_int(self.max_new_tokens) and 1 <= self.max_new_tokens < MAX_SEQUENCE_TOKENS,
                 "generation.max_new_tokens", self.max_new_tokens,
                 f"must be >= 1 and <= {MAX_SEQUENCE_TOKENS - 1} (a prompt plus its budget are counted in int32)")
-        require(self.batch_size == "auto" or (type(self.batch_size) is int and self.batch_size >= 1),
-                "generation.batch_size", self.batch_size, "expected auto or an integer >= 1")
+        require(self.batch_size in (None, "auto") or (type(self.batch_size) is int and self.batch_size >= 1),
+                "generation.batch_size", self.batch_size, "expected auto or an integer >= 1 (null: the device's default)")
         require(0 < self.memory_fraction <= 1, "generation.memory_fraction", self.memory_fraction, "must be in (0, 1]")
         require(self.sync_every >= 1, "generation.sync_every", self.sync_every, "must be >= 1")
-        require(self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens", self.prefill_chunk_tokens,
-                "must be >= 1")
+        require(self.prefill_chunk_tokens is None or self.prefill_chunk_tokens >= 1, "generation.prefill_chunk_tokens",
+                self.prefill_chunk_tokens, "must be >= 1 (or null: the device's default)")
         require(self.cache_residual_length >= 1, "generation.cache_residual_length", self.cache_residual_length,
                 "must be >= 1")
         require(temperature_ok(self.temperature), "generation.temperature", self.temperature,

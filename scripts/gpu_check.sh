@@ -1,51 +1,61 @@
 #!/usr/bin/env bash
 # The GPU check: run from the repository root on a machine with a CUDA GPU (made for the device tool's
-# lent H200: no network, python3 3.12 with its own torch/transformers/accelerate). In order, cheapest
-# and most telling first, each step under its own timeout, the whole under GPU_CHECK_BUDGET_S (450 s):
-#   1. facts    the GPU, driver, torch's CUDA / NCCL / bf16 / attention backends, package versions
-#   2. install  the carried wheels (scripts/gpu_wheels.sh builds them here) this Python lacks
-#   3. imports  everything distgen imports, each with its version or the reason it fails
-#   4. tests    pytest -m gpu (one CUDA rank per layout vs generate, bf16, memory stats, CUDA graphs)
-#   5. bench    bench/gpu.py: a ~1B Llama, distgen's best settings against HF generate, bf16
-# and writes $OUT/report.md as it goes (a killed run still leaves what it found), plus the logs
-# beside it. Exit status: 0 when every step passed, else 1. See README "Running the GPU check".
-# For a second, shorter run: GPU_CHECK_STEPS="bench" (or "tests"), GPU_CHECK_PYTEST_ARGS="-k fsdp",
-# GPU_CHECK_BENCH_ARGS="--prompts 256"; facts, install and imports always run (seconds).
+# lent H100/H200: no network, python3 3.12 with its own torch/transformers/accelerate). In order, cheapest
+# and most telling first, each step under its own timeout, the whole under GPU_CHECK_BUDGET_S (420 s):
+#   1. facts      the GPU, driver, torch's CUDA / NCCL / bf16 / attention backends, package versions
+#   2. install    the carried wheels (scripts/gpu_wheels.sh builds them here) this Python lacks
+#   3. imports    everything distgen imports, each with its version or the reason it fails
+#   4. attention  torch's varlen FlashAttention op here, the SDPA kernel each slot-cache attention call gets,
+#                 what distgen picks (scripts/gpu_env.py attention)
+#   5. microbench bench/gpu.py --microbench-only: decode steps at 128/256/512 rows (ms, host vs GPU, kernels)
+#   6. tests      pytest -m gpu, four at a time (every layout vs generate in fp32, bf16, FlashAttention varlen
+#                 against SDPA, CUDA-graph replays, memory stats)
+#   7. bench      bench/gpu.py: a ~1B Llama against HF generate and the card's measured limits (sol_fraction)
+# and writes $OUT/report.md as it goes (a killed run still leaves what it found), plus the logs and the
+# bench's gpu-<card>-<date>.md/.json beside it (copy those two into bench/results/). Exit status: 0 when
+# every step passed, else 1. See README "Running the GPU check".
+# For a second, shorter run: GPU_CHECK_STEPS="bench" (or "tests", "microbench"), GPU_CHECK_PYTEST_ARGS="-k fsdp",
+# GPU_CHECK_BENCH_ARGS="--prompts 256"; facts, install, imports and attention always run (seconds).
 #
 #   here:   bash scripts/gpu_wheels.sh
-#   device: run(command="bash scripts/gpu_check.sh", carry=[".cache/gpu-wheels"], timeout_s=540)
+#   device: run(command="bash scripts/gpu_check.sh", carry=[".cache/gpu-wheels"], timeout_s=480)
 set -uo pipefail  # no -e: a failing step is reported and the next one still runs
 cd "$(dirname "$0")/.."
 
-START=$(date +%s)
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+# Seconds since boot: a lent machine's wall clock may jump when it syncs after boot (the first H200 run's
+# facts step got a 5 s limit from a budget of 360 s), the uptime does not.
+now() { cut -d. -f1 /proc/uptime 2>/dev/null || date +%s; }
+START=$(now)
+BUDGET_S=${GPU_CHECK_BUDGET_S:-420}
 END=$((START + BUDGET_S))
 OUT=${OUT:-.gpu-out}
 WHEELS=${GPU_WHEELS:-.cache/gpu-wheels}
 PYTHON=${PYTHON:-python3}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
-STEPS=" ${GPU_CHECK_STEPS:-tests bench} "
+STEPS=" ${GPU_CHECK_STEPS:-microbench tests bench} "
 mkdir -p "$OUT"
 REPORT=$OUT/report.md
 SETUP_LOG=$OUT/setup.log
 PYTEST_LOG=$OUT/pytest.log
 BENCH_LOG=$OUT/bench.log
+MICRO_JSON=$OUT/microbench.json
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/distgen-inductor}
 FAILED=()
 
-left() { echo $((END - $(date +%s))); }
+left() { echo $((END - $(now))); }
 # The smaller of WANT seconds and what is left once RESERVE seconds are kept for later steps (at least 5).
 budget() { local b=$(( $(left) - $2 )); (( b > $1 )) && b=$1; (( b < 5 )) && b=5; echo "$b"; }
 say() { echo "$*" | tee -a "$REPORT"; }
 # step NAME SECONDS LOG CMD...: run CMD under a timeout into LOG, say how it ended; returns CMD's status.
 step() {
   local name=$1 limit=$2 log=$3; shift 3
-  local t0=$SECONDS rc
+  local t0 rc
+  t0=$(now)
   echo "== $name (limit ${limit}s): $*" >> "$log"
   timeout -k 10 "$limit" "$@" >> "$log" 2>&1
   rc=$?
-  local took=$((SECONDS - t0)) how="ok"
+  local took=$(( $(now) - t0 )) how="ok"
   if (( rc == 124 || rc == 137 )); then how="TIMED OUT after ${limit}s"; elif (( rc != 0 )); then how="FAILED (exit $rc)"; fi
   [ "$how" = ok ] || FAILED+=("$name")
   say "- **$name**: $how in ${took}s"
@@ -56,9 +66,9 @@ finish() {
   say "## Summary"
   say ""
   if (( ${#FAILED[@]} )); then say "Failed steps: ${FAILED[*]}."; else say "Every step passed."; fi
-  say "Total: $(( $(date +%s) - START ))s of a ${BUDGET_S}s budget. Logs: $(cd "$OUT" && ls | tr '\n' ' ')"
+  say "Total: $(( $(now) - START ))s of a ${BUDGET_S}s budget. Logs: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
-trap 'say ""; say "**Interrupted** (signal) after $(( $(date +%s) - START ))s."; finish; exit 1' TERM INT
+trap 'say ""; say "**Interrupted** (signal) after $(( $(now) - START ))s."; finish; exit 1' TERM INT
 
 {
   echo "# distgen GPU check"
@@ -106,10 +116,29 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step "imports" "$(budget 90 200)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py imports > "$1"' "$PYTHON" "$OUT/imports.md"
 markdown "$OUT/imports.md"
 
-# 4. tests marked gpu (they skip, saying why, without CUDA), from the files that have some; cheapest first.
+# 4. attention: what torch's varlen FlashAttention offers here and which SDPA kernel each call gets.
+step "attention" "$(budget 60 330)" "$SETUP_LOG" sh -c '"$0" scripts/gpu_env.py attention > "$1"' "$PYTHON" "$OUT/attention.md"
+markdown "$OUT/attention.md"
+
+cuda_visible() { "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; }
+
+# 5. microbench: the decode step alone, at 128/256/512 rows, per configuration (the bench reads its JSON).
+if [[ $STEPS != *" microbench "* ]]; then
+  say "- **microbench**: not run (GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-})"
+elif [ -n "$BENCH_ARGS" ] || cuda_visible; then
+  limit=$(budget 80 270)
+  # shellcheck disable=SC2086
+  step "microbench" "$limit" "$BENCH_LOG" "$PYTHON" bench/gpu.py --microbench-only --time-limit $((limit - 10)) \
+    --out-json "$MICRO_JSON" $BENCH_ARGS
+  grep -E "^(limits|microbench) " "$BENCH_LOG" | cut -c1-300 | fenced
+else
+  say "- **microbench**: not run: no CUDA device visible"
+fi
+
+# 6. tests marked gpu (they skip, saying why, without CUDA), from the files that have some; cheapest first.
 if [[ $STEPS == *" tests "* ]]; then
   mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
-  PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA --junitxml="$OUT/junit.xml")
+  PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA)
   "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
   # Four at a time where pytest-xdist is there (each test is a torchrun job that leaves the GPU mostly idle;
   # torchrun --standalone picks free ports): ~105 s for the lot on the H200. GPU_CHECK_PYTEST_ARGS="-n 0" undoes it.
@@ -129,22 +158,24 @@ else
   say "- **tests**: not run (GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-})"
 fi
 
-# 5. bench: whatever time is left, but at least what a useful run needs.
+# 7. bench: whatever time is left, but at least what a useful run needs.
 limit=$(budget 400 15)
 if [[ $STEPS != *" bench "* ]]; then
   say "- **bench**: not run (GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-})"
 elif (( limit < 60 )); then
   say "- **bench**: not run: only ${limit}s left"; FAILED+=(bench)
-elif [ -n "$BENCH_ARGS" ] || "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+elif [ -n "$BENCH_ARGS" ] || cuda_visible; then
+  MICRO=(); [ -s "$MICRO_JSON" ] && MICRO=(--microbench-json "$MICRO_JSON")
   # shellcheck disable=SC2086
   step "bench (bench/gpu.py)" "$limit" "$BENCH_LOG" "$PYTHON" bench/gpu.py --time-limit $((limit - 15)) \
-    --out-md "$OUT/bench.md" --out-json "$OUT/bench.json" $BENCH_ARGS
-  if [ -s "$OUT/bench.md" ]; then sed 's/^# /### /' "$OUT/bench.md" | { echo ""; cat; } >> "$REPORT"
+    --results-dir "$OUT" "${MICRO[@]}" $BENCH_ARGS
+  written=$(ls -t "$OUT"/gpu-*.md 2>/dev/null | head -n 1)
+  if [ -n "$written" ]; then sed 's/^# /### /; s/^## /#### /' "$written" | { echo ""; cat; } >> "$REPORT"
   else tail -n 30 "$BENCH_LOG" | fenced; fi
 else
   say "- **bench**: not run: no CUDA device visible"
 fi
 
-rm -f "$OUT/facts.md" "$OUT/imports.md"  # both are in the report
+rm -f "$OUT/facts.md" "$OUT/imports.md" "$OUT/attention.md"  # all three are in the report
 finish
 (( ${#FAILED[@]} == 0 ))

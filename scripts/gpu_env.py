@@ -3,6 +3,8 @@
     python3 scripts/gpu_env.py facts          # the GPU, drivers, torch's CUDA/NCCL/bf16/attention backends
     python3 scripts/gpu_env.py wheels DIR     # the wheels in DIR this Python lacks (absent, or an older version)
     python3 scripts/gpu_env.py imports        # every package distgen needs: version, or why it does not import
+    python3 scripts/gpu_env.py attention      # torch's varlen FlashAttention API here, which SDPA kernel each of
+                                              # the slot cache's attention calls gets, and what distgen picks
 """
 from __future__ import annotations
 
@@ -112,7 +114,69 @@ def imports() -> int:
     return 1 if failed else 0
 
 
-COMMANDS: dict[str, Callable[..., int]] = {"facts": facts, "wheels": wheels, "imports": imports}
+def sdpa_choice(query, key, value, mask=None, causal=False, gqa=False) -> str:
+    """The SDPA backend torch picks for this call (torch._fused_sdp_choice), by name."""
+    import torch
+    from torch.nn.attention import SDPBackend
+    choice = torch._fused_sdp_choice(query, key, value, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    try:
+        return SDPBackend(choice).name
+    except ValueError:
+        return str(choice)
+
+
+def attention_facts() -> Iterator[tuple[str, object]]:
+    """The 1B bench model's shapes (32/4 heads, head_dim 64), bf16, 128 rows over 512 columns."""
+    import inspect
+
+    import torch
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    args = [a.name for a in op.default._schema.arguments] if op is not None else []
+    yield "aten::_flash_attention_forward", (", ".join(a for a in args if a in ("seqused_k", "block_table",
+                                            "num_splits", "alibi_slopes")) or "none of seqused_k/block_table") \
+        if op is not None else "absent"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        yield "torch.nn.attention.varlen.varlen_attn", str(inspect.signature(varlen_attn))[:300]
+    except ImportError as error:
+        yield "torch.nn.attention.varlen.varlen_attn", f"absent ({error})"
+    for package in ("flash_attn", "flashinfer"):
+        yield package, "installed" if importlib.util.find_spec(package) else "absent"
+    if not torch.cuda.is_available():
+        return
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    rows, heads, kv_heads, dim, width = 128, 32, 4, 64, 512
+    q = torch.randn(rows, heads, 1, dim, device=cuda, dtype=bf16)
+    k = torch.randn(rows, kv_heads, width, dim, device=cuda, dtype=bf16)
+    mask = torch.zeros(rows, 1, 1, width, device=cuda, dtype=bf16)
+    yield "SDPA for distgen's old decode call (mask + enable_gqa)", sdpa_choice(q, k, k, mask, gqa=True)
+    yield "SDPA for a decode with GQA folded into the query axis (mask)", \
+        sdpa_choice(q.view(rows, kv_heads, heads // kv_heads, dim), k, k, mask)
+    prompt = torch.randn(1, heads, 256, dim, device=cuda, dtype=bf16)
+    prompt_kv = torch.randn(1, kv_heads, 256, dim, device=cuda, dtype=bf16)
+    yield "SDPA for a whole prompt (causal, enable_gqa)", sdpa_choice(prompt, prompt_kv, prompt_kv, causal=True, gqa=True)
+    chunk_mask = torch.ones(64, 256, device=cuda, dtype=torch.bool).tril(192)
+    yield "SDPA for a continuation chunk (bool mask, enable_gqa)", \
+        sdpa_choice(prompt[:, :, :64], prompt_kv, prompt_kv, chunk_mask, gqa=True)
+    from distgen.engine.kv.attention import AttentionContext, plan_attention
+    for dtype in (bf16, torch.float32):
+        impl, why = plan_attention(AttentionContext(cuda, dtype, dtype, dim, heads, kv_heads))
+        yield f"distgen's slot attention in {str(dtype).replace('torch.', '')}", f"{impl.name}: {why}"
+
+
+def attention() -> int:
+    print("| attention fact | value |\n| --- | --- |")
+    try:
+        for key, value in attention_facts():
+            print(row(key, value))
+    except Exception as err:  # what failed is the fact to report
+        print(row("error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+        return 1
+    return 0
+
+
+COMMANDS: dict[str, Callable[..., int]] = {"facts": facts, "wheels": wheels, "imports": imports,
+                                           "attention": attention}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

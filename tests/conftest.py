@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
+import distgen.backends.cpu  # noqa: F401  registers the CPU backend's kernels and slot attention
 from distgen.config import TinyModelConfig
 from distgen.models.tiny import build_tokenizer, save_tiny
 from helpers import LocalRay, LocalSlurm, missing_ray, missing_slurm

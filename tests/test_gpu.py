@@ -1,5 +1,6 @@
 """The GPU paths: one CUDA rank over NCCL for every layout, bf16, CUDA memory stats, CUDA-graph decode,
-attention selection. Marked `gpu`: skipped, saying why, where no CUDA device is visible;
+attention selection, torch's FlashAttention varlen against SDPA, the engine's own CUDA graphs (replayed, equal to
+the eager padded step, equal to generate in fp32). Marked `gpu`: skipped, saying why, where no CUDA device is visible;
 `scripts/gpu_check.sh` runs them on a GPU machine. Cheapest first: the check script may stop late ones.
 
 Features that are not on this branch yet (a layout, `generation.compile`) are skipped with the
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import (DEFAULT_BUDGET, PROMPTS, layout_names, read_outputs, read_stats, reference_greedy,
                       run_module, unknown_config_key, write_prompts)
+from distgen.engine.kv.attention import ATTENTIONS
+from helpers import attention_case
 from distgen.config import ModelConfig, TinyModelConfig
 from distgen.parallel.layouts import get_layout
 from distgen.models.loading import load_model, load_tokenizer, resolve_attn_implementation
@@ -138,3 +141,46 @@ def test_offloaded_kv_cache_equals_generate(gpu_model_dir, reference, tmp_path):
                                        "generation.batch_size=auto", env={"DISTGEN_INJECT_OOM_AT_STEP": "2"})
     assert {r["id"]: r["completion_token_ids"] for r in records} == want
     assert stats["summary"]["oom_backoffs"] == 1
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 1), (4, 4)])
+def test_flash_varlen_attention_equals_sdpa_in_bf16(heads, kv_heads):
+    """One mixed step (two decode rows, a prompt, a continuation chunk) through torch's FlashAttention varlen
+    (cuda_varlen: one call, cum_seq_k/seqused_k, bottom-right causal) against masked SDPA, both in bf16, each
+    within bf16's rounding of the same attention in fp32; a padding row (seqused_k 0) reads nothing."""
+    query, (sdpa, sdpa_layer), (varlen, varlen_layer) = attention_case(CUDA, torch.bfloat16, heads, kv_heads)
+    flash = ATTENTIONS.get("cuda_varlen").attend(varlen, varlen_layer, query, 0.25)
+    masked = ATTENTIONS.get("torch_sdpa").attend(sdpa, sdpa_layer, query, 0.25)
+    query32, (sdpa32, layer32), _ = attention_case(CUDA, torch.float32, heads, kv_heads)
+    want = ATTENTIONS.get("torch_sdpa").attend(sdpa32, layer32, query32, 0.25)
+    error = lambda got: ((got.float() - want).norm() / want.norm()).item()  # noqa: E731
+    assert flash.shape == want.shape and torch.isfinite(flash).all()
+    assert error(flash) < 1e-2 and error(flash) < 2 * error(masked) + 1e-3, (error(flash), error(masked))
+    varlen.seqused_k[1] = 0
+    assert not ATTENTIONS.get("cuda_varlen").attend(varlen, varlen_layer, query, 0.25)[0, 1].any()
+
+
+def test_bf16_decode_replays_cuda_graphs_and_equals_its_eager_step(gpu_model_dir, tmp_path):
+    """bf16 on one GPU: FlashAttention varlen, pipelined steps and CUDA graphs replayed (asserted from the rank's
+    stats); the same job with graphs off runs the same padded step eagerly and gives the same tokens."""
+    common = ("model.dtype=bf16", "generation.eos_token_ids=[]")
+    graphs, stats = run_one_cuda_rank(gpu_model_dir, tmp_path / "graphs", *common)
+    [rank] = stats["ranks"]
+    assert rank["cuda_graph_replays"] > 0 and rank["cuda_graph_capture_seconds"] > 0, rank
+    assert rank["host_reads"] <= rank["forward_steps"] + 1, rank  # one host read per step at most
+    eager, stats = run_one_cuda_rank(gpu_model_dir, tmp_path / "eager", *common, env={"DISTGEN_CUDA_GRAPHS": "0"})
+    [rank] = stats["ranks"]
+    assert rank["cuda_graph_replays"] == 0 and rank["eager_decode_steps"] > 0, rank
+    assert [r["completion_token_ids"] for r in graphs] == [r["completion_token_ids"] for r in eager]
+
+
+def test_fp32_graphs_through_the_varlen_metadata_equal_generate(gpu_model_dir, reference, tmp_path):
+    """fp32 on one GPU with the varlen path forced (its plain-torch reference kernel reads the same metadata and
+    can be captured): rows addressed by slot id, pipelined, replayed from CUDA graphs, tokens equal generate's."""
+    eos, want, _ = reference
+    records, stats = run_one_cuda_rank(gpu_model_dir, tmp_path / "out", "model.dtype=fp32",
+                                       f"generation.eos_token_ids=[{eos}]",
+                                       env={"DISTGEN_ATTENTION": "varlen_reference"})
+    assert {r["id"]: r["completion_token_ids"] for r in records} == want
+    [rank] = stats["ranks"]
+    assert rank["cuda_graph_replays"] > 0, rank

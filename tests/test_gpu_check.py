@@ -1,5 +1,6 @@
 """The prepared GPU check, on a machine without a GPU: the wheels it carries fit the device tool's
 carry limit, and scripts/gpu_check.sh runs every step, skips the GPU tests saying why, and writes its report."""
+import importlib.util
 import json
 import os
 import re
@@ -57,21 +58,64 @@ def test_gpu_check_reports_every_step_without_a_gpu(tmp_path):
                             timeout=600)
     report = (out / "report.md").read_text()
     assert result.returncode == 0, report + result.stderr[-2000:]
-    for line in ("- **facts**: ok", "- **install**: no wheels in", "- **imports**: ok",
-                 "- **tests (pytest -m gpu tests/test_gpu.py", "- **bench (bench/gpu.py)**: ok", "Every step passed"):
+    for line in ("- **facts**: ok", "- **install**: no wheels in", "- **imports**: ok", "- **attention**: ok",
+                 "- **microbench**: ok", "- **tests (pytest -m gpu tests/test_gpu.py", "- **bench (bench/gpu.py)**: ok",
+                 "Every step passed"):
         assert line in report, line
     assert "| CUDA visible | False |" in report
     assert "needs a CUDA GPU and none is visible" in report
     assert re.search(r"=+ \d+ skipped(, \d+ deselected)? in", report) and not re.search(r"\d+ (passed|failed|error)", report)
-    assert "| distgen, continuous, eager |" in report
+    assert "| distgen, defaults |" in report and "| defaults | 4 |" in report  # the job, and the microbench
+    assert "| aten::_flash_attention_forward |" in report
 
-    bench = {r["name"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
-    for name in ("distgen, continuous, eager", "HF generate, static batches"):
+    [written] = out.glob("gpu-cpu-*.json")  # bench/results/ takes it as it is
+    result = json.loads(written.read_text())
+    bench = {r["name"]: r for r in result["results"]}
+    for name in ("distgen, defaults", "HF generate, static batches"):
         assert bench[name]["status"] == "ok" and bench[name]["generated_tokens"] > 0, bench[name]
+        assert 0 < bench[name]["sol_fraction"] < 1 and bench[name]["sol_seconds"] > 0, bench[name]
+    assert result["limits"]["copy_bytes_per_s"] > 0 and result["limits"]["gemm_flops_per_s"] > 0
+    assert [m["status"] for m in result["microbench"]] == ["ok", "ok"]  # read from the microbench step's JSON
     # fp32 on CPU: distgen's completions equal HF generate's token for token
-    prompts = json.loads((out / "bench.json").read_text())["args"]["prompts"]
-    assert bench["distgen, continuous, eager"]["equal_to_hf"] == f"{prompts}/{prompts}"
+    prompts = result["args"]["prompts"]
+    assert bench["distgen, defaults"]["equal_to_hf"] == f"{prompts}/{prompts}"
 
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= OUT_FILES_MAX and all(p.is_file() for p in out.iterdir()), files
     assert all(OUT_NAME.match(name) for name in files), files
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_jobs_speed_of_light_is_the_issues_figure():
+    """bench/gpu.py's cost model on the 1B job with an H200's measured limits (4.3 TB/s copy, 790 TFLOP/s bf16):
+    weights 1.94 GB per decode step, 22.5 KB of keys/values per token, so ~70-105k generated tok/s (issue 20);
+    more rows, fewer weight passes."""
+    from transformers import LlamaForCausalLM
+    bench = load_bench()
+    args = bench.parse_args(["--preset", "1b"])
+    tokenizer = bench.build_tokenizer()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(bench.tiny_llama_config(bench.model_config(args), tokenizer)).to(torch.bfloat16)
+    cost = bench.model_cost(model)
+    assert 1.9e9 < cost.weight_bytes < 2.0e9 and cost.kv_bytes_per_token == 2 * 22 * 4 * 64 * 2  # 22.5 KiB
+    prompts = bench.make_prompts(args.prompts, args.min_prompt, args.max_prompt, args.min_budget, args.max_budget)
+    lengths = [len(tokenizer(p["prompt"])["input_ids"]) for p in prompts]
+    budgets = [p["max_new_tokens"] for p in prompts]
+    h200 = bench.Limits(4.3e12, 790e12)
+    job = bench.job_cost(cost, lengths, budgets, rows=128, prefill_tokens=8192)
+    tokens_per_second = sum(budgets) / bench.sol_seconds(job, h200)
+    assert 70_000 < tokens_per_second < 105_000, tokens_per_second
+    wider = bench.job_cost(cost, lengths, budgets, rows=512, prefill_tokens=8192)
+    assert wider.decode_bytes < job.decode_bytes and wider.flops == job.flops
+    # a hand-sized job: 2 prompts of 3 tokens, budgets 2 and 3, 2 rows: ceil(3 / 2) = 2 decode steps
+    tiny = bench.ModelCost(weight_bytes=100, matmul_params=10, kv_bytes_per_token=1, attention_flops_per_key=2)
+    small = bench.job_cost(tiny, [3, 3], [2, 3], rows=2, prefill_tokens=8)
+    assert small.decode_bytes == 2 * 100 + (4 + 4 + 5) + 3 and small.decode_flops == 2 * 10 * 3 + 2 * 13
+    assert small.prefill_bytes == 100 + 6 and small.prefill_flops == 2 * 10 * 6 + 2 * 12

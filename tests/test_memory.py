@@ -1,6 +1,10 @@
 """Memory: KV/activation estimates, generation.batch_size=auto, out-of-memory back-off, cache strategies."""
+import copy
 import importlib.util
 import multiprocessing
+from dataclasses import replace
+
+import numpy as np
 
 import pytest
 import torch
@@ -11,11 +15,12 @@ from distgen.catalog import check_section
 from distgen.config import GenerationConfig
 from distgen.engine.backoff import INJECT_ENV
 from distgen.engine import build
-from distgen.engine.build import plan_cache, rank_budget
+from distgen.engine.build import device_defaults, plan_batch_size, plan_cache, rank_budget
+from distgen.engine.kv import QueueShape
 from distgen.engine.kv import CACHES
 from distgen.engine.kv.quantized import QUANT_BACKENDS, dequantized, missing_package
 from distgen.engine.memory import (AUTO_BATCH_MAX, BatchChoice, activation_bytes_per_row, agree_across_ranks,
-                                   auto_batch_size, kv_shape, memory_budget)
+                                   auto_batch_size, forward_bytes, kv_shape, logits_bytes_per_row, memory_budget)
 from distgen.common.errors import ConfigError
 from distgen.run import main as run_in_process
 from helpers import agree_on_batch, engine_for, free_ports, generate_all
@@ -72,6 +77,42 @@ def test_auto_batch_size_fits_the_budget_and_is_capped():
     assert auto_batch_size(kv, 1000, 100, prompts=10**6, budget=1 << 50).rows == AUTO_BATCH_MAX
     assert auto_batch_size(kv, 1000, 100, prompts=5, budget=10).rows == 1
     assert memory_budget(1000, 0.5, sharing=2, params=100) == 150
+
+
+def test_a_slot_cache_charges_one_forward_and_rows_scale_with_kv_memory(tiny_model, monkeypatch):
+    """A slot cache packs a prefill into one forward of at most the token budget: its activations are charged once
+    (scores only where attention materialises them), each row its KV and logits; a padded cache pays every row's
+    whole forward."""
+    shape = QueueShape(np.full(5000, 40), np.full(5000, 24))
+    gen = GenerationConfig(batch_size="auto", prefill_chunk_tokens=64)
+    kv, f32 = kv_shape(tiny_model.config, torch.float32), torch.float32
+    per_row = kv.bytes(1, 64) + logits_bytes_per_row(tiny_model.config, f32)
+    rows = {}
+    for mib in (16, 32):
+        budget = mib << 20
+        choice = plan_batch_size(tiny_model, gen, shape, budget)
+        forward = forward_bytes(tiny_model.config, f32, 64, 40)  # CPU: SDPA materialises one prompt's scores
+        assert choice.rows == (budget - forward) // per_row and "for one forward of 64 tokens" in choice.reason
+        rows[mib] = choice.rows
+    assert rows[32] > 2 * rows[16] - 2  # twice the memory, (about) twice the rows: nothing per row but KV and logits
+    padded = plan_batch_size(tiny_model, replace(gen, cache="dynamic"), shape, 16 << 20)
+    assert padded.rows < rows[16] and "activations)" in padded.reason
+    # on CUDA in bf16 FlashAttention varlen materialises no scores: only the hidden states and MLP of the forward
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    cuda = plan_batch_size(half, gen, shape, 16 << 20, torch.device("cuda"))
+    kv16 = kv_shape(half.config, torch.bfloat16)
+    assert cuda.rows == ((16 << 20) - forward_bytes(half.config, torch.bfloat16, 64)) // \
+        (kv16.bytes(1, 64) + logits_bytes_per_row(half.config, torch.bfloat16))
+
+
+def test_settings_left_to_the_device_are_filled_in_and_said():
+    cuda, said = device_defaults(GenerationConfig(), torch.device("cuda"))
+    assert (cuda.batch_size, cuda.prefill_chunk_tokens) == ("auto", 8192) and "the cuda defaults" in said
+    cpu, said = device_defaults(GenerationConfig(), torch.device("cpu"))
+    assert (cpu.batch_size, cpu.prefill_chunk_tokens) == (4, 512) and "the cpu defaults" in said
+    given = GenerationConfig(batch_size=2, prefill_chunk_tokens=16)
+    assert device_defaults(given, torch.device("cuda")) == (given, "")
 
 
 def test_rank_budget_splits_host_ram_among_the_ranks_on_it(monkeypatch):

@@ -27,6 +27,7 @@ import torch
 from distgen.common.checks import require
 from distgen.common.registry import Registry
 from distgen.config import GenerationConfig
+from distgen.engine.host import read
 from distgen.engine.kv.base import KVCache
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.request import Completion, Request, Status
@@ -104,7 +105,7 @@ def token_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
 
 def draft_prob(logits: torch.Tensor, q: Optional[torch.Tensor], token: int) -> float:
     """The draft's probability of the token it drew: from q when it sampled, else softmax(logits)."""
-    return float((q if q is not None else logits.float().softmax(-1))[token])
+    return read((q if q is not None else logits.float().softmax(-1))[token])
 
 
 # --- Proposers: who drafts -------------------------------------------------------------------
@@ -176,13 +177,13 @@ class DraftModel:
             for i, chunk, start in zip(feeding, chunks, starts):
                 states[i].cached = start + len(chunk)
             # 2. each row draws its next draft token; it stops at its length or below the confidence
-            next_rows, greedy = [], logits.argmax(dim=-1).tolist()  # one device->host copy for greedy rows
+            next_rows, greedy = [], read(logits.argmax(dim=-1))  # one device->host copy for greedy rows
             for i, row_logits, token in zip(feeding, logits, greedy):
                 sampling = requests[i].sampling
                 q = None
                 if sampling is not None and sampling.do_sample:
                     q = token_probs(row_logits, sampling)
-                    token = int(torch.multinomial(q, 1, generator=requests[i].generator))
+                    token = read(torch.multinomial(q, 1, generator=requests[i].generator))[0]
                     probs[i].append(q)
                 drafts[i].tokens.append(token)
                 sure = confidence is None or draft_prob(row_logits, q, token) >= confidence
@@ -239,17 +240,17 @@ def accept_sampled(p: torch.Tensor, q: Optional[torch.Tensor], drafts: list[int]
       - when all k are accepted, one more token is drawn from p_k.
     """
     for j, token in enumerate(drafts):
-        q_token = float(q[j, token]) if q is not None else 1.0
-        u = float(torch.rand((), generator=generator, device=p.device))
-        if u * q_token < float(p[j, token]):  # u < p/q without dividing by a tiny q
+        q_token = read(q[j, token]) if q is not None else 1.0
+        u = read(torch.rand((), generator=generator, device=p.device))
+        if u * q_token < read(p[j, token]):  # u < p/q without dividing by a tiny q
             continue
         q_row = q[j] if q is not None else torch.nn.functional.one_hot(torch.tensor(token, device=p.device),
                                                                        p.shape[-1]).to(p.dtype)
         residual = (p[j] - q_row).clamp(min=0)
-        residual = residual if float(residual.sum()) > 0 else p[j]  # p == q: a rejection had probability 0
-        replacement = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+        residual = residual if read(residual.sum()) > 0 else p[j]  # p == q: a rejection had probability 0
+        replacement = read(torch.multinomial(residual / residual.sum(), 1, generator=generator))[0]
         return drafts[:j] + [replacement], j
-    return drafts + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))], len(drafts)
+    return drafts + [read(torch.multinomial(p[len(drafts)], 1, generator=generator))[0]], len(drafts)
 
 
 # --- The assisted decode step ----------------------------------------------------------------
@@ -290,7 +291,7 @@ class Assistant:
         logits = engine.runner.fp32_logits(logits)
         self.counters.steps += 1
         # 3. accept, row by row; rows are left-padded, so row i's k + 1 logits are its last ones
-        targets = logits.argmax(dim=-1).tolist()  # (rows, keep): one device->host copy for the greedy rows
+        targets = read(logits.argmax(dim=-1))  # (rows, keep): one device->host copy for the greedy rows
         completions, finished, kept, done = [], [], [], []
         for i, (request, draft, state) in enumerate(zip(requests, drafts, states)):
             k = len(draft.tokens)

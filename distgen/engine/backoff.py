@@ -72,6 +72,7 @@ def back_off(engine, error_text: str) -> None:
     """Halve the engine's batch: free its cache, requeue its running requests from scratch, rebuild."""
     backoff: Backoff = engine.backoff
     requests, engine.running = engine.running, []
+    engine.inflight = None  # a launched step's tokens are dropped: its requests restart from scratch
     engine.kv.close()
     engine.kv = None
     if torch.cuda.is_available():

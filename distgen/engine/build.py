@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
@@ -11,13 +12,15 @@ from distgen.config import GenerationConfig
 from distgen.engine.assist import Assistant, AssistantSpec, DraftModel, PromptLookup, max_draft_tokens
 from distgen.engine.backoff import Backoff, injected_oom_step
 from distgen.engine.core import Engine, StopCheck
+from distgen.engine.graphs import DecodeRunner, graphs_blocker
 from distgen.engine.kv import CACHES, CacheSpec, QueueShape
+from distgen.engine.kernels import apply_backends
+from distgen.engine.kv.attention import attention_context, plan_attention
 from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.kv.quantized import quant_bits
-from distgen.backends.cpu.kernels import apply_kernels, plan_kernels
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
-                                   kv_shape, memory_budget)
+                                   forward_bytes, kv_shape, logits_bytes_per_row, memory_budget)
 from distgen.engine.queue import PromptQueue, RequestQueue
 from distgen.engine.request import Request, RequestFailed
 from distgen.engine.runner import AUTOCAST, CompilePlan, Runner, persist_inductor_cache
@@ -31,6 +34,13 @@ from distgen.engine.sampling import row_sampling, sequence_generator
 
 log = logging.getLogger("distgen.engine")
 
+# Settings left to the device (null in the config): on CUDA a forward costs about the same up to thousands of
+# tokens and rows are what the memory holds, so prompts are prefilled this many tokens per forward and
+# generation.batch_size is auto; a CPU's forward costs in proportion to its tokens (bench/engine.py sized these).
+DEVICE_DEFAULTS = {"cuda": dict(batch_size="auto", prefill_chunk_tokens=8192),
+                   "cpu": dict(batch_size=4, prefill_chunk_tokens=512)}
+# DISTGEN_CUDA_GRAPHS=0 runs the padded decode step eagerly on CUDA too (bench/gpu.py's graphs-off variant).
+GRAPHS_ENV = "DISTGEN_CUDA_GRAPHS"
 # generation.compile=auto compiles only when the job has at least this many decode steps.
 COMPILE_MIN_DECODE_STEPS = 2048
 # On CPU a frozen compile with inductor's C++ GEMMs (runner.CPU_INDUCTOR_OPTIONS) measured ~1.2x eager
@@ -220,15 +230,48 @@ def rank_budget(gen: GenerationConfig, device: torch.device, local_world_size: i
     return memory_budget(available_bytes(device), gen.memory_fraction, sharing)
 
 
-def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueShape, budget: int) -> BatchChoice:
-    """generation.batch_size as given, or the most rows that fit `budget` when it is auto."""
+def device_defaults(gen: GenerationConfig, device: torch.device) -> tuple[GenerationConfig, str]:
+    """generation.* with the settings left to the device (None) filled in from DEVICE_DEFAULTS, and what the engine
+    line says of them ("" when none was left)."""
+    defaults = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    left = {key: value for key, value in defaults.items() if getattr(gen, key) is None}
+    if not left:
+        return gen, ""
+    said = ", ".join(f"generation.{key}={value}" for key, value in left.items())
+    why = "a GPU forward costs about the same up to thousands of tokens" if device.type == "cuda" else \
+        "a CPU forward costs in proportion to its tokens"
+    return replace(gen, **left), f"{said} (the {device.type} defaults: {why})"
+
+
+def packs_prefill(model: torch.nn.Module, gen: GenerationConfig) -> bool:
+    """Whether the cache will likely be a slot cache, whose prefill packs prompts into one forward of at most the
+    token budget (plan_cache decides for good once the batch is known)."""
+    if slot_cache_blocker(model) or gen.cache not in ("auto", "static", "sliding_window"):
+        return False
+    return gen.cache != "auto" or bool(kv_geometry(model)[1]) or model.config.model_type in SLOT_CACHE_AUTO_MODEL_TYPES
+
+
+def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueShape, budget: int,
+                    device: torch.device = torch.device("cpu")) -> BatchChoice:
+    """generation.batch_size as given, or the most rows that fit `budget` when it is auto: with a slot cache one
+    packed forward's activations are charged once (attention scores only where they are materialised), each row
+    its KV cache and logits; with a padded cache each row its whole forward."""
+    gen = device_defaults(gen, device)[0]
     if gen.batch_size != "auto":
         return BatchChoice(gen.batch_size, f"generation.batch_size={gen.batch_size}")
     query = shape.longest_prompt
     if gen.scheduler == "chunked":
         query = min(query, gen.prefill_chunk_tokens)
-    kv = kv_shape(model.config, model_dtype(model), quantized=gen.cache == "quantized")
-    activations = activation_bytes_per_row(model.config, model_dtype(model), query, shape.columns)
+    dtype = model_dtype(model)
+    kv = kv_shape(model.config, dtype, quantized=gen.cache == "quantized")
+    if packs_prefill(model, gen):
+        tokens = max(gen.prefill_chunk_tokens, query)  # a prompt longer than the budget is admitted whole
+        flash = plan_attention(attention_context(model.config, device, AUTOCAST.get(gen.autocast) or dtype, dtype,
+                                                 gen.cpu_kernels, gen.autocast))[0].addressed
+        return auto_batch_size(kv, logits_bytes_per_row(model.config, dtype), shape.columns, shape.prompts, budget,
+                               forward=forward_bytes(model.config, dtype, tokens, 0 if flash else query),
+                               forward_tokens=tokens)
+    activations = activation_bytes_per_row(model.config, dtype, query, shape.columns)
     return auto_batch_size(kv, activations, shape.columns, shape.prompts, budget)
 
 
@@ -251,9 +294,10 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size).
     `assistant`: assisted decoding (distgen.engine.assist.assistant_spec builds it from model.assistant).
     `local_world_size`: the ranks on this host (DistContext.local_world_size), which share its RAM."""
+    gen, defaults_why = device_defaults(gen, device)
     shape = shape if shape is not None else QueueShape.of(queue, gen)
     budget = rank_budget(gen, device, local_world_size)
-    batch = batch or plan_batch_size(model, gen, shape, budget)
+    batch = batch or plan_batch_size(model, gen, shape, budget, device)
     gen = replace(gen, batch_size=batch.rows)
     decode_steps = shape.decode_steps(gen.batch_size)
     if assistant is not None:
@@ -276,19 +320,22 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
         why += f"; backend {gen.cache_quant_backend}, {quant_bits(gen)} bits"
     choice = f"batch_size={batch.rows} ({batch.reason}), scheduler={gen.scheduler}, cache={cache} ({why}); " \
              f"{compile_plan.reason}" + ("; out-of-memory back-off off (lockstep layout)" if lockstep else "")
+    choice += f"; {defaults_why}" if defaults_why else ""
     if assistant is not None:
         choice += f"; assisted by {assistant.name} ({gen.assistant_schedule}, {gen.num_assistant_tokens} draft tokens)"
     autocast, autocast_why = plan_autocast(gen, model)
     choice += f"; {autocast_why}" if autocast_why else ""
-    kernels_why = apply_kernels(plan_kernels(gen.cpu_kernels, model, device, lockstep, compile_plan.enabled,
-                                             autocast), model)
-    choice += f"; {kernels_why}" if kernels_why else ""
+    for said in apply_backends(gen, model, device, lockstep, compile_plan.enabled, autocast):
+        choice += f"; {said}"
+    attention, attention_why = plan_attention(attention_context(
+        model.config, device, autocast or model_dtype(model), model_dtype(model), gen.cpu_kernels, gen.autocast,
+        compile_plan.enabled))
     spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled,
-                     verify_tokens=max_draft_tokens(gen) + 1 if assistant is not None else 1)
+                     verify_tokens=max_draft_tokens(gen) + 1 if assistant is not None else 1, attention=attention)
     kind = CACHES.get(cache)
     kv = kind.build(spec)
-    if getattr(kv, "decode_kernel", False):
-        choice += "; decode attention: distgen's CPU kernel (each slot reads its own columns)"
+    if getattr(kv, "varlen", False):
+        choice += f"; decode attention: {attention_why}"
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
     waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
     engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
@@ -296,6 +343,19 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                     stop_check, helper, mixed_steps=gen.mixed_steps)
     if engine.mixes and gen.scheduler != "static":  # a static batch admits prompts only once no row decodes
         choice += "; mixed steps (the decoding rows ride along each prefill forward)"
+    # Rows addressed by slot id: a step's inputs come from device state, so the next step can be launched
+    # before this one's tokens are read. Not in lockstep layouts (every step a collective, landed in step) nor
+    # with an assistant (its accept step reads every row's tokens).
+    engine.pipelined = getattr(kv, "addressed", False) and not lockstep and helper is None
+    if engine.pipelined:
+        choice += "; pipelined steps (step N+1 launched before step N's tokens are read)"
+    if getattr(kv, "addressed", False) and helper is None:
+        graphs_off = graphs_blocker(device, lockstep, compile_plan.enabled, autocast, model, attention.capturable,
+                                    False, os.environ.get(GRAPHS_ENV, "1").strip() == "0")
+        engine.decoder = DecodeRunner(engine.runner, engine.sampler.eos_ids, capture=graphs_off is None,
+                                      why=graphs_off or "")
+        choice += f"; decode rows padded to {len(kv.buckets)} buckets of 1..{kv.buckets[-1]} rows, " + \
+            ("each captured as a CUDA graph on first use" if graphs_off is None else f"eager: {graphs_off}")
     log.info("engine: %s", choice)
     engine.choice, engine.batch = choice, batch
     engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,

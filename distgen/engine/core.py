@@ -1,12 +1,24 @@
-"""The engine: one step = schedule -> execute (one forward) -> update."""
+"""The engine: one step = schedule -> launch (one forward, its tokens sampled on the device) -> land (read the
+tokens, finish requests).
+
+Where the cache addresses rows by slot id and nothing runs in lockstep (`Engine.pipelined`), a step lands the
+PREVIOUS step's tokens after launching its own forward: the forward of step N+1 is built from device state
+before the host reads step N's tokens (one read per step, `host.read`, through pinned memory), so the device
+never waits for the host's bookkeeping. A request that finished at step N (EOS, a stop string) is seen one step
+late: its token from step N+1 is dropped, so outputs are the same. Budgets are known on the host, so a request
+whose every token is launched is not scheduled again (`Request.saturated`).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from distgen.engine.assist import Assistant
 from distgen.engine.backoff import Backoff, back_off
+from distgen.engine.graphs import DecodeRunner
+from distgen.engine.host import READS, Pending, read
 from distgen.engine.kv.base import ForwardBatch, KVCache
 from distgen.engine.queue import RequestQueue
 from distgen.engine.request import Completion, Request, RequestFailed, Status
@@ -17,6 +29,16 @@ from distgen.inputs.records import Prompt
 
 # Whether a request's generated tokens hit one of its prompt's stop strings (distgen.engine.stops.StopStrings.hit).
 StopCheck = Callable[[Prompt, list[int]], bool]
+
+
+@dataclass
+class Launched:
+    """A step whose forward is launched: its tokens on the device and on their way to the host."""
+    plan: StepPlan
+    batch: ForwardBatch
+    tokens: torch.Tensor  # (logits rows,) on the device
+    host: Pending         # (2, logits rows): tokens and EOS flags
+    takes: list[bool]     # per planned request: whether it takes a token from this step (not a mid-prompt chunk)
 
 
 class Engine:
@@ -34,6 +56,15 @@ class Engine:
         self.choice = ""  # which cache/compile the builder chose, and why (printed by the worker)
         self.batch = None  # the batch size and why (memory.BatchChoice), set by the builder
         self.backoff: Optional[Backoff] = None  # out-of-memory back-off (backoff.py); None: errors propagate
+        # Launch step N+1 before landing step N (set by the builder where the cache addresses rows by slot id,
+        # the layout is not lockstep and no assistant runs); the launched step not landed yet.
+        self.pipelined = False
+        self.inflight: Optional[Launched] = None
+        self.forwards = 0  # forwards launched
+        # Decode steps over rows addressed by slot id, padded to buckets, replayed as CUDA graphs where they can be
+        # (graphs.py); set by the builder for such caches, else None (decode through kv.decode_inputs).
+        self.decoder: Optional[DecodeRunner] = None
+        self.reads_at_start = READS.count
 
     @property
     def mixes(self) -> bool:
@@ -44,7 +75,12 @@ class Engine:
     @property
     def has_work(self) -> bool:
         self.waiting.settle()  # prompts whose request cannot be made leave as error completions first
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.inflight)
+
+    @property
+    def host_reads(self) -> int:
+        """Device->host reads of values since the engine was built (host.read)."""
+        return READS.count - self.reads_at_start
 
     def step(self) -> list[Completion]:
         """One forward; returns the requests it finished. Out of memory: back off (backoff.py) and return none."""
@@ -62,18 +98,28 @@ class Engine:
 
     def forward_step(self) -> list[Completion]:
         plan = self.schedule()
+        if not plan.requests:  # every running request's tokens are launched: land the last step only
+            landing, self.inflight = self.inflight, None
+            return self.land(landing) if landing else []
         if self.backoff is not None:
             self.backoff.before_forward()
         if plan.kind == "decode" and self.assistant is not None:
+            self.forwards += 1
             return self.assistant.step(self, plan.requests)
-        batch, logits = self.execute(plan)
-        return self.update(plan, batch, logits)
+        launched = self.launch(plan)
+        if not self.pipelined:
+            return self.land(launched)
+        landing, self.inflight = self.inflight, launched
+        return self.land(landing) if landing else []
 
     def schedule(self) -> StepPlan:
         self.waiting.settle()
-        state = SchedulerState(self.waiting, self.running, self.kv.free_rows, self.token_budget, self.last_kind,
+        running = [r for r in self.running if not r.saturated]
+        state = SchedulerState(self.waiting, running, self.kv.free_rows, self.token_budget, self.last_kind,
                                mixes=self.mixes)
         plan = self.scheduler(state)
+        if not plan.requests:
+            return plan
         for request in plan.requests:
             if request.status is Status.WAITING:
                 assert self.waiting[0] is request, "schedulers admit queued requests in queue order"
@@ -91,29 +137,55 @@ class Engine:
         batch = self.kv.decode_inputs(plan.requests)
         return batch, self.runner.decode(batch.inputs)
 
-    def update(self, plan: StepPlan, batch: ForwardBatch, logits: torch.Tensor) -> list[Completion]:
-        # 1. sample every logits row on the device; one device->host copy of tokens and EOS flags
-        tokens, is_eos = self.sampler(logits, batch.rows, [r.generator for r in plan.requests],
-                                      [r.sampling for r in plan.requests])
-        host_tokens, host_eos = torch.stack([tokens, is_eos.long()]).tolist()
-        # 2. rows whose prompt is now fully cached take their token; finished ones complete
+    def launch(self, plan: StepPlan) -> Launched:
+        """Run the plan's forward and sample its tokens, all on the device; move the host's bookkeeping on (what
+        the next step's schedule reads) without looking at the tokens."""
+        generators, settings = [r.generator for r in plan.requests], [r.sampling for r in plan.requests]
+        if plan.kind == "decode" and self.decoder is not None:
+            # 1. the padded (graph-replayed) step: greedy tokens and the cache's next inputs, on the device; rows
+            # that sample draw from the step's logits and replace their greedy next input
+            out = self.decoder.run(self.kv, plan.requests)
+            batch, tokens, is_eos = out.batch, out.tokens, out.is_eos
+            if self.sampler.samples(settings):
+                tokens, is_eos = self.sampler(out.logits, batch.rows, generators, settings)
+                self.kv.last_tokens[batch.decode_rows] = tokens
+        else:
+            batch, logits = self.execute(plan)
+            # 1. sample every logits row on the device; the cache's device state takes the tokens (next inputs)
+            tokens, is_eos = self.sampler(logits, batch.rows, generators, settings)
+            self.kv.advance_state(plan, batch, tokens)
+        host = Pending(torch.stack([tokens, is_eos.long()]))  # to pinned memory, not waited for here
+        # 2. prompts move on; rows whose prompt is now fully cached take a token from this step
+        takes = []
+        for index, (request, chunk) in enumerate(zip(plan.requests, plan.chunks)):
+            takes.append(not plan.prefills(index) or request.prefilled + chunk == request.prompt_length)
+            if plan.prefills(index):
+                request.prefilled += chunk
+                if request.prefilled == request.prompt_length:
+                    request.status = Status.DECODING
+            request.inflight += takes[-1]
+        self.forwards += 1
+        return Launched(plan, batch, tokens, host, takes)
+
+    def land(self, launched: Launched) -> list[Completion]:
+        """Read a launched step's tokens (the step's one host read); requests take them and finish."""
+        plan, batch = launched.plan, launched.batch
+        host_tokens, host_eos = read(launched.host)
+        # 1. each request takes its token (a mid-prompt chunk takes none; one finished a step ago drops its extra)
         finished, completions = [], []
-        for index, (request, chunk, row) in enumerate(zip(plan.requests, plan.chunks, batch.rows)):
-            if plan.prefills(index) and request.prefilled + chunk < request.prompt_length:
-                finished.append(False)  # a chunk of a longer prompt: no token yet
+        for request, row, take in zip(plan.requests, batch.rows, launched.takes):
+            if not take or request.status is Status.FINISHED:
+                finished.append(False)
                 continue
+            request.inflight -= 1
             request.generated.append(host_tokens[row])
             reason = self.finish_reason(request, host_eos[row])
             finished.append(reason is not None)
             if reason:
                 completions.append(request.completion(reason))
-        # 3. the cache records next inputs and frees finished rows; then request states move on
-        self.kv.commit(plan, batch, tokens, finished)
-        for index, (request, chunk, done) in enumerate(zip(plan.requests, plan.chunks, finished)):
-            if plan.prefills(index):
-                request.prefilled += chunk
-                if request.prefilled == request.prompt_length:
-                    request.status = Status.DECODING
+        # 2. the cache frees finished rows (and whatever else it does with them); they leave the running list
+        self.kv.commit(plan, batch, launched.tokens, finished)
+        for request, done in zip(plan.requests, finished):
             if done:
                 request.status, request.row = Status.FINISHED, -1
         if completions:
@@ -135,5 +207,7 @@ class Engine:
     def close(self) -> None:
         """Free the cache (and, on GPU, the allocator's cached blocks) once the rank is done."""
         self.kv.close()
+        if self.decoder is not None:
+            self.decoder.kv, self.decoder.graphs = None, {}  # the graphs' memory pool goes with them
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

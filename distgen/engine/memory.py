@@ -1,6 +1,10 @@
 """Memory arithmetic for a rank's engine: what a KV cache and a forward's activations take, what the
 rank may spend, and the batch size that fits (`generation.batch_size=auto`).
 
+A slot cache packs a prefill's prompts into one forward of at most the prefill token budget, so its activations
+are one forward's, charged once (`forward_bytes`), and rows scale with KV memory; caches that pad every row to
+the longest prompt (dynamic, offloaded) hold every row's activations at once (`activation_bytes_per_row`).
+
 Everything but `available_bytes` (reads the machine) and `agree_across_ranks` (one all-reduce) is a pure
 function of the model config and the numbers it is given.
 """
@@ -12,6 +16,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from distgen.engine.host import read
 
 # generation.batch_size=auto never picks more rows than this (nor more than the rank's prompts).
 AUTO_BATCH_MAX = 1024
@@ -59,16 +65,37 @@ def kv_shape(model_config, dtype: torch.dtype, quantized: bool = False) -> KVSha
 
 
 def activation_bytes_per_row(model_config, dtype: torch.dtype, query_tokens: int, columns: int) -> int:
-    """A rough peak of one row's transient tensors in one forward of `query_tokens` over `columns` cached ones:
-    hidden states and residuals (4 x hidden), the MLP's gate, up and product (3 x intermediate), one layer's
-    attention scores (heads x query x columns) and the additive mask (query x columns), plus the last
-    position's fp32 logits. Layers run one after the other, so one layer's worth is live at a time."""
+    """A rough peak of one row's transient tensors in a padded forward of `query_tokens` over `columns` cached
+    ones (per_token_activation each), one layer's attention scores (heads x query x columns) and the additive
+    mask (query x columns), plus the last position's fp32 logits. Layers run one after the other, so one
+    layer's worth is live at a time."""
     config = text_config(model_config)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    scores = (config.num_attention_heads + 1) * query_tokens * columns * itemsize
+    return query_tokens * per_token_activation(config, itemsize) + scores + 4 * config.vocab_size
+
+
+def per_token_activation(config, itemsize: int) -> int:
+    """Bytes of one token's transient tensors in one layer: hidden states and residuals (4 x hidden), the MLP's
+    gate, up and product (3 x intermediate)."""
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    per_token = 4 * config.hidden_size + 3 * intermediate
-    scores = (config.num_attention_heads + 1) * query_tokens * columns
-    return (query_tokens * per_token + scores) * itemsize + 4 * config.vocab_size
+    return (4 * config.hidden_size + 3 * intermediate) * itemsize
+
+
+def forward_bytes(model_config, dtype: torch.dtype, tokens: int, scored_tokens: int = 0) -> int:
+    """A rough peak of ONE packed forward of `tokens` tokens (the widest forward a slot cache runs: the prefill
+    token budget), layers one after the other; where attention materialises scores (SDPA's math path) one
+    layer's for the longest sequence of `scored_tokens` (heads x q x k, q = k at most) and its mask."""
+    config = text_config(model_config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    scores = (config.num_attention_heads + 1) * scored_tokens * scored_tokens * itemsize
+    return tokens * per_token_activation(config, itemsize) + scores
+
+
+def logits_bytes_per_row(model_config, dtype: torch.dtype) -> int:
+    """A decoding row's last-position logits in the model's dtype and their fp32 copy (what sampling reads)."""
+    config = text_config(model_config)
+    return config.vocab_size * (torch.empty((), dtype=dtype).element_size() + 4)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -96,19 +123,23 @@ class BatchChoice:
     reason: str
 
 
-def auto_batch_size(kv: KVShape, row_activation: int, columns: int, prompts: int, budget: int) -> BatchChoice:
-    """The most rows whose KV cache (`columns` = longest prompt + budget) plus activations fit `budget`,
-    at least 1, at most the rank's prompts and AUTO_BATCH_MAX."""
+def auto_batch_size(kv: KVShape, row_activation: int, columns: int, prompts: int, budget: int, forward: int = 0,
+                    forward_tokens: int = 0) -> BatchChoice:
+    """The most rows whose KV cache (`columns` = longest prompt + budget) plus per-row activations (a padded cache's
+    whole forward, or a slot cache's logits) fit `budget` less `forward` (one packed forward of `forward_tokens`
+    tokens), at least 1, at most the rank's prompts and AUTO_BATCH_MAX."""
     per_row = kv.bytes(1, columns) + row_activation
-    fits = budget // per_row
+    fits = max(0, budget - forward) // per_row
     cap, capped_by = min((prompts, f"the rank's {prompts} prompts"), (AUTO_BATCH_MAX, f"the cap {AUTO_BATCH_MAX}"))
     rows = max(1, min(fits, cap))
-    why = (f"{rows} rows x ({kv.bytes(1, columns) >> 10} KiB KV for {columns} columns + {row_activation >> 10} KiB "
-           f"activations) within a budget of {budget >> 20} MiB")
+    charged = f"{row_activation >> 10} KiB logits) + {forward >> 20} MiB for one forward of {forward_tokens} tokens" \
+        if forward else f"{row_activation >> 10} KiB activations)"
+    why = (f"{rows} rows x ({kv.bytes(1, columns) >> 10} KiB KV for {columns} columns + {charged} within a budget "
+           f"of {budget >> 20} MiB")
     if fits > cap:
         why += f"; {fits} would fit, capped at {capped_by}"
     elif fits < 1:
-        why = f"1 row: not even one row ({per_row >> 20} MiB) fits the budget of {budget >> 20} MiB"
+        why = f"1 row: not even one row ({(per_row + forward) >> 20} MiB) fits the budget of {budget >> 20} MiB"
     return BatchChoice(rows, why)
 
 
@@ -118,7 +149,7 @@ def agree_across_ranks(choice: BatchChoice, has_prompts: bool, device: torch.dev
     none = 2**31 - 1
     rows = torch.tensor([choice.rows if has_prompts else none], dtype=torch.int64, device=device)
     dist.all_reduce(rows, op=dist.ReduceOp.MIN, group=group)
-    agreed = int(rows.item())
+    agreed = read(rows)[0]
     agreed = choice.rows if agreed == none else agreed
     if agreed == choice.rows:
         return choice

@@ -36,6 +36,7 @@ class Request:
     status: Status = Status.WAITING
     prefilled: int = 0  # prompt tokens already in the cache
     row: int = -1       # its row (slot) in the KV cache while it holds one
+    inflight: int = 0   # tokens of launched steps not read yet (engine.core: the pipelined engine)
     # What it produced
     generated: list[int] = field(default_factory=list)
     error: Optional[str] = None  # why it failed (RequestFailed), finishing with reason "error"
@@ -52,6 +53,11 @@ class Request:
         if self.error is not None:
             return Completion(self.prompt, self.prompt_length, [], reason, self.error)
         return Completion(self.prompt, self.prompt_length, self.generated, reason)
+
+    @property
+    def saturated(self) -> bool:
+        """Every token of its budget is launched: no further step needs it (its last tokens may still be landing)."""
+        return len(self.generated) + self.inflight >= self.budget
 
 
 @dataclass(frozen=True)

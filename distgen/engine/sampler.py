@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from distgen.config import GenerationConfig
+from distgen.engine.host import upload
 from distgen.engine.sampling import RowSampling, select_row_tokens
 
 
@@ -13,6 +14,10 @@ class Sampler:
     def __init__(self, cfg: GenerationConfig, eos_ids: Sequence[int], device: torch.device):
         self.default = RowSampling(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p)
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+
+    def samples(self, settings: Sequence[Optional[RowSampling]]) -> bool:
+        """Whether any row with these settings (None: generation.*) samples rather than takes the argmax."""
+        return any((s or self.default).do_sample for s in settings)
 
     def __call__(self, logits: torch.Tensor, rows: list[int], generators: Sequence[Optional[torch.Generator]],
                  settings: Sequence[Optional[RowSampling]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +30,7 @@ class Sampler:
         settings = [s or self.default for s in settings] or [self.default] * len(rows)
         sampled = [k for k, s in enumerate(settings) if s.do_sample]
         if sampled:
-            index = torch.tensor([rows[k] for k in sampled], dtype=torch.long, device=logits.device)
+            index = upload(torch.tensor([rows[k] for k in sampled], dtype=torch.long), logits.device)
             tokens[index] = select_row_tokens(logits[index], [settings[k] for k in sampled],
                                               [generators[k] for k in sampled])
         return tokens, torch.isin(tokens, self.eos_ids)

@@ -9,10 +9,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+import distgen.backends.cpu  # noqa: F401  registers the CPU backend with the engine (until the catalog does)
 from distgen.parallel.env import DistContext
 from distgen.engine import Completion, build_engine
 from distgen.engine.assist import assistant_spec
-from distgen.engine.build import QueueShape, plan_batch_size, rank_budget
+from distgen.engine.build import QueueShape, device_defaults, plan_batch_size, rank_budget
 from distgen.engine.memory import BatchChoice, agree_across_ranks
 from distgen.parallel.feed import CHUNK, PromptFeed, Screening
 from distgen.parallel.layouts import DataGroups, get_layout
@@ -77,14 +78,21 @@ def queue_shape(job: Job, mine: list[int]) -> QueueShape:
 
 
 def rank_batch(model, job: Job, shape: QueueShape, device, placed, local_world_size: int) -> Optional[BatchChoice]:
-    """generation.batch_size=auto: the rows this rank fits (in a lockstep layout, the least over its group)."""
-    gen = job.cfg.generation
+    """generation.batch_size=auto (given, or the device's default): the rows this rank fits (in a lockstep layout,
+    the least over its group)."""
+    gen = device_defaults(job.cfg.generation, device)[0]
     if gen.batch_size != "auto":
         return None
-    choice = plan_batch_size(model, gen, shape, rank_budget(gen, device, local_world_size))
+    choice = plan_batch_size(model, gen, shape, rank_budget(gen, device, local_world_size), device)
     if placed.lockstep:
         choice = agree_across_ranks(choice, shape.prompts > 0, device, placed.group)
     return choice
+
+
+def graph_counts(engine) -> dict:
+    counters = engine.decoder.counters if engine.decoder is not None else None
+    return dict(cuda_graph_replays=counters.replays, cuda_graph_capture_seconds=round(counters.capture_seconds, 3),
+                eager_decode_steps=counters.eager_steps) if counters else {}
 
 
 def draft_counts(engine) -> dict[str, int]:
@@ -162,5 +170,8 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map,
         batch_size=engine.batch.rows, batch_size_reason=engine.batch.reason, final_batch_size=engine.backoff.rows,
         oom_backoffs=engine.backoff.count, compile_seconds=round(engine.runner.compile_seconds, 3),
+        host_reads=engine.host_reads,
+        **graph_counts(engine),
+        blocking_syncs_per_step=round(engine.host_reads / max(1, counters.forward_steps), 3),
         **draft_counts(engine))
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])

@@ -46,6 +46,15 @@ class RankStats:
     # generation.compile: seconds of the first compiled decode step (the compile itself, inside
     # generate_seconds); 0 when the decode step ran eager.
     compile_seconds: float = 0.0
+    # Device->host reads of values the engine made (distgen.engine.host.read), per forward step: 1 is one wait
+    # for the device per step; a pipelined engine reads step N's tokens while step N+1 runs.
+    host_reads: int = 0
+    blocking_syncs_per_step: float = 0.0
+    # Decode steps replayed from the engine's own CUDA graphs (one per row bucket, engine/graphs.py), the seconds
+    # their captures took (inside generate_seconds), and padded decode steps that ran eagerly.
+    cuda_graph_replays: int = 0
+    cuda_graph_capture_seconds: float = 0.0
+    eager_decode_steps: int = 0
 
     @property
     def acceptance_rate(self) -> float:

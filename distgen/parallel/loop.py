@@ -60,8 +60,10 @@ def run_loop(engine: Engine, lockstep: bool, idle_step: Callable[[], None],
             idle_step()
             counters.idle_steps += 1
             continue
+        forwards = engine.forwards
         finished = engine.step()
-        counters.forward_steps += 1
+        # a pipelined engine's last step may only land the step before it (engine.core)
+        counters.forward_steps += engine.forwards - forwards
         if finished:
             on_finished(finished)
     counters.seconds = time.perf_counter() - start

@@ -24,6 +24,8 @@ class ForwardBatch:
     rows: list[int]
     # A mixed step: the packed row's first `decode_slots` tokens are the decode part's (one per slot).
     decode_slots: int = 0
+    # Rows addressed by slot id (kv/attention.py): the decode rows' slots, on the device (else None).
+    decode_rows: Optional[torch.Tensor] = None
 
 
 class KVCache(ABC):
@@ -57,9 +59,15 @@ class KVCache(ABC):
         """A mixed step (StepPlan.kind "mixed"): its decode part's tokens, then its prompt chunks, in one forward."""
         raise NotImplementedError(f"{type(self).__name__} does not mix decode and prefill tokens")
 
+    def advance_state(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor) -> None:
+        """Right after sampling, before the host reads the tokens: the device state a next forward reads (each
+        row's next input, its length). tokens: (logits rows,) the sampled ids on the device. Caches that need
+        the finished rows to do it (row surgery) do it all in `commit`."""
+
     @abstractmethod
     def commit(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor, finished: list[bool]) -> None:
-        """After sampling: record each row's next input token; free finished rows.
+        """Once the host has read the step's tokens: free finished rows (and record each row's next input,
+        where `advance_state` did not).
 
         tokens: (logits rows,) the sampled ids on the device.
         """

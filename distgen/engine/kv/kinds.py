@@ -6,7 +6,7 @@ and the config check, the engine builder and the docs read this one table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from distgen.common.registry import Registry
 
 if TYPE_CHECKING:
     from distgen.config import GenerationConfig
+    from distgen.engine.kv.attention import SlotAttention
     from distgen.engine.kv.base import KVCache
     from distgen.inputs.records import Prompt
 
@@ -62,6 +63,8 @@ class CacheSpec:
     compiling: bool
     # The most tokens a row writes in one decode forward (an assisted verify: its drafts + 1).
     verify_tokens: int = 1
+    # The slot attention implementation (kv/attention.py) the varlen slot cache runs; None: torch_sdpa.
+    attention: Optional["SlotAttention"] = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from distgen.engine.host import read
+
 
 def cache_layers(cache: DynamicCache):
     return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
@@ -24,8 +26,8 @@ def select_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> 
 
 def trim_dead_columns(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
     """Drop leading columns no row attends to any more."""
-    live = mask.any(dim=0).nonzero()
-    first = int(live[0]) if len(live) else mask.shape[1]
+    live = read(mask.any(dim=0).nonzero()[:1, 0])  # one host read: the first live column
+    first = live[0] if live else mask.shape[1]
     if first == 0:
         return mask
     for layer in cache_layers(cache):

@@ -15,10 +15,15 @@ the decode tokens to theirs, through the custom op distgen::slot_attention); the
 sliding-window ring instead read the (slot, column) pairs of every packed sequence with a mask that
 lets a token see only its own sequence's earlier positions (the token budget keeps that square small).
 Eager decode reads only the slots and columns in use; when a row finishes, the highest slot in
-use moves into the freed one, so the rows a decode reads have no idle holes.
+use moves into the freed one, so the rows a decode reads have no idle holes. Attention implementations that
+address rows by slot id (attention.py: cuda_varlen) need no such move: a decode step reads the decoding rows'
+slots, padded to a bucket of rows with padding rows that read nothing and write a scratch column
+(`addressed_decode`), its inputs gathered on the device from the slots' lengths and last tokens. The state
+tensors hold one more entry than there are slots: the padding rows' (`self.slots`), which nothing reads.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import replace
 from typing import Optional, Union
@@ -26,15 +31,32 @@ from typing import Optional, Union
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from distgen.backends.cpu.kernels import decode_attention_blocker
+from distgen.engine.host import read, upload, upload_all
 from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, kv_geometry, model_dtype, round_up
 from distgen.engine.kv.kinds import CacheKind, CacheSpec, register
+from distgen.engine.kv.attention import ATTENTIONS, SlotAttention
 from distgen.engine.kv.varlen import AttentionPlan, Segment
 from distgen.engine.request import Request, Status
 from distgen.engine.scheduler import StepPlan
 
 # Eager decode reads only the columns in use, rounded up to this many (few distinct shapes).
 WIDTH_BUCKET = 64
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """The row counts an addressed decode is padded to (vLLM's CUDA-graph capture sizes): 1, 2, 4, then every
+    multiple of 8 up to 256, then of 16, up to the first one that holds `max_rows`."""
+    sizes = []
+    for size in itertools.chain((1, 2, 4), range(8, 257, 8), itertools.count(272, 16)):
+        sizes.append(size)
+        if size >= max_rows:
+            return sizes
+    raise AssertionError("unreachable")
+
+
+def bucket_of(rows: int, sizes: list[int]) -> int:
+    """The smallest bucket that holds `rows`."""
+    return sizes[bisect.bisect_left(sizes, rows)]
 
 
 class SlotLayer(CacheLayerMixin):
@@ -48,8 +70,13 @@ class SlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         slots, cols = self.owner.slots, self.owner.max_len + 1
-        self.keys = key_states.new_zeros((slots, key_states.shape[1], cols, key_states.shape[3]))
-        self.values = value_states.new_zeros((slots, value_states.shape[1], cols, value_states.shape[3]))
+        if self.owner.token_major:  # stored (slots, cols, kv_heads, head_dim); kept as the transposed view
+            self.keys = key_states.new_zeros((slots, cols, key_states.shape[1], key_states.shape[3])).transpose(1, 2)
+            self.values = value_states.new_zeros((slots, cols, value_states.shape[1],
+                                                  value_states.shape[3])).transpose(1, 2)
+        else:
+            self.keys = key_states.new_zeros((slots, key_states.shape[1], cols, key_states.shape[3]))
+            self.values = value_states.new_zeros((slots, value_states.shape[1], cols, value_states.shape[3]))
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -111,8 +138,8 @@ class Int8SlotLayer(SlotLayer):
 class SlotCache(Cache):
     """The transformers Cache the model writes into; the engine points it at this step's rows."""
 
-    def __init__(self, layers: int, slots: int, max_len: int, layer_class: type = SlotLayer):
-        self.slots, self.max_len = slots, max_len
+    def __init__(self, layers: int, slots: int, max_len: int, layer_class: type = SlotLayer, token_major: bool = False):
+        self.slots, self.max_len, self.token_major = slots, max_len, token_major
         super().__init__(layers=[layer_class(self) for _ in range(layers)])
         # Set before each forward:
         self.write_rows: torch.Tensor = torch.zeros((0, 1), dtype=torch.long)  # (rows, 1) slot of each input row
@@ -130,30 +157,47 @@ class SlotKV(KVCache):
 
     def __init__(self, layers: int, slots: int, max_len: int, pad_id: int, device: torch.device,
                  dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer,
-                 compacts: bool = True, varlen: bool = True, decode_kernel: bool = False):
+                 compacts: bool = True, varlen: bool = True, attention: Optional[SlotAttention] = None):
         """max_len: columns per slot (the longest prompt + budget, or the ring size with a window).
         compacts: move rows down into freed slots (only without full_width; off when a draft model's
         cache shares these slot numbers). varlen: attend through distgen::slot_attention (varlen.py).
-        decode_kernel: with varlen, decode tokens attend and every forward writes its keys/values through
-        distgen's CPU kernels (cpu_kernels.py)."""
+        attention: with varlen, the implementation that writes and attends (attention.py; default torch_sdpa)."""
         self.slots, self.max_len, self.pad_id, self.device, self.dtype = slots, max_len, pad_id, device, dtype
         # full_width: decode every slot over every column (one shape: what compile needs).
         self.full_width, self.window = full_width, window
-        self.cache = SlotCache(layers, slots, max_len, layer_class)
-        self.free = list(range(slots))
-        long = dict(dtype=torch.long, device=device)
-        self.lengths = torch.zeros(slots, **long)       # cached tokens per slot
-        self.last_tokens = torch.zeros(slots, **long)   # each slot's next decode input
-        self.decoding = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.all_rows = torch.arange(slots, **long).unsqueeze(-1)  # (slots, 1)
-        self.col_pos = torch.full((slots, max_len + 1), -1, **long)  # position each column holds
-        self.owners: dict[int, Request] = {}  # slot -> the request holding it
-        self.compacts = compacts and not full_width  # full_width decode reads every slot anyway
         # Prefill and decode forwards attend through distgen::slot_attention (varlen.py): per sequence,
         # over its own slot. The int8 layers and the sliding-window ring keep the mask-and-read path.
         self.varlen = varlen and layer_class is SlotLayer and window is None
-        self.decode_kernel = decode_kernel and self.varlen
+        self.attention = attention if attention is not None and self.varlen else ATTENTIONS.get("torch_sdpa")
+        # Rows addressed by slot id (varlen metadata): a decode reads the decoding rows' own slots, nothing moves.
+        self.addressed = self.attention.addressed
+        self.cache = SlotCache(layers, slots, max_len, layer_class, token_major=self.attention.token_major)
+        self.free = list(range(slots))
+        long = dict(dtype=torch.long, device=device)
+        # One entry more than slots: the padding rows' of an addressed decode (nothing reads it).
+        self.lengths = torch.zeros(slots + 1, **long)       # cached tokens per slot
+        self.last_tokens = torch.zeros(slots + 1, **long)   # each slot's next decode input
+        self.decoding = torch.zeros(slots + 1, dtype=torch.bool, device=device)
+        self.all_rows = torch.arange(slots, **long).unsqueeze(-1)  # (slots, 1)
+        self.col_pos = torch.full((slots, max_len + 1), -1, **long)  # position each column holds
+        self.owners: dict[int, Request] = {}  # slot -> the request holding it
+        # full_width decode reads every slot anyway; addressed rows never move
+        self.compacts = compacts and not full_width and not self.addressed
         self.mixes = self.varlen  # the attention plan takes decode tokens and segments in one packed row
+        # Addressed decode: rows 0..B-1 of a bucket (cu_q) and their logits rows, for every bucket's rows.
+        self.buckets = row_buckets(slots)
+        self.row_index = torch.arange(self.buckets[-1] + 1, **long)
+        self.cu_rows = self.row_index.to(torch.int32)
+
+    @property
+    def decode_kernel(self) -> bool:
+        """Decode tokens read each slot's length (distgen's CPU kernels) instead of a mask."""
+        return self.attention.decode_reads == "lengths"
+
+    @property
+    def columns(self) -> int:
+        """Columns a slot's buffers hold: max_len and the scratch column."""
+        return self.max_len + 1
 
     @property
     def free_rows(self) -> int:
@@ -196,17 +240,24 @@ class SlotKV(KVCache):
         slots = torch.tensor([r.row for r in plan.requests], **long)
         q_slot = slots.repeat_interleave(queries)
         last = queries.cumsum(0) - 1  # each sequence's last token in the packed row
-        ids, q_pos, q_slot, last = (t.to(self.device) for t in (ids, q_pos, q_slot, last))
+        firsts = list(itertools.accumulate(plan.chunks, initial=0))  # each chunk's first index in the row
+        # varlen metadata (addressed): sequence b is queries firsts[b].., keys its slot's columns 0..ends[b]
+        meta = torch.tensor([firsts, [r.row * self.columns for r in plan.requests] + [self.slots * self.columns],
+                             ends + [0]], **long) if self.addressed else torch.zeros((3, 0), **long)
+        ids, q_pos, q_slot, last, meta = upload_all([ids, q_pos, q_slot, last, meta], self.device)  # one copy
         q_col = q_pos % self.max_len
         self.col_pos[q_slot, q_col] = q_pos
         inputs = dict(input_ids=ids.unsqueeze(0), position_ids=q_pos.unsqueeze(0), logits_to_keep=last)
         if self.varlen:  # each chunk attends to its own slot's columns 0..its end
-            firsts = itertools.accumulate(plan.chunks[:-1], initial=0)  # each chunk's first index in the row
             segments = [Segment(q0, q0 + chunk, r.row, start)
                         for r, start, chunk, q0 in zip(plan.requests, starts, plan.chunks, firsts)]
-            inputs.update(use_cache=False, attention_plan=AttentionPlan(self.cache.layers, q_slot, q_col,
-                                                                        segments=segments,
-                                                                        cpu_kernels=self.decode_kernel))
+            attention = AttentionPlan(self.cache.layers, q_slot, q_col, segments=segments, impl=self.attention,
+                                      cpu_kernels=self.attention.owns_stack)
+            if self.addressed:
+                meta = meta.to(torch.int32)
+                attention.cu_q, attention.cu_k, attention.seqused_k = meta[0], meta[1], meta[2, :-1]
+                attention.max_q, attention.max_k = max(plan.chunks), self.columns
+            inputs.update(use_cache=False, attention_plan=attention)
         else:  # the keys each chunk may see, gathered into one row: its sequence from 0 (a ring: the window)
             firsts = [0 if self.window is None else max(0, start - self.window + 1) for start in starts]
             k_pos = torch.cat([torch.arange(first, end, **long) for first, end in zip(firsts, ends)])
@@ -241,7 +292,12 @@ class SlotKV(KVCache):
                     logits_to_keep=keep)
 
     def decode_inputs(self, requests: list[Request]) -> ForwardBatch:
-        """Every slot up to the highest in use (all slots when full_width) reads one token."""
+        """Every slot up to the highest in use (all slots when full_width) reads one token; addressed: the
+        requests' own slots, in their order."""
+        if self.addressed:
+            slots = upload(torch.tensor([r.row for r in requests], dtype=torch.long), self.device)
+            inputs = self.addressed_decode(slots, torch.ones_like(slots, dtype=torch.bool))
+            return ForwardBatch(inputs, list(range(len(requests))), decode_rows=slots)
         longest = max(r.prompt_length + len(r.generated) for r in requests)
         width = min(self.max_len, round_up(longest, WIDTH_BUCKET))
         count = self.slots if self.full_width else max(r.row for r in requests) + 1
@@ -252,16 +308,41 @@ class SlotKV(KVCache):
         mask = self.place(self.all_rows[:count], positions, decoding, count, width, masked=not self.decode_kernel)
         if self.varlen:  # one packed row, a token per slot; the op reads the first `width` columns
             attention = AttentionPlan(self.cache.layers, self.all_rows[:count, 0], self.cache.write_cols[:, 0],
-                                      decode=count, width=width, decode_mask=mask)
+                                      decode=count, width=width, decode_mask=mask, impl=self.attention,
+                                      cpu_kernels=self.attention.owns_stack)
             if self.decode_kernel:  # each slot reads its own columns: through the new token's, none when idle
                 attention.decode_lengths = torch.where(decoding[:, 0], positions[:, 0] + 1, 0)
-                attention.cpu_kernels = True
             inputs = dict(input_ids=self.last_tokens[:count].unsqueeze(0), position_ids=positions.view(1, -1),
                           logits_to_keep=self.all_rows[:count, 0], use_cache=False, attention_plan=attention)
             return ForwardBatch(inputs, [r.row for r in requests])
         inputs = dict(input_ids=self.last_tokens[:count].unsqueeze(-1), position_ids=positions, attention_mask=mask,
                       cache=self.cache, logits_to_keep=1)
         return ForwardBatch(inputs, [r.row for r in requests])
+
+    def addressed_decode(self, slots: torch.Tensor, active: torch.Tensor) -> dict:
+        """The inputs of a decode forward whose row i is slot slots[i] (B rows), built on the device from the
+        slots' lengths and last tokens (no host value, so a CUDA graph replays it): rows where `active` is False
+        are padding: slot index `self.slots` (state nobody reads), no column read, their key/value written to
+        the scratch column of the last slot."""
+        count, columns = len(slots), self.columns
+        kv_slot = slots.clamp(max=self.slots - 1)
+        pos = self.lengths[slots]
+        cols = torch.where(active, pos, self.max_len)  # padding writes the scratch column
+        attention = AttentionPlan(self.cache.layers, kv_slot, cols, decode=count, width=columns, impl=self.attention,
+                                  cu_q=self.cu_rows[:count + 1],
+                                  cu_k=torch.cat([kv_slot * columns, kv_slot.new_full((1,), self.slots * columns)])
+                                  .to(torch.int32),
+                                  seqused_k=torch.where(active, pos + 1, 0).to(torch.int32), max_q=1, max_k=columns,
+                                  rows=kv_slot)
+        ids = torch.where(active, self.last_tokens[slots], self.pad_id or 0)
+        return dict(input_ids=ids.unsqueeze(0), position_ids=torch.where(active, pos, 0).unsqueeze(0),
+                    logits_to_keep=self.row_index[:count], use_cache=False, attention_plan=attention)
+
+    def advance(self, slots: torch.Tensor, active: torch.Tensor, tokens: torch.Tensor) -> None:
+        """After an addressed decode: each active row's slot takes its token and grows by one column
+        (padding rows write the spare state entry); no host value, so a CUDA graph replays it."""
+        self.last_tokens[slots] = tokens
+        self.lengths[slots] += active
 
     def mixed_inputs(self, plan: StepPlan) -> ForwardBatch:
         """The decode part's packed row (a token per slot up to the highest decoding one; slots that are
@@ -275,10 +356,16 @@ class SlotKV(KVCache):
         attention.write_slots = torch.cat([attention.write_slots, chunks.write_slots])
         attention.write_cols = torch.cat([attention.write_cols, chunks.write_cols])
         attention.segments = [replace(seg, q0=seg.q0 + count, q1=seg.q1 + count) for seg in chunks.segments]
+        if self.addressed:  # the decode rows' sequences, then the chunks' (their queries after the decode rows')
+            attention.cu_q = torch.cat([attention.cu_q[:count], chunks.cu_q + count])
+            attention.cu_k = torch.cat([attention.cu_k[:count], chunks.cu_k])
+            attention.seqused_k = torch.cat([attention.seqused_k, chunks.seqused_k])
+            attention.max_q = max(attention.max_q, chunks.max_q)
         inputs = dict(first, input_ids=torch.cat([first["input_ids"], second["input_ids"]], dim=1),
                       position_ids=torch.cat([first["position_ids"], second["position_ids"]], dim=1),
                       logits_to_keep=torch.cat([first["logits_to_keep"], second["logits_to_keep"] + count]))
-        return ForwardBatch(inputs, decode.rows + [count + row for row in prefill.rows], decode_slots=count)
+        return ForwardBatch(inputs, decode.rows + [count + row for row in prefill.rows], decode_slots=count,
+                            decode_rows=decode.decode_rows)
 
     def point(self, rows: torch.Tensor, cols: torch.Tensor, read: Union[int, torch.Tensor], width: int,
               read_cols: Optional[torch.Tensor] = None) -> None:
@@ -292,29 +379,37 @@ class SlotKV(KVCache):
         cache.read_cols = read_cols
 
     def commit(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor, finished: list[bool]) -> None:
+        """The state moved on at `advance_state`: only finished rows are freed."""
+        self.release([r.row for r, done in zip(plan.requests, finished) if done])
+
+    def advance_state(self, plan: StepPlan, batch: ForwardBatch, tokens: torch.Tensor) -> None:
+        """The device state after a forward (next inputs, lengths), whatever the tokens are."""
         if plan.kind == "decode":
-            self.commit_decode(tokens)
+            self.commit_decode(tokens, batch)
         elif plan.kind == "prefill":
             self.commit_prefill(plan, tokens)
         else:  # mixed: the decode part first (it reads which slots were decoding before this step)
-            self.commit_decode(tokens[:batch.decode_slots])
+            self.commit_decode(tokens[:batch.decode_slots], batch)
             self.commit_prefill(plan.part("prefill"), tokens[batch.decode_slots:])
-        self.release([r.row for r, done in zip(plan.requests, finished) if done])
 
-    def commit_decode(self, tokens: torch.Tensor) -> None:
-        """tokens: one per slot 0..len(tokens)-1; the decoding ones take theirs and grow by one column."""
+    def commit_decode(self, tokens: torch.Tensor, batch: Optional[ForwardBatch] = None) -> None:
+        """tokens: one per slot 0..len(tokens)-1; the decoding ones take theirs and grow by one column
+        (addressed: one per row of batch.decode_rows)."""
+        if batch is not None and batch.decode_rows is not None:
+            self.advance(batch.decode_rows, torch.ones_like(batch.decode_rows, dtype=torch.bool), tokens)
+            return
         count = len(tokens)
         self.last_tokens[:count] = tokens
         self.lengths[:count] += self.decoding[:count]
 
     def commit_prefill(self, plan: StepPlan, tokens: torch.Tensor) -> None:
         """tokens: one per planned request; a request whose whole prompt is now cached starts decoding."""
-        rows = torch.tensor([r.row for r in plan.requests], dtype=torch.long, device=self.device)
-        ends = torch.tensor([r.prefilled + c for r, c in zip(plan.requests, plan.chunks)], device=self.device)
+        rows, ends, done = upload_all([torch.tensor(values, dtype=torch.long) for values in (
+            [r.row for r in plan.requests], [r.prefilled + c for r, c in zip(plan.requests, plan.chunks)],
+            [r.prefilled + c == r.prompt_length for r, c in zip(plan.requests, plan.chunks)])], self.device)
         self.last_tokens[rows] = tokens
         self.lengths[rows] = ends
-        done = [r.prefilled + c == r.prompt_length for r, c in zip(plan.requests, plan.chunks)]
-        self.decoding[rows] = torch.tensor(done, device=self.device)
+        self.decoding[rows] = done.bool()
 
     def release(self, slots: list[int]) -> None:
         """Free finished requests' slots (then move the highest rows down into them, when compacting)."""
@@ -338,7 +433,7 @@ class SlotKV(KVCache):
     def move(self, src: int, dst: int) -> None:
         """Row `src` (its columns, length, next input and request) becomes row `dst`; `src` is free."""
         held = self.col_pos[src]
-        used = self.max_len if self.window is not None else max(1, int(held.max()) + 1)  # columns in use
+        used = self.max_len if self.window is not None else max(1, read(held.max()) + 1)  # columns in use
         for layer in self.cache.layers:
             if layer.is_initialized:
                 for name in ("keys", "values", "key_scales", "value_scales"):
@@ -362,10 +457,11 @@ class SlotKV(KVCache):
         mask never lets a query read them."""
         going = [r for r, done in zip(requests, finished) if not done]
         if going:
-            long = dict(dtype=torch.long, device=self.device)
-            slots = [r.row for r in going]
-            self.lengths[slots] = torch.tensor([r.prompt_length + len(r.generated) - 1 for r in going], **long)
-            self.last_tokens[slots] = torch.tensor([r.generated[-1] for r in going], **long)
+            slots, lengths, tokens = upload_all([torch.tensor(values, dtype=torch.long) for values in (
+                [r.row for r in going], [r.prompt_length + len(r.generated) - 1 for r in going],
+                [r.generated[-1] for r in going])], self.device)
+            self.lengths[slots] = lengths
+            self.last_tokens[slots] = tokens
         self.release([r.row for r, done in zip(requests, finished) if done])
 
     def close(self) -> None:
@@ -389,9 +485,7 @@ def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = 
                   full_width=spec.compiling, window=window if sliding else None, layer_class=layer_class,
                   compacts=spec.verify_tokens == 1,  # assisted: the draft's cache uses the same slots
                   # CUDA graphs would replay the op's per-step plan tensors stale: compiled CUDA keeps the mask path
-                  varlen=not (spec.compiling and spec.device.type == "cuda"),
-                  decode_kernel=decode_attention_blocker(spec.device, model_dtype(spec.model), spec.gen.cpu_kernels,
-                                                         spec.gen.autocast) is None)
+                  varlen=not (spec.compiling and spec.device.type == "cuda"), attention=spec.attention)
 
 
 class StaticSlots:

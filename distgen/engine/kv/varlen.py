@@ -1,13 +1,13 @@
 """Variable-length attention over the slot cache: each sequence attends to its own slot's columns.
 
-A slot-cache forward is one packed row of tokens: first `decode` tokens, one per slot 0..decode-1
-(rows are compacted), then prefill (or chunk) segments, each a run of one sequence's tokens. The
-model's attention calls `distgen::slot_attention`, a custom op that writes the new keys/values into
-the slot buffers and attends: the decode tokens in one batched SDPA over their slots' first `width`
-columns (masked by the columns each may see), each segment in one causal SDPA over its own slot's
-columns (no block-diagonal square over the whole packed row, no gathered copy of the keys). With
-distgen's CPU kernels (generation.cpu_kernels, cpu_kernels.py) the keys/values are written by a kernel
-and each decode token reads exactly its own slot's columns (`AttentionPlan.decode_lengths`).
+A slot-cache forward is one packed row of tokens: first `decode` tokens, one per decoding row, then
+prefill (or chunk) segments, each a run of one sequence's tokens. The model's attention calls
+`distgen::slot_attention`, a custom op that writes the new keys/values into the slot buffers and attends
+through the forward's `SlotAttention` (attention.py, picked by name): with `torch_sdpa` the decode tokens are
+slots 0..decode-1 in one batched SDPA over their first `width` columns (masked by the columns each may see)
+and each segment one causal SDPA over its own slot's columns; with `cuda_varlen` every sequence of the step is
+one row of a single FlashAttention varlen call that reads its own slot through `cu_k`/`seqused_k` (decode rows
+are then addressed by slot id); distgen's CPU kernels (backends/cpu) read `decode_lengths`.
 
 The op reads the forward's `AttentionPlan` from `ACTIVE` (set by `activated` around the forward),
 as vLLM's attention reads its forward context: torch.compile sees an opaque op with a fixed
@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from distgen.backends.cpu.kernels import decode_attention, write_kv
+from distgen.engine.kv.attention import ATTENTIONS, SlotAttention, causal_continuation  # noqa: F401 (re-exported)
 from distgen.models.forward_args import unwrapped
 
 ATTENTION_NAME = "distgen_slots"
@@ -50,15 +49,34 @@ class AttentionPlan:
     layers: list  # the slot cache's layers (SlotLayer): buffers (slots, kv_heads, columns + 1, head_dim)
     write_slots: torch.Tensor  # (tokens,) the slot each token's key/value goes to
     write_cols: torch.Tensor   # (tokens,) and its column
-    decode: int = 0            # the first `decode` tokens are slots 0..decode-1's next tokens
-    width: int = 0             # columns the decode tokens read
+    decode: int = 0            # the first `decode` tokens are the decoding rows' next tokens
+    width: int = 0             # columns the decode tokens read (torch_sdpa: slots 0..decode-1's first `width`)
     decode_mask: Optional[torch.Tensor] = None  # (decode, 1, 1, width) additive
     # (decode,) columns each decode token reads: set when distgen's CPU decode-attention kernel runs
-    # (cpu_kernels.decode_attention reads exactly those, not the mask's width).
+    # (kernels.decode_attention reads exactly those, not the mask's width).
     decode_lengths: Optional[torch.Tensor] = None
-    # Write the new keys/values with distgen's CPU kernel (cpu_kernels.write_kv) instead of index_put.
+    # The CPU backend runs this forward (its decoder stack may take it; keys/values written by its kernel).
     cpu_kernels: bool = False
     segments: list[Segment] = field(default_factory=list)
+    # Which implementation attends (None: cpu_kernels where the flag above says so and it is registered, else
+    # torch_sdpa).
+    impl: Optional[SlotAttention] = None
+    # Varlen metadata (implementations whose decode_reads is "varlen"): sequence b (the decode rows, then the
+    # segments) is queries cu_q[b]:cu_q[b+1] of the packed row over the token-major rows cu_k[b] ..
+    # cu_k[b] + seqused_k[b] (its slot's columns); all int32 on the forward's device.
+    cu_q: Optional[torch.Tensor] = None       # (sequences + 1,)
+    cu_k: Optional[torch.Tensor] = None       # (sequences + 1,) slot * columns; the last entry slots * columns
+    seqused_k: Optional[torch.Tensor] = None  # (sequences,) columns each sequence reads (0: a padding row)
+    max_q: int = 0                            # the most queries of one sequence
+    max_k: int = 0                            # the most columns one reads: the slot width (what a graph bakes in)
+    rows: Optional[torch.Tensor] = None       # (decode,) the decode rows' slots (long)
+
+
+def implementation(plan: AttentionPlan) -> SlotAttention:
+    if plan.impl is not None:
+        return plan.impl
+    name = "cpu_kernels" if plan.cpu_kernels and "cpu_kernels" in ATTENTIONS.entries else "torch_sdpa"
+    return ATTENTIONS.get(name)
 
 
 ACTIVE: list[Optional[AttentionPlan]] = [None]
@@ -81,11 +99,6 @@ def activated(model: torch.nn.Module, plan: AttentionPlan) -> Iterator[None]:
             config._attn_implementation = name
 
 
-def causal_continuation(queries: int, keys: int, device: torch.device) -> torch.Tensor:
-    """(queries, keys) bool: query i (the key at keys - queries + i) sees keys up to its own."""
-    return torch.ones((queries, keys), dtype=torch.bool, device=device).tril(keys - queries)
-
-
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     """query (1, heads, tokens, head_dim), key/value (1, kv_heads, tokens, head_dim) -> (1, tokens, heads, head_dim).
     What the op `distgen::slot_attention` runs (eager forwards call it directly, without the dispatcher)."""
@@ -94,30 +107,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: i
     cache_layer = plan.layers[layer]
     if not cache_layer.is_initialized:
         cache_layer.lazy_initialization(key, value)
-    keys, values = cache_layer.keys, cache_layer.values
-    if not (plan.cpu_kernels and write_kv(key[0], value[0], keys, values, plan.write_slots, plan.write_cols)):
-        keys[plan.write_slots, :, plan.write_cols] = key[0].transpose(0, 1)
-        values[plan.write_slots, :, plan.write_cols] = value[0].transpose(0, 1)
-    gqa = query.shape[1] != key.shape[1]
-    out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
-    n = plan.decode
-    if n and plan.decode_lengths is not None:
-        decode_attention(query[0, :, :n].transpose(0, 1), keys, values, plan.decode_lengths, scale, out=out[0, :n])
-    elif n:
-        q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # (n, heads, 1, head_dim)
-        o = F.scaled_dot_product_attention(q, keys[:n, :, :plan.width], values[:n, :, :plan.width],
-                                           attn_mask=plan.decode_mask, scale=scale, enable_gqa=gqa)
-        out[0, :n] = o.squeeze(2)
-    for seg in plan.segments:
-        q = query[:, :, seg.q0:seg.q1]
-        k, v = keys[seg.slot:seg.slot + 1, :, :seg.end], values[seg.slot:seg.slot + 1, :, :seg.end]
-        if seg.start == 0:  # a whole prompt (or its first chunk): plain causal
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            mask = causal_continuation(seg.q1 - seg.q0, seg.end, query.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[0, seg.q0:seg.q1] = o[0].transpose(0, 1)
-    return out
+    impl = implementation(plan)
+    impl.write(plan, cache_layer, key, value)
+    return impl.attend(plan, cache_layer, query, scale)
 
 
 slot_attention = torch.library.custom_op("distgen::slot_attention", attend, mutates_args=())
