@@ -2,6 +2,7 @@
 generate this rank's share, and (rank 0) check, merge and report the outputs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -11,7 +12,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from distgen.common.errors import ConfigError
-from distgen.common.procs import exit_on_termination
+from distgen.common.procs import exit_on_termination, exit_with_parent
 from distgen.job.prepare import Job, finished_message
 from distgen.job.worker import RankRun, generate_shard
 from distgen.outputs.coordinator import format_table, gather_to_coordinator, summarize, write_atomic, write_stats
@@ -86,8 +87,9 @@ def run_job(job: Job, ctx: DistContext) -> int:
 def run_ranks(job: Job, local_rank: int | None = None) -> int:
     """This process as one rank of the job: join the process group (from the launcher's environment), run, leave."""
     hf_logging.disable_progress_bar()
-    with exit_on_termination():
-        ctx = init_distributed(job.cfg.device, info=discover(os.environ, local_rank))
+    info = discover(os.environ, local_rank)
+    with exit_on_termination(), exit_with_parent() if info.agent_parent else contextlib.nullcontext():
+        ctx = init_distributed(job.cfg.device, info=info)
         clean = False
         try:
             code = run_job(job, ctx)

@@ -8,7 +8,7 @@ import os
 if os.environ.get("DISTGEN_TEST_APPEND_DELAY_S") and ("RANK" in os.environ or "SLURM_PROCID" in os.environ):
     import time
 
-    from distgen import shards
+    from distgen.outputs import shards
 
     _delay = float(os.environ["DISTGEN_TEST_APPEND_DELAY_S"])
     _append = shards.ShardWriter.append
