@@ -68,10 +68,20 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     print(f"wrote {job.prompt_count} records to {where} ({summary['errors']} errors)", flush=True)
 
 
+def release_arrow_memory() -> None:
+    """Arrow's allocator (mimalloc) keeps what reading and checking the dataset took (the id check
+    alone ~24 MiB at 100k prompts, measured on CPU): hand it back before the model and the batches
+    come on top, so a rank's memory does not grow with the dataset."""
+    import pyarrow
+    pyarrow.default_memory_pool().release_unused()
+
+
 def run_job(job: Job, ctx: DistContext) -> int:
+    release_arrow_memory()
     try:
         if not share_plan(job, ctx):
             return 0
+        release_arrow_memory()
     except ConfigError as err:  # a bad record found while measuring lengths, or dataset.too_long=fail
         if ctx.is_coordinator and job.created_out:
             shutil.rmtree(job.out_dir, ignore_errors=True)  # nothing of an unusable job stays behind
