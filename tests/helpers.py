@@ -7,11 +7,13 @@ test fails)."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -372,6 +374,64 @@ def descendants(pid: int) -> list[int]:
         found.extend(children)
         frontier = children
     return found
+
+
+def living(pids) -> list[int]:
+    """Those of `pids` still running (a zombie only waits for its new parent to reap it: it has ended)."""
+    def state(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return "gone"
+    return [pid for pid in pids if state(pid) not in ("gone", "Z")]
+
+
+def naming(text: str) -> list[int]:
+    """Processes whose command line holds `text` (`pgrep -f`), e.g. a job's own output folder."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+class Terminal:
+    """A pseudo-terminal that a command gets as its controlling terminal, in a session of its own (as a
+    login shell's foreground job has); `hang_up` closes it as a closed terminal window or ssh connection
+    does: the kernel sends the session leader SIGHUP, and writing to the terminal fails from then on."""
+
+    def __init__(self):
+        self.master, self.slave = os.openpty()
+        self.output = bytearray()
+        self.stopped = threading.Event()
+        self.reader = threading.Thread(target=self.drain, daemon=True)  # a full terminal would block writers
+
+    def drain(self) -> None:
+        while not self.stopped.is_set():
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    self.output += os.read(self.master, 1 << 16)
+                except OSError:
+                    return
+
+    def start(self, argv, **kwargs) -> subprocess.Popen:
+        """`argv` as the session leader, on this terminal (setsid --ctty: no fork, so the pid is argv's)."""
+        proc = subprocess.Popen(["setsid", "--ctty", *argv], stdin=self.slave, stdout=self.slave, stderr=self.slave,
+                                **kwargs)
+        os.close(self.slave)
+        self.reader.start()
+        return proc
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def hang_up(self) -> None:
+        self.stopped.set()
+        self.reader.join()
+        os.close(self.master)
 
 
 def environ_of(pid: int) -> dict[str, str]:

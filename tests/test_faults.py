@@ -1,4 +1,5 @@
-"""Faults under torchrun: a rank SIGKILLed, SIGTERM/SIGINT to the launcher, torchrun restarts.
+"""Faults under torchrun: a rank SIGKILLed, SIGTERM/SIGINT/SIGHUP to the launcher, the launcher
+SIGKILLed (the OOM killer) or its terminal closed, torchrun itself SIGKILLed, torchrun restarts.
 
 Each job is paced (tests/slow_journal: every journal append sleeps) so that the fault surely
 lands part way through; each ends within a bound, leaves no process behind, keeps its finished
@@ -15,7 +16,7 @@ import pytest
 from conftest import REPO, paced_env, read_outputs, write_prompts
 from distgen.outputs.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
-from helpers import descendants, stop_pids, wait_until, worker_pids
+from helpers import Terminal, descendants, living, naming, stop_pids, wait_until, worker_pids
 from conftest import journaled
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 3 + i % 4}
@@ -23,6 +24,8 @@ PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), 
 APPEND_DELAY_S = 0.4  # each finished completion holds its rank this long
 ENDS_WITHIN_S = 120  # generous: the machine running the tests is shared and loaded
 STARTS_WITHIN_S = 300
+# A launcher gone without a word: its whole job ends this soon (the ranks close their journals on SIGTERM).
+ORPHANS_GONE_WITHIN_S = 20
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +50,13 @@ def start(command, *args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def launcher_args(model_dir, prompts, out, *extra) -> list[str]:
+    return job_args(model_dir, prompts, out, "launcher=torchrun", "launcher.nproc_per_node=2", *extra)
+
+
 def start_launcher(model_dir, prompts, out, *extra) -> subprocess.Popen:
     """`python -m distgen.launch launcher=torchrun`: distgen starts torchrun in a process group of its own."""
-    return start(["distgen.launch"], *job_args(model_dir, prompts, out, "launcher=torchrun",
-                                                 "launcher.nproc_per_node=2", *extra))
+    return start(["distgen.launch"], *launcher_args(model_dir, prompts, out, *extra))
 
 
 def start_torchrun(model_dir, prompts, out, torchrun_args=(), *extra) -> subprocess.Popen:
@@ -100,7 +106,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_a_rerun_resumes(tiny_model_dir, fa
     assert_resumes_to(uninterrupted, tiny_model_dir, fault_prompts, out, capsys)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_to_the_launcher_stops_every_rank_and_a_rerun_resumes(signum, tiny_model_dir, fault_prompts,
                                                                      uninterrupted, tmp_path, capsys):
     out = tmp_path / "out"
@@ -109,10 +115,79 @@ def test_signal_to_the_launcher_stops_every_rank_and_a_rerun_resumes(signum, tin
     launcher.send_signal(signum)
     code, _, stderr, seconds = finish(launcher)
     assert code != 0 and seconds < ENDS_WITHIN_S, stderr
-    assert f"got {signum.name}; passing it to process group" in stderr
+    assert f"got {signum.name}; passing it to job" in stderr
     assert stderr.count(f"rank got {signum.name}: closing journals and exiting") == 2, stderr
     for pid in workers.values():
         assert not os.path.exists(f"/proc/{pid}"), "a worker outlived the launcher"
+    assert_resumes_to(uninterrupted, tiny_model_dir, fault_prompts, out, capsys)
+
+
+def orphans_gone(pids, out, since: float) -> float:
+    """Seconds from `since` until none of `pids` and no process naming `out` (torchrun, a rank) runs;
+    what is left when the test fails is SIGKILLed."""
+    try:
+        wait_until(lambda: not living(pids) and not naming(str(out)), ORPHANS_GONE_WITHIN_S,
+                   f"every process of the job ({pids}, or naming {out}) to end")
+    finally:
+        stop_pids(living([*pids, *naming(str(out))]), grace_s=0)
+    return time.monotonic() - since
+
+
+def ended(proc: subprocess.Popen, since: float) -> tuple[str, str]:
+    """What `proc` and everything that inherited its pipes wrote, once all of them closed them."""
+    try:
+        return proc.communicate(timeout=max(1.0, since + ORPHANS_GONE_WITHIN_S - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return "", f"still open {ORPHANS_GONE_WITHIN_S} s after the kill"
+
+
+def test_sigkill_of_the_launcher_leaves_no_process_and_a_rerun_resumes(tiny_model_dir, fault_prompts, uninterrupted,
+                                                                       tmp_path, capsys):
+    """The OOM killer's SIGKILL reaches only the launcher: its watchdog stops torchrun and the ranks."""
+    out = tmp_path / "out"
+    launcher = start_launcher(tiny_model_dir, fault_prompts, out)
+    wait_for_progress(launcher, out)
+    job = descendants(launcher.pid)  # the watchdog, torchrun, its ranks
+    launcher.kill()
+    killed = time.monotonic()
+    _, stderr = ended(launcher, killed)
+    orphans_gone(job, out, killed)
+    assert "the launcher is gone" in stderr, stderr
+    assert stderr.count("rank got SIGTERM: closing journals and exiting") == 2, stderr
+    assert_resumes_to(uninterrupted, tiny_model_dir, fault_prompts, out, capsys)
+
+
+def test_closing_the_launchers_terminal_leaves_no_process_and_a_rerun_resumes(tiny_model_dir, fault_prompts,
+                                                                              uninterrupted, tmp_path, capsys):
+    """A closed terminal or ssh connection: the launcher gets SIGHUP and passes it on; from then on
+    every write to the terminal fails (EIO), which must not stop the ranks closing their journals."""
+    out = tmp_path / "out"
+    terminal = Terminal()
+    launcher = terminal.start([sys.executable, "-m", "distgen.launch",
+                               *map(str, launcher_args(tiny_model_dir, fault_prompts, out))],
+                              cwd=REPO, env=paced_env(APPEND_DELAY_S))
+    try:
+        wait_for_progress(launcher, out)
+    except AssertionError:
+        raise AssertionError(terminal.text()[-3000:])
+    job = descendants(launcher.pid)
+    terminal.hang_up()
+    orphans_gone([launcher.pid, *job], out, time.monotonic())
+    assert launcher.wait() != 0
+    assert_resumes_to(uninterrupted, tiny_model_dir, fault_prompts, out, capsys)
+
+
+def test_sigkill_of_torchrun_stops_its_ranks_and_a_rerun_resumes(tiny_model_dir, fault_prompts, uninterrupted, tmp_path,
+                                                                  capsys):
+    """torchrun itself killed (as a cluster script runs it): each rank sees its parent gone and stops."""
+    out = tmp_path / "out"
+    torchrun = start_torchrun(tiny_model_dir, fault_prompts, out)
+    workers = wait_for_progress(torchrun, out)
+    torchrun.kill()
+    killed = time.monotonic()
+    _, stderr = ended(torchrun, killed)
+    orphans_gone(list(workers.values()), out, killed)
+    assert stderr.count("parent (pid") == 2 and stderr.count("rank got SIGTERM: closing journals") == 2, stderr
     assert_resumes_to(uninterrupted, tiny_model_dir, fault_prompts, out, capsys)
 
 

@@ -41,12 +41,15 @@ DEVICE_DEFAULTS = {"cuda": dict(batch_size="auto", prefill_chunk_tokens=8192),
                    "cpu": dict(batch_size=4, prefill_chunk_tokens=512)}
 # DISTGEN_CUDA_GRAPHS=0 runs the padded decode step eagerly on CUDA too (bench/gpu.py's graphs-off variant).
 GRAPHS_ENV = "DISTGEN_CUDA_GRAPHS"
-# generation.compile=auto compiles only when the job has at least this many decode steps.
+# generation.compile=auto compiles on CUDA only when the job has at least this many decode steps.
 COMPILE_MIN_DECODE_STEPS = 2048
-# On CPU a frozen compile with inductor's C++ GEMMs (runner.CPU_INDUCTOR_OPTIONS) measured ~1.2x eager
-# per decode step (8 layers/h512, 16 rows, one thread) but took ~40 s (its graph is not cached across
-# runs), so auto compiles on CPU only for jobs this long.
-COMPILE_MIN_DECODE_STEPS_CPU = 8192
+# On CPU auto never compiles: an automatic choice is made only where it was measured faster, and a CPU
+# compile was not. A frozen compile with inductor's C++ GEMMs (runner.CPU_INDUCTOR_OPTIONS) measured
+# ~1.2x eager per decode step on one model (8 layers/h512, 16 rows, one thread), but it takes 40-80 s
+# every run (its graph is not cached), replaces distgen's CPU kernels, and halved a 100k-prompt tiny
+# job (1095 vs 2065 tok/s, 49 s compiling). generation.compile=on still compiles on CPU.
+CPU_COMPILE_REASON = ("not compiling: on CPU a compile is not measured faster (40-80 s each run, distgen's CPU "
+                      "kernels set aside); generation.compile=on compiles anyway")
 # Model types generation.cache=auto puts in the slot cache without compiling (golden-tested against
 # model.generate; eager slots measured ~1.5x the dynamic cache in bench/engine.py). Others stay dynamic.
 SLOT_CACHE_AUTO_MODEL_TYPES = ("llama", "mistral")
@@ -114,7 +117,7 @@ def freezes(model: torch.nn.Module, device: torch.device, lockstep: bool) -> boo
 
 def compile_auto(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
                  device: torch.device) -> CompilePlan:
-    """Compile when the job repays it: on CUDA, a slot cache, not lockstep, enough decode steps."""
+    """Compile when the job repays it: on CUDA (never on CPU), a slot cache, not lockstep, enough decode steps."""
     blocker = compile_blocker(model)
     if blocker:
         return CompilePlan(False, reason=f"not compiling: {blocker}")
@@ -122,10 +125,11 @@ def compile_auto(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
         return CompilePlan(False, reason=f"not compiling: generation.cache={gen.cache} changes shape every step")
     if lockstep:
         return CompilePlan(False, reason="not compiling: a lockstep (sharded) layout; use generation.compile=on")
-    least = COMPILE_MIN_DECODE_STEPS if device.type == "cuda" else COMPILE_MIN_DECODE_STEPS_CPU
-    if decode_steps < least:
+    if device.type != "cuda":
+        return CompilePlan(False, reason=CPU_COMPILE_REASON)
+    if decode_steps < COMPILE_MIN_DECODE_STEPS:
         return CompilePlan(False, reason=f"not compiling: about {decode_steps} decode steps are too few to repay "
-                                         f"a compile (auto compiles on {device.type} from {least})")
+                                         f"a compile (auto compiles on cuda from {COMPILE_MIN_DECODE_STEPS})")
     return compiling(gen, model, device, lockstep, f"compiling: about {decode_steps} decode steps")
 
 

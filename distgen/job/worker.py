@@ -48,15 +48,15 @@ def resolved_budgets(job: Job) -> np.ndarray:
 def split_costs(indices: np.ndarray, job: Job, parts: int) -> list[np.ndarray]:
     """`indices` balanced over `parts` by prompt length plus budget (each part in dataset order)."""
     costs = job.lengths[indices] + resolved_budgets(job)[indices]
-    return [indices[part] for part in assign_to_ranks(costs.tolist(), parts)]
+    return [indices[part] for part in assign_to_ranks(costs, parts)]
 
 
-def rank_shard(job: Job, groups: DataGroups, rank: int) -> list[int]:
+def rank_shard(job: Job, groups: DataGroups, rank: int) -> np.ndarray:
     """This rank's prompt indices in decoding order: prompts split over the layout's data-parallel
     groups, then over the ranks of a group. Every rank computes the same plan from the shared lengths."""
     group_todo = split_costs(job.todo, job, len(groups.groups))[groups.index]
     mine = split_costs(group_todo, job, len(groups.members))[groups.members.index(rank)]
-    return decode_order(mine.tolist(), job.lengths, resolved_budgets(job))
+    return decode_order(mine, job.lengths, resolved_budgets(job))
 
 
 @dataclass
@@ -73,7 +73,7 @@ def write_error_records(job: Job, writer: ShardWriter) -> None:
         writer.append(job.error_records(rejected[at:at + CHUNK]))
 
 
-def queue_shape(job: Job, mine: list[int]) -> QueueShape:
+def queue_shape(job: Job, mine: np.ndarray) -> QueueShape:
     return QueueShape(job.lengths[mine].astype(np.int64), resolved_budgets(job)[mine].astype(np.int64))
 
 

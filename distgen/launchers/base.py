@@ -44,7 +44,8 @@ def get_launcher(name: str) -> Launcher:
 def run_command(command: Sequence[str]) -> int:
     """Start a launcher's command and wait for it: the one place a launcher starts a process."""
     print("distgen: launching " + shlex.join(command), flush=True)
-    # Its own process group, SIGTERM/SIGINT passed on to all of it: no worker outlives the launcher.
+    # Its own process group, every process under it tracked, SIGTERM/SIGINT/SIGHUP passed on to all of
+    # them, and a watchdog that stops them if this process is killed: no worker outlives the launcher.
     return run_process_group(list(command))
 
 

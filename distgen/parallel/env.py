@@ -55,6 +55,9 @@ class RankVars:
     # step), of which `node_index` (the host's place in that list) picks this host's. Unset: 1.
     local_world_size: str = ""
     node_index: str = ""
+    # Each rank is a child process of this launcher's local agent (torchrun, deepspeed's launch,
+    # slurmstepd): a rank whose agent is gone stops (distgen.common.procs.exit_with_parent).
+    agent_parent: bool = True
 
 
 # Order matters: torchrun or deepspeed may run inside a SLURM allocation (srun + torchrun per
@@ -68,7 +71,8 @@ RANK_ENV: tuple[RankVars, ...] = (
              torch_env=True, local_world_size="LOCAL_SIZE"),
     # Set by distgen's Ray actors (distgen/launchers/ray.py) in their own process.
     RankVars("ray", "DISTGEN_RAY_RANK", "DISTGEN_RAY_RANK", "DISTGEN_RAY_WORLD_SIZE", "DISTGEN_RAY_LOCAL_RANK",
-             "DISTGEN_RAY_MASTER_ADDR", "DISTGEN_RAY_MASTER_PORT", local_world_size="DISTGEN_RAY_LOCAL_WORLD_SIZE"),
+             "DISTGEN_RAY_MASTER_ADDR", "DISTGEN_RAY_MASTER_PORT", local_world_size="DISTGEN_RAY_LOCAL_WORLD_SIZE",
+             agent_parent=False),  # an actor's process belongs to Ray, which ends it with its driver
     # One srun task per rank (the batch script itself has no step id). distgen's sbatch script
     # exports DISTGEN_MASTER_ADDR/PORT; a hand-written `srun python -m distgen.run` falls back to
     # the nodelist and the job id. srun sets the step's tasks per node (`2(x2),1`) in nodelist
@@ -77,9 +81,9 @@ RANK_ENV: tuple[RankVars, ...] = (
     RankVars("slurm", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "DISTGEN_MASTER_ADDR",
              "DISTGEN_MASTER_PORT", nodelist="SLURM_STEP_NODELIST", job_id="SLURM_JOB_ID",
              local_world_size="SLURM_STEP_TASKS_PER_NODE", node_index="SLURM_NODEID"),
-    # Any other launcher that sets torch's own variables.
+    # Any other launcher that sets torch's own variables (its parent may be a script that leaves it running).
     RankVars("env", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", torch_env=True,
-             local_world_size="LOCAL_WORLD_SIZE"),
+             local_world_size="LOCAL_WORLD_SIZE", agent_parent=False),
 )
 RANK_VARS = {row.launcher: row for row in RANK_ENV}
 
@@ -96,6 +100,8 @@ class RankInfo:
     torch_env: bool = False
     # Ranks on this rank's host (they share its RAM); 1 when the launcher does not say or it runs alone.
     local_world_size: int = 1
+    # This process's parent is the launcher's agent (RankVars.agent_parent).
+    agent_parent: bool = False
 
     @property
     def init_method(self) -> str:
@@ -161,7 +167,7 @@ def rank_info(row: RankVars, environ: Mapping[str, str], local_rank_arg: Optiona
                            f"{row.master_addr} and {row.master_port}")
     local_rank = number(row.local_rank) if local_rank_arg is None else local_rank_arg
     return RankInfo(row.launcher, rank, world_size, local_rank, addr,
-                    int(port) if port.isdigit() else 0, row.torch_env, local_world_size(row, environ))
+                    int(port) if port.isdigit() else 0, row.torch_env, local_world_size(row, environ), row.agent_parent)
 
 
 def discover(environ: Mapping[str, str], local_rank_arg: Optional[int] = None) -> RankInfo:

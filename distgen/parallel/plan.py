@@ -1,28 +1,42 @@
-"""Pure work plans: which rank gets which prompts, and in which order a rank decodes them."""
+"""Pure work plans: which rank gets which prompts, and in which order a rank decodes them.
+
+Both take and give numpy arrays: a plan over 100k prompts holds a few arrays of that length, not a
+Python object (or a sort key) per prompt.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import heapq
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+# Prompts taken from numpy into Python numbers at a time while assigning (bounds that transient list).
+ASSIGN_BLOCK = 4096
 
 
-def assign_to_ranks(costs: Sequence[int], world_size: int) -> list[list[int]]:
+def assign_to_ranks(costs: ArrayLike, world_size: int) -> list[np.ndarray]:
     """Longest-first greedy balance of prompt indices over ranks.
 
     Each prompt (costliest first, ties by index) goes to the rank with the least total cost
     so far (ties to the lower rank). Deterministic, so every rank computes the same plan.
-    Each rank's indices come back in dataset order.
+    Each rank's indices come back in dataset order (int64 arrays).
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    loads = [0] * world_size
-    shards: list[list[int]] = [[] for _ in range(world_size)]
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[rank] += costs[index]
-        shards[rank].append(index)
-    return [sorted(shard) for shard in shards]
+    costs = np.asarray(costs, dtype=np.int64).reshape(-1)
+    order = np.lexsort((np.arange(len(costs)), -costs))  # costliest first, ties by index
+    rank_of = np.empty(len(costs), dtype=np.int32)
+    loads = [(0, rank) for rank in range(world_size)]  # a heap: least load first, ties to the lower rank
+    for start in range(0, len(order), ASSIGN_BLOCK):
+        block = order[start:start + ASSIGN_BLOCK]
+        for index, cost in zip(block.tolist(), costs[block].tolist()):
+            load, rank = loads[0]
+            heapq.heapreplace(loads, (load + cost, rank))
+            rank_of[index] = rank
+    return [np.flatnonzero(rank_of == rank) for rank in range(world_size)]
 
 
-def decode_order(indices: Sequence[int], lengths: Sequence[int], budgets: Sequence[int]) -> list[int]:
+def decode_order(indices: ArrayLike, lengths: ArrayLike, budgets: ArrayLike) -> np.ndarray:
     """Largest budget first, then longest prompt, ties by index.
 
     Longest-processing-time first: a sequence that needs many decode steps starts early, so the
@@ -31,4 +45,7 @@ def decode_order(indices: Sequence[int], lengths: Sequence[int], budgets: Sequen
     generation.max_new_tokens) give longest prompts first: similar lengths batch together and
     memory peaks early. `budgets`: each prompt's own max_new_tokens, resolved.
     """
-    return sorted(indices, key=lambda i: (-budgets[i], -lengths[i], i))
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    lengths, budgets = np.asarray(lengths)[indices], np.asarray(budgets)[indices]
+    # lexsort: the last key sorts first
+    return indices[np.lexsort((indices, -lengths.astype(np.int64), -budgets.astype(np.int64)))]
