@@ -107,8 +107,11 @@ def test_engine_on_the_kernels_equals_torch_generate(tiny_model_dir, tokenizer, 
     got = generate_all(engine)
     assert_matches_generate(reference, tokenizer, got)
     assert len(calls) >= DEFAULT_BUDGET  # every forward of the job ran as one C call
+    made = cpu_model.arithmetic(model)  # what a resumed sampled job keys on
+    assert made.batch_invariant and made.kernels.startswith("distgen-")
     # A later engine that compiles or is told torch swaps the model's own modules back.
     engine_for(model, tokenizer, PROMPTS, GenerationConfig(cpu_kernels="torch", compile="off"))
+    assert cpu_model.arithmetic(model) == cpu_model.Arithmetic("torch", batch_invariant=False)
     assert model.model is base and not any(isinstance(m, (kernels.PackedLinear, kernels.FusedRMSNorm))
                                            for m in model.modules())
     assert set(model.state_dict()) == keys
@@ -274,6 +277,11 @@ def test_the_c_boundary_raises_on_every_bad_call_and_writes_nothing():
     buffer = torch.randn(8, 16)
     with pytest.raises(ValueError, match="out must be rows of contiguous features apart from x"):
         packed_linear(buffer[:4], weight, None, out=buffer.view(4, 32))  # panels would overwrite rows still read
+    with pytest.raises(ValueError, match="residual must be rows of contiguous features, out itself or apart from it"):
+        shifted = torch.empty(4 * 32 + 1)  # residual one feature behind out: it would read outputs already written
+        packed_linear(torch.randn(4, 16), weight, None, out=shifted[1:].view(4, 32), residual=shifted[:-1].view(4, 32))
+    with pytest.raises(ValueError, match="out must be apart from query, keys and values"):
+        kernels.decode_attention(query, keys, values, ok, 0.25, out=query)
     with pytest.raises(IndexError, match=r"packed_embedding: entry 1's token id is 32, outside \[0, 32\)"):
         kernels.packed_embedding(torch.tensor([0, 32]), weight)
 
@@ -325,7 +333,7 @@ def test_owned_stack_computes_transformers_forward_and_a_different_one_is_refuse
     monkeypatch.setattr(cpu_model.LlamaStack, "run", lambda self, plan, ids, positions: self.embed_tokens(ids))
     assert cpu_model.own_stack(model) == ("decoder stack: transformers' forward (its forward differs from a "
                                           "Llama-style stack's on a probe)")
-    assert model.model is base
+    assert model.model is base and not cpu_model.arithmetic(model).batch_invariant
     # A layer that is not Llama-style is named.
     model.model.layers[0].extra = torch.nn.Identity()
     assert "holds extra, input_layernorm" in cpu_model.own_stack(model)

@@ -108,6 +108,11 @@ def build(cc: str, flags: tuple[str, ...], built: Path) -> Optional[str]:
     return None
 
 
+def build_key(cc: str, flags: tuple[str, ...]) -> str:
+    """What the built kernels' arithmetic follows from: the source, the compiler and its flags."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join((cc,) + flags).encode()).hexdigest()[:16]
+
+
 @functools.cache
 def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     """(the built kernel, "") or (None, why not). Built once per source, flags and compiler into cache_dir()."""
@@ -120,8 +125,7 @@ def load_kernel() -> tuple[Optional[ctypes.CDLL], str]:
     if not SOURCE.is_file():
         return None, f"the kernel source {SOURCE} is missing from the installed package"
     flags = build_flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc,) + flags).encode()).hexdigest()[:16]
-    built = cache_dir() / f"cpu_kernels-{key}.so"
+    built = cache_dir() / f"cpu_kernels-{build_key(cc, flags)}.so"
     if not built.exists():
         why = build(cc, flags, built)
         if why:
@@ -256,7 +260,9 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if residual is not None:
         residual = residual.reshape(-1, n)
         require_fp32("residual", residual, (rows.shape[0], n))
-        require(residual.stride(1) == 1, "residual", "rows of contiguous features", residual)
+        same = residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()
+        require(residual.stride(1) == 1 and (same or not overlaps(residual, out)), "residual",
+                "rows of contiguous features, out itself or apart from it", residual)
     if rows.shape[0]:
         lib.packed_linear(rows.data_ptr(), k, weight.data_ptr(), None if bias is None else bias.data_ptr(),
                           out.data_ptr(), out.stride(0), None if residual is None else residual.data_ptr(),
@@ -322,6 +328,7 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     if out is None:
         out = torch.empty((n, heads, dim), dtype=torch.float32)
     require_fp32("out", out, (n, heads, dim), contiguous=True)
+    require(not any(overlaps(out, t) for t in (query, keys, values)), "out", "apart from query, keys and values", out)
     threads = torch.get_num_threads()
     scratch = torch.empty(threads * lib.attention_scratch(heads, kv_heads, dim, columns), dtype=torch.float32)
     checked("decode_attention", lambda info: lib.slot_attention(

@@ -31,12 +31,14 @@ keeps its own, and the engine line says why.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from distgen.backends.cpu.kernels import FusedGatedMLP, FusedRMSNorm, checked, is_packed, kernel
+from distgen.backends.cpu.kernels import (FusedGatedMLP, FusedRMSNorm, build_flags, build_key, checked, compiler,
+                                          is_packed, kernel)
 from distgen.engine.kv import varlen
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -307,3 +309,19 @@ def release_stack(model: torch.nn.Module) -> None:
     stack = base_model(model)
     if isinstance(stack, LlamaStack):
         setattr(model, getattr(model, "base_model_prefix", "model"), stack.replaced[0])
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """What computes a model's forwards once apply_kernels ran: what a resume fingerprint of a sampled job
+    keys on. `kernels`: "torch", or "distgen-<build key>" (source, compiler, flags); `batch_invariant`:
+    a row's logits do not depend on the other rows of its forward nor on how its prompt is chunked (the
+    owned stack runs it; elsewhere torch's GEMMs and SDPA pick their blocking by the rows they get)."""
+    kernels: str
+    batch_invariant: bool
+
+
+def arithmetic(model: torch.nn.Module) -> Arithmetic:
+    if not any(is_packed(module) for module in model.modules()):
+        return Arithmetic("torch", False)
+    return Arithmetic(f"distgen-{build_key(compiler() or '', build_flags())}", isinstance(base_model(model), LlamaStack))
