@@ -15,10 +15,12 @@
  * which rows share the call: a row's result does not depend on its batch. Threads split the panels.
  *
  * slot_attention: each query token attends to exactly its own slot's first lens[i] columns (a batched
- * SDPA reads the longest row's width for every row, masked). Scores, softmax, then the weighted values,
- * per (token, kv head) with the kv head's query heads together, so each key and value row is read once;
- * a token's result is a function of its query and its slot's columns only (decode tokens and prompt
- * tokens alike, however a prompt is chunked). Threads split the (token, kv head) pairs.
+ * SDPA reads the longest row's width for every row, masked): scores 8 keys at a time, softmax, then the
+ * weighted values accumulated in registers, per (token, kv head) with the kv head's query heads
+ * together; a prompt's consecutive tokens go in blocks of up to 8, so each key and value row read serves
+ * the block. A token's result is a function of its query and its slot's columns only, computed in the
+ * same order whatever its block, its length or its neighbours (decode and prompt tokens alike, however a
+ * prompt is chunked). Threads split the (block, kv head) pairs.
  *
  * llama_stack: a whole Llama-style decoder stack over T tokens (any mix of decode and prompt tokens)
  * in one call, from these kernels in a fixed order.
@@ -169,19 +171,122 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-/* q . k over D (8 lanes, then a scalar tail) */
-static inline float dot(const float* q, const float* k, int64_t D) {
-  __m256 a = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
-  float s = hsum(a);
-  for (; d < D; d++) s += q[d] * k[d];
-  return s;
+/* A prompt's consecutive tokens attend in blocks of up to QBLOCK (same slot, consecutive positions, one
+ * aligned window of QBLOCK positions), so each key and value row read serves the whole block. */
+#define QBLOCK 8
+
+/* Floats of scratch one thread of slot_attention needs: a block's query heads and their scores. */
+int64_t attention_scratch(int64_t heads, int64_t kv_heads, int64_t D, int64_t columns) {
+  return QBLOCK * (heads / kv_heads) * (D + columns);
 }
 
-/* Floats of scratch one thread of slot_attention needs: its query heads and their scores. */
-int64_t attention_scratch(int64_t heads, int64_t kv_heads, int64_t D, int64_t columns) {
-  return (heads / kv_heads) * (D + columns);
+/* Does token i start a block: not the next position, in the same slot, of token i-1 within one window? */
+static inline int leads(const int64_t* slots, const int64_t* lens, int64_t i) {
+  return i == 0 || !slots || slots[i - 1] != slots[i] || lens[i] != lens[i - 1] + 1 || lens[i] % QBLOCK == 1;
+}
+
+/* The lane sums of 8 vectors, one per lane: a[c]'s ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) in lane c. */
+static inline __m256 reduce8(const __m256* a) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* scale * q.k of the `count` (<= 8) keys at k, k + s_col, ...: each key's products summed in the same
+ * order whatever `count` is (D in 8 lanes, reduce8's tree, then the scalar tail of D % 8 in order). */
+static inline void scores8(const float* q, const float* k, int64_t s_col, int count, int64_t D, float scale,
+                           float* out) {
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++)
+      if (c < count) acc[c] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + c * s_col + d), acc[c]);
+  }
+  float sums[8];
+  _mm256_storeu_ps(sums, reduce8(acc));
+  for (int c = 0; c < count; c++) {
+    float sum = sums[c];
+    for (int64_t e = d; e < D; e++) sum += q[e] * k[c * s_col + e];
+    out[c] = sum * scale;
+  }
+}
+
+/* o[:D] = sum over t < L of p[t] * v[t][:D], in t order (one fma per term from 0), in registers. */
+static inline void weighted_values(const float* p, const float* v, int64_t s_col, int64_t L, int64_t D, float* o) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) {
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < L; t++) {
+      const __m256 w = _mm256_set1_ps(p[t]);
+      const float* vt = v + t * s_col + d0;
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * c), acc[c]);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
+  }
+  for (; d0 + 8 <= D; d0 += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < L; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * s_col + d0), acc);
+    _mm256_storeu_ps(o + d0, acc);
+  }
+  for (; d0 < D; d0++) {
+    float acc = 0.f;
+    for (int64_t t = 0; t < L; t++) acc = fmaf(p[t], v[t * s_col + d0], acc);
+    o[d0] = acc;
+  }
+}
+
+/* softmax in place over L scores */
+static inline void softmax(float* p, int64_t L) {
+  float top = p[0], total = 0.f;
+  for (int64_t t = 1; t < L; t++) top = p[t] > top ? p[t] : top;
+  int64_t t = 0;
+  __m256 sums = _mm256_setzero_ps();
+  for (; t + 8 <= L; t += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(p + t, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  total = hsum(sums);
+  for (; t < L; t++) { p[t] = expf(p[t] - top); total += p[t]; }
+  const float inv = 1.f / total;
+  for (t = 0; t < L; t++) p[t] *= inv;
+}
+
+/* Tokens i0..i0+B-1 (one block) x kv head g. Each token's arithmetic is the same whatever its block or
+ * length: its scores (scores8, by key), its softmax over its own lens, its values summed in column order. */
+static void attend_block(const float* q, int64_t q_tok, int64_t q_head, const float* kb, const float* vb,
+                         int64_t s_col, const int64_t* lens, int64_t i0, int64_t B, int64_t g, int64_t heads,
+                         int64_t G, int64_t D, int64_t columns, float scale, float* out, float* qs, float* p) {
+  const int64_t longest = lens[i0 + B - 1];
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t j = 0; j < G; j++)
+      memcpy(qs + (b * G + j) * D, q + (i0 + b) * q_tok + (g * G + j) * q_head, sizeof(float) * D);
+  for (int64_t t = 0; t < longest; t += 8) {
+    const float* kt = kb + t * s_col;
+    /* the values' rows stream in behind the keys (the last pass then reads them from cache) */
+    for (int64_t c = t; c < t + 8 && c < longest; c++)
+      for (int64_t d = 0; d < D; d += 16) _mm_prefetch((const char*)(vb + c * s_col + d), _MM_HINT_T1);
+    for (int64_t b = 0; b < B; b++) {
+      const int64_t left = lens[i0 + b] - t;
+      if (left <= 0) continue;
+      for (int64_t j = 0; j < G; j++)
+        scores8(qs + (b * G + j) * D, kt, s_col, left < 8 ? (int)left : 8, D, scale, p + (b * G + j) * columns + t);
+    }
+  }
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t j = 0; j < G; j++) {
+      float* pj = p + (b * G + j) * columns;
+      softmax(pj, lens[i0 + b]);
+      weighted_values(pj, vb, s_col, lens[i0 + b], D, out + ((i0 + b) * heads + g * G + j) * D);
+    }
 }
 
 /* q: token i, head h at i*q_tok + h*q_head; out: [n, heads, D] contiguous; k, v: slot s, kv head g,
@@ -200,49 +305,21 @@ int slot_attention(const float* q, int64_t q_tok, int64_t q_head, const float* k
   const int64_t G = heads / kv_heads, per_thread = attention_scratch(heads, kv_heads, D, columns);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    float* qg = scratch + omp_get_thread_num() * per_thread;  /* this group's query heads, contiguous */
-    float* p = qg + G * D;                                     /* their scores, G rows of L */
+    float* qs = scratch + omp_get_thread_num() * per_thread;  /* the block's query heads, contiguous */
+    float* p = qs + QBLOCK * G * D;                            /* their scores, rows of `columns` */
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n * kv_heads; task++) {
-      const int64_t i = task / kv_heads, g = task % kv_heads, L = lens[i], s = slots ? slots[i] : i;
-      float* og = out + (i * heads + g * G) * D;
-      if (L <= 0) { memset(og, 0, sizeof(float) * G * D); continue; }
-      for (int64_t j = 0; j < G; j++) memcpy(qg + j * D, q + i * q_tok + (g * G + j) * q_head, sizeof(float) * D);
-      const float* kb = k + s * s_slot + g * s_head;
-      const float* vb = v + s * s_slot + g * s_head;
-      for (int64_t t = 0; t < L; t++) {
-        const float* kt = kb + t * s_col;
-        /* the values' rows stream in behind the keys (pass 3 then reads them from cache) */
-        for (int64_t d = 0; d < D; d += 16) _mm_prefetch((const char*)(vb + t * s_col + d), _MM_HINT_T1);
-        for (int64_t j = 0; j < G; j++) p[j * L + t] = dot(qg + j * D, kt, D) * scale;
+      const int64_t i = task / kv_heads, g = task % kv_heads;
+      if (!leads(slots, lens, i)) continue;  /* its block's first token attends for it */
+      int64_t B = 1;
+      while (B < QBLOCK && i + B < n && !leads(slots, lens, i + B)) B++;
+      const int64_t s = slots ? slots[i] : i;
+      if (lens[i + B - 1] <= 0) {  /* an idle slot (then B is 1) */
+        memset(out + (i * heads + g * G) * D, 0, sizeof(float) * G * D);
+        continue;
       }
-      for (int64_t j = 0; j < G; j++) {
-        float* pj = p + j * L, top = pj[0], total = 0.f;
-        for (int64_t t = 1; t < L; t++) top = pj[t] > top ? pj[t] : top;
-        int64_t t = 0;
-        __m256 sums = _mm256_setzero_ps();
-        for (; t + 8 <= L; t += 8) {
-          const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(pj + t), _mm256_set1_ps(top)));
-          _mm256_storeu_ps(pj + t, e);
-          sums = _mm256_add_ps(sums, e);
-        }
-        total = hsum(sums);
-        for (; t < L; t++) { pj[t] = expf(pj[t] - top); total += pj[t]; }
-        const float inv = 1.f / total;
-        for (t = 0; t < L; t++) pj[t] *= inv;
-      }
-      memset(og, 0, sizeof(float) * G * D);
-      for (int64_t t = 0; t < L; t++) {
-        const float* vt = vb + t * s_col;
-        for (int64_t j = 0; j < G; j++) {
-          const float w = p[j * L + t];
-          const __m256 wv = _mm256_set1_ps(w);
-          float* oj = og + j * D;
-          int64_t d = 0;
-          for (; d + 8 <= D; d += 8) _mm256_storeu_ps(oj + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vt + d), _mm256_loadu_ps(oj + d)));
-          for (; d < D; d++) oj[d] = fmaf(w, vt[d], oj[d]);
-        }
-      }
+      attend_block(q, q_tok, q_head, k + s * s_slot + g * s_head, v + s * s_slot + g * s_head, s_col, lens, i, B,
+                   g, heads, G, D, columns, scale, out, qs, p);
     }
   }
   return DG_OK;
