@@ -16,6 +16,10 @@ call 9.3-10.3 ms; the same kernels layer by layer from Python (what this module 
 steps) 10.6-10.9 ms; transformers' forward over the same swapped-in kernel modules 10.7-11.3 ms. So the
 Python-level stack did not pay and is gone; the C stack does, and serves every slot-cache forward
 (decode, prefill and mixed steps alike), so a decode row takes the same path whatever shares its forward.
+Whole jobs (bench/engine.py's 128 prompts, continuous, static cache, one thread; 3 alternating pairs,
+medians of tokens per CPU second, same tokens both ways): the 8-layer h512 model 714.5 with the stack vs
+617.7 without (1.16x); the tests' tiny model (2 layers, h64) 30451 vs 14627 (2.08x). A 2000-token prefill
+is ~5% slower than transformers' SDPA (1.33-1.39 s vs 1.26-1.32 s); prompts of 8-255 tokens are faster.
 
 Batch invariance: every op of the C stack is computed per row in a fixed order (see cpu_kernels.c), the
 rotary table is computed once per block of positions (`RotaryTable`), and a prompt token attends like
