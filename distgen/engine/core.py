@@ -24,6 +24,7 @@ from distgen.engine.queue import RequestQueue
 from distgen.engine.request import Completion, Request, RequestFailed, Status
 from distgen.engine.runner import Runner
 from distgen.engine.sampler import Sampler
+from distgen.engine.sampling import GREEDY
 from distgen.engine.scheduler import Scheduler, SchedulerState, StepPlan
 from distgen.inputs.records import Prompt
 
@@ -140,7 +141,12 @@ class Engine:
     def launch(self, plan: StepPlan) -> Launched:
         """Run the plan's forward and sample its tokens, all on the device; move the host's bookkeeping on (what
         the next step's schedule reads) without looking at the tokens."""
-        generators, settings = [r.generator for r in plan.requests], [r.sampling for r in plan.requests]
+        # A row takes a token unless it runs a chunk short of its prompt's end; only rows that take one draw from
+        # their generator, so a sampled record's draws do not depend on how its prompt was chunked.
+        takes = [not plan.prefills(index) or request.prefilled + chunk == request.prompt_length
+                 for index, (request, chunk) in enumerate(zip(plan.requests, plan.chunks))]
+        generators = [r.generator if take else None for r, take in zip(plan.requests, takes)]
+        settings = [r.sampling if take else GREEDY for r, take in zip(plan.requests, takes)]
         if plan.kind == "decode" and self.decoder is not None:
             # 1. the padded (graph-replayed) step: greedy tokens and the cache's next inputs, on the device; rows
             # that sample draw from the step's logits and replace their greedy next input
@@ -156,14 +162,12 @@ class Engine:
             self.kv.advance_state(plan, batch, tokens)
         host = Pending(torch.stack([tokens, is_eos.long()]))  # to pinned memory, not waited for here
         # 2. prompts move on; rows whose prompt is now fully cached take a token from this step
-        takes = []
-        for index, (request, chunk) in enumerate(zip(plan.requests, plan.chunks)):
-            takes.append(not plan.prefills(index) or request.prefilled + chunk == request.prompt_length)
+        for index, (request, chunk, take) in enumerate(zip(plan.requests, plan.chunks, takes)):
             if plan.prefills(index):
                 request.prefilled += chunk
                 if request.prefilled == request.prompt_length:
                     request.status = Status.DECODING
-            request.inflight += takes[-1]
+            request.inflight += take
         self.forwards += 1
         return Launched(plan, batch, tokens, host, takes)
 

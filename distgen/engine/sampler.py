@@ -12,7 +12,8 @@ from distgen.engine.sampling import RowSampling, select_row_tokens
 
 class Sampler:
     def __init__(self, cfg: GenerationConfig, eos_ids: Sequence[int], device: torch.device):
-        self.default = RowSampling(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p)
+        # generation.* for a row without settings of its own (temperature 0 is greedy, as row_sampling says)
+        self.default = RowSampling(cfg.do_sample and cfg.temperature > 0, cfg.temperature or 1.0, cfg.top_k, cfg.top_p)
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
     def samples(self, settings: Sequence[Optional[RowSampling]]) -> bool:

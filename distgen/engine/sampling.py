@@ -63,6 +63,10 @@ class RowSampling:
     top_p: float
 
 
+# A row that takes the argmax (and draws nothing from its generator).
+GREEDY = RowSampling(False, 1.0, 0, 1.0)
+
+
 def row_sampling(cfg: GenerationConfig, prompt) -> RowSampling:
     """A record's temperature decides for it: 0 is greedy, > 0 samples (even when generation.do_sample=false);
     generation.temperature=0 is greedy too (whatever generation.do_sample says), as in vLLM."""

@@ -1,138 +1,57 @@
-"""distgen's own forward of a Llama-style decoder stack, over its CPU kernels (cpu_kernels.py).
+"""distgen's own Llama-style decoder stack over its CPU kernels: `LlamaStack`, one C call per forward.
 
 A decode step of a small model on one CPU thread spends as long in transformers' small ops as in its
 attention: each layer's forward is ~40 ops (views, transposes, rotate_half's concatenations and
-negations, residual adds) and a dozen module calls, for 16 rows of 512 features. vLLM owns its models'
-forwards for this reason. Here, inside a slot-cache forward that runs distgen's kernels (varlen.ACTIVE
-with `cpu_kernels`), a Llama-style base model (embed_tokens, rotary_emb, norm, and layers of exactly
-self_attn (q/k/v/o_proj) + mlp + input/post-attention RMSNorms) runs `stack_forward` instead: per layer,
-the fused norm; the q, k and v projections written into one buffer; rotary embedding in place (a kernel,
-bit for bit transformers' `x * cos + rotate_half(x) * sin`); the slot attention (varlen.attend) over
-views of that buffer; the output projection adding the residual in its store; then the same for the
-MLP (gate/up into one buffer, silu * up, down adding the residual). Same arithmetic in the same order,
-so the same tokens. Every other forward (generate, SDPA and mask paths, other caches) is transformers'.
+negations, residual adds) and a dozen module calls, for 16 rows of 512 features. vLLM and gpt-fast own
+their models' forwards for this reason. `LlamaStack` is gpt-fast's `Transformer` for a transformers
+Llama-style checkpoint already on the kernels (kernels.py: packed linears, fused norms and MLPs): it holds
+the checkpoint's own modules (the same weight tensors, no copy) and runs a slot-cache forward on the
+kernels (varlen.ACTIVE with `cpu_kernels`) as ONE C call, `llama_stack`: per layer the fused norm; q, k and
+v into one buffer; rotary embedding in place (transformers' `x * cos + rotate_half(x) * sin`, its
+roundings); each token's key and value into its slot; each token's attention over exactly its own slot's
+columns; the output projection adding the residual in its store; then the same for the MLP.
 
-Before it is used the stack is run beside transformers' own forward on a probe (decode tokens and a
-prompt segment over scratch slot buffers); a model whose forward computes something else (scaled
-embeddings, partial rotary, extra norms) keeps its own, and the engine line says why.
+Measured on this CPU (8 layers, h512, 16 rows, one thread, CPU time per decode step, medians): the one C
+call 9.3-10.3 ms; the same kernels layer by layer from Python (what this module did before for mixed
+steps) 10.6-10.9 ms; transformers' forward over the same swapped-in kernel modules 10.7-11.3 ms. So the
+Python-level stack did not pay and is gone; the C stack does, and serves every slot-cache forward
+(decode, prefill and mixed steps alike), so a decode row takes the same path whatever shares its forward.
+Whole jobs (bench/engine.py's 128 prompts, continuous, static cache, one thread; 3 alternating pairs,
+medians of tokens per CPU second, same tokens both ways): the 8-layer h512 model 714.5 with the stack vs
+617.7 without (1.16x); the tests' tiny model (2 layers, h64) 30451 vs 14627 (2.08x). A 2000-token prefill
+is ~5% slower than transformers' SDPA (1.33-1.39 s vs 1.26-1.32 s); prompts of 8-255 tokens are faster.
+
+Batch invariance: every op of the C stack is computed per row in a fixed order (see cpu_kernels.c), the
+rotary table is computed once per block of positions (`RotaryTable`), and a prompt token attends like
+a decode token (its own slot's columns 0..position), so a token's hidden state does not depend on the
+other tokens in the forward, nor on how its prompt was chunked.
+
+The stack is swapped in for the model's base model (`model.model`, under the same name, so the model's
+parameters keep their names); every other forward (generate, SDPA and mask paths, other caches) is the
+base model's own, which it keeps (`replaced`) and swaps back on release. Before it is used the stack is
+run beside transformers' forward on a probe (decode tokens and a prompt segment over scratch slot
+buffers); a model whose forward computes something else (scaled embeddings, partial rotary, extra norms)
+keeps its own, and the engine line says why.
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from distgen.backends.cpu.kernels import gated_activation, is_packed, load_kernel, packed_linear, rms_norm, rotary
+from distgen.backends.cpu.kernels import (FusedGatedMLP, FusedRMSNorm, build_flags, build_key, checked, compiler,
+                                          is_packed, kernel)
 from distgen.engine.kv import varlen
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
-MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 STACK_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
-
-
-def base_model(model: torch.nn.Module) -> Optional[torch.nn.Module]:
-    return getattr(model, getattr(model, "base_model_prefix", "model"), None)
-
-
-def fused(module: torch.nn.Module) -> bool:
-    return getattr(module, "_distgen_fused", False)
-
-
-def children(module: torch.nn.Module) -> set[str]:
-    return {name for name, _ in module.named_children()}
-
-
-def layer_blocker(layer: torch.nn.Module) -> Optional[str]:
-    """Why this decoder layer is not one `layer_forward` computes, or None."""
-    name = type(layer).__name__
-    if children(layer) != LAYER_PARTS:
-        return f"{name} holds {', '.join(sorted(children(layer)))}, not a Llama-style layer"
-    attn, mlp = layer.self_attn, layer.mlp
-    if children(attn) != ATTENTION_PARTS or not all(is_packed(getattr(attn, part)) for part in ATTENTION_PARTS):
-        return f"{type(attn).__name__} is not four packed projections (q/k/v/o_proj)"
-    if children(mlp) != MLP_PARTS or not fused(mlp) or not is_packed(mlp.down_proj):
-        return f"{type(mlp).__name__} is not a fused gated MLP with a packed down_proj"
-    if not (fused(layer.input_layernorm) and fused(layer.post_attention_layernorm)):
-        return f"{name}'s norms are not fused RMSNorms"
-    dim = getattr(attn, "head_dim", None)
-    if not isinstance(dim, int) or dim % 2 or not isinstance(getattr(attn, "scaling", None), float) \
-            or not isinstance(getattr(attn, "layer_idx", None), int) \
-            or attn.q_proj.weight.shape[0] % dim or attn.k_proj.weight.shape != attn.v_proj.weight.shape \
-            or attn.k_proj.weight.shape[0] % dim:
-        return f"{type(attn).__name__} has no even head_dim, scaling and layer_idx that fit its projections"
-    return None
-
-
-def stack_blocker(model: torch.nn.Module) -> Optional[str]:
-    """Why this model's decoder stack keeps transformers' forward, or None (before the probe)."""
-    base = base_model(model)
-    if base is None or not all(isinstance(getattr(base, part, None), torch.nn.Module) for part in STACK_PARTS):
-        return "not a Llama-style decoder stack (embed_tokens, rotary_emb, layers, norm)"
-    if not fused(base.norm):
-        return "its final norm is not a fused RMSNorm"
-    for layer in base.layers:
-        blocker = layer_blocker(layer)
-        if blocker:
-            return blocker
-    return None
-
-
-def attention(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              residual: torch.Tensor) -> torch.Tensor:
-    """residual + o_proj(slot attention of x's q/k/v with rotary), x and residual (tokens, hidden)."""
-    tokens, dim = x.shape[0], attn.head_dim
-    q_width, kv_width = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
-    qkv = torch.empty((tokens, q_width + 2 * kv_width), dtype=torch.float32)
-    for proj, start, width in ((attn.q_proj, 0, q_width), (attn.k_proj, q_width, kv_width),
-                               (attn.v_proj, q_width + kv_width, kv_width)):
-        packed_linear(x, proj.weight, proj.bias, out=qkv[:, start:start + width])
-    rotary(qkv[:, :q_width + kv_width].view(tokens, -1, dim), cos, sin)
-    # (1, heads, tokens, head_dim) views, as transformers' attention passes them
-    query, key, value = (qkv[:, start:start + width].view(tokens, -1, dim).transpose(0, 1).unsqueeze(0)
-                         for start, width in ((0, q_width), (q_width, kv_width), (q_width + kv_width, kv_width)))
-    out = varlen.attend(query, key, value, attn.layer_idx, attn.scaling)  # (1, tokens, heads, head_dim)
-    return packed_linear(out.view(tokens, q_width), attn.o_proj.weight, attn.o_proj.bias, residual=residual)
-
-
-def layer_forward(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """One Llama-style decoder layer over x (tokens, hidden); a new tensor (x is not written)."""
-    norm = layer.input_layernorm
-    x = attention(layer.self_attn, rms_norm(x, norm.weight, norm._distgen_eps), cos, sin, residual=x)
-    norm, mlp = layer.post_attention_layernorm, layer.mlp
-    h = gated_activation(mlp, rms_norm(x, norm.weight, norm._distgen_eps))
-    return packed_linear(h, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
-
-
-def owns(input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor], kwargs: dict) -> bool:
-    """Does this call run distgen's stack (a slot-cache forward on the kernels, one packed row of ids)?"""
-    plan = varlen.ACTIVE[0]
-    return plan is not None and plan.cpu_kernels and input_ids is not None and position_ids is not None \
-        and input_ids.shape[0] == 1 and kwargs.get("inputs_embeds") is None and kwargs.get("cache") is None \
-        and kwargs.get("past_key_values") is None \
-        and not any(kwargs.get(flag) for flag in ("output_hidden_states", "output_attentions"))
-
-
-def stack_forward(self: torch.nn.Module, input_ids: Optional[torch.Tensor] = None,
-                  position_ids: Optional[torch.Tensor] = None, **kwargs) -> BaseModelOutputWithPast:
-    """The base model's forward (set per instance by `own_stack`); transformers' own outside `owns`."""
-    if not owns(input_ids, position_ids, kwargs):
-        return type(self).forward(self, input_ids=input_ids, position_ids=position_ids, **kwargs)
-    hidden = self.embed_tokens(input_ids)
-    cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
-    x, cos, sin = hidden[0], cos[0], sin[0]
-    table = decode_table(self, varlen.ACTIVE[0], x, cos)
-    if table is not None:
-        return BaseModelOutputWithPast(last_hidden_state=decode_stack(self, table, x, cos, sin)[None])
-    for layer in self.layers:
-        x = layer_forward(layer, x, cos, sin)
-    return BaseModelOutputWithPast(last_hidden_state=rms_norm(x, self.norm.weight, self.norm._distgen_eps)[None])
-
-
-# The per-layer addresses decode_stack (kernels/cpu_kernels.c) reads, in its enum's order.
+# RoPE variants whose tables change with the forward's longest position (transformers' dynamic_rope_update)
+# would make a token's rotary depend on its batch.
+DYNAMIC_ROPE = ("dynamic", "longrope")
+# The per-layer tensors llama_stack (cpu_kernels.c) reads, in its enum's order; then the cache's keys, values.
 LAYER_POINTERS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.q_proj.bias",
                   "self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight",
                   "self_attn.v_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias",
@@ -140,110 +59,233 @@ LAYER_POINTERS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_att
                   "mlp.down_proj.weight", "mlp.down_proj.bias")
 
 
+def base_model(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    return getattr(model, getattr(model, "base_model_prefix", "model"), None)
+
+
+def children(module: torch.nn.Module) -> set[str]:
+    return {name for name, _ in module.named_children()}
+
+
+def layer_blocker(layer: torch.nn.Module) -> Optional[str]:
+    """Why this decoder layer is not one llama_stack computes, or None."""
+    name = type(layer).__name__
+    if children(layer) != LAYER_PARTS:
+        return f"{name} holds {', '.join(sorted(children(layer)))}, not a Llama-style layer"
+    attn, mlp = layer.self_attn, layer.mlp
+    if children(attn) != ATTENTION_PARTS or not all(is_packed(getattr(attn, part)) for part in ATTENTION_PARTS):
+        return f"{type(attn).__name__} is not four packed projections (q/k/v/o_proj)"
+    if not isinstance(mlp, FusedGatedMLP) or not is_packed(mlp.down_proj):
+        return f"{type(mlp).__name__} is not a fused gated MLP with a packed down_proj"
+    if not (isinstance(layer.input_layernorm, FusedRMSNorm) and isinstance(layer.post_attention_layernorm, FusedRMSNorm)):
+        return f"{name}'s norms are not fused RMSNorms"
+    dim = getattr(attn, "head_dim", None)
+    if not isinstance(dim, int) or dim % 2 or not isinstance(getattr(attn, "scaling", None), float) \
+            or attn.q_proj.weight.shape[0] % dim or attn.k_proj.weight.shape != attn.v_proj.weight.shape \
+            or attn.k_proj.weight.shape[0] % dim or (attn.q_proj.weight.shape[0] // dim) % (attn.k_proj.weight.shape[0] // dim):
+        return f"{type(attn).__name__} has no even head_dim and scaling that fit its projections"
+    return None
+
+
+def geometry(layer: torch.nn.Module) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.head_dim, attn.scaling, attn.q_proj.weight.shape, attn.k_proj.weight.shape,
+            mlp.gate_proj.weight.shape, mlp.down_proj.weight.shape)
+
+
+def stack_blocker(model: torch.nn.Module) -> Optional[str]:
+    """Why this model's decoder stack keeps transformers' forward, or None (before the probe)."""
+    base = base_model(model)
+    if base is None or children(base) != set(STACK_PARTS) or any(True for _ in base.named_parameters(recurse=False)) \
+            or any(True for _ in base.named_buffers(recurse=False)):
+        return "not a Llama-style decoder stack (exactly embed_tokens, rotary_emb, layers, norm)"
+    if not isinstance(base.norm, FusedRMSNorm):
+        return "its final norm is not a fused RMSNorm"
+    rope = str(getattr(base.rotary_emb, "rope_type", "default"))
+    if any(kind in rope for kind in DYNAMIC_ROPE):
+        return f"its rotary embedding ({rope}) changes with the forward's length"
+    if len(base.layers) == 0:
+        return "it has no layers"
+    for layer in base.layers:
+        blocker = layer_blocker(layer)
+        if blocker:
+            return blocker
+    if len({geometry(layer) for layer in base.layers}) != 1:
+        return "its layers differ in shape (one llama_stack call runs one geometry)"
+    return None
+
+
 def layer_tensor(layer: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
     module, attr = name.rsplit(".", 1)
     return getattr(layer.get_submodule(module), attr)
 
 
-def uniform(base: torch.nn.Module) -> bool:
-    """Do all layers share one geometry (what one decode_stack call assumes), with contiguous fp32 tensors?"""
-    def geometry(layer):
-        attn, mlp = layer.self_attn, layer.mlp
-        return (attn.head_dim, attn.scaling, attn.q_proj.weight.shape, attn.k_proj.weight.shape,
-                mlp.gate_proj.weight.shape, mlp.down_proj.weight.shape)
-    tensors = [layer_tensor(layer, name) for layer in base.layers for name in LAYER_POINTERS]
-    return len({geometry(layer) for layer in base.layers}) == 1 and base.layers[0].self_attn.head_dim % 8 == 0 \
-        and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors if t is not None)
+class RotaryTable:
+    """cos/sin rows by position, from the model's own rotary embedding, computed once per block of BLOCK
+    positions (always the same call shape), so a position's row never depends on the forward it is in."""
+    BLOCK = 256
+
+    def __init__(self, rotary_emb: torch.nn.Module):
+        self.rotary_emb = rotary_emb
+        self.cos: Optional[torch.Tensor] = None  # (positions, head_dim)
+        self.sin: Optional[torch.Tensor] = None
+
+    def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, head_dim) cos and sin of `positions` (int64, >= 0)."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        while self.cos is None or self.cos.shape[0] < need:
+            first = 0 if self.cos is None else self.cos.shape[0]
+            block = torch.arange(first, first + self.BLOCK)[None]
+            cos, sin = self.rotary_emb(torch.empty(0, dtype=torch.float32), block)  # (1, BLOCK, head_dim)
+            self.cos = cos[0].contiguous() if self.cos is None else torch.cat([self.cos, cos[0]])
+            self.sin = sin[0].contiguous() if self.sin is None else torch.cat([self.sin, sin[0]])
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 
-@dataclass(frozen=True)
-class StackTable:
-    """What one decode_stack call reads besides the step's tensors, for one set of cache buffers."""
-    buffers: tuple[int, ...]  # the cache layers' key and value addresses it was built for
-    pointers: torch.Tensor    # (layers, 16) int64 addresses, in LAYER_POINTERS order, then keys and values
-    eps: torch.Tensor         # (layers * 2,) fp32: each layer's two norms' eps
-    strides: tuple[int, ...]  # the key/value buffers' (slot, head, column) strides
+class LlamaStack(torch.nn.Module):
+    """A Llama-style base model's forward as one llama_stack call (see the module docstring)."""
 
+    def __init__(self, base: torch.nn.Module):
+        super().__init__()
+        for part in STACK_PARTS:  # the checkpoint's modules, under their own names
+            setattr(self, part, getattr(base, part))
+        self.replaced = (base,)
+        self.config = base.config
+        attn, mlp = base.layers[0].self_attn, base.layers[0].mlp
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.heads, self.kv_heads = attn.q_proj.weight.shape[0] // attn.head_dim, attn.k_proj.weight.shape[0] // attn.head_dim
+        self.intermediate = mlp.gate_proj.weight.shape[0]
+        self.rotary = RotaryTable(base.rotary_emb)
+        # The weights llama_stack reads (their addresses are checked before each call: a weight moved or
+        # replaced since is never read through a stale address) and the norms' eps.
+        self.weights = [layer_tensor(layer, name) for layer in self.layers for name in LAYER_POINTERS]
+        self.weight_addresses = [0 if t is None else t.data_ptr() for t in self.weights]
+        self.eps = torch.tensor([norm.eps for layer in self.layers
+                                 for norm in (layer.input_layernorm, layer.post_attention_layernorm)],
+                                dtype=torch.float32)
+        self.table: Optional[torch.Tensor] = None  # (layers, 16) int64 addresses, for `table_buffers`
+        self.table_buffers: tuple[int, ...] = ()
+        self.scratch = torch.empty(0, dtype=torch.float32)
 
-def decode_table(base: torch.nn.Module, plan: varlen.AttentionPlan, x: torch.Tensor,
-                 cos: torch.Tensor) -> Optional[StackTable]:
-    """The table of a decode-only forward that one decode_stack call runs, or None (prefill segments, the
-    SDPA decode path, a cache not yet or differently laid out, a rotary table not head_dim wide)."""
-    dim = base.layers[0].self_attn.head_dim
-    if not getattr(base, "_distgen_uniform", False) or plan.segments or plan.decode_lengths is None \
-            or plan.decode != x.shape[0] or len(plan.layers) < len(base.layers) or cos.shape != (x.shape[0], dim) \
-            or {plan.write_slots.dtype, plan.write_cols.dtype, plan.decode_lengths.dtype} != {torch.long}:
-        return None
-    layers = plan.layers[:len(base.layers)]
-    if not all(layer.is_initialized and layer.keys.dtype == torch.float32 and layer.keys.stride(-1) == 1
-               and layer.keys.stride() == layers[0].keys.stride() == layer.values.stride() for layer in layers):
-        return None
-    buffers = tuple(layer.keys.data_ptr() for layer in layers) + tuple(layer.values.data_ptr() for layer in layers)
-    table = getattr(base, "_distgen_table", None)
-    if table is None or table.buffers != buffers:
-        rows = [[0 if tensor is None else tensor.data_ptr()
-                 for tensor in [layer_tensor(layer, name) for name in LAYER_POINTERS] + [cache.keys, cache.values]]
-                for layer, cache in zip(base.layers, layers)]
-        eps = [norm._distgen_eps for layer in base.layers
-               for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        base._distgen_table = table = StackTable(buffers, torch.tensor(rows, dtype=torch.long),
-                                                 torch.tensor(eps, dtype=torch.float32), layers[0].keys.stride())
-    return table
+    def __getattr__(self, name: str) -> Any:
+        """Anything else (attributes transformers or callers read) is the replaced base model's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            replaced = self.__dict__.get("replaced")
+            if replaced is None:
+                raise
+            return getattr(replaced[0], name)
 
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, **kwargs) -> BaseModelOutputWithPast:
+        plan = varlen.ACTIVE[0]
+        if not self.owns(plan, input_ids, attention_mask, position_ids, kwargs):
+            return self.replaced[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.run(plan, input_ids[0], position_ids[0])[None])
 
-def decode_stack(base: torch.nn.Module, table: StackTable, x: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> torch.Tensor:
-    """The whole stack of a decode-only forward in one C call (kernels/cpu_kernels.c's decode_stack); x is
-    the step's embeddings (tokens, hidden), written in place; the final norm's output."""
-    pointers, eps, strides = table.pointers, table.eps, table.strides
-    plan, attn, mlp = varlen.ACTIVE[0], base.layers[0].self_attn, base.layers[0].mlp
-    x = x.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
-    slots, cols, lengths = plan.write_slots.contiguous(), plan.write_cols.contiguous(), plan.decode_lengths.contiguous()
-    out = torch.empty_like(x)
-    tokens, hidden = x.shape
-    load_kernel()[0].decode_stack(
-        x.data_ptr(), out.data_ptr(), tokens, hidden, len(base.layers), pointers.data_ptr(), eps.data_ptr(),
-        base.norm.weight.data_ptr(), base.norm._distgen_eps, attn.q_proj.weight.shape[0] // attn.head_dim,
-        attn.k_proj.weight.shape[0] // attn.head_dim, attn.head_dim, mlp.gate_proj.weight.shape[0], attn.scaling,
-        cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), cols.data_ptr(), lengths.data_ptr(), strides[0],
-        strides[1], strides[2], torch.get_num_threads())
-    return out
+    def owns(self, plan: Optional[varlen.AttentionPlan], input_ids: Optional[torch.Tensor],
+             attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor], kwargs: dict) -> bool:
+        """Does this call run the C stack (a slot-cache forward on the kernels, one packed row of ids, fp32
+        slot buffers of one layout)? Otherwise the base model's own forward runs."""
+        if plan is None or not plan.cpu_kernels or input_ids is None or position_ids is None \
+                or attention_mask is not None or input_ids.dim() != 2 or input_ids.shape[0] != 1 \
+                or position_ids.shape != input_ids.shape or len(plan.layers) < len(self.layers) \
+                or (plan.decode and plan.decode_lengths is None) \
+                or any(kwargs.get(key) is not None for key in ("inputs_embeds", "cache", "past_key_values")) \
+                or any(kwargs.get(flag) for flag in ("output_hidden_states", "output_attentions")):
+            return False
+        for layer in plan.layers[:len(self.layers)]:
+            if not layer.is_initialized:  # what varlen.attend does on a layer's first forward
+                empty = torch.empty((1, self.kv_heads, 0, self.head_dim), dtype=torch.float32)
+                layer.lazy_initialization(empty, empty)
+        first = plan.layers[0].keys
+        return first.dtype == torch.float32 and first.device.type == "cpu" and first.stride(-1) == 1 \
+            and first.shape[1] == self.kv_heads and first.shape[3] == self.head_dim \
+            and all(layer.keys.shape == first.shape and layer.keys.stride() == first.stride() == layer.values.stride()
+                    and layer.values.shape == first.shape and {layer.keys.dtype, layer.values.dtype} == {torch.float32}
+                    for layer in plan.layers[:len(self.layers)])
+
+    def addresses(self, layers: list) -> torch.Tensor:
+        """The (layers, 16) address table for these cache layers; a RuntimeError where a weight moved."""
+        if [0 if t is None else t.data_ptr() for t in self.weights] != self.weight_addresses:
+            raise RuntimeError("a weight of the owned decoder stack moved or was replaced since it was built; "
+                               "rebuild the engine (apply_kernels) after changing the model's weights")
+        buffers = tuple(b.data_ptr() for layer in layers for b in (layer.keys, layer.values))
+        if self.table is None or buffers != self.table_buffers:
+            per_layer = len(LAYER_POINTERS)
+            rows = [self.weight_addresses[i * per_layer:(i + 1) * per_layer] + [layer.keys.data_ptr(),
+                                                                              layer.values.data_ptr()]
+                    for i, layer in enumerate(layers)]
+            self.table, self.table_buffers = torch.tensor(rows, dtype=torch.long), buffers
+        return self.table
+
+    def run(self, plan: varlen.AttentionPlan, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The final norm's output (tokens, hidden) of a slot-cache forward of `ids` at `positions`."""
+        lib = kernel()
+        layers = plan.layers[:len(self.layers)]
+        table = self.addresses(layers)
+        x = self.embed_tokens(ids).contiguous()  # (tokens, hidden), a fresh tensor: the residual stream
+        tokens, hidden = x.shape
+        cos, sin = self.rotary.rows(positions)
+        # Each token reads its slot's columns 0..its position: decode tokens as the plan says (0: an idle slot).
+        lengths = positions + 1
+        if plan.decode:
+            lengths[:plan.decode] = plan.decode_lengths
+        slots, cols = plan.write_slots.contiguous(), plan.write_cols.contiguous()
+        if slots.shape != (tokens,) or cols.shape != (tokens,) or {slots.dtype, cols.dtype} != {torch.long} \
+                or x.dtype != torch.float32 or cos.shape != (tokens, self.head_dim):
+            raise ValueError(f"the owned stack's forward of {tokens} tokens got write slots {tuple(slots.shape)} "
+                             f"{slots.dtype}, columns {tuple(cols.shape)} {cols.dtype}, embeddings {x.dtype}, rotary "
+                             f"{tuple(cos.shape)}")
+        keys = layers[0].keys
+        n_slots, columns = keys.shape[0], keys.shape[2]
+        threads = torch.get_num_threads()
+        need = lib.stack_scratch(tokens, hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate, columns,
+                                 threads)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need, dtype=torch.float32)
+        out = torch.empty_like(x)
+        checked("the owned decoder stack", lambda info: lib.llama_stack(
+            x.data_ptr(), out.data_ptr(), tokens, hidden, len(layers), table.data_ptr(), self.eps.data_ptr(),
+            self.norm.weight.data_ptr(), self.norm.eps, self.heads, self.kv_heads, self.head_dim, self.intermediate,
+            self.scaling, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), cols.data_ptr(), lengths.data_ptr(),
+            n_slots, columns, keys.stride(0), keys.stride(1), keys.stride(2), self.scratch.data_ptr(), threads, info))
+        return out
 
 
 class ProbeLayer:
-    """A slot cache layer of scratch buffers (what varlen.attend reads and writes)."""
+    """A slot cache layer of scratch buffers (what varlen.attend and the stack read and write)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.keys, self.values, self.is_initialized = keys, values, True
 
 
 @torch.no_grad()
-def agrees(model: torch.nn.Module, base: torch.nn.Module) -> bool:
-    """Does `stack_forward` compute what transformers' forward does on two probes over scratch slot buffers
+def agrees(model: torch.nn.Module, stack: LlamaStack) -> bool:
+    """Does the stack compute what transformers' forward does on two probes over scratch slot buffers
     (hidden states and the keys and values written)? A mixed forward: two decode tokens (slots 0 and 1,
-    over 3 and 5 cached columns) and a 3-token prompt in slot 2; and a decode-only one (one C call)."""
+    over 3 and 5 cached columns) and a 3-token prompt in slot 2; and a decode-only one."""
     generator = torch.Generator().manual_seed(0)
-    attn = base.layers[0].self_attn
-    shape = (3, attn.k_proj.weight.shape[0] // attn.head_dim, 8, attn.head_dim)  # slots, kv heads, columns, dim
+    base = stack.replaced[0]
+    shape = (3, stack.kv_heads, 8, stack.head_dim)  # slots, kv heads, columns, head_dim
     init = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)) for _ in base.layers]
     ids = torch.randint(0, base.embed_tokens.weight.shape[0], (1, 5), generator=generator)
     positions = torch.tensor([[2, 4, 0, 1, 2]])
     for tokens, segments in ((5, [varlen.Segment(2, 5, 2, 0)]), (2, [])):
         results = []
-        for forward in (type(base).forward, stack_forward):
+        for forward in (base, stack):
             layers = [ProbeLayer(keys.clone(), values.clone()) for keys, values in init]
             plan = varlen.AttentionPlan(layers, write_slots=torch.tensor([0, 1, 2, 2, 2][:tokens]),
                                         write_cols=positions[0, :tokens].clone(), decode=2, width=8,
                                         decode_lengths=torch.tensor([3, 5]), cpu_kernels=True, segments=segments)
             try:
                 with varlen.activated(model, plan):
-                    hidden = forward(base, input_ids=ids[:, :tokens], position_ids=positions[:, :tokens],
+                    hidden = forward(input_ids=ids[:, :tokens], position_ids=positions[:, :tokens],
                                      use_cache=False).last_hidden_state
-            except (RuntimeError, ValueError):
+            except (RuntimeError, ValueError, IndexError):
                 return False
-            finally:
-                base._distgen_table = None  # addresses of the probe's buffers
             results.append([hidden] + [buffer for layer in layers for buffer in (layer.keys, layer.values)])
         want, got = results
         if want[0].shape != got[0].shape or not all(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -253,24 +295,37 @@ def agrees(model: torch.nn.Module, base: torch.nn.Module) -> bool:
 
 
 def own_stack(model: torch.nn.Module) -> str:
-    """Give the model's Llama-style decoder stack distgen's forward (idempotent); what the engine line says."""
-    base = base_model(model)
-    if base is not None and getattr(base, "_distgen_owned", False):
-        return "decoder stack: distgen's forward"
+    """Swap a LlamaStack in for the model's Llama-style base model (idempotent); what the engine line says."""
+    if isinstance(base_model(model), LlamaStack):
+        return "decoder stack: distgen's (one C call per forward)"
     blocker = stack_blocker(model)
     if blocker is None:
-        base.forward = types.MethodType(stack_forward, base)
-        base._distgen_uniform = uniform(base)
-        if agrees(model, base):
-            base._distgen_owned = True
-            return "decoder stack: distgen's forward"
-        del base.forward
+        stack = LlamaStack(base_model(model))
+        if agrees(model, stack):
+            setattr(model, getattr(model, "base_model_prefix", "model"), stack)
+            return "decoder stack: distgen's (one C call per forward)"
         blocker = "its forward differs from a Llama-style stack's on a probe"
     return f"decoder stack: transformers' forward ({blocker})"
 
 
 def release_stack(model: torch.nn.Module) -> None:
-    base = base_model(model)
-    if base is not None and getattr(base, "_distgen_owned", False):
-        del base.forward
-        base._distgen_owned, base._distgen_table = False, None
+    """Swap the model's own base model back in (nothing where no LlamaStack is in)."""
+    stack = base_model(model)
+    if isinstance(stack, LlamaStack):
+        setattr(model, getattr(model, "base_model_prefix", "model"), stack.replaced[0])
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """What computes a model's forwards once apply_kernels ran: what a resume fingerprint of a sampled job
+    keys on. `kernels`: "torch", or "distgen-<build key>" (source, compiler, flags); `batch_invariant`:
+    a row's logits do not depend on the other rows of its forward nor on how its prompt is chunked (the
+    owned stack runs it; elsewhere torch's GEMMs and SDPA pick their blocking by the rows they get)."""
+    kernels: str
+    batch_invariant: bool
+
+
+def arithmetic(model: torch.nn.Module) -> Arithmetic:
+    if not any(is_packed(module) for module in model.modules()):
+        return Arithmetic("torch", False)
+    return Arithmetic(f"distgen-{build_key(compiler() or '', build_flags())}", isinstance(base_model(model), LlamaStack))
