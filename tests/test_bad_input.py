@@ -21,7 +21,6 @@ from distgen.launchers import LAUNCHERS
 from distgen.parallel.layouts import LAYOUTS
 from distgen.catalog.load import load_config
 from distgen.inputs.source import open_prompts
-from distgen.inputs.records import read_prompts
 from distgen.outputs.resume import job_fingerprint
 from distgen.job.prepare import dataset_cache
 from distgen.run import main as run_in_process
@@ -127,10 +126,8 @@ def test_unusable_inputs_stop_before_any_worker(case, message, gpt2_dir, tmp_pat
     assert run_in_process(args) == 2
     assert capsys.readouterr().err.startswith("distgen: config error: ")
     with pytest.raises(Exception, match=message):
-        cfg = load_config(args)
-        read_prompts(cfg.dataset)
         from distgen.job.prepare import prepare_job
-        prepare_job(cfg)
+        prepare_job(load_config(args))
     assert not (tmp_path / "out").exists()
 
 

@@ -1,4 +1,5 @@
-from distgen.outputs.coordinator import format_table, summarize, write_atomic
+from distgen.common.files import write_atomic
+from distgen.outputs.coordinator import format_table, summarize
 from distgen.outputs.stats import RankStats
 
 

@@ -1,20 +1,30 @@
+"""Prompt records as the job reads them (distgen.inputs.source.open_prompts, the datasets/Arrow path with its
+line-by-line fallback): order, ids, per-record settings, and errors that name the file, line and field."""
 import re
 
 import pytest
 
-from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
-from distgen.inputs.records import Prompt, RecordFields, parse_prompts, read_prompts, record_to_prompt
+from distgen.config import DatasetConfig
+from distgen.inputs.records import Prompt, RecordFields, record_to_prompt
+from distgen.inputs.source import open_prompts
 
 
-def test_jsonl_records_keep_order_ids_and_budgets():
-    lines = ['{"id": "a", "prompt": "x"}\n', "\n", '{"prompt": "y", "max_new_tokens": 4}\n']
-    assert parse_prompts(lines, "jsonl", "f") == [Prompt(0, "a", "x"), Prompt(1, 1, "y", 4)]
+def read(tmp_path, name: str, data, **dataset) -> list[Prompt]:
+    """Every prompt of a prompts file `name` holding `data` (text or bytes), read as a job reads it."""
+    path = tmp_path / name
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    source = open_prompts(DatasetConfig(path=str(path), **dataset), str(tmp_path / "cache"))
+    return source.prompts(range(len(source)))
 
 
-def test_txt_lines_are_prompts_and_limit_applies():
-    assert parse_prompts(["one\n", "two\n", "three\n"], "txt", "f", limit=2) == [
-        Prompt(0, 0, "one"), Prompt(1, 1, "two")]
+def test_jsonl_records_keep_order_ids_and_budgets(tmp_path):
+    text = '{"id": "a", "prompt": "x"}\n\n{"prompt": "y", "max_new_tokens": 4}\n'
+    assert read(tmp_path, "p.jsonl", text) == [Prompt(0, "a", "x"), Prompt(1, 1, "y", 4)]
+
+
+def test_txt_lines_are_prompts_and_limit_applies(tmp_path):
+    assert read(tmp_path, "p.txt", "one\ntwo\nthree\n", limit=2) == [Prompt(0, 0, "one"), Prompt(1, 1, "two")]
 
 
 def test_per_record_overrides_are_read():
@@ -24,20 +34,21 @@ def test_per_record_overrides_are_read():
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", r"f:2: not valid JSON \(Expecting property name"),
-    ('{"text": "x"}', r"f:2: needs a string field 'prompt' \(dataset.prompt_field\); found 'text'"),
-    ('["x"]', r"f:2: expected a JSON object with a string field 'prompt', found list"),
+    ("{not json", r"p.jsonl:2: not valid JSON \(Expecting property name"),
+    ('{"text": "x"}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\)"),
+    ('["x"]', r"p.jsonl:2: expected a JSON object with a string field 'prompt', found list"),
 ])
-def test_bad_records_name_the_line_and_field(line, message):
+def test_bad_records_name_the_line_and_field(tmp_path, line, message):
     with pytest.raises(ConfigError, match=message):
-        parse_prompts(['{"prompt": "fine"}', line], "jsonl", "f")
+        read(tmp_path, "p.jsonl", '{"prompt": "fine"}\n' + line + "\n")
 
 
-def test_bad_per_record_budget_marks_only_that_record():
-    prompts = parse_prompts(['{"prompt": "x", "max_new_tokens": 0}', '{"prompt": "y", "max_new_tokens": "4"}',
-                             '{"prompt": "z", "max_new_tokens": 2}'], "jsonl", "f")
+def test_bad_per_record_budget_marks_only_that_record(tmp_path):
+    text = ('{"prompt": "x", "max_new_tokens": 0}\n{"prompt": "y", "max_new_tokens": "four"}\n'
+            '{"prompt": "z", "max_new_tokens": 2}\n')
+    prompts = read(tmp_path, "p.jsonl", text)
     allowed = "is not allowed: must be an integer in [1, 2147483646]"
-    assert [p.error for p in prompts] == [f"max_new_tokens=0 {allowed}", f"max_new_tokens='4' {allowed}", None]
+    assert [p.error for p in prompts] == [f"max_new_tokens=0 {allowed}", f"max_new_tokens='four' {allowed}", None]
     assert prompts[2].max_new_tokens == 2
 
 
@@ -45,60 +56,51 @@ def test_bad_per_record_budget_marks_only_that_record():
     ('{"prompt": "x", "top_p": 2}', "top_p=2 is not allowed: must be a number in"),
     ('{"prompt": "x", "stop": [""]}', "stop=.* is not allowed: must be a non-empty string"),
 ])
-def test_bad_per_record_override_marks_the_record(line, message):
-    prompt = parse_prompts([line], "jsonl", "f")[0]
+def test_bad_per_record_override_marks_the_record(tmp_path, line, message):
+    [prompt] = read(tmp_path, "p.jsonl", line + "\n")
     assert prompt.error is not None and re.match(message, prompt.error)
 
 
-def test_repeated_ids_are_refused():
-    with pytest.raises(ConfigError, match="f:3: id 'a' repeats the id at line 1"):
-        parse_prompts(['{"id": "a", "prompt": "x"}', "\n", '{"id": "a", "prompt": "y"}'], "jsonl", "f")
+def test_repeated_ids_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"p.jsonl: id 'a' appears 2 times \(records 0, 1; 1 ids repeat\); "
+                                          r"dataset.id_field='id' must be unique"):
+        read(tmp_path, "p.jsonl", '{"id": "a", "prompt": "x"}\n\n{"id": "a", "prompt": "y"}\n')
 
 
 def test_json_array_file_is_read_and_its_errors_name_the_line(tmp_path):
-    good = tmp_path / "p.json"
-    good.write_text('[\n  {"id": "a", "prompt": "x"},\n  {"prompt": "y", "max_new_tokens": 3}\n]\n')
-    assert read_prompts(DatasetConfig(path=str(good))) == [Prompt(0, "a", "x"), Prompt(1, 1, "y", 3)]
-    lines = tmp_path / "lines.json"  # JSON lines in a .json file still work
-    lines.write_text('{"prompt": "x"}\n{"prompt": "y"}\n')
-    assert len(read_prompts(DatasetConfig(path=str(lines)))) == 2
-    bad = tmp_path / "bad.json"
-    bad.write_text('[\n  {"prompt": "x"},\n  {"text": "y"}\n]')
-    with pytest.raises(ConfigError, match=r"bad.json:3: needs a string field 'prompt'"):
-        read_prompts(DatasetConfig(path=str(bad)))
-    broken = tmp_path / "broken.json"
-    broken.write_text('[\n  {"prompt": "x"}\n  {"prompt": "y"}\n]')
+    text = '[\n  {"id": "a", "prompt": "x"},\n  {"prompt": "y", "max_new_tokens": 3}\n]\n'
+    assert read(tmp_path, "p.json", text) == [Prompt(0, "a", "x"), Prompt(1, 1, "y", 3)]
+    assert len(read(tmp_path, "lines.json", '{"prompt": "x"}\n{"prompt": "y"}\n')) == 2  # JSON lines in a .json
+    with pytest.raises(ConfigError, match=r"bad.json: record 1: needs a string field 'prompt'"):
+        read(tmp_path, "bad.json", '[\n  {"prompt": "x"},\n  {"text": "y"}\n]')
     with pytest.raises(ConfigError, match=r"broken.json:3: expected ',' or '\]' in the JSON array"):
-        read_prompts(DatasetConfig(path=str(broken)))
+        read(tmp_path, "broken.json", '[\n  {"prompt": "x"}\n  {"prompt": "y"}\n]')
 
 
 def test_bytes_that_are_not_utf8_name_line_and_byte(tmp_path):
-    path = tmp_path / "latin1.jsonl"
-    path.write_bytes('{"prompt": "ok"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    data = '{"prompt": "ok"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1")
     with pytest.raises(ConfigError, match=r"latin1.jsonl:2: byte 16 \(b'\\xe9'\) is not UTF-8"):
-        read_prompts(DatasetConfig(path=str(path)))
+        read(tmp_path, "latin1.jsonl", data)
 
 
 @pytest.mark.parametrize("text, limit", [("\n\n", None), ('{"prompt": "x"}\n', 0)])
 def test_empty_dataset_is_refused(tmp_path, text, limit):
-    path = tmp_path / "empty.jsonl"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=r"empty.jsonl' holds no prompts"):
-        read_prompts(DatasetConfig(path=str(path), limit=limit))
+    with pytest.raises(ConfigError, match=r"empty.jsonl.* (holds no prompts|is empty|holds only blank lines)"):
+        read(tmp_path, "empty.jsonl", text, limit=limit)
 
 
 def test_missing_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="dataset.path=.*is not a file"):
-        read_prompts(DatasetConfig(path=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(ConfigError, match="dataset.path=.*nope.jsonl' is not a file"):
+        open_prompts(DatasetConfig(path=str(tmp_path / "nope.jsonl")), str(tmp_path / "cache"))
 
 
-def test_a_given_id_equal_to_a_row_is_refused():
+def test_a_given_id_equal_to_a_row_is_refused(tmp_path):
     """A record without an id gets its row: a given id equal to it would make two records one."""
-    with pytest.raises(ConfigError, match=r"f:2: id 0 repeats the id at line 1 \(dataset.id_field='id' must be "
-                                          r"unique; a record without an id gets its row \(from 0\) as its id"):
-        parse_prompts(['{"prompt": "x"}', '{"id": 0, "prompt": "y"}'], "jsonl", "f")
-    with pytest.raises(ConfigError, match=r"f:2: id '1' repeats the id at line 1"):  # unique by their text
-        parse_prompts(['{"id": 1, "prompt": "x"}', '{"id": "1", "prompt": "y"}'], "jsonl", "f")
+    with pytest.raises(ConfigError, match=r"p.jsonl: id '0' appears 2 times .*a record without an id gets its row "
+                                          r"\(from 0\) as its id"):
+        read(tmp_path, "p.jsonl", '{"prompt": "x"}\n{"id": 0, "prompt": "y"}\n')
+    with pytest.raises(ConfigError, match=r"q.jsonl: id '1' appears 2 times"):  # unique by their text
+        read(tmp_path, "q.jsonl", '{"id": 1, "prompt": "x"}\n{"id": "1", "prompt": "y"}\n')
 
 
 @pytest.mark.parametrize("record, message", [
@@ -133,11 +135,10 @@ def test_per_record_values_out_of_range_mark_the_record(key, value, allowed):
     assert getattr(prompt, key) is None
 
 
-def test_a_byte_order_mark_is_dropped_and_an_unreadable_file_named(tmp_path):
-    path = tmp_path / "bom.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n')
-    assert [p.text for p in read_prompts(DatasetConfig(path=str(path)))] == ["first"]
+def test_a_byte_order_mark_is_dropped_and_a_folder_named(tmp_path):
+    assert [p.text for p in read(tmp_path, "bom.jsonl", b'\xef\xbb\xbf{"prompt": "first"}\n')] == ["first"]
+    assert [p.text for p in read(tmp_path, "bom.txt", b'\xef\xbb\xbffirst\nsecond\n')] == ["first", "second"]
     folder = tmp_path / "folder.jsonl"
     folder.mkdir()
     with pytest.raises(ConfigError, match="dataset.path=.*folder.jsonl' is not a file"):
-        read_prompts(DatasetConfig(path=str(folder)))
+        open_prompts(DatasetConfig(path=str(folder), format="jsonl"), str(tmp_path / "cache"))

@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
 from distgen.config import MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, is_int, seed_ok, temperature_ok
@@ -195,13 +194,6 @@ def parse_jsonl_record(line: str, index: int, where: str, fields: RecordFields,
     return record_to_prompt(parse_json_line(line, where), index, where, fields, render)
 
 
-def detect_format(path: str, fmt: str, head: str = "") -> str:
-    """`head` is the file's first non-blank text: a .json file starting with '[' is a JSON array."""
-    if fmt != "auto":
-        return fmt
-    if path.endswith(".json"):
-        return "json" if head.startswith("[") else "jsonl"
-    return "jsonl" if path.endswith(".jsonl") else "txt"
 
 
 def check_utf8_line(raw: bytes, source: str, line_no: int) -> None:
@@ -213,13 +205,6 @@ def check_utf8_line(raw: bytes, source: str, line_no: int) -> None:
                           "UTF-8; save the prompts file as UTF-8") from None
 
 
-def decode_lines(data: bytes, source: str) -> list[str]:
-    """UTF-8 lines (a byte order mark at the start dropped), or an error naming the first line and byte that
-    is not UTF-8."""
-    lines = data.removeprefix(BOM.encode()).split(b"\n")
-    for line_no, raw in enumerate(lines, start=1):
-        check_utf8_line(raw, source, line_no)
-    return [raw.decode("utf-8") for raw in lines]
 
 
 def json_array_records(text: str, source: str) -> Iterator[tuple[int, object]]:
@@ -244,53 +229,3 @@ def json_array_records(text: str, source: str) -> Iterator[tuple[int, object]]:
             pos += 1
         elif not text.startswith("]", pos):
             raise ConfigError(f"{source}:{text.count(chr(10), 0, pos) + 1}: expected ',' or ']' in the JSON array")
-
-
-def parse_prompts(lines: Iterable[str], fmt: str, source: str, fields: RecordFields = RecordFields(),
-                  limit: Optional[int] = None, render: Optional[Callable[[list], str]] = None) -> list[Prompt]:
-    """Blank lines are skipped; ids default to the record's position and must be unique.
-    Reads the whole file into memory: for checking a JSON-lines or JSON-array file line by line
-    (file:line errors); jobs read datasets through distgen/inputs/source.py."""
-    if fmt == "json":
-        records = json_array_records("".join(lines), source)
-    else:
-        records = ((line_no, line) for line_no, line in enumerate(lines, start=1) if line.strip())
-    prompts: list[Prompt] = []
-    seen: dict[str, tuple[int, bool]] = {}  # id as text -> (line, whether that id came from the position)
-    for line_no, item in records:
-        if limit is not None and len(prompts) >= limit:
-            break
-        index, where = len(prompts), f"{source}:{line_no}"
-        if fmt == "txt":
-            prompt, given = Prompt(index, index, item.rstrip("\r\n")), False
-        else:
-            record = parse_json_line(item, where) if fmt == "jsonl" else item
-            prompt = record_to_prompt(record, index, where, fields, render)
-            given = has_id(record, fields)
-        key = str(prompt.id)
-        if key in seen:
-            line, generated = seen[key]
-            raise ConfigError(f"{where}: id {prompt.id!r} repeats the id at line {line} (dataset.id_field="
-                              f"{fields.id!r} must be unique" + (f"; {GENERATED_ID_NOTE}" if generated or not given
-                                                                 else "") + ")")
-        seen[key] = (line_no, not given)
-        prompts.append(prompt)
-    return prompts
-
-
-def read_prompts(cfg) -> list[Prompt]:
-    """A JSON-lines, JSON-array or text file read whole, every line checked (cfg: DatasetConfig)."""
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise ConfigError(f"dataset.path={cfg.path!r} is not a file; give a .jsonl, .json or .txt prompts file")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"dataset.path={cfg.path!r} cannot be read: {err.strerror or err}") from None
-    lines = [line + "\n" for line in decode_lines(data, cfg.path)]
-    fmt = detect_format(cfg.path, cfg.format, "".join(lines).lstrip()[:1])
-    prompts = parse_prompts(lines, fmt, cfg.path, RecordFields(cfg.prompt_field, cfg.id_field), cfg.limit)
-    if not prompts:
-        raise ConfigError(f"dataset.path={cfg.path!r} holds no prompts"
-                          + (f" (dataset.limit={cfg.limit})" if cfg.limit == 0 else ""))
-    return prompts

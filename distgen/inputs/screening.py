@@ -2,7 +2,8 @@
 error record (or is truncated, or stops the job, as `dataset.too_long` says) before any worker starts."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from distgen.common.errors import ConfigError
@@ -28,11 +29,6 @@ class ContextLimit:
 TABLE_LIMIT = ContextLimit(MAX_SEQUENCE_TOKENS, "distgen counts a prompt plus its budget in int32")
 
 
-@dataclass
-class Screened:
-    token_ids: list[list[int]]
-    # prompt index -> why it gets an error record instead of a completion
-    rejected: dict[int, str] = field(default_factory=dict)
 
 
 def sliding_window(config) -> Optional[int]:
@@ -63,20 +59,25 @@ def too_long_reason(length: int, budget: int, limit: ContextLimit) -> Optional[s
             f"{limit.tokens} tokens ({limit.source})")
 
 
-# What the length table's screen column holds for a prompt.
-RUNS, ERROR_RECORD, FAILS = 0, 1, 2
+class Verdict(enum.IntEnum):
+    """A prompt's fate, as the length table's screen row holds it (an int32)."""
+    RUNS = 0          # it is generated
+    ERROR_RECORD = 1  # it gets an error record; the job goes on
+    FAILS = 2         # the job stops before any generation (dataset.too_long=fail)
+
+
 # dataset.too_long -> what a prompt that does not fit the model's context becomes (the verdict; truncate_left
 # keeps it running, with its oldest tokens dropped, where a token of it still fits).
-TOO_LONG: Registry[int] = Registry("dataset.too_long", valued=True)
-TOO_LONG.register("error_record", None, ERROR_RECORD, doc="an error record; the job goes on")
-TOO_LONG.register("truncate_left", None, RUNS, doc="its oldest tokens dropped to fit")
-TOO_LONG.register("fail", None, FAILS, doc="a config error before any worker starts")
+TOO_LONG: Registry[Verdict] = Registry("dataset.too_long", valued=True)
+TOO_LONG.register("error_record", None, Verdict.ERROR_RECORD, doc="an error record; the job goes on")
+TOO_LONG.register("truncate_left", None, Verdict.RUNS, doc="its oldest tokens dropped to fit")
+TOO_LONG.register("fail", None, Verdict.FAILS, doc="a config error before any worker starts")
 
 
 @dataclass(frozen=True)
 class Screen:
     """One prompt's fate: runs (its first `keep` tokens dropped when truncated), an error record, or fails the job."""
-    verdict: int = RUNS
+    verdict: Verdict = Verdict.RUNS
     reason: Optional[str] = None
     keep: Optional[int] = None  # truncate_left: keep only the last `keep` tokens
 
@@ -85,35 +86,18 @@ def screen_prompt(prompt: Prompt, length: int, limit: ContextLimit, too_long: st
     budget = prompt.budget(default_budget)
     reason = prompt.error or (None if length else "prompt tokenizes to nothing")
     if reason:
-        return Screen(ERROR_RECORD, reason)
+        return Screen(Verdict.ERROR_RECORD, reason)
     too_long_why = too_long_reason(length, budget, limit)
     if not too_long_why:
         return Screen()
     keep = (limit.tokens or TABLE_LIMIT.tokens) - budget
     verdict = TOO_LONG.get(too_long)
-    if verdict == RUNS and keep >= 1:
+    if verdict == Verdict.RUNS and keep >= 1:
         return Screen(keep=keep)
-    return Screen(FAILS if verdict == FAILS else ERROR_RECORD, too_long_why)
+    return Screen(Verdict.FAILS if verdict == Verdict.FAILS else Verdict.ERROR_RECORD, too_long_why)
 
 
 def too_long_failure(failed: Sequence[str], count: int) -> ConfigError:
     """`failed`: the first few as "id 'x': why"; `count`: how many prompts do not fit."""
     return ConfigError(f"{count} prompts do not fit (dataset.too_long=fail; error_record or "
                        "truncate_left keep the job going): " + "; ".join(failed[:5]))
-
-
-def screen_prompts(prompts: Sequence[Prompt], token_ids: Sequence[list[int]], limit: ContextLimit, too_long: str,
-                   default_budget: int) -> Screened:
-    screened = Screened([list(ids) for ids in token_ids])
-    failed = []
-    for k, (prompt, ids) in enumerate(zip(prompts, screened.token_ids)):
-        screen = screen_prompt(prompt, len(ids), limit, too_long, default_budget)
-        if screen.keep is not None:
-            screened.token_ids[k] = ids[-screen.keep:]
-        if screen.verdict == FAILS:
-            failed.append(f"id {prompt.id!r}: {screen.reason}")
-        elif screen.verdict == ERROR_RECORD:
-            screened.rejected[prompt.index] = screen.reason
-    if failed:
-        raise too_long_failure(failed, len(failed))
-    return screened

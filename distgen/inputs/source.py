@@ -25,7 +25,7 @@ from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
 from distgen.common.registry import Registry
 from distgen.inputs.records import (BOM, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields, check_utf8_line,
-                                    has_id, parse_json_line, record_to_prompt)
+                                    has_id, json_array_records, parse_json_line, record_to_prompt)
 
 # Never reach the Hub: every input is a local file or folder.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -149,8 +149,16 @@ def normalized_fields(fields: RecordFields) -> RecordFields:
 
 
 def jsonl_records(path: str, fields: RecordFields) -> Iterator[dict]:
-    """Each line's record, normalized (a bad line is named by file:line)."""
+    """Each record, normalized, a bad one named by file:line: a line of JSON lines, or an element of a file that
+    holds one JSON array (read whole: Arrow could not)."""
     with open(path, encoding="utf-8-sig") as lines:
+        first = next((line for line in lines if line.strip()), "")
+        if first.lstrip().startswith("["):
+            lines.seek(0)
+            for line_no, element in json_array_records(lines.read(), path):
+                yield normalize(element, f"{path}:{line_no}", fields)
+            return
+        lines.seek(0)
         for line_no, line in enumerate(lines, start=1):
             if line.strip():
                 where = f"{path}:{line_no}"

@@ -15,7 +15,7 @@ import numpy as np
 
 from distgen.common.errors import ConfigError
 from distgen.config import RunConfig
-from distgen.inputs.screening import ERROR_RECORD, RUNS, context_limit
+from distgen.inputs.screening import Verdict, context_limit
 from distgen.inputs.source import PromptSource, open_prompts
 from distgen.models.loading import check_model_source, load_model_config, load_tokenizer, resolve_hub_ids
 from distgen.outputs.records import error_record
@@ -66,16 +66,16 @@ class Job:
     @property
     def todo(self) -> np.ndarray:
         """Prompts to generate: not finished earlier, not rejected by screening."""
-        return np.flatnonzero(self.not_done() & (self.screen == RUNS))
+        return np.flatnonzero(self.not_done() & (self.screen == Verdict.RUNS))
 
     @property
     def rejected(self) -> np.ndarray:
         """Prompts that get an error record and that no earlier run wrote one for."""
-        return np.flatnonzero(self.not_done() & (self.screen == ERROR_RECORD))
+        return np.flatnonzero(self.not_done() & (self.screen == Verdict.ERROR_RECORD))
 
     @property
     def error_count(self) -> int:
-        return int((self.screen == ERROR_RECORD).sum())
+        return int((self.screen == Verdict.ERROR_RECORD).sum())
 
     @property
     def out_dir(self) -> Path:

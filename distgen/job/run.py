@@ -16,8 +16,8 @@ from distgen.common.procs import exit_on_termination, exit_with_parent
 from distgen.job.prepare import Job, claim_output_dir, finished_message
 from distgen.inputs.keys import join_halves
 from distgen.job.worker import RankRun, generate_shard
-from distgen.outputs.coordinator import (format_table, gather_to_coordinator, run_figures, summarize, whole_job,
-                                         write_atomic, write_stats)
+from distgen.common.files import write_atomic
+from distgen.outputs.coordinator import format_table, gather_to_coordinator, run_figures, summarize, whole_job, write_stats
 from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, read_manifest
 from distgen.outputs.lock import OutputLock
 from distgen.outputs.progress import ProgressDisplay

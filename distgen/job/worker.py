@@ -3,19 +3,18 @@ write its completions to its own output shards as they finish."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
-import distgen.backends.cpu  # noqa: F401  registers the CPU backend with the engine (until the catalog does)
+import distgen.catalog  # noqa: F401  every implementation registered (the CPU backend's kernels and attention)
 from distgen.parallel.env import DistContext
 from distgen.engine import Completion, build_engine
 from distgen.engine.assist import assistant_spec
 from distgen.engine.build import QueueShape, device_defaults, plan_batch_size, rank_budget
 from distgen.engine.memory import BatchChoice, agree_across_ranks
-from distgen.parallel.feed import CHUNK, PromptFeed, Screening
+from distgen.parallel.feed import CHUNK, PromptFeed
 from distgen.parallel.layouts import DataGroups, get_layout
 from distgen.parallel.layouts.base import full_param_bytes, resident_param_bytes
 from distgen.parallel.loop import LoopCounters, idle_forward, run_loop
@@ -24,7 +23,6 @@ from distgen.parallel.plan import assign_to_ranks, decode_order
 from distgen.job.prepare import Job
 from distgen.outputs.progress import LiveCounters, ProgressDisplay, RankSampler
 from distgen.outputs.records import output_record
-from distgen.inputs.screening import ERROR_RECORD, RUNS
 from distgen.outputs.shards import ShardWriter
 from distgen.outputs.stats import RankStats, cuda_peaks_mib, peak_rss_mib, reset_peaks
 from distgen.engine.stops import StopStrings

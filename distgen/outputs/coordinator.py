@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch.distributed as dist
 
+from distgen.common.files import write_atomic
 from distgen.outputs.stats import RankStats
 
 STATS_FILE = "stats.json"
@@ -21,27 +20,6 @@ def gather_to_coordinator(obj, rank: int, world_size: int) -> list | None:
     dist.gather_object(obj, gathered, dst=0)
     return gathered
 
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual 0644
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_stats(out_dir: Path, stats: Sequence[RankStats], summary: dict, timelines: Sequence[list[dict]]) -> None:

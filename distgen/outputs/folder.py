@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from distgen.common.errors import ConfigError
-from distgen.outputs.coordinator import STATS_FILE, write_atomic
+from distgen.common.files import write_atomic
+from distgen.outputs.coordinator import STATS_FILE
 from distgen.outputs.report import REPORT_FILE
 from distgen.outputs.resume import settings_changes
 

@@ -9,7 +9,6 @@ every output.progress_every_s.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+from distgen.common.files import write_atomic
 from distgen.outputs.stats import current_rss_mib, cuda_allocated_mib
 
 # Beyond this many samples a rank keeps every other one and samples half as often.
@@ -43,9 +43,8 @@ class Sample:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    os.replace(tmp, path)
+    """A progress sample: written every second, so not synced to disk (a lost one is replaced by the next)."""
+    write_atomic(path, json.dumps(obj), fsync=False)
 
 
 def read_channel(folder: Path) -> list[dict]:

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from distgen.common.errors import IncompleteOutputError, OutputSpaceError
+from distgen.common.files import atomic_file, write_atomic
 from distgen.common.registry import Registry
 from distgen.outputs.records import ERROR
 from distgen.outputs.folder import (MANIFEST_VERSION, MERGED_FILE, claimed_files, outputs_dir, previous_folder,
@@ -99,17 +100,13 @@ def parquet_records(records: Sequence[dict]) -> list[dict]:
 
 def write_shard(records: Sequence[dict], path: Path) -> None:
     """Atomically: readers see no shard or the whole one."""
-    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.Table.from_pylist(parquet_records(records)), tmp)
+        with atomic_file(path, "wb") as out:
+            pq.write_table(pa.Table.from_pylist(parquet_records(records)), out)
     else:
-        with tmp.open("w", encoding="utf-8") as out:
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            out.flush()
-            os.fsync(out.fileno())
-    os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def close_shard(open_path: Path, fmt: str) -> Path:
@@ -239,10 +236,8 @@ def read_keys(out_dir: Path) -> Optional[np.ndarray]:
 
 
 def write_keys(out_dir: Path, keys: np.ndarray) -> None:
-    path = outputs_dir(out_dir) / KEYS_FILE
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, np.asarray(keys, dtype=np.int64))
-    os.replace(tmp, path)
+    with atomic_file(outputs_dir(out_dir) / KEYS_FILE, "wb") as out:
+        np.save(out, np.asarray(keys, dtype=np.int64))
 
 
 class SetAside:
@@ -412,13 +407,9 @@ def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int) -> 
 def merge_shards(shards: Sequence[Path], target: Path) -> None:
     """outputs.jsonl in dataset order: each shard is sorted by index, so a k-way merge streams
     them with one record per shard in memory."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as out:
+    with atomic_file(target) as out:
         for record in heapq.merge(*(read_shard(p) for p in shards), key=lambda r: r["index"]):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, target)
 
 
 def finish_outputs(out_dir: Path, job: str, prompt_count: int, fmt: str, merge: bool,

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distgen.common.files import atomic_file
 from distgen.parallel.env import DistContext
 from distgen.inputs.keys import key_halves, record_key
 from distgen.inputs.source import PromptSource
 from distgen.inputs.records import Prompt
-from distgen.inputs.screening import FAILS, ContextLimit, screen_prompt, too_long_failure
+from distgen.inputs.screening import ContextLimit, Verdict, screen_prompt, too_long_failure
 
 CHUNK = 1024
 # Rows of the length table; KEY_HIGH and KEY_LOW: each record's key (distgen/inputs/keys.py) in two halves.
@@ -88,7 +89,7 @@ def slice_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
 
 def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: Screening) -> np.ndarray:
     """(ROWS, stop - start) int32: prompt token counts as run (after truncate_left), per-record
-    budgets (0: the default), each prompt's screening verdict (RUNS, ERROR_RECORD, FAILS) and its key."""
+    budgets (0: the default), each prompt's screening verdict (a Verdict) and its key."""
     table = np.zeros((ROWS, stop - start), dtype=np.int32)
     for at in range(start, stop, CHUNK):
         prompts = source.prompts(range(at, min(at + CHUNK, stop)))
@@ -144,16 +145,14 @@ def shared_lengths(source: PromptSource, tokenizer, ctx: DistContext, cache: Opt
         dist.all_gather(parts, mine.to(ctx.device))
         table = torch.cat([p.cpu() for p in parts], dim=1)[:, :count].numpy()
         if ctx.is_coordinator and cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.tmp.npy")
-            np.save(tmp, table)
-            tmp.replace(cache)
+            with atomic_file(cache, "wb") as out:
+                np.save(out, table)
     return table
 
 
 def check_fits(table: np.ndarray, source: PromptSource, tokenizer, screening: Screening) -> None:
     """dataset.too_long=fail: a ConfigError naming the first prompts that do not fit (same on every rank)."""
-    failed = np.flatnonzero(table[SCREEN] == FAILS)
+    failed = np.flatnonzero(table[SCREEN] == Verdict.FAILS)
     if len(failed):
         prompts = source.prompts(failed[:5])
         lengths = [len(ids) for ids in tokenize(tokenizer, prompts)]
