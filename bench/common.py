@@ -431,4 +431,7 @@ def run_distgen(launch: Launch, out_dir: Path, timeout_s: float = 1800) -> Distg
     # Ready once the engine line is out, plus any compile; without the line (a very short run): the merge
     # less the generation.
     ready = (watch.ready or done - generate_seconds(stats) - compile_seconds(stats)) + compile_seconds(stats)
-    return DistgenRun(records, stats, measured, ready, watch.first_output or done, done)
+    first_output = watch.first_output or done
+    # The watch sees a stamp at its next poll, the merge's mtime is exact: a run too short for the poll to see
+    # its first output would otherwise read as ready after it.
+    return DistgenRun(records, stats, measured, min(ready, first_output), first_output, done)
