@@ -193,3 +193,16 @@ def test_the_job_settings_and_record_keys_cover_the_adapters(adapters, tmp_path)
     # a record's key holds its adapter's name; a record without one keeps the key it had before `lora` existed
     assert record_key(Prompt(0, "x", "hi", lora="a")) != record_key(Prompt(0, "x", "hi", lora="b"))
     assert record_key(Prompt(0, "x", "hi")) == 1771184260806383393  # as distgen computed it before
+
+
+def test_a_rerun_reruns_only_the_record_whose_adapter_changed(tiny_model_dir, adapters, merged, tokenizer, tmp_path,
+                                                              capsys):
+    out = tmp_path / "out"
+    args = [f"model.lora={{a: {adapters['a']}, b: {adapters['b']}}}"]
+    assert run_in_process(job_args(tiny_model_dir, write_prompts(tmp_path / "p.jsonl", CHOSEN), out, *args)) == 0
+    assert run_in_process(job_args(tiny_model_dir, tmp_path / "p.jsonl", out, *args)) == 0
+    assert "already finished" in capsys.readouterr().out
+    changed = [{**p, "lora": "b"} if p["id"] == "fox" else p for p in CHOSEN]
+    assert run_in_process(job_args(tiny_model_dir, write_prompts(tmp_path / "p.jsonl", changed), out, *args)) == 0
+    assert f"resuming: {len(CHOSEN) - 1} of {len(CHOSEN)} prompts already done" in capsys.readouterr().out
+    assert_each_equals_its_merged_model(read_outputs(out), changed, merged, tokenizer)
