@@ -7,7 +7,9 @@ above `common/`, and loading it pulls in no torch.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Optional
 
 from distgen.common.checks import require
@@ -28,6 +30,63 @@ def is_int(value: Any) -> bool:
 
 def seed_ok(value: Any) -> bool:
     return is_int(value) and 0 <= value <= MAX_SEED
+
+
+# A LoRA adapter's name (model.lora={name: folder}, a record's `lora`): what a Hydra override key and peft's
+# adapter names (module-dict keys) both take.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def named_adapters(lora: Any) -> Optional[dict[str, str]]:
+    """model.lora's adapters chosen per record, {name: folder}: a mapping as given, a list by folder names;
+    None for one folder (merged into the weights for every record) or none. Checked by ModelConfig.check."""
+    if isinstance(lora, dict):
+        return {str(name): folder for name, folder in lora.items()}
+    if isinstance(lora, (list, tuple)):
+        return {PurePath(str(folder)).name: folder for folder in lora}
+    return None
+
+
+def adapter_folders(lora: Any) -> dict[str, str]:
+    """Every adapter folder of model.lora by name (one folder: named "default", peft's own name for it)."""
+    if lora is None:
+        return {}
+    return named_adapters(lora) or {"default": lora}
+
+
+def lora_problem(lora: Any) -> Optional[str]:
+    """Why a model.lora value is not one adapter folder or adapters by name, or None."""
+    if lora is None or isinstance(lora, str) and lora:
+        return None
+    if not isinstance(lora, (dict, list, tuple)) or not lora:
+        return ("expected a LoRA adapter folder (saved by peft's save_pretrained), {name: folder, ...} or a list of "
+                "folders (several: chosen per record by its `lora` field)")
+    if any(not isinstance(folder, str) or not folder for folder in (lora.values() if isinstance(lora, dict) else lora)):
+        return "every adapter is a folder (a non-empty string)"
+    names = named_adapters(lora)
+    if len(names) < len(lora):
+        return "two folders of the list have the same name: name them with model.lora={name: folder, ...}"
+    bad = [name for name in names if not ADAPTER_NAME.match(name)]
+    if bad:
+        return f"adapter name {bad[0]!r} is not letters, digits, _ and -: name it with model.lora={{name: folder}}"
+    return None
+
+
+# apply_chat_template's own arguments that distgen sets (or that change what it returns): not template variables.
+CHAT_TEMPLATE_ARGUMENTS = ("conversation", "chat_template", "add_generation_prompt", "continue_final_message", "tokenize",
+                           "padding", "truncation", "max_length", "return_tensors", "return_dict",
+                           "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+def chat_kwargs_problem(kwargs: Any) -> Optional[str]:
+    """Why a mapping of chat template variables (dataset.chat_template_kwargs, a record's) is not one, or None."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        return "expected an object of template variables ({name: value, ...})"
+    taken = [k for k in kwargs if k in CHAT_TEMPLATE_ARGUMENTS]
+    if taken:
+        return (f"{taken[0]!r} is an argument of apply_chat_template that distgen sets, not a template variable "
+                "(dataset.chat_template and dataset.continue_final_message choose the template and how it ends)")
+    return None
 
 
 def temperature_ok(value: Any) -> bool:
@@ -79,8 +138,16 @@ class ModelConfig:
     assistant: str = "none"
     assistant_path: Optional[str] = None
     assistant_seed: int = 1
+    # LoRA adapters (peft folders; the peft package): one folder is merged into the weights at load, in every layout;
+    # several, {name: folder, ...} or a list of folders (named by their folder names), are chosen per record by its
+    # `lora` field (layout=replicate; a record without one runs the base model).
+    lora: Any = None
 
     def check(self) -> None:
+        require(lora_problem(self.lora) is None, "model.lora", self.lora, lora_problem(self.lora) or "")
+        require(named_adapters(self.lora) is None or self.quantization == "none", "model.lora", self.lora,
+                f"adapters chosen per record are swapped into the weights, which model.quantization="
+                f"{self.quantization} quantizes: merge one adapter (model.lora=<folder>) or use model.quantization=none")
         if self.source == "pretrained":
             require(bool(self.path), "model.path", self.path,
                     "model.source=pretrained needs model.path=<local model folder> "
@@ -197,6 +264,15 @@ class DatasetConfig:
     # A column of chat messages ([{role, content}, ...]) rendered with the tokenizer's chat
     # template (add_generation_prompt); when set, it is used instead of prompt_field.
     messages_field: Optional[str] = None
+    # The chat template instead of the tokenizer's: a template file (Jinja text, or a chat_template.json), the
+    # template itself, or the name of one of the tokenizer's templates.
+    chat_template: Optional[str] = None
+    # Extra variables for the chat template (apply_chat_template's kwargs, e.g. {enable_thinking: false}); a
+    # record's own `chat_template_kwargs` (an object) adds to them. null: none.
+    chat_template_kwargs: Any = None
+    # Continue the last (assistant) message instead of starting a new one: no generation prompt, the final
+    # message left open (transformers' apply_chat_template continue_final_message).
+    continue_final_message: bool = False
     # The split to take from a saved DatasetDict or a local dataset folder.
     split: str = "train"
     limit: Optional[int] = None
@@ -213,6 +289,15 @@ class DatasetConfig:
         require(self.limit is None or self.limit >= 0, "dataset.limit", self.limit, "must be >= 0")
         require(self.shuffle_seed is None or (is_int(self.shuffle_seed) and self.shuffle_seed >= 0),
                 "dataset.shuffle_seed", self.shuffle_seed, "must be null or an integer >= 0")
+        chat = self.chat_template is not None or self.chat_template_kwargs or self.continue_final_message
+        require(bool(self.messages_field) or not chat, "dataset.messages_field", self.messages_field,
+                "dataset.chat_template, chat_template_kwargs and continue_final_message render chat records: "
+                "give dataset.messages_field=<column of messages>")
+        require(self.chat_template is None or bool(self.chat_template.strip()), "dataset.chat_template",
+                self.chat_template, "expected a template file, the template itself or a template's name")
+        kwargs = self.chat_template_kwargs
+        require(kwargs is None or chat_kwargs_problem(kwargs) is None, "dataset.chat_template_kwargs", kwargs,
+                f"{chat_kwargs_problem(kwargs)} (null: none)")
 
 
 @dataclass

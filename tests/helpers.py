@@ -575,3 +575,23 @@ class ReplayingCapturer:
             for out, new in zip(outputs, step()):
                 out.copy_(new)
         return Captured(replay, outputs)
+
+
+def save_lora(model_dir: Path, out: Path, seed: int, targets=("q_proj", "v_proj"), **settings) -> Path:
+    """A LoRA adapter for the model saved in `model_dir`, saved by peft into `out`: rank 4 on `targets`, A and B
+    random (init_lora_weights=False, so B is not zero and the adapter changes the outputs), seeded."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, **settings)
+    get_peft_model(base, config).save_pretrained(out)
+    return out
+
+
+def merged_with_lora(model_dir: Path, adapter: Optional[Path]):
+    """The model of `model_dir` with `adapter` merged in by peft's own merge_and_unload (None: the base model)."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return base if adapter is None else PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()

@@ -510,3 +510,16 @@ def test_the_kernels_pass_this_file_under_address_and_undefined_behaviour_saniti
     assert not reports and "runtime error:" not in output, output[:8000]
     assert result.returncode == 0 and " passed" in result.stdout, output[-6000:]
     assert list((tmp_path / "kernels").glob("cpu_kernels-*.so")), "the sanitized kernels were not built"
+
+
+@needs_kernel
+def test_the_owned_stack_takes_the_bench_models_shape(tokenizer):
+    """An 8-layer, hidden-512 Llama (bench/common.py's `large`, init std 0.2): its values grow to ~15 over the
+    layers and the stack's sums run in another order than torch's SDPA, so its probe must compare at the
+    tensors' own scale (an element-wise tolerance refused this model: the job then ran transformers' forward)."""
+    from distgen.models.tiny import build_tiny_model
+    from distgen.config import TinyModelConfig
+    model = build_tiny_model(TinyModelConfig(layers=8, hidden_size=512, heads=8, kv_heads=4, intermediate_size=1536),
+                             tokenizer).eval()
+    said = kernels.apply_kernels(plan_kernels("distgen", model, CPU, False, False, None), model)
+    assert "decoder stack: distgen's (one C call per forward)" in said, said

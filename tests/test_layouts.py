@@ -142,6 +142,7 @@ def test_prompts_split_over_groups_then_over_ranks_of_a_group():
     groups = [contiguous_groups(4, 2, rank) for rank in range(4)]
     assert groups[3].groups == ((0, 1), (2, 3)) and groups[3].members == (2, 3)
     job = SimpleNamespace(lengths=np.array([9, 1, 5, 3, 7]), budgets=np.zeros(5, dtype=np.int32), todo=np.arange(5),
+                          adapters=np.zeros(5, dtype=np.int32),
                           cfg=SimpleNamespace(generation=SimpleNamespace(max_new_tokens=1)))
     shards = [rank_shard(job, groups[rank], rank) for rank in range(4)]
     assert sorted(i for shard in shards for i in shard) == list(range(5))

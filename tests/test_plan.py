@@ -43,6 +43,13 @@ def test_decode_order_is_largest_budget_then_longest_prompt_ties_by_index():
     assert decode_order([0, 2, 4, 6, 8], full, budgets).tolist() == [4, 8, 0, 2, 6]
 
 
+def test_decode_order_groups_prompts_by_adapter_first():
+    lengths = [5, 0, 50, 0, 7, 0, 49, 0, 7]
+    adapters = [2, 0, 1, 0, 0, 0, 2, 0, 1]  # 0: the base model, k: model.lora's k-th adapter
+    # the base model's prompts, then adapter 1's, then adapter 2's; within a group as before
+    assert decode_order([0, 2, 4, 6, 8], lengths, [16] * 9, adapters).tolist() == [4, 2, 8, 6, 0]
+
+
 def reference_assign(costs: list[int], world_size: int) -> list[list[int]]:
     """The plan as first written: a Python loop over every rank for every prompt."""
     loads, shards = [0] * world_size, [[] for _ in range(world_size)]

@@ -11,7 +11,7 @@ import torch
 from distgen.config import GenerationConfig
 from distgen.engine.assist import Assistant, AssistantSpec, DraftModel, PromptLookup, max_draft_tokens
 from distgen.engine.backoff import Backoff, injected_oom_step
-from distgen.engine.core import Engine, StopCheck
+from distgen.engine.core import Adapters, Engine, StopCheck
 from distgen.engine.graphs import DecodeRunner, graphs_blocker
 from distgen.engine.kv import CACHES, CacheSpec, QueueShape
 from distgen.engine.kernels import apply_backends
@@ -293,11 +293,13 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                  gen: GenerationConfig, pad_id: int, eos_ids: Sequence[int], device: torch.device,
                  lockstep: bool = False, shape: Optional[QueueShape] = None,
                  stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None,
-                 assistant: Optional[AssistantSpec] = None, local_world_size: int = 1) -> Engine:
+                 assistant: Optional[AssistantSpec] = None, local_world_size: int = 1,
+                 adapters: Optional[Adapters] = None) -> Engine:
     """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids).
     `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size).
     `assistant`: assisted decoding (distgen.engine.assist.assistant_spec builds it from model.assistant).
-    `local_world_size`: the ranks on this host (DistContext.local_world_size), which share its RAM."""
+    `local_world_size`: the ranks on this host (DistContext.local_world_size), which share its RAM.
+    `adapters`: LoRA adapters chosen per request, swapped into the weights (distgen.models.lora.AdapterBank)."""
     gen, defaults_why = device_defaults(gen, device)
     shape = shape if shape is not None else QueueShape.of(queue, gen)
     budget = rank_budget(gen, device, local_world_size)
@@ -314,6 +316,9 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
         compile_plan = CompilePlan(False, reason=f"not compiling: generation.cache={gen.cache}")
     else:
         compile_plan = plan_compile(gen, model, decode_steps, lockstep, device)
+    if adapters is not None and compile_plan.freeze:  # a frozen graph would keep the weights it was compiled with
+        compile_plan = replace(compile_plan, freeze=False, reason=compile_plan.reason.replace(FROZEN_NOTE, "")
+                               + " (weights not frozen: model.lora swaps adapters into them)")
     full = kv_shape(model.config, model_dtype(model))
     quantized = kv_shape(model.config, model_dtype(model), quantized=True)
     cache, why = plan_cache(gen, model, compile_plan.enabled, full.bytes(gen.batch_size, shape.columns), budget,
@@ -345,6 +350,9 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
                     Sampler(gen, eos_ids, device), prefill_token_budget(gen, kv),
                     stop_check, helper, mixed_steps=gen.mixed_steps)
+    if adapters is not None:
+        engine.adapters = adapters
+        choice += f"; {len(adapters.names)} LoRA adapters swapped in per record"
     if engine.mixes and gen.scheduler != "static":  # a static batch admits prompts only once no row decodes
         choice += "; mixed steps (the decoding rows ride along each prefill forward)"
     # Rows addressed by slot id: a step's inputs come from device state, so the next step can be launched

@@ -11,7 +11,7 @@ whose every token is launched is not scheduled again (`Request.saturated`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -20,7 +20,7 @@ from distgen.engine.backoff import Backoff, back_off
 from distgen.engine.graphs import DecodeRunner
 from distgen.engine.host import READS, Pending, read
 from distgen.engine.kv.base import ForwardBatch, KVCache
-from distgen.engine.queue import RequestQueue
+from distgen.engine.queue import AdapterRun, RequestQueue
 from distgen.engine.request import Completion, Request, RequestFailed, Status
 from distgen.engine.runner import Runner
 from distgen.engine.sampler import Sampler
@@ -30,6 +30,14 @@ from distgen.inputs.records import Prompt
 
 # Whether a request's generated tokens hit one of its prompt's stop strings (distgen.engine.stops.StopStrings.hit).
 StopCheck = Callable[[Prompt, list[int]], bool]
+
+
+class Adapters(Protocol):
+    """LoRA adapters swapped into the model's weights between requests (distgen.models.lora.AdapterBank)."""
+    names: tuple[str, ...]  # every adapter a request may name
+    active: Optional[str]   # the adapter the weights hold now (None: the base model)
+
+    def activate(self, name: Optional[str]) -> None: ...
 
 
 @dataclass
@@ -66,6 +74,9 @@ class Engine:
         # (graphs.py); set by the builder for such caches, else None (decode through kv.decode_inputs).
         self.decoder: Optional[DecodeRunner] = None
         self.reads_at_start = READS.count
+        # LoRA adapters chosen per request (model.lora by name); None: the weights never change. Requests come
+        # grouped by adapter (distgen.parallel.plan.decode_order); see `admissible`.
+        self.adapters: Optional[Adapters] = None
 
     @property
     def mixes(self) -> bool:
@@ -113,10 +124,23 @@ class Engine:
         landing, self.inflight = self.inflight, launched
         return self.land(landing) if landing else []
 
+    def admissible(self) -> RequestQueue | AdapterRun | tuple:
+        """The waiting requests the next step may admit. With adapters, those of the active one: the weights
+        hold one adapter at a time, so the next one is swapped in only once no row of the last one runs (none
+        running, none in flight); until then the rows still running finish while no request joins."""
+        if self.adapters is None or not self.waiting:
+            return self.waiting
+        wanted = self.waiting[0].prompt.lora
+        if wanted != self.adapters.active:
+            if self.running or self.inflight is not None:
+                return ()
+            self.adapters.activate(wanted)
+        return AdapterRun(self.waiting, wanted)
+
     def schedule(self) -> StepPlan:
         self.waiting.settle()
         running = [r for r in self.running if not r.saturated]
-        state = SchedulerState(self.waiting, running, self.kv.free_rows, self.token_budget, self.last_kind,
+        state = SchedulerState(self.admissible(), running, self.kv.free_rows, self.token_budget, self.last_kind,
                                mixes=self.mixes)
         plan = self.scheduler(state)
         if not plan.requests:

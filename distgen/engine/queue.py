@@ -81,3 +81,21 @@ class RequestQueue:
         """Put these requests back at the front, in this order, made afresh (no tokens, a new sampler)."""
         remade = (self.take(r.prompt, r.token_ids) for r in requests)
         self.made.extendleft(reversed([r for r in remade if r is not None]))
+
+
+class AdapterRun:
+    """The front of the waiting queue whose requests run with one LoRA adapter (their records' `lora`, None: the
+    base model): what a step may admit while that adapter is active (Engine.admissible). Iteration stops at the
+    first request of another adapter; a scheduler reads it as it reads the queue (truth, iteration)."""
+
+    def __init__(self, queue: RequestQueue, adapter: Optional[str]):
+        self.queue, self.adapter = queue, adapter
+
+    def __bool__(self) -> bool:
+        return bool(self.queue) and self.queue[0].prompt.lora == self.adapter
+
+    def __iter__(self) -> Iterator[Request]:
+        for request in self.queue:
+            if request.prompt.lora != self.adapter:
+                return
+            yield request

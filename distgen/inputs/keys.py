@@ -15,6 +15,9 @@ from distgen.inputs.records import Prompt
 
 HALF_BITS = 31
 HALF_MASK = (1 << HALF_BITS) - 1
+# Fields `Prompt` gained after keys were first written: left out of a key while unset (None), so a record that
+# does not use them keeps the key earlier runs gave it.
+LATER_FIELDS = frozenset({"lora"})
 
 
 @lru_cache(maxsize=None)
@@ -24,7 +27,8 @@ def content_fields(kind: type) -> tuple[str, ...]:
 
 def record_key(prompt: Prompt) -> int:
     """The record's content without its index, as JSON (any field type: an id 1 and an id "1" differ), hashed."""
-    content = {name: getattr(prompt, name) for name in content_fields(type(prompt))}
+    content = {name: getattr(prompt, name) for name in content_fields(type(prompt))
+               if not (name in LATER_FIELDS and getattr(prompt, name) is None)}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode("utf-8", "surrogatepass"))
     return int.from_bytes(digest.digest()[:8], "little") >> (64 - 2 * HALF_BITS)
 

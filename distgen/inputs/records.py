@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
-from distgen.config import MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, is_int, seed_ok, temperature_ok
+from distgen.config import (ADAPTER_NAME, MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, chat_kwargs_problem, is_int,
+                            seed_ok, temperature_ok)
 
 JSON_ARRAY_HINT = "a .json file holds one JSON array of records ([{\"prompt\": ...}, ...]) or JSON lines"
 BOM = "\ufeff"
@@ -47,6 +48,8 @@ class Prompt:
     stop: tuple[str, ...] = ()
     # The text already holds the special tokens (rendered by a chat template).
     templated: bool = False
+    # The LoRA adapter (a name in model.lora) this record runs with; None: the base model (or the one merged).
+    lora: Optional[str] = None
 
     def budget(self, default: int) -> int:
         return self.max_new_tokens or default
@@ -89,7 +92,13 @@ OVERRIDES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = 
     "stop": (lambda v: isinstance(v, str) and v != "" or isinstance(v, (list, tuple)) and all(
         isinstance(s, str) and s for s in v), "a non-empty string or a list of them",
              lambda v: (v,) if isinstance(v, str) else tuple(v)),
+    "lora": (lambda v: isinstance(v, str) and bool(ADAPTER_NAME.match(v)),
+             "an adapter's name in model.lora (letters, digits, _ and -)", str),
 }
+# A chat record's own variables for the chat template (added to dataset.chat_template_kwargs).
+CHAT_KWARGS = "chat_template_kwargs"
+# What a chat template renders a record's messages with: (messages, the record's own template variables) -> text.
+Render = Callable[[list, dict], str]
 
 
 def overrides_of(record: dict) -> tuple[dict, Optional[str]]:
@@ -138,17 +147,29 @@ def record_id(record: dict, fields: RecordFields, row: int, where: str) -> Recor
                       "or an integer")
 
 
-def rendered(messages: list, render: Callable[[list], str]) -> tuple[str, Optional[str]]:
+def record_chat_kwargs(record: dict) -> tuple[dict, Optional[str]]:
+    """(the record's own chat template variables, why they are not allowed or None). A null value is as unset (an
+    Arrow column of objects fills the keys other records have with nulls)."""
+    value = record.get(CHAT_KWARGS)
+    if value is None:
+        return {}, None
+    problem = chat_kwargs_problem(value)
+    if problem:
+        return {}, f"{CHAT_KWARGS}={value!r} is not allowed: {problem}"
+    return {k: v for k, v in value.items() if v is not None}, None
+
+
+def rendered(messages: list, render: Render, kwargs: dict) -> tuple[str, Optional[str]]:
     """(text, None), or ("", why) when the chat template refuses these messages (templates raise on
     e.g. roles that do not alternate): that record gets an error record."""
     try:
-        return render(messages), None
+        return render(messages, kwargs), None
     except Exception as err:  # the tokenizer's template is data, as the record is; attributable to this record
         return "", f"messages could not be rendered by the chat template: {type(err).__name__}: {err}"
 
 
 def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
-                     render: Optional[Callable[[list], str]] = None, row: Optional[int] = None) -> Prompt:
+                     render: Optional[Render] = None, row: Optional[int] = None) -> Prompt:
     """One input record as a Prompt; a ConfigError names `where` (file:line or file:record) and the field.
     `row`: the record's row in the dataset before any shuffle (its id when it has none; default `index`)."""
     if not isinstance(record, dict):
@@ -165,7 +186,8 @@ def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
             for value in m.values():
                 if isinstance(value, str):
                     check_unicode(value, where, fields.messages)
-        (text, error), templated = rendered(messages, render), True
+        kwargs, error = record_chat_kwargs(record)
+        (text, error), templated = (("", error) if error else rendered(messages, render, kwargs)), True
     else:
         text, templated = record.get(fields.prompt), False
         if not isinstance(text, str):
@@ -190,7 +212,7 @@ def parse_json_line(line: str, where: str) -> Any:
 
 
 def parse_jsonl_record(line: str, index: int, where: str, fields: RecordFields,
-                       render: Optional[Callable[[list], str]] = None) -> Prompt:
+                       render: Optional[Render] = None) -> Prompt:
     return record_to_prompt(parse_json_line(line, where), index, where, fields, render)
 
 

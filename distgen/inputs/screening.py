@@ -82,9 +82,28 @@ class Screen:
     keep: Optional[int] = None  # truncate_left: keep only the last `keep` tokens
 
 
-def screen_prompt(prompt: Prompt, length: int, limit: ContextLimit, too_long: str, default_budget: int) -> Screen:
+def adapter_problem(name: Optional[str], adapters: Optional[tuple[str, ...]]) -> Optional[str]:
+    """Why a record's `lora` names no adapter it can run with (`adapters`: model.lora's names, None when model.lora
+    names none: one adapter merged for every record, or none), or None."""
+    if name is None:
+        return None
+    if adapters is None:
+        return (f"lora={name!r} is not allowed: model.lora names no adapters (adapters chosen per record are "
+                "model.lora={name: <peft folder>, ...} with layout=replicate)")
+    if name not in adapters:
+        return f"lora={name!r} is not an adapter of model.lora (its adapters: {', '.join(adapters)})"
+    return None
+
+
+def adapter_index(name: Optional[str], adapters: Optional[tuple[str, ...]]) -> int:
+    """A record's adapter as a number for the length table: 0 for the base model, k for model.lora's k-th."""
+    return adapters.index(name) + 1 if name is not None and adapters and name in adapters else 0
+
+
+def screen_prompt(prompt: Prompt, length: int, limit: ContextLimit, too_long: str, default_budget: int,
+                  adapters: Optional[tuple[str, ...]] = None) -> Screen:
     budget = prompt.budget(default_budget)
-    reason = prompt.error or (None if length else "prompt tokenizes to nothing")
+    reason = prompt.error or adapter_problem(prompt.lora, adapters) or (None if length else "prompt tokenizes to nothing")
     if reason:
         return Screen(Verdict.ERROR_RECORD, reason)
     too_long_why = too_long_reason(length, budget, limit)

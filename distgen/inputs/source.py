@@ -17,15 +17,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
 from distgen.common.registry import Registry
-from distgen.inputs.records import (BOM, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields, check_utf8_line,
-                                    has_id, json_array_records, parse_json_line, record_to_prompt)
+from distgen.inputs.records import (BOM, CHAT_KWARGS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
+                                    Render, check_utf8_line, has_id, json_array_records, parse_json_line,
+                                    record_to_prompt)
 
 # Never reach the Hub: every input is a local file or folder.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -49,7 +50,7 @@ SAVED_MARKERS = ("state.json", "dataset_dict.json")
 HASH_BATCH = 10_000
 READ_BATCH = 1024
 # Bumped when the normalized records' columns change, so that no cached table of the old form is reused.
-NORMALIZED_VERSION = 2
+NORMALIZED_VERSION = 3
 
 
 def detect_format(path: str, fmt: str) -> str:
@@ -127,11 +128,13 @@ def normalize(record: dict, where: str, fields: RecordFields) -> dict:
     """A record checked and reduced to the fields distgen reads, in the columns `normalized_fields` names (the id
     as text, whether it was an integer, stop always a list), so that records whose columns mix types, or files
     of several formats, still make one Arrow table."""
-    prompt = record_to_prompt(record, 0, where, fields, render=lambda m: "")
+    prompt = record_to_prompt(record, 0, where, fields, render=lambda messages, kwargs: "")
     given = has_id(record, fields)
+    kwargs = record.get(CHAT_KWARGS) if fields.messages else None
     return {"id": str(prompt.id) if given else None, ID_IS_INT: isinstance(prompt.id, int) if given else None,
             "prompt": record.get(fields.prompt) if not fields.messages else None,
             "messages": json.dumps(record[fields.messages]) if fields.messages else None,
+            CHAT_KWARGS: json.dumps(kwargs) if isinstance(kwargs, dict) else None,
             **{k: getattr(prompt, k) for k in OVERRIDES if k != "stop"},
             "stop": list(prompt.stop) or None, "error": prompt.error}
 
@@ -139,9 +142,10 @@ def normalize(record: dict, where: str, fields: RecordFields) -> dict:
 def normalized_features():
     from datasets import Features, List, Value
     return Features({"id": Value("string"), ID_IS_INT: Value("bool"), "prompt": Value("string"),
-                     "messages": Value("string"), "max_new_tokens": Value("int64"), "temperature": Value("float64"),
-                     "top_p": Value("float64"), "top_k": Value("int64"), "seed": Value("uint64"),
-                     "stop": List(Value("string")), "error": Value("string")})
+                     "messages": Value("string"), CHAT_KWARGS: Value("string"), "max_new_tokens": Value("int64"),
+                     "temperature": Value("float64"), "top_p": Value("float64"), "top_k": Value("int64"),
+                     "seed": Value("uint64"), "stop": List(Value("string")), "lora": Value("string"),
+                     "error": Value("string")})
 
 
 def normalized_fields(fields: RecordFields) -> RecordFields:
@@ -372,7 +376,7 @@ class PromptSource:
     table: object  # datasets.Dataset, after shuffle_seed and limit
     fields: RecordFields
     path: str
-    render: Optional[Callable[[list], str]] = None
+    render: Optional[Render] = None
     # Each index's row in the dataset before dataset.shuffle_seed (a record without an id gets its row);
     # None: the same as the index.
     rows: Optional[np.ndarray] = None
@@ -395,6 +399,8 @@ class PromptSource:
     def prompt_of(self, record: dict, index: int) -> Prompt:
         if self.fields.messages and isinstance(record.get(self.fields.messages), str):  # normalized records
             record = {**record, self.fields.messages: json.loads(record[self.fields.messages])}
+            if isinstance(record.get(CHAT_KWARGS), str):
+                record[CHAT_KWARGS] = json.loads(record[CHAT_KWARGS])
         return record_to_prompt(record, index, f"{self.path}: record {index}", self.fields, self.render,
                                 row=self.row_of(index))
 
@@ -408,14 +414,62 @@ class PromptSource:
         return digest.hexdigest()[:16]
 
 
-def chat_renderer(tokenizer, field: str) -> Callable[[list], str]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"dataset.messages_field={field!r} is not allowed: the tokenizer has no chat template; "
-                          "use dataset.prompt_field with plain prompts or a model whose tokenizer has one")
+def chat_template_text(value: str, tokenizer) -> str:
+    """dataset.chat_template as apply_chat_template takes it: a file's template (its text, or a chat_template.json's
+    "chat_template"), the template itself (it holds Jinja's {{ }} or {% %}), or one of the tokenizer's named
+    templates by name. Anything else, or a template Jinja cannot parse, is a ConfigError."""
+    path = Path(value)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"dataset.chat_template={value!r} cannot be read as UTF-8 text ({err})") from None
+        if path.suffix == ".json":
+            try:
+                text = json.loads(text)["chat_template"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"dataset.chat_template={value!r} is a .json file without a \"chat_template\" "
+                                  "string (as transformers saves chat_template.json)") from None
+    elif "{{" in value or "{%" in value:
+        text = value
+    elif isinstance(tokenizer.chat_template, dict) and value in tokenizer.chat_template:
+        return value  # apply_chat_template picks the tokenizer's template of that name
+    else:
+        named = sorted(tokenizer.chat_template) if isinstance(tokenizer.chat_template, dict) else []
+        raise ConfigError(f"dataset.chat_template={value!r} is not allowed: not a file, not a template (Jinja: "
+                          "{{ ... }} or {% ... %}), and not one of the tokenizer's templates"
+                          + (f" ({', '.join(named)})" if named else " (it has no named ones)"))
+    check_template(text, value)
+    return text
 
-    def render(messages: list) -> str:
+
+def check_template(text: str, value: str) -> None:
+    """A template Jinja cannot parse is refused before any record is rendered (not one error record per record)."""
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as err:
+        raise ConfigError(f"dataset.chat_template={value[:80]!r}: the template is not valid Jinja: line {err.lineno}: "
+                          f"{err.message}") from None
+
+
+def chat_renderer(tokenizer, cfg: DatasetConfig) -> Render:
+    """Chat records' text as transformers' apply_chat_template renders it: dataset.chat_template (else the
+    tokenizer's), dataset.chat_template_kwargs and the record's own variables on top, and either the generation
+    prompt or (dataset.continue_final_message) the last message left open."""
+    template = chat_template_text(cfg.chat_template, tokenizer) if cfg.chat_template is not None else None
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"dataset.messages_field={cfg.messages_field!r} is not allowed: the tokenizer has no chat "
+                          "template; give dataset.chat_template=<template file>, use dataset.prompt_field with plain "
+                          "prompts, or a model whose tokenizer has one")
+    given = dict(cfg.chat_template_kwargs or {})
+    ending = dict(add_generation_prompt=not cfg.continue_final_message,
+                  continue_final_message=cfg.continue_final_message)
+
+    def render(messages: list, kwargs: dict) -> str:
         return tokenizer.apply_chat_template([{k: v for k, v in m.items() if v is not None} for m in messages],
-                                             tokenize=False, add_generation_prompt=True)
+                                             tokenize=False, chat_template=template, **ending, **{**given, **kwargs})
     return render
 
 
@@ -452,7 +506,7 @@ def open_prompts(cfg: DatasetConfig, cache_dir: str, tokenizer=None) -> PromptSo
         rows = None if rows is None else rows[:cfg.limit]
     if len(table) == 0:
         raise ConfigError(f"dataset.path={cfg.path!r} holds no prompts")
-    render = chat_renderer(tokenizer, cfg.messages_field) if cfg.messages_field and tokenizer is not None else None
+    render = chat_renderer(tokenizer, cfg) if cfg.messages_field and tokenizer is not None else None
     if cfg.messages_field and tokenizer is None:
-        render = lambda messages: ""  # noqa: E731 - checking records only
+        render = lambda messages, kwargs: ""  # noqa: E731 - checking records only
     return PromptSource(table, fields, cfg.path, render, rows)

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from distgen.common.errors import ConfigError
-from distgen.config import RunConfig
+from distgen.config import RunConfig, named_adapters
 from distgen.inputs.screening import Verdict, context_limit
 from distgen.inputs.source import PromptSource, open_prompts
 from distgen.models.loading import check_model_source, load_model_config, load_tokenizer, resolve_hub_ids
@@ -49,10 +49,12 @@ class Job:
     # Prompt indices every rank skips: finished by an earlier run of this job (read by the coordinator).
     skip: frozenset[int] = frozenset()
     # Per prompt: token count as run, the record's own budget (0: generation.max_new_tokens), and
-    # its screening verdict (RUNS, or an ERROR_RECORD instead of a completion).
+    # its screening verdict (Verdict.RUNS, or an ERROR_RECORD instead of a completion).
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     budgets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     screen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    # Per prompt: its LoRA adapter where records choose one (0: the base model; distgen/inputs/screening.py).
+    adapters: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
     @property
     def prompt_count(self) -> int:
@@ -160,8 +162,9 @@ def prepare_job(cfg: RunConfig, checks_output: bool = True) -> Job:
     """Everything up to the first worker: inputs checked; prompts are tokenized and screened by the ranks."""
     cfg = resolve_sources(cfg)
     source, tokenizer, created, settings, plan = check_inputs(cfg, checks_output)
+    adapters = named_adapters(cfg.model.lora)
     screening = Screening(context_limit(load_model_config(cfg.model, tokenizer)), cfg.dataset.too_long,
-                          cfg.generation.max_new_tokens)
+                          cfg.generation.max_new_tokens, tuple(adapters) if adapters is not None else None)
     digest = source.digest()
     return Job(cfg, source, tokenizer, job_fingerprint(cfg, digest), settings=settings, dataset_digest=digest,
                plan=plan, screening=screening, created_out=created)

@@ -25,7 +25,8 @@ from distgen.outputs.report import REPORT_FILE, render_report
 from distgen.outputs.resume import shared_skip
 from distgen.outputs.shards import finish_outputs, job_complete, saying_no_space, start_outputs
 from distgen.parallel.env import DistContext, discover, init_distributed, shutdown
-from distgen.parallel.feed import BUDGET, KEY_HIGH, KEY_LOW, LENGTH, SCREEN, broadcast_flag, check_fits, shared_lengths
+from distgen.parallel.feed import (ADAPTER, BUDGET, KEY_HIGH, KEY_LOW, LENGTH, SCREEN, broadcast_flag, check_fits,
+                                   shared_lengths)
 
 
 def record_keys(table: np.ndarray) -> np.ndarray:
@@ -52,7 +53,7 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
     table = shared_lengths(job.source, job.tokenizer, ctx, job.work_path(f"lengths-{job.fingerprint}.npy"),
                            job.screening)
     check_fits(table, job.source, job.tokenizer, job.screening)
-    job.lengths, job.budgets, job.screen = table[LENGTH], table[BUDGET], table[SCREEN]
+    job.lengths, job.budgets, job.screen, job.adapters = table[LENGTH], table[BUDGET], table[SCREEN], table[ADAPTER]
     finished = start_coordinator(job, table) if ctx.is_coordinator else set()
     job.skip = shared_skip(finished, ctx.is_coordinator)
     if job.skip and ctx.is_coordinator:

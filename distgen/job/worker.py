@@ -51,10 +51,11 @@ def split_costs(indices: np.ndarray, job: Job, parts: int) -> list[np.ndarray]:
 
 def rank_shard(job: Job, groups: DataGroups, rank: int) -> np.ndarray:
     """This rank's prompt indices in decoding order: prompts split over the layout's data-parallel
-    groups, then over the ranks of a group. Every rank computes the same plan from the shared lengths."""
+    groups, then over the ranks of a group. Every rank computes the same plan from the shared lengths;
+    a rank's prompts come grouped by LoRA adapter (where records choose one)."""
     group_todo = split_costs(job.todo, job, len(groups.groups))[groups.index]
     mine = split_costs(group_todo, job, len(groups.members))[groups.members.index(rank)]
-    return decode_order(mine, job.lengths, resolved_budgets(job))
+    return decode_order(mine, job.lengths, resolved_budgets(job), job.adapters if len(job.adapters) else None)
 
 
 @dataclass
@@ -93,6 +94,11 @@ def graph_counts(engine) -> dict:
                 eager_decode_steps=counters.eager_steps) if counters else {}
 
 
+def adapter_counts(bank) -> dict:
+    """How often this rank swapped LoRA adapters into its weights (model.lora by name), and the seconds it took."""
+    return dict(adapter_switches=bank.switches, adapter_switch_seconds=round(bank.seconds, 3)) if bank else {}
+
+
 def draft_counts(engine) -> dict[str, int]:
     counters = engine.assistant.counters if engine.assistant is not None else None
     return dict(draft_proposed=counters.proposed, draft_accepted=counters.accepted) if counters else {}
@@ -122,7 +128,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     assistant = assistant_spec(job.cfg.model, job.tokenizer, resolve_dtype(job.cfg.model.dtype, device), device)
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
                           shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant,
-                          local_world_size=ctx.local_world_size)
+                          local_world_size=ctx.local_world_size, adapters=placed.adapters)
     engine.backoff.label = f"rank {ctx.rank}: "
     engine.backoff.layout_note = f" (layout={job.cfg.layout.name})"
     if ctx.is_coordinator:
@@ -171,5 +177,5 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         host_reads=engine.host_reads,
         **graph_counts(engine),
         blocking_syncs_per_step=round(engine.host_reads / max(1, counters.forward_steps), 3),
-        **draft_counts(engine))
+        **draft_counts(engine), **adapter_counts(placed.adapters))
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])

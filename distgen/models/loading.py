@@ -64,6 +64,11 @@ def read_model_config(folder: Path, key: str) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ConfigError(f"{key}={str(folder)!r} is not a folder with a saved model (no config.json there)")
+    return read_json_object(path, folder, key)
+
+
+def read_json_object(path: Path, folder: Path, key: str) -> dict:
+    """A JSON object from `path` (a file of the folder `key` names); unreadable, or not an object: a ConfigError."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -121,10 +126,15 @@ def weight_files(folder: Path, key: str) -> list[Path]:
                       "save the model there with save_pretrained")
 
 
+def weight_file_problem(path: Path) -> str | None:
+    """Why a weight file (.safetensors: its header against its size; .bin: not empty) cannot be read, or None."""
+    return safetensors_problem(path) if path.suffix == SAFETENSORS else (
+        "it is empty" if path.stat().st_size == 0 else None)
+
+
 def check_weights(folder: Path, key: str) -> None:
     for path in weight_files(folder, key):
-        problem = safetensors_problem(path) if path.suffix == SAFETENSORS else (
-            "it is empty" if path.stat().st_size == 0 else None)
+        problem = weight_file_problem(path)
         if problem:
             raise ConfigError(f"{key}={str(folder)!r}: the weight file {path.name} is not usable: {problem}")
 
@@ -186,11 +196,15 @@ def resolve_hub_ids(cfg: ModelConfig) -> ModelConfig:
 
 def check_model_source(cfg: ModelConfig) -> None:
     """Fail before any worker starts, and before output.dir is touched, when a model folder cannot
-    load: no or broken config.json, missing or cut weight files, remote code without the flag."""
+    load: no or broken config.json, missing or cut weight files, remote code without the flag, LoRA
+    adapters that are not (or without peft)."""
+    from distgen.models.lora import check_adapters  # it builds on this module
+
     if cfg.source == "pretrained":
         check_model_folder(Path(cfg.path), "model.path", cfg.trust_remote_code)
     if cfg.assistant == "draft":
         check_model_folder(Path(cfg.assistant_path), "model.assistant_path", cfg.trust_remote_code)
+    check_adapters(cfg.lora)
 
 
 def read_tokenizer(cfg: ModelConfig):
@@ -281,10 +295,26 @@ class ModelSource:
     device: torch.device
 
     def full(self) -> PreTrainedModel:
-        """The weights as read, their Linear layers then quantized by model.quantization (if not none)."""
+        """The weights as read, with one LoRA adapter (model.lora=<folder>) merged into them, their Linear
+        layers then quantized by model.quantization (if not none). Adapters chosen per record are not merged
+        (`adapters`)."""
+        from distgen.models.lora import merge_adapter
         from distgen.models.quantizers import get_quantizer
-        return get_quantizer(self.cfg.quantization).apply(load_model(self.cfg, self.tokenizer, self.device),
-                                                          self.device)
+        model = load_model(self.cfg, self.tokenizer, self.device)
+        if isinstance(self.cfg.lora, str):
+            model = merge_adapter(model, self.cfg.lora)
+        return get_quantizer(self.cfg.quantization).apply(model, self.device)
+
+    def adapters(self, model: PreTrainedModel):
+        """Adapters chosen per record (model.lora by name) over `model` as placed, the base model active (an
+        AdapterBank); None for one merged adapter or none."""
+        from distgen.models.lora import load_adapter_bank
+        return load_adapter_bank(model, self.cfg.lora)
+
+    @property
+    def reads_whole(self) -> bool:
+        """Whether the weights must be read whole before placement (merged with an adapter, or quantized)."""
+        return self.cfg.lora is not None or self.cfg.quantization != "none"
 
     def skeleton(self) -> PreTrainedModel:
         return build_skeleton(self.cfg, self.tokenizer, self.device)

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from distgen.config import ModelConfig, RunConfig
+from distgen.config import DatasetConfig, ModelConfig, RunConfig, adapter_folders
+from distgen.models.lora import ADAPTER_FILES
 
 # Files up to this size are hashed whole (configs, tokenizers); larger ones (weights) by sampling.
 WHOLE_FILE_BYTES = 16 * 1024 * 1024
@@ -60,21 +61,48 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:DIGEST_CHARS]
 
 
-def output_files(folder: str) -> list[Path]:
+def output_files(folder: str, patterns: tuple[str, ...] = OUTPUT_FILES) -> list[Path]:
     """The files of `folder` that decide a model's outputs (see OUTPUT_FILES)."""
     return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith(".")
-            and any(fnmatch.fnmatch(p.name, pattern) for pattern in OUTPUT_FILES)]
+            and any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns)]
 
 
-def folder_digest(folder: str) -> dict[str, str]:
+def folder_digest(folder: str, patterns: tuple[str, ...] = OUTPUT_FILES) -> dict[str, str]:
     """Each output-deciding file's digest by its name (other files come and go freely)."""
-    return {p.name: file_digest(p) for p in output_files(folder)}
+    return {p.name: file_digest(p) for p in output_files(folder, patterns)}
+
+
+def adapter_identity(lora) -> dict[str, str]:
+    """model.lora's adapters by their files' digests: `name[file]: digest` (flattened as model.lora.<name>[file])."""
+    return {f"{name}[{file}]": digest for name, folder in adapter_folders(lora).items()
+            for file, digest in folder_digest(folder, ADAPTER_FILES).items()}
+
+
+def text_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
+
+
+def chat_identity(cfg: DatasetConfig) -> dict:
+    """The chat settings that differ from the defaults (the rendered prompts are in each record's key; these keep a
+    finished job from passing for one with another template): the template by its text's (or file's) digest."""
+    found: dict[str, Any] = {}
+    if cfg.chat_template is not None:
+        path = Path(cfg.chat_template)
+        found["chat_template"] = text_digest(path.read_bytes() if path.is_file() else cfg.chat_template.encode())
+    if cfg.chat_template_kwargs:
+        found["chat_template_kwargs"] = cfg.chat_template_kwargs
+    if cfg.continue_final_message:
+        found["continue_final_message"] = True
+    return found
 
 
 def model_identity(cfg: ModelConfig) -> dict:
     settings = {"source": cfg.source, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
     if cfg.quantization != "none":  # quantized weights change the tokens
         settings["quantization"] = cfg.quantization
+    if cfg.lora is not None:  # by name (which records choose) and files; merged (one folder) or swapped (several)
+        settings["lora"] = adapter_identity(cfg.lora)
+        settings["lora_merged"] = isinstance(cfg.lora, str)
     if cfg.source == "tiny":
         return {**settings, "tiny": asdict(cfg.tiny)}
     tokenizer = folder_digest(cfg.tokenizer_path) if cfg.tokenizer_path else {}
@@ -119,7 +147,7 @@ def job_settings(cfg: RunConfig) -> dict[str, Any]:
     """Everything that decides a completion, flat (`generation.max_new_tokens: 32`), JSON values."""
     generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS + ASSISTANT_KEYS}
     content = {"model": model_identity(cfg.model), "generation": generation,
-               "dataset": {"too_long": cfg.dataset.too_long}}
+               "dataset": {"too_long": cfg.dataset.too_long, **chat_identity(cfg.dataset)}}
     assistant = assistant_identity(cfg)
     if assistant:
         content["assistant"] = assistant

@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -430,9 +430,3 @@ def finish_outputs(out_dir: Path, job: str, prompt_count: int, fmt: str, merge: 
                              "records": prompt_count, "world_size": world_size, "merged": merged,
                              "runs": started.get("runs", []) + ([run] if run else []), "shards": coverage.shards})
     return coverage
-
-
-def iter_outputs(out_dir: Path) -> Iterable[dict]:
-    """Every record of a finished job, shard by shard (dataset order within a shard)."""
-    for entry in read_manifest(out_dir).get("shards", []):
-        yield from read_shard(outputs_dir(out_dir) / entry["file"])

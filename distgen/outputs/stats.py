@@ -43,6 +43,10 @@ class RankStats:
     # Assisted generation (model.assistant): draft tokens the main model checked, and how many it kept.
     draft_proposed: int = 0
     draft_accepted: int = 0
+    # LoRA adapters chosen per record (model.lora by name): times this rank swapped one into its weights, and the
+    # seconds the swaps took (inside generate_seconds).
+    adapter_switches: int = 0
+    adapter_switch_seconds: float = 0.0
     # generation.compile: seconds of the first compiled decode step (the compile itself, inside
     # generate_seconds); 0 when the decode step ran eager.
     compile_seconds: float = 0.0

@@ -17,23 +17,26 @@ from distgen.parallel.env import DistContext
 from distgen.inputs.keys import key_halves, record_key
 from distgen.inputs.source import PromptSource
 from distgen.inputs.records import Prompt
-from distgen.inputs.screening import ContextLimit, Verdict, screen_prompt, too_long_failure
+from distgen.inputs.screening import ContextLimit, Verdict, adapter_index, screen_prompt, too_long_failure
 
 CHUNK = 1024
-# Rows of the length table; KEY_HIGH and KEY_LOW: each record's key (distgen/inputs/keys.py) in two halves.
-LENGTH, BUDGET, SCREEN, KEY_HIGH, KEY_LOW = range(5)
-ROWS = 5
+# Rows of the length table; KEY_HIGH and KEY_LOW: each record's key (distgen/inputs/keys.py) in two halves;
+# ADAPTER: its LoRA adapter (screening.adapter_index: 0 the base model).
+LENGTH, BUDGET, SCREEN, KEY_HIGH, KEY_LOW, ADAPTER = range(6)
+ROWS = 6
 
 
 @dataclass(frozen=True)
 class Screening:
-    """What decides whether a prompt runs: the model's context and dataset.too_long."""
+    """What decides whether a prompt runs: the model's context, dataset.too_long, and the adapters a record may name."""
     limit: ContextLimit = ContextLimit(None)
     too_long: str = "error_record"
     default_budget: int = 1
+    # model.lora's adapter names where records choose one (None: they may not)
+    adapters: Optional[tuple[str, ...]] = None
 
     def __call__(self, prompt: Prompt, length: int):
-        return screen_prompt(prompt, length, self.limit, self.too_long, self.default_budget)
+        return screen_prompt(prompt, length, self.limit, self.too_long, self.default_budget, self.adapters)
 
 
 def encode(tokenizer, texts: list[str], templated: bool) -> list[list[int]]:
@@ -89,7 +92,7 @@ def slice_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
 
 def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: Screening) -> np.ndarray:
     """(ROWS, stop - start) int32: prompt token counts as run (after truncate_left), per-record
-    budgets (0: the default), each prompt's screening verdict (a Verdict) and its key."""
+    budgets (0: the default), each prompt's screening verdict (a Verdict), its key and adapter."""
     table = np.zeros((ROWS, stop - start), dtype=np.int32)
     for at in range(start, stop, CHUNK):
         prompts = source.prompts(range(at, min(at + CHUNK, stop)))
@@ -103,6 +106,7 @@ def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: S
         table[BUDGET, part] = [p.max_new_tokens or 0 for p in prompts]
         table[SCREEN, part] = [s.verdict for s in screens]
         table[[KEY_HIGH, KEY_LOW], part] = np.asarray([key_halves(record_key(p)) for p in prompts], np.int32).T
+        table[ADAPTER, part] = [adapter_index(p.lora, screening.adapters) for p in prompts]
         kept = [k for k, s in enumerate(screens) if s.keep is not None]
         table[LENGTH, [part.start + k for k in kept]] = [screens[k].keep for k in kept]
     return table
@@ -128,7 +132,7 @@ def shared_lengths(source: PromptSource, tokenizer, ctx: DistContext, cache: Opt
     """Every prompt's token count and budget, on every rank. Each rank measures one slice and
     the slices are all-gathered; rank 0 keeps the table in `cache` (keyed by the job
     fingerprint), and a later run of the job broadcasts it instead of measuring again.
-    Returns the (ROWS, prompts) table: LENGTH, BUDGET, SCREEN, KEY_HIGH and KEY_LOW rows."""
+    Returns the (ROWS, prompts) table: LENGTH, BUDGET, SCREEN, KEY_HIGH, KEY_LOW and ADAPTER rows."""
     count = len(source)
     kept = cached_table(cache, count) if ctx.is_coordinator and cache is not None else None
     if broadcast_flag(kept is not None, ctx):

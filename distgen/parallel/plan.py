@@ -6,6 +6,7 @@ Python object (or a sort key) per prompt.
 from __future__ import annotations
 
 import heapq
+from typing import Optional
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -36,8 +37,10 @@ def assign_to_ranks(costs: ArrayLike, world_size: int) -> list[np.ndarray]:
     return [np.flatnonzero(rank_of == rank) for rank in range(world_size)]
 
 
-def decode_order(indices: ArrayLike, lengths: ArrayLike, budgets: ArrayLike) -> np.ndarray:
-    """Largest budget first, then longest prompt, ties by index.
+def decode_order(indices: ArrayLike, lengths: ArrayLike, budgets: ArrayLike,
+                 adapters: Optional[ArrayLike] = None) -> np.ndarray:
+    """Grouped by LoRA adapter where records choose one (`adapters`: each prompt's, 0 the base model; the engine
+    swaps adapters only between groups), then largest budget first, then longest prompt, ties by index.
 
     Longest-processing-time first: a sequence that needs many decode steps starts early, so the
     rank's last steps are not a long sequence decoding alone (on the 8-layer bench job of mixed
@@ -47,5 +50,6 @@ def decode_order(indices: ArrayLike, lengths: ArrayLike, budgets: ArrayLike) -> 
     """
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     lengths, budgets = np.asarray(lengths)[indices], np.asarray(budgets)[indices]
+    groups = np.zeros(len(indices), np.int64) if adapters is None else np.asarray(adapters)[indices].astype(np.int64)
     # lexsort: the last key sorts first
-    return indices[np.lexsort((indices, -lengths.astype(np.int64), -budgets.astype(np.int64)))]
+    return indices[np.lexsort((indices, -lengths.astype(np.int64), -budgets.astype(np.int64), groups))]

@@ -447,6 +447,11 @@ class PackedLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.weight, self.bias)
 
+    def assign_weight(self, weight: torch.Tensor) -> None:
+        """A new weight in nn.Linear's layout, packed into this one's in place (LoRA adapters swapped in)."""
+        with torch.no_grad():
+            self.weight.copy_(pack(weight))
+
     def unpacked(self) -> torch.nn.Linear:
         with torch.no_grad():
             self.weight.copy_(unpack(self.weight.detach()))

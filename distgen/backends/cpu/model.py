@@ -288,10 +288,16 @@ def agrees(model: torch.nn.Module, stack: LlamaStack) -> bool:
                 return False
             results.append([hidden] + [buffer for layer in layers for buffer in (layer.keys, layer.values)])
         want, got = results
-        if want[0].shape != got[0].shape or not all(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-                                                     for a, b in zip(want, got)):
+        if want[0].shape != got[0].shape or not all(close(a, b) for a, b in zip(want, got)):
             return False
     return True
+
+
+def close(want: torch.Tensor, got: torch.Tensor) -> bool:
+    """Within float noise of each other, at the tensor's own scale: the stack sums in another order than torch's
+    SDPA (an 8-layer h512 model's values reach ~15 with differences ~4e-5 where an element is near 0), while a
+    stack that computes something else (a norm's (1 + weight), another rotary) is off by the values themselves."""
+    return bool((want - got).abs().max() <= 1e-4 * want.abs().max() + 1e-6)
 
 
 def own_stack(model: torch.nn.Module) -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distgen.common.checks import require
-from distgen.config import LayoutConfig
+from distgen.config import LayoutConfig, named_adapters
 from distgen.parallel.env import DistContext
 from distgen.common.errors import ConfigError
 from distgen.models.loading import ModelSource
@@ -76,6 +76,8 @@ class Placed:
     release: Callable[[], None] = lambda: None
     # Parameter bytes resident on this rank right after placement, by device (or "disk").
     param_bytes: dict[str, int] = field(default_factory=dict)
+    # Adapters chosen per record (model.lora by name: distgen/models/lora.py AdapterBank), swapped into `model`.
+    adapters: Optional[object] = None
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,18 @@ class Layout:
     data_groups: Callable[[LayoutConfig, DistContext], DataGroups] = one_group_per_rank
     # The package this layout imports when chosen (beyond distgen's own requirements), if any.
     needs: Optional[str] = None
+    # Whether a rank may swap LoRA adapters into its weights between records (model.lora by name): it holds
+    # the whole model and runs free of the other ranks.
+    swaps_adapters: bool = False
 
     def check(self, cfg) -> None:
-        """Its package is installed (checked before any worker starts)."""
+        """Its package is installed, and it can run adapters chosen per record if given (before any worker starts)."""
         require(self.needs is None or importlib.util.find_spec(self.needs) is not None, "layout", self.name,
                 f"it needs the {self.needs} package, which is not installed here (pip install {self.needs})")
+        swapping = ", ".join(name for name, entry in LAYOUTS.entries.items() if entry.impl.swaps_adapters)
+        require(self.swaps_adapters or named_adapters(cfg.model.lora) is None, "model.lora", cfg.model.lora,
+                f"adapters chosen per record are swapped into a whole model between records (layout={swapping}); "
+                f"layout={self.name} takes one adapter folder, merged into the weights at load")
 
 
 LAYOUTS: Registry[Layout] = Registry("layout")

@@ -78,9 +78,9 @@ def plan_device_map(skeleton: nn.Module, caps: Optional[dict], dtype: torch.dtyp
 
 
 def load_mapped(source: ModelSource, device_map: dict, offload_dir: Path) -> nn.Module:
-    """A saved model is read straight into its places; the in-memory tiny model, and a quantized one
-    (read whole, then quantized by `source.full()`), are dispatched."""
-    if source.cfg.source == "tiny" or source.cfg.quantization != "none":
+    """A saved model is read straight into its places; the in-memory tiny model, and one read whole (merged with
+    a LoRA adapter, or quantized, by `source.full()`: the whole model in host memory once), are dispatched."""
+    if source.cfg.source == "tiny" or source.reads_whole:
         from accelerate import dispatch_model
         return dispatch_model(source.full(), device_map, offload_dir=str(offload_dir))
     from transformers import AutoModelForCausalLM

@@ -16,7 +16,9 @@ class ReplicateLayout(LayoutConfig):
 
 
 def prepare(source: ModelSource, cfg: ReplicateLayout, ctx: DistContext, groups: DataGroups) -> Placed:
-    return Placed(source.full().to(ctx.device), lockstep=False, input_device=ctx.device)
+    model = source.full().to(ctx.device)
+    # Adapters chosen per record: each rank swaps them into its own copy (ranks run free).
+    return Placed(model, lockstep=False, input_device=ctx.device, adapters=source.adapters(model))
 
 
-register(Layout("replicate", prepare=prepare), ReplicateLayout)
+register(Layout("replicate", prepare=prepare, swaps_adapters=True), ReplicateLayout)
