@@ -353,8 +353,8 @@ class Repairs:
             lines.append(f"repaired: {self.aside[DUPLICATE]} duplicate record(s) of one index (two jobs wrote) "
                          "taken out of the job")
         if self.aside.get(CHANGED):
-            lines.append(f"{self.aside[CHANGED]} prompt(s) changed since their record was written (text or "
-                         f"per-record settings; ids {', '.join(map(repr, self.changed_ids))}"
+            lines.append(f"{self.aside[CHANGED]} prompt(s) changed since their record was written (text, "
+                         f"per-record settings or kept columns; ids {', '.join(map(repr, self.changed_ids))}"
                          f"{', ...' if self.aside[CHANGED] > 5 else ''}): they run again")
         if self.aside.get(GONE):
             lines.append(f"{self.aside[GONE]} record(s) of prompts no longer in the dataset are not part of the job")
