@@ -1,8 +1,12 @@
 """Every input format gives the prompts the same records give in JSON lines; chat records
 render through the tokenizer's chat template."""
+import datetime
+import decimal
 import json
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
@@ -359,6 +363,11 @@ def test_every_format_keeps_its_columns_as_its_reader_types_them(tmp_path):
         assert [p.columns for p in read_all(path, tmp_path)] == [{"n": 1, "label": "p"}, {"n": 2, "label": None}]
         assert [type(p.columns["n"]) for p in read_all(path, tmp_path)] == [int, int]
     assert [p.columns for p in read_all(tmp_path / "p.csv", tmp_path, limit=1)] == [{"n": 1, "label": "p"}]
+    typed = pa.table({"prompt": ["x"], "when": pa.array([datetime.datetime(2024, 5, 1, 12, 30)], pa.timestamp("s")),
+                      "price": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2)), "blob": pa.array([b"\x00\x01"])})
+    pq.write_table(typed, tmp_path / "typed.parquet")  # values JSON does not hold: as text
+    assert [p.columns for p in read_all(tmp_path / "typed.parquet", tmp_path)] == [
+        {"when": "2024-05-01T12:30:00", "price": "1.50", "blob": "AAE="}]
     text = tmp_path / "t.txt"
     text.write_text("one\ntwo\n")
     assert [p.columns for p in read_all(text, tmp_path)] == [{}, {}]

@@ -176,7 +176,8 @@ def normalize(record: dict, where: str, fields: RecordFields, columns: Optional[
     prompt = record_to_prompt(record, 0, where, fields, render=lambda m: "")
     given, chat = has_id(record, fields), is_chat(record, fields)
     if columns is None:
-        columns = {key: value for key, value in record.items() if key not in own_fields(record, fields)}
+        skip = own_fields(record, fields)
+        columns = {key: value for key, value in record.items() if key not in skip and not INDEX_COLUMN.match(key)}
     return {"id": str(prompt.id) if given else None, ID_IS_INT: isinstance(prompt.id, int) if given else None,
             "prompt": record.get(fields.prompt) if not chat else None,
             "messages": json.dumps(record[fields.messages]) if chat else None,

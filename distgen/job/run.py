@@ -25,9 +25,8 @@ from distgen.outputs.coordinator import (format_table, gather_to_coordinator, ru
                                          write_atomic, write_stats)
 from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, read_manifest
 from distgen.outputs.lock import OutputLock
-from distgen.outputs.records import ERROR
 from distgen.outputs.progress import ProgressDisplay
-from distgen.outputs.records import MergeInfo
+from distgen.outputs.records import ERROR, MergeInfo
 from distgen.outputs.report import REPORT_FILE, render_report
 from distgen.outputs.resume import shared_skip
 from distgen.outputs.shards import Coverage, finish_outputs, job_complete, saying_no_space, start_outputs

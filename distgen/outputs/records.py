@@ -3,8 +3,7 @@ columns its record keeps (output.columns), flat beside the output fields. An inp
 field (`completion`, `error`, ...) is kept as `input_<name>` (`input_` again while that is taken too)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from functools import lru_cache
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 from distgen.engine.request import Completion, RequestFailed
@@ -33,8 +32,7 @@ class OutputRecord:
 
     def as_json(self, keep_prompt: bool = True) -> dict:
         """The record's JSON object; without the prompt text when not `keep_prompt` (output.keep_prompt)."""
-        record = asdict(self)
-        del record["columns"]
+        record = {name: getattr(self, name) for name in OWN_FIELDS}
         if self.error is None:
             del record["error"]
         if not keep_prompt:
@@ -42,17 +40,15 @@ class OutputRecord:
         return {**record, **{output_name(name, self.columns): value for name, value in self.columns.items()}}
 
 
-@lru_cache(maxsize=None)
-def output_fields() -> frozenset[str]:
-    """Every name an output record's own fields take (whether or not a record holds it)."""
-    return frozenset(f.name for f in fields(OutputRecord) if f.name != "columns")
+# Every name an output record's own fields take (whether or not a record holds it), in their order.
+OWN_FIELDS = tuple(f.name for f in fields(OutputRecord) if f.name != "columns")
 
 
 def output_name(name: str, columns: dict) -> str:
     """An input column's name in the outputs: its own, or `input_<name>` where an output field has it (again while
     another input column or an output field has that)."""
     found = name
-    while found in output_fields() or (found != name and found in columns):
+    while found in OWN_FIELDS or (found != name and found in columns):
         found = f"input_{found}"
     return found
 
