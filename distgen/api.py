@@ -98,15 +98,17 @@ def run(args: list[str]) -> Path:
 
 def read_outputs(output_dir: Union[str, os.PathLike]) -> Iterator[dict]:
     """Every record of a finished or partial job in `output_dir`, in dataset order (each index once: a record an
-    interrupted run wrote twice is read once)."""
+    interrupted run wrote twice is read once); distgen's records, also where outputs.jsonl holds another form
+    (output.merge_format=openai_batch: then they are read from the shards)."""
     out_dir = Path(output_dir)
     manifest = read_manifest(out_dir)
     merged = out_dir / MERGED_FILE
-    if manifest.get("complete") and manifest.get("merged") and merged.is_file():
+    if (manifest.get("complete") and manifest.get("merged") and merged.is_file()
+            and manifest.get("merge_format", "distgen") == "distgen"):
         yield from read_jsonl_lines(merged)
         return
     shards = list_shards(out_dir)
-    if not shards and not merged.is_file():
+    if not shards and (not merged.is_file() or manifest.get("merge_format", "distgen") != "distgen"):
         raise ConfigError(f"output_dir={os.fspath(output_dir)!r} holds no distgen outputs (no shards under outputs/)")
     streams = [sorted(read_shard(p), key=index_of) if p.name.endswith(OPEN_SUFFIX) else read_shard(p)
                for p in shards]

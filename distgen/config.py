@@ -326,8 +326,20 @@ class OutputConfig:
     sample_every_s: float = 1.0
     # Write report.html (memory and throughput over time, length histograms) next to stats.json.
     report: bool = True
+    # The input columns each record keeps (besides id and prompt), with their values and types as read; None:
+    # all of them, []: none. A column named like an output field (completion, error, ...) is kept as input_<name>.
+    columns: Optional[list[str]] = None
+    # false: records leave out the prompt text (chat records keep their messages as a column).
+    keep_prompt: bool = True
+    # The form of outputs.jsonl: a name in distgen.outputs.shards.MERGE_FORMATS (distgen records, or OpenAI batch
+    # output lines); auto: openai_batch when the dataset is an OpenAI batch file, else distgen.
+    merge_format: str = "auto"
 
     def check(self) -> None:
+        columns = self.columns
+        require(columns is None or (isinstance(columns, (list, tuple)) and all(isinstance(c, str) and c for c in columns)
+                                    and len(set(columns)) == len(columns)), "output.columns", columns,
+                "must be null (all the input columns) or a list of distinct column names ([] keeps none)")
         require(self.progress_every_s >= 0, "output.progress_every_s", self.progress_every_s, "must be >= 0")
         require(self.shard_size >= 1, "output.shard_size", self.shard_size, "must be >= 1")
         require(self.sample_every_s > 0, "output.sample_every_s", self.sample_every_s, "must be > 0")

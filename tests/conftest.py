@@ -28,11 +28,24 @@ PROMPTS = [
     {"id": "fox", "prompt": "The quick brown fox"},
 ]
 DEFAULT_BUDGET = 8
+# Chat markers the tiny byte-level tokenizer spells out byte by byte; BOS/EOS are its own special tokens.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), TinyModelConfig(layers=2, seed=7))
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with CHAT_TEMPLATE in its tokenizer."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("tiny-chat") / "model")
+    templated = build_tokenizer()
+    templated.chat_template = CHAT_TEMPLATE
+    templated.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

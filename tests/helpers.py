@@ -595,3 +595,13 @@ def merged_with_lora(model_dir: Path, adapter: Optional[Path]):
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return base if adapter is None else PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+
+
+def fake_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str = "0" * 40) -> Path:
+    """`model_dir`'s files laid out as huggingface_hub caches a download of `repo_id` at `commit` (refs/main)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

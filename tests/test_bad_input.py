@@ -60,7 +60,8 @@ def test_bad_records_get_error_records_and_the_job_goes_on(gpt2_dir, tokenizer, 
         "index": 1, "id": "long", "prompt": RECORDS[1]["prompt"], "completion": "", "prompt_tokens": 149,
         "completion_tokens": 0, "finish_reason": "error", "completion_token_ids": [],
         "error": "prompt of 149 tokens plus max_new_tokens=4 exceeds the model's context of 128 tokens "
-                 "(max_position_embeddings=128)"}
+                 "(max_position_embeddings=128)",
+        "max_new_tokens": None}  # an input column: a field another record has is null where this one lacks it
     assert records[2]["error"] == "prompt tokenizes to nothing"
     assert records[3]["error"] == "max_new_tokens=-2 is not allowed: must be an integer in [1, 2147483646]"
     assert "error" not in records[0]

@@ -1,7 +1,16 @@
+import re
+import socket
+
+from conftest import read_stats, write_prompts
+from distgen.catalog.load import config_to_dict, load_config
+from distgen.engine.request import RequestFailed
+from distgen.engine.stops import StopStrings
+from distgen.models.loading import hub_commit
 from distgen.common.files import write_atomic
 from distgen.outputs.coordinator import format_table, summarize
 from distgen.outputs.stats import RankStats
-
+from distgen.run import main as run_in_process
+from helpers import fake_hub_cache
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "deep" / "out.jsonl"
@@ -19,3 +28,50 @@ def test_summary_and_table():
     table = format_table(stats, summary).splitlines()
     assert table[0].split()[:3] == ["rank", "device", "prompts"] and len(table) == 4
     assert table[2].split()[:5] == ["1", "cpu", "2", "10", "80"]
+
+
+def test_stats_and_report_say_what_produced_the_run_and_count_every_error(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 23 item 7: the composed config, the model and its hub commit, the versions, device, host and date; the
+    summary's errors count error records written while generating too, not only screening's."""
+    commit = "c0ffee" + "0" * 34
+    snapshot = fake_hub_cache(tmp_path / "hub", "acme/tiny-llama", tiny_model_dir, commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    real_cut = StopStrings.cut
+
+    def cut(self, prompt, token_ids):  # this record's tokens cannot be decoded: it fails while generated
+        if prompt.id == "poison":
+            raise RequestFailed("its tokens could not be decoded: boom")
+        return real_cut(self, prompt, token_ids)
+
+    monkeypatch.setattr(StopStrings, "cut", cut)
+    prompts = [{"id": "ok", "prompt": "Hi"}, {"id": "poison", "prompt": "Hello"},
+               {"id": "hot", "prompt": "x", "temperature": -1}, {"id": "cold", "prompt": "y", "temperature": -2}]
+    out = tmp_path / "out"
+    args = ["model=acme/tiny-llama", f"dataset={write_prompts(tmp_path / 'p.jsonl', prompts)}", f"output.dir={out}",
+            "generation.max_new_tokens=2", "generation.eos_token_ids=[]", "output.print_table=false"]
+    assert run_in_process(args) == 0
+    stats = read_stats(out)
+    summary, run = stats["summary"], stats["run"]
+    assert summary["errors"] == 3 and summary["finish_reasons"] == {"error": 3, "length": 1}
+    assert summary["commonest_errors"] == [
+        {"count": 2, "message": "temperature=-1 is not allowed: must be 0 (greedy) or a finite number >= "
+                                "1.1754943508222875e-38"},
+        {"count": 1, "message": "its tokens could not be decoded: boom"}]
+    assert run["config"] == config_to_dict(load_config(args))  # as --print-config prints it: the hub id
+    assert run["config"]["model"]["path"] == "acme/tiny-llama"
+    assert run["model"] == {"source": "pretrained", "path": "acme/tiny-llama", "folder": str(snapshot),
+                            "commit": commit}
+    assert set(run["versions"]) >= {"python", "distgen", "torch", "transformers"}
+    assert run["hostname"] == socket.gethostname() and run["hosts"] == [socket.gethostname()]
+    assert len(run["devices"]) == 1 and run["devices"][0].endswith("cores)")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", run["date"])
+    page = (out / "report.html").read_text()
+    for text in ("Records by finish reason", "Commonest errors", "its tokens could not be decoded: boom",
+                 "model.commit", commit, "transformers version", "path: acme/tiny-llama", run["devices"][0]):
+        assert text in page, text
+    assert summary["prompts"] == 4
+
+
+def test_hub_commit_is_read_from_a_cache_snapshot_folder(tmp_path):
+    assert hub_commit(str(tmp_path / "models--a--b" / "snapshots" / "abc")) == "abc"
+    assert hub_commit(str(tmp_path / "snapshots" / "abc")) is None and hub_commit(None) is None

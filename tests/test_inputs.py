@@ -1,21 +1,23 @@
 """Every input format gives the prompts the same records give in JSON lines; chat records
 render through the tokenizer's chat template."""
+import datetime
+import decimal
 import json
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
-from conftest import DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, read_outputs, reference_greedy, write_prompts
+from conftest import (CHAT_TEMPLATE, DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, read_outputs, reference_greedy,
+                      write_prompts)
 from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
 from distgen.inputs.source import open_prompts
 from distgen.run import main as run_in_process
 from distgen.outputs.shards import list_shards
 
-# Chat markers the tiny byte-level tokenizer spells out byte by byte; BOS/EOS are its own special tokens.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
-                 "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 def write_format(fmt, tmp_path):
@@ -111,6 +113,7 @@ def test_chat_records_render_through_the_template(tiny_model_dir, tiny_model, to
     records = read_outputs(out)
     assert records[0]["prompt"] == "<s><user>Hi there</s><assistant>"
     assert records[1]["prompt"] == "<s><system>Be brief.</s><user>Name a colour</s><assistant>"
+    assert [r["messages"] for r in records] == [c["messages"] for c in chats]  # the messages as given, beside
     for record in records:
         assert record["prompt_tokens"] == len(tokenizer(record["prompt"], add_special_tokens=False)["input_ids"])
         assert record["completion_token_ids"] == reference_greedy(tiny_model, tokenizer, record["prompt"], 5,
@@ -284,3 +287,111 @@ def test_chat_messages_the_template_refuses_get_an_error_record(tiny_model_dir, 
     assert ok["finish_reason"] in ("eos", "length") and ok["prompt"] == "<s><user>Hi there</s><assistant>"
     assert bad["finish_reason"] == "error"
     assert bad["error"] == "messages could not be rendered by the chat template: TemplateError: roles are user or system"
+
+
+# Records whose other columns mix types (category), hold objects and lists, and clash with output fields.
+COLUMNS = [{"id": 10, "prompt": "Hello there", "category": "greet", "metadata": {"src": "web", "score": 0.5},
+            "tags": ["a", "b"], "rating": 4, "completion": "a reference answer", "error": None},
+           {"id": 11, "prompt": "The sky is", "category": 7, "metadata": {"src": "book", "score": 1.25},
+            "tags": [], "rating": 2, "completion": "blue", "error": "typo", "max_new_tokens": 3}]
+
+
+def test_input_columns_reach_the_outputs_with_their_types(tiny_model_dir, tiny_model, tokenizer, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [f"model={tiny_model_dir}", f"dataset={write_prompts(tmp_path / 'p.jsonl', COLUMNS)}", f"output.dir={out}",
+            f"generation.max_new_tokens={DEFAULT_BUDGET}", "output.print_table=false"]
+    assert run_in_process(args) == 0
+    assert ("input column(s) completion, error share a name with an output field: written as input_completion, "
+            "input_error") in capsys.readouterr().out
+    for record, given in zip(read_outputs(out), COLUMNS):
+        kept = {key: record[key] for key in ("category", "metadata", "tags", "rating", "input_completion",
+                                             "input_error", "max_new_tokens")}
+        assert json.dumps(kept) == json.dumps({"category": given["category"], "metadata": given["metadata"],
+                                               "tags": given["tags"], "rating": given["rating"],
+                                               "input_completion": given["completion"], "input_error": given["error"],
+                                               "max_new_tokens": given.get("max_new_tokens")})  # types too: 7 not "7"
+        assert type(record["id"]) is int and "error" not in record and record["finish_reason"] != "error"
+        budget = given.get("max_new_tokens", DEFAULT_BUDGET)
+        assert record["completion_token_ids"] == reference_greedy(tiny_model, tokenizer, given["prompt"], budget,
+                                                                  [tokenizer.eos_token_id])
+
+
+def test_output_columns_chooses_them_and_keep_prompt_drops_the_prompt(tiny_model_dir, tmp_path, capsys):
+    path = write_prompts(tmp_path / "p.jsonl", COLUMNS)
+    out = tmp_path / "out"
+    args = [f"model={tiny_model_dir}", f"dataset={path}", f"output.dir={out}", "generation.max_new_tokens=2",
+            "output.print_table=false"]
+    assert run_in_process([*args, "output.columns=[metadata,completion]", "output.keep_prompt=false"]) == 0
+    records = read_outputs(out)
+    assert [sorted(r) for r in records] == [sorted(["index", "id", "completion", "prompt_tokens", "completion_tokens",
+                                                    "finish_reason", "completion_token_ids", "metadata",
+                                                    "input_completion"])] * 2
+    assert [r["metadata"] for r in records] == [c["metadata"] for c in COLUMNS]
+    # Another choice of columns is another shape of record: refused before anything starts, naming it.
+    assert run_in_process([*args, "output.columns=[tags]"]) == 2
+    assert ('other settings: output.columns: ["metadata", "completion"] -> ["tags"]; output.keep_prompt: false -> '
+            'true') in capsys.readouterr().err
+    for keep, message in ((["rating", "nope"], r"output.columns=\['rating', 'nope'\] is not allowed: .*p.jsonl has no "
+                                               r"column 'nope' \(its columns: id, prompt, category"),
+                          (["id"], "output.columns: 'id' is not allowed: it is dataset.id_field"),
+                          (["prompt"], "output.columns: 'prompt' is not allowed: it is dataset.prompt_field")):
+        with pytest.raises(ConfigError, match=message):
+            open_prompts(DatasetConfig(path=str(path)), str(tmp_path / "cache"), keep=keep)
+
+
+def test_a_changed_column_value_runs_that_record_again(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [f"model={tiny_model_dir}", f"output.dir={out}", "generation.max_new_tokens=2", "output.print_table=false"]
+    assert run_in_process([*args, f"dataset={write_prompts(tmp_path / 'p.jsonl', COLUMNS)}"]) == 0
+    first = read_outputs(out)
+    changed = [COLUMNS[0], {**COLUMNS[1], "metadata": {"src": "web", "score": 2}}]
+    capsys.readouterr()
+    assert run_in_process([*args, f"dataset={write_prompts(tmp_path / 'p.jsonl', changed)}"]) == 0
+    said = capsys.readouterr().out
+    assert "resuming: 1 of 2 prompts already done" in said and "1 prompt(s) changed since their record" in said
+    again = read_outputs(out)
+    assert again[0] == first[0] and again[1]["metadata"] == {"src": "web", "score": 2}
+    assert {**again[1], "metadata": None} == {**first[1], "metadata": None}  # the same completion
+
+
+def test_every_format_keeps_its_columns_as_its_reader_types_them(tmp_path):
+    rows = [{"id": "a", "prompt": "x", "n": 1, "label": "p"}, {"id": "b", "prompt": "y", "n": 2, "label": None}]
+    Dataset.from_list(rows).to_parquet(tmp_path / "p.parquet")
+    (tmp_path / "p.csv").write_text("id,prompt,n,label\na,x,1,p\nb,y,2,\n")
+    lines = write_prompts(tmp_path / "p.jsonl", rows)
+    for path in (tmp_path / "p.parquet", tmp_path / "p.csv", lines):
+        assert [p.columns for p in read_all(path, tmp_path)] == [{"n": 1, "label": "p"}, {"n": 2, "label": None}]
+        assert [type(p.columns["n"]) for p in read_all(path, tmp_path)] == [int, int]
+    assert [p.columns for p in read_all(tmp_path / "p.csv", tmp_path, limit=1)] == [{"n": 1, "label": "p"}]
+    typed = pa.table({"prompt": ["x"], "when": pa.array([datetime.datetime(2024, 5, 1, 12, 30)], pa.timestamp("s")),
+                      "price": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2)), "blob": pa.array([b"\x00\x01"])})
+    pq.write_table(typed, tmp_path / "typed.parquet")  # values JSON does not hold: as text
+    assert [p.columns for p in read_all(tmp_path / "typed.parquet", tmp_path)] == [
+        {"when": "2024-05-01T12:30:00", "price": "1.50", "blob": "AAE="}]
+    text = tmp_path / "t.txt"
+    text.write_text("one\ntwo\n")
+    assert [p.columns for p in read_all(text, tmp_path)] == [{}, {}]
+    # Read record by record (a folder of several formats): each record keeps the fields it has.
+    folder = mixed_folder(tmp_path / "data")
+    write_prompts(folder / "z.jsonl", [{"prompt": "zed", "meta": {"k": [1, "2"]}}])
+    prompts = read_all(folder, tmp_path)
+    assert prompts[0].columns == {} and prompts[6].columns == {"max_new_tokens": 3}
+    assert prompts[-1].columns == {"meta": {"k": [1, "2"]}}
+    kept = open_prompts(DatasetConfig(path=str(folder)), str(tmp_path / "cache"), keep=["meta"])
+    assert [p.columns for p in kept.prompts([0, len(kept) - 1])] == [{"meta": None}, {"meta": {"k": [1, "2"]}}]
+    with pytest.raises(ConfigError, match="output.columns=\\['nope'\\] is not allowed: .* has no column 'nope'"):
+        open_prompts(DatasetConfig(path=str(folder)), str(tmp_path / "cache"), keep=["nope"])
+
+
+def test_parquet_shards_hold_columns_of_mixed_types_as_text(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = [f"model={tiny_model_dir}", f"dataset={write_prompts(tmp_path / 'p.jsonl', COLUMNS)}",
+            f"output.dir={out}", "generation.max_new_tokens=2", "output.format=parquet", "output.shard_size=2",
+            "output.print_table=false"]
+    assert run_in_process(args) == 0
+    records = read_outputs(out)
+    # One shard: category mixes a string and an integer, the metadata objects' scores an integer and a float (kept
+    # as floats by JSON here: 0.5, 1.25) - one Arrow type each: metadata stays an object, category is text.
+    assert [r["category"] for r in records] == ["greet", "7"]
+    assert [r["metadata"] for r in records] == [c["metadata"] for c in COLUMNS]
+    assert [r["tags"] for r in records] == [["a", "b"], []] and [r["rating"] for r in records] == [4, 2]

@@ -114,7 +114,7 @@ def test_a_grown_dataset_runs_only_its_new_rows_and_a_changed_prompt_again(tmp_p
     assert run(write_prompts(tmp_path / "first.jsonl", first), out).returncode == 0
     resumed = run(write_prompts(tmp_path / "grown.jsonl", grown), out)
     assert resumed.returncode == 0, resumed.stderr
-    assert ("1 prompt(s) changed since their record was written (text or per-record settings; ids 'p3'): "
+    assert ("1 prompt(s) changed since their record was written (text, per-record settings or kept columns; ids 'p3'): "
             "they run again") in resumed.stdout
     assert "resuming: 9 of 16 prompts already done" in resumed.stdout
     stats = read_stats(out)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_module, write_prompts
+from helpers import fake_hub_cache
 from distgen.config import ModelConfig, TinyModelConfig
 from distgen.common.errors import ConfigError
 from distgen.models.loading import check_model_source, load_model, load_tokenizer, resolve_dtype
@@ -53,16 +54,6 @@ def test_auto_attention_is_left_to_transformers_without_cuda_and_a_named_one_is_
     from distgen.models.loading import resolve_attn_implementation
     assert resolve_attn_implementation("auto", CPU, torch.bfloat16) is None  # transformers picks
     assert resolve_attn_implementation("eager", torch.device("cuda", 0), torch.float32) == "eager"
-
-
-def fake_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str = "0" * 40) -> Path:
-    """`model_dir`'s files laid out as huggingface_hub caches a download of `repo_id` at `commit` (refs/main)."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(model_dir, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def test_hub_ids_load_from_the_local_cache_and_name_the_cache_when_missing(tiny_model_dir, tmp_path):

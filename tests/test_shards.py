@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from distgen.common.errors import IncompleteOutputError
+from distgen.outputs.records import MergeInfo
 from distgen.outputs.report import render_report
-from distgen.outputs.shards import ShardWriter, finish_outputs, list_shards, read_manifest, read_shard, start_outputs
+from distgen.outputs.shards import (MERGE_FORMATS, ShardWriter, as_text, finish_outputs, list_shards, parquet_column,
+                                    read_manifest, read_shard, start_outputs, write_shard)
 
 
 def record(index):
@@ -91,3 +93,52 @@ def test_report_is_valid_html_with_svg_charts():
     for chunk in page.split("<svg")[1:]:  # each chart is well-formed SVG
         ElementTree.fromstring("<svg" + chunk.split("</svg>")[0] + "</svg>")
     assert "Resident memory per rank" in page and "Completion length" in page
+
+
+@pytest.mark.parametrize("values, kind", [
+    (["a", None, "b"], "string"), ([1, 2], "int64"), ([1, "a"], "text"), ([1, 2.5], "text"),
+    ([{"a": 1}, {"a": 2}], "struct<a: int64>"), ([{"a": 1}, {"b": 2}], "text"), ([{}, {}], "text"),
+    ([[1, 2], [], None], "list<item: int64>"), ([[1, "x"]], "text"), ([None, None], "null"),
+])
+def test_a_parquet_column_holds_one_type_or_its_values_as_text(values, kind, tmp_path):
+    records = [{"index": k, "value": v} for k, v in enumerate(values)]
+    write_shard(records, tmp_path / "part-00000-00000.parquet")
+    got = [r["value"] for r in read_shard(tmp_path / "part-00000-00000.parquet")]
+    column = parquet_column(values)
+    if kind == "text":
+        assert str(column.type) == "string" and got == [as_text(v) for v in values]
+        assert [json.loads(g) if g is not None and not isinstance(v, str) else g for g, v in zip(got, values)] == values
+    else:
+        assert str(column.type) == kind and json.dumps(got) == json.dumps(values)  # unchanged, types too
+
+
+def test_coverage_counts_finish_reasons_and_the_commonest_errors(tmp_path):
+    start_outputs(tmp_path, {"job": "job"}, keys(6))
+    reasons = ["eos", "length", "error", "error", "error", "stop"]
+    messages = {2: "prompt of 149 tokens exceeds the context of 128", 3: "prompt of 150 tokens exceeds the context of "
+                                                                         "128", 4: "template failed"}
+    with ShardWriter(tmp_path, 0, "jsonl", 10) as writer:
+        writer.append([{**record(k), "finish_reason": r, **({"error": messages[k]} if k in messages else {})}
+                       for k, r in enumerate(reasons)])
+    coverage = finish_outputs(tmp_path, "job", 6, "jsonl", merge=False, world_size=1)
+    assert coverage.finish_reasons == {"eos": 1, "length": 1, "error": 3, "stop": 1}
+    assert coverage.errors.commonest() == [{"count": 2, "message": messages[2]}, {"count": 1, "message": messages[4]}]
+    assert coverage.generated_tokens == sum(record(k)["completion_tokens"] for k in (0, 1, 5))
+
+
+def test_merged_openai_lines_group_samples_of_one_request(tmp_path):
+    records = [{"index": 0, "id": "a", "url": "/v1/completions", "completion": "x", "prompt_tokens": 3,
+                "completion_tokens": 1, "finish_reason": "eos"},
+               {"index": 1, "id": 2, "completion": "y", "prompt_tokens": 4, "completion_tokens": 2,
+                "finish_reason": "length", "sample_index": 1},
+               {"index": 1, "id": 2, "completion": "z", "prompt_tokens": 4, "completion_tokens": 1,
+                "finish_reason": "stop", "sample_index": 0}]
+    lines = list(MERGE_FORMATS.get("openai_batch")(iter(records), MergeInfo(model="m", job="j", chat=True, created=5)))
+    assert [line["custom_id"] for line in lines] == ["a", "2"]
+    text, chat = (line["response"]["body"] for line in lines)
+    assert text["object"] == "text_completion" and text["choices"][0]["text"] == "x"
+    assert text["choices"][0]["finish_reason"] == "stop" and text["created"] == 5 and text["model"] == "m"
+    assert chat["object"] == "chat.completion"
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in chat["choices"]] == [
+        (0, "z", "stop"), (1, "y", "length")]
+    assert chat["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}

@@ -23,7 +23,7 @@ from distgen.inputs.source import DATASET_FORMATS
 from distgen.launchers import LAUNCHERS
 from distgen.models.loading import ATTENTION, DTYPES, MODEL_SOURCES
 from distgen.models.quantizers import QUANTIZERS
-from distgen.outputs.shards import OUTPUT_FORMATS
+from distgen.outputs.shards import MERGE_FORMATS, OUTPUT_FORMATS
 from distgen.parallel.layouts import LAYOUTS
 
 # Every choice's name table, in the order a config's names are checked (and --help lists them).
@@ -31,7 +31,7 @@ TABLES: tuple[Registry, ...] = (
     DEVICES, LAYOUTS, LAUNCHERS,
     MODEL_SOURCES, DTYPES, ATTENTION, QUANTIZERS, ASSISTANTS,
     SCHEDULERS, CACHES, QUANT_BACKENDS, COMPILE, COMPILE_MODES, AUTOCAST, CPU_KERNELS, DRAFT_SCHEDULES,
-    DATASET_FORMATS, TOO_LONG, OUTPUT_FORMATS,
+    DATASET_FORMATS, TOO_LONG, OUTPUT_FORMATS, MERGE_FORMATS,
 )
 # The Hydra groups (each option is an implementation's settings class); the rest are plain values.
 GROUPS: tuple[Registry, ...] = tuple(table for table in TABLES if not table.valued)

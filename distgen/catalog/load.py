@@ -292,3 +292,8 @@ def help_text(config_dir: Path = CONFIG_DIR) -> str:
 
 def config_to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """The config as --print-config prints it, as nested dicts (for stats.json)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -1,7 +1,10 @@
-"""A record's key: a short digest of everything in one input record that decides its completion
-(its id, its prompt text as run, its own settings and why it cannot run), every field of `Prompt`
-but its index. A finished record is reused only at the same index with the same key, so a changed
-prompt under the same id runs again and an appended row is the only new work.
+"""A record's key: a short digest of everything in one input record that decides its output record
+(its id, its prompt text as run, its own settings, why it cannot run, and the input columns it keeps),
+every field of `Prompt` but its index. A finished record is reused only at the same index with the same
+key, so a changed prompt under the same id runs again and an appended row is the only new work. A kept
+column does not change the completion, but a record holding an old value of it would be out of date:
+a changed column value under the same id runs that record again too (output.columns limits what is kept).
+A record that keeps no columns has the key it had before records kept columns.
 
 Keys are 62-bit integers, kept as two 31-bit halves in the ranks' int32 length table."""
 from __future__ import annotations
@@ -15,9 +18,9 @@ from distgen.inputs.records import Prompt
 
 HALF_BITS = 31
 HALF_MASK = (1 << HALF_BITS) - 1
-# Fields `Prompt` gained after keys were first written: left out of a key while unset (None), so a record that
-# does not use them keeps the key earlier runs gave it.
-LATER_FIELDS = frozenset({"lora"})
+# Fields `Prompt` gained after keys were first written: left out of a key while unset (None or empty), so a
+# record that does not use them keeps the key earlier runs gave it.
+LATER_FIELDS = frozenset({"lora", "columns"})
 
 
 @lru_cache(maxsize=None)
@@ -28,7 +31,7 @@ def content_fields(kind: type) -> tuple[str, ...]:
 def record_key(prompt: Prompt) -> int:
     """The record's content without its index, as JSON (any field type: an id 1 and an id "1" differ), hashed."""
     content = {name: getattr(prompt, name) for name in content_fields(type(prompt))
-               if not (name in LATER_FIELDS and getattr(prompt, name) is None)}
+               if not (name in LATER_FIELDS and not getattr(prompt, name))}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode("utf-8", "surrogatepass"))
     return int.from_bytes(digest.digest()[:8], "little") >> (64 - 2 * HALF_BITS)
 

@@ -11,12 +11,19 @@ error record and the job goes on.
 Ids keep their type (a string or an integer); a record without one gets its row in the dataset
 (an integer, before any shuffle), and ids are unique by their text, so a given id "3" and the id a
 record without one gets at row 3 are refused as the same id.
+
+A record's other fields (its input columns: `category`, a `metadata` dict, its own settings, a chat record's
+messages) travel with its `Prompt` as JSON values (`Prompt.columns`, chosen by output.columns) to its output
+record; they never change what is generated.
 """
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
@@ -50,6 +57,9 @@ class Prompt:
     templated: bool = False
     # The LoRA adapter (a name in model.lora) this record runs with; None: the base model (or the one merged).
     lora: Optional[str] = None
+    # The input record's columns kept for its output record (output.columns), by their names in the dataset, as
+    # JSON values (distgen/inputs/source.py picks them). Not hashed: a dict.
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def budget(self, default: int) -> int:
         return self.max_new_tokens or default
@@ -64,6 +74,9 @@ class RecordFields:
     # Where a normalized record (distgen/inputs/source.py) keeps why one of its overrides was not allowed;
     # set, the id column holds ids as text and `ID_IS_INT` says which were integers.
     error: Optional[str] = None
+    # Each record holds chat messages or a plain prompt, its own choice (an OpenAI batch file's chat and
+    # completion requests); else every record holds `messages` when it is set.
+    mixed: bool = False
 
 
 # A normalized record's column: whether its id (kept as text) was an integer.
@@ -147,6 +160,30 @@ def record_id(record: dict, fields: RecordFields, row: int, where: str) -> Recor
                       "or an integer")
 
 
+def json_value(value: Any, where: str, name: str) -> Any:
+    """A column's value as JSON holds it: strings, numbers, booleans, null, lists and objects as they are; a date
+    or time as ISO 8601 text, a decimal as its text, bytes as base64, anything else as its text. A string holding
+    a lone surrogate (no output can hold it) is a ConfigError naming the column."""
+    if isinstance(value, str):
+        check_unicode(value, where, name)
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_value(v, where, name) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v, where, name) for v in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    if hasattr(value, "tolist"):  # numpy values and arrays
+        return json_value(value.tolist(), where, name)
+    return str(value) if not isinstance(value, decimal.Decimal) else format(value, "f")
+
+
 def record_chat_kwargs(record: dict) -> tuple[dict, Optional[str]]:
     """(the record's own chat template variables, why they are not allowed or None). A null value is as unset (an
     Arrow column of objects fills the keys other records have with nulls)."""
@@ -168,15 +205,21 @@ def rendered(messages: list, render: Render, kwargs: dict) -> tuple[str, Optiona
         return "", f"messages could not be rendered by the chat template: {type(err).__name__}: {err}"
 
 
+def is_chat(record: dict, fields: RecordFields) -> bool:
+    return bool(fields.messages) and (not fields.mixed or record.get(fields.messages) is not None)
+
+
 def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
-                     render: Optional[Render] = None, row: Optional[int] = None) -> Prompt:
+                     render: Optional[Render] = None, row: Optional[int] = None,
+                     columns: Optional[dict[str, Any]] = None) -> Prompt:
     """One input record as a Prompt; a ConfigError names `where` (file:line or file:record) and the field.
-    `row`: the record's row in the dataset before any shuffle (its id when it has none; default `index`)."""
+    `row`: the record's row in the dataset before any shuffle (its id when it has none; default `index`);
+    `columns`: the input columns it keeps for its output record (JSON values)."""
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: expected a JSON object with a string field '{fields.prompt}', "
                           f"found {type(record).__name__}")
     error = None
-    if fields.messages:
+    if is_chat(record, fields):
         messages = record.get(fields.messages)
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
@@ -201,7 +244,7 @@ def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
     overrides, bad = overrides_of(record)
     error = error or bad or (record.get(fields.error) if fields.error else None)
     return Prompt(index, record_id(record, fields, index if row is None else row, where), text,
-                  templated=templated, error=error, **overrides)
+                  templated=templated, error=error, columns=columns or {}, **overrides)
 
 
 def parse_json_line(line: str, where: str) -> Any:

@@ -4,6 +4,11 @@ and turn its records into `Prompt`s on demand, a batch of indices at a time.
 Nothing here holds the whole dataset in Python objects: a rank reads only the records it
 asks for. Every format gives the same prompts as the same records in JSON lines.
 
+A record's other columns (all of them, or those output.columns names; not its id, nor its prompt
+field, which are `id` and `prompt`) go with its Prompt to its output record, as the reader typed them.
+An OpenAI batch file (dataset.format=openai_batch, or a .jsonl whose first line has custom_id and body)
+is read request by request (distgen/inputs/openai_batch.py).
+
 A plain folder (one not written by `datasets.save_to_disk`) is read whole: every prompts file
 under it, in the order of their relative paths sorted as text, whatever mix of formats; names
 starting with '.' are left out, and any other file is an error naming it (nothing is dropped
@@ -15,18 +20,21 @@ import errno
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
 from distgen.common.registry import Registry
+from distgen.inputs.openai_batch import batch_request
 from distgen.inputs.records import (BOM, CHAT_KWARGS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
-                                    Render, check_utf8_line, has_id, json_array_records, parse_json_line,
-                                    record_to_prompt)
+                                    Render, check_utf8_line, has_id, is_chat, json_array_records, json_value,
+                                    parse_json_line, record_to_prompt)
 
 # Never reach the Hub: every input is a local file or folder.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -42,7 +50,9 @@ for _name, _builder, _doc in (
         ("csv", "csv", "a CSV file with a header row"),
         ("parquet", "parquet", "a parquet file"),
         ("saved", None, "a folder written by datasets.save_to_disk (dataset.split picks a split)"),
-        ("folder", None, "a local folder of prompt files, every one read, in path order")):
+        ("folder", None, "a local folder of prompt files, every one read, in path order"),
+        ("openai_batch", None, "an OpenAI batch file (JSON lines of custom_id, method, url, body); "
+                               "outputs.jsonl then holds OpenAI batch output lines")):
     DATASET_FORMATS.register(_name, None, _builder, doc=_doc)
 TEXT_FORMATS = ("jsonl", "json", "txt", "csv")
 TEXT_COLUMN = "text"
@@ -50,7 +60,31 @@ SAVED_MARKERS = ("state.json", "dataset_dict.json")
 HASH_BATCH = 10_000
 READ_BATCH = 1024
 # Bumped when the normalized records' columns change, so that no cached table of the old form is reused.
-NORMALIZED_VERSION = 3
+NORMALIZED_VERSION = 4
+# A normalized record's column: its other fields (the input columns it keeps), a JSON object as text.
+COLUMNS = "columns"
+# pandas' index, which it writes into parquet files: not a column of the data.
+INDEX_COLUMN = re.compile(r"^__index_level_\d+__$")
+# Where an OpenAI batch file keeps a request's fields, once normalized.
+OPENAI_FIELDS = RecordFields("prompt", "id", "messages", mixed=True)
+
+
+def first_line(path: str) -> str:
+    """The first line that is not blank (read line by line), or ""; "" too when it cannot be read (checked later)."""
+    try:
+        with open(path, encoding="utf-8-sig") as lines:
+            return next((line for line in lines if line.strip()), "")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def is_openai_batch(path: str) -> bool:
+    """Whether a JSON-lines file's first record is an OpenAI batch request (custom_id and body)."""
+    try:
+        record = json.loads(first_line(path))
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "custom_id" in record and "body" in record
 
 
 def detect_format(path: str, fmt: str) -> str:
@@ -59,7 +93,8 @@ def detect_format(path: str, fmt: str) -> str:
     p = Path(path)
     if p.is_dir():
         return "saved" if any((p / marker).is_file() for marker in SAVED_MARKERS) else "folder"
-    return FILE_FORMATS.get(p.suffix.lower(), "txt")
+    found = FILE_FORMATS.get(p.suffix.lower(), "txt")
+    return "openai_batch" if found == "jsonl" and p.is_file() and is_openai_batch(path) else found
 
 
 def check_path(cfg: DatasetConfig, fmt: str) -> None:
@@ -124,19 +159,33 @@ def pick_split(loaded, split: str, path: str):
     return loaded[split]
 
 
-def normalize(record: dict, where: str, fields: RecordFields) -> dict:
+def own_fields(record: dict, fields: RecordFields) -> set[str]:
+    """The fields a record's id and prompt come from; the others are its columns (a chat record's messages too)."""
+    return {fields.id} | (set() if is_chat(record, fields) else {fields.prompt})
+
+
+def json_columns(columns: dict, where: str) -> str:
+    return json.dumps({key: json_value(value, where, key) for key, value in columns.items()})
+
+
+def normalize(record: dict, where: str, fields: RecordFields, columns: Optional[dict] = None,
+              error: Optional[str] = None) -> dict:
     """A record checked and reduced to the fields distgen reads, in the columns `normalized_fields` names (the id
-    as text, whether it was an integer, stop always a list), so that records whose columns mix types, or files
-    of several formats, still make one Arrow table."""
+    as text, whether it was an integer, stop always a list, the record's other fields as JSON text), so that records
+    whose columns mix types, or files of several formats, still make one Arrow table. `columns`: the record's
+    columns (default: its other fields); `error`: why it cannot run, found before (an OpenAI batch request)."""
     prompt = record_to_prompt(record, 0, where, fields, render=lambda messages, kwargs: "")
-    given = has_id(record, fields)
-    kwargs = record.get(CHAT_KWARGS) if fields.messages else None
+    given, chat = has_id(record, fields), is_chat(record, fields)
+    if columns is None:
+        skip = own_fields(record, fields)
+        columns = {key: value for key, value in record.items() if key not in skip and not INDEX_COLUMN.match(key)}
+    kwargs = record.get(CHAT_KWARGS) if chat else None
     return {"id": str(prompt.id) if given else None, ID_IS_INT: isinstance(prompt.id, int) if given else None,
-            "prompt": record.get(fields.prompt) if not fields.messages else None,
-            "messages": json.dumps(record[fields.messages]) if fields.messages else None,
+            "prompt": record.get(fields.prompt) if not chat else None,
+            "messages": json.dumps(record[fields.messages]) if chat else None,
             CHAT_KWARGS: json.dumps(kwargs) if isinstance(kwargs, dict) else None,
             **{k: getattr(prompt, k) for k in OVERRIDES if k != "stop"},
-            "stop": list(prompt.stop) or None, "error": prompt.error}
+            "stop": list(prompt.stop) or None, "error": error or prompt.error, COLUMNS: json_columns(columns, where)}
 
 
 def normalized_features():
@@ -145,11 +194,11 @@ def normalized_features():
                      "messages": Value("string"), CHAT_KWARGS: Value("string"), "max_new_tokens": Value("int64"),
                      "temperature": Value("float64"), "top_p": Value("float64"), "top_k": Value("int64"),
                      "seed": Value("uint64"), "stop": List(Value("string")), "lora": Value("string"),
-                     "error": Value("string")})
+                     "error": Value("string"), COLUMNS: Value("string")})
 
 
 def normalized_fields(fields: RecordFields) -> RecordFields:
-    return RecordFields("prompt", "id", "messages" if fields.messages else None, error="error")
+    return RecordFields("prompt", "id", "messages" if fields.messages else None, error="error", mixed=fields.mixed)
 
 
 def jsonl_records(path: str, fields: RecordFields) -> Iterator[dict]:
@@ -177,18 +226,32 @@ def table_records(table, path: str, fields: RecordFields) -> Iterator[dict]:
             yield normalize({key: values[k] for key, values in batch.items()}, f"{path}: record {start + k}", fields)
 
 
-def files_fingerprint(paths: Sequence[str], fields: RecordFields) -> str:
+def openai_records(paths: Sequence[str], cache_dir: str, fields: RecordFields) -> Iterator[dict]:
+    """Each request of an OpenAI batch file as a normalized record (a request distgen cannot run as asked: an
+    error record for its custom_id; a line that is not a request: a ConfigError naming file:line)."""
+    for path in paths:
+        with open(path, encoding="utf-8-sig") as lines:
+            for line_no, line in enumerate(lines, start=1):
+                if line.strip():
+                    where = f"{path}:{line_no}"
+                    record, columns, error = batch_request(parse_json_line(line, where), where)
+                    yield normalize(record, where, fields, columns, error)
+
+
+def files_fingerprint(paths: Sequence[str], fields: RecordFields, reader: str = "") -> str:
     stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
-    return hashlib.sha256(f"{NORMALIZED_VERSION}:{stats}:{fields}".encode()).hexdigest()
+    return hashlib.sha256(f"{NORMALIZED_VERSION}:{stats}:{fields}:{reader}".encode()).hexdigest()
 
 
-def normalized_table(paths: Sequence[str], cache_dir: str, fields: RecordFields):
-    """The files' records, normalized into one table (cached by the files' names, sizes and times)."""
+def normalized_table(paths: Sequence[str], cache_dir: str, fields: RecordFields, reader: Optional[Callable] = None):
+    """The files' records, normalized into one table (cached by the files' names, sizes and times); `reader`
+    (default folder_records) yields them."""
     import datasets
+    reader = reader or folder_records
     return datasets.Dataset.from_generator(
-        folder_records, gen_kwargs={"paths": list(paths), "cache_dir": cache_dir, "fields": fields},
+        reader, gen_kwargs={"paths": list(paths), "cache_dir": cache_dir, "fields": fields},
         features=normalized_features(), cache_dir=cache_dir,
-        fingerprint=files_fingerprint(paths, fields)), normalized_fields(fields)
+        fingerprint=files_fingerprint(paths, fields, reader.__name__)), normalized_fields(fields)
 
 
 def folder_records(paths: Sequence[str], cache_dir: str, fields: RecordFields) -> Iterator[dict]:
@@ -285,6 +348,9 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
         return pick_split(datasets.load_from_disk(cfg.path), cfg.split, cfg.path), fields
     if fmt == "folder":
         return load_folder(cfg.path, cache_dir, fields)
+    if fmt == "openai_batch":
+        check_file(cfg.path, "jsonl")
+        return normalized_table([cfg.path], cache_dir, OPENAI_FIELDS, openai_records)
     check_file(cfg.path, fmt)
     return load_file(cfg.path, fmt, cache_dir, fields)
 
@@ -347,9 +413,9 @@ def id_text(column, path: str, id_field: str):
                       "integer")
 
 
-def check_unique_ids(table, fields: RecordFields, path: str) -> None:
+def check_unique_ids(table, fields: RecordFields, path: str, key: str = "") -> None:
     """Ids must be unique over the dataset, those records without one get (their row) included, checked
-    in Arrow without Python objects per record."""
+    in Arrow without Python objects per record. `key`: what the ids are, for the message."""
     if not fields.id or fields.id not in table.column_names:
         return  # every record gets its row
     import pyarrow as pa
@@ -366,8 +432,25 @@ def check_unique_ids(table, fields: RecordFields, path: str) -> None:
         rows = np.flatnonzero(pc.equal(text, first["values"]).to_numpy(zero_copy_only=False))
         generated = any(missing[int(r)].as_py() for r in rows)
         raise ConfigError(f"{path}: id {first['values']!r} appears {first['counts']} times (records "
-                          f"{', '.join(map(str, rows[:5]))}; {len(repeated)} ids repeat); dataset.id_field="
-                          f"{fields.id!r} must be unique" + (f" ({GENERATED_ID_NOTE})" if generated else ""))
+                          f"{', '.join(map(str, rows[:5]))}; {len(repeated)} ids repeat); "
+                          f"{key or f'dataset.id_field={fields.id!r}'} must be unique"
+                          + (f" ({GENERATED_ID_NOTE})" if generated else ""))
+
+
+def json_type(kind) -> bool:
+    """Whether an Arrow type's values read as JSON values (strings, numbers, booleans, null, lists and structs of
+    them, JSON text the datasets library decodes)."""
+    import pyarrow as pa
+    if isinstance(kind, pa.BaseExtensionType):
+        return "json" in str(kind)
+    if pa.types.is_dictionary(kind):
+        return json_type(kind.value_type)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return json_type(kind.value_type)
+    if pa.types.is_struct(kind):
+        return all(json_type(kind.field(k).type) for k in range(kind.num_fields))
+    return any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
+                                       pa.types.is_floating, pa.types.is_boolean, pa.types.is_null))
 
 
 @dataclass
@@ -380,6 +463,10 @@ class PromptSource:
     # Each index's row in the dataset before dataset.shuffle_seed (a record without an id gets its row);
     # None: the same as the index.
     rows: Optional[np.ndarray] = None
+    # The input columns each record keeps for its output record (output.columns); None: all of them.
+    keep: Optional[tuple[str, ...]] = None
+    # The dataset's format, as detected (dataset.format=auto).
+    format: str = "jsonl"
 
     def __len__(self) -> int:
         return len(self.table)
@@ -401,8 +488,39 @@ class PromptSource:
             record = {**record, self.fields.messages: json.loads(record[self.fields.messages])}
             if isinstance(record.get(CHAT_KWARGS), str):
                 record[CHAT_KWARGS] = json.loads(record[CHAT_KWARGS])
-        return record_to_prompt(record, index, f"{self.path}: record {index}", self.fields, self.render,
-                                row=self.row_of(index))
+        where = f"{self.path}: record {index}"
+        return record_to_prompt(record, index, where, self.fields, self.render, row=self.row_of(index),
+                                columns=self.columns_of(record, where))
+
+    def kept_names(self) -> Optional[list[str]]:
+        """The input columns the records keep, where the table names them (a normalized table's records each
+        keep their own fields: None)."""
+        if self.keep is not None:
+            return list(self.keep)
+        if self.fields.error is not None:
+            return None
+        skip = {self.fields.id} | ({self.fields.prompt} if not self.fields.messages else set())
+        return [name for name in self.table.column_names if name not in skip and not INDEX_COLUMN.match(name)]
+
+    def columns_of(self, record: dict, where: str) -> dict:
+        """The record's input columns it keeps, as JSON values (a column a record lacks: null)."""
+        if self.fields.error is not None:  # normalized: its other fields, as JSON text (JSON values already)
+            found = json.loads(record.get(COLUMNS) or "{}")
+        else:
+            skip = own_fields(record, self.fields)
+            found = {key: value for key, value in record.items() if key not in skip and not INDEX_COLUMN.match(key)}
+        if self.keep is not None:
+            found = {name: found.get(name) for name in self.keep}
+        if self.fields.error is None:
+            found.update({key: json_value(found[key], where, key) for key in self.not_json & found.keys()})
+        return found
+
+    @cached_property
+    def not_json(self) -> frozenset[str]:
+        """The table's columns whose values JSON does not hold as they are (dates, decimals, bytes, ...); Arrow's
+        strings are UTF-8, so the others are JSON values already."""
+        schema = self.table.data.schema
+        return frozenset(name for name in schema.names if not json_type(schema.field(name).type))
 
     def digest(self) -> str:
         """A hash of the records' content (not of file names or times), read a batch at a time."""
@@ -473,8 +591,58 @@ def chat_renderer(tokenizer, cfg: DatasetConfig) -> Render:
     return render
 
 
-def open_prompts(cfg: DatasetConfig, cache_dir: str, tokenizer=None) -> PromptSource:
-    """The dataset as a PromptSource; `tokenizer` (for chat templates) may be None when only checking."""
+def column_names(table, fields: RecordFields, names: Sequence[str]) -> set[str]:
+    """Which of `names` are columns of the table (of a normalized one: a field of some record)."""
+    if fields.error is None:
+        return set(names) & set(table.column_names)
+    import pyarrow.compute as pc
+    text = table.data.column(COLUMNS)
+    return {name for name in names if pc.any(pc.match_substring(text, json.dumps(name) + ": ")).as_py()}
+
+
+def check_kept(table, given: RecordFields, fields: RecordFields, keep: Optional[Sequence[str]], path: str) -> None:
+    """output.columns names columns of the dataset, neither its id nor its prompt field (`id` and `prompt` of
+    every record). `given`: the fields as configured; `fields`: where the loaded table keeps them."""
+    if not keep:
+        return
+    own = {given.id: "dataset.id_field, every record's `id`"}
+    prompt = "every record's `prompt` (output.keep_prompt=false leaves it out)"
+    if not given.messages:
+        own[given.prompt] = f"dataset.prompt_field, {prompt}"
+    if fields.error is None and not fields.messages:
+        own.setdefault(fields.prompt, f"the prompt, {prompt}")  # a text file's lines
+    for name in keep:
+        if name in own:
+            raise ConfigError(f"output.columns: {name!r} is not allowed: it is {own[name]}")
+    missing = [name for name in keep if name not in column_names(table, fields, keep)]
+    if missing:
+        found = ", ".join(table.column_names) if fields.error is None else "see its records"
+        raise ConfigError(f"output.columns={list(keep)!r} is not allowed: {path} has no column {missing[0]!r} "
+                          f"(its columns: {found})")
+
+
+def has_chat(table, fields: RecordFields) -> bool:
+    import pyarrow.compute as pc
+    return bool(pc.any(pc.is_valid(table.data.column(fields.messages))).as_py())
+
+
+def renderer(cfg: DatasetConfig, table, fields: RecordFields, tokenizer) -> Optional[Render]:
+    """How the dataset's chat records become prompt text (None: it has none)."""
+    if not fields.messages or fields.mixed and not has_chat(table, fields):
+        return None
+    if tokenizer is None:
+        return lambda messages, kwargs: ""  # checking records only
+    if fields.mixed and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"dataset.path={cfg.path!r} holds /v1/chat/completions requests, which are rendered "
+                          "with the tokenizer's chat template, and the model's tokenizer has none: use a model "
+                          "whose tokenizer has one (or /v1/completions requests)")
+    return chat_renderer(tokenizer, cfg)
+
+
+def open_prompts(cfg: DatasetConfig, cache_dir: str, tokenizer=None,
+                 keep: Optional[Sequence[str]] = None) -> PromptSource:
+    """The dataset as a PromptSource; `tokenizer` (for chat templates) may be None when only checking; `keep`
+    (output.columns): the input columns each record keeps (None: all)."""
     fmt = detect_format(cfg.path, cfg.format)
     check_path(cfg, fmt)
     import datasets
@@ -482,7 +650,7 @@ def open_prompts(cfg: DatasetConfig, cache_dir: str, tokenizer=None) -> PromptSo
     # Its errors become ours below (naming file:line); its own ERROR lines would come first on stderr,
     # e.g. the JSON builder's log before the line-by-line reader takes over.
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    fields = RecordFields(cfg.prompt_field, cfg.id_field, cfg.messages_field)
+    given = fields = RecordFields(cfg.prompt_field, cfg.id_field, cfg.messages_field)
     try:
         table, fields = load_table(cfg, fmt, cache_dir, fields)
     except Exception as err:  # the datasets library raises many kinds (and wraps ours); name the input
@@ -496,7 +664,8 @@ def open_prompts(cfg: DatasetConfig, cache_dir: str, tokenizer=None) -> PromptSo
         raise ConfigError(f"dataset.path={cfg.path!r} could not be read as {fmt}: {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
     check_columns(table, fields, cfg.path)
-    check_unique_ids(table, fields, cfg.path)
+    check_unique_ids(table, fields, cfg.path, "custom_id" if fmt == "openai_batch" else "")
+    check_kept(table, given, fields, keep, cfg.path)
     rows = None
     if cfg.shuffle_seed is not None:
         rows = np.random.default_rng(cfg.shuffle_seed).permutation(len(table))  # the order Dataset.shuffle takes
@@ -506,7 +675,5 @@ def open_prompts(cfg: DatasetConfig, cache_dir: str, tokenizer=None) -> PromptSo
         rows = None if rows is None else rows[:cfg.limit]
     if len(table) == 0:
         raise ConfigError(f"dataset.path={cfg.path!r} holds no prompts")
-    render = chat_renderer(tokenizer, cfg) if cfg.messages_field and tokenizer is not None else None
-    if cfg.messages_field and tokenizer is None:
-        render = lambda messages, kwargs: ""  # noqa: E731 - checking records only
-    return PromptSource(table, fields, cfg.path, render, rows)
+    return PromptSource(table, fields, cfg.path, renderer(cfg, table, fields, tokenizer), rows,
+                        None if keep is None else tuple(keep), fmt)

@@ -18,12 +18,13 @@ from distgen.config import RunConfig, named_adapters
 from distgen.inputs.screening import Verdict, context_limit
 from distgen.inputs.source import PromptSource, open_prompts
 from distgen.models.loading import check_model_source, load_model_config, load_tokenizer, resolve_hub_ids
-from distgen.outputs.records import error_record
+from distgen.outputs.records import error_record, renamed_columns
 from distgen.outputs.coordinator import STATS_FILE
 from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, OutputPlan, move_aside, plan_outputs
 from distgen.outputs.lock import OutputLock, lock_status
 from distgen.outputs.report import REPORT_FILE
 from distgen.outputs.resume import job_fingerprint, job_settings
+from distgen.outputs.shards import merge_format
 from distgen.parallel.feed import Screening
 
 # distgen's own files in output.dir: the length table cache, the progress side channel.
@@ -55,6 +56,8 @@ class Job:
     screen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     # Per prompt: its LoRA adapter where records choose one (0: the base model; distgen/inputs/screening.py).
     adapters: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    # The config as composed, before hub ids were resolved to their folders (for the run's metadata).
+    composed: Optional[RunConfig] = None
 
     @property
     def prompt_count(self) -> int:
@@ -80,6 +83,11 @@ class Job:
         return int((self.screen == Verdict.ERROR_RECORD).sum())
 
     @property
+    def merge_format(self) -> str:
+        """outputs.jsonl's form (output.merge_format, auto resolved for the dataset's format)."""
+        return merge_format(self.cfg.output.merge_format, self.source.format)
+
+    @property
     def out_dir(self) -> Path:
         return Path(self.cfg.output.dir)
 
@@ -99,8 +107,17 @@ class Job:
 
     def error_records(self, indices: np.ndarray) -> list[dict]:
         """Error records for these rejected prompts, with the reason screening gives."""
-        return [error_record(p, self.screening(p, int(self.lengths[p.index])).reason, int(self.lengths[p.index]))
-                for p in self.source.prompts(indices)]
+        keep_prompt = self.cfg.output.keep_prompt
+        return [error_record(p, self.screening(p, int(self.lengths[p.index])).reason, int(self.lengths[p.index]),
+                             keep_prompt) for p in self.source.prompts(indices)]
+
+    def column_notes(self) -> list[str]:
+        """What to say at the start about the input columns the records keep (renamed where they clash)."""
+        renamed = renamed_columns(self.source.kept_names() or [])
+        if not renamed:
+            return []
+        return [f"input column(s) {', '.join(renamed)} share a name with an output field: written as "
+                f"{', '.join(renamed.values())}"]
 
 
 def check_output_dir(out_dir: str) -> None:
@@ -123,11 +140,23 @@ def open_checked(cfg: RunConfig, tokenizer=None) -> PromptSource:
     output folder behind: the Arrow cache is removed with the folder it created."""
     created = not Path(cfg.output.dir).exists()
     try:
-        return open_prompts(cfg.dataset, dataset_cache(cfg), tokenizer)
+        source = open_prompts(cfg.dataset, dataset_cache(cfg), tokenizer, cfg.output.columns)
+        check_merge_form(cfg, source)
+        return source
     except ConfigError:
         if created:
             shutil.rmtree(cfg.output.dir, ignore_errors=True)
         raise
+
+
+def check_merge_form(cfg: RunConfig, source: PromptSource) -> None:
+    """OpenAI batch output lines tell chat from text completions by each request's url column."""
+    keep = cfg.output.columns
+    if (source.format == "openai_batch" and merge_format(cfg.output.merge_format, source.format) == "openai_batch"
+            and cfg.output.merge and keep is not None and "url" not in keep):
+        raise ConfigError(f"output.columns={list(keep)!r} is not allowed with OpenAI batch output lines "
+                          "(output.merge_format): each request's `url` column says whether it is a chat or a text "
+                          "completion; add 'url' (or output.merge_format=distgen)")
 
 
 def check_output_plan(cfg: RunConfig, settings: dict) -> OutputPlan:
@@ -160,14 +189,14 @@ def resolve_sources(cfg: RunConfig) -> RunConfig:
 
 def prepare_job(cfg: RunConfig, checks_output: bool = True) -> Job:
     """Everything up to the first worker: inputs checked; prompts are tokenized and screened by the ranks."""
-    cfg = resolve_sources(cfg)
+    composed, cfg = cfg, resolve_sources(cfg)
     source, tokenizer, created, settings, plan = check_inputs(cfg, checks_output)
     adapters = named_adapters(cfg.model.lora)
     screening = Screening(context_limit(load_model_config(cfg.model, tokenizer)), cfg.dataset.too_long,
                           cfg.generation.max_new_tokens, tuple(adapters) if adapters is not None else None)
     digest = source.digest()
     return Job(cfg, source, tokenizer, job_fingerprint(cfg, digest), settings=settings, dataset_digest=digest,
-               plan=plan, screening=screening, created_out=created)
+               plan=plan, screening=screening, created_out=created, composed=composed)
 
 
 @contextlib.contextmanager

@@ -6,24 +6,31 @@ import contextlib
 import os
 import shutil
 import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
+from distgen.catalog.load import config_to_dict
 from distgen.common.errors import ConfigError, OutputSpaceError
 from distgen.common.procs import exit_on_termination, exit_with_parent
 from distgen.job.prepare import Job, claim_output_dir, finished_message
 from distgen.inputs.keys import join_halves
 from distgen.job.worker import RankRun, generate_shard
 from distgen.common.files import write_atomic
+from distgen.models.loading import hub_commit
 from distgen.outputs.coordinator import format_table, gather_to_coordinator, run_figures, summarize, whole_job, write_stats
 from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, read_manifest
 from distgen.outputs.lock import OutputLock
 from distgen.outputs.progress import ProgressDisplay
+from distgen.outputs.records import ERROR, MergeInfo
 from distgen.outputs.report import REPORT_FILE, render_report
 from distgen.outputs.resume import shared_skip
-from distgen.outputs.shards import finish_outputs, job_complete, saying_no_space, start_outputs
+from distgen.outputs.shards import Coverage, finish_outputs, job_complete, saying_no_space, start_outputs
+from distgen.outputs.stats import environment
 from distgen.parallel.env import DistContext, discover, init_distributed, shutdown
 from distgen.parallel.feed import (ADAPTER, BUDGET, KEY_HIGH, KEY_LOW, LENGTH, SCREEN, broadcast_flag, check_fits,
                                    shared_lengths)
@@ -37,7 +44,7 @@ def record_keys(table: np.ndarray) -> np.ndarray:
 def start_coordinator(job: Job, table: np.ndarray) -> set[int]:
     """Rank 0, holding the lock: repair and read the earlier shards, say what it found, claim the job's files."""
     repairs = start_outputs(job.out_dir, job.start(), record_keys(table), job.cfg.output.format)
-    for line in repairs.messages():
+    for line in job.column_notes() + repairs.messages():
         print(f"distgen: {line}", flush=True)
     return repairs.finished
 
@@ -62,6 +69,37 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
     return True
 
 
+def model_metadata(job: Job) -> dict:
+    """The model as configured, the folder it was read from, and its hub revision and commit (where it came from
+    the Hugging Face cache)."""
+    given, used = (job.composed or job.cfg).model, job.cfg.model
+    if used.source == "tiny":
+        return {"source": "tiny", "tiny": asdict(used.tiny)}
+    found = {"source": used.source, "path": given.path, "folder": str(Path(used.path).absolute()),
+             "revision": given.revision, "commit": hub_commit(used.path)}
+    return {key: value for key, value in found.items() if value is not None}
+
+
+def run_metadata(job: Job, stats) -> dict:
+    """What produced the outputs: the composed config (as --print-config prints it), the model and its revision,
+    the versions, the devices and hosts, the date."""
+    return {**environment(stats), "model": model_metadata(job), "config": config_to_dict(job.composed or job.cfg)}
+
+
+def outcomes(summary: dict, coverage: Coverage) -> dict:
+    """The whole job's records by finish reason, its error records (screening's and generation's) and the
+    commonest errors."""
+    return {**summary, "errors": coverage.finish_reasons.get(ERROR, 0),
+            "finish_reasons": dict(sorted(coverage.finish_reasons.items())),
+            "commonest_errors": coverage.errors.commonest()}
+
+
+def merge_info(job: Job) -> MergeInfo:
+    model = (job.composed or job.cfg).model
+    return MergeInfo(model=model.path or model.source, job=job.fingerprint,
+                     chat=bool(job.cfg.dataset.messages_field), created=int(time.time()))
+
+
 def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDisplay | None,
                lock: OutputLock | None = None) -> None:
     """Rank 0: check the shards cover every prompt once, write the manifest, merge, stats and report
@@ -78,15 +116,17 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     this_run = summarize(stats, job.prompt_count, resumed=len(job.skip), job=job.fingerprint,
                          errors=job.error_count)
     coverage = finish_outputs(out, job.fingerprint, job.prompt_count, cfg.format, cfg.merge, ctx.world_size,
-                              run=run_figures(this_run, stats))
+                              run=run_figures(this_run, stats), form=job.merge_format, info=merge_info(job))
     runs = read_manifest(out).get("runs", [])
-    summary = whole_job(this_run, runs, coverage.completion_prompt_tokens, coverage.generated_tokens)
-    write_stats(out, stats, summary, [r.timeline for r in gathered])
+    summary = outcomes(whole_job(this_run, runs, coverage.completion_prompt_tokens, coverage.generated_tokens),
+                       coverage)
+    metadata = run_metadata(job, stats)
+    write_stats(out, stats, summary, [r.timeline for r in gathered], metadata)
     if cfg.report:
         write_atomic(out / REPORT_FILE, render_report(
             summary, [s.as_record() for s in stats], [r.timeline for r in gathered],
             np.concatenate(coverage.prompt_tokens or [np.zeros(0, np.int32)]),
-            np.concatenate(coverage.completion_tokens or [np.zeros(0, np.int32)]), runs))
+            np.concatenate(coverage.completion_tokens or [np.zeros(0, np.int32)]), runs, metadata))
     if cfg.print_table:
         print(format_table(stats, summary))
     where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR

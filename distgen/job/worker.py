@@ -24,7 +24,7 @@ from distgen.job.prepare import Job
 from distgen.outputs.progress import LiveCounters, ProgressDisplay, RankSampler
 from distgen.outputs.records import output_record
 from distgen.outputs.shards import ShardWriter
-from distgen.outputs.stats import RankStats, cuda_peaks_mib, peak_rss_mib, reset_peaks
+from distgen.outputs.stats import RankStats, cuda_peaks_mib, device_name, host_name, peak_rss_mib, reset_peaks
 from distgen.engine.stops import StopStrings
 
 def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[int]:
@@ -143,7 +143,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
             write_error_records(job, writer)
 
         def keep(completions: list[Completion]) -> None:
-            finished = [output_record(c, stops.cut) for c in completions]
+            finished = [output_record(c, stops.cut, out.keep_prompt) for c in completions]
             writer.append(finished)
             live.prompts += len(finished)
             live.prompt_tokens += sum(r["prompt_tokens"] for r in finished)
@@ -165,7 +165,8 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     placed.release()
     allocated, reserved = cuda_peaks_mib(ctx.device)
     stats = RankStats(
-        rank=ctx.rank, device=str(ctx.device), prompts=live.prompts, prompt_tokens=live.prompt_tokens,
+        rank=ctx.rank, device=str(ctx.device), device_name=device_name(ctx.device), host=host_name(),
+        prompts=live.prompts, prompt_tokens=live.prompt_tokens,
         generated_tokens=live.generated_tokens, forward_steps=counters.forward_steps, idle_steps=counters.idle_steps,
         load_seconds=round(load_seconds, 3), generate_seconds=round(counters.seconds, 3),
         wall_seconds=round(time.perf_counter() - wall_start, 3), load_peak_rss_mib=round(load_peak_rss, 1),

@@ -183,6 +183,14 @@ def hub_snapshot(key: str, repo_id: str, cfg: ModelConfig) -> str:
                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
 
 
+def hub_commit(folder: str | None) -> str | None:
+    """The commit a Hugging Face cache snapshot folder holds (`.../models--org--name/snapshots/<commit>`), or None."""
+    if not folder:
+        return None
+    path = Path(folder).absolute()
+    return path.name if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--") else None
+
+
 def resolve_hub_ids(cfg: ModelConfig) -> ModelConfig:
     """model.path (and tokenizer_path, assistant_path) as local folders: a value that is not a folder here but
     reads as a hub id (`org/name`) becomes its snapshot folder in the Hugging Face cache."""

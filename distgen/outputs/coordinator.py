@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch.distributed as dist
 
@@ -22,10 +22,13 @@ def gather_to_coordinator(obj, rank: int, world_size: int) -> list | None:
 
 
 
-def write_stats(out_dir: Path, stats: Sequence[RankStats], summary: dict, timelines: Sequence[list[dict]]) -> None:
-    """stats.json: the summary, each rank's figures and each rank's sampled timeline."""
+def write_stats(out_dir: Path, stats: Sequence[RankStats], summary: dict, timelines: Sequence[list[dict]],
+                run: Optional[dict] = None) -> None:
+    """stats.json: the summary, what produced the run (`run`: config, model, versions, devices, date), each
+    rank's figures and each rank's sampled timeline."""
     write_atomic(out_dir / STATS_FILE, json.dumps(
-        {"summary": summary, "ranks": [s.as_record() for s in stats], "timelines": list(timelines)}, indent=2) + "\n")
+        {"summary": summary, "run": run or {}, "ranks": [s.as_record() for s in stats], "timelines": list(timelines)},
+        indent=2, ensure_ascii=False) + "\n")
 
 
 def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, job: str = "",

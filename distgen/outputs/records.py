@@ -1,8 +1,10 @@
-"""Output records: a completion, or an error record for a prompt that could not run."""
+"""Output records: a completion, or an error record for a prompt that could not run, each with the input
+columns its record keeps (output.columns), flat beside the output fields. An input column named like an output
+field (`completion`, `error`, ...) is kept as `input_<name>` (`input_` again while that is taken too)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
 
 from distgen.engine.request import Completion, RequestFailed
 from distgen.inputs.records import Prompt, RecordId
@@ -25,23 +27,57 @@ class OutputRecord:
     completion_token_ids: list[int] = field(default_factory=list)
     # why an error record has no completion; absent from other records' JSON
     error: Optional[str] = None
+    # the input record's kept columns (output.columns), by their names in the dataset: flat in the JSON
+    columns: dict[str, Any] = field(default_factory=dict)
 
-    def as_json(self) -> dict:
-        record = asdict(self)
+    def as_json(self, keep_prompt: bool = True) -> dict:
+        """The record's JSON object; without the prompt text when not `keep_prompt` (output.keep_prompt)."""
+        record = {name: getattr(self, name) for name in OWN_FIELDS}
         if self.error is None:
             del record["error"]
-        return record
+        if not keep_prompt:
+            del record["prompt"]
+        return {**record, **{output_name(name, self.columns): value for name, value in self.columns.items()}}
 
 
-def completion_record(completion: Completion, text: str, token_ids: list[int]) -> dict:
+# Every name an output record's own fields take (whether or not a record holds it), in their order.
+OWN_FIELDS = tuple(f.name for f in fields(OutputRecord) if f.name != "columns")
+
+
+def output_name(name: str, columns: dict) -> str:
+    """An input column's name in the outputs: its own, or `input_<name>` where an output field has it (again while
+    another input column or an output field has that)."""
+    found = name
+    while found in OWN_FIELDS or (found != name and found in columns):
+        found = f"input_{found}"
+    return found
+
+
+def renamed_columns(names) -> dict[str, str]:
+    """Of these input columns, those whose output name is not their own: {name: output name}."""
+    columns = dict.fromkeys(names)
+    return {name: output_name(name, columns) for name in names if output_name(name, columns) != name}
+
+
+def completion_record(completion: Completion, text: str, token_ids: list[int], keep_prompt: bool = True) -> dict:
     """`text` and `token_ids` are the completion as kept (cut before a stop string)."""
-    return OutputRecord(completion.prompt.index, completion.prompt.id, completion.prompt.text, text,
-                        completion.prompt_token_count, len(token_ids), completion.finish_reason,
-                        list(token_ids)).as_json()
+    prompt = completion.prompt
+    return OutputRecord(prompt.index, prompt.id, prompt.text, text, completion.prompt_token_count, len(token_ids),
+                        completion.finish_reason, list(token_ids), columns=prompt.columns).as_json(keep_prompt)
 
 
-def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0) -> dict:
-    return OutputRecord(prompt.index, prompt.id, prompt.text, "", prompt_tokens, 0, ERROR, error=reason).as_json()
+def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0, keep_prompt: bool = True) -> dict:
+    return OutputRecord(prompt.index, prompt.id, prompt.text, "", prompt_tokens, 0, ERROR, error=reason,
+                        columns=prompt.columns).as_json(keep_prompt)
+
+
+@dataclass(frozen=True)
+class MergeInfo:
+    """What a form of outputs.jsonl may need besides the records (distgen/outputs/shards.py MERGE_FORMATS)."""
+    model: str = ""  # the model that generated (its hub id or folder as configured)
+    job: str = ""  # the job's fingerprint
+    chat: bool = False  # records without a url of their own are chat records (dataset.messages_field)
+    created: int = 0  # unix time of the merge
 
 
 # How a completion is kept: (prompt, token ids) -> (text, token ids) cut before a stop string
@@ -49,12 +85,12 @@ def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0) -> dict:
 Cut = Callable[[Prompt, list[int]], tuple[str, list[int]]]
 
 
-def output_record(completion: Completion, cut: Cut) -> dict:
+def output_record(completion: Completion, cut: Cut, keep_prompt: bool = True) -> dict:
     """A finished request's record: its completion as kept, or an error record when it failed (in the
     engine, or here when its tokens cannot be decoded)."""
     if completion.error is None:
         try:
-            return completion_record(completion, *cut(completion.prompt, completion.token_ids))
+            return completion_record(completion, *cut(completion.prompt, completion.token_ids), keep_prompt)
         except RequestFailed as err:
             completion = Completion(completion.prompt, completion.prompt_token_count, [], ERROR, str(err))
-    return error_record(completion.prompt, completion.error, completion.prompt_token_count)
+    return error_record(completion.prompt, completion.error, completion.prompt_token_count, keep_prompt)

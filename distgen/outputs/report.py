@@ -1,12 +1,15 @@
 """report.html: the run at a glance, one self-contained page with inline SVG charts (no
 plotting dependency): per-rank memory and tokens/s over time, forward vs idle steps per
-rank, and prompt / completion length histograms."""
+rank, and prompt / completion length histograms; the records by finish reason and the
+commonest errors; what produced the run (model and revision, versions, devices, date, and the
+composed config)."""
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
 
 REPORT_FILE = "report.html"
 WIDTH, HEIGHT, MARGIN = 640, 240, 48
@@ -100,12 +103,60 @@ def runs_table(runs: Sequence[dict]) -> str:
     return f"<h2>Runs of this job (charts and ranks: the last run)</h2><table><tr>{head}</tr>{rows}</table>"
 
 
+def table(rows: Sequence[Sequence], head: Sequence[str] = ()) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" if head else ""
+    return f"<table>{header}{cells}</table>"
+
+
+def key_values(items) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                               for k, v in items) + "</table>"
+
+
+# Summary entries shown as tables of their own.
+OWN_TABLES = ("finish_reasons", "commonest_errors")
+
+
+def outcomes_section(summary: dict) -> str:
+    """The records by finish reason, and the commonest error messages (numbers aside) with their counts."""
+    reasons = summary.get("finish_reasons")
+    if not reasons:
+        return ""
+    total = sum(reasons.values()) or 1
+    found = "<h2>Records by finish reason</h2>" + table(
+        [(reason, count, f"{100 * count / total:.1f}%") for reason, count in reasons.items()],
+        ("finish_reason", "records", "share"))
+    errors = summary.get("commonest_errors") or []
+    if errors:
+        found += "<h2>Commonest errors</h2>" + table([(e["count"], e["message"]) for e in errors],
+                                                     ("records", "message (the first of its kind)"))
+    return found
+
+
+def run_section(run: Optional[dict]) -> str:
+    """What produced the outputs: model, versions, devices, hosts, date, and the composed config."""
+    if not run:
+        return ""
+    model = run.get("model", {})
+    facts = [("date", run.get("date")), ("host", run.get("hostname")), ("hosts", ", ".join(run.get("hosts", []))),
+             ("devices", ", ".join(run.get("devices", []))),
+             *((f"model.{k}", v) for k, v in model.items()),
+             *((f"{name} version", v) for name, v in run.get("versions", {}).items())]
+    config = OmegaConf.to_yaml(OmegaConf.create(run.get("config", {})))
+    return ("<h2>Run</h2>" + key_values([(k, v) for k, v in facts if v not in (None, "")])
+            + f"<details><summary>Config (as composed; --print-config)</summary><pre>{html.escape(config)}</pre>"
+            "</details>")
+
+
 def render_report(summary: dict, ranks: Sequence[dict], timelines: Sequence[Sequence[dict]],
-                  prompt_tokens: np.ndarray, completion_tokens: np.ndarray, runs: Sequence[dict] = ()) -> str:
+                  prompt_tokens: np.ndarray, completion_tokens: np.ndarray, runs: Sequence[dict] = (),
+                  run: Optional[dict] = None) -> str:
+    """`run`: what produced the outputs (stats.json's `run`)."""
     names = [f"rank {r['rank']}" for r in ranks]
     memory = {n: [(s["t"], s["rss_mib"]) for s in line] for n, line in zip(names, timelines)}
     cuda = {n: [(s["t"], s["cuda_mib"]) for s in line] for n, line in zip(names, timelines)}
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    rows = key_values((k, v) for k, v in summary.items() if k not in OWN_TABLES)
     charts = [
         line_chart("Resident memory per rank", "seconds", "RSS MiB", memory),
         line_chart("Generated tokens/s per rank", "seconds", "tokens/s",
@@ -120,4 +171,4 @@ def render_report(summary: dict, ranks: Sequence[dict], timelines: Sequence[Sequ
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>distgen report</title>"
             "<style>body{font-family:sans-serif;margin:2em}figure{margin:1em 0}figcaption{font-weight:bold}"
             "td,th{text-align:left;padding:0 1em}</style></head><body><h1>distgen report</h1>"
-            f"<table>{rows}</table>{runs_table(runs)}{''.join(charts)}</body></html>\n")
+            f"{rows}{outcomes_section(summary)}{runs_table(runs)}{''.join(charts)}{run_section(run)}</body></html>\n")

@@ -7,7 +7,9 @@ folder), by name and digest, not how its path is spelled; its dtype, attention a
 sampling settings and budgets; the too-long policy; the assistant (model.assistant and its
 settings, when one is set). How the work is batched or placed (batch size, scheduler, layout,
 launcher, world size) is left out: it must not change a completion, and a restart with a smaller
-batch after running out of memory must find the earlier work.
+batch after running out of memory must find the earlier work. What a record holds besides its completion
+(output.columns, output.keep_prompt) is part of the settings where it is not the default, so that one job's
+records all have one shape.
 
 The prompts are not part of the settings: each record is resumed on its own, by its index and a
 digest of the record (distgen/inputs/keys.py), so a grown dataset runs only its new rows. The job
@@ -143,11 +145,24 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# What a record holds besides its completion, with the default that leaves it out of the settings (a job of an
+# earlier distgen, which kept no columns, has the settings it had).
+RECORD_SHAPE = {"columns": None, "keep_prompt": True}
+
+
+def record_shape(cfg: RunConfig) -> dict[str, Any]:
+    return {key: getattr(cfg.output, key) for key, default in RECORD_SHAPE.items()
+            if getattr(cfg.output, key) != default}
+
+
 def job_settings(cfg: RunConfig) -> dict[str, Any]:
-    """Everything that decides a completion, flat (`generation.max_new_tokens: 32`), JSON values."""
+    """Everything that decides a completion (and a record's shape), flat (`generation.max_new_tokens: 32`), JSON
+    values."""
     generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS + ASSISTANT_KEYS}
     content = {"model": model_identity(cfg.model), "generation": generation,
                "dataset": {"too_long": cfg.dataset.too_long, **chat_identity(cfg.dataset)}}
+    if record_shape(cfg):
+        content["output"] = record_shape(cfg)
     assistant = assistant_identity(cfg)
     if assistant:
         content["assistant"] = assistant
@@ -164,9 +179,14 @@ def job_fingerprint(cfg: RunConfig, dataset_digest: str) -> str:
 
 
 def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for each setting that differs (`(none)` where one side lacks it)."""
+    """`key: old -> new` for each setting that differs (`(none)` where one side lacks it; a record shape key's
+    default where one side leaves it out)."""
+    defaults = {f"output.{key}": value for key, value in RECORD_SHAPE.items()}
+
     def show(settings: dict, key: str) -> str:
-        return json.dumps(settings[key]) if key in settings else "(none)"
+        if key in settings:
+            return json.dumps(settings[key])
+        return json.dumps(defaults[key]) if key in defaults else "(none)"
     return [f"{key}: {show(old, key)} -> {show(new, key)}" for key in sorted(old.keys() | new.keys())
             if old.get(key, ()) != new.get(key, ())]
 

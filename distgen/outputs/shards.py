@@ -6,7 +6,8 @@ so no rank ever holds more than one shard, and nothing is gathered.
     output.dir/outputs/part-RRRRR-NNNNN.parquet     (output.format=parquet)
     output.dir/outputs/manifest.json                the job (distgen/outputs/folder.py), and once complete every shard
     output.dir/outputs/record-keys.npy              each prompt's record key as of the last start
-    output.dir/outputs.jsonl                        optional (output.merge): a streaming k-way merge
+    output.dir/outputs.jsonl                        optional (output.merge): a streaming k-way merge, as distgen
+                                                    records or OpenAI batch output lines (output.merge_format)
 
 A start (rank 0, holding the lock, before any rank writes) reads the shards a crashed or earlier
 run left: a record is finished when its index is in the dataset and its key is the record's key
@@ -25,14 +26,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from distgen.common.errors import IncompleteOutputError, OutputSpaceError
 from distgen.common.files import atomic_file, write_atomic
 from distgen.common.registry import Registry
-from distgen.outputs.records import ERROR
+from distgen.outputs.openai_batch import batch_output_lines
+from distgen.outputs.records import ERROR, MergeInfo
+from distgen.outputs.stats import ErrorTally
 from distgen.outputs.folder import (MANIFEST_VERSION, MERGED_FILE, claimed_files, outputs_dir, previous_folder,
                                     read_manifest, write_manifest)
 
@@ -45,6 +48,13 @@ READ_BATCH = 1024
 OUTPUT_FORMATS: Registry[str] = Registry("output.format", valued=True)
 OUTPUT_FORMATS.register("jsonl", None, ".jsonl", doc="JSON lines")
 OUTPUT_FORMATS.register("parquet", None, ".parquet", doc="parquet (pyarrow)")
+# output.merge_format -> outputs.jsonl's lines, made from the records in dataset order.
+MERGE_FORMATS: Registry[Callable[[Iterable[dict], MergeInfo], Iterable[dict]]] = Registry(
+    "output.merge_format", valued=True,
+    also={"auto": "openai_batch when the dataset is an OpenAI batch file (dataset.format=openai_batch), else distgen"})
+MERGE_FORMATS.register("distgen", None, lambda records, info: records, doc="distgen's records, as the shards hold them")
+MERGE_FORMATS.register("openai_batch", None, batch_output_lines,
+                       doc="OpenAI batch output lines (id, custom_id, response, error), one per request")
 # A full file system, or the user's quota on it.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -91,11 +101,61 @@ def read_shard(path: Path, torn: Optional[list[int]] = None) -> Iterator[dict]:
         yield from read_jsonl_lines(path, torn)
 
 
-def parquet_records(records: Sequence[dict]) -> list[dict]:
-    """A parquet column holds one type: a shard whose ids mix strings and integers holds them as text."""
-    if len({type(r.get("id")) for r in records}) > 1:
-        return [{**r, "id": str(r["id"])} for r in records]
-    return list(records)
+def merge_format(name: str, dataset_format: str) -> str:
+    """output.merge_format, with auto resolved for this dataset's format."""
+    if name != "auto":
+        return name
+    return "openai_batch" if dataset_format == "openai_batch" else "distgen"
+
+
+SCALARS = (str, int, float, bool)
+
+
+def one_scalar_type(values: Sequence[Any]) -> bool:
+    """Whether the values (nulls aside) are all of one plain type, or all lists of ints (token ids): Arrow holds
+    those as they are."""
+    kinds = {type(v) for v in values if v is not None}
+    if len(kinds) != 1:
+        return not kinds
+    kind = next(iter(kinds))
+    return kind in SCALARS or kind is list and all(type(x) is int for v in values if v is not None for x in v)
+
+
+def empty_struct(kind) -> bool:
+    """Parquet cannot hold a struct without fields (the type of `{}`), at any depth."""
+    import pyarrow as pa
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(empty_struct(kind.field(k).type) for k in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return empty_struct(kind.value_type)
+    return False
+
+
+def as_text(value: Any) -> Optional[str]:
+    return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def parquet_column(values: list):
+    """One column of a parquet shard. A parquet column holds one type: values that have one (as Arrow reads them
+    back unchanged) are stored as they are; a column whose values do not (strings and integers, as ids may mix;
+    integers and floats; objects with other keys) holds each as text: a string as itself, any other value as its
+    JSON."""
+    import pyarrow as pa
+    try:
+        column = pa.array(values)
+        if not empty_struct(column.type) and (one_scalar_type(values) or json.dumps(
+                column.to_pylist(), sort_keys=True) == json.dumps(values, sort_keys=True)):
+            return column
+    except (pa.ArrowException, OverflowError, ValueError, TypeError):
+        pass
+    return pa.array([as_text(v) for v in values], pa.string())
+
+
+def parquet_table(records: Sequence[dict]):
+    """The records as one table: a column per field any record holds (null where one lacks it)."""
+    import pyarrow as pa
+    names = list(dict.fromkeys(name for record in records for name in record))
+    return pa.table({name: parquet_column([record.get(name) for record in records]) for name in names})
 
 
 def write_shard(records: Sequence[dict], path: Path) -> None:
@@ -104,7 +164,7 @@ def write_shard(records: Sequence[dict], path: Path) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
         with atomic_file(path, "wb") as out:
-            pq.write_table(pa.Table.from_pylist(parquet_records(records)), out)
+            pq.write_table(parquet_table(records), out)
     else:
         write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -288,8 +348,8 @@ class Repairs:
             lines.append(f"repaired: {self.aside[DUPLICATE]} duplicate record(s) of one index (two jobs wrote) "
                          "taken out of the job")
         if self.aside.get(CHANGED):
-            lines.append(f"{self.aside[CHANGED]} prompt(s) changed since their record was written (text or "
-                         f"per-record settings; ids {', '.join(map(repr, self.changed_ids))}"
+            lines.append(f"{self.aside[CHANGED]} prompt(s) changed since their record was written (text, "
+                         f"per-record settings or kept columns; ids {', '.join(map(repr, self.changed_ids))}"
                          f"{', ...' if self.aside[CHANGED] > 5 else ''}): they run again")
         if self.aside.get(GONE):
             lines.append(f"{self.aside[GONE]} record(s) of prompts no longer in the dataset are not part of the job")
@@ -364,13 +424,25 @@ def start_outputs(out_dir: Path, job: dict, keys: np.ndarray, fmt: str = "jsonl"
 
 @dataclass
 class Coverage:
-    """What one streaming pass over the shards found: per-shard counts, the length histograms' data, and
-    the whole job's tokens as the ranks count them (completion records; error records generate nothing)."""
+    """What one streaming pass over the shards found: per-shard counts, the length histograms' data, the
+    whole job's tokens as the ranks count them (completion records; error records generate nothing), its
+    records by finish reason and its commonest errors."""
     shards: list[dict] = field(default_factory=list)
     prompt_tokens: list[np.ndarray] = field(default_factory=list)
     completion_tokens: list[np.ndarray] = field(default_factory=list)
     completion_prompt_tokens: int = 0
     generated_tokens: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    errors: ErrorTally = field(default_factory=ErrorTally)
+
+    def count(self, record: dict) -> None:
+        reason = str(record.get("finish_reason"))
+        self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
+        if reason == ERROR:
+            self.errors.add(str(record.get("error") or ""))
+        else:
+            self.completion_prompt_tokens += record.get("prompt_tokens", 0)
+            self.generated_tokens += record.get("completion_tokens", 0)
 
 
 def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int) -> Coverage:
@@ -384,9 +456,7 @@ def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int) -> 
             indices.append(record["index"])
             prompt_tokens.append(record.get("prompt_tokens", 0))
             completion_tokens.append(record.get("completion_tokens", 0))
-            if record.get("finish_reason") != ERROR:
-                coverage.completion_prompt_tokens += prompt_tokens[-1]
-                coverage.generated_tokens += completion_tokens[-1]
+            coverage.count(record)
         index = np.asarray(indices, dtype=np.int64)
         inside = (index >= 0) & (index < prompt_count)
         unknown.extend(index[~inside][:20].tolist())
@@ -404,29 +474,32 @@ def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int) -> 
     return coverage
 
 
-def merge_shards(shards: Sequence[Path], target: Path) -> None:
-    """outputs.jsonl in dataset order: each shard is sorted by index, so a k-way merge streams
-    them with one record per shard in memory."""
+def merge_shards(shards: Sequence[Path], target: Path, form: str = "distgen", info: MergeInfo = MergeInfo()) -> None:
+    """outputs.jsonl in dataset order, in `form` (MERGE_FORMATS): each shard is sorted by index, so a k-way
+    merge streams them with one record per shard in memory."""
     with atomic_file(target) as out:
-        for record in heapq.merge(*(read_shard(p) for p in shards), key=lambda r: r["index"]):
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        records = heapq.merge(*(read_shard(p) for p in shards), key=lambda r: r["index"])
+        for line in MERGE_FORMATS.get(form)(records, info):
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def finish_outputs(out_dir: Path, job: str, prompt_count: int, fmt: str, merge: bool,
-                   world_size: int, run: Optional[dict] = None) -> Coverage:
+                   world_size: int, run: Optional[dict] = None, form: str = "distgen",
+                   info: MergeInfo = MergeInfo()) -> Coverage:
     """Coordinator only, once every rank closed its shards: close shards left open, check every
     index is there once, write the manifest (with this run's figures `run` added to the earlier
-    runs') and (optionally) merge."""
+    runs') and (optionally) merge, in `form` (output.merge_format, resolved)."""
     out_dir = Path(out_dir)
     shards = [close_shard(p, fmt) if p.name.endswith(OPEN_SUFFIX) else p for p in list_shards(out_dir)]
     coverage = check_coverage(out_dir, shards, prompt_count)
     started = read_manifest(out_dir)
     merged: Optional[str] = None
     if merge:
-        merge_shards(shards, out_dir / MERGED_FILE)
+        merge_shards(shards, out_dir / MERGED_FILE, form, info)
         merged = MERGED_FILE
     files = sorted(claimed_files(started) | ({MERGED_FILE} if merged else set()))
     write_manifest(out_dir, {**started, "job": job, "files": files, "complete": True, "format": fmt,
                              "records": prompt_count, "world_size": world_size, "merged": merged,
+                             "merge_format": form if merged else None,
                              "runs": started.get("runs", []) + ([run] if run else []), "shards": coverage.shards})
     return coverage

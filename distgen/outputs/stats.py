@@ -1,7 +1,13 @@
 """Per-rank memory and throughput figures."""
 from __future__ import annotations
 
+import os
+import platform
+import re
 import resource
+import socket
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -59,6 +65,9 @@ class RankStats:
     cuda_graph_replays: int = 0
     cuda_graph_capture_seconds: float = 0.0
     eager_decode_steps: int = 0
+    # What the rank ran on: the GPU's name or the CPU's model, and the host.
+    device_name: str = ""
+    host: str = ""
 
     @property
     def acceptance_rate(self) -> float:
@@ -81,6 +90,79 @@ class RankStats:
         return {**vars(self), "tokens_per_second": round(self.tokens_per_second, 2),
                 "param_mib": round(self.param_mib, 3),
                 "acceptance_rate": round(self.acceptance_rate, 4), "disk_param_mib": round(self.disk_param_mib, 3)}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name (`NVIDIA H100 80GB HBM3`) or the CPU's model, with how many cores this process may use."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"
+
+
+def host_name() -> str:
+    return socket.gethostname()
+
+
+def versions() -> dict[str, str]:
+    """The versions that decide a run: Python, distgen, torch, transformers, datasets (and CUDA's where built)."""
+    import datasets
+    import transformers
+
+    # The package this module belongs to is imported before it; `import distgen` would name its API module above.
+    distgen = sys.modules[__name__.partition(".")[0]]
+    found = {"python": platform.python_version(), "distgen": distgen.__version__, "torch": torch.__version__,
+             "transformers": transformers.__version__, "datasets": datasets.__version__}
+    return {**found, "cuda": torch.version.cuda} if torch.version.cuda else found
+
+
+def environment(stats: list["RankStats"]) -> dict:
+    """When, where and with what the run ran: the date, the coordinator's host, every rank's host and device,
+    and the versions."""
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hostname": host_name(),
+            "hosts": sorted({s.host for s in stats if s.host}),
+            "devices": sorted({s.device_name for s in stats if s.device_name}), "versions": versions()}
+
+
+# Error messages told apart by their words, not their numbers: one entry per kind of failure.
+NUMBER = re.compile(r"\d+")
+MAX_ERROR_KINDS = 1000
+MESSAGE_CHARS = 500
+
+
+@dataclass
+class ErrorTally:
+    """Error records by message; messages that differ only in their numbers (token counts, sizes) count as one,
+    shown by the first of them. At most MAX_ERROR_KINDS kinds are told apart; the rest count as `other`."""
+    kinds: dict[str, list] = field(default_factory=dict)  # the message with its numbers as N -> [count, first]
+    other: int = 0
+
+    def add(self, message: str) -> None:
+        message = message[:MESSAGE_CHARS]
+        kind = NUMBER.sub("N", message)
+        if kind in self.kinds:
+            self.kinds[kind][0] += 1
+        elif len(self.kinds) < MAX_ERROR_KINDS:
+            self.kinds[kind] = [1, message]
+        else:
+            self.other += 1
+
+    def commonest(self, count: int = 5) -> list[dict]:
+        """The `count` commonest kinds: [{"count", "message"}], the most first."""
+        ranked = sorted(self.kinds.values(), key=lambda entry: -entry[0])[:count]
+        return [{"count": n, "message": message} for n, message in ranked]
 
 
 def peak_rss_mib() -> float:

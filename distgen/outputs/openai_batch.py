@@ -1,0 +1,65 @@
+"""outputs.jsonl as OpenAI batch output lines (output.merge_format=openai_batch; `auto` picks it for an OpenAI batch
+file): one line per request, in input order, as `vllm run-batch` and the hosted batch APIs write them:
+
+    {"id": "batch_req_...", "custom_id": "r1", "error": null,
+     "response": {"status_code": 200, "request_id": "req_...",
+                  "body": {"id": "chatcmpl-...", "object": "chat.completion", "created": 1700000000, "model": "...",
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."},
+                                        "logprobs": null, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}}}}
+
+A /v1/completions request gets a `text_completion` body (`choices[i].text`). A request that got an error record gets
+`{"id", "custom_id", "response": null, "error": {"code": "invalid_request", "message": why}}`. `model` is the model
+distgen ran (a request's own body.model stays in its record's body column); the ids are digests of the job and
+the custom_id, so a merge written again writes the same ids. The shards keep distgen's records.
+"""
+from __future__ import annotations
+
+import hashlib
+from itertools import groupby
+from typing import Iterable, Iterator
+
+from distgen.outputs.records import ERROR, MergeInfo
+
+CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+# distgen's finish reasons as OpenAI's: an EOS token or a stop string is "stop".
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+ERROR_CODE = "invalid_request"
+
+
+def batch_output_lines(records: Iterable[dict], info: MergeInfo) -> Iterator[dict]:
+    """One output line per request (the records of one prompt index: one, or one per sample), in order."""
+    for _, group in groupby(records, key=lambda record: record["index"]):
+        yield batch_output(list(group), info)
+
+
+def is_chat(record: dict, info: MergeInfo) -> bool:
+    """A request's url (its column, for an OpenAI batch file) says which it was; else the dataset does."""
+    url = record.get("url")
+    return url == CHAT_URL if url in (CHAT_URL, COMPLETIONS_URL) else info.chat
+
+
+def batch_output(samples: list[dict], info: MergeInfo) -> dict:
+    first = samples[0]
+    custom_id = str(first["id"])
+    digest = hashlib.sha256(f"{info.job}\0{custom_id}".encode("utf-8", "surrogatepass")).hexdigest()
+    line = {"id": f"batch_req_{digest[:24]}", "custom_id": custom_id}
+    failed = next((s for s in samples if s.get("finish_reason") == ERROR), None)
+    if failed is not None:
+        return {**line, "response": None, "error": {"code": ERROR_CODE, "message": failed.get("error") or ""}}
+    chat = is_chat(first, info)
+    ordered = sorted(samples, key=lambda s: s.get("sample_index", 0))
+    completion_tokens = sum(s["completion_tokens"] for s in ordered)
+    body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{digest[24:48]}",
+            "object": "chat.completion" if chat else "text_completion", "created": info.created, "model": info.model,
+            "choices": [choice(s, k, chat) for k, s in enumerate(ordered)],
+            "usage": {"prompt_tokens": first["prompt_tokens"], "completion_tokens": completion_tokens,
+                      "total_tokens": first["prompt_tokens"] + completion_tokens}}
+    return {**line, "response": {"status_code": 200, "request_id": f"req_{digest[48:]}", "body": body}, "error": None}
+
+
+def choice(record: dict, k: int, chat: bool) -> dict:
+    reason = FINISH_REASONS.get(record["finish_reason"], record["finish_reason"])
+    text = record["completion"]
+    found = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    return {"index": record.get("sample_index", k), **found, "logprobs": None, "finish_reason": reason}
