@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distgen.engine.host import read
-from distgen.engine.windows import layer_windows
+from distgen.engine.windows import layer_windows, text_config
 
 # generation.batch_size=auto never picks more rows than this (nor more than the rank's prompts).
 AUTO_BATCH_MAX = 1024
@@ -56,10 +56,6 @@ class KVShape:
 
     def bytes(self, rows: int, columns: int) -> int:
         return rows * self.cached_tokens(columns) * self.layer_bytes_per_token
-
-
-def text_config(model_config):
-    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
 
 
 def kv_shape(model_config, dtype: torch.dtype, quantized: bool = False, ring: Optional[int] = None) -> KVShape:
