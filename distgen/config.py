@@ -183,8 +183,9 @@ class GenerationConfig:
     # the cache packs both (the varlen slot cache; not with model.assistant); false: a prefill forward pauses them.
     mixed_steps: bool = True
     # KV cache: auto or a name in distgen.engine.kv.CACHES (dynamic, static, sliding_window, quantized,
-    # offloaded); auto: sliding_window when the model has one, quantized (offloaded on CUDA) when the KV
-    # cache of batch_size rows does not fit the memory budget, static when compiling or chunking, else dynamic.
+    # offloaded); auto: when the KV cache of batch_size rows does not fit the memory budget, sliding_window
+    # (a model local in every layer, if its ring fits) or quantized (offloaded on CUDA); static when compiling,
+    # chunking or for a sliding-window model whose window the sequences reach; else dynamic.
     cache: str = "auto"
     # cache=quantized: int8 (distgen's int8 slots), fp8, quanto or hqq (transformers' quantized caches);
     # bits: None takes the backend's default; residual_length: recent tokens kept unquantized (quanto, hqq).

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from transformers import (AutoModelForCausalLM, BloomConfig, GPT2Config, MptConfig, OPTConfig, PhiConfig,
-                          Qwen2Config)
+from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, MistralConfig,
+                          MptConfig, OPTConfig, PhiConfig, Qwen2Config)
 
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
@@ -349,6 +349,53 @@ def save_architecture(name: str, out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+# Tiny sliding-window models, window 6 (PROMPTS run past it), 4 layers, each way of saying which layers are local.
+WINDOW = 6
+WINDOW_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+WINDOW_ARCHITECTURES: dict[str, Callable[..., object]] = {
+    # every layer local
+    "mistral": lambda **ids: MistralConfig(**WINDOW_COMMON, **ids, sliding_window=WINDOW),
+    # layers from max_window_layers=2 on local (layer_types derived from use_sliding_window)
+    "qwen2": lambda **ids: Qwen2Config(**WINDOW_COMMON, **ids, use_sliding_window=True, sliding_window=WINDOW,
+                                       max_window_layers=2),
+    # local and global alternating (local first); scores soft-capped, query_pre_attn_scalar != head_dim
+    "gemma2": lambda **ids: Gemma2Config(**WINDOW_COMMON, **ids, head_dim=16, sliding_window=WINDOW,
+                                         query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                         final_logit_softcapping=8.0),
+    # every second layer global through the config's sliding_window_pattern
+    "gemma3": lambda **ids: Gemma3TextConfig(**WINDOW_COMMON, **ids, head_dim=16, sliding_window=WINDOW,
+                                             query_pre_attn_scalar=24, sliding_window_pattern=2),
+}
+
+
+def window_config(name: str, tokenizer, **changes):
+    config = WINDOW_ARCHITECTURES[name](vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.initializer_range = 0.2
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_window_model(name: str, tokenizer, seed: int = 3, **changes) -> torch.nn.Module:
+    """A tiny sliding-window model in fp32, eval; Gemma's norms (1 + weight, zero at init) drawn at random so
+    its greedy tokens vary. `changes`: config attributes set after the config is built (same weights by seed)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(window_config(name, tokenizer, **changes), dtype=torch.float32)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if name.startswith("gemma") and "norm" in key:
+                param.normal_(0, 0.5)
+    return model.eval()
+
+
+def save_window_model(name: str, out: Path, **changes) -> Path:
+    build_window_model(name, build_tokenizer(), **changes).save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
     return out
 
 

@@ -19,13 +19,9 @@ def test_batched_greedy_equals_generate(name, tokenizer, prompts_file, tmp_path)
                            f"generation.max_new_tokens={BUDGET}", "generation.batch_size=3",
                            "generation.eos_token_ids=[]", "output.print_table=false"]) == 0
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    errors = []
-    for record, prompt in zip(read_outputs(out), PROMPTS):
+    for record, prompt in zip(read_outputs(out), PROMPTS):  # qwen2's "story" runs past its sliding window
         budget = prompt.get("max_new_tokens", BUDGET)
-        if record["finish_reason"] == "error":  # longer than the sliding window: refused, not wrong
-            assert record["prompt_tokens"] + budget > SLIDING_WINDOW and "sliding_window=64" in record["error"]
-            errors.append(prompt["id"])
-            continue
         want = reference_greedy(model, tokenizer, prompt["prompt"], budget, [])
         assert record["completion_token_ids"] == want, (name, prompt["id"])
-    assert errors == (["story"] if name == "qwen2" else [])
+    if name == "qwen2":
+        assert max(r["prompt_tokens"] + r["completion_tokens"] for r in read_outputs(out)) > SLIDING_WINDOW

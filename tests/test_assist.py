@@ -108,9 +108,10 @@ def test_oom_backoff_restarts_assisted_rows_afresh(tiny_model, tokenizer, eos, g
 
 def test_sliding_window_ring_holds_a_whole_verify(sliding_model, tokenizer):
     # A ring of window + chunk - 1 columns: the verify's k + 1 tokens must not overwrite what they attend to.
-    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, compile="off", num_assistant_tokens=9)
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, compile="off", num_assistant_tokens=9,
+                           cache="sliding_window")
     engine = engine_for(sliding_model, tokenizer, RECORDS[1:5], cfg, assistant=AssistantSpec("draft", sliding_model))
-    assert "sliding_window" in engine.choice and engine.kv.max_len >= 6 + 10 - 1
+    assert "cache=sliding_window" in engine.choice and engine.kv.max_len >= 6 + 10 - 1
     got = generate_all(engine)
     for record in RECORDS[1:5]:
         budget = record.get("max_new_tokens", DEFAULT_BUDGET)

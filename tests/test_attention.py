@@ -68,6 +68,36 @@ def test_the_paths_agree_on_one_mixed_step(heads, kv_heads):
     assert not ATTENTIONS.get("varlen_reference").attend(varlen, varlen_layer, query, 0.25)[0, 1].any()
 
 
+def windowed_reference(query, keys, values, slots, positions, window, scale):
+    """Token t (slot slots[t], position positions[t]) attends to its slot's columns (positions[t] - window,
+    positions[t]], one token at a time: what transformers' sliding-window mask means."""
+    out = []
+    for t, (slot, pos) in enumerate(zip(slots, positions)):
+        first = max(0, pos - window + 1)
+        k, v = keys[slot, :, first:pos + 1], values[slot, :, first:pos + 1]  # (kv_heads, n, dim)
+        group = query.shape[1] // k.shape[0]
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        weights = torch.softmax(query[0, :, t:t + 1] @ k.transpose(-1, -2) * scale, dim=-1)  # (heads, 1, n)
+        out.append((weights @ v)[:, 0])
+    return torch.stack(out)[None]  # (1, tokens, heads, dim)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 1)])
+@pytest.mark.parametrize("window", [2, 3])
+def test_the_paths_apply_a_layers_window(heads, kv_heads, window):
+    """A local layer's window in each path (torch_sdpa's decode mask narrowed by the decode positions, sdpa_folded's,
+    the varlen reference's from seqused_k and each segment's band) equals attention over exactly the window."""
+    query, (sdpa, sdpa_layer), (varlen, varlen_layer) = attention_case(CPU, F32, heads, kv_heads)
+    sdpa.decode_positions = torch.tensor([2, 4])
+    slots, positions = [0, 1, 2, 2, 2, 2, 3, 3, 3], [2, 4, 0, 1, 2, 3, 2, 3, 4]  # attention_case's tokens
+    want = windowed_reference(query, sdpa_layer.keys, sdpa_layer.values, slots, positions, window, 0.25)
+    for name, plan, layer in (("torch_sdpa", sdpa, sdpa_layer), ("sdpa_folded", sdpa, sdpa_layer),
+                              ("varlen_reference", varlen, varlen_layer)):
+        got = ATTENTIONS.get(name).attend(plan, layer, query, 0.25, window=window)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    assert not torch.allclose(ATTENTIONS.get("torch_sdpa").attend(sdpa, sdpa_layer, query, 0.25), want, atol=1e-3)
+
+
 def request(index: int, prompt: int, row: int, prefilled: int = 0) -> Request:
     status = Status.DECODING if prefilled == prompt else Status.PREFILLING
     return Request(Prompt(index, str(index), ""), [7] * prompt, 4, None, status=status, prefilled=prefilled, row=row)

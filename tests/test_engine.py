@@ -157,7 +157,8 @@ def test_auto_choices_say_why(tiny_model):
     assert plan_cache(GenerationConfig(), tiny_model, compiling=False)[0] == "static"
     assert plan_cache(GenerationConfig(scheduler="chunked"), tiny_model, compiling=False)[0] == "static"
     assert plan_cache(GenerationConfig(), tiny_model, compiling=False, need=2 << 30, budget=1 << 30)[0] == "quantized"
-    with pytest.raises(ConfigError, match="generation.cache=sliding_window needs"):
+    with pytest.raises(ConfigError, match="generation.cache=sliding_window is not possible: its config has no "
+                                          "sliding_window"):
         plan_cache(GenerationConfig(cache="sliding_window"), tiny_model, compiling=False)
 
 
@@ -189,9 +190,9 @@ def test_quantized_cache_runs_keeps_shapes_and_is_smaller(tiny_model, tokenizer,
 @pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
 def test_sliding_window_cache_equals_generate(sliding_model, tokenizer, scheduler):
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, scheduler=scheduler, compile="off",
-                           prefill_chunk_tokens=5)
+                           prefill_chunk_tokens=5, cache="sliding_window")
     engine = engine_for(sliding_model, tokenizer, PROMPTS, cfg)
-    assert "sliding_window" in engine.choice
+    assert "cache=sliding_window" in engine.choice
     longest_chunk = 5 if scheduler == "chunked" else max(len(tokenizer(p["prompt"])["input_ids"]) for p in PROMPTS)
     assert engine.kv.max_len == 6 + longest_chunk - 1  # only the window (and one chunk) is cached
     assert_matches_generate(sliding_model, tokenizer, generate_all(engine), PROMPTS)

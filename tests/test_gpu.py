@@ -160,6 +160,21 @@ def test_flash_varlen_attention_equals_sdpa_in_bf16(heads, kv_heads):
     assert not ATTENTIONS.get("cuda_varlen").attend(varlen, varlen_layer, query, 0.25)[0, 1].any()
 
 
+@pytest.mark.parametrize("window", [2, 3])
+def test_flash_varlen_applies_a_layers_window_as_masked_sdpa_does(window):
+    """A local layer's window through FlashAttention's window_size_left (cuda_varlen) against torch_sdpa's narrowed
+    mask on the same mixed step, in bf16, within bf16's rounding of the fp32 masked attention."""
+    query, (sdpa, sdpa_layer), (varlen, varlen_layer) = attention_case(CUDA, torch.bfloat16, 4, 2)
+    query32, (sdpa32, layer32), _ = attention_case(CUDA, torch.float32, 4, 2)
+    for plan in (sdpa, sdpa32):
+        plan.decode_positions = torch.tensor([2, 4], device=CUDA)
+    flash = ATTENTIONS.get("cuda_varlen").attend(varlen, varlen_layer, query, 0.25, window=window)
+    want = ATTENTIONS.get("torch_sdpa").attend(sdpa32, layer32, query32, 0.25, window=window)
+    unwindowed = ATTENTIONS.get("torch_sdpa").attend(sdpa32, layer32, query32, 0.25)
+    error = lambda got: ((got.float() - want).norm() / want.norm()).item()  # noqa: E731
+    assert error(flash) < 1e-2 < error(unwindowed), (error(flash), error(unwindowed))
+
+
 def test_bf16_decode_replays_cuda_graphs_and_equals_its_eager_step(gpu_model_dir, tmp_path):
     """bf16 on one GPU: FlashAttention varlen, pipelined steps and CUDA graphs replayed (asserted from the rank's
     stats); the same job with graphs off runs the same padded step eagerly and gives the same tokens."""

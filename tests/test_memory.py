@@ -8,7 +8,7 @@ import numpy as np
 
 import pytest
 import torch
-from transformers import DynamicCache, MistralConfig, QuantizedCache
+from transformers import DynamicCache, MistralConfig, QuantizedCache, Qwen2Config
 
 from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module
 from distgen.catalog import check_section
@@ -57,12 +57,19 @@ def test_kv_estimate_equals_the_slot_caches(tiny_model, tokenizer, cache):
                                                            quantized=cache == "quantized").bytes(3, columns)
 
 
-def test_sliding_window_caps_the_kv_estimate_and_activations_grow_with_the_prompt(tiny_model):
+def test_the_kv_estimate_charges_each_layers_columns_and_activations_grow_with_the_prompt(tiny_model):
+    # Every layer of the slot caches keeps every column (a local layer applies its window in attention); the
+    # sliding_window ring keeps only its columns, and only in local layers.
     config = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            sliding_window=6)
     shape = kv_shape(config, torch.bfloat16)
-    assert (shape.window, shape.head_dim, shape.itemsize) == (6, 16, 2)
-    assert shape.bytes(2, 100) == 2 * 6 * shape.bytes_per_token == 2 * 6 * (2 * 2 * 2 * 16 * 2)
+    assert (shape.windows, shape.head_dim, shape.itemsize) == ((6, 6), 16, 2)
+    assert shape.bytes(2, 100) == 2 * 100 * shape.bytes_per_token == 2 * 100 * (2 * 2 * 2 * 16 * 2)
+    assert kv_shape(config, torch.bfloat16, ring=10).bytes(2, 100) == 2 * 10 * shape.bytes_per_token
+    mixed = Qwen2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    ring = kv_shape(mixed, torch.bfloat16, ring=10)  # layer 0 global: all 100 columns; layers 1-3 their rings
+    assert ring.windows == (None, 6, 6, 6) and ring.bytes(1, 100) == (100 + 3 * 10) * ring.layer_bytes_per_token
     small = activation_bytes_per_row(tiny_model.config, torch.float32, 8, 16)
     assert activation_bytes_per_row(tiny_model.config, torch.float32, 64, 80) > 8 * small > 0
 

@@ -17,7 +17,8 @@ from distgen.engine.kv import CACHES, CacheSpec, QueueShape
 from distgen.engine.kernels import apply_backends
 from distgen.engine.kv.attention import attention_context, plan_attention
 from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
-from distgen.engine.kv.slots import SlotKV
+from distgen.engine.kv.slots import SlotKV, ring_blocker, ring_columns
+from distgen.engine.windows import SLIDING, LayerWindows, text_config
 from distgen.engine.kv.quantized import quant_bits
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
                                    forward_bytes, kv_shape, logits_bytes_per_row, memory_budget)
@@ -53,16 +54,22 @@ CPU_COMPILE_REASON = ("not compiling: on CPU a compile is not measured faster (4
 # Model types generation.cache=auto puts in the slot cache without compiling (golden-tested against
 # model.generate; eager slots measured ~1.5x the dynamic cache in bench/engine.py). Others stay dynamic.
 SLOT_CACHE_AUTO_MODEL_TYPES = ("llama", "mistral")
+# Layer types a slot cache holds side by side: every column kept, a local layer's window applied in attention.
+ATTENTION_LAYER_TYPES = ("full_attention", SLIDING)
 
 
 def slot_cache_blocker(model: torch.nn.Module) -> Optional[str]:
-    """None when the model can use a slot cache, else why not (it needs position ids and a 4D mask)."""
+    """None when the model can use a slot cache, else why not (it needs position ids and a 4D mask; layers of
+    other kinds than global and sliding-window attention, or sliding windows that are not causal, it cannot hold)."""
     if not accepts_position_ids(type(unwrapped(model))):
         return f"{type(unwrapped(model)).__name__} takes no position_ids"
     if getattr(model.config, "is_encoder_decoder", False):
         return f"{type(model).__name__} is an encoder-decoder"
-    if len(set(getattr(model.config, "layer_types", None) or [])) > 1:
-        return f"{type(model).__name__} mixes attention layer types ({sorted(set(model.config.layer_types))})"
+    kinds = set(getattr(model.config, "layer_types", None) or [])
+    if len(kinds) > 1 and not kinds <= set(ATTENTION_LAYER_TYPES):
+        return f"{type(model).__name__} mixes attention layer types ({sorted(kinds)})"
+    if getattr(text_config(model.config), "use_bidirectional_attention", False):
+        return f"{type(model).__name__} attends bidirectionally (use_bidirectional_attention)"
     return None
 
 
@@ -146,20 +153,28 @@ def plan_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
 
 
 def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, need: int = 0, budget: int = 1 << 62,
-               device_type: str = "cpu", quantized_need: Optional[int] = None) -> tuple[str, str]:
+               device_type: str = "cpu", quantized_need: Optional[int] = None, columns: Optional[int] = None,
+               ring_need: Optional[int] = None) -> tuple[str, str]:
     """(cache name, why); `need` is the estimated KV bytes of batch_size rows in full precision,
-    `quantized_need` in the quantized cache (default: a quarter), `budget` what may be spent on it."""
-    window, blocker = kv_geometry(model)[1], slot_cache_blocker(model)
+    `quantized_need` in the quantized cache (default: a quarter), `ring_need` in the sliding_window ring (None: the
+    model cannot use one), `budget` what may be spent on it; `columns`: the longest sequence (None: unknown), which
+    says whether a sliding window binds."""
+    windows, blocker = LayerWindows.of(model.config), slot_cache_blocker(model)
+    binding = windows if columns is None else windows.binding(columns)
     if gen.cache != "auto":
         kind = CACHES.get(gen.cache)
         if kind.slots(gen) and blocker:
             raise ConfigError(f"generation.cache={gen.cache} is not possible: {blocker}; "
                               "use generation.cache=dynamic")
-        if gen.cache == "sliding_window" and not window:
-            raise ConfigError("generation.cache=sliding_window needs a model whose config has a sliding_window")
+        if gen.cache == "sliding_window" and ring_blocker(windows):
+            raise ConfigError(f"generation.cache=sliding_window is not possible: {ring_blocker(windows)}; use "
+                              "generation.cache=static or auto")
         return gen.cache, f"generation.cache={gen.cache}"
-    if window and not blocker:
-        return "sliding_window", f"the model attends over a sliding window of {window}"
+    local = binding.local and not blocker
+    if local and need > budget and ring_need is not None and ring_need <= budget:
+        return "sliding_window", f"a cache of every column (~{need >> 20} MiB) exceeds the budget of " \
+                                 f"{budget >> 20} MiB; a ring of the window of {windows.uniform} (~{ring_need >> 20} " \
+                                 "MiB) fits"
     if need > budget:
         quantized_need = need // 4 if quantized_need is None else quantized_need
         over = f"a full-precision KV cache (~{need >> 20} MiB) exceeds the budget of {budget >> 20} MiB"
@@ -175,9 +190,19 @@ def plan_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, n
         if blocker:
             raise ConfigError(f"generation.scheduler=chunked is not possible: {blocker}")
         return "static", "chunked prefill continues prompts in a slot cache"
+    if local:
+        return "static", f"{windows_said(binding)}: each layer's window applied in the slot cache"
     if not compile_blocker(model) and model.config.model_type in SLOT_CACHE_AUTO_MODEL_TYPES:
         return "static", f"slots need no row surgery for a {model.config.model_type} model"
     return "dynamic", "no compile, no sliding window"
+
+
+def windows_said(windows: LayerWindows) -> str:
+    """What the engine line says of a model's binding windows."""
+    local = [i for i, window in enumerate(windows.windows) if window is not None]
+    if len(local) == len(windows.windows):
+        return f"every layer attends over a sliding window of {windows.smallest}"
+    return f"layers {', '.join(map(str, local))} attend over a sliding window of {windows.smallest}"
 
 
 def build_assistant(spec: AssistantSpec, model: torch.nn.Module, kv: KVCache, gen: GenerationConfig,
@@ -196,7 +221,7 @@ def build_assistant(spec: AssistantSpec, model: torch.nn.Module, kv: KVCache, ge
         raise ConfigError(f"model.assistant={spec.name}: the draft model's vocabulary ({draft_vocab} tokens) differs "
                           f"from the model's ({vocab}); a draft must share the model's tokenizer")
     draft_kv = SlotKV(kv_geometry(draft)[0], gen.batch_size, shape.columns, pad_id, device, model_dtype(draft),
-                      full_width=False, compacts=False)
+                      full_width=False, compacts=False, windows=LayerWindows.of(draft.config))
     return Assistant(DraftModel(draft, draft_kv, gen.prefill_chunk_tokens if gen.scheduler == "chunked" else None),
                      gen, eos_ids)
 
@@ -252,7 +277,8 @@ def packs_prefill(model: torch.nn.Module, gen: GenerationConfig) -> bool:
     token budget (plan_cache decides for good once the batch is known)."""
     if slot_cache_blocker(model) or gen.cache not in ("auto", "static", "sliding_window"):
         return False
-    return gen.cache != "auto" or bool(kv_geometry(model)[1]) or model.config.model_type in SLOT_CACHE_AUTO_MODEL_TYPES
+    return gen.cache != "auto" or LayerWindows.of(model.config).local \
+        or model.config.model_type in SLOT_CACHE_AUTO_MODEL_TYPES
 
 
 def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueShape, budget: int,
@@ -267,16 +293,23 @@ def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueS
     if gen.scheduler == "chunked":
         query = min(query, gen.prefill_chunk_tokens)
     dtype = model_dtype(model)
-    kv = kv_shape(model.config, dtype, quantized=gen.cache == "quantized")
+    kv = kv_shape(model.config, dtype, quantized=gen.cache == "quantized",
+                  ring=ring_of(model, shape, gen) if gen.cache == "sliding_window" else None)
     if packs_prefill(model, gen):
         tokens = max(gen.prefill_chunk_tokens, query)  # a prompt longer than the budget is admitted whole
         flash = plan_attention(attention_context(model.config, device, AUTOCAST.get(gen.autocast) or dtype, dtype,
-                                                 gen.cpu_kernels, gen.autocast))[0].addressed
+                                                 gen.cpu_kernels, gen.autocast, columns=shape.columns))[0].addressed
         return auto_batch_size(kv, logits_bytes_per_row(model.config, dtype), shape.columns, shape.prompts, budget,
                                forward=forward_bytes(model.config, dtype, tokens, 0 if flash else query),
                                forward_tokens=tokens)
     activations = activation_bytes_per_row(model.config, dtype, query, shape.columns)
     return auto_batch_size(kv, activations, shape.columns, shape.prompts, budget)
+
+
+def ring_of(model: torch.nn.Module, shape: QueueShape, gen: GenerationConfig, verify_tokens: int = 1) -> Optional[int]:
+    """The columns of a `sliding_window` ring for this model and job, or None where the model cannot use one."""
+    windows = LayerWindows.of(model.config)
+    return None if ring_blocker(windows) else ring_columns(windows.uniform, shape, gen, verify_tokens)
 
 
 def plan_autocast(gen: GenerationConfig, model: torch.nn.Module) -> tuple[Optional[torch.dtype], str]:
@@ -319,10 +352,14 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     if adapters is not None and compile_plan.freeze:  # a frozen graph would keep the weights it was compiled with
         compile_plan = replace(compile_plan, freeze=False, reason=compile_plan.reason.replace(FROZEN_NOTE, "")
                                + " (weights not frozen: model.lora swaps adapters into them)")
+    verify_tokens = max_draft_tokens(gen) + 1 if assistant is not None else 1
     full = kv_shape(model.config, model_dtype(model))
     quantized = kv_shape(model.config, model_dtype(model), quantized=True)
+    ring = ring_of(model, shape, gen, verify_tokens)
+    ring_need = None if ring is None else kv_shape(model.config, model_dtype(model), ring=ring).bytes(
+        gen.batch_size, shape.columns)
     cache, why = plan_cache(gen, model, compile_plan.enabled, full.bytes(gen.batch_size, shape.columns), budget,
-                            device.type, quantized.bytes(gen.batch_size, shape.columns))
+                            device.type, quantized.bytes(gen.batch_size, shape.columns), shape.columns, ring_need)
     if compile_plan.enabled:
         persist_inductor_cache(gen.compile_cache_dir)
     if cache == "quantized":
@@ -338,9 +375,9 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
         choice += f"; {said}"
     attention, attention_why = plan_attention(attention_context(
         model.config, device, autocast or model_dtype(model), model_dtype(model), gen.cpu_kernels, gen.autocast,
-        compile_plan.enabled))
+        compile_plan.enabled, columns=shape.columns))
     spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled,
-                     verify_tokens=max_draft_tokens(gen) + 1 if assistant is not None else 1, attention=attention)
+                     verify_tokens=verify_tokens, attention=attention)
     kind = CACHES.get(cache)
     kv = kind.build(spec)
     if getattr(kv, "varlen", False):

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distgen.engine.host import read
+from distgen.engine.windows import layer_windows, text_config
 
 # generation.batch_size=auto never picks more rows than this (nor more than the rank's prompts).
 AUTO_BATCH_MAX = 1024
@@ -30,38 +31,46 @@ class KVShape:
     kv_heads: int
     head_dim: int
     itemsize: int               # bytes per cached element (the model dtype's, or 1 for int8 codes)
-    window: Optional[int]       # sliding window: a sequence caches at most this many tokens
+    windows: tuple[Optional[int], ...] = ()  # each layer's sliding window (None: global); () : every layer global
     scale_bytes: int = 0        # per token and head: the quantized cache's scale
+    ring: Optional[int] = None  # the `sliding_window` cache: columns a local layer's ring holds (None: no ring)
 
     @property
     def bytes_per_token(self) -> int:
         """Keys and values of one token over every layer."""
-        return 2 * self.layers * self.kv_heads * (self.head_dim * self.itemsize + self.scale_bytes)
+        return self.layers * self.layer_bytes_per_token
+
+    @property
+    def layer_bytes_per_token(self) -> int:
+        return 2 * self.kv_heads * (self.head_dim * self.itemsize + self.scale_bytes)
+
+    def layer_columns(self, window: Optional[int], columns: int) -> int:
+        """Columns one layer of a sequence of `columns` (prompt + budget) keeps: every one (the slot caches keep
+        every column in local layers too and apply the window in attention), or a ring's in a ring's local layer."""
+        return min(columns, self.ring) if self.ring is not None and window is not None else columns
 
     def cached_tokens(self, columns: int) -> int:
-        """Tokens a sequence of `columns` (prompt + budget) keeps cached: the window caps it."""
-        return min(columns, self.window) if self.window else columns
+        """Token-layers a sequence of `columns` keeps, summed over layers (each layer's columns)."""
+        windows = self.windows or (None,) * self.layers
+        return sum(self.layer_columns(window, columns) for window in windows)
 
     def bytes(self, rows: int, columns: int) -> int:
-        return rows * self.cached_tokens(columns) * self.bytes_per_token
+        return rows * self.cached_tokens(columns) * self.layer_bytes_per_token
 
 
-def text_config(model_config):
-    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-
-
-def kv_shape(model_config, dtype: torch.dtype, quantized: bool = False) -> KVShape:
+def kv_shape(model_config, dtype: torch.dtype, quantized: bool = False, ring: Optional[int] = None) -> KVShape:
     """The KV geometry of a model config; `quantized` prices the int8 slot cache (codes plus a scale per
-    token and head, in `dtype`). Other quantized backends take less (2 or 4 bits): this is their upper bound."""
+    token and head, in `dtype`). Other quantized backends take less (2 or 4 bits): this is their upper bound.
+    `ring`: the columns of the `sliding_window` cache's ring (slots.ring_columns), charged in local layers only."""
     config = text_config(model_config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     itemsize = torch.empty((), dtype=dtype).element_size()
-    window = getattr(config, "sliding_window", None)
+    windows = layer_windows(config)
     if quantized:
-        return KVShape(config.num_hidden_layers, kv_heads, head_dim, 1, window, scale_bytes=itemsize)
-    return KVShape(config.num_hidden_layers, kv_heads, head_dim, itemsize, window)
+        return KVShape(config.num_hidden_layers, kv_heads, head_dim, 1, windows, scale_bytes=itemsize, ring=ring)
+    return KVShape(config.num_hidden_layers, kv_heads, head_dim, itemsize, windows, ring=ring)
 
 
 def activation_bytes_per_row(model_config, dtype: torch.dtype, query_tokens: int, columns: int) -> int:

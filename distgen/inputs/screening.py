@@ -31,23 +31,13 @@ TABLE_LIMIT = ContextLimit(MAX_SEQUENCE_TOKENS, "distgen counts a prompt plus it
 
 
 
-def sliding_window(config) -> Optional[int]:
-    window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return window
-
-
 def context_limit(config) -> ContextLimit:
-    """The model's context from its config. Sliding-window models are held to their window: distgen's
-    left-padded, column-trimmed KV cache counts the window in cache columns, not in tokens, so a
-    sequence longer than the window would attend to the wrong tokens (refused rather than wrong)."""
+    """The model's context from its config (max_position_embeddings or its family's name for it). A sliding
+    window does not bound it: a local layer attends over its window wherever the sequence is, past it too
+    (distgen/engine/windows.py)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limits = [ContextLimit(getattr(config, key), f"{key}={getattr(config, key)}") for key in POSITION_LIMIT_KEYS
               if isinstance(getattr(config, key, None), int)][:1]
-    window = sliding_window(config)
-    if window is not None:
-        limits.append(ContextLimit(window, f"sliding_window={window}; distgen does not batch past the window"))
     return min(limits, key=lambda limit: limit.tokens, default=ContextLimit(None))
 
 

@@ -14,8 +14,8 @@ from distgen.backends.cpu.kernels import apply_kernels, decode_attention, decode
     write_kv
 from distgen.config import GenerationConfig
 from distgen.engine.kernels import KERNEL_BACKENDS, KernelBackend
-from distgen.engine.kv.attention import AttentionContext, SlotAttention, new_out, register, segments_into, \
-    write_columns
+from distgen.engine.kv.attention import AttentionContext, SlotAttention, new_out, register, require_plain, \
+    segments_into, softcap_blocker, write_columns
 from distgen.engine.kv.varlen import AttentionPlan
 
 
@@ -24,7 +24,9 @@ def write(plan: AttentionPlan, layer: Any, key: torch.Tensor, value: torch.Tenso
         write_columns(plan, layer, key, value)
 
 
-def attend(plan: AttentionPlan, layer: Any, query: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(plan: AttentionPlan, layer: Any, query: torch.Tensor, scale: float, window: Optional[int] = None,
+           softcap: Optional[float] = None) -> torch.Tensor:
+    require_plain("cpu_kernels", window, softcap, windows=False)
     out = new_out(query)
     n = plan.decode
     if n:
@@ -34,7 +36,10 @@ def attend(plan: AttentionPlan, layer: Any, query: torch.Tensor, scale: float) -
 
 
 def blocker(ctx: AttentionContext) -> Optional[str]:
-    return decode_attention_blocker(ctx.device, ctx.weights_dtype, ctx.cpu_kernels, ctx.autocast)
+    if ctx.window is not None:
+        return f"a sliding window of {ctx.window} binds (the kernels read each slot's columns from 0)"
+    return decode_attention_blocker(ctx.device, ctx.weights_dtype, ctx.cpu_kernels, ctx.autocast) \
+        or softcap_blocker(ctx)
 
 
 class CpuKernels:

@@ -194,8 +194,9 @@ class LlamaStack(torch.nn.Module):
                 or position_ids.shape != input_ids.shape or len(plan.layers) < len(self.layers) \
                 or (plan.decode and plan.decode_lengths is None) \
                 or any(kwargs.get(key) is not None for key in ("inputs_embeds", "cache", "past_key_values")) \
-                or any(kwargs.get(flag) for flag in ("output_hidden_states", "output_attentions")):
-            return False
+                or any(kwargs.get(flag) for flag in ("output_hidden_states", "output_attentions")) \
+                or any(getattr(layer, "window", None) is not None for layer in plan.layers):
+            return False  # (a binding sliding window: llama_stack reads every column; the kernels' blocker refuses)
         for layer in plan.layers[:len(self.layers)]:
             if not layer.is_initialized:  # what varlen.attend does on a layer's first forward
                 empty = torch.empty((1, self.kv_heads, 0, self.head_dim), dtype=torch.float32)

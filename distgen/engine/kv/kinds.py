@@ -80,7 +80,7 @@ class CacheKind:
 
 # generation.cache: auto (the builder picks one: engine.build.plan_cache) or a registered kind.
 CACHES: Registry[CacheKind] = Registry("generation.cache", valued=True, also={
-    "auto": "picked per job: sliding_window, quantized/offloaded when memory is short, static, else dynamic"})
+    "auto": "picked per job: sliding_window/quantized/offloaded when memory is short, static, else dynamic"})
 
 
 def register(kind: CacheKind, config: type) -> CacheKind:

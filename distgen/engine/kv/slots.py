@@ -3,8 +3,16 @@
 Each layer holds keys/values shaped (slots, kv_heads, columns + 1, head_dim). A request owns
 one slot; its token at position p lives in column p % columns, and `col_pos` (slots, columns)
 records which position each column holds (-1: none). The attention mask is "the column holds
-a position <= mine" (and, with a sliding window, "> mine - window"). With a window the
-columns form a ring of window + chunk - 1, so only the window is cached. A request that takes
+a position <= mine" (and, in a layer with a sliding window, "> mine - window": engine/windows.py).
+
+Sliding windows, per layer: every layer keeps every column (column = position) and a local layer applies its
+window in attention (a mask, or FlashAttention's window_size_left: attention.py), so global and local layers
+share one layout, one set of write columns and one memory figure per column; what a ring would save on the
+local layers (the columns before the window) is spent for this simplicity. Each SlotLayer carries its layer's
+window where a sequence of the job reaches it (`window`) and the config's (`config_window`, checked against what
+the model's attention passes). The `sliding_window` kind is the exception, for models whose every layer attends
+over one window: its columns form a ring of window + chunk - 1, so only the window is cached (the mask-and-read
+path below). A request that takes
 a slot clears its `col_pos` row, so it never attends to the previous tenant's columns. The
 last column is scratch: padding tokens write there and no mask ever reads it. Nothing is
 reshaped or copied between steps, so a compiled decode step keeps one shape for the job.
@@ -13,7 +21,8 @@ A prefill packs its prompts (or chunks) into ONE row with no padding: each token
 slot's column. Attention is varlen (varlen.py: each packed chunk attends to its own slot's columns,
 the decode tokens to theirs, through the custom op distgen::slot_attention); the int8 layers and the
 sliding-window ring instead read the (slot, column) pairs of every packed sequence with a mask that
-lets a token see only its own sequence's earlier positions (the token budget keeps that square small).
+lets a token see only its own sequence's earlier positions (the token budget keeps that square small); a model
+whose layers differ in window gets a mask per layer type there (transformers' `causal_mask_mapping`).
 Eager decode reads only the slots and columns in use; when a row finishes, the highest slot in
 use moves into the freed one, so the rows a decode reads have no idle holes. Attention implementations that
 address rows by slot id (attention.py: cuda_varlen) need no such move: a decode step reads the decoding rows'
@@ -26,18 +35,23 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import replace
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from distgen.common.errors import ConfigError
 from distgen.engine.host import read, upload, upload_all
 from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, kv_geometry, model_dtype, round_up
-from distgen.engine.kv.kinds import CacheKind, CacheSpec, register
+from distgen.engine.kv.kinds import CacheKind, CacheSpec, QueueShape, register
 from distgen.engine.kv.attention import ATTENTIONS, SlotAttention
 from distgen.engine.kv.varlen import AttentionPlan, Segment
 from distgen.engine.request import Request, Status
 from distgen.engine.scheduler import StepPlan
+from distgen.engine.windows import LayerWindows
+
+if TYPE_CHECKING:
+    from distgen.config import GenerationConfig
 
 # Eager decode reads only the columns in use, rounded up to this many (few distinct shapes).
 WIDTH_BUCKET = 64
@@ -63,6 +77,8 @@ class SlotLayer(CacheLayerMixin):
     """One decoder layer's buffers; `update` writes each row's tokens at that row's own columns."""
     is_compileable = True
     is_sliding = False
+    window: Optional[int] = None         # the sliding window attention applies here (None: global, or not reached)
+    config_window: Optional[int] = None  # the layer's window in the model config (engine/windows.py)
 
     def __init__(self, owner: "SlotCache"):
         super().__init__()
@@ -138,9 +154,14 @@ class Int8SlotLayer(SlotLayer):
 class SlotCache(Cache):
     """The transformers Cache the model writes into; the engine points it at this step's rows."""
 
-    def __init__(self, layers: int, slots: int, max_len: int, layer_class: type = SlotLayer, token_major: bool = False):
+    def __init__(self, layers: int, slots: int, max_len: int, layer_class: type = SlotLayer, token_major: bool = False,
+                 windows: Optional[LayerWindows] = None, binding: Optional[LayerWindows] = None):
+        """windows: each layer's window in the config; binding: those a sequence reaches (default: none)."""
         self.slots, self.max_len, self.token_major = slots, max_len, token_major
         super().__init__(layers=[layer_class(self) for _ in range(layers)])
+        for layer, declared, window in zip(self.layers, (windows or LayerWindows.none(layers)).windows,
+                                           (binding or LayerWindows.none(layers)).windows, strict=True):
+            layer.config_window, layer.window = declared, window
         # Set before each forward:
         self.write_rows: torch.Tensor = torch.zeros((0, 1), dtype=torch.long)  # (rows, 1) slot of each input row
         self.write_cols: torch.Tensor = torch.zeros((0, 0), dtype=torch.long)  # (rows, q) column of each token
@@ -157,21 +178,29 @@ class SlotKV(KVCache):
 
     def __init__(self, layers: int, slots: int, max_len: int, pad_id: int, device: torch.device,
                  dtype: torch.dtype, full_width: bool, window: Optional[int] = None, layer_class: type = SlotLayer,
-                 compacts: bool = True, varlen: bool = True, attention: Optional[SlotAttention] = None):
+                 compacts: bool = True, varlen: bool = True, attention: Optional[SlotAttention] = None,
+                 windows: Optional[LayerWindows] = None):
         """max_len: columns per slot (the longest prompt + budget, or the ring size with a window).
+        window: the ring's (every layer attends over it; only it and one chunk are cached), or None.
         compacts: move rows down into freed slots (only without full_width; off when a draft model's
         cache shares these slot numbers). varlen: attend through distgen::slot_attention (varlen.py).
-        attention: with varlen, the implementation that writes and attends (attention.py; default torch_sdpa)."""
+        attention: with varlen, the implementation that writes and attends (attention.py; default torch_sdpa).
+        windows: each layer's sliding window from the model config (engine/windows.py; default: none)."""
         self.slots, self.max_len, self.pad_id, self.device, self.dtype = slots, max_len, pad_id, device, dtype
         # full_width: decode every slot over every column (one shape: what compile needs).
         self.full_width, self.window = full_width, window
+        declared = windows or LayerWindows.none(layers)
+        # The windows attention applies: a ring's in every layer; else each layer's where a position reaches it.
+        self.windows = LayerWindows((window,) * layers, declared.types) if window is not None \
+            else declared.binding(max_len)
         # Prefill and decode forwards attend through distgen::slot_attention (varlen.py): per sequence,
         # over its own slot. The int8 layers and the sliding-window ring keep the mask-and-read path.
         self.varlen = varlen and layer_class is SlotLayer and window is None
         self.attention = attention if attention is not None and self.varlen else ATTENTIONS.get("torch_sdpa")
         # Rows addressed by slot id (varlen metadata): a decode reads the decoding rows' own slots, nothing moves.
         self.addressed = self.attention.addressed
-        self.cache = SlotCache(layers, slots, max_len, layer_class, token_major=self.attention.token_major)
+        self.cache = SlotCache(layers, slots, max_len, layer_class, token_major=self.attention.token_major,
+                               windows=declared, binding=self.windows)
         self.free = list(range(slots))
         long = dict(dtype=torch.long, device=device)
         # One entry more than slots: the padding rows' of an addressed decode (nothing reads it).
@@ -210,9 +239,11 @@ class SlotKV(KVCache):
         self.owners[request.row] = request
 
     def place(self, rows: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, read: Union[int, torch.Tensor],
-              width: int, masked: bool = True) -> Optional[torch.Tensor]:
-        """Point the cache at this forward's columns; return the additive mask (rows, 1, q, width), or None
-        when not `masked` (the decode-attention kernel reads each slot's length instead).
+              width: int, masked: bool = True, windowed: bool = True) -> Union[None, torch.Tensor, dict]:
+        """Point the cache at this forward's columns; return the additive mask (rows, 1, q, width) (a model
+        `attention_mask`: a mask per layer type where local layers differ, unless not `windowed`: the causal mask
+        alone, which slot attention narrows per layer), or None when not `masked` (the decode-attention kernel reads
+        each slot's length instead).
 
         rows: (rows, 1) slots; positions, real: (rows, q) each token's position and whether it is a real token.
         """
@@ -223,9 +254,18 @@ class SlotKV(KVCache):
             return None
         held, pos = self.col_pos[rows.squeeze(-1), :width].unsqueeze(1), positions.unsqueeze(-1)  # (rows, 1, width)
         allowed = (held >= 0) & (held <= pos)
-        if self.window is not None:
-            allowed = allowed & (held > pos - self.window)
-        return additive_mask(allowed, self.dtype).unsqueeze(1)
+        if not windowed:
+            return additive_mask(allowed, self.dtype).unsqueeze(1)
+        return self.layer_masks(allowed, held, pos, lambda mask: mask.unsqueeze(1))
+
+    def layer_masks(self, allowed: torch.Tensor, held: torch.Tensor, pos: torch.Tensor,
+                    shape: Callable[[torch.Tensor], torch.Tensor]) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
+        """The additive `attention_mask` of a mask-and-read forward: `allowed` (causal: key position `held` <= query
+        position `pos`), narrowed in each local layer to (pos - window, pos], shaped by `shape`; one mask where every
+        layer attends alike, else one per layer type (engine/windows.py LayerWindows.masks)."""
+        by_window = {window: shape(additive_mask(allowed if window is None else allowed & (held > pos - window),
+                                                 self.dtype)) for window in set(self.windows.windows)}
+        return self.windows.masks(by_window)
 
     def prefill_inputs(self, plan: StepPlan) -> ForwardBatch:
         """Every request's next chunk packed into one row: token t of request i writes position
@@ -267,10 +307,9 @@ class SlotKV(KVCache):
                 slots.repeat_interleave(keys)
             q_seq, k_seq, k_slot, k_pos = (t.to(self.device) for t in (q_seq, k_seq, k_slot, k_pos))
             allowed = (q_seq.unsqueeze(1) == k_seq) & (k_pos <= q_pos.unsqueeze(1))  # (queries, keys)
-            if self.window is not None:
-                allowed = allowed & (k_pos > q_pos.unsqueeze(1) - self.window)
             self.point(q_slot.unsqueeze(0), q_col.unsqueeze(0), k_slot, len(k_pos), read_cols=k_pos % self.max_len)
-            inputs.update(attention_mask=additive_mask(allowed, self.dtype)[None, None], cache=self.cache)
+            mask = self.layer_masks(allowed, k_pos, q_pos.unsqueeze(1), lambda mask: mask[None, None])
+            inputs.update(attention_mask=mask, cache=self.cache)
         return ForwardBatch(inputs, list(range(len(plan.requests))))
 
     def chunk_inputs(self, slots: list[int], chunks: list[list[int]], starts: list[int], keep: int) -> dict:
@@ -305,13 +344,16 @@ class SlotKV(KVCache):
             width = self.max_len  # the model reads the keys: one shape for the compiled step
         decoding = self.decoding[:count].unsqueeze(-1)  # (count, 1); idle slots write to scratch
         positions = torch.where(decoding, self.lengths[:count].unsqueeze(-1), 0)
-        mask = self.place(self.all_rows[:count], positions, decoding, count, width, masked=not self.decode_kernel)
+        mask = self.place(self.all_rows[:count], positions, decoding, count, width, masked=not self.decode_kernel,
+                          windowed=not self.varlen)
         if self.varlen:  # one packed row, a token per slot; the op reads the first `width` columns
             attention = AttentionPlan(self.cache.layers, self.all_rows[:count, 0], self.cache.write_cols[:, 0],
                                       decode=count, width=width, decode_mask=mask, impl=self.attention,
                                       cpu_kernels=self.attention.owns_stack)
             if self.decode_kernel:  # each slot reads its own columns: through the new token's, none when idle
                 attention.decode_lengths = torch.where(decoding[:, 0], positions[:, 0] + 1, 0)
+            if self.windows.local:  # local layers read only their window of the columns
+                attention.decode_positions = positions[:, 0]
             inputs = dict(input_ids=self.last_tokens[:count].unsqueeze(0), position_ids=positions.view(1, -1),
                           logits_to_keep=self.all_rows[:count, 0], use_cache=False, attention_plan=attention)
             return ForwardBatch(inputs, [r.row for r in requests])
@@ -471,21 +513,43 @@ class SlotKV(KVCache):
         self.col_pos = self.col_pos.new_empty((0, 0))
 
 
+def ring_columns(window: int, shape: QueueShape, gen: "GenerationConfig", verify_tokens: int = 1) -> int:
+    """The columns of a `sliding_window` ring: the window and one chunk less a column (a prefill chunk of q tokens
+    must not overwrite what its first token still needs), at most what the longest sequence needs."""
+    longest_chunk = shape.longest_prompt
+    if gen.scheduler == "chunked":
+        longest_chunk = min(longest_chunk, gen.prefill_chunk_tokens)
+    longest_chunk = max(longest_chunk, verify_tokens)
+    return min(shape.columns, window + longest_chunk - 1)
+
+
+def ring_blocker(windows: LayerWindows) -> Optional[str]:
+    """Why a model cannot use the `sliding_window` ring (every layer must attend over one window), or None."""
+    if windows.uniform is not None:
+        return None
+    if not windows.local:
+        return "its config has no sliding_window"
+    globals_ = [str(i) for i, window in enumerate(windows.windows) if window is None]
+    return f"layers {', '.join(globals_)} attend globally (the static cache applies each layer's window)"
+
+
 def build_slots(spec: CacheSpec, layer_class: type = SlotLayer, sliding: bool = False) -> SlotKV:
-    layers, window = kv_geometry(spec.model)
-    columns = spec.shape.columns
+    layers = kv_geometry(spec.model)[0]
+    windows = LayerWindows.of(spec.model.config)
+    columns, window = spec.shape.columns, None
     if sliding:
-        # A ring: a prefill chunk of q tokens must not overwrite what its first token still needs.
-        longest_chunk = spec.shape.longest_prompt
-        if spec.gen.scheduler == "chunked":
-            longest_chunk = min(longest_chunk, spec.gen.prefill_chunk_tokens)
-        longest_chunk = max(longest_chunk, spec.verify_tokens)
-        columns = min(columns, window + longest_chunk - 1)
+        blocker = ring_blocker(windows)
+        if blocker:
+            raise ConfigError(f"generation.cache=sliding_window is not possible: {blocker}; use generation.cache="
+                              "static or auto")
+        window = windows.uniform
+        columns = ring_columns(window, spec.shape, spec.gen, spec.verify_tokens)
     return SlotKV(layers, spec.rows, columns, spec.pad_id, spec.device, model_dtype(spec.model),
-                  full_width=spec.compiling, window=window if sliding else None, layer_class=layer_class,
+                  full_width=spec.compiling, window=window, layer_class=layer_class,
                   compacts=spec.verify_tokens == 1,  # assisted: the draft's cache uses the same slots
                   # CUDA graphs would replay the op's per-step plan tensors stale: compiled CUDA keeps the mask path
-                  varlen=not (spec.compiling and spec.device.type == "cuda"), attention=spec.attention)
+                  varlen=not (spec.compiling and spec.device.type == "cuda"), attention=spec.attention,
+                  windows=windows)
 
 
 class StaticSlots:
@@ -494,7 +558,7 @@ class StaticSlots:
 
 
 class SlidingWindowSlots:
-    """The slot cache as a ring holding only the model's sliding window (models whose config has one)."""
+    """The slot cache as a ring holding only the sliding window (models whose every layer attends over one)."""
 
 
 register(CacheKind("static", build_slots, slots=lambda gen: True), StaticSlots)
