@@ -15,6 +15,9 @@ from distgen.inputs.records import Prompt
 
 HALF_BITS = 31
 HALF_MASK = (1 << HALF_BITS) - 1
+# Fields `Prompt` gained after keys were first written: part of a key only when the record sets them, so a
+# record that does not keeps the key it had (and an earlier run's finished record is still found).
+KEYED_WHEN_SET = ("n",)
 
 
 @lru_cache(maxsize=None)
@@ -24,7 +27,8 @@ def content_fields(kind: type) -> tuple[str, ...]:
 
 def record_key(prompt: Prompt) -> int:
     """The record's content without its index, as JSON (any field type: an id 1 and an id "1" differ), hashed."""
-    content = {name: getattr(prompt, name) for name in content_fields(type(prompt))}
+    content = {name: getattr(prompt, name) for name in content_fields(type(prompt))
+               if name not in KEYED_WHEN_SET or getattr(prompt, name) is not None}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode("utf-8", "surrogatepass"))
     return int.from_bytes(digest.digest()[:8], "little") >> (64 - 2 * HALF_BITS)
 

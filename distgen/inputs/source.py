@@ -49,7 +49,7 @@ SAVED_MARKERS = ("state.json", "dataset_dict.json")
 HASH_BATCH = 10_000
 READ_BATCH = 1024
 # Bumped when the normalized records' columns change, so that no cached table of the old form is reused.
-NORMALIZED_VERSION = 2
+NORMALIZED_VERSION = 3
 
 
 def detect_format(path: str, fmt: str) -> str:
@@ -140,7 +140,7 @@ def normalized_features():
     from datasets import Features, List, Value
     return Features({"id": Value("string"), ID_IS_INT: Value("bool"), "prompt": Value("string"),
                      "messages": Value("string"), "max_new_tokens": Value("int64"), "temperature": Value("float64"),
-                     "top_p": Value("float64"), "top_k": Value("int64"), "seed": Value("uint64"),
+                     "top_p": Value("float64"), "top_k": Value("int64"), "seed": Value("uint64"), "n": Value("int64"),
                      "stop": List(Value("string")), "error": Value("string")})
 
 

@@ -16,6 +16,7 @@ class OutputRecord:
     # which prompt
     index: int
     id: RecordId  # the record's own id, a string or an integer as given, or its row
+    sample_index: int  # which of the prompt's n completions (generation.n): 0..n-1
     prompt: str
     # what was generated
     completion: str
@@ -35,13 +36,16 @@ class OutputRecord:
 
 def completion_record(completion: Completion, text: str, token_ids: list[int]) -> dict:
     """`text` and `token_ids` are the completion as kept (cut before a stop string)."""
-    return OutputRecord(completion.prompt.index, completion.prompt.id, completion.prompt.text, text,
+    return OutputRecord(completion.prompt.index, completion.prompt.id, completion.sample, completion.prompt.text, text,
                         completion.prompt_token_count, len(token_ids), completion.finish_reason,
                         list(token_ids)).as_json()
 
 
-def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0) -> dict:
-    return OutputRecord(prompt.index, prompt.id, prompt.text, "", prompt_tokens, 0, ERROR, error=reason).as_json()
+def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0, sample: int = 0) -> dict:
+    """An error record of one sample of the prompt (each of its n samples gets one: every (index, sample_index)
+    has exactly one record)."""
+    return OutputRecord(prompt.index, prompt.id, sample, prompt.text, "", prompt_tokens, 0, ERROR,
+                        error=reason).as_json()
 
 
 # How a completion is kept: (prompt, token ids) -> (text, token ids) cut before a stop string
@@ -56,5 +60,6 @@ def output_record(completion: Completion, cut: Cut) -> dict:
         try:
             return completion_record(completion, *cut(completion.prompt, completion.token_ids))
         except RequestFailed as err:
-            completion = Completion(completion.prompt, completion.prompt_token_count, [], ERROR, str(err))
-    return error_record(completion.prompt, completion.error, completion.prompt_token_count)
+            completion = Completion(completion.prompt, completion.prompt_token_count, [], ERROR, str(err),
+                                    completion.sample)
+    return error_record(completion.prompt, completion.error, completion.prompt_token_count, completion.sample)
