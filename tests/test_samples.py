@@ -189,6 +189,7 @@ def pairs(records) -> list:
 @pytest.fixture(scope="module")
 def sample_prompts(tmp_path_factory):
     records = [dict(r, n=2) if r["id"] == "code" else r for r in PROMPTS]  # one record with n of its own
+    records.append({"id": "bad", "prompt": "A record that cannot run", "top_p": 2})  # an error record per sample
     return records, write_prompts(tmp_path_factory.mktemp("samples") / "p.jsonl", records)
 
 
@@ -204,15 +205,17 @@ def test_a_job_writes_each_id_and_sample_once_in_order(sample_prompts, uninterru
     outputs, stats = uninterrupted
     want = [(r["id"], k) for r in records for k in range(r.get("n", 3))]
     assert pairs(outputs) == want  # dataset order, then sample_index
+    assert [r["finish_reason"] for r in outputs if r["id"] == "bad"] == ["error"] * 3
     assert stats["summary"]["records"] == len(want) and stats["summary"]["prompts"] == len(records)
+    assert stats["summary"]["errors"] == 3
     rank = stats["ranks"][0]
     assert rank["shared_prefix_tokens"] > 0 and rank["prefill_tokens"] + rank["shared_prefix_tokens"] == \
-        sum(r["prompt_tokens"] for r in outputs)
+        sum(r["prompt_tokens"] for r in outputs if r["finish_reason"] != "error")
     single = tmp_path / "single"  # sample 0 is what the same job with n=1 writes
     assert run_in_process(job_args(tiny_model_dir, sample_prompts[1], single, "generation.n=1")) == 0
-    zero = {r["id"]: r["completion_token_ids"] for r in outputs if r["sample_index"] == 0}
-    assert {r["id"]: r["completion_token_ids"] for r in read_outputs(single) if r["sample_index"] == 0} == \
-        {k: v for k, v in zero.items() if k != "code"} | {"code": read_outputs(single)[3]["completion_token_ids"]}
+    first = {(r["id"], r["sample_index"]): r["completion_token_ids"] for r in outputs if r["sample_index"] == 0
+             or r["id"] == "code"}  # "code" has n=2 of its own in both jobs
+    assert {(r["id"], r["sample_index"]): r["completion_token_ids"] for r in read_outputs(single)} == first
 
 
 def test_a_crashed_job_resumes_per_sample(sample_prompts, uninterrupted, tiny_model_dir, tmp_path, monkeypatch):
@@ -228,7 +231,7 @@ def test_a_crashed_job_resumes_per_sample(sample_prompts, uninterrupted, tiny_mo
     per_prompt = {}
     for record in kept:
         per_prompt.setdefault(record["id"], []).append(record["sample_index"])
-    assert any(0 < len(samples) < 3 for key, samples in per_prompt.items() if key != "code"), per_prompt
+    assert any(0 < len(samples) < 3 for key, samples in per_prompt.items() if key not in ("code", "bad")), per_prompt
     assert run_in_process(job_args(tiny_model_dir, sample_prompts[1], out)) == 0
     assert read_outputs(out) == want
     resumed = read_stats(out)
