@@ -13,13 +13,15 @@ import pytest
 from conftest import (DEFAULT_BUDGET, PROMPTS, REPO, assert_matches_generate, crash_at_step, journaled, paced_env,
                       read_outputs, read_stats, write_prompts)
 from distgen.catalog import check_section
+from distgen.catalog.load import load_config
 from distgen.common.errors import ConfigError
-from distgen.config import GenerationConfig
+from distgen.config import GenerationConfig, ModelConfig, RunConfig
 from distgen.engine.kv.attention import ATTENTION_ENV
 from distgen.engine.prefix import BLOCK, PREFIX_SHARING, block_keys
 from distgen.engine.sampling import sample_seed
 from distgen.inputs.keys import record_key
 from distgen.inputs.records import Prompt
+from distgen.outputs.resume import job_settings
 from distgen.outputs.samples import SampleTable
 from distgen.run import main as run_in_process
 from helpers import engine_for, generate_samples, stop_pids, wait_until
@@ -72,19 +74,24 @@ def test_sampled_n_draws_each_sample_from_its_own_stream_and_sample_0_is_the_n1_
     assert {key: c.token_ids for key, c in alone.items()} == {key: c.token_ids for key, c in got.items()}
 
 
-@pytest.mark.parametrize("kernels", ["auto", "torch"])  # distgen's stack and decode kernel; transformers' + SDPA
-def test_greedy_n_gives_n_equal_completions_equal_to_generate(tiny_model, tokenizer, kernels):
-    """As vLLM does: greedy decoding has one answer, so n samples are n copies of it (documented)."""
-    got = generate_samples(engine_for(tiny_model, tokenizer, PROMPTS, slot_cfg(n=2, cpu_kernels=kernels)))
+@pytest.mark.parametrize("scheduler,kernels", [("continuous", "auto"), ("continuous", "torch"), ("chunked", "auto"),
+                                               ("static", "auto")])  # "torch": transformers' forward + SDPA
+def test_greedy_n_gives_n_equal_completions_equal_to_generate(tiny_model, tokenizer, scheduler, kernels):
+    """As vLLM does: greedy decoding has one answer, so n samples are n copies of it (documented). The other
+    samples wait for the first's prefill (chunked: all its chunks), then run only the last prompt token."""
+    engine = engine_for(tiny_model, tokenizer, PROMPTS, slot_cfg(n=2, cpu_kernels=kernels, scheduler=scheduler,
+                                                                 prefill_chunk_tokens=16))
+    got = generate_samples(engine)
     for sample in range(2):
         assert_matches_generate(tiny_model, tokenizer, {r["id"]: got[r["id"], sample] for r in PROMPTS})
+    assert engine.prefill_tokens == sum(prompt_lengths(tokenizer, PROMPTS)) + len(PROMPTS)
 
 
 def test_a_record_n_overrides_generation_n_and_caches_that_cannot_copy_prefill_each_sample(tiny_model, tokenizer):
     records = [dict(r, n=1 + i % 3) for i, r in enumerate(PROMPTS)]
     lengths = prompt_lengths(tokenizer, records)
     engine = engine_for(tiny_model, tokenizer, records, slot_cfg(cache="dynamic", n=5, **SAMPLED))
-    assert engine.prefixes is None and "no prefix sharing (the DynamicKV cache does not copy" in engine.choice
+    assert engine.prefixes is None and "no prefix sharing (the DynamicKV cache does not copy KV between rows)" in engine.choice
     got = generate_samples(engine)
     assert sorted(got) == sorted((r["id"], k) for r in records for k in range(r["n"]))
     assert engine.prefill_tokens == sum(r["n"] * n for r, n in zip(records, lengths))  # each sample prefills it
@@ -102,6 +109,26 @@ def test_n_and_a_record_n_are_checked_and_n1_keeps_record_keys():
     # earlier runs' records are found
     plain = Prompt(3, "p3", "text", max_new_tokens=4)
     assert record_key(plain) == 2365278814521798467 and record_key(Prompt(3, "p3", "text", 4, n=2)) != record_key(plain)
+
+
+def test_n_counts_in_the_job_settings_only_when_set_and_prefix_sharing_never():
+    """n=1 jobs keep the fingerprint they had before generation.n existed; prefix sharing changes no token."""
+    def settings(**gen):
+        return job_settings(RunConfig(model=ModelConfig(source="tiny"), generation=GenerationConfig(**gen)))
+    assert "generation.n" not in settings() and settings(n=2)["generation.n"] == 2
+    assert settings(prefix_sharing="off") == settings() and "generation.prefix_sharing" not in settings()
+
+
+@pytest.mark.parametrize("override,blocker", [
+    ("generation.cache=dynamic", "generation.cache=dynamic is not a slot cache"),
+    ("generation.cache=sliding_window", "generation.cache=sliding_window keeps a ring"),
+    ("model.assistant=prompt_lookup", "model.assistant=prompt_lookup drafts from a cache of its own"),
+])
+def test_prefix_sharing_on_is_refused_where_no_prefix_can_be_copied(override, blocker):
+    job = ["model=tiny", "dataset=p.jsonl", override]
+    with pytest.raises(ConfigError, match=f"generation.prefix_sharing='on' is not allowed: {blocker}"):
+        load_config([*job, "generation.prefix_sharing=on"])
+    assert load_config(job).generation.prefix_sharing == "auto"  # auto: the engine line says why it does not share
 
 
 def test_the_sample_table_places_every_record_once():
@@ -164,7 +191,7 @@ def test_short_or_unshared_prefixes_are_not_copied_and_a_ring_does_not_copy(tiny
     assert engine.prefixes.shared_tokens == 0
     ring = engine_for(sliding_model, tokenizer, PROMPTS[:2], slot_cfg(cache="sliding_window", n=2))
     assert ring.prefixes is None and "no prefix sharing" in ring.choice
-    with pytest.raises(ConfigError, match="generation.prefix_sharing=on is not possible: the SlotKV"):
+    with pytest.raises(ConfigError, match="generation.prefix_sharing=on is not possible: the sliding-window ring"):
         engine_for(sliding_model, tokenizer, PROMPTS[:2], slot_cfg(cache="sliding_window", prefix_sharing="on"))
     ids = list(range(40))
     assert len(block_keys(ids)) == 40 // BLOCK and block_keys(ids)[1] != block_keys([0] + ids[1:])[0]

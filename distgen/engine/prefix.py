@@ -72,8 +72,10 @@ PREFIX_SHARING.register("off", None, Sharing(None),
 
 def sharing_blocker(kv, assisted: bool) -> Optional[str]:
     """Why this cache cannot share prefixes between its slots, or None."""
+    if getattr(kv, "window", None) is not None:
+        return "the sliding-window ring's columns stop holding a prompt's first tokens once it wraps"
     if not getattr(kv, "copies_prefix", False):
-        return f"the {type(kv).__name__} cache does not copy KV between rows (a slot cache without a window does)"
+        return f"the {type(kv).__name__} cache does not copy KV between rows"
     if assisted:
         return "model.assistant's draft keeps a cache of its own"
     return None
@@ -182,9 +184,11 @@ class PrefixIndex:
             found, depth, reach = self.deepest_block(keys[1:], kv, ahead, claimed)
             if found is not None:
                 holder, (slot, cached, freed) = found
-                tokens = common_length(request.token_ids, holder.token_ids, min(depth * BLOCK, cap), min(cached, cap))
-                if tokens >= self.min_tokens:
-                    best.offer(slot, tokens, freed)
+                start = min(depth * BLOCK, cap)
+                if request.token_ids[:start] == holder.token_ids[:start]:  # not a hash collision (checked in C)
+                    tokens = common_length(request.token_ids, holder.token_ids, start, min(cached, cap))
+                    if tokens >= self.min_tokens:
+                        best.offer(slot, tokens, freed)
         waits = coming and best.tokens < cap or self.min_tokens is not None and \
             min(reach, cap) - best.tokens >= self.min_tokens
         share = PrefixShare(best.slot, best.tokens, best.in_place) if best.tokens else None
