@@ -85,6 +85,15 @@ def make_prompts(count: int, seed: int = 0, lengths: tuple[int, int] = (8, 256),
     return prompts
 
 
+def shared_prefix(characters: int, seed: int = 0) -> str:
+    """A text of `characters` characters (tokens, with the byte-level tokenizer) made of WORDS: a long system
+    prompt or few-shot block that every prompt of a job starts with."""
+    rng, text = random.Random(seed + 1), ""
+    while len(text) < characters:
+        text += rng.choice(WORDS) + " "
+    return text[:characters]
+
+
 def write_prompts(path: Path, prompts: Sequence[BenchPrompt]) -> Path:
     """distgen's prompts file: one JSON line per prompt, its id its position."""
     path.parent.mkdir(parents=True, exist_ok=True)

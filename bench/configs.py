@@ -5,6 +5,7 @@
     .venv/bin/python bench/configs.py quantization  # every weight quantizer that runs here
     .venv/bin/python bench/configs.py layouts       # 2 ranks: replicate, fsdp, zero3, device_map, sync cadences
     .venv/bin/python bench/configs.py assisted-draft assisted-lookup   # speculative decoding
+    .venv/bin/python bench/configs.py prefix       # 512 prompts sharing a 1k-token prefix: prefix_sharing off/auto
     .venv/bin/python bench/configs.py engine --only "continuous, static" "continuous, static, torch kernels"
     .venv/bin/python bench/configs.py engine --model qwen2.5-0.5b --prompts 16 --only "continuous, static" \
         "continuous, static, torch kernels"      # Qwen2.5-0.5B's shape, random-init (~2 GiB saved once)
@@ -35,13 +36,16 @@ from typing import Callable, Optional, Sequence
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import (MODELS, RESULTS, Binding, compile_seconds, distgen_launch, generate_seconds,  # noqa: E402
-                          machine, make_prompts, run_distgen, save_model, write_prompts)
+from bench.common import (MODELS, RESULTS, BenchPrompt, Binding, compile_seconds, distgen_launch,  # noqa: E402
+                          generate_seconds, machine, make_prompts, run_distgen, save_model, shared_prefix,
+                          write_prompts)
 from bench.report import (Equality, Run, check_equality, headline, markdown_table, median_figures,  # noqa: E402
                           usage_table, write_chart)
 
 # The table's columns (bench/report.py COLUMNS).
 METRICS = ("gen_tok_s", "startup_s", "end_to_end_s", "peak_mib", "growth_mib", "param_mib", "compile_s", "acceptance")
+# A shared-prefix suite's: the prompt tokens run and the seconds of the steps that ran them.
+PREFIX_METRICS = ("gen_tok_s", "prefill_s", "prefill_tok", "end_to_end_s", "peak_mib")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ class Suite:
     # Saves the suite's model into the folder given; default: bench/common.py save_model.
     build: Optional[Callable[[str, Path], Path]] = None
     exact: bool = True  # every configuration must produce the first's tokens
+    # Every prompt starts with one text of this many tokens (a system prompt); the prompts' own text follows.
+    shared_prefix: int = 0
+    metrics: tuple[str, ...] = METRICS
 
 
 def engine_configs(model: Path) -> list[Config]:
@@ -174,6 +181,11 @@ def lookup_configs(model: Path) -> list[Config]:
             Config("prompt lookup, heuristic", (*lookup, "generation.assistant_schedule=heuristic"))]
 
 
+def prefix_configs(model: Path) -> list[Config]:
+    return [Config("prefix sharing off", ("generation.prefix_sharing=off",)),
+            Config("prefix sharing auto", ("generation.prefix_sharing=auto",))]
+
+
 SUITES = {suite.name: suite for suite in (
     Suite("engine", "one rank's engine: scheduler x KV cache, distgen's CPU kernels or torch's, the compiled "
           "decode step (its compile counted as start-up), batch 1", "large", 64, 16, (16, 128), engine_configs),
@@ -189,6 +201,10 @@ SUITES = {suite.name: suite for suite in (
           build=build_draft_pair),
     Suite("assisted-lookup", "plain decoding against prompt lookup, on prompts that repeat a short phrase",
           "large", 16, 8, (32, 96), lookup_configs, repetitive=True),
+    Suite("prefix", "prompts sharing a 1024-token prefix (a system prompt) and a question of 16-64 tokens each: "
+          "the prefix prefilled once per rank and copied into each slot (prefix_sharing=auto) against every prompt "
+          "prefilling it (off)", "small", 512, 8, (16, 32), prefix_configs, shared_prefix=1024,
+          metrics=PREFIX_METRICS),
 )}
 
 
@@ -213,10 +229,22 @@ def run_config(config: Config, common: list[str], out: Path, binding: Binding, t
                "peak_mib": done.measured.usage.peak_rss_mib, "param_mib": max(rank["param_mib"] for rank in ranks),
                # what a rank's resident memory grew by once its model was placed: the KV cache and activations
                "growth_mib": max(rank["peak_rss_mib"] - rank["load_peak_rss_mib"] for rank in ranks),
-               "compile_s": compile_seconds(done.stats)}
+               "compile_s": compile_seconds(done.stats),
+               "prefill_s": max(rank.get("prefill_step_seconds", 0.0) for rank in ranks),
+               "prefill_tok": sum(rank.get("prefill_tokens", 0) for rank in ranks)}
     if proposed:
         figures["acceptance"] = sum(rank.get("draft_accepted", 0) for rank in ranks) / proposed
     return Run(config.name, 0, figures, done.measured.usage.record()), tokens
+
+
+def suite_prompts(suite: Suite, args) -> list[BenchPrompt]:
+    """The suite's prompts; with a shared prefix, each is that prefix and then a short text of its own."""
+    if not suite.shared_prefix:
+        return make_prompts(args.prompts or suite.prompts, args.seed, budgets=suite.budgets,
+                            repetitive=suite.repetitive)
+    prefix = shared_prefix(suite.shared_prefix, args.seed)
+    return [BenchPrompt(prefix + p.text, p.budget) for p in make_prompts(
+        args.prompts or suite.prompts, args.seed, lengths=(16, 64), budgets=suite.budgets)]
 
 
 def build_model(suite: Suite, work: Path) -> Path:
@@ -227,7 +255,7 @@ def run_suite(suite: Suite, model: Path, configs: Sequence[Config], args, bindin
     """Every configuration `args.repeats` times, the order alternating; each configuration's first tokens
     are compared with the first configuration's."""
     work = args.work / suite.name
-    prompts = make_prompts(args.prompts or suite.prompts, args.seed, budgets=suite.budgets, repetitive=suite.repetitive)
+    prompts = suite_prompts(suite, args)
     common = job_overrides(model, write_prompts(work / "prompts.jsonl", prompts), suite)
     runs: list[Run] = []
     first_tokens: dict[str, list] = {}
@@ -259,6 +287,7 @@ def run_suite(suite: Suite, model: Path, configs: Sequence[Config], args, bindin
             for c in configs if c.name in equality]
     return {"description": f"model {suite.model} ({MODELS[suite.model].describe()}); {len(prompts)} prompts, "
                            f"budgets {suite.budgets[0]}-{suite.budgets[1]}{', repetitive' if suite.repetitive else ''}"
+                           f"{f', a shared prefix of {suite.shared_prefix} tokens' if suite.shared_prefix else ''}"
                            f", batch size {suite.batch_size}, greedy, no EOS",
             "rows": rows, "runs": runs, "failures": failures, "base": configs[0].name}
 
@@ -267,7 +296,7 @@ def write_report(suite: Suite, result: dict, out: Path, header: list[str]) -> di
     base = result["base"]
     names = [row["system"] for row in result["rows"] if row["system"] != base]
     lines = [*header, "", f"### {suite.name}: {suite.about}", "", result["description"], "",
-             markdown_table(result["rows"], base, METRICS, unfair_note=suite.exact), "",
+             markdown_table(result["rows"], base, suite.metrics, unfair_note=suite.exact), "",
              *[f"- {headline(result['runs'], name, base)}" for name in names],
              *[f"- {name} did not run: {reason}" for name, reason in result["failures"].items()],
              "", "Every run, in the order it ran:", "", usage_table(result["runs"]), ""]

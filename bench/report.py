@@ -27,6 +27,8 @@ COLUMNS = {
     "param_mib": ("param MiB (rank)", ".1f"),
     "compile_s": ("compile s", ".1f"),
     "acceptance": ("draft accepted", ".2f"),
+    "prefill_s": ("prefill steps s", ".2f"),
+    "prefill_tok": ("prompt tokens run", ".0f"),
 }
 # The peers table's columns (bench/peers.py).
 METRICS = ("gen_tok_s", "prompt_tok_s", "first_output_s", "startup_s", "end_to_end_s", "peak_mib")

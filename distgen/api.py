@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 from distgen.common.errors import ConfigError
 from distgen.launch import launch_job
+from distgen.outputs.samples import record_order
 from distgen.outputs.shards import MERGED_FILE, OPEN_SUFFIX, list_shards, read_jsonl_lines, read_manifest, read_shard
 
 Prompts = Union[str, os.PathLike, Sequence[str], Sequence[dict], Any]  # Any: a datasets.Dataset
@@ -97,9 +98,10 @@ def run(args: list[str]) -> Path:
 
 
 def read_outputs(output_dir: Union[str, os.PathLike]) -> Iterator[dict]:
-    """Every record of a finished or partial job in `output_dir`, in dataset order (each index once: a record an
-    interrupted run wrote twice is read once); distgen's records, also where outputs.jsonl holds another form
-    (output.merge_format=openai_batch: then they are read from the shards)."""
+    """Every record of a finished or partial job in `output_dir`, in dataset order, a prompt's samples
+    (generation.n) by sample_index (each (index, sample_index) once: a record an interrupted run wrote twice is
+    read once); distgen's records, also where outputs.jsonl holds another form (output.merge_format=openai_batch:
+    then they are read from the shards)."""
     out_dir = Path(output_dir)
     manifest = read_manifest(out_dir)
     merged = out_dir / MERGED_FILE
@@ -110,14 +112,10 @@ def read_outputs(output_dir: Union[str, os.PathLike]) -> Iterator[dict]:
     shards = list_shards(out_dir)
     if not shards and (not merged.is_file() or manifest.get("merge_format", "distgen") != "distgen"):
         raise ConfigError(f"output_dir={os.fspath(output_dir)!r} holds no distgen outputs (no shards under outputs/)")
-    streams = [sorted(read_shard(p), key=index_of) if p.name.endswith(OPEN_SUFFIX) else read_shard(p)
+    streams = [sorted(read_shard(p), key=record_order) if p.name.endswith(OPEN_SUFFIX) else read_shard(p)
                for p in shards]
     last = None
-    for record in heapq.merge(*streams, key=index_of):
-        if record["index"] != last:
+    for record in heapq.merge(*streams, key=record_order):
+        if record_order(record) != last:
             yield record
-        last = record["index"]
-
-
-def index_of(record: dict) -> int:
-    return record["index"]
+        last = record_order(record)

@@ -21,6 +21,8 @@ MAX_SEQUENCE_TOKENS = 2**31 - 1
 MAX_SEED = 2**64 - 1
 # Logits are divided by the temperature in fp32: a smaller positive temperature rounds to 0 there.
 MIN_TEMPERATURE = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+# generation.n (and a record's n): completions per prompt.
+MAX_SAMPLES = 65536
 
 
 
@@ -87,6 +89,11 @@ def chat_kwargs_problem(kwargs: Any) -> Optional[str]:
         return (f"{taken[0]!r} is an argument of apply_chat_template that distgen sets, not a template variable "
                 "(dataset.chat_template and dataset.continue_final_message choose the template and how it ends)")
     return None
+
+
+def samples_ok(value: Any) -> bool:
+    """A count of completions per prompt (generation.n, a record's n)."""
+    return is_int(value) and 1 <= value <= MAX_SAMPLES
 
 
 def temperature_ok(value: Any) -> bool:
@@ -213,6 +220,15 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    # Completions per prompt (a record's `n` overrides it): records with sample_index 0..n-1, each sample its own
+    # seed stream (sample 0's is the one n=1 draws); the prompt is prefilled once and its KV copied to the samples'
+    # rows (a slot cache). Greedy decoding gives n equal completions, as vLLM does.
+    n: int = 1
+    # Prompts sharing a prefix (a system prompt, few-shot examples) prefill it once: a prompt admitted while a
+    # running one holds the same first tokens copies their KV into its own slot (a slot cache without a sliding
+    # window, no model.assistant): a name in distgen.engine.prefix.PREFIX_SHARING: auto (prefixes of >= 64
+    # tokens, where the cache can), on (the same; a config error where it cannot), off.
+    prefix_sharing: str = "auto"
     # None: the model's own EOS ids; [] never stops early.
     eos_token_ids: Optional[list[int]] = None
     # Lockstep layouts: all-reduce "any rank still has work" every this many steps (idle ranks
@@ -241,6 +257,7 @@ class GenerationConfig:
                 "must be >= 1")
         require(temperature_ok(self.temperature), "generation.temperature", self.temperature,
                 f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (fp32's smallest normal number)")
+        require(samples_ok(self.n), "generation.n", self.n, f"must be an integer in [1, {MAX_SAMPLES}]")
         require(seed_ok(self.seed), "generation.seed", self.seed, f"must be an integer in [0, {MAX_SEED}] "
                 "(torch.Generator.manual_seed's range)")
         require(self.eos_token_ids is None or all(is_int(t) and 0 <= t < 2**63 for t in self.eos_token_ids),

@@ -33,9 +33,9 @@ CPU = torch.device("cpu")
 
 
 def engine_for(model, tokenizer, records, cfg: GenerationConfig, eos_ids=(), assistant=None, stop_check=None):
-    """`records` may carry max_new_tokens, temperature and stop ([strings]) of their own."""
+    """`records` may carry max_new_tokens, temperature, seed, n and stop ([strings]) of their own."""
     prompts = [Prompt(i, r["id"], r["prompt"], r.get("max_new_tokens"), temperature=r.get("temperature"),
-                      stop=tuple(r.get("stop", ()))) for i, r in enumerate(records)]
+                      seed=r.get("seed"), n=r.get("n"), stop=tuple(r.get("stop", ()))) for i, r in enumerate(records)]
     queue = [(p, tokenizer(p.text)["input_ids"]) for p in prompts]
     return build_engine(model, queue, cfg, tokenizer.pad_token_id, list(eos_ids), CPU, assistant=assistant,
                         stop_check=stop_check)
@@ -43,11 +43,23 @@ def engine_for(model, tokenizer, records, cfg: GenerationConfig, eos_ids=(), ass
 
 def generate_all(engine) -> dict:
     """Run an engine to the end in this process; completions by prompt id."""
+    return {c.prompt.id: c for c in run_all(engine)}
+
+
+def generate_samples(engine) -> dict:
+    """Run an engine to the end in this process; completions by (prompt id, sample_index), each once."""
+    completions = run_all(engine)
+    got = {(c.prompt.id, c.sample): c for c in completions}
+    assert len(got) == len(completions), "a (prompt, sample) finished twice"
+    return got
+
+
+def run_all(engine) -> list:
     completions = []
     with torch.no_grad():
         run_loop(engine, lockstep=False, idle_step=lambda: None, device=CPU, on_finished=completions.extend)
     assert not engine.has_work
-    return {c.prompt.id: c for c in completions}
+    return completions
 
 
 SLURM_DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")

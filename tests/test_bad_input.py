@@ -57,7 +57,8 @@ def test_bad_records_get_error_records_and_the_job_goes_on(gpt2_dir, tokenizer, 
     assert [r["id"] for r in records] == [r["id"] for r in RECORDS]
     assert [r["finish_reason"] for r in records] == ["length", "error", "error", "error", "length"]
     assert records[1] == {
-        "index": 1, "id": "long", "prompt": RECORDS[1]["prompt"], "completion": "", "prompt_tokens": 149,
+        "index": 1, "id": "long", "sample_index": 0, "prompt": RECORDS[1]["prompt"], "completion": "",
+        "prompt_tokens": 149,
         "completion_tokens": 0, "finish_reason": "error", "completion_token_ids": [],
         "error": "prompt of 149 tokens plus max_new_tokens=4 exceeds the model's context of 128 tokens "
                  "(max_position_embeddings=128)",

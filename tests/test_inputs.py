@@ -323,7 +323,7 @@ def test_output_columns_chooses_them_and_keep_prompt_drops_the_prompt(tiny_model
             "output.print_table=false"]
     assert run_in_process([*args, "output.columns=[metadata,completion]", "output.keep_prompt=false"]) == 0
     records = read_outputs(out)
-    assert [sorted(r) for r in records] == [sorted(["index", "id", "completion", "prompt_tokens", "completion_tokens",
+    assert [sorted(r) for r in records] == [sorted(["index", "id", "sample_index", "completion", "prompt_tokens", "completion_tokens",
                                                     "finish_reason", "completion_token_ids", "metadata",
                                                     "input_completion"])] * 2
     assert [r["metadata"] for r in records] == [c["metadata"] for c in COLUMNS]

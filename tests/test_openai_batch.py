@@ -50,8 +50,6 @@ def read_all(path, tmp_path, **settings):
     (request("x", CHAT, messages=[]), "body.messages must be a non-empty list of {role, content} messages"),
     (request("x", CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      "body.messages[0].content[0] is a 'image_url' part: distgen runs text parts only"),
-    (request("x", CHAT, messages=[{"role": "user", "content": "p"}], n=2), "body.n=2 is not supported: distgen "
-                                                                           "runs a request only as n=1"),
     (request("x", CHAT, messages=[{"role": "user", "content": "p"}], logprobs=True), "body.logprobs=True is not "
                                                                                      "supported"),
     ({"custom_id": "x", "method": "POST", "url": CHAT, "body": "text"}, "body must be a JSON object"),
@@ -62,6 +60,13 @@ def test_a_request_distgen_cannot_run_is_an_error_record_naming_the_field(line, 
     assert [p.id for p in prompts] == ["text-1", "x"] and prompts[0].error is None
     assert prompts[1].error.startswith(error), prompts[1].error
     assert prompts[1].columns == {"method": line["method"], "url": line["url"], "body": line["body"]}
+
+
+def test_n_is_the_records_own_n(tmp_path):
+    """body.n asks for n choices: the record's own n (generation.n's per-record form), its choices its samples."""
+    line = request("x", CHAT, messages=[{"role": "user", "content": "p"}], n=2)
+    source, prompts = read_all(write_prompts(tmp_path / "batch.jsonl", [REQUESTS[1], line]), tmp_path)
+    assert prompts[1].error is None and prompts[1].n == 2
 
 
 def test_request_lines_become_records_with_their_settings(tmp_path):

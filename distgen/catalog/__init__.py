@@ -16,6 +16,7 @@ from distgen.engine.assist import ASSISTANTS, DRAFT_SCHEDULES
 from distgen.engine.build import COMPILE
 from distgen.engine.kv import CACHES
 from distgen.engine.kv.quantized import QUANT_BACKENDS
+from distgen.engine.prefix import PREFIX_SHARING
 from distgen.engine.runner import AUTOCAST, COMPILE_MODES
 from distgen.engine.scheduler import SCHEDULERS
 from distgen.inputs.screening import TOO_LONG
@@ -30,7 +31,7 @@ from distgen.parallel.layouts import LAYOUTS
 TABLES: tuple[Registry, ...] = (
     DEVICES, LAYOUTS, LAUNCHERS,
     MODEL_SOURCES, DTYPES, ATTENTION, QUANTIZERS, ASSISTANTS,
-    SCHEDULERS, CACHES, QUANT_BACKENDS, COMPILE, COMPILE_MODES, AUTOCAST, CPU_KERNELS, DRAFT_SCHEDULES,
+    SCHEDULERS, CACHES, QUANT_BACKENDS, COMPILE, COMPILE_MODES, AUTOCAST, CPU_KERNELS, DRAFT_SCHEDULES, PREFIX_SHARING,
     DATASET_FORMATS, TOO_LONG, OUTPUT_FORMATS, MERGE_FORMATS,
 )
 # The Hydra groups (each option is an implementation's settings class); the rest are plain values.

@@ -75,6 +75,8 @@ def back_off(engine, error_text: str) -> None:
     engine.inflight = None  # a launched step's tokens are dropped: its requests restart from scratch
     engine.kv.close()
     engine.kv = None
+    if engine.prefixes is not None:  # no slot holds a prefix any more
+        engine.prefixes.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     engine.waiting.requeue(requests)

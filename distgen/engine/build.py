@@ -22,7 +22,8 @@ from distgen.engine.windows import SLIDING, LayerWindows, text_config
 from distgen.engine.kv.quantized import quant_bits
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
                                    forward_bytes, kv_shape, logits_bytes_per_row, memory_budget)
-from distgen.engine.queue import PromptQueue, RequestQueue
+from distgen.engine.prefix import PREFIX_SHARING, PrefixIndex, sharing_blocker
+from distgen.engine.queue import PromptQueue, RequestQueue, Samples
 from distgen.engine.request import Request, RequestFailed
 from distgen.engine.runner import AUTOCAST, CompilePlan, Runner, persist_inductor_cache
 from distgen.engine.sampler import Sampler
@@ -233,23 +234,49 @@ def prefill_token_budget(gen: GenerationConfig, kv: KVCache) -> int:
     return gen.prefill_chunk_tokens if gen.scheduler == "chunked" or kv.packs_prefill else 1 << 62
 
 
-def seeded_generator(gen: GenerationConfig, prompt: Prompt, device: torch.device) -> torch.Generator:
-    """The record's sampler; a seed torch cannot take (screening checks the range) fails this request only."""
+def seeded_generator(gen: GenerationConfig, prompt: Prompt, device: torch.device, sample: int = 0) -> torch.Generator:
+    """The record's sampler (its sample's); a seed torch cannot take (screening checks the range) fails this
+    request only."""
     try:
-        return sequence_generator(gen, prompt, device)
+        return sequence_generator(gen, prompt, device, sample)
     except (ValueError, RuntimeError, OverflowError, TypeError) as err:
         raise RequestFailed(f"seed={prompt.seed if prompt.seed is not None else gen.seed} cannot seed a sampler: "
                             f"{type(err).__name__}: {err}") from err
 
 
-def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device) -> Request:
-    """A request with its record's own sampling settings (and seed) applied over generation.*; a record
-    that reaches the engine already failed (Prompt.error, e.g. it could not be tokenized) fails here."""
+def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device,
+                 sample: int = 0) -> Request:
+    """The request of one sample of a prompt, with its record's own sampling settings (and seed) applied over
+    generation.*; a record that reaches the engine already failed (Prompt.error, e.g. it could not be tokenized)
+    fails here."""
     if prompt.error is not None:
         raise RequestFailed(prompt.error)
     sampling = row_sampling(gen, prompt)
     return Request(prompt, list(ids), prompt.budget(gen.max_new_tokens),
-                   seeded_generator(gen, prompt, device) if sampling.do_sample else None, sampling)
+                   seeded_generator(gen, prompt, device, sample) if sampling.do_sample else None, sampling,
+                   sample=sample)
+
+
+def every_sample(gen: GenerationConfig) -> Samples:
+    """Each prompt's samples 0..n-1 (its record's n, else generation.n)."""
+    return lambda prompt: range(prompt.samples(gen.n))
+
+
+def plan_prefix_sharing(gen: GenerationConfig, kv: KVCache, assisted: bool) -> tuple[Optional[PrefixIndex], str]:
+    """The prefix index the engine shares prefixes through (None: no sharing), and what the engine line says."""
+    policy = PREFIX_SHARING.get(gen.prefix_sharing)
+    blocker = sharing_blocker(kv, assisted)
+    if blocker is not None:
+        if policy.required:
+            raise ConfigError(f"generation.prefix_sharing=on is not possible: {blocker}; use "
+                              "generation.prefix_sharing=auto or off")
+        return None, f"no prefix sharing ({blocker}): a prompt's samples prefill it each"
+    if policy.min_tokens is None:
+        return PrefixIndex(None), ("prefix sharing off (generation.prefix_sharing=off): a prompt's samples still "
+                                   "copy its KV")
+    return PrefixIndex(policy.min_tokens), (f"prefix sharing: a prompt admitted while a slot holds >= "
+                                            f"{policy.min_tokens} of its first tokens (a prompt's samples: any) "
+                                            "copies their KV and prefills the rest")
 
 
 def rank_budget(gen: GenerationConfig, device: torch.device, local_world_size: int = 1) -> int:
@@ -327,8 +354,9 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                  lockstep: bool = False, shape: Optional[QueueShape] = None,
                  stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None,
                  assistant: Optional[AssistantSpec] = None, local_world_size: int = 1,
-                 adapters: Optional[Adapters] = None) -> Engine:
+                 adapters: Optional[Adapters] = None, samples: Optional[Samples] = None) -> Engine:
     """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids).
+    `samples`: each prompt's sample indices to run (default: 0..n-1, generation.n or the record's n).
     `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size).
     `assistant`: assisted decoding (distgen.engine.assist.assistant_spec builds it from model.assistant).
     `local_world_size`: the ranks on this host (DistContext.local_world_size), which share its RAM.
@@ -383,13 +411,16 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     if getattr(kv, "varlen", False):
         choice += f"; decode attention: {attention_why}"
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
-    waiting = RequestQueue(queue, lambda prompt, ids: make_request(prompt, ids, gen, device))
+    waiting = RequestQueue(queue, lambda prompt, ids, sample: make_request(prompt, ids, gen, device, sample),
+                           samples or every_sample(gen))
     engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
                     Sampler(gen, eos_ids, device), prefill_token_budget(gen, kv),
                     stop_check, helper, mixed_steps=gen.mixed_steps)
     if adapters is not None:
         engine.adapters = adapters
         choice += f"; {len(adapters.names)} LoRA adapters swapped in per record"
+    engine.prefixes, sharing_why = plan_prefix_sharing(gen, kv, helper is not None)
+    choice += f"; {sharing_why}"
     if engine.mixes and gen.scheduler != "static":  # a static batch admits prompts only once no row decodes
         choice += "; mixed steps (the decoding rows ride along each prefill forward)"
     # Rows addressed by slot id: a step's inputs come from device state, so the next step can be launched

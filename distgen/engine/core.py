@@ -10,6 +10,7 @@ whose every token is launched is not scheduled again (`Request.saturated`).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -20,6 +21,7 @@ from distgen.engine.backoff import Backoff, back_off
 from distgen.engine.graphs import DecodeRunner
 from distgen.engine.host import READS, Pending, read
 from distgen.engine.kv.base import ForwardBatch, KVCache
+from distgen.engine.prefix import PrefixIndex
 from distgen.engine.queue import AdapterRun, RequestQueue
 from distgen.engine.request import Completion, Request, RequestFailed, Status
 from distgen.engine.runner import Runner
@@ -70,6 +72,11 @@ class Engine:
         self.pipelined = False
         self.inflight: Optional[Launched] = None
         self.forwards = 0  # forwards launched
+        self.prefill_tokens = 0  # prompt tokens run through forwards (what prefix sharing saves is not among them)
+        self.prefill_seconds = 0.0  # wall seconds of launching the steps that carry prompt tokens
+        # Shared prefixes (prefix.py): prompts' samples and prompts of one prefix copy the KV a slot holds; set by the
+        # builder where the cache copies between rows, else None (every request prefills its whole prompt).
+        self.prefixes: Optional[PrefixIndex] = None
         # Decode steps over rows addressed by slot id, padded to buckets, replayed as CUDA graphs where they can be
         # (graphs.py); set by the builder for such caches, else None (decode through kv.decode_inputs).
         self.decoder: Optional[DecodeRunner] = None
@@ -118,7 +125,10 @@ class Engine:
         if plan.kind == "decode" and self.assistant is not None:
             self.forwards += 1
             return self.assistant.step(self, plan.requests)
+        started = time.perf_counter()
         launched = self.launch(plan)
+        if plan.kind != "decode":
+            self.prefill_seconds += time.perf_counter() - started
         if not self.pipelined:
             return self.land(launched)
         landing, self.inflight = self.inflight, launched
@@ -140,18 +150,25 @@ class Engine:
     def schedule(self) -> StepPlan:
         self.waiting.settle()
         running = [r for r in self.running if not r.saturated]
-        state = SchedulerState(self.admissible(), running, self.kv.free_rows, self.token_budget, self.last_kind,
-                               mixes=self.mixes)
+        waiting = self.admissible()
+        free = self.kv.free_rows
+        if self.prefixes is not None and free:  # the front requests' shared prefixes; one that should wait stops them
+            free = self.prefixes.admissible(waiting, free, self.kv)
+        state = SchedulerState(waiting, running, free, self.token_budget, self.last_kind, mixes=self.mixes)
         plan = self.scheduler(state)
         if not plan.requests:
             return plan
-        for request in plan.requests:
-            if request.status is Status.WAITING:
-                assert self.waiting[0] is request, "schedulers admit queued requests in queue order"
-                self.waiting.popleft()
+        admitted = [r for r in plan.requests if r.status is Status.WAITING]
+        for request in admitted:
+            assert self.waiting[0] is request, "schedulers admit queued requests in queue order"
+            self.waiting.popleft()
+            if self.prefixes is None:
                 self.kv.admit(request)
-                request.status = Status.PREFILLING
-                self.running.append(request)
+        if self.prefixes is not None:
+            self.prefixes.admit(self.kv, admitted)  # slots, and the shared columns copied into them
+        for request in admitted:
+            request.status = Status.PREFILLING
+            self.running.append(request)
         self.last_kind = plan.kind
         return plan
 
@@ -188,6 +205,7 @@ class Engine:
         # 2. prompts move on; rows whose prompt is now fully cached take a token from this step
         for index, (request, chunk, take) in enumerate(zip(plan.requests, plan.chunks, takes)):
             if plan.prefills(index):
+                self.prefill_tokens += chunk
                 request.prefilled += chunk
                 if request.prefilled == request.prompt_length:
                     request.status = Status.DECODING
@@ -215,6 +233,8 @@ class Engine:
         self.kv.commit(plan, batch, launched.tokens, finished)
         for request, done in zip(plan.requests, finished):
             if done:
+                if self.prefixes is not None:  # its freed slot still holds its prompt's columns
+                    self.prefixes.retire(request, request.row)
                 request.status, request.row = Status.FINISHED, -1
         if completions:
             self.running = [r for r in self.running if r.status is not Status.FINISHED]

@@ -24,6 +24,15 @@ class Status(enum.Enum):
     FINISHED = "finished"      # EOS, budget, a stop string reached, or failed; its row is free again
 
 
+@dataclass(frozen=True)
+class PrefixShare:
+    """Where a waiting request's first prompt tokens are held (engine.prefix): slot `slot`'s columns 0..tokens-1;
+    `in_place`: a freed slot the request itself takes (nothing copied)."""
+    slot: int
+    tokens: int
+    in_place: bool = False
+
+
 @dataclass
 class Request:
     # What to generate
@@ -32,11 +41,17 @@ class Request:
     budget: int
     generator: Optional[torch.Generator]
     sampling: Optional[RowSampling] = None  # generation.* with the record's overrides; None: generation.*
+    sample: int = 0  # which of its prompt's completions (generation.n) this is: its sample_index
     # Where it is
     status: Status = Status.WAITING
     prefilled: int = 0  # prompt tokens already in the cache
     row: int = -1       # its row (slot) in the KV cache while it holds one
     inflight: int = 0   # tokens of launched steps not read yet (engine.core: the pipelined engine)
+    # Shared prefix (engine.prefix): waiting, the slot that holds its first `prefilled` prompt tokens (copied at
+    # admission); once admitted, how many prompt tokens it took from there instead of prefilling them.
+    share: Optional["PrefixShare"] = field(default=None, compare=False, repr=False)
+    shared: int = 0
+    prefix_keys: Optional[list] = field(default=None, compare=False, repr=False)  # engine.prefix's keys, made once
     # What it produced
     generated: list[int] = field(default_factory=list)
     error: Optional[str] = None  # why it failed (RequestFailed), finishing with reason "error"
@@ -51,8 +66,8 @@ class Request:
 
     def completion(self, reason: str) -> "Completion":
         if self.error is not None:
-            return Completion(self.prompt, self.prompt_length, [], reason, self.error)
-        return Completion(self.prompt, self.prompt_length, self.generated, reason)
+            return Completion(self.prompt, self.prompt_length, [], reason, self.error, self.sample)
+        return Completion(self.prompt, self.prompt_length, self.generated, reason, sample=self.sample)
 
     @property
     def saturated(self) -> bool:
@@ -67,3 +82,4 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "eos", "length", "stop" (a stop string appeared) or "error" (the request failed)
     error: Optional[str] = None  # why it failed: it becomes an error record
+    sample: int = 0  # its sample_index (generation.n)

@@ -19,9 +19,20 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return (seed * 1_000_003 + prompt_index) % SEED_SPACE
 
 
-def prompt_generator(seed: int, prompt_index: int, device: torch.device) -> torch.Generator:
-    """One generator per prompt, so a completion does not depend on its rank or batch."""
-    return torch.Generator(device=device).manual_seed(prompt_seed(seed, prompt_index))
+# splitmix64's constants (Steele, Lea, Flood 2014): the golden-ratio increment and its finalizer's multipliers.
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def sample_seed(base: int, sample: int) -> int:
+    """Sample `sample` of a prompt whose own stream is seeded by `base`: sample 0 keeps `base` (what n=1 draws);
+    the others a splitmix64 mix of (base, sample), so no two samples, and no sample and another prompt's base,
+    share a stream but by a 64-bit accident."""
+    if sample == 0:
+        return base
+    z = (base + sample * GOLDEN) % SEED_SPACE
+    z = ((z ^ (z >> 30)) * MIX1) % SEED_SPACE
+    z = ((z ^ (z >> 27)) * MIX2) % SEED_SPACE
+    return z ^ (z >> 31)
 
 
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -77,11 +88,11 @@ def row_sampling(cfg: GenerationConfig, prompt) -> RowSampling:
                        cfg.top_p if prompt.top_p is None else prompt.top_p)
 
 
-def sequence_generator(cfg: GenerationConfig, prompt, device: torch.device) -> torch.Generator:
-    """A record's own seed, else one derived from generation.seed and its index."""
-    if prompt.seed is not None:
-        return torch.Generator(device=device).manual_seed(prompt.seed)
-    return prompt_generator(cfg.seed, prompt.index, device)
+def sequence_generator(cfg: GenerationConfig, prompt, device: torch.device, sample: int = 0) -> torch.Generator:
+    """A record's own seed, else one derived from generation.seed and its index; sample k > 0 of the record
+    (generation.n) draws from a stream derived from that seed and k (`sample_seed`)."""
+    base = prompt.seed if prompt.seed is not None else prompt_seed(cfg.seed, prompt.index)
+    return torch.Generator(device=device).manual_seed(sample_seed(base, sample))
 
 
 def select_row_tokens(logits: torch.Tensor, settings: Sequence[RowSampling],

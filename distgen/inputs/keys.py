@@ -19,8 +19,8 @@ from distgen.inputs.records import Prompt
 HALF_BITS = 31
 HALF_MASK = (1 << HALF_BITS) - 1
 # Fields `Prompt` gained after keys were first written: left out of a key while unset (None or empty), so a
-# record that does not use them keeps the key earlier runs gave it.
-LATER_FIELDS = frozenset({"lora", "columns"})
+# record that does not use them keeps the key earlier runs gave it (and an earlier run's finished record is found).
+LATER_FIELDS = frozenset({"lora", "columns", "n"})
 
 
 @lru_cache(maxsize=None)

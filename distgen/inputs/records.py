@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
-from distgen.config import (ADAPTER_NAME, MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, chat_kwargs_problem, is_int,
-                            seed_ok, temperature_ok)
+from distgen.config import (ADAPTER_NAME, MAX_SAMPLES, MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, chat_kwargs_problem,
+                            is_int, samples_ok, seed_ok, temperature_ok)
 
 JSON_ARRAY_HINT = "a .json file holds one JSON array of records ([{\"prompt\": ...}, ...]) or JSON lines"
 BOM = "\ufeff"
@@ -61,8 +61,15 @@ class Prompt:
     # JSON values (distgen/inputs/source.py picks them). Not hashed: a dict.
     columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
+
+    # Completions of this record (None: generation.n).
+    n: Optional[int] = None
+
     def budget(self, default: int) -> int:
         return self.max_new_tokens or default
+
+    def samples(self, default: int) -> int:
+        return self.n or default
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ OVERRIDES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = 
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]", float),
     "top_k": (lambda v: is_whole(v) and 0 <= v < 2**63, "an integer >= 0 (0 disables top-k)", int),
     "seed": (lambda v: is_whole(v) and seed_ok(int(v)), f"an integer in [0, {MAX_SEED}]", int),
+    "n": (lambda v: is_whole(v) and samples_ok(int(v)), f"an integer in [1, {MAX_SAMPLES}]", int),
     "stop": (lambda v: isinstance(v, str) and v != "" or isinstance(v, (list, tuple)) and all(
         isinstance(s, str) and s for s in v), "a non-empty string or a list of them",
              lambda v: (v,) if isinstance(v, str) else tuple(v)),

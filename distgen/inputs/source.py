@@ -60,7 +60,7 @@ SAVED_MARKERS = ("state.json", "dataset_dict.json")
 HASH_BATCH = 10_000
 READ_BATCH = 1024
 # Bumped when the normalized records' columns change, so that no cached table of the old form is reused.
-NORMALIZED_VERSION = 4
+NORMALIZED_VERSION = 5
 # A normalized record's column: its other fields (the input columns it keeps), a JSON object as text.
 COLUMNS = "columns"
 # pandas' index, which it writes into parquet files: not a column of the data.
@@ -193,8 +193,8 @@ def normalized_features():
     return Features({"id": Value("string"), ID_IS_INT: Value("bool"), "prompt": Value("string"),
                      "messages": Value("string"), CHAT_KWARGS: Value("string"), "max_new_tokens": Value("int64"),
                      "temperature": Value("float64"), "top_p": Value("float64"), "top_k": Value("int64"),
-                     "seed": Value("uint64"), "stop": List(Value("string")), "lora": Value("string"),
-                     "error": Value("string"), COLUMNS: Value("string")})
+                     "seed": Value("uint64"), "n": Value("int64"), "stop": List(Value("string")),
+                     "lora": Value("string"), "error": Value("string"), COLUMNS: Value("string")})
 
 
 def normalized_fields(fields: RecordFields) -> RecordFields:

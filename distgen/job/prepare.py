@@ -21,6 +21,7 @@ from distgen.models.loading import check_model_source, load_model_config, load_t
 from distgen.outputs.records import error_record, renamed_columns
 from distgen.outputs.coordinator import STATS_FILE
 from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, OutputPlan, move_aside, plan_outputs
+from distgen.outputs.samples import SampleTable
 from distgen.outputs.lock import OutputLock, lock_status
 from distgen.outputs.report import REPORT_FILE
 from distgen.outputs.resume import job_fingerprint, job_settings
@@ -47,8 +48,6 @@ class Job:
     screening: Screening = Screening()
     # Whether this job created output.dir (for the dataset's cache): an unusable job removes it again.
     created_out: bool = False
-    # Prompt indices every rank skips: finished by an earlier run of this job (read by the coordinator).
-    skip: frozenset[int] = frozenset()
     # Per prompt: token count as run, the record's own budget (0: generation.max_new_tokens), and
     # its screening verdict (Verdict.RUNS, or an ERROR_RECORD instead of a completion).
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
@@ -58,15 +57,39 @@ class Job:
     adapters: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     # The config as composed, before hub ids were resolved to their folders (for the run's metadata).
     composed: Optional[RunConfig] = None
+    # Each prompt's records (generation.n or its record's n), and which of them an earlier run of this job
+    # finished (a bool per (index, sample_index); read by the coordinator, shared with every rank).
+    samples: SampleTable = field(default_factory=lambda: SampleTable.ones(0))
+    done: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def prompt_count(self) -> int:
         return len(self.source)
 
+    @property
+    def record_count(self) -> int:
+        """Records of the whole job: n per prompt."""
+        return self.samples.total
+
+    @property
+    def resumed(self) -> int:
+        """Records an earlier run finished."""
+        return int(self.done.sum())
+
+    def samples_left(self) -> np.ndarray:
+        """(prompts,) each prompt's records not finished yet."""
+        if len(self.done) != self.samples.total:  # nothing read yet: all of them
+            return self.samples.counts
+        return self.samples.counts - self.samples.per_prompt(self.done)
+
+    def sample_indices(self, prompt) -> list[int]:
+        """The sample indices of this prompt still to generate."""
+        if len(self.done) != self.samples.total:
+            return list(range(int(self.samples.counts[prompt.index])))
+        return self.samples.left(self.done, prompt.index)
+
     def not_done(self) -> np.ndarray:
-        mask = np.ones(self.prompt_count, dtype=bool)
-        mask[list(self.skip)] = False
-        return mask
+        return self.samples_left() > 0
 
     @property
     def todo(self) -> np.ndarray:
@@ -80,7 +103,8 @@ class Job:
 
     @property
     def error_count(self) -> int:
-        return int((self.screen == Verdict.ERROR_RECORD).sum())
+        """Error records screening gives (one per sample of a rejected prompt)."""
+        return int(self.samples.counts[self.screen == Verdict.ERROR_RECORD].sum())
 
     @property
     def merge_format(self) -> str:
@@ -106,10 +130,11 @@ class Job:
         return {"job": self.fingerprint, "settings": self.settings, "dataset": self.dataset_digest, "files": files}
 
     def error_records(self, indices: np.ndarray) -> list[dict]:
-        """Error records for these rejected prompts, with the reason screening gives."""
+        """Error records for these rejected prompts (each sample not written yet), with the reason screening gives."""
         keep_prompt = self.cfg.output.keep_prompt
         return [error_record(p, self.screening(p, int(self.lengths[p.index])).reason, int(self.lengths[p.index]),
-                             keep_prompt) for p in self.source.prompts(indices)]
+                             keep_prompt, sample)
+                for p in self.source.prompts(indices) for sample in self.sample_indices(p)]
 
     def column_notes(self) -> list[str]:
         """What to say at the start about the input columns the records keep (renamed where they clash)."""

@@ -28,12 +28,13 @@ from distgen.outputs.lock import OutputLock
 from distgen.outputs.progress import ProgressDisplay
 from distgen.outputs.records import ERROR, MergeInfo
 from distgen.outputs.report import REPORT_FILE, render_report
-from distgen.outputs.resume import shared_skip
+from distgen.outputs.resume import shared_done
+from distgen.outputs.samples import SampleTable
 from distgen.outputs.shards import Coverage, finish_outputs, job_complete, saying_no_space, start_outputs
 from distgen.outputs.stats import environment
 from distgen.parallel.env import DistContext, discover, init_distributed, shutdown
-from distgen.parallel.feed import (ADAPTER, BUDGET, KEY_HIGH, KEY_LOW, LENGTH, SCREEN, broadcast_flag, check_fits,
-                                   shared_lengths)
+from distgen.parallel.feed import (ADAPTER, BUDGET, KEY_HIGH, KEY_LOW, LENGTH, SAMPLES, SCREEN, broadcast_flag,
+                                   check_fits, shared_lengths)
 
 
 def record_keys(table: np.ndarray) -> np.ndarray:
@@ -41,9 +42,10 @@ def record_keys(table: np.ndarray) -> np.ndarray:
     return join_halves(table[KEY_HIGH].astype(np.int64), table[KEY_LOW].astype(np.int64))
 
 
-def start_coordinator(job: Job, table: np.ndarray) -> set[int]:
-    """Rank 0, holding the lock: repair and read the earlier shards, say what it found, claim the job's files."""
-    repairs = start_outputs(job.out_dir, job.start(), record_keys(table), job.cfg.output.format)
+def start_coordinator(job: Job, table: np.ndarray) -> np.ndarray:
+    """Rank 0, holding the lock: repair and read the earlier shards, say what it found, claim the job's files;
+    the finished records (a bool per (index, sample_index))."""
+    repairs = start_outputs(job.out_dir, job.start(), record_keys(table), job.cfg.output.format, job.samples)
     for line in job.column_notes() + repairs.messages():
         print(f"distgen: {line}", flush=True)
     return repairs.finished
@@ -61,10 +63,12 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
                            job.screening)
     check_fits(table, job.source, job.tokenizer, job.screening)
     job.lengths, job.budgets, job.screen, job.adapters = table[LENGTH], table[BUDGET], table[SCREEN], table[ADAPTER]
-    finished = start_coordinator(job, table) if ctx.is_coordinator else set()
-    job.skip = shared_skip(finished, ctx.is_coordinator)
-    if job.skip and ctx.is_coordinator:
-        print(f"distgen: resuming: {len(job.skip)} of {job.prompt_count} prompts already done in "
+    job.samples = SampleTable.of(np.where(table[SAMPLES] > 0, table[SAMPLES], job.cfg.generation.n))
+    finished = start_coordinator(job, table) if ctx.is_coordinator else None
+    job.done = shared_done(finished, ctx.is_coordinator)
+    if job.resumed and ctx.is_coordinator:
+        what = "prompts" if job.samples.single else f"records of {job.prompt_count} prompts"
+        print(f"distgen: resuming: {job.resumed} of {job.record_count} {what} already done in "
               f"{job.cfg.output.dir}", flush=True)
     return True
 
@@ -113,10 +117,11 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     out, cfg = job.out_dir, job.cfg.output
     if lock is not None:
         lock.check_held()
-    this_run = summarize(stats, job.prompt_count, resumed=len(job.skip), job=job.fingerprint,
-                         errors=job.error_count)
+    this_run = summarize(stats, job.prompt_count, resumed=job.resumed, job=job.fingerprint,
+                         errors=job.error_count, records=job.record_count)
     coverage = finish_outputs(out, job.fingerprint, job.prompt_count, cfg.format, cfg.merge, ctx.world_size,
-                              run=run_figures(this_run, stats), form=job.merge_format, info=merge_info(job))
+                              run=run_figures(this_run, stats), form=job.merge_format, info=merge_info(job),
+                              samples=job.samples)
     runs = read_manifest(out).get("runs", [])
     summary = outcomes(whole_job(this_run, runs, coverage.completion_prompt_tokens, coverage.generated_tokens),
                        coverage)
@@ -130,7 +135,7 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     if cfg.print_table:
         print(format_table(stats, summary))
     where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR
-    print(f"wrote {job.prompt_count} records to {where} ({summary['errors']} errors)", flush=True)
+    print(f"wrote {job.record_count} records to {where} ({summary['errors']} errors)", flush=True)
 
 
 def release_arrow_memory() -> None:
@@ -163,7 +168,8 @@ def run_steps(job: Job, ctx: DistContext, lock: OutputLock | None = None) -> int
         if ctx.is_coordinator and job.created_out:
             shutil.rmtree(job.out_dir, ignore_errors=True)  # nothing of an unusable job stays behind
         return config_error(err)
-    display = ProgressDisplay(len(job.todo), job.cfg.output.progress_every_s) if ctx.is_coordinator else None
+    display = ProgressDisplay(int(job.samples_left()[job.todo].sum()), job.cfg.output.progress_every_s) \
+        if ctx.is_coordinator else None
     with torch.no_grad():
         run = generate_shard(job, ctx, display)
     with saying_no_space(job.out_dir, f"rank {ctx.rank} closed and merged the shards",

@@ -44,8 +44,9 @@ def resolved_budgets(job: Job) -> np.ndarray:
 
 
 def split_costs(indices: np.ndarray, job: Job, parts: int) -> list[np.ndarray]:
-    """`indices` balanced over `parts` by prompt length plus budget (each part in dataset order)."""
-    costs = job.lengths[indices] + resolved_budgets(job)[indices]
+    """`indices` balanced over `parts` by prompt length plus budget times the samples left (generation.n: a
+    prompt is prefilled once, its samples decode side by side; each part in dataset order)."""
+    costs = job.lengths[indices] + resolved_budgets(job)[indices] * job.samples_left()[indices]
     return [indices[part] for part in assign_to_ranks(costs, parts)]
 
 
@@ -73,7 +74,10 @@ def write_error_records(job: Job, writer: ShardWriter) -> None:
 
 
 def queue_shape(job: Job, mine: np.ndarray) -> QueueShape:
-    return QueueShape(job.lengths[mine].astype(np.int64), resolved_budgets(job)[mine].astype(np.int64))
+    """This rank's sequences: each prompt once per sample it still needs."""
+    left = job.samples_left()[mine]
+    return QueueShape(np.repeat(job.lengths[mine].astype(np.int64), left),
+                      np.repeat(resolved_budgets(job)[mine].astype(np.int64), left))
 
 
 def rank_batch(model, job: Job, shape: QueueShape, device, placed, local_world_size: int) -> Optional[BatchChoice]:
@@ -128,7 +132,8 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     assistant = assistant_spec(job.cfg.model, job.tokenizer, resolve_dtype(job.cfg.model.dtype, device), device)
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
                           shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant,
-                          local_world_size=ctx.local_world_size, adapters=placed.adapters)
+                          local_world_size=ctx.local_world_size, adapters=placed.adapters,
+                          samples=job.sample_indices)
     engine.backoff.label = f"rank {ctx.rank}: "
     engine.backoff.layout_note = f" (layout={job.cfg.layout.name})"
     if ctx.is_coordinator:
@@ -175,7 +180,9 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         param_bytes=param_bytes, model_param_bytes=model_bytes, device_map=placed.device_map,
         batch_size=engine.batch.rows, batch_size_reason=engine.batch.reason, final_batch_size=engine.backoff.rows,
         oom_backoffs=engine.backoff.count, compile_seconds=round(engine.runner.compile_seconds, 3),
-        host_reads=engine.host_reads,
+        host_reads=engine.host_reads, prefill_tokens=engine.prefill_tokens,
+        shared_prefix_tokens=engine.prefixes.shared_tokens if engine.prefixes is not None else 0,
+        prefill_step_seconds=round(engine.prefill_seconds, 3),
         **graph_counts(engine),
         blocking_syncs_per_step=round(engine.host_reads / max(1, counters.forward_steps), 3),
         **draft_counts(engine), **adapter_counts(placed.adapters))

@@ -32,8 +32,9 @@ def write_stats(out_dir: Path, stats: Sequence[RankStats], summary: dict, timeli
 
 
 def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, job: str = "",
-              errors: int = 0) -> dict:
-    """`resumed` prompts were finished by an earlier run of `job` (its fingerprint); `errors` got error records."""
+              errors: int = 0, records: Optional[int] = None) -> dict:
+    """`resumed` records were finished by an earlier run of `job` (its fingerprint); `errors` records are error
+    records; `records`: the job's records (n per prompt, generation.n; default one per prompt)."""
     generated = sum(s.generated_tokens for s in stats)
     slowest = max((s.generate_seconds for s in stats), default=0.0)
     wall = max((s.wall_seconds for s in stats), default=0.0)
@@ -41,6 +42,7 @@ def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, j
         "job": job,
         "world_size": len(stats),
         "prompts": prompt_count,
+        "records": prompt_count if records is None else records,
         "resumed": resumed,
         "errors": errors,
         "prompt_tokens": sum(s.prompt_tokens for s in stats),

@@ -18,6 +18,7 @@ class OutputRecord:
     # which prompt
     index: int
     id: RecordId  # the record's own id, a string or an integer as given, or its row
+    sample_index: int  # which of the prompt's n completions (generation.n): 0..n-1
     prompt: str
     # what was generated
     completion: str
@@ -62,12 +63,16 @@ def renamed_columns(names) -> dict[str, str]:
 def completion_record(completion: Completion, text: str, token_ids: list[int], keep_prompt: bool = True) -> dict:
     """`text` and `token_ids` are the completion as kept (cut before a stop string)."""
     prompt = completion.prompt
-    return OutputRecord(prompt.index, prompt.id, prompt.text, text, completion.prompt_token_count, len(token_ids),
-                        completion.finish_reason, list(token_ids), columns=prompt.columns).as_json(keep_prompt)
+    return OutputRecord(prompt.index, prompt.id, completion.sample, prompt.text, text, completion.prompt_token_count,
+                        len(token_ids), completion.finish_reason, list(token_ids),
+                        columns=prompt.columns).as_json(keep_prompt)
 
 
-def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0, keep_prompt: bool = True) -> dict:
-    return OutputRecord(prompt.index, prompt.id, prompt.text, "", prompt_tokens, 0, ERROR, error=reason,
+def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0, keep_prompt: bool = True,
+                 sample: int = 0) -> dict:
+    """An error record of one sample of the prompt (each of its n samples gets one: every (index, sample_index)
+    has exactly one record)."""
+    return OutputRecord(prompt.index, prompt.id, sample, prompt.text, "", prompt_tokens, 0, ERROR, error=reason,
                         columns=prompt.columns).as_json(keep_prompt)
 
 
@@ -92,5 +97,7 @@ def output_record(completion: Completion, cut: Cut, keep_prompt: bool = True) ->
         try:
             return completion_record(completion, *cut(completion.prompt, completion.token_ids), keep_prompt)
         except RequestFailed as err:
-            completion = Completion(completion.prompt, completion.prompt_token_count, [], ERROR, str(err))
-    return error_record(completion.prompt, completion.error, completion.prompt_token_count, keep_prompt)
+            completion = Completion(completion.prompt, completion.prompt_token_count, [], ERROR, str(err),
+                                    completion.sample)
+    return error_record(completion.prompt, completion.error, completion.prompt_token_count, keep_prompt,
+                        completion.sample)

@@ -23,8 +23,9 @@ import hashlib
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 import torch.distributed as dist
 
 from distgen.config import DatasetConfig, ModelConfig, RunConfig, adapter_folders
@@ -36,7 +37,10 @@ SAMPLE_BYTES = 1024 * 1024
 # Generation settings that decide how work is batched and run, not what is generated (`cache` stays
 # in: a quantized KV cache changes the tokens).
 BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "mixed_steps", "compile", "compile_mode", "compile_cache_dir",
-                 "prefill_chunk_tokens", "sync_every", "cpu_kernels")
+                 "prefill_chunk_tokens", "sync_every", "cpu_kernels", "prefix_sharing")
+# Generation settings added after jobs were first fingerprinted, with their default: part of the settings only
+# when set otherwise, so an earlier job keeps its fingerprint and its outputs are still found.
+LATER_KEYS = {"n": 1}
 # Assisted generation's settings: part of the fingerprint only with a model.assistant (see `assistant_identity`).
 ASSISTANT_KEYS = ("num_assistant_tokens", "assistant_schedule", "assistant_confidence_threshold",
                   "prompt_lookup_ngram")
@@ -158,7 +162,8 @@ def record_shape(cfg: RunConfig) -> dict[str, Any]:
 def job_settings(cfg: RunConfig) -> dict[str, Any]:
     """Everything that decides a completion (and a record's shape), flat (`generation.max_new_tokens: 32`), JSON
     values."""
-    generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS + ASSISTANT_KEYS}
+    generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS + ASSISTANT_KEYS
+                  and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     content = {"model": model_identity(cfg.model), "generation": generation,
                "dataset": {"too_long": cfg.dataset.too_long, **chat_identity(cfg.dataset)}}
     if record_shape(cfg):
@@ -191,9 +196,10 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if old.get(key, ()) != new.get(key, ())]
 
 
-def shared_skip(finished: set[int], is_coordinator: bool) -> frozenset[int]:
-    """Rank 0's finished prompts, on every rank: all ranks must plan the same work even when their
-    output folders are not one shared folder."""
-    box = [sorted(finished) if is_coordinator else None]
+def shared_done(finished: Optional[np.ndarray], is_coordinator: bool) -> np.ndarray:
+    """Rank 0's finished records (a bool per (index, sample_index), distgen/outputs/samples.py), on every rank:
+    all ranks must plan the same work even when their output folders are not one shared folder."""
+    box = [(np.packbits(finished), len(finished)) if is_coordinator else None]
     dist.broadcast_object_list(box, src=0)
-    return frozenset(box[0])
+    packed, count = box[0]
+    return np.unpackbits(packed, count=count).astype(bool)

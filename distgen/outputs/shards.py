@@ -10,9 +10,9 @@ so no rank ever holds more than one shard, and nothing is gathered.
                                                     records or OpenAI batch output lines (output.merge_format)
 
 A start (rank 0, holding the lock, before any rank writes) reads the shards a crashed or earlier
-run left: a record is finished when its index is in the dataset and its key is the record's key
-now; torn lines (a crash mid-line) are dropped and redone, a second record of an index is a
-duplicate (two jobs wrote), and records of changed or vanished prompts are set aside into
+run left: a record is finished when its index is in the dataset, its sample_index is one of its
+prompt's n (distgen/outputs/samples.py) and its key is the record's key now; torn lines (a crash
+mid-line) are dropped and redone, a second record of an (index, sample_index) is a duplicate (two jobs wrote), and records of changed or vanished prompts are set aside into
 output.dir/previous-<time>/set-aside.jsonl, never deleted. The start says what it repaired.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from distgen.common.files import atomic_file, write_atomic
 from distgen.common.registry import Registry
 from distgen.outputs.openai_batch import batch_output_lines
 from distgen.outputs.records import ERROR, MergeInfo
+from distgen.outputs.samples import SampleTable, record_order, sample_of
 from distgen.outputs.stats import ErrorTally
 from distgen.outputs.folder import (MANIFEST_VERSION, MERGED_FILE, claimed_files, outputs_dir, previous_folder,
                                     read_manifest, write_manifest)
@@ -170,8 +171,8 @@ def write_shard(records: Sequence[dict], path: Path) -> None:
 
 
 def close_shard(open_path: Path, fmt: str) -> Path:
-    """An open shard as a full one: its records sorted by index (for the k-way merge), in `fmt`."""
-    records = sorted(read_jsonl_lines(open_path), key=lambda r: r["index"])
+    """An open shard as a full one: its records sorted by index and sample (for the k-way merge), in `fmt`."""
+    records = sorted(read_jsonl_lines(open_path), key=record_order)
     final = open_path.with_name(open_path.name[: -len(OPEN_SUFFIX)] + OUTPUT_FORMATS.get(fmt))
     write_shard(records, final)
     open_path.unlink()
@@ -324,14 +325,15 @@ class SetAside:
 
 
 # Why a record found at a start is not part of the job (it is set aside).
-DUPLICATE, CHANGED, GONE, UNVERIFIED = ("duplicate", "prompt changed", "prompt no longer in the dataset",
-                                        "no record key to check it against")
+DUPLICATE, CHANGED, GONE, UNVERIFIED, EXTRA = ("duplicate", "prompt changed", "prompt no longer in the dataset",
+                                               "no record key to check it against", "sample_index beyond its n")
 
 
 @dataclass
 class Repairs:
-    """What a start found in the shards: the finished indices, and what it dropped or set aside."""
-    finished: set[int] = field(default_factory=set)
+    """What a start found in the shards: the finished records (a bool per (index, sample_index), placed by the
+    job's SampleTable), and what it dropped or set aside."""
+    finished: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     torn: int = 0  # lines cut short (a crash mid-line, or two writers' lines run together): redone
     aside: dict[str, int] = field(default_factory=dict)  # reason -> records set aside
     changed_ids: list[str] = field(default_factory=list)  # the first ids whose prompt changed
@@ -353,6 +355,9 @@ class Repairs:
                          f"{', ...' if self.aside[CHANGED] > 5 else ''}): they run again")
         if self.aside.get(GONE):
             lines.append(f"{self.aside[GONE]} record(s) of prompts no longer in the dataset are not part of the job")
+        if self.aside.get(EXTRA):
+            lines.append(f"{self.aside[EXTRA]} record(s) with a sample_index beyond their prompt's n are not part of "
+                         "the job")
         if self.aside.get(UNVERIFIED):
             lines.append(f"{self.aside[UNVERIFIED]} record(s) without a record key to check them run again")
         if self.aside_path is not None:
@@ -360,7 +365,8 @@ class Repairs:
         return lines
 
 
-def verdict(record: dict, keys: np.ndarray, stored: Optional[np.ndarray], seen: np.ndarray) -> Optional[str]:
+def verdict(record: dict, keys: np.ndarray, stored: Optional[np.ndarray], seen: np.ndarray,
+            samples: SampleTable) -> Optional[str]:
     """None when the record is finished work of this job; else why it is not."""
     index = record["index"]
     if not 0 <= index < len(keys):
@@ -369,19 +375,22 @@ def verdict(record: dict, keys: np.ndarray, stored: Optional[np.ndarray], seen: 
         return UNVERIFIED
     if stored[index] != keys[index]:
         return CHANGED
-    return DUPLICATE if seen[index] else None
+    place = samples.position(index, sample_of(record))
+    if place is None:
+        return EXTRA
+    return DUPLICATE if seen[place] else None
 
 
 def repair_shard(path: Path, fmt: str, keys: np.ndarray, stored: Optional[np.ndarray], seen: np.ndarray,
-                 repairs: Repairs, aside: SetAside) -> None:
+                 repairs: Repairs, aside: SetAside, samples: SampleTable) -> None:
     """Keep the shard's finished records; an open shard (a crashed run's journal) is closed, and a full
     one rewritten only when it lost records."""
     torn: list[int] = []
     kept, dropped = [], 0
     for record in read_shard(path, torn):
-        reason = verdict(record, keys, stored, seen)
+        reason = verdict(record, keys, stored, seen, samples)
         if reason is None:
-            seen[record["index"]] = True
+            seen[samples.position(record["index"], sample_of(record))] = True
             kept.append(record)
         else:
             repairs.note(record, reason)
@@ -392,29 +401,30 @@ def repair_shard(path: Path, fmt: str, keys: np.ndarray, stored: Optional[np.nda
     if is_open or torn or dropped:
         target = path.with_name(path.name[: -len(OPEN_SUFFIX)] + f".{fmt}") if is_open else path
         if kept or not is_open:
-            write_shard(sorted(kept, key=lambda r: r["index"]), target)
+            write_shard(sorted(kept, key=record_order), target)
         if is_open:
             path.unlink()
-    repairs.finished.update(r["index"] for r in kept)
 
 
-def start_outputs(out_dir: Path, job: dict, keys: np.ndarray, fmt: str = "jsonl") -> Repairs:
-    """Coordinator only, holding the lock, before any rank writes: the prompt indices already finished
-    here (their records' keys match `keys`, this dataset's), with torn lines and duplicates repaired and
-    records that are no longer part of the job set aside. `job` is the manifest's start: the job
+def start_outputs(out_dir: Path, job: dict, keys: np.ndarray, fmt: str = "jsonl",
+                  samples: Optional[SampleTable] = None) -> Repairs:
+    """Coordinator only, holding the lock, before any rank writes: the records already finished here (their
+    keys match `keys`, this dataset's; `samples`: each prompt's n, default 1), with torn lines and duplicates
+    repaired and records that are no longer part of the job set aside. `job` is the manifest's start: the job
     fingerprint, its settings and dataset digest, and the top-level files this run will write."""
     out_dir = Path(out_dir)
     earlier = read_manifest(out_dir)
     stored = read_keys(out_dir)
     keys = np.asarray(keys, dtype=np.int64)
+    samples = samples if samples is not None else SampleTable.ones(len(keys))
     repairs, aside = Repairs(), SetAside(out_dir)
-    seen = np.zeros(len(keys), dtype=bool)
+    seen = np.zeros(samples.total, dtype=bool)
     try:
         for path in list_shards(out_dir):
-            repair_shard(path, fmt, keys, stored, seen, repairs, aside)
+            repair_shard(path, fmt, keys, stored, seen, repairs, aside, samples)
     finally:
         aside.close()
-    repairs.aside_path = aside.path
+    repairs.finished, repairs.aside_path = seen, aside.path
     claimed = sorted(claimed_files(earlier) | set(job.get("files", [])))
     write_manifest(out_dir, {"distgen_manifest": MANIFEST_VERSION, **job, "files": claimed, "keys": KEYS_FILE,
                              "complete": False, "runs": earlier.get("runs", [])})
@@ -445,22 +455,28 @@ class Coverage:
             self.generated_tokens += record.get("completion_tokens", 0)
 
 
-def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int) -> Coverage:
-    """Raises unless every prompt index appears exactly once over all shards; reads one record at a time."""
-    seen = np.zeros(prompt_count, dtype=np.uint8)
-    unknown: list[int] = []
+def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int,
+                   samples: Optional[SampleTable] = None) -> Coverage:
+    """Raises unless every (prompt index, sample_index) appears exactly once over all shards (`samples`: each
+    prompt's n, default 1); reads one record at a time."""
+    samples = samples if samples is not None else SampleTable.ones(prompt_count)
+    seen = np.zeros(samples.total, dtype=np.uint8)
+    unknown: list = []
     coverage = Coverage()
     for path in shards:
         indices, prompt_tokens, completion_tokens = [], [], []
         for record in read_shard(path):
             indices.append(record["index"])
+            place = samples.position(record["index"], sample_of(record))
+            if place is None:
+                if len(unknown) < 20:
+                    unknown.append(record["index"] if samples.single else (record["index"], sample_of(record)))
+            else:
+                seen[place] += 1
             prompt_tokens.append(record.get("prompt_tokens", 0))
             completion_tokens.append(record.get("completion_tokens", 0))
             coverage.count(record)
         index = np.asarray(indices, dtype=np.int64)
-        inside = (index >= 0) & (index < prompt_count)
-        unknown.extend(index[~inside][:20].tolist())
-        np.add.at(seen, index[inside], 1)
         coverage.shards.append({"file": path.name, "records": len(indices),
                                 "first_index": int(index.min()) if len(index) else None,
                                 "last_index": int(index.max()) if len(index) else None})
@@ -468,30 +484,33 @@ def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int) -> 
         coverage.completion_tokens.append(np.asarray(completion_tokens, dtype=np.int32))
     missing, repeated = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
     if len(missing) or len(repeated) or unknown:
+        what = f"{prompt_count} prompts once each" if samples.single else \
+            f"{samples.total} records of {prompt_count} prompts once each (index, sample_index)"
         raise IncompleteOutputError(
-            f"outputs do not cover the {prompt_count} prompts once each: missing {missing[:20].tolist()}, "
-            f"repeated {repeated[:20].tolist()}, out of range {unknown[:20]}")
+            f"outputs do not cover the {what}: missing {samples.names(missing[:20])}, "
+            f"repeated {samples.names(repeated[:20])}, out of range {unknown[:20]}")
     return coverage
 
 
 def merge_shards(shards: Sequence[Path], target: Path, form: str = "distgen", info: MergeInfo = MergeInfo()) -> None:
-    """outputs.jsonl in dataset order, in `form` (MERGE_FORMATS): each shard is sorted by index, so a k-way
-    merge streams them with one record per shard in memory."""
+    """outputs.jsonl in dataset order (a prompt's samples by sample_index), in `form` (MERGE_FORMATS): each shard
+    is sorted so, so a k-way merge streams them with one record per shard in memory."""
     with atomic_file(target) as out:
-        records = heapq.merge(*(read_shard(p) for p in shards), key=lambda r: r["index"])
+        records = heapq.merge(*(read_shard(p) for p in shards), key=record_order)
         for line in MERGE_FORMATS.get(form)(records, info):
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def finish_outputs(out_dir: Path, job: str, prompt_count: int, fmt: str, merge: bool,
                    world_size: int, run: Optional[dict] = None, form: str = "distgen",
-                   info: MergeInfo = MergeInfo()) -> Coverage:
+                   info: MergeInfo = MergeInfo(), samples: Optional[SampleTable] = None) -> Coverage:
     """Coordinator only, once every rank closed its shards: close shards left open, check every
-    index is there once, write the manifest (with this run's figures `run` added to the earlier
-    runs') and (optionally) merge, in `form` (output.merge_format, resolved)."""
+    (index, sample_index) is there once, write the manifest (with this run's figures `run` added to the
+    earlier runs') and (optionally) merge, in `form` (output.merge_format, resolved)."""
     out_dir = Path(out_dir)
+    samples = samples if samples is not None else SampleTable.ones(prompt_count)
     shards = [close_shard(p, fmt) if p.name.endswith(OPEN_SUFFIX) else p for p in list_shards(out_dir)]
-    coverage = check_coverage(out_dir, shards, prompt_count)
+    coverage = check_coverage(out_dir, shards, prompt_count, samples)
     started = read_manifest(out_dir)
     merged: Optional[str] = None
     if merge:
@@ -499,7 +518,7 @@ def finish_outputs(out_dir: Path, job: str, prompt_count: int, fmt: str, merge: 
         merged = MERGED_FILE
     files = sorted(claimed_files(started) | ({MERGED_FILE} if merged else set()))
     write_manifest(out_dir, {**started, "job": job, "files": files, "complete": True, "format": fmt,
-                             "records": prompt_count, "world_size": world_size, "merged": merged,
+                             "records": samples.total, "world_size": world_size, "merged": merged,
                              "merge_format": form if merged else None,
                              "runs": started.get("runs", []) + ([run] if run else []), "shards": coverage.shards})
     return coverage

@@ -68,6 +68,12 @@ class RankStats:
     # What the rank ran on: the GPU's name or the CPU's model, and the host.
     device_name: str = ""
     host: str = ""
+    # Prompt tokens run through forwards, and those taken from a slot that held them instead (a shared prefix, a
+    # prompt's other samples: distgen/engine/prefix.py); wall seconds of the steps that carried prompt tokens
+    # (on CPU their compute; on a GPU their launch only, the device runs behind).
+    prefill_tokens: int = 0
+    shared_prefix_tokens: int = 0
+    prefill_step_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:

@@ -21,9 +21,9 @@ from distgen.inputs.screening import ContextLimit, Verdict, adapter_index, scree
 
 CHUNK = 1024
 # Rows of the length table; KEY_HIGH and KEY_LOW: each record's key (distgen/inputs/keys.py) in two halves;
-# ADAPTER: its LoRA adapter (screening.adapter_index: 0 the base model).
-LENGTH, BUDGET, SCREEN, KEY_HIGH, KEY_LOW, ADAPTER = range(6)
-ROWS = 6
+# ADAPTER: its LoRA adapter (screening.adapter_index: 0 the base model); SAMPLES: the record's own n (0: generation.n).
+LENGTH, BUDGET, SCREEN, KEY_HIGH, KEY_LOW, ADAPTER, SAMPLES = range(7)
+ROWS = 7
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ def slice_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
 
 def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: Screening) -> np.ndarray:
     """(ROWS, stop - start) int32: prompt token counts as run (after truncate_left), per-record
-    budgets (0: the default), each prompt's screening verdict (a Verdict), its key and adapter."""
+    budgets (0: the default), each prompt's screening verdict (a Verdict), its key, its adapter and its
+    record's n (0: the default)."""
     table = np.zeros((ROWS, stop - start), dtype=np.int32)
     for at in range(start, stop, CHUNK):
         prompts = source.prompts(range(at, min(at + CHUNK, stop)))
@@ -104,6 +105,7 @@ def measure(source: PromptSource, tokenizer, start: int, stop: int, screening: S
         table[LENGTH, part] = lengths
         # A budget fits int32 (records.OVERRIDES checks its range; a bad one is dropped for an error record).
         table[BUDGET, part] = [p.max_new_tokens or 0 for p in prompts]
+        table[SAMPLES, part] = [p.n or 0 for p in prompts]  # records.OVERRIDES bounds it by MAX_SAMPLES
         table[SCREEN, part] = [s.verdict for s in screens]
         table[[KEY_HIGH, KEY_LOW], part] = np.asarray([key_halves(record_key(p)) for p in prompts], np.int32).T
         table[ADAPTER, part] = [adapter_index(p.lora, screening.adapters) for p in prompts]
@@ -132,7 +134,7 @@ def shared_lengths(source: PromptSource, tokenizer, ctx: DistContext, cache: Opt
     """Every prompt's token count and budget, on every rank. Each rank measures one slice and
     the slices are all-gathered; rank 0 keeps the table in `cache` (keyed by the job
     fingerprint), and a later run of the job broadcasts it instead of measuring again.
-    Returns the (ROWS, prompts) table: LENGTH, BUDGET, SCREEN, KEY_HIGH, KEY_LOW and ADAPTER rows."""
+    Returns the (ROWS, prompts) table: LENGTH, BUDGET, SCREEN, KEY_HIGH, KEY_LOW, ADAPTER and SAMPLES rows."""
     count = len(source)
     kept = cached_table(cache, count) if ctx.is_coordinator and cache is not None else None
     if broadcast_flag(kept is not None, ctx):

@@ -40,6 +40,8 @@ class KVCache(ABC):
     packs_prefill: bool = False
     # Whether one forward can carry decode tokens and prompt chunks together (`mixed_inputs`).
     mixes: bool = False
+    # Whether a row's first columns can be copied into another row (`copy_prefix`: a shared prefix, engine.prefix).
+    copies_prefix: bool = False
 
     @property
     @abstractmethod
@@ -54,6 +56,10 @@ class KVCache(ABC):
 
     @abstractmethod
     def decode_inputs(self, requests: list[Request]) -> ForwardBatch: ...
+
+    def copy_prefix(self, src: int, dsts: list[int], columns: int) -> None:
+        """Rows `dsts` (just admitted) take row `src`'s first `columns` columns (where `copies_prefix`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not copy KV between rows")
 
     def mixed_inputs(self, plan: StepPlan) -> ForwardBatch:
         """A mixed step (StepPlan.kind "mixed"): its decode part's tokens, then its prompt chunks, in one forward."""

@@ -24,15 +24,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class QueueShape:
-    """A rank's prompts as the length table sees them (no request needs to exist): each one's
-    prompt token count and budget, in any order."""
+    """A rank's sequences as the length table sees them (no request needs to exist): each one's prompt token
+    count and budget, in any order; a prompt with n samples (generation.n) is n sequences."""
     lengths: np.ndarray  # (prompts,)
     budgets: np.ndarray  # (prompts,) each prompt's own max_new_tokens or generation.max_new_tokens
 
     @classmethod
     def of(cls, queue: Sequence[tuple["Prompt", Sequence[int]]], gen: "GenerationConfig") -> "QueueShape":
-        return cls(np.asarray([len(ids) for _, ids in queue], dtype=np.int64),
-                   np.asarray([p.budget(gen.max_new_tokens) for p, _ in queue], dtype=np.int64))
+        samples = [p.samples(gen.n) for p, _ in queue]
+        return cls(np.repeat(np.asarray([len(ids) for _, ids in queue], dtype=np.int64), samples),
+                   np.repeat(np.asarray([p.budget(gen.max_new_tokens) for p, _ in queue], dtype=np.int64), samples))
 
     @property
     def prompts(self) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Collection, Optional, Union
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -232,11 +232,40 @@ class SlotKV(KVCache):
     def free_rows(self) -> int:
         return len(self.free)
 
-    def admit(self, request: Request) -> None:
+    @property
+    def copies_prefix(self) -> bool:
+        """Whether a slot's first columns can be copied into another (`copy_prefix`): not in a sliding-window
+        ring, whose columns do not hold positions 0.. once it wraps."""
+        return self.window is None
+
+    def admit(self, request: Request, slot: Optional[int] = None, avoid: Collection[int] = ()) -> None:
+        """A free slot for the request: `slot` (a freed slot it reuses in place, engine.prefix), else the lowest
+        free one not in `avoid` (the lowest of all when every free one is), so eager decode reads a prefix."""
         self.free.sort()
-        request.row = self.free.pop(0)  # lowest first, so eager decode can read a prefix of the slots
+        if slot is None:
+            slot = next((s for s in self.free if s not in avoid), self.free[0])
+        self.free.remove(slot)
+        request.row = slot
         self.col_pos[request.row] = -1
         self.owners[request.row] = request
+
+    def copy_prefix(self, src: int, dsts: list[int], columns: int) -> None:
+        """Slots `dsts` (just admitted) take slot `src`'s columns 0..columns-1, positions 0..columns-1: every
+        layer's keys and values (and int8 scales), what a prefill of those tokens writes; a slot in `dsts` that is
+        `src` itself (a freed slot reused in place) keeps its columns. On the device, before the step's forward
+        (which reads them: the owned CPU stack and the attention read `col_pos` and the slots' lengths)."""
+        targets = [dst for dst in dsts if dst != src]
+        rows = upload(torch.tensor(dsts, dtype=torch.long), self.device)
+        if targets:
+            index = upload(torch.tensor(targets, dtype=torch.long), self.device)
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    for name in ("keys", "values", "key_scales", "value_scales"):
+                        buffer = getattr(layer, name, None)
+                        if buffer is not None:  # (targets, heads, columns, head_dim) <- (heads, columns, head_dim)
+                            buffer[index, :, :columns] = buffer[src, :, :columns]
+        self.col_pos[rows, :columns] = torch.arange(columns, dtype=torch.long, device=self.device)
+        self.lengths[rows] = columns
 
     def place(self, rows: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, read: Union[int, torch.Tensor],
               width: int, masked: bool = True, windowed: bool = True) -> Union[None, torch.Tensor, dict]:
