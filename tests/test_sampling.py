@@ -30,3 +30,281 @@ def test_temperature_zero_is_greedy_in_the_config_and_in_a_record(tiny_model, to
     assert row_sampling(cfg, Prompt(0, "a", "x", temperature=0.7)).do_sample  # a record's own temperature decides
     assert not row_sampling(GenerationConfig(do_sample=True), Prompt(0, "a", "x", temperature=0.0)).do_sample
     assert_matches_generate(tiny_model, tokenizer, generate_all(engine_for(tiny_model, tokenizer, PROMPTS, cfg)))
+
+
+# ---- vLLM's sampling knobs and logprobs (issue 24 items 5 and 2)
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from conftest import DEFAULT_BUDGET, PROMPTS  # noqa: E402
+from distgen.config import GenerationConfig  # noqa: E402
+from distgen.engine.kv.attention import ATTENTION_ENV  # noqa: E402
+from helpers import ReplayingCapturer, engine_for, generate_all, reference_generate  # noqa: E402
+
+# The engine paths a step's tokens take: the dynamic cache (row surgery), the slot cache with distgen's CPU kernels
+# (synchronous), and rows addressed by slot id (pipelined: step N+1 launched before step N's tokens are read; decode
+# steps padded to a bucket, and replayed as "graphs" by a CPU stand-in), chunked prefill among them.
+PATHS = {
+    "dynamic": (dict(cache="dynamic"), None),
+    "slots": (dict(cache="static"), None),
+    "pipelined-chunked": (dict(cache="static", scheduler="chunked", prefill_chunk_tokens=24, cpu_kernels="torch"),
+                          "varlen_reference"),
+    "pipelined-graphs": (dict(cache="static", cpu_kernels="torch"), "graphs"),
+}
+
+
+def path_engine(name, model, tokenizer, records, monkeypatch, eos_ids=(), **settings):
+    extra, attention = PATHS[name]
+    if attention:
+        monkeypatch.setenv(ATTENTION_ENV, "varlen_reference")
+    cfg = GenerationConfig(**{**dict(max_new_tokens=DEFAULT_BUDGET, batch_size=3, compile="off"), **extra,
+                              **settings})
+    engine = engine_for(model, tokenizer, records, cfg, eos_ids=eos_ids)
+    assert engine.pipelined == (attention is not None)
+    if attention == "graphs":
+        engine.decoder.capture, engine.decoder.capturer = True, ReplayingCapturer()
+    return engine
+
+
+def budget_of(record) -> int:
+    return record.get("max_new_tokens", DEFAULT_BUDGET)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_greedy_repetition_penalty_equals_hf_generate(path, tiny_model, tokenizer, monkeypatch):
+    """HF's RepetitionPenaltyLogitsProcessor and vLLM's repetition penalty agree: prompt and completion tokens,
+    a positive logit divided, a negative multiplied. fp32, greedy, token for token."""
+    records = [dict(r, max_new_tokens=12) for r in PROMPTS]
+    got = generate_all(path_engine(path, tiny_model, tokenizer, records, monkeypatch, repetition_penalty=1.7))
+    changed = 0
+    for record in records:
+        want = reference_generate(tiny_model, tokenizer, record["prompt"], 12, repetition_penalty=1.7)
+        assert got[record["id"]].token_ids == want, record["id"]
+        changed += want != reference_generate(tiny_model, tokenizer, record["prompt"], 12)
+    assert changed >= 3  # the penalty changes most completions: the test can fail
+
+
+def knob_records(eos: int, avoid: int) -> list[dict]:
+    """One step's rows with different settings each: every knob a record can set (`avoid`: a token the biased
+    row's greedy completion starts with)."""
+    return [
+        {"id": "repetition", "prompt": PROMPTS[1]["prompt"], "repetition_penalty": 1.3},
+        {"id": "presence", "prompt": PROMPTS[2]["prompt"], "presence_penalty": 2.0, "max_new_tokens": 16},
+        {"id": "frequency", "prompt": PROMPTS[4]["prompt"], "frequency_penalty": 1.2, "presence_penalty": -0.3,
+         "max_new_tokens": 16},
+        {"id": "bias", "prompt": PROMPTS[6]["prompt"], "logit_bias": {"70": 1.2, str(avoid): -3.0}},
+        {"id": "min_tokens", "prompt": PROMPTS[1]["prompt"], "min_tokens": 6},
+        {"id": "plain", "prompt": PROMPTS[1]["prompt"]},
+        {"id": "everything", "prompt": PROMPTS[3]["prompt"], "repetition_penalty": 0.8, "frequency_penalty": 0.4,
+         "logit_bias": {str(eos): -0.5, "80": 0.6}, "min_tokens": 3},
+    ]
+
+
+def hf_settings(record: dict) -> dict:
+    """The same knobs as `reference_generate` spells them (HF generate's, and the reference penalties)."""
+    settings = {}
+    if "repetition_penalty" in record:
+        settings["repetition_penalty"] = record["repetition_penalty"]
+    if "logit_bias" in record:
+        settings["sequence_bias"] = {(int(t),): b for t, b in record["logit_bias"].items()}
+    if "min_tokens" in record:
+        settings["min_new_tokens"] = record["min_tokens"]
+    settings["presence"] = record.get("presence_penalty", 0.0)
+    settings["frequency"] = record.get("frequency_penalty", 0.0)
+    return settings
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_rows_with_different_knobs_in_one_step_each_equal_their_reference(path, tiny_model, tokenizer, monkeypatch):
+    """Per-record knobs, rows with different settings batched in every step: each equals greedy HF generate with
+    the same knobs (repetition_penalty, sequence_bias for logit_bias, min_new_tokens for min_tokens, a plain
+    reference of OpenAI's presence/frequency penalties)."""
+    free = reference_generate(tiny_model, tokenizer, PROMPTS[1]["prompt"], DEFAULT_BUDGET)
+    eos = free[2]  # greedy's third token of "france" is its EOS: min_tokens must hold it off
+    records = knob_records(eos, reference_generate(tiny_model, tokenizer, PROMPTS[6]["prompt"], 1)[0])
+    engine = path_engine(path, tiny_model, tokenizer, records, monkeypatch, eos_ids=[eos], batch_size=4)
+    got = generate_all(engine)
+    for record in records:
+        want = reference_generate(tiny_model, tokenizer, record["prompt"], budget_of(record), [eos],
+                                  **hf_settings(record))
+        assert got[record["id"]].token_ids == want, record["id"]
+    assert got["plain"].token_ids == free[:3] and got["plain"].finish_reason == "eos"
+    assert eos not in got["min_tokens"].token_ids[:6] and got["min_tokens"].token_ids != free[:3]
+    for knob in ("presence", "frequency", "bias"):  # each knob changed its completion: the test can fail
+        record = next(r for r in records if r["id"] == knob)
+        assert got[knob].token_ids != reference_generate(tiny_model, tokenizer, record["prompt"], budget_of(record),
+                                                         [eos]), knob
+    if engine.pipelined:
+        assert not engine.sampler.history.free or sorted(engine.sampler.history.free) == list(
+            range(len(engine.sampler.history.counts)))  # every history row back
+
+
+@pytest.mark.parametrize("path", ["slots", "pipelined-graphs"])
+def test_stop_token_ids_end_with_stop_and_ignore_eos_runs_the_budget(path, tiny_model, tokenizer, monkeypatch):
+    free = reference_generate(tiny_model, tokenizer, PROMPTS[1]["prompt"], DEFAULT_BUDGET)
+    eos = free[2]
+    records = [{"id": "stop", "prompt": PROMPTS[1]["prompt"], "stop_token_ids": [free[1], 5]},
+               {"id": "ignore", "prompt": PROMPTS[1]["prompt"], "ignore_eos": True},
+               {"id": "ignore-but-stop", "prompt": PROMPTS[1]["prompt"], "ignore_eos": True,
+                "stop_token_ids": [free[4]]},
+               {"id": "eos", "prompt": PROMPTS[1]["prompt"]}]
+    got = generate_all(path_engine(path, tiny_model, tokenizer, records, monkeypatch, eos_ids=[eos]))
+    assert (got["stop"].token_ids, got["stop"].finish_reason) == (free[:2], "stop")  # the stop token is kept
+    assert (got["ignore"].token_ids, got["ignore"].finish_reason) == (free, "length")
+    assert (got["ignore-but-stop"].token_ids, got["ignore-but-stop"].finish_reason) == (free[:5], "stop")
+    assert (got["eos"].token_ids, got["eos"].finish_reason) == (free[:3], "eos")
+
+
+def test_generation_knobs_apply_to_every_record_and_a_record_replaces_them(tiny_model, tokenizer, monkeypatch):
+    records = [dict(r, max_new_tokens=10) for r in PROMPTS[:3]] + [
+        {"id": "own", "prompt": PROMPTS[4]["prompt"], "max_new_tokens": 10, "repetition_penalty": 1.0,
+         "logit_bias": {}}]
+    got = generate_all(path_engine("pipelined-chunked", tiny_model, tokenizer, records, monkeypatch,
+                                   repetition_penalty=1.4, logit_bias={75: 0.8}))
+    for record in records[:3]:
+        assert got[record["id"]].token_ids == reference_generate(tiny_model, tokenizer, record["prompt"], 10,
+                                                                 repetition_penalty=1.4, sequence_bias={(75,): 0.8})
+    assert got["own"].token_ids == reference_generate(tiny_model, tokenizer, records[3]["prompt"], 10)
+
+
+def test_penalties_follow_vllms_formula():
+    """One batch of rows, each with its own penalties, against vLLM's formula written out per token."""
+    from distgen.engine.logits import PROCESSORS, TokenHistory, choose, plan_rows
+    from distgen.engine.request import Request
+    from distgen.engine.sampling import GREEDY
+    from distgen.inputs.records import Prompt
+    vocab, generator = 12, torch.Generator().manual_seed(0)
+    logits = torch.randn((3, vocab), generator=generator) * 3
+    settings = [dataclasses.replace(GREEDY, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+                dataclasses.replace(GREEDY, repetition_penalty=0.5),
+                dataclasses.replace(GREEDY, frequency_penalty=-1.0, logit_bias=((3, 2.5), (7, -1.0)))]
+    prompts, outputs = [[1, 2, 2], [4], [5, 6]], [[2, 3, 3, 9], [4, 4, 0], [6, 6, 6]]
+    requests = [Request(Prompt(k, k, ""), prompts[k], 16, None, settings[k]) for k in range(3)]
+    history = TokenHistory(torch.device("cpu"))
+    # the completions so far, recorded as the engine records them: one token per row per step
+    for step in range(4):
+        rows = [k for k in range(3) if step < len(outputs[k])]
+        batch = plan_rows([settings[k] for k in rows], [requests[k] for k in rows], [], vocab, history,
+                          torch.device("cpu"))
+        history.record(batch.penalties.rows, torch.tensor([outputs[k][step] for k in rows]))
+    batch = plan_rows(settings, requests, [], vocab, history, torch.device("cpu"))
+    want = logits.clone()
+    for k, s in enumerate(settings):
+        for token, bias in s.logit_bias:
+            want[k, token] += bias
+        for token in range(vocab):
+            count = outputs[k].count(token)
+            if token in prompts[k] or count:
+                value = want[k, token]
+                want[k, token] = value / s.repetition_penalty if value > 0 else value * s.repetition_penalty
+            want[k, token] -= s.frequency_penalty * count + s.presence_penalty * (count > 0)
+    got = logits.clone()
+    for processor in PROCESSORS:
+        got = processor(got, batch)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    tokens, _ = choose(logits.clone(), batch)  # chooses the argmax, and records it in the history
+    assert torch.equal(tokens, want.argmax(-1))
+    counts = history.counts[batch.penalties.rows]
+    assert [counts[k, tokens[k]].item() for k in range(3)] == [outputs[k].count(tokens[k].item()) + 1 for k in range(3)]
+
+
+def test_rows_with_different_settings_draw_what_each_would_alone():
+    """The logits path batches rows whose temperature, top_k and top_p differ (per-row tensors): each row draws
+    exactly what the one-setting path draws for it from the same generator."""
+    from distgen.engine.logits import TokenHistory, choose, plan_rows
+    from distgen.engine.request import Request
+    from distgen.engine.sampling import RowSampling, select_next_tokens
+    from distgen.inputs.records import Prompt
+    vocab = 50
+    logits = torch.randn((5, vocab), generator=torch.Generator().manual_seed(1)) * 2
+    settings = [RowSampling(True, 0.7, 5, 1.0), RowSampling(True, 1.3, 0, 0.8), RowSampling(True, 1.0, 0, 1.0),
+                RowSampling(True, 0.5, 60, 0.5), RowSampling(True, 2.0, 10, 0.9)]
+    for draw in range(3):
+        alone = [select_next_tokens(logits[k:k + 1], s, [torch.Generator().manual_seed(10 * draw + k)])
+                 for k, s in enumerate(settings)]
+        requests = [Request(Prompt(k, k, ""), [1], 4, torch.Generator().manual_seed(10 * draw + k), s)
+                    for k, s in enumerate(settings)]
+        batch = plan_rows(settings, requests, [], vocab, TokenHistory(torch.device("cpu")), torch.device("cpu"))
+        tokens, _ = choose(logits.clone(), batch)
+        assert tokens.tolist() == torch.cat(alone).tolist()
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    from distgen.engine.logits import Draws, apply_min_p
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    draws = Draws(torch.arange(2), [None, None], torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long),
+                  torch.ones(2, 1), torch.tensor([[0.5], [0.9]]), 0, False, True)
+    kept = apply_min_p(probs.log(), draws).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, True]]
+
+
+def test_min_p_of_one_is_greedy_and_logprobs_leave_draws_unchanged(tiny_model, tokenizer):
+    """min_p=1 keeps only the best token; asking for logprobs routes a sampled row through the logits path, whose
+    draws are the plain path's, token for token."""
+    sample = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.5, seed=3, batch_size=3, compile="off")
+    records = [dict(r, max_new_tokens=6, min_p=1.0) for r in PROMPTS[:3]]
+    got = generate_all(engine_for(tiny_model, tokenizer, records, sample))
+    for record in records:
+        assert got[record["id"]].token_ids == reference_generate(tiny_model, tokenizer, record["prompt"], 6)
+    records = [dict(r, max_new_tokens=6) for r in PROMPTS]
+    plain = generate_all(engine_for(tiny_model, tokenizer, records, sample))
+    asking = generate_all(engine_for(tiny_model, tokenizer, [dict(r, logprobs=2) for r in records], sample))
+    assert {k: c.token_ids for k, c in asking.items()} == {k: c.token_ids for k, c in plain.items()}
+    assert all(len(c.logprobs) == len(c.token_ids) for c in asking.values())
+
+
+def forward_logprobs(model, tokenizer, prompt: str, generated: list[int]) -> torch.Tensor:
+    """log_softmax of HF's forward logits at each generated token's position: (len(generated), vocab)."""
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + generated])).logits[0].float()
+    return logits[len(ids) - 1:len(ids) - 1 + len(generated)].log_softmax(-1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_logprobs_are_the_raw_model_logprobs_of_the_chosen_token(path, tiny_model, tokenizer, monkeypatch):
+    """Greedy rows: each token's logprob is log_softmax of HF's forward logits at its position (1e-4, fp32), its
+    top-K sorted best first with the chosen token at the top; K capped at the vocabulary; a penalized row reports
+    the raw logprobs (before the penalty), as vLLM does; rows that do not ask carry none."""
+    vocab = tiny_model.config.vocab_size
+    records = [dict(PROMPTS[1], logprobs=3), dict(PROMPTS[2], logprobs=0), dict(PROMPTS[4], logprobs=10 ** 6),
+               dict(PROMPTS[6], logprobs=2, repetition_penalty=1.8), dict(PROMPTS[3])]
+    got = generate_all(path_engine(path, tiny_model, tokenizer, records, monkeypatch))
+    assert got[PROMPTS[3]["id"]].logprobs is None
+    for record, k in zip(records[:4], (3, 0, vocab, 2)):
+        completion = got[record["id"]]
+        assert len(completion.logprobs) == len(completion.token_ids) == budget_of(record)
+        reference = forward_logprobs(tiny_model, tokenizer, record["prompt"], completion.token_ids)
+        for at, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+            assert entry["token_id"] == token and len(entry["top"]) == k
+            assert abs(entry["logprob"] - reference[at, token].item()) < 1e-4, (record["id"], at)
+            values = [alt["logprob"] for alt in entry["top"]]
+            assert values == sorted(values, reverse=True)
+            best = torch.topk(reference[at], k)
+            assert [alt["token_id"] for alt in entry["top"]] == best.indices.tolist() or k == vocab
+            torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), best.values.double(), atol=1e-4,
+                                       rtol=0)
+            if k and "repetition_penalty" not in record:
+                assert entry["top"][0]["token_id"] == token  # greedy: the chosen token is the best
+    penalized = got[PROMPTS[6]["id"]]
+    assert penalized.token_ids == reference_generate(tiny_model, tokenizer, PROMPTS[6]["prompt"],
+                                                     budget_of(PROMPTS[6]), repetition_penalty=1.8)
+
+
+def test_one_host_read_per_step_with_logprobs_and_penalties(tiny_model, tokenizer, monkeypatch):
+    from distgen.engine.host import READS
+    records = [dict(r, logprobs=2, frequency_penalty=0.5) if i % 2 else r for i, r in enumerate(PROMPTS)]
+    engine = path_engine("pipelined-chunked", tiny_model, tokenizer, records, monkeypatch)
+    counts, step = [], engine.step
+
+    def counted():
+        before = READS.count
+        done = step()
+        counts.append(READS.count - before)
+        return done
+    engine.step = counted
+    got = generate_all(engine)
+    assert max(counts) == 1 and engine.host_reads == sum(counts)
+    assert all((c.logprobs is not None) == (i % 2 == 1) for i, c in enumerate(got[r["id"]] for r in PROMPTS))

@@ -37,8 +37,11 @@ class Request:
     prefilled: int = 0  # prompt tokens already in the cache
     row: int = -1       # its row (slot) in the KV cache while it holds one
     inflight: int = 0   # tokens of launched steps not read yet (engine.core: the pipelined engine)
+    history_row: int = -1  # its row of the sampler's token history while a penalty needs one (engine.logits)
     # What it produced
     generated: list[int] = field(default_factory=list)
+    # per generated token {"token_id", "logprob", "top": [...]} when its settings ask for logprobs, else None
+    logprobs: Optional[list[dict]] = None
     error: Optional[str] = None  # why it failed (RequestFailed), finishing with reason "error"
 
     @property
@@ -52,7 +55,7 @@ class Request:
     def completion(self, reason: str) -> "Completion":
         if self.error is not None:
             return Completion(self.prompt, self.prompt_length, [], reason, self.error)
-        return Completion(self.prompt, self.prompt_length, self.generated, reason)
+        return Completion(self.prompt, self.prompt_length, self.generated, reason, logprobs=self.logprobs)
 
     @property
     def saturated(self) -> bool:
@@ -65,5 +68,6 @@ class Completion:
     prompt: Prompt
     prompt_token_count: int
     token_ids: list[int]
-    finish_reason: str  # "eos", "length", "stop" (a stop string appeared) or "error" (the request failed)
+    finish_reason: str  # "eos", "length", "stop" (a stop string or a stop token id appeared) or "error" (failed)
     error: Optional[str] = None  # why it failed: it becomes an error record
+    logprobs: Optional[list[dict]] = None  # per token in token_ids, when asked (Request.logprobs)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
-from distgen.config import MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, is_int, seed_ok, temperature_ok
+from distgen.config import (MAX_LOGIT_BIAS, MAX_PENALTY, MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, is_int,
+                            is_number, logit_bias_ok, logprobs_ok, min_p_ok, penalty_ok, repetition_penalty_ok,
+                            seed_ok, temperature_ok, token_ids_ok)
 
 JSON_ARRAY_HINT = "a .json file holds one JSON array of records ([{\"prompt\": ...}, ...]) or JSON lines"
 BOM = "\ufeff"
@@ -48,6 +50,16 @@ class Prompt:
     stop: tuple[str, ...] = ()
     # The text already holds the special tokens (rendered by a chat template).
     templated: bool = False
+    # vLLM's sampling knobs (generation.* has each; None or empty: generation.*'s).
+    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    min_p: Optional[float] = None
+    min_tokens: Optional[int] = None
+    stop_token_ids: Optional[tuple[int, ...]] = None
+    logit_bias: Optional[tuple[tuple[int, float], ...]] = None  # (token id, bias) pairs, by token id
+    ignore_eos: Optional[bool] = None
+    logprobs: Optional[int] = None  # alternatives per generated token in its output record's `logprobs`
 
     def budget(self, default: int) -> int:
         return self.max_new_tokens or default
@@ -68,13 +80,20 @@ class RecordFields:
 ID_IS_INT = "id_is_int"
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def is_whole(value: Any) -> bool:
     """An integer, or a float holding one (CSV and Arrow columns with gaps turn integers into floats)."""
     return is_int(value) or isinstance(value, float) and value.is_integer()
+
+
+def whole(value: Any) -> Any:
+    """An integer a float holds (a CSV or Arrow column with gaps) as that integer; anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def bias_pairs(bias: dict) -> tuple[tuple[int, float], ...]:
+    """{token_id: bias} (JSON keys are text) as (token id, bias) pairs by token id; null entries (Arrow gives every
+    record of a column every key some record has) are none."""
+    return tuple(sorted((int(k), float(v)) for k, v in bias.items() if v is not None))
 
 
 # Per-record override: (check, what is allowed, convert).
@@ -90,6 +109,21 @@ OVERRIDES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = 
     "stop": (lambda v: isinstance(v, str) and v != "" or isinstance(v, (list, tuple)) and all(
         isinstance(s, str) and s for s in v), "a non-empty string or a list of them",
              lambda v: (v,) if isinstance(v, str) else tuple(v)),
+    # vLLM's sampling knobs: the ranges generation.* is held to (GenerationConfig.check_knobs). A token id past
+    # the model's vocabulary is found once the engine knows it (engine.build.make_request), as an error record too.
+    "repetition_penalty": (repetition_penalty_ok, f"a finite number >= {MIN_TEMPERATURE} (1 is off)", float),
+    "presence_penalty": (penalty_ok, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 is off)", float),
+    "frequency_penalty": (penalty_ok, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 is off)", float),
+    "min_p": (min_p_ok, "a number in [0, 1] (0 is off)", float),
+    "min_tokens": (lambda v: is_whole(v) and 0 <= v < MAX_SEQUENCE_TOKENS,
+                   "an integer >= 0, at most the record's max_new_tokens", int),
+    "stop_token_ids": (lambda v: isinstance(v, (list, tuple)) and token_ids_ok([whole(t) for t in v]),
+                       "a list of token ids >= 0", lambda v: tuple(dict.fromkeys(int(t) for t in v))),
+    "logit_bias": (logit_bias_ok, f"an object {{token_id: bias}}, ids >= 0, biases in [-{MAX_LOGIT_BIAS:g}, "
+                                  f"{MAX_LOGIT_BIAS:g}]", bias_pairs),
+    "ignore_eos": (lambda v: isinstance(v, bool), "true or false", bool),
+    "logprobs": (lambda v: is_whole(v) and logprobs_ok(int(v)), "an integer >= 0 (alternatives per token, capped "
+                                                                 "at the vocabulary)", int),
 }
 
 

@@ -49,7 +49,16 @@ SAVED_MARKERS = ("state.json", "dataset_dict.json")
 HASH_BATCH = 10_000
 READ_BATCH = 1024
 # Bumped when the normalized records' columns change, so that no cached table of the old form is reused.
-NORMALIZED_VERSION = 2
+NORMALIZED_VERSION = 3
+# Per-record settings whose normalized column holds another form than the Prompt's (the rest: as they are):
+# stop and stop_token_ids as lists, logit_bias as its JSON text (an Arrow struct would need one key set).
+COLUMN_FORMS: dict[str, Callable] = {
+    "stop": lambda stops: list(stops) or None,
+    "stop_token_ids": lambda ids: None if ids is None else list(ids),
+    "logit_bias": lambda pairs: None if pairs is None else json.dumps({str(token): bias for token, bias in pairs}),
+}
+# Normalized columns read back as JSON text (PromptSource.prompt_of).
+JSON_COLUMNS = ("logit_bias",)
 
 
 def detect_format(path: str, fmt: str) -> str:
@@ -132,8 +141,7 @@ def normalize(record: dict, where: str, fields: RecordFields) -> dict:
     return {"id": str(prompt.id) if given else None, ID_IS_INT: isinstance(prompt.id, int) if given else None,
             "prompt": record.get(fields.prompt) if not fields.messages else None,
             "messages": json.dumps(record[fields.messages]) if fields.messages else None,
-            **{k: getattr(prompt, k) for k in OVERRIDES if k != "stop"},
-            "stop": list(prompt.stop) or None, "error": prompt.error}
+            **{k: COLUMN_FORMS.get(k, lambda v: v)(getattr(prompt, k)) for k in OVERRIDES}, "error": prompt.error}
 
 
 def normalized_features():
@@ -141,7 +149,11 @@ def normalized_features():
     return Features({"id": Value("string"), ID_IS_INT: Value("bool"), "prompt": Value("string"),
                      "messages": Value("string"), "max_new_tokens": Value("int64"), "temperature": Value("float64"),
                      "top_p": Value("float64"), "top_k": Value("int64"), "seed": Value("uint64"),
-                     "stop": List(Value("string")), "error": Value("string")})
+                     "stop": List(Value("string")), "repetition_penalty": Value("float64"),
+                     "presence_penalty": Value("float64"), "frequency_penalty": Value("float64"),
+                     "min_p": Value("float64"), "min_tokens": Value("int64"), "stop_token_ids": List(Value("int64")),
+                     "logit_bias": Value("string"), "ignore_eos": Value("bool"), "logprobs": Value("int64"),
+                     "error": Value("string")})
 
 
 def normalized_fields(fields: RecordFields) -> RecordFields:
@@ -387,6 +399,8 @@ class PromptSource:
     def prompt_of(self, record: dict, index: int) -> Prompt:
         if self.fields.messages and isinstance(record.get(self.fields.messages), str):  # normalized records
             record = {**record, self.fields.messages: json.loads(record[self.fields.messages])}
+        if self.fields.error is not None:  # normalized: settings kept as JSON text
+            record = {**record, **{k: json.loads(record[k]) for k in JSON_COLUMNS if isinstance(record.get(k), str)}}
         return record_to_prompt(record, index, f"{self.path}: record {index}", self.fields, self.render,
                                 row=self.row_of(index))
 

@@ -23,21 +23,26 @@ class OutputRecord:
     completion_tokens: int
     finish_reason: str  # "eos", "length", "stop" or "error"
     completion_token_ids: list[int] = field(default_factory=list)
+    # per kept token {"token_id", "logprob", "top": [{"token_id", "logprob"}, ...]} when the record's settings
+    # ask for logprobs (generation.logprobs or its own); absent from other records' JSON
+    logprobs: Optional[list[dict]] = None
     # why an error record has no completion; absent from other records' JSON
     error: Optional[str] = None
 
     def as_json(self) -> dict:
         record = asdict(self)
-        if self.error is None:
-            del record["error"]
+        for optional in ("logprobs", "error"):
+            if record[optional] is None:
+                del record[optional]
         return record
 
 
 def completion_record(completion: Completion, text: str, token_ids: list[int]) -> dict:
-    """`text` and `token_ids` are the completion as kept (cut before a stop string)."""
+    """`text` and `token_ids` are the completion as kept (cut before a stop string; its logprobs cut with it)."""
+    logprobs = None if completion.logprobs is None else completion.logprobs[:len(token_ids)]
     return OutputRecord(completion.prompt.index, completion.prompt.id, completion.prompt.text, text,
                         completion.prompt_token_count, len(token_ids), completion.finish_reason,
-                        list(token_ids)).as_json()
+                        list(token_ids), logprobs).as_json()
 
 
 def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0) -> dict:
