@@ -35,6 +35,7 @@ def test_temperature_zero_is_greedy_in_the_config_and_in_a_record(tiny_model, to
 # ---- vLLM's sampling knobs and logprobs (issue 24 items 5 and 2)
 
 import dataclasses  # noqa: E402
+import re  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -308,3 +309,129 @@ def test_one_host_read_per_step_with_logprobs_and_penalties(tiny_model, tokenize
     got = generate_all(engine)
     assert max(counts) == 1 and engine.host_reads == sum(counts)
     assert all((c.logprobs is not None) == (i % 2 == 1) for i, c in enumerate(got[r["id"]] for r in PROMPTS))
+
+
+# ---- the knobs as records and config keys, through a real job
+
+KNOB_RECORDS = [
+    {"id": "rep", "prompt": "The capital of France is", "repetition_penalty": 1.3, "logprobs": 2},
+    {"id": "bias", "prompt": "Hello there", "logit_bias": {"70": 2.0, "71": -1.5}, "min_tokens": 3},
+    {"id": "freq", "prompt": "x y z", "frequency_penalty": 0.5, "presence_penalty": -0.25, "min_p": 0.1,
+     "temperature": 0.8, "seed": 4},
+    {"id": 7, "prompt": "plain"},
+    {"id": "stops", "prompt": "stop here", "stop_token_ids": [70, 71], "ignore_eos": True, "logprobs": 0},
+]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"repetition_penalty": 0}, "repetition_penalty=0 is not allowed: must be a finite number >= "),
+    ({"presence_penalty": 2.5}, "presence_penalty=2.5 is not allowed: must be a number in [-2, 2]"),
+    ({"frequency_penalty": "1"}, "frequency_penalty='1' is not allowed"),
+    ({"min_p": -0.1}, "min_p=-0.1 is not allowed: must be a number in [0, 1]"),
+    ({"min_tokens": 1.5}, "min_tokens=1.5 is not allowed: must be an integer >= 0"),
+    ({"stop_token_ids": 5}, "stop_token_ids=5 is not allowed: must be a list of token ids >= 0"),
+    ({"stop_token_ids": [1, -1]}, "stop_token_ids=[1, -1] is not allowed"),
+    ({"logit_bias": {"x": 1}}, "logit_bias={'x': 1} is not allowed: must be an object {token_id: bias}"),
+    ({"logit_bias": {"5": 101}}, "logit_bias={'5': 101} is not allowed"),
+    ({"logit_bias": [5, 1]}, "logit_bias=[5, 1] is not allowed"),
+    ({"ignore_eos": "yes"}, "ignore_eos='yes' is not allowed: must be true or false"),
+    ({"logprobs": -1}, "logprobs=-1 is not allowed: must be an integer >= 0"),
+    ({"logprobs": True}, "logprobs=True is not allowed"),
+], ids=lambda value: str(value)[:30])
+def test_a_bad_knob_makes_an_error_record_naming_it(record, message):
+    from distgen.inputs.records import RecordFields, record_to_prompt
+    prompt = record_to_prompt({"id": "r", "prompt": "p", **record}, 0, "f:1", RecordFields())
+    assert prompt.error.startswith(message), prompt.error
+
+
+def test_knob_fields_convert_and_key_the_record():
+    from distgen.inputs.keys import record_key
+    from distgen.inputs.records import RecordFields, record_to_prompt
+    fields = RecordFields()
+    prompt = record_to_prompt({"prompt": "p", "logit_bias": {"9": 1, "3": -2.5, "4": None}, "stop_token_ids": [5, 5.0, 2],
+                               "min_tokens": 2.0, "ignore_eos": False}, 0, "f:1", fields)
+    assert prompt.error is None
+    assert (prompt.logit_bias, prompt.stop_token_ids, prompt.min_tokens, prompt.ignore_eos) == (
+        ((3, -2.5), (9, 1.0)), (5, 2), 2, False)
+    plain = record_to_prompt({"prompt": "p"}, 0, "f:1", fields)
+    keys = {record_key(plain)}
+    for knob, value in [("repetition_penalty", 1.1), ("presence_penalty", 0.1), ("frequency_penalty", 0.1),
+                        ("min_p", 0.1), ("min_tokens", 1), ("stop_token_ids", [1]), ("logit_bias", {"1": 1}),
+                        ("ignore_eos", True), ("logprobs", 1)]:
+        keys.add(record_key(record_to_prompt({"prompt": "p", knob: value}, 0, "f:1", fields)))
+    assert len(keys) == 10  # each knob changes the record's resume key
+
+
+def test_knob_fields_survive_every_table_form(tmp_path):
+    """Arrow's JSON reader (a logit_bias column becomes a struct holding every record's keys; a column whose types
+    clash, JSON values) and the normalized table of a folder of mixed formats (logit_bias kept as JSON text) give
+    the prompts the records give."""
+    from conftest import write_prompts
+    from distgen.config import DatasetConfig
+    from distgen.inputs.records import RecordFields, record_to_prompt
+    from distgen.inputs.source import open_prompts
+    records = KNOB_RECORDS + [{"id": "clash", "prompt": "q", "stop_token_ids": "3", "logit_bias": "x"}]
+    want = [record_to_prompt(r, i, "x", RecordFields()) for i, r in enumerate(records)]
+    assert want[-1].error.startswith("stop_token_ids='3' is not allowed")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_prompts(folder / "a.jsonl", records)
+    (folder / "b.csv").write_text("id,prompt\nlast,z\n")
+    for name, path in [("arrow", write_prompts(tmp_path / "knobs.jsonl", records)), ("normalized", folder)]:
+        source = open_prompts(DatasetConfig(path=str(path)), str(tmp_path / f"cache-{name}"))
+        assert (source.fields.error is not None) == (name == "normalized")
+        got = source.prompts(range(len(source)))
+        assert got[:len(want) - 1] == want[:-1], name
+        assert got[len(records) - 1].error.startswith("stop_token_ids="), name
+
+
+def test_a_job_with_per_record_knobs_and_logprobs(tiny_model_dir, tmp_path):
+    """A real run (distgen.run.main) with per-record knobs: every id exactly once, a bad knob an error record
+    naming it, logprobs only where asked, and a record without knobs byte-identical to a job without any."""
+    import json
+    from conftest import read_outputs, write_prompts
+    from distgen.run import main as run_in_process
+    records = KNOB_RECORDS + [{"id": "bad", "prompt": "q", "min_p": 2}, {"id": "too-few", "prompt": "q",
+                                                                         "max_new_tokens": 2, "min_tokens": 3}]
+    dataset = write_prompts(tmp_path / "knobs.jsonl", records)
+    args = [f"model={tiny_model_dir}", f"dataset={dataset}", "generation.max_new_tokens=6", "generation.batch_size=3"]
+    assert run_in_process([*args, f"output.dir={tmp_path / 'knobs'}"]) == 0
+    out = read_outputs(tmp_path / "knobs")
+    assert [r["id"] for r in out] == [r["id"] for r in records]
+    by_id = {r["id"]: r for r in out}
+    assert by_id["bad"]["error"].startswith("min_p=2") and "is not allowed: must be a number in [0, 1]" in by_id["bad"]["error"]
+    assert by_id["too-few"]["error"] == "min_tokens=3 is not allowed: must be at most its max_new_tokens=2"
+    assert [len(e["top"]) for e in by_id["rep"]["logprobs"]] == [2] * by_id["rep"]["completion_tokens"]
+    assert [e["top"] for e in by_id["stops"]["logprobs"]] == [[]] * by_id["stops"]["completion_tokens"]
+    assert [r["id"] for r in out if "logprobs" in r] == ["rep", "stops"]
+    plain = write_prompts(tmp_path / "plain.jsonl", [KNOB_RECORDS[3]])
+    assert run_in_process([*args, f"dataset={plain}", f"output.dir={tmp_path / 'plain'}"]) == 0
+    line = (tmp_path / "plain" / "outputs.jsonl").read_text().splitlines()[0]
+    assert json.dumps({**by_id[7], "index": 0}, ensure_ascii=False) == line
+
+    # generation.* knobs for every record, a mapping given whole on the command line
+    assert run_in_process([f"model={tiny_model_dir}", f"dataset={plain}", "generation.max_new_tokens=6",
+                           "generation.logit_bias={70:100}", "generation.logprobs=1",
+                           f"output.dir={tmp_path / 'config'}"]) == 0
+    [record] = read_outputs(tmp_path / "config")
+    assert record["completion_token_ids"] == [70] * 6 and len(record["logprobs"]) == 6
+
+
+def test_knobs_are_config_keys_checked_before_anything_runs():
+    from distgen.catalog.load import load_config
+    from distgen.common.errors import ConfigError
+    cfg = load_config(["model=tiny", "dataset=demo", "generation.logit_bias={4:1.5,9:-2}", "generation.min_p=0.05",
+                       "generation.stop_token_ids=[3]", "generation.logprobs=5", "generation.ignore_eos=true"])
+    assert (cfg.generation.logit_bias, cfg.generation.stop_token_ids, cfg.generation.logprobs) == (
+        {4: 1.5, 9: -2.0}, [3], 5)
+    for override, message in [("generation.logit_bias={4:200}", "generation.logit_bias={4: 200.0} is not allowed"),
+                              ("generation.min_tokens=40", "generation.min_tokens=40 is not allowed: must be an "
+                                                           "integer in [0, generation.max_new_tokens=32]"),
+                              ("generation.frequency_penalty=-3", "generation.frequency_penalty=-3.0 is not allowed"),
+                              ("generation.repetition_penalty=0", "generation.repetition_penalty=0.0 is not allowed")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(["model=tiny", "dataset=demo", override])
+    with pytest.raises(ConfigError, match=re.escape("generation.repetition_penalty=1.2 is not allowed: "
+                                                    "model.assistant=prompt_lookup verifies drafts")):
+        load_config(["model=tiny", "dataset=demo", "generation.repetition_penalty=1.2",
+                     "model.assistant=prompt_lookup"])

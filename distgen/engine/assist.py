@@ -19,6 +19,7 @@ different numbers of them.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -363,7 +364,7 @@ def check_plain_logits(cfg) -> None:
         value = getattr(cfg.generation, name)
         require(value == getattr(defaults, name), f"generation.{name}", value,
                 f"model.assistant={cfg.model.assistant} verifies drafts against the model's plain logits; leave "
-                f"generation.{name} at {getattr(defaults, name)!r} or use model.assistant=none")
+                f"generation.{name} at {json.dumps(getattr(defaults, name))} or use model.assistant=none")
 
 
 def check_draft_model(cfg) -> None:
