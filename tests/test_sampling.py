@@ -435,3 +435,22 @@ def test_knobs_are_config_keys_checked_before_anything_runs():
                                                     "model.assistant=prompt_lookup verifies drafts")):
         load_config(["model=tiny", "dataset=demo", "generation.repetition_penalty=1.2",
                      "model.assistant=prompt_lookup"])
+
+
+def test_repetition_penalty_is_hfs_bit_for_bit():
+    """logits.repetition_penalty (no select by sign) against HF's RepetitionPenaltyLogitsProcessor: every row its
+    own penalty, above and below 1, on logits holding -inf, zeros, tiny and huge values."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    from distgen.engine.logits import repetition_penalty
+    generator = torch.Generator().manual_seed(0)
+    penalties = [0.3, 0.5, 0.9, 1.0, 1.3, 2.0, 7.5]
+    logits = torch.randn((len(penalties), 500), generator=generator) * 10
+    logits[0, :5], logits[1, :5], logits[2, :3], logits[3, :3], logits[4, :3] = float("-inf"), 0.0, 1e-30, -1e-30, 3e38
+    ids = torch.randint(0, 500, (len(penalties), 60), generator=generator)
+    want = torch.cat([RepetitionPenaltyLogitsProcessor(p)(ids[k:k + 1], logits[k:k + 1].clone())
+                      for k, p in enumerate(penalties)])
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
+    factor = torch.tensor(penalties)[:, None]
+    got = repetition_penalty(logits, torch.where(seen, factor, 1.0), torch.where(factor < 1, -1.0, 1.0))
+    assert torch.equal(got, want)
+    assert torch.equal(repetition_penalty(logits[3:], torch.where(seen[3:], factor[3:], 1.0), None), want[3:])

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from distgen.engine.host import upload_all
+from distgen.engine.host import upload, upload_all
 from distgen.engine.request import Request
 from distgen.engine.sampling import RowSampling, scale_logits, top_p_drop
 
@@ -97,12 +97,15 @@ class TokenHistory:
 
 @dataclass
 class Penalties:
-    """The penalized rows of a batch: where they are in it, their history rows, their three penalties (m, 1)."""
+    """The penalized rows of a batch: where they are in it, their history rows, their three penalties (m, 1), and
+    which of the three any row uses (the others' vocabulary-wide ops are skipped)."""
     index: torch.Tensor
     rows: torch.Tensor
     repetition: torch.Tensor
     presence: torch.Tensor
     frequency: torch.Tensor
+    uses: tuple[bool, bool, bool]  # repetition, presence, frequency
+    sign: Optional[torch.Tensor] = None  # (m, 1): -1 where a repetition penalty is below 1; None: none is
 
 
 @dataclass
@@ -152,17 +155,21 @@ def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_
     floats = [[b for _, _, b in bias]] + [[getattr(settings[k], name) for k in penalized] for name in (
         "repetition_penalty", "presence_penalty", "frequency_penalty")] + [[getattr(settings[k], name) for k in sampled]
                                                                            for name in ("temperature", "top_p", "min_p")]
-    (ban_rows, ban_tokens, bias_rows, bias_tokens, pen_index, pen_rows, draw_index, top_k, ask_index) = upload_all(
-        [torch.tensor(values, dtype=torch.long) for values in ints], device)
-    (bias_values, repetition, presence, frequency, temperature, top_p, min_p) = upload_all(
-        [torch.tensor(values, dtype=torch.float32) for values in floats], device)
+    (ban_rows, ban_tokens, bias_rows, bias_tokens, pen_index, pen_rows, draw_index, top_k, ask_index) = uploaded(
+        ints, torch.long, device)
+    (bias_values, repetition, presence, frequency, temperature, top_p, min_p) = uploaded(floats, torch.float32, device)
     batch = RowBatch(vocab, history=history)
     if banned:
         batch.banned = (ban_rows, ban_tokens)
     if bias:
         batch.bias = (bias_rows, bias_tokens, bias_values)
     if penalized:
-        batch.penalties = Penalties(pen_index, pen_rows, repetition[:, None], presence[:, None], frequency[:, None])
+        uses = tuple(any(getattr(settings[k], name) != off for k in penalized) for name, off in (
+            ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)))
+        batch.penalties = Penalties(pen_index, pen_rows, repetition[:, None], presence[:, None], frequency[:, None],
+                                    uses)
+        if any(settings[k].repetition_penalty < 1.0 for k in penalized):
+            batch.penalties.sign = torch.where(batch.penalties.repetition < 1.0, -1.0, 1.0)
     if sampled:
         batch.draws = Draws(draw_index, [requests[k].generator for k in sampled], temperature[:, None],
                             top_k[:, None], top_p[:, None], min_p[:, None], max(top_ks),
@@ -171,6 +178,12 @@ def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_
         batch.logprob_index = ask_index
         batch.logprob_top = [min(settings[k].logprobs, vocab) for k in asking]
     return batch
+
+
+def uploaded(lists: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Host lists as device tensors of `dtype`: one tensor built, one copy (host.upload), split into views."""
+    flat = upload(torch.tensor([value for values in lists for value in values], dtype=dtype), device)
+    return list(torch.split(flat, [len(values) for values in lists]))
 
 
 # ---- PROCESSORS: (logits (rows, vocab) fp32, batch) -> logits; in place where they can be
@@ -194,13 +207,31 @@ def apply_penalties(logits: torch.Tensor, batch: RowBatch) -> torch.Tensor:
     p = batch.penalties
     if p is None:
         return logits
-    counts = batch.history.counts[p.rows]  # (m, vocab) int32
+    repetition, presence, frequency = p.uses
+    counts = batch.history.counts.index_select(0, p.rows)  # (m, vocab) int32 (index_select: a CPU's faster gather)
     generated = counts > 0
-    seen = batch.history.prompt[p.rows] | generated
-    rows = logits[p.index]
-    rows = torch.where(seen, torch.where(rows > 0, rows / p.repetition, rows * p.repetition), rows)
-    logits[p.index] = rows - p.frequency * counts - p.presence * generated
-    return logits
+    rows = logits.index_select(0, p.index)  # (m, vocab)
+    if repetition:
+        seen = batch.history.prompt.index_select(0, p.rows)
+        seen |= generated
+        rows = repetition_penalty(rows, torch.where(seen, p.repetition, 1.0), p.sign)
+    if frequency:
+        rows -= p.frequency * counts
+    if presence:
+        rows -= p.presence * generated
+    return logits.index_copy_(0, p.index, rows)
+
+
+def repetition_penalty(logits: torch.Tensor, factor: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+    """A positive logit divided by its factor, a negative one multiplied (1: unchanged, exactly), with no select by
+    the logits' sign (a CPU's torch.where is slow on masks that flip at random): for a factor >= 1 the result is the
+    smaller of x / f and x * f (rounding keeps both on their side of x), for one < 1 the larger, which
+    sign * min(sign * a, sign * b) picks per row (sign -1 where the row's penalty is below 1). Bit for bit what
+    where(x > 0, x / f, x * f) gives, as HF's RepetitionPenaltyLogitsProcessor computes."""
+    divided, multiplied = logits / factor, logits * factor
+    if sign is None:
+        return torch.minimum(divided, multiplied)
+    return torch.minimum(divided * sign, multiplied * sign) * sign
 
 
 # ---- WARPERS: (logits of the sampled rows (s, vocab), their draws) -> logits
@@ -257,12 +288,12 @@ def choose(logits: torch.Tensor, batch: RowBatch) -> tuple[torch.Tensor, Optiona
     """(rows, vocab) logits of the batch's rows -> (their tokens (rows,), the logprobs block of the rows that ask
     (`top_logprobs`) or None). The penalized rows' history takes their tokens."""
     logits = logits.float()
-    raw = logits[batch.logprob_index].log_softmax(-1) if batch.logprob_index is not None else None
+    raw = logits.index_select(0, batch.logprob_index).log_softmax(-1) if batch.logprob_index is not None else None
     for processor in PROCESSORS:
         logits = processor(logits, batch)
     tokens = logits.argmax(dim=-1)
     if batch.draws is not None:
-        tokens[batch.draws.index] = draw(logits[batch.draws.index], batch.draws)
+        tokens[batch.draws.index] = draw(logits.index_select(0, batch.draws.index), batch.draws)
     if batch.penalties is not None:
         batch.history.record(batch.penalties.rows, tokens[batch.penalties.index])
     block = None

@@ -83,12 +83,12 @@ class Sampler:
             index = upload(torch.tensor([rows[k] for k in chosen], dtype=torch.long), logits.device)
             plain = {settings[k] for k in chosen}
             if len(plain) == 1 and not next(iter(plain)).processed:  # one plain setting: drawn as it always was
-                tokens[index] = select_next_tokens(logits[index], next(iter(plain)),
+                tokens[index] = select_next_tokens(logits.index_select(0, index), next(iter(plain)),
                                                    [requests[k].generator for k in chosen])
             else:
                 batch = plan_rows([settings[k] for k in chosen], [requests[k] for k in chosen], self.eos,
                                   logits.shape[-1], self.history, logits.device)
-                tokens[index], logprobs = choose(logits[index], batch)
+                tokens[index], logprobs = choose(logits.index_select(0, index), batch)
                 asking, top = [rows[k] for k in chosen if settings[k].logprobs is not None], batch.logprob_top
         return Sampled(tokens, torch.isin(tokens, self.eos_ids), asking, top, logprobs)
 
