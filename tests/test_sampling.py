@@ -417,7 +417,7 @@ def test_a_job_with_per_record_knobs_and_logprobs(tiny_model_dir, tmp_path):
     assert record["completion_token_ids"] == [70] * 6 and len(record["logprobs"]) == 6
 
 
-def test_knobs_are_config_keys_checked_before_anything_runs():
+def test_knobs_are_config_keys_checked_before_anything_runs(tmp_path):
     from distgen.catalog.load import load_config
     from distgen.common.errors import ConfigError
     cfg = load_config(["model=tiny", "dataset=demo", "generation.logit_bias={4:1.5,9:-2}", "generation.min_p=0.05",
@@ -431,6 +431,12 @@ def test_knobs_are_config_keys_checked_before_anything_runs():
                               ("generation.repetition_penalty=0", "generation.repetition_penalty=0.0 is not allowed")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(["model=tiny", "dataset=demo", override])
+    # a job file's mapping, then the command line's: the last one given replaces it whole
+    job = tmp_path / "job.yaml"
+    job.write_text("generation:\n  logit_bias: {4: 1.5, 9: -2}\n  stop_token_ids: [3]\n")
+    assert load_config(["model=tiny", "dataset=demo"], job_file=job).generation.logit_bias == {4: 1.5, 9: -2.0}
+    assert load_config(["model=tiny", "dataset=demo", "generation.logit_bias={5:1}"],
+                       job_file=job).generation.logit_bias == {5: 1.0}
     with pytest.raises(ConfigError, match=re.escape("generation.repetition_penalty=1.2 is not allowed: "
                                                     "model.assistant=prompt_lookup verifies drafts")):
         load_config(["model=tiny", "dataset=demo", "generation.repetition_penalty=1.2",
@@ -454,3 +460,33 @@ def test_repetition_penalty_is_hfs_bit_for_bit():
     got = repetition_penalty(logits, torch.where(seen, factor, 1.0), torch.where(factor < 1, -1.0, 1.0))
     assert torch.equal(got, want)
     assert torch.equal(repetition_penalty(logits[3:], torch.where(seen[3:], factor[3:], 1.0), None), want[3:])
+
+
+def test_an_assisted_engine_refuses_a_records_logits_knobs_alone(tiny_model, tokenizer):
+    """Drafts are verified against plain logits: a record with a logits knob gets an error record; the others run,
+    a record's stop_token_ids and ignore_eos (read on the host) included."""
+    from distgen.engine.assist import AssistantSpec
+    free = reference_generate(tiny_model, tokenizer, PROMPTS[1]["prompt"], DEFAULT_BUDGET)
+    records = [dict(PROMPTS[1], id="penalized", repetition_penalty=1.3), dict(PROMPTS[1], id="logprobs", logprobs=1),
+               dict(PROMPTS[1], id="stops", stop_token_ids=[free[1]]), dict(PROMPTS[1], id="plain")]
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=2, compile="off", cache="static")
+    got = generate_all(engine_for(tiny_model, tokenizer, records, cfg, assistant=AssistantSpec("prompt_lookup")))
+    for name in ("penalized", "logprobs"):
+        assert got[name].finish_reason == "error" and "not allowed with model.assistant" in got[name].error
+    assert (got["stops"].token_ids, got["stops"].finish_reason) == (free[:2], "stop")
+    assert got["plain"].token_ids == free
+
+
+def test_logprobs_follow_a_completion_cut_at_a_stop_string(tokenizer):
+    from distgen.engine.request import Completion
+    from distgen.engine.stops import StopStrings
+    from distgen.inputs.records import Prompt
+    from distgen.outputs.records import output_record
+    ids = tokenizer("abcXYZdef")["input_ids"]
+    entries = [{"token_id": t, "logprob": -1.0, "top": []} for t in ids]
+    prompt = Prompt(0, "r", "p", stop=("XY",), logprobs=0)
+    record = output_record(Completion(prompt, 1, ids, "stop", logprobs=entries), StopStrings(tokenizer).cut)
+    assert record["completion"] == "abc" and record["logprobs"] == entries[:len(record["completion_token_ids"])]
+    plain = output_record(Completion(Prompt(0, "r", "p"), 1, ids, "length"), StopStrings(tokenizer).cut)
+    assert "logprobs" not in plain and list(plain) == ["index", "id", "prompt", "completion", "prompt_tokens",
+                                                      "completion_tokens", "finish_reason", "completion_token_ids"]

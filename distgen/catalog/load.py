@@ -86,9 +86,12 @@ def mapping_fields() -> tuple[str, ...]:
 
 def whole_mappings(overrides: Sequence[str]) -> list[str]:
     """`generation.logit_bias={50256: -100}` sets the mapping whole: given as `++key=...`, since Hydra's struct
-    mode refuses keys a plain override adds to a mapping (its default is empty)."""
+    mode refuses keys a plain override adds to a mapping (its default is empty); the last such override of a key
+    wins alone (a command line's over a job file's), as a value's does."""
     mappings = mapping_fields()
-    return [f"++{o}" if o.partition("=")[0] in mappings and "=" in o else o for o in overrides]
+    last = {o.partition("=")[0]: at for at, o in enumerate(overrides) if "=" in o and o.partition("=")[0] in mappings}
+    return [f"++{o}" if at == last.get(o.partition("=")[0]) else o for at, o in enumerate(overrides)
+            if o.partition("=")[0] not in last or at == last[o.partition("=")[0]]]
 
 
 def extra_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
@@ -267,10 +270,11 @@ def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: 
 
 
 def flat_keys(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, value) for every leaf of a nested dict."""
+    """(dotted key, value) for every leaf of a nested dict (an empty dict is a leaf)."""
     keys = []
     for key, value in tree.items():
-        keys.extend(flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)])
+        nested = isinstance(value, dict) and value  # an empty mapping (generation.logit_bias) is a value: {}
+        keys.extend(flat_keys(value, f"{prefix}{key}.") if nested else [(f"{prefix}{key}", value)])
     return keys
 
 
