@@ -40,6 +40,20 @@ def engine_for(model, tokenizer, records, cfg: GenerationConfig, eos_ids=(), ass
                         stop_check=stop_check)
 
 
+def reads_per_step(engine) -> list[int]:
+    """Count the host reads (engine/host.py) each step of `engine` makes from now on, into the list returned."""
+    from distgen.engine.host import READS
+    counts, step = [], engine.step
+
+    def counted():
+        before = READS.count
+        done = step()
+        counts.append(READS.count - before)
+        return done
+    engine.step = counted
+    return counts
+
+
 def generate_all(engine) -> dict:
     """Run an engine to the end in this process; completions by prompt id."""
     completions = []

@@ -42,7 +42,7 @@ import pytest  # noqa: E402
 from conftest import DEFAULT_BUDGET, PROMPTS  # noqa: E402
 from distgen.config import GenerationConfig  # noqa: E402
 from distgen.engine.kv.attention import ATTENTION_ENV  # noqa: E402
-from helpers import ReplayingCapturer, engine_for, generate_all, reference_generate  # noqa: E402
+from helpers import ReplayingCapturer, engine_for, generate_all, reads_per_step, reference_generate  # noqa: E402
 
 # The engine paths a step's tokens take: the dynamic cache (row surgery), the slot cache with distgen's CPU kernels
 # (synchronous), and rows addressed by slot id (pipelined: step N+1 launched before step N's tokens are read; decode
@@ -295,17 +295,9 @@ def test_logprobs_are_the_raw_model_logprobs_of_the_chosen_token(path, tiny_mode
 
 
 def test_one_host_read_per_step_with_logprobs_and_penalties(tiny_model, tokenizer, monkeypatch):
-    from distgen.engine.host import READS
     records = [dict(r, logprobs=2, frequency_penalty=0.5) if i % 2 else r for i, r in enumerate(PROMPTS)]
     engine = path_engine("pipelined-chunked", tiny_model, tokenizer, records, monkeypatch)
-    counts, step = [], engine.step
-
-    def counted():
-        before = READS.count
-        done = step()
-        counts.append(READS.count - before)
-        return done
-    engine.step = counted
+    counts = reads_per_step(engine)
     got = generate_all(engine)
     assert max(counts) == 1 and engine.host_reads == sum(counts)
     assert all((c.logprobs is not None) == (i % 2 == 1) for i, c in enumerate(got[r["id"]] for r in PROMPTS))
@@ -348,8 +340,9 @@ def test_knob_fields_convert_and_key_the_record():
     from distgen.inputs.keys import record_key
     from distgen.inputs.records import RecordFields, record_to_prompt
     fields = RecordFields()
-    prompt = record_to_prompt({"prompt": "p", "logit_bias": {"9": 1, "3": -2.5, "4": None}, "stop_token_ids": [5, 5.0, 2],
-                               "min_tokens": 2.0, "ignore_eos": False}, 0, "f:1", fields)
+    record = {"prompt": "p", "logit_bias": {"9": 1, "3": -2.5, "4": None}, "stop_token_ids": [5, 5.0, 2],
+              "min_tokens": 2.0, "ignore_eos": False}
+    prompt = record_to_prompt(record, 0, "f:1", fields)
     assert prompt.error is None
     assert (prompt.logit_bias, prompt.stop_token_ids, prompt.min_tokens, prompt.ignore_eos) == (
         ((3, -2.5), (9, 1.0)), (5, 2), 2, False)
@@ -399,7 +392,8 @@ def test_a_job_with_per_record_knobs_and_logprobs(tiny_model_dir, tmp_path):
     out = read_outputs(tmp_path / "knobs")
     assert [r["id"] for r in out] == [r["id"] for r in records]
     by_id = {r["id"]: r for r in out}
-    assert by_id["bad"]["error"].startswith("min_p=2") and "is not allowed: must be a number in [0, 1]" in by_id["bad"]["error"]
+    bad = by_id["bad"]["error"]  # min_p=2 or 2.0, as Arrow read the column
+    assert bad.startswith("min_p=2") and "is not allowed: must be a number in [0, 1]" in bad
     assert by_id["too-few"]["error"] == "min_tokens=3 is not allowed: must be at most its max_new_tokens=2"
     assert [len(e["top"]) for e in by_id["rep"]["logprobs"]] == [2] * by_id["rep"]["completion_tokens"]
     assert [e["top"] for e in by_id["stops"]["logprobs"]] == [[]] * by_id["stops"]["completion_tokens"]
@@ -490,3 +484,16 @@ def test_logprobs_follow_a_completion_cut_at_a_stop_string(tokenizer):
     plain = output_record(Completion(Prompt(0, "r", "p"), 1, ids, "length"), StopStrings(tokenizer).cut)
     assert "logprobs" not in plain and list(plain) == ["index", "id", "prompt", "completion", "prompt_tokens",
                                                       "completion_tokens", "finish_reason", "completion_token_ids"]
+
+
+def test_the_job_fingerprint_covers_every_knob():
+    from distgen.config import ModelConfig, RunConfig
+    from distgen.outputs.resume import job_settings, settings_changes
+    tiny = ModelConfig(source="tiny")
+    base = job_settings(RunConfig(model=tiny))
+    for knob, value in [("repetition_penalty", 1.1), ("presence_penalty", 0.1), ("frequency_penalty", 0.1),
+                        ("min_p", 0.1), ("min_tokens", 1), ("stop_token_ids", [1]), ("logit_bias", {1: 1.0}),
+                        ("ignore_eos", True), ("logprobs", 1)]:
+        changed = job_settings(RunConfig(model=tiny, generation=GenerationConfig(**{knob: value})))
+        assert [line.split(":")[0] for line in settings_changes(base, changed)] in (
+            [f"generation.{knob}"], [f"generation.{knob}.1"]), knob

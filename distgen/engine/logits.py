@@ -152,9 +152,10 @@ def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_
     asking = [k for k, s in zip(rows, settings) if s.logprobs is not None]
     ints = [[k for k, _ in banned], [t for _, t in banned], [k for k, _, _ in bias], [t for _, t, _ in bias],
             penalized, history_rows, sampled, top_ks, asking]
-    floats = [[b for _, _, b in bias]] + [[getattr(settings[k], name) for k in penalized] for name in (
-        "repetition_penalty", "presence_penalty", "frequency_penalty")] + [[getattr(settings[k], name) for k in sampled]
-                                                                           for name in ("temperature", "top_p", "min_p")]
+    floats = [[b for _, _, b in bias]]
+    floats += [[getattr(settings[k], name) for k in penalized]
+               for name in ("repetition_penalty", "presence_penalty", "frequency_penalty")]
+    floats += [[getattr(settings[k], name) for k in sampled] for name in ("temperature", "top_p", "min_p")]
     (ban_rows, ban_tokens, bias_rows, bias_tokens, pen_index, pen_rows, draw_index, top_k, ask_index) = uploaded(
         ints, torch.long, device)
     (bias_values, repetition, presence, frequency, temperature, top_p, min_p) = uploaded(floats, torch.float32, device)

@@ -54,7 +54,6 @@ class Sampler:
         self.default = row_sampling(cfg)
         self.eos = sorted(set(eos_ids))
         self.eos_ids = torch.tensor(self.eos, dtype=torch.long, device=device)
-        self.device = device
         self.history = TokenHistory(device)  # the penalized sequences' token history (logits.py)
 
     def settings(self, request: Optional[Request]) -> RowSampling:

@@ -126,12 +126,3 @@ def sequence_generator(cfg: GenerationConfig, prompt, device: torch.device) -> t
     if prompt.seed is not None:
         return torch.Generator(device=device).manual_seed(prompt.seed)
     return prompt_generator(cfg.seed, prompt.index, device)
-
-
-def select_row_tokens(logits: torch.Tensor, settings: Sequence[RowSampling],
-                      generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
-    """logits: (batch, vocab) -> (batch,); one batched call when every row has the same settings."""
-    if len(set(settings)) <= 1:
-        return select_next_tokens(logits, settings[0], generators) if settings else logits.argmax(dim=-1)
-    return torch.cat([select_next_tokens(row.unsqueeze(0), setting, [gen])
-                      for row, setting, gen in zip(logits, settings, generators)])
