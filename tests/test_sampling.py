@@ -398,6 +398,12 @@ def test_a_job_with_per_record_knobs_and_logprobs(tiny_model_dir, tmp_path):
     assert [len(e["top"]) for e in by_id["rep"]["logprobs"]] == [2] * by_id["rep"]["completion_tokens"]
     assert [e["top"] for e in by_id["stops"]["logprobs"]] == [[]] * by_id["stops"]["completion_tokens"]
     assert [r["id"] for r in out if "logprobs" in r] == ["rep", "stops"]
+    # parquet shards (a column per key of every record: the first record has no logprobs, error records the
+    # only `error`) merge into the same records (ids as text: a parquet column holds one type)
+    records = [{"id": "first", "prompt": "q", "max_new_tokens": 2}, *records]
+    assert run_in_process([*args, f"dataset={write_prompts(tmp_path / 'first.jsonl', records)}", "output.format=parquet",
+                           f"output.dir={tmp_path / 'parquet'}"]) == 0
+    assert read_outputs(tmp_path / "parquet")[1:] == [dict(r, index=r["index"] + 1, id=str(r["id"])) for r in out]
     plain = write_prompts(tmp_path / "plain.jsonl", [KNOB_RECORDS[3]])
     assert run_in_process([*args, f"dataset={plain}", f"output.dir={tmp_path / 'plain'}"]) == 0
     line = (tmp_path / "plain" / "outputs.jsonl").read_text().splitlines()[0]

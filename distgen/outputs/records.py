@@ -8,6 +8,8 @@ from distgen.engine.request import Completion, RequestFailed
 from distgen.inputs.records import Prompt, RecordId
 
 ERROR = "error"
+# A record's keys that its JSON holds only when set (an output without them stays as it was before they existed).
+OPTIONAL_FIELDS = ("logprobs", "error")
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class OutputRecord:
 
     def as_json(self) -> dict:
         record = asdict(self)
-        for optional in ("logprobs", "error"):
+        for optional in OPTIONAL_FIELDS:
             if record[optional] is None:
                 del record[optional]
         return record

@@ -31,7 +31,7 @@ import numpy as np
 
 from distgen.common.errors import IncompleteOutputError, OutputSpaceError
 from distgen.common.registry import Registry
-from distgen.outputs.records import ERROR
+from distgen.outputs.records import ERROR, OPTIONAL_FIELDS
 from distgen.outputs.folder import (MANIFEST_VERSION, MERGED_FILE, claimed_files, outputs_dir, previous_folder,
                                     read_manifest, write_manifest)
 
@@ -85,16 +85,20 @@ def read_shard(path: Path, torn: Optional[list[int]] = None) -> Iterator[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH):
-            yield from batch.to_pylist()
+            # a column holds every record's value: an optional key (records.OPTIONAL_FIELDS) unset is left out again
+            yield from ({k: v for k, v in row.items() if v is not None or k not in OPTIONAL_FIELDS}
+                        for row in batch.to_pylist())
     else:
         yield from read_jsonl_lines(path, torn)
 
 
 def parquet_records(records: Sequence[dict]) -> list[dict]:
-    """A parquet column holds one type: a shard whose ids mix strings and integers holds them as text."""
-    if len({type(r.get("id")) for r in records}) > 1:
-        return [{**r, "id": str(r["id"])} for r in records]
-    return list(records)
+    """A parquet column holds one type: a shard whose ids mix strings and integers holds them as text. Every
+    record has every key some record of the shard has (Arrow takes the columns from the first record alone)."""
+    keys = list(dict.fromkeys(key for record in records for key in record))
+    mixed = len({type(r.get("id")) for r in records}) > 1
+    return [{**{key: record.get(key) for key in keys}, **({"id": str(record["id"])} if mixed else {})}
+            for record in records]
 
 
 def write_shard(records: Sequence[dict], path: Path) -> None:
