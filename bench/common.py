@@ -124,6 +124,7 @@ class ModelShape:
 
 # Head size 64 for the peers' models: vLLM's CPU attention rejects some head sizes (16 fails, 64 works).
 MODELS = {
+    "tiny": ModelShape(2, 64, 4, 2, 128),  # model=tiny's shape (distgen.config.TinyModelConfig)
     "small": ModelShape(2, 128, 2, 1, 384),
     "medium": ModelShape(4, 256, 4, 2, 768),
     "large": ModelShape(8, 512, 8, 4, 1536),

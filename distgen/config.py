@@ -23,7 +23,11 @@ MAX_SEED = 2**64 - 1
 MIN_TEMPERATURE = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
 # generation.n (and a record's n): completions per prompt.
 MAX_SAMPLES = 65536
-
+# vLLM's (and OpenAI's) ranges: presence and frequency penalties in [-2, 2], a logit bias in [-100, 100].
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+# Token ids are int64 on the device.
+MAX_TOKEN_ID = 2**63 - 1
 
 
 def is_int(value: Any) -> bool:
@@ -96,10 +100,47 @@ def samples_ok(value: Any) -> bool:
     return is_int(value) and 1 <= value <= MAX_SAMPLES
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def temperature_ok(value: Any) -> bool:
     """0 (greedy, for a record) or a finite temperature fp32 can divide by."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        value == 0 or MIN_TEMPERATURE <= value < float("inf"))
+    return is_number(value) and (value == 0 or MIN_TEMPERATURE <= value < float("inf"))
+
+
+def repetition_penalty_ok(value: Any) -> bool:
+    """A finite penalty > 0 that fp32 can divide by (1 is off)."""
+    return is_number(value) and MIN_TEMPERATURE <= value < float("inf")
+
+
+def penalty_ok(value: Any) -> bool:
+    """A presence or frequency penalty: in [-2, 2] (0 is off)."""
+    return is_number(value) and -MAX_PENALTY <= value <= MAX_PENALTY
+
+
+def min_p_ok(value: Any) -> bool:
+    return is_number(value) and 0 <= value <= 1
+
+
+def token_id_ok(value: Any) -> bool:
+    return is_int(value) and 0 <= value <= MAX_TOKEN_ID
+
+
+def token_ids_ok(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(token_id_ok(t) for t in value)
+
+
+def logit_bias_ok(bias: Any) -> bool:
+    """{token id: bias}: ids >= 0 (an integer, or its digits as a JSON key), each bias finite in [-100, 100]."""
+    return isinstance(bias, dict) and all(
+        token_id_ok(int(k) if isinstance(k, str) and k.isdigit() and k.isascii() else k) and is_number(v)
+        and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for k, v in bias.items() if v is not None)
+
+
+def logprobs_ok(value: Any) -> bool:
+    """How many alternatives each token's logprob comes with: an integer >= 0 (capped at the vocabulary)."""
+    return is_int(value) and 0 <= value < MAX_SEQUENCE_TOKENS
 
 
 @dataclass
@@ -231,6 +272,29 @@ class GenerationConfig:
     prefix_sharing: str = "auto"
     # None: the model's own EOS ids; [] never stops early.
     eos_token_ids: Optional[list[int]] = None
+    # vLLM's sampling knobs, with vLLM's semantics and order (distgen/engine/logits.py; docs/engine.md). Each is also
+    # a per-record field (distgen/inputs/records.py OVERRIDES), which replaces the setting here for its record.
+    # Every token already in the prompt or the completion: its logit divided by this when positive, multiplied
+    # when negative (HF generate's repetition_penalty, and vLLM's); 1 is off.
+    repetition_penalty: float = 1.0
+    # Subtracted from the logit of every token the completion already holds: presence once, frequency once per
+    # time it appears (OpenAI's definitions; the prompt does not count); in [-2, 2], 0 is off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Sampled rows keep only tokens whose probability (after temperature) is at least min_p times the most
+    # likely token's; in [0, 1], 0 is off (greedy rows: no effect).
+    min_p: float = 0.0
+    # EOS and stop_token_ids are impossible (logit -inf) until the completion holds this many tokens.
+    min_tokens: int = 0
+    # Token ids that end a completion besides EOS (finish_reason "stop"; the token is kept).
+    stop_token_ids: list[int] = field(default_factory=list)
+    # {token_id: bias}: added to those logits before anything else chooses (each bias in [-100, 100]).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # EOS does not end a completion (stop_token_ids and stop strings still do).
+    ignore_eos: bool = False
+    # Each output record carries `logprobs`: per generated token its log-probability and the K most likely
+    # tokens' (the model's raw logprobs, before penalties and temperature, as vLLM returns); null: none.
+    logprobs: Optional[int] = None
     # Lockstep layouts: all-reduce "any rank still has work" every this many steps (idle ranks
     # keep joining forwards in between); 1 checks every step.
     sync_every: int = 1
@@ -264,6 +328,7 @@ class GenerationConfig:
                 "generation.eos_token_ids", self.eos_token_ids, "must be null or a list of token ids >= 0")
         require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
         require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
+        self.check_knobs()
         require(self.num_assistant_tokens >= 1, "generation.num_assistant_tokens", self.num_assistant_tokens,
                 "must be >= 1")
         threshold = self.assistant_confidence_threshold
@@ -271,6 +336,23 @@ class GenerationConfig:
                 "must be in [0, 1) or null")
         require(self.prompt_lookup_ngram >= 1, "generation.prompt_lookup_ngram", self.prompt_lookup_ngram,
                 "must be >= 1")
+
+    def check_knobs(self) -> None:
+        """vLLM's sampling knobs: the ranges a record's own values are held to too (records.OVERRIDES)."""
+        require(repetition_penalty_ok(self.repetition_penalty), "generation.repetition_penalty",
+                self.repetition_penalty, f"must be a finite number >= {MIN_TEMPERATURE} (1 is off)")
+        for key in ("presence_penalty", "frequency_penalty"):
+            require(penalty_ok(getattr(self, key)), f"generation.{key}", getattr(self, key),
+                    f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 is off)")
+        require(min_p_ok(self.min_p), "generation.min_p", self.min_p, "must be in [0, 1] (0 is off)")
+        require(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens, "generation.min_tokens",
+                self.min_tokens, f"must be an integer in [0, generation.max_new_tokens={self.max_new_tokens}]")
+        require(token_ids_ok(self.stop_token_ids), "generation.stop_token_ids", self.stop_token_ids,
+                "must be a list of token ids >= 0")
+        require(logit_bias_ok(self.logit_bias), "generation.logit_bias", self.logit_bias,
+                f"must map token ids >= 0 to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        require(self.logprobs is None or logprobs_ok(self.logprobs), "generation.logprobs", self.logprobs,
+                "must be null or an integer >= 0 (alternatives per token, capped at the vocabulary)")
 
 
 @dataclass

@@ -26,19 +26,32 @@ from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, Gemma
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
 from distgen.parallel.loop import run_loop
-from distgen.inputs.records import Prompt
+from distgen.inputs.records import RecordFields, record_to_prompt
 from distgen.models.tiny import build_tokenizer
 
 CPU = torch.device("cpu")
 
 
 def engine_for(model, tokenizer, records, cfg: GenerationConfig, eos_ids=(), assistant=None, stop_check=None):
-    """`records` may carry max_new_tokens, temperature, seed, n and stop ([strings]) of their own."""
-    prompts = [Prompt(i, r["id"], r["prompt"], r.get("max_new_tokens"), temperature=r.get("temperature"),
-                      seed=r.get("seed"), n=r.get("n"), stop=tuple(r.get("stop", ()))) for i, r in enumerate(records)]
+    """`records` may carry any per-record setting (records.OVERRIDES), checked as a dataset's are."""
+    prompts = [record_to_prompt(r, i, f"record {i}", RecordFields()) for i, r in enumerate(records)]
     queue = [(p, tokenizer(p.text)["input_ids"]) for p in prompts]
     return build_engine(model, queue, cfg, tokenizer.pad_token_id, list(eos_ids), CPU, assistant=assistant,
                         stop_check=stop_check)
+
+
+def reads_per_step(engine) -> list[int]:
+    """Count the host reads (engine/host.py) each step of `engine` makes from now on, into the list returned."""
+    from distgen.engine.host import READS
+    counts, step = [], engine.step
+
+    def counted():
+        before = READS.count
+        done = step()
+        counts.append(READS.count - before)
+        return done
+    engine.step = counted
+    return counts
 
 
 def generate_all(engine) -> dict:
@@ -664,3 +677,34 @@ def fake_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str = "0"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+class OpenAIPenalties:
+    """A plain reference of OpenAI's (and vLLM's) presence and frequency penalties as an HF logits processor:
+    each token's count in the completion so far (not the prompt), counted one row at a time in Python."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for row, ids in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            for token in set(ids):
+                scores[row, token] -= self.frequency * ids.count(token) + self.presence
+        return scores
+
+
+def reference_generate(model, tokenizer, prompt: str, budget: int, eos_ids=(), presence: float = 0.0,
+                       frequency: float = 0.0, **settings) -> list[int]:
+    """Greedy `model.generate` with HF's own knobs (repetition_penalty, sequence_bias, min_new_tokens, ...) and the
+    reference presence/frequency penalties, cut after the first EOS."""
+    from transformers import LogitsProcessorList
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)
+    processors = LogitsProcessorList([OpenAIPenalties(ids.shape[1], presence, frequency)] if presence or frequency
+                                     else [])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
+                         eos_token_id=list(eos_ids) or None, pad_token_id=tokenizer.pad_token_id,
+                         logits_processor=processors, **settings)
+    new = out[0, ids.shape[1]:].tolist()
+    ends = [at for at, token in enumerate(new) if token in eos_ids]
+    return new[:ends[0] + 1] if ends else new

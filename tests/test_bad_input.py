@@ -1,6 +1,5 @@
 """Bad input never kills a job: a bad record gets an error record, a bad file stops before any worker."""
 import importlib.util
-import json
 import re
 import os
 import shutil

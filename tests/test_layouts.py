@@ -4,7 +4,6 @@ import pytest
 
 from conftest import (DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_deepspeed, run_module,
                       write_prompts)
-from distgen.config import TinyModelConfig
 from distgen.common.errors import ConfigError
 from distgen.catalog.load import load_config
 

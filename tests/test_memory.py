@@ -19,7 +19,7 @@ from distgen.engine.build import device_defaults, plan_batch_size, plan_cache, r
 from distgen.engine.kv import QueueShape
 from distgen.engine.kv import CACHES
 from distgen.engine.kv.quantized import QUANT_BACKENDS, dequantized, missing_package
-from distgen.engine.memory import (AUTO_BATCH_MAX, BatchChoice, activation_bytes_per_row, agree_across_ranks,
+from distgen.engine.memory import (AUTO_BATCH_MAX, activation_bytes_per_row,
                                    auto_batch_size, forward_bytes, kv_shape, logits_bytes_per_row, memory_budget)
 from distgen.common.errors import ConfigError
 from distgen.run import main as run_in_process

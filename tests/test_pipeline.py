@@ -9,22 +9,9 @@ from distgen.config import GenerationConfig
 from distgen.engine.host import READS, Pending, read, upload_all
 from distgen.engine.kv.attention import ATTENTION_ENV
 from distgen.engine.stops import StopStrings
-from helpers import engine_for, generate_all
+from helpers import engine_for, generate_all, reads_per_step
 
 CPU = torch.device("cpu")
-
-
-def reads_per_step(engine) -> list[int]:
-    """Run the engine to the end; the host reads each step made."""
-    counts, step = [], engine.step
-
-    def counted():
-        before = READS.count
-        done = step()
-        counts.append(READS.count - before)
-        return done
-    engine.step = counted
-    return counts
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "chunked", "static"])

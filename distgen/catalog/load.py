@@ -6,9 +6,11 @@ working-directory changes) happens per rank, and every composition error surface
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -70,6 +72,28 @@ def expand_path_shorthands(overrides: Sequence[str], config_dir: Path = CONFIG_D
     return expanded
 
 
+def mapping_fields() -> tuple[str, ...]:
+    """The dotted keys of the schema's mapping-typed fields outside the groups (generation.logit_bias)."""
+    found = []
+    for part in dataclasses.fields(RunConfig):
+        kind = typing.get_type_hints(RunConfig).get(part.name)
+        if not dataclasses.is_dataclass(kind) or part.name in {table.group for table in GROUPS}:
+            continue
+        hints = typing.get_type_hints(kind)
+        found += [f"{part.name}.{f.name}" for f in dataclasses.fields(kind) if typing.get_origin(hints[f.name]) is dict]
+    return tuple(found)
+
+
+def whole_mappings(overrides: Sequence[str]) -> list[str]:
+    """`generation.logit_bias={50256: -100}` sets the mapping whole: given as `++key=...`, since Hydra's struct
+    mode refuses keys a plain override adds to a mapping (its default is empty); the last such override of a key
+    wins alone (a command line's over a job file's), as a value's does."""
+    mappings = mapping_fields()
+    last = {o.partition("=")[0]: at for at, o in enumerate(overrides) if "=" in o and o.partition("=")[0] in mappings}
+    return [f"++{o}" if at == last.get(o.partition("=")[0]) else o for at, o in enumerate(overrides)
+            if o.partition("=")[0] not in last or at == last[o.partition("=")[0]]]
+
+
 def extra_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
     """Keys of `node` the schema does not have: Hydra lets `+key=value` add them even to a typed config."""
     found = []
@@ -129,7 +153,7 @@ def compose_selected_options(overrides: Sequence[str]) -> DictConfig:
 
 def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     register_schema()
-    overrides = expand_path_shorthands(overrides, config_dir)
+    overrides = whole_mappings(expand_path_shorthands(overrides, config_dir))
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
             composed = compose(config_name=PRIMARY_CONFIG, overrides=list(overrides))
@@ -246,10 +270,11 @@ def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: 
 
 
 def flat_keys(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, value) for every leaf of a nested dict."""
+    """(dotted key, value) for every leaf of a nested dict (an empty dict is a leaf)."""
     keys = []
     for key, value in tree.items():
-        keys.extend(flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)])
+        nested = isinstance(value, dict) and value  # an empty mapping (generation.logit_bias) is a value: {}
+        keys.extend(flat_keys(value, f"{prefix}{key}.") if nested else [(f"{prefix}{key}", value)])
     return keys
 
 

@@ -19,6 +19,7 @@ different numbers of them.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -32,7 +33,7 @@ from distgen.engine.kv.base import KVCache
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.request import Completion, Request, Status
 from distgen.models.forward_args import model_inputs
-from distgen.engine.sampling import RowSampling, filter_logits, scale_logits
+from distgen.engine.sampling import LOGITS_KNOBS, RowSampling, filter_logits, scale_logits
 
 # The heuristic schedule grows a sequence's draft length up to this many tokens.
 HEURISTIC_MAX_DRAFT = 16
@@ -355,17 +356,31 @@ def build_draft_model(model_cfg, tokenizer, dtype: torch.dtype, device: torch.de
     return load_model(cfg, tokenizer, device).to(dtype).to(device)
 
 
+def check_plain_logits(cfg) -> None:
+    """Drafts are verified against the model's plain logits: generation's logits-path knobs (vLLM's penalties,
+    logit_bias, min_tokens, min_p, logprobs) are refused with an assistant (a record's own: engine.build)."""
+    defaults = GenerationConfig()
+    for name in LOGITS_KNOBS:
+        value = getattr(cfg.generation, name)
+        require(value == getattr(defaults, name), f"generation.{name}", value,
+                f"model.assistant={cfg.model.assistant} verifies drafts against the model's plain logits; leave "
+                f"generation.{name} at {json.dumps(getattr(defaults, name))} or use model.assistant=none")
+
+
 def check_draft_model(cfg) -> None:
     """model.assistant=draft needs its folder."""
     require(bool(cfg.model.assistant_path), "model.assistant_path", cfg.model.assistant_path,
             "model.assistant=draft needs model.assistant_path=<local draft model folder>")
+    check_plain_logits(cfg)
 
 
 # model.assistant: who proposes draft tokens -> how the worker builds its draft model (None: no draft model).
 ASSISTANTS: Registry[Optional[Callable]] = Registry("model.assistant", valued=True)
 ASSISTANTS.register("none", None, None, doc="no assisted generation")
-ASSISTANTS.register("tiny", None, build_tiny_draft, doc="a random-init draft built like model=tiny (tests)")
-ASSISTANTS.register("prompt_lookup", None, None, doc="n-gram matches in the prompt and generated text (no model)")
+ASSISTANTS.register("tiny", None, build_tiny_draft, doc="a random-init draft built like model=tiny (tests)",
+                    check=check_plain_logits)
+ASSISTANTS.register("prompt_lookup", None, None, doc="n-gram matches in the prompt and generated text (no model)",
+                    check=check_plain_logits)
 ASSISTANTS.register("draft", None, build_draft_model, doc="a draft model folder (model.assistant_path)",
                     check=check_draft_model)
 

@@ -73,6 +73,7 @@ def back_off(engine, error_text: str) -> None:
     backoff: Backoff = engine.backoff
     requests, engine.running = engine.running, []
     engine.inflight = None  # a launched step's tokens are dropped: its requests restart from scratch
+    engine.sampler.release(requests)  # and their token history with them
     engine.kv.close()
     engine.kv = None
     if engine.prefixes is not None:  # no slot holds a prefix any more

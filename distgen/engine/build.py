@@ -32,7 +32,7 @@ from distgen.common.errors import ConfigError
 from distgen.models.forward_args import accepts_position_ids, unwrapped
 from distgen.inputs.records import Prompt
 from distgen.common.registry import Registry
-from distgen.engine.sampling import row_sampling, sequence_generator
+from distgen.engine.sampling import RowSampling, row_sampling, sequence_generator
 
 log = logging.getLogger("distgen.engine")
 
@@ -245,16 +245,35 @@ def seeded_generator(gen: GenerationConfig, prompt: Prompt, device: torch.device
 
 
 def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device,
-                 sample: int = 0) -> Request:
+                 sample: int = 0, vocab: Optional[int] = None, assisted: bool = False) -> Request:
     """The request of one sample of a prompt, with its record's own sampling settings (and seed) applied over
-    generation.*; a record that reaches the engine already failed (Prompt.error, e.g. it could not be tokenized)
-    fails here."""
+    generation.*; a record that reaches the engine already failed (Prompt.error, e.g. it could not be tokenized),
+    or whose settings this engine cannot honour (`settings_refusal`), fails here."""
     if prompt.error is not None:
         raise RequestFailed(prompt.error)
     sampling = row_sampling(gen, prompt)
-    return Request(prompt, list(ids), prompt.budget(gen.max_new_tokens),
+    budget = prompt.budget(gen.max_new_tokens)
+    refusal = settings_refusal(sampling, budget, vocab, assisted)
+    if refusal:
+        raise RequestFailed(refusal)
+    return Request(prompt, list(ids), budget,
                    seeded_generator(gen, prompt, device, sample) if sampling.do_sample else None, sampling,
-                   sample=sample)
+                   sample=sample, logprobs=[] if sampling.logprobs is not None else None)
+
+
+def settings_refusal(sampling: RowSampling, budget: int, vocab: Optional[int], assisted: bool) -> Optional[str]:
+    """Why a record's settings cannot run (what a record alone cannot be checked for before the engine knows its
+    budget, the vocabulary and whether drafts are verified), naming the field; None when they can."""
+    if sampling.min_tokens > budget:
+        return f"min_tokens={sampling.min_tokens} is not allowed: must be at most its max_new_tokens={budget}"
+    outside = [token for token, _ in sampling.logit_bias if vocab is not None and token >= vocab]
+    if outside:
+        return (f"logit_bias token id {outside[0]} is not allowed: must be below the model's vocabulary of {vocab} "
+                "tokens")
+    if assisted and sampling.processed:
+        return ("its settings (penalties, logit_bias, min_tokens, min_p or logprobs) are not allowed with "
+                "model.assistant: drafts are verified against the model's plain logits")
+    return None
 
 
 def every_sample(gen: GenerationConfig) -> Samples:
@@ -411,7 +430,9 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     if getattr(kv, "varlen", False):
         choice += f"; decode attention: {attention_why}"
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
-    waiting = RequestQueue(queue, lambda prompt, ids, sample: make_request(prompt, ids, gen, device, sample),
+    vocab = unwrapped(model).config.get_text_config().vocab_size
+    waiting = RequestQueue(queue, lambda prompt, ids, sample: make_request(prompt, ids, gen, device, sample, vocab,
+                                                                           assisted=assistant is not None),
                            samples or every_sample(gen))
     engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
                     Sampler(gen, eos_ids, device), prefill_token_budget(gen, kv),

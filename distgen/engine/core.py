@@ -25,8 +25,7 @@ from distgen.engine.prefix import PrefixIndex
 from distgen.engine.queue import AdapterRun, RequestQueue
 from distgen.engine.request import Completion, Request, RequestFailed, Status
 from distgen.engine.runner import Runner
-from distgen.engine.sampler import Sampler
-from distgen.engine.sampling import GREEDY
+from distgen.engine.sampler import Sampled, Sampler
 from distgen.engine.scheduler import Scheduler, SchedulerState, StepPlan
 from distgen.inputs.records import Prompt
 
@@ -47,8 +46,8 @@ class Launched:
     """A step whose forward is launched: its tokens on the device and on their way to the host."""
     plan: StepPlan
     batch: ForwardBatch
-    tokens: torch.Tensor  # (logits rows,) on the device
-    host: Pending         # (2, logits rows): tokens and EOS flags
+    sampled: Sampled      # tokens (logits rows,) on the device, EOS flags, the logprobs of the rows that ask
+    host: Pending         # what the host reads of them (Sampled.for_host)
     takes: list[bool]     # per planned request: whether it takes a token from this step (not a mid-prompt chunk)
 
 
@@ -186,22 +185,21 @@ class Engine:
         # their generator, so a sampled record's draws do not depend on how its prompt was chunked.
         takes = [not plan.prefills(index) or request.prefilled + chunk == request.prompt_length
                  for index, (request, chunk) in enumerate(zip(plan.requests, plan.chunks))]
-        generators = [r.generator if take else None for r, take in zip(plan.requests, takes)]
-        settings = [r.sampling if take else GREEDY for r, take in zip(plan.requests, takes)]
+        taking = [r if take else None for r, take in zip(plan.requests, takes)]
         if plan.kind == "decode" and self.decoder is not None:
             # 1. the padded (graph-replayed) step: greedy tokens and the cache's next inputs, on the device; rows
-            # that sample draw from the step's logits and replace their greedy next input
+            # that sample or take the logits path choose from the step's logits and replace their greedy next input
             out = self.decoder.run(self.kv, plan.requests)
-            batch, tokens, is_eos = out.batch, out.tokens, out.is_eos
-            if self.sampler.samples(settings):
-                tokens, is_eos = self.sampler(out.logits, batch.rows, generators, settings)
-                self.kv.last_tokens[batch.decode_rows] = tokens
+            batch, sampled = out.batch, Sampled(out.tokens, out.is_eos)
+            if self.sampler.needed(taking):
+                sampled = self.sampler(out.logits, batch.rows, taking)
+                self.kv.last_tokens[batch.decode_rows] = sampled.tokens
         else:
             batch, logits = self.execute(plan)
-            # 1. sample every logits row on the device; the cache's device state takes the tokens (next inputs)
-            tokens, is_eos = self.sampler(logits, batch.rows, generators, settings)
-            self.kv.advance_state(plan, batch, tokens)
-        host = Pending(torch.stack([tokens, is_eos.long()]))  # to pinned memory, not waited for here
+            # 1. choose every logits row's token on the device; the cache's device state takes the tokens (next inputs)
+            sampled = self.sampler(logits, batch.rows, taking)
+            self.kv.advance_state(plan, batch, sampled.tokens)
+        host = Pending(sampled.for_host())  # to pinned memory, not waited for here
         # 2. prompts move on; rows whose prompt is now fully cached take a token from this step
         for index, (request, chunk, take) in enumerate(zip(plan.requests, plan.chunks, takes)):
             if plan.prefills(index):
@@ -211,12 +209,12 @@ class Engine:
                     request.status = Status.DECODING
             request.inflight += take
         self.forwards += 1
-        return Launched(plan, batch, tokens, host, takes)
+        return Launched(plan, batch, sampled, host, takes)
 
     def land(self, launched: Launched) -> list[Completion]:
         """Read a launched step's tokens (the step's one host read); requests take them and finish."""
         plan, batch = launched.plan, launched.batch
-        host_tokens, host_eos = read(launched.host)
+        host_tokens, host_eos, logprobs = launched.sampled.unpack(read(launched.host))
         # 1. each request takes its token (a mid-prompt chunk takes none; one finished a step ago drops its extra)
         finished, completions = [], []
         for request, row, take in zip(plan.requests, batch.rows, launched.takes):
@@ -225,24 +223,29 @@ class Engine:
                 continue
             request.inflight -= 1
             request.generated.append(host_tokens[row])
+            if request.logprobs is not None:
+                request.logprobs.append(logprobs[row])
             reason = self.finish_reason(request, host_eos[row])
             finished.append(reason is not None)
             if reason:
                 completions.append(request.completion(reason))
-        # 2. the cache frees finished rows (and whatever else it does with them); they leave the running list
-        self.kv.commit(plan, batch, launched.tokens, finished)
+        # 2. the cache frees finished rows (and whatever else it does with them), the sampler their token history;
+        # they leave the running list
+        self.kv.commit(plan, batch, launched.sampled.tokens, finished)
         for request, done in zip(plan.requests, finished):
             if done:
                 if self.prefixes is not None:  # its freed slot still holds its prompt's columns
                     self.prefixes.retire(request, request.row)
                 request.status, request.row = Status.FINISHED, -1
+                self.sampler.release([request])
         if completions:
             self.running = [r for r in self.running if r.status is not Status.FINISHED]
         return completions
 
     def finish_reason(self, request: Request, is_eos: bool) -> Optional[str]:
-        """After a request took a token: "stop" (a stop string appeared), "eos", "length", "error" (looking
-        for its stop strings failed on its tokens: it becomes an error record), or None."""
+        """After a request took a token: "stop" (a stop string appeared), "eos" (unless its settings ignore EOS),
+        "stop" (one of its stop_token_ids), "length", "error" (looking for its stop strings failed on its tokens:
+        it becomes an error record), or None."""
         try:
             stopped = self.stop_check is not None and self.stop_check(request.prompt, request.generated)
         except RequestFailed as err:
@@ -250,11 +253,17 @@ class Engine:
             return "error"
         if stopped:
             return "stop"
-        return "eos" if is_eos else "length" if len(request.generated) >= request.budget else None
+        settings = self.sampler.settings(request)
+        if is_eos and not settings.ignore_eos:
+            return "eos"
+        if request.generated[-1] in settings.stop_token_ids:
+            return "stop"
+        return "length" if len(request.generated) >= request.budget else None
 
     def close(self) -> None:
         """Free the cache (and, on GPU, the allocator's cached blocks) once the rank is done."""
         self.kv.close()
+        self.sampler.close()
         if self.decoder is not None:
             self.decoder.kv, self.decoder.graphs = None, {}  # the graphs' memory pool goes with them
         if torch.cuda.is_available():

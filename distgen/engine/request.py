@@ -52,8 +52,11 @@ class Request:
     share: Optional["PrefixShare"] = field(default=None, compare=False, repr=False)
     shared: int = 0
     prefix_keys: Optional[list] = field(default=None, compare=False, repr=False)  # engine.prefix's keys, made once
+    history_row: int = -1  # its row of the sampler's token history while a penalty needs one (engine.logits)
     # What it produced
     generated: list[int] = field(default_factory=list)
+    # per generated token {"token_id", "logprob", "top": [...]} when its settings ask for logprobs, else None
+    logprobs: Optional[list[dict]] = None
     error: Optional[str] = None  # why it failed (RequestFailed), finishing with reason "error"
 
     @property
@@ -67,7 +70,8 @@ class Request:
     def completion(self, reason: str) -> "Completion":
         if self.error is not None:
             return Completion(self.prompt, self.prompt_length, [], reason, self.error, self.sample)
-        return Completion(self.prompt, self.prompt_length, self.generated, reason, sample=self.sample)
+        return Completion(self.prompt, self.prompt_length, self.generated, reason, sample=self.sample,
+                          logprobs=self.logprobs)
 
     @property
     def saturated(self) -> bool:
@@ -80,6 +84,7 @@ class Completion:
     prompt: Prompt
     prompt_token_count: int
     token_ids: list[int]
-    finish_reason: str  # "eos", "length", "stop" (a stop string appeared) or "error" (the request failed)
+    finish_reason: str  # "eos", "length", "stop" (a stop string or a stop token id appeared) or "error" (failed)
     error: Optional[str] = None  # why it failed: it becomes an error record
     sample: int = 0  # its sample_index (generation.n)
+    logprobs: Optional[list[dict]] = None  # per token in token_ids, when asked (Request.logprobs)

@@ -1,37 +1,100 @@
-"""The sampler seam: logits rows -> next token per row, and which rows hit EOS, on the device."""
+"""The sampler seam: logits rows -> next token per row, and which rows hit EOS, on the device; with the logprobs
+of the rows that ask, packed into the step's one copy to the host (`Sampled.for_host`, `Sampled.unpack`)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 
 from distgen.config import GenerationConfig
 from distgen.engine.host import upload
-from distgen.engine.sampling import RowSampling, select_row_tokens
+from distgen.engine.logits import TokenHistory, choose, plan_rows
+from distgen.engine.request import Request
+from distgen.engine.sampling import GREEDY, RowSampling, row_sampling, select_next_tokens
+
+
+@dataclass
+class Sampled:
+    """A step's tokens on the device, and what the host reads of them."""
+    tokens: torch.Tensor   # (logits rows,) long
+    is_eos: torch.Tensor   # (logits rows,) bool
+    # The rows that asked for logprobs: their logits rows and K each (host), and their block (device,
+    # logits.top_logprobs: (rows, 1 + 2 * max K) float64)
+    logprob_rows: Sequence[int] = ()
+    logprob_top: Sequence[int] = ()
+    logprobs: Optional[torch.Tensor] = None
+
+    def for_host(self) -> torch.Tensor:
+        """What the step's one read copies: tokens and EOS flags (2, rows) as int64; with logprobs, those and the
+        logprobs block flattened into one float64 vector (token ids are exact in float64)."""
+        flags = torch.stack([self.tokens, self.is_eos.long()])
+        if self.logprobs is None:
+            return flags
+        return torch.cat([flags.double().reshape(-1), self.logprobs.reshape(-1)])
+
+    def unpack(self, values: Any) -> tuple[list[int], list[bool], dict[int, dict]]:
+        """The read values as (tokens, EOS flags, each asking logits row's logprobs entry)."""
+        if self.logprobs is None:
+            return values[0], values[1], {}
+        rows = len(self.tokens)
+        tokens, flags = [int(v) for v in values[:rows]], [bool(v) for v in values[rows:2 * rows]]
+        width, most = self.logprobs.shape[-1], (self.logprobs.shape[-1] - 1) // 2
+        entries = {}
+        for n, (row, k) in enumerate(zip(self.logprob_rows, self.logprob_top)):
+            block = values[2 * rows + n * width:2 * rows + (n + 1) * width]
+            top = [{"token_id": int(t), "logprob": v} for t, v in zip(block[1:1 + k], block[1 + most:1 + most + k])]
+            entries[row] = {"token_id": tokens[row], "logprob": block[0], "top": top}
+        return tokens, flags, entries
 
 
 class Sampler:
     def __init__(self, cfg: GenerationConfig, eos_ids: Sequence[int], device: torch.device):
         # generation.* for a row without settings of its own (temperature 0 is greedy, as row_sampling says)
-        self.default = RowSampling(cfg.do_sample and cfg.temperature > 0, cfg.temperature or 1.0, cfg.top_k, cfg.top_p)
-        self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+        self.default = row_sampling(cfg)
+        self.eos = sorted(set(eos_ids))
+        self.eos_ids = torch.tensor(self.eos, dtype=torch.long, device=device)
+        self.history = TokenHistory(device)  # the penalized sequences' token history (logits.py)
 
-    def samples(self, settings: Sequence[Optional[RowSampling]]) -> bool:
-        """Whether any row with these settings (None: generation.*) samples rather than takes the argmax."""
-        return any((s or self.default).do_sample for s in settings)
+    def settings(self, request: Optional[Request]) -> RowSampling:
+        """A row's settings: its request's (None: the row takes no token this step, so greedy and no draw)."""
+        if request is None:
+            return GREEDY
+        return request.sampling or self.default
 
-    def __call__(self, logits: torch.Tensor, rows: list[int], generators: Sequence[Optional[torch.Generator]],
-                 settings: Sequence[Optional[RowSampling]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits: (logits rows, vocab) -> (tokens, is_eos), both (logits rows,).
+    def needed(self, requests: Sequence[Optional[Request]]) -> bool:
+        """Whether any row needs more than the argmax: it samples, or takes the logits path (logits.py)."""
+        return any(s.do_sample or s.processed for s in map(self.settings, requests))
 
-        Greedy takes every row's argmax; the planned `rows` that sample (generation.do_sample, or
-        their record's own settings) are drawn from their own generators.
+    def __call__(self, logits: torch.Tensor, rows: list[int], requests: Sequence[Optional[Request]]) -> Sampled:
+        """logits: (logits rows, vocab); `rows`: each planned request's logits row; `requests`: each planned
+        request, None where it takes no token from this step (a chunk short of its prompt's end).
+
+        Greedy takes every row's argmax. Rows that sample with one plain setting are drawn as one batch from
+        their own generators; rows with vLLM's knobs, logprobs, or settings that differ take the logits path
+        (logits.py), all at once.
         """
         tokens = logits.argmax(dim=-1)
-        settings = [s or self.default for s in settings] or [self.default] * len(rows)
-        sampled = [k for k, s in enumerate(settings) if s.do_sample]
-        if sampled:
-            index = upload(torch.tensor([rows[k] for k in sampled], dtype=torch.long), logits.device)
-            tokens[index] = select_row_tokens(logits[index], [settings[k] for k in sampled],
-                                              [generators[k] for k in sampled])
-        return tokens, torch.isin(tokens, self.eos_ids)
+        settings = [self.settings(r) for r in requests]
+        chosen = [k for k, s in enumerate(settings) if s.do_sample or s.processed]
+        logprobs, asking, top = None, [], []
+        if chosen:
+            index = upload(torch.tensor([rows[k] for k in chosen], dtype=torch.long), logits.device)
+            plain = {settings[k] for k in chosen}
+            if len(plain) == 1 and not next(iter(plain)).processed:  # one plain setting: drawn as it always was
+                tokens[index] = select_next_tokens(logits.index_select(0, index), next(iter(plain)),
+                                                   [requests[k].generator for k in chosen])
+            else:
+                batch = plan_rows([settings[k] for k in chosen], [requests[k] for k in chosen], self.eos,
+                                  logits.shape[-1], self.history, logits.device)
+                tokens[index], logprobs = choose(logits.index_select(0, index), batch)
+                asking, top = [rows[k] for k in chosen if settings[k].logprobs is not None], batch.logprob_top
+        return Sampled(tokens, torch.isin(tokens, self.eos_ids), asking, top, logprobs)
+
+    def release(self, requests: Sequence[Request]) -> None:
+        """Finished (or requeued) requests give back their token history row."""
+        for request in requests:
+            self.history.release(request)
+
+    def close(self) -> None:
+        self.history.close()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -41,17 +41,21 @@ def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits.float() / temperature).clamp(max=torch.finfo(torch.float32).max)
 
 
+def top_p_drop(logits: torch.Tensor, top_p: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Where a token falls outside the smallest set whose mass reaches top_p (a number, or (rows, 1) per row):
+    a token is dropped once the mass before it already reaches top_p; the best token always stays."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+    return drop_sorted.scatter(-1, order, drop_sorted)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token once the mass before it already reaches top_p; the best token always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(top_p_drop(logits, top_p), float("-inf"))
     return logits
 
 
@@ -72,20 +76,60 @@ class RowSampling:
     temperature: float
     top_k: int
     top_p: float
+    # vLLM's knobs (distgen/engine/logits.py applies them; these defaults are off)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), by token id
+    # How the sequence ends (read on the host, after the step's one read: engine.core.Engine.finish_reason)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # What its output record carries: each token's logprob and this many alternatives (None: no logprobs)
+    logprobs: Optional[int] = None
+
+    @property
+    def penalized(self) -> bool:
+        """Whether its logits need the token history (distgen/engine/logits.py TokenHistory)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def processed(self) -> bool:
+        """Whether its logits take the logits path (logits.py) rather than a plain argmax or draw."""
+        return (self.penalized or bool(self.logit_bias) or self.min_tokens > 0 or self.logprobs is not None
+                or (self.do_sample and self.min_p > 0))
 
 
 # A row that takes the argmax (and draws nothing from its generator).
 GREEDY = RowSampling(False, 1.0, 0, 1.0)
+# RowSampling's knobs a record may set, each falling back to generation.*'s (the same names in both).
+KNOBS = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "logit_bias",
+         "stop_token_ids", "ignore_eos", "logprobs")
+# Those that act on the logits (the rest act on the host, after the step's read).
+LOGITS_KNOBS = tuple(name for name in KNOBS if name not in ("stop_token_ids", "ignore_eos"))
 
 
-def row_sampling(cfg: GenerationConfig, prompt) -> RowSampling:
+def config_knob(cfg: GenerationConfig, name: str):
+    """generation.<name> in RowSampling's form (a mapping as sorted pairs, a list as a tuple)."""
+    value = getattr(cfg, name)
+    if isinstance(value, dict):
+        return tuple(sorted((int(k), float(v)) for k, v in value.items()))
+    return tuple(dict.fromkeys(value)) if isinstance(value, list) else value
+
+
+def row_sampling(cfg: GenerationConfig, prompt=None) -> RowSampling:
     """A record's temperature decides for it: 0 is greedy, > 0 samples (even when generation.do_sample=false);
-    generation.temperature=0 is greedy too (whatever generation.do_sample says), as in vLLM."""
-    temperature = cfg.temperature if prompt.temperature is None else prompt.temperature
-    do_sample = (cfg.do_sample if prompt.temperature is None else prompt.temperature > 0) and temperature > 0
+    generation.temperature=0 is greedy too (whatever generation.do_sample says), as in vLLM. Each knob is the
+    record's own where it has one, else generation.*'s (prompt None: generation.* alone)."""
+    def own(name: str):
+        return getattr(prompt, name, None)
+    temperature = cfg.temperature if own("temperature") is None else own("temperature")
+    do_sample = (cfg.do_sample if own("temperature") is None else own("temperature") > 0) and temperature > 0
+    knobs = {name: config_knob(cfg, name) if own(name) is None else own(name) for name in KNOBS}
     return RowSampling(do_sample, temperature if temperature > 0 else 1.0,
-                       cfg.top_k if prompt.top_k is None else prompt.top_k,
-                       cfg.top_p if prompt.top_p is None else prompt.top_p)
+                       cfg.top_k if own("top_k") is None else own("top_k"),
+                       cfg.top_p if own("top_p") is None else own("top_p"), **knobs)
 
 
 def sequence_generator(cfg: GenerationConfig, prompt, device: torch.device, sample: int = 0) -> torch.Generator:
@@ -93,12 +137,3 @@ def sequence_generator(cfg: GenerationConfig, prompt, device: torch.device, samp
     (generation.n) draws from a stream derived from that seed and k (`sample_seed`)."""
     base = prompt.seed if prompt.seed is not None else prompt_seed(cfg.seed, prompt.index)
     return torch.Generator(device=device).manual_seed(sample_seed(base, sample))
-
-
-def select_row_tokens(logits: torch.Tensor, settings: Sequence[RowSampling],
-                      generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
-    """logits: (batch, vocab) -> (batch,); one batched call when every row has the same settings."""
-    if len(set(settings)) <= 1:
-        return select_next_tokens(logits, settings[0], generators) if settings else logits.argmax(dim=-1)
-    return torch.cat([select_next_tokens(row.unsqueeze(0), setting, [gen])
-                      for row, setting, gen in zip(logits, settings, generators)])

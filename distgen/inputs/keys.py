@@ -18,9 +18,11 @@ from distgen.inputs.records import Prompt
 
 HALF_BITS = 31
 HALF_MASK = (1 << HALF_BITS) - 1
-# Fields `Prompt` gained after keys were first written: left out of a key while unset (None or empty), so a
-# record that does not use them keeps the key earlier runs gave it (and an earlier run's finished record is found).
-LATER_FIELDS = frozenset({"lora", "columns", "n"})
+# Fields `Prompt` gained after keys were first written: left out of a key while the record leaves them unset (None;
+# columns: none kept), so a record that does not use them keeps the key earlier runs gave it (and an earlier
+# run's finished record is found).
+LATER_FIELDS = frozenset({"lora", "columns", "n", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                          "min_p", "min_tokens", "stop_token_ids", "logit_bias", "ignore_eos", "logprobs"})
 
 
 @lru_cache(maxsize=None)
@@ -31,7 +33,7 @@ def content_fields(kind: type) -> tuple[str, ...]:
 def record_key(prompt: Prompt) -> int:
     """The record's content without its index, as JSON (any field type: an id 1 and an id "1" differ), hashed."""
     content = {name: getattr(prompt, name) for name in content_fields(type(prompt))
-               if not (name in LATER_FIELDS and not getattr(prompt, name))}
+               if not (name in LATER_FIELDS and getattr(prompt, name) in (None, {}))}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode("utf-8", "surrogatepass"))
     return int.from_bytes(digest.digest()[:8], "little") >> (64 - 2 * HALF_BITS)
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
-from distgen.config import (ADAPTER_NAME, MAX_SAMPLES, MAX_SEED, MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, chat_kwargs_problem,
-                            is_int, samples_ok, seed_ok, temperature_ok)
+from distgen.config import (ADAPTER_NAME, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_SAMPLES, MAX_SEED, MAX_SEQUENCE_TOKENS,
+                            MIN_TEMPERATURE, chat_kwargs_problem, is_int, is_number, logit_bias_ok, logprobs_ok, min_p_ok,
+                            penalty_ok, repetition_penalty_ok, samples_ok, seed_ok, temperature_ok, token_ids_ok)
 
 JSON_ARRAY_HINT = "a .json file holds one JSON array of records ([{\"prompt\": ...}, ...]) or JSON lines"
 BOM = "\ufeff"
@@ -55,15 +56,23 @@ class Prompt:
     stop: tuple[str, ...] = ()
     # The text already holds the special tokens (rendered by a chat template).
     templated: bool = False
+    # vLLM's sampling knobs (generation.* has each; None or empty: generation.*'s).
+    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    min_p: Optional[float] = None
+    min_tokens: Optional[int] = None
+    stop_token_ids: Optional[tuple[int, ...]] = None
+    logit_bias: Optional[tuple[tuple[int, float], ...]] = None  # (token id, bias) pairs, by token id
+    ignore_eos: Optional[bool] = None
+    logprobs: Optional[int] = None  # alternatives per generated token in its output record's `logprobs`
     # The LoRA adapter (a name in model.lora) this record runs with; None: the base model (or the one merged).
     lora: Optional[str] = None
+    # Completions of this record (None: generation.n).
+    n: Optional[int] = None
     # The input record's columns kept for its output record (output.columns), by their names in the dataset, as
     # JSON values (distgen/inputs/source.py picks them). Not hashed: a dict.
     columns: dict[str, Any] = field(default_factory=dict, hash=False)
-
-
-    # Completions of this record (None: generation.n).
-    n: Optional[int] = None
 
     def budget(self, default: int) -> int:
         return self.max_new_tokens or default
@@ -90,13 +99,20 @@ class RecordFields:
 ID_IS_INT = "id_is_int"
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def is_whole(value: Any) -> bool:
     """An integer, or a float holding one (CSV and Arrow columns with gaps turn integers into floats)."""
     return is_int(value) or isinstance(value, float) and value.is_integer()
+
+
+def whole(value: Any) -> Any:
+    """An integer a float holds (a CSV or Arrow column with gaps) as that integer; anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def bias_pairs(bias: dict) -> tuple[tuple[int, float], ...]:
+    """{token_id: bias} (JSON keys are text) as (token id, bias) pairs by token id; null entries (Arrow gives every
+    record of a column every key some record has) are none."""
+    return tuple(sorted((int(k), float(v)) for k, v in bias.items() if v is not None))
 
 
 # Per-record override: (check, what is allowed, convert).
@@ -115,6 +131,21 @@ OVERRIDES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = 
              lambda v: (v,) if isinstance(v, str) else tuple(v)),
     "lora": (lambda v: isinstance(v, str) and bool(ADAPTER_NAME.match(v)),
              "an adapter's name in model.lora (letters, digits, _ and -)", str),
+    # vLLM's sampling knobs: the ranges generation.* is held to (GenerationConfig.check_knobs). A token id past
+    # the model's vocabulary is found once the engine knows it (engine.build.make_request), as an error record too.
+    "repetition_penalty": (repetition_penalty_ok, f"a finite number >= {MIN_TEMPERATURE} (1 is off)", float),
+    "presence_penalty": (penalty_ok, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 is off)", float),
+    "frequency_penalty": (penalty_ok, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 is off)", float),
+    "min_p": (min_p_ok, "a number in [0, 1] (0 is off)", float),
+    "min_tokens": (lambda v: is_whole(v) and 0 <= v < MAX_SEQUENCE_TOKENS,
+                   "an integer >= 0, at most the record's max_new_tokens", int),
+    "stop_token_ids": (lambda v: isinstance(v, (list, tuple)) and token_ids_ok([whole(t) for t in v]),
+                       "a list of token ids >= 0", lambda v: tuple(dict.fromkeys(int(t) for t in v))),
+    "logit_bias": (logit_bias_ok, f"an object {{token_id: bias}}, ids >= 0, biases in [-{MAX_LOGIT_BIAS:g}, "
+                                  f"{MAX_LOGIT_BIAS:g}]", bias_pairs),
+    "ignore_eos": (lambda v: isinstance(v, bool), "true or false", bool),
+    "logprobs": (lambda v: is_whole(v) and logprobs_ok(int(v)), "an integer >= 0 (alternatives per token, capped "
+                                                                 "at the vocabulary)", int),
 }
 # A chat record's own variables for the chat template (added to dataset.chat_template_kwargs).
 CHAT_KWARGS = "chat_template_kwargs"

@@ -60,7 +60,16 @@ SAVED_MARKERS = ("state.json", "dataset_dict.json")
 HASH_BATCH = 10_000
 READ_BATCH = 1024
 # Bumped when the normalized records' columns change, so that no cached table of the old form is reused.
-NORMALIZED_VERSION = 5
+NORMALIZED_VERSION = 6
+# Per-record settings whose normalized column holds another form than the Prompt's (the rest: as they are):
+# stop and stop_token_ids as lists, logit_bias as its JSON text (an Arrow struct would need one key set).
+COLUMN_FORMS: dict[str, Callable] = {
+    "stop": lambda stops: list(stops) or None,
+    "stop_token_ids": lambda ids: None if ids is None else list(ids),
+    "logit_bias": lambda pairs: None if pairs is None else json.dumps({str(token): bias for token, bias in pairs}),
+}
+# Normalized columns read back as JSON text (PromptSource.prompt_of).
+JSON_COLUMNS = ("logit_bias", CHAT_KWARGS)
 # A normalized record's column: its other fields (the input columns it keeps), a JSON object as text.
 COLUMNS = "columns"
 # pandas' index, which it writes into parquet files: not a column of the data.
@@ -184,8 +193,8 @@ def normalize(record: dict, where: str, fields: RecordFields, columns: Optional[
             "prompt": record.get(fields.prompt) if not chat else None,
             "messages": json.dumps(record[fields.messages]) if chat else None,
             CHAT_KWARGS: json.dumps(kwargs) if isinstance(kwargs, dict) else None,
-            **{k: getattr(prompt, k) for k in OVERRIDES if k != "stop"},
-            "stop": list(prompt.stop) or None, "error": error or prompt.error, COLUMNS: json_columns(columns, where)}
+            **{k: COLUMN_FORMS.get(k, lambda v: v)(getattr(prompt, k)) for k in OVERRIDES},
+            "error": error or prompt.error, COLUMNS: json_columns(columns, where)}
 
 
 def normalized_features():
@@ -194,7 +203,11 @@ def normalized_features():
                      "messages": Value("string"), CHAT_KWARGS: Value("string"), "max_new_tokens": Value("int64"),
                      "temperature": Value("float64"), "top_p": Value("float64"), "top_k": Value("int64"),
                      "seed": Value("uint64"), "n": Value("int64"), "stop": List(Value("string")),
-                     "lora": Value("string"), "error": Value("string"), COLUMNS: Value("string")})
+                     "repetition_penalty": Value("float64"), "presence_penalty": Value("float64"),
+                     "frequency_penalty": Value("float64"), "min_p": Value("float64"), "min_tokens": Value("int64"),
+                     "stop_token_ids": List(Value("int64")), "logit_bias": Value("string"),
+                     "ignore_eos": Value("bool"), "logprobs": Value("int64"), "lora": Value("string"),
+                     "error": Value("string"), COLUMNS: Value("string")})
 
 
 def normalized_fields(fields: RecordFields) -> RecordFields:
@@ -486,8 +499,8 @@ class PromptSource:
     def prompt_of(self, record: dict, index: int) -> Prompt:
         if self.fields.messages and isinstance(record.get(self.fields.messages), str):  # normalized records
             record = {**record, self.fields.messages: json.loads(record[self.fields.messages])}
-            if isinstance(record.get(CHAT_KWARGS), str):
-                record[CHAT_KWARGS] = json.loads(record[CHAT_KWARGS])
+        if self.fields.error is not None:  # normalized: settings kept as JSON text
+            record = {**record, **{k: json.loads(record[k]) for k in JSON_COLUMNS if isinstance(record.get(k), str)}}
         where = f"{self.path}: record {index}"
         return record_to_prompt(record, index, where, self.fields, self.render, row=self.row_of(index),
                                 columns=self.columns_of(record, where))

@@ -10,6 +10,8 @@ from distgen.engine.request import Completion, RequestFailed
 from distgen.inputs.records import Prompt, RecordId
 
 ERROR = "error"
+# A record's keys that its JSON holds only when set (an output without them stays as it was before they existed).
+OPTIONAL_FIELDS = ("logprobs", "error")
 
 
 @dataclass(frozen=True)
@@ -26,16 +28,19 @@ class OutputRecord:
     completion_tokens: int
     finish_reason: str  # "eos", "length", "stop" or "error"
     completion_token_ids: list[int] = field(default_factory=list)
+    # per kept token {"token_id", "logprob", "top": [{"token_id", "logprob"}, ...]} when the record's settings
+    # ask for logprobs (generation.logprobs or its own); absent from other records' JSON
+    logprobs: Optional[list[dict]] = None
     # why an error record has no completion; absent from other records' JSON
     error: Optional[str] = None
     # the input record's kept columns (output.columns), by their names in the dataset: flat in the JSON
     columns: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self, keep_prompt: bool = True) -> dict:
-        """The record's JSON object; without the prompt text when not `keep_prompt` (output.keep_prompt)."""
-        record = {name: getattr(self, name) for name in OWN_FIELDS}
-        if self.error is None:
-            del record["error"]
+        """The record's JSON object (its optional fields only where set); without the prompt text when not
+        `keep_prompt` (output.keep_prompt)."""
+        record = {name: getattr(self, name) for name in OWN_FIELDS
+                  if not (name in OPTIONAL_FIELDS and getattr(self, name) is None)}
         if not keep_prompt:
             del record["prompt"]
         return {**record, **{output_name(name, self.columns): value for name, value in self.columns.items()}}
@@ -61,10 +66,11 @@ def renamed_columns(names) -> dict[str, str]:
 
 
 def completion_record(completion: Completion, text: str, token_ids: list[int], keep_prompt: bool = True) -> dict:
-    """`text` and `token_ids` are the completion as kept (cut before a stop string)."""
+    """`text` and `token_ids` are the completion as kept (cut before a stop string; its logprobs cut with it)."""
     prompt = completion.prompt
+    logprobs = None if completion.logprobs is None else completion.logprobs[:len(token_ids)]
     return OutputRecord(prompt.index, prompt.id, completion.sample, prompt.text, text, completion.prompt_token_count,
-                        len(token_ids), completion.finish_reason, list(token_ids),
+                        len(token_ids), completion.finish_reason, list(token_ids), logprobs,
                         columns=prompt.columns).as_json(keep_prompt)
 
 

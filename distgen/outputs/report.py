@@ -66,7 +66,7 @@ def bar_chart(title: str, y_label: str, groups: Sequence[str], bars: dict[str, S
         body += (f'<text x="{left + slot * 0.4:.1f}" y="{HEIGHT - MARGIN + 26}" font-size="10" '
                  f'text-anchor="middle">{html.escape(group)}</text>')
     return frame(title, "", y_label, 0, y_max, body, legend(list(bars))).replace(
-        f'text-anchor="end">0</text>', 'text-anchor="end"></text>', 1)
+        'text-anchor="end">0</text>', 'text-anchor="end"></text>', 1)
 
 
 def histogram(title: str, x_label: str, values: np.ndarray, bins: int = 30) -> str:

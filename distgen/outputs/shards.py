@@ -34,7 +34,7 @@ from distgen.common.errors import IncompleteOutputError, OutputSpaceError
 from distgen.common.files import atomic_file, write_atomic
 from distgen.common.registry import Registry
 from distgen.outputs.openai_batch import batch_output_lines
-from distgen.outputs.records import ERROR, MergeInfo
+from distgen.outputs.records import ERROR, OPTIONAL_FIELDS, MergeInfo
 from distgen.outputs.samples import SampleTable, record_order, sample_of
 from distgen.outputs.stats import ErrorTally
 from distgen.outputs.folder import (MANIFEST_VERSION, MERGED_FILE, claimed_files, outputs_dir, previous_folder,
@@ -97,7 +97,9 @@ def read_shard(path: Path, torn: Optional[list[int]] = None) -> Iterator[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH):
-            yield from batch.to_pylist()
+            # a column holds every record's value: an optional key (records.OPTIONAL_FIELDS) unset is left out again
+            yield from ({k: v for k, v in row.items() if v is not None or k not in OPTIONAL_FIELDS}
+                        for row in batch.to_pylist())
     else:
         yield from read_jsonl_lines(path, torn)
 
@@ -162,7 +164,6 @@ def parquet_table(records: Sequence[dict]):
 def write_shard(records: Sequence[dict], path: Path) -> None:
     """Atomically: readers see no shard or the whole one."""
     if path.suffix == ".parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
         with atomic_file(path, "wb") as out:
             pq.write_table(parquet_table(records), out)

@@ -46,7 +46,7 @@ from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, kv_geom
 from distgen.engine.kv.kinds import CacheKind, CacheSpec, QueueShape, register
 from distgen.engine.kv.attention import ATTENTIONS, SlotAttention
 from distgen.engine.kv.varlen import AttentionPlan, Segment
-from distgen.engine.request import Request, Status
+from distgen.engine.request import Request
 from distgen.engine.scheduler import StepPlan
 from distgen.engine.windows import LayerWindows
 
@@ -100,7 +100,6 @@ class SlotLayer(CacheLayerMixin):
         """key_states: (rows, heads, q, head_dim) -> the rows' whole buffers (rows, heads, width, head_dim)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        owner = self.owner
         self.write(self.keys, key_states)
         self.write(self.values, value_states)
         return self.read(self.keys), self.read(self.values)

@@ -1,0 +1,161 @@
+"""The sampler's share of a step: engine.sampler.Sampler on one step's logits, per setting, rows and vocabulary;
+and whole engine steps on a benchmark model with each setting.
+
+    .venv/bin/python bench/sampling.py                          # rows 4/16/64 x vocab 259/32000/151936, CPU
+    .venv/bin/python bench/sampling.py --rows 16 --vocab 259 --device cuda
+    .venv/bin/python bench/sampling.py --engine large --prompts 32 --repeats 3   # the 8-layer model, ms per step
+    .venv/bin/python bench/sampling.py --engine tiny --tree /path/to/other/checkout --only greedy sampled
+
+Each setting runs the real Sampler (the same call a step makes, after the forward) on random fp32 logits for
+`rows` requests that all take a token, `--steps` times after a warm-up, and reports the median milliseconds
+per call: greedy (the plain argmax: the path a job without knobs takes), sampled (one plain setting: drawn as
+one batch), and vLLM's knobs on the logits path (engine/logits.py) greedy and sampled, and logprobs. A
+penalized row's token history grows by one token per step, as in a job. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# --tree DIR: time another checkout's distgen (e.g. the commit before the knobs), with this script and bench/
+TREE = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve() if "--tree" in sys.argv else REPO
+sys.path[:0] = [str(TREE), str(REPO)]
+
+from distgen.config import GenerationConfig  # noqa: E402
+from distgen.engine.request import Request  # noqa: E402
+from distgen.inputs.records import Prompt  # noqa: E402
+
+PENALTIES = dict(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5)
+SAMPLED = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95)
+SETTINGS = {  # name -> generation.* (a checkout without the knobs runs the first two only)
+    "greedy": {},
+    "sampled": SAMPLED,
+    "greedy, penalties": PENALTIES,
+    "greedy, logprobs 5": dict(logprobs=5),
+    "sampled, every knob": dict(**SAMPLED, min_p=0.05, min_tokens=4, logit_bias={5: 1.5, 7: -2.0}, **PENALTIES),
+}
+
+
+def requests_for(cfg: GenerationConfig, rows: int, vocab: int, device: torch.device) -> list[Request]:
+    """`rows` requests with 64-token prompts, each its own generator (distinct settings per row when sampled,
+    so the sampled rows of "every knob" differ: temperatures 0.8 + row/100)."""
+    from distgen.engine.request import Request
+    from distgen.engine.sampling import row_sampling
+    made = []
+    for row in range(rows):
+        prompt = Prompt(row, row, "")
+        sampling = row_sampling(cfg, prompt)
+        if sampling.processed and sampling.do_sample:
+            sampling = replace(sampling, temperature=sampling.temperature + row / 100)
+        ids = torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(row)).tolist()
+        made.append(Request(prompt, ids, 1 << 20, torch.Generator(device=device).manual_seed(row), sampling))
+    return made
+
+
+def time_setting(name: str, rows: int, vocab: int, steps: int, device: torch.device) -> float:
+    """Median ms per Sampler call: on CPU the process's CPU time (this box is shared: wall time counts the others'
+    work), on CUDA wall time, synchronized."""
+    from distgen.engine.sampler import Sampler
+    cfg = GenerationConfig(**SETTINGS[name])
+    sampler = Sampler(cfg, [2], device)
+    requests = requests_for(cfg, rows, vocab, device)
+    logits = torch.randn((rows, vocab), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = list(range(rows))
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    times = []
+    for step in range(steps + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = clock()
+        sampled = sampler(logits, positions, requests)
+        sampled.for_host()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= 3:
+            times.append((clock() - start) * 1e3)
+        for request in requests:
+            request.generated.append(0)  # a completion one token longer: min_tokens passes, as in a job
+    return statistics.median(times)
+
+
+def engine_seconds(model, tokenizer, prompts, settings: dict, batch_size: int) -> tuple[float, int, int]:
+    """One in-process engine over `prompts` (slot cache, no EOS): (generation CPU seconds of this process: the box is
+    shared, and wall time counts the others' work; forward steps; tokens)."""
+    from distgen.engine import build_engine
+    from distgen.parallel.loop import run_loop
+    queue = [(Prompt(i, i, p.text, p.budget), tokenizer(p.text)["input_ids"]) for i, p in enumerate(prompts)]
+    cfg = GenerationConfig(max_new_tokens=128, batch_size=batch_size, cache="static", compile="off", seed=0,
+                           **settings)
+    engine = build_engine(model, queue, cfg, tokenizer.pad_token_id, [], torch.device("cpu"))
+    done = []
+    start = time.process_time()
+    with torch.no_grad():
+        counters = run_loop(engine, lockstep=False, idle_step=lambda: None, device=torch.device("cpu"),
+                            on_finished=done.extend)
+    return time.process_time() - start, counters.forward_steps, sum(len(c.token_ids) for c in done)
+
+
+def time_engine(args) -> None:
+    """ms per engine step of each setting on a benchmark model, the settings alternating over --repeats."""
+    from bench.common import MODELS, make_prompts, save_model
+    from distgen.models.tiny import build_tokenizer
+    from transformers import AutoModelForCausalLM
+    folder = save_model(args.engine, REPO / ".cache" / "bench-sampling" / args.engine)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = build_tokenizer()
+    prompts = make_prompts(args.prompts, 0)
+    names = args.only or [name for name in SETTINGS if all(hasattr(GenerationConfig(), k) for k in SETTINGS[name])]
+    runs: dict[str, list[tuple[float, int, int]]] = {name: [] for name in names}
+    engine_seconds(model, tokenizer, prompts[:4], SETTINGS[names[0]], args.batch_size)  # warm-up: kernels, allocator
+    for repeat in range(args.repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            runs[name].append(engine_seconds(model, tokenizer, prompts, SETTINGS[name], args.batch_size))
+    print(f"engine steps: model {args.engine} ({MODELS[args.engine].describe()}), distgen from {TREE}, "
+          f"{args.prompts} prompts, budgets 16-128, batch {args.batch_size}, cache=static, no EOS, "
+          f"{torch.get_num_threads()} thread(s); median of {args.repeats}, settings alternating\n")
+    print("| setting | CPU ms per step | gen tok per CPU s | steps | tokens |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        seconds, steps, tokens = (statistics.median(values) for values in zip(*runs[name]))
+        per_step = statistics.median(s / n * 1e3 for s, n, _ in runs[name])
+        print(f"| {name} | {per_step:.2f} | {tokens / seconds:.1f} | {steps:.0f} | {tokens:.0f} |", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[259, 32000, 151936])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", default=None, help="time engine steps on this bench/common.py model instead")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="+", default=None, choices=list(SETTINGS))
+    parser.add_argument("--tree", default=None, help="the checkout whose distgen is timed (default: this one)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.engine:
+        return time_engine(args)
+    device = torch.device(args.device)
+    print(f"sampler ms per step (median of {args.steps}; {'wall' if device.type == 'cuda' else 'CPU'} time), {device}, "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n")
+    print("| rows | vocab | " + " | ".join(SETTINGS) + " |")
+    print("|---|---|" + "---|" * len(SETTINGS))
+    with torch.no_grad():
+        for vocab in args.vocab:
+            for rows in args.rows:
+                cells = [f"{time_setting(name, rows, vocab, args.steps, device):.3f}" for name in SETTINGS]
+                print(f"| {rows} | {vocab} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
