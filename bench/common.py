@@ -441,7 +441,7 @@ def run_distgen(launch: Launch, out_dir: Path, timeout_s: float = 1800) -> Distg
     # Ready once the engine line is out, plus any compile; without the line (a very short run): the merge
     # less the generation.
     ready = (watch.ready or done - generate_seconds(stats) - compile_seconds(stats)) + compile_seconds(stats)
-    first_output = watch.first_output or done
-    # The watch sees a stamp at its next poll, the merge's mtime is exact: a run too short for the poll to see
-    # its first output would otherwise read as ready after it.
+    # The watch sees a stamp at its next poll, the merge's mtime is exact: a run shorter than a poll would
+    # otherwise read its first output after its end, or as ready after its first output.
+    first_output = min(watch.first_output or done, done)
     return DistgenRun(records, stats, measured, min(ready, first_output), first_output, done)
