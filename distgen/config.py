@@ -373,8 +373,14 @@ class DatasetConfig:
     # Continue the last (assistant) message instead of starting a new one: no generation prompt, the final
     # message left open (transformers' apply_chat_template continue_final_message).
     continue_final_message: bool = False
-    # The split to take from a saved DatasetDict or a local dataset folder.
+    # The split to take from a saved DatasetDict or a hub dataset.
     split: str = "train"
+    # A hub dataset (dataset=org/name, read from the Hugging Face cache, as a model id is): its revision (a
+    # branch, tag or commit; null: main), its subset (the dataset's config name; null: its default), and
+    # whether it may be downloaded when it is not cached (never while HF_HUB_OFFLINE is set).
+    revision: Optional[str] = None
+    subset: Optional[str] = None
+    allow_download: bool = False
     limit: Optional[int] = None
     # Shuffle the records with this seed before `limit` applies; None keeps file order.
     shuffle_seed: Optional[int] = None

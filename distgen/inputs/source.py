@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -30,13 +30,15 @@ import numpy as np
 
 from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
+from distgen.common.hub import HUB_ID, snapshot
 from distgen.common.registry import Registry
 from distgen.inputs.openai_batch import batch_request
 from distgen.inputs.records import (BOM, CHAT_KWARGS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
                                     Render, check_utf8_line, has_id, is_chat, json_array_records, json_value,
                                     parse_json_line, record_to_prompt)
 
-# Never reach the Hub: every input is a local file or folder.
+# The datasets library never reaches the Hub: every input is a local file or folder (a hub dataset is first
+# resolved to its snapshot folder in the HF cache by huggingface_hub: resolve_hub_dataset).
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt", ".csv": "csv", ".parquet": "parquet"}
@@ -52,7 +54,9 @@ for _name, _builder, _doc in (
         ("saved", None, "a folder written by datasets.save_to_disk (dataset.split picks a split)"),
         ("folder", None, "a local folder of prompt files, every one read, in path order"),
         ("openai_batch", None, "an OpenAI batch file (JSON lines of custom_id, method, url, body); "
-                               "outputs.jsonl then holds OpenAI batch output lines")):
+                               "outputs.jsonl then holds OpenAI batch output lines"),
+        ("hub", None, "a Hugging Face hub dataset (dataset=org/name) from the local HF cache: its splits and "
+                      "subsets as the hub lays them out (dataset.split, dataset.subset, dataset.revision)")):
     DATASET_FORMATS.register(_name, None, _builder, doc=_doc)
 TEXT_FORMATS = ("jsonl", "json", "txt", "csv")
 TEXT_COLUMN = "text"
@@ -106,9 +110,24 @@ def detect_format(path: str, fmt: str) -> str:
     return "openai_batch" if found == "jsonl" and p.is_file() and is_openai_batch(path) else found
 
 
+def resolve_hub_dataset(cfg: DatasetConfig) -> DatasetConfig:
+    """dataset.path as a local path: a value that is not a file or folder here, has no prompts-file suffix and reads
+    as a hub id (`org/name`) becomes its snapshot folder in the Hugging Face cache, read as format `hub`."""
+    value = cfg.path
+    if (not value or Path(value).exists() or not HUB_ID.match(value) or value.startswith(".")
+            or Path(value).suffix.lower() in FILE_FORMATS or cfg.format not in ("auto", "hub")):
+        if cfg.revision is not None or cfg.subset is not None:
+            key, given = ("dataset.revision", cfg.revision) if cfg.revision is not None else ("dataset.subset", cfg.subset)
+            raise ConfigError(f"{key}={given!r} is not allowed: it picks a hub dataset's version or subset, and "
+                              f"dataset.path={value!r} is not a hub id (org/name)")
+        return cfg
+    return replace(cfg, path=snapshot("dataset.path", value, cfg.revision, cfg.allow_download, "dataset"),
+                   format="hub")
+
+
 def check_path(cfg: DatasetConfig, fmt: str) -> None:
     p = Path(cfg.path)
-    wants_dir = fmt in ("saved", "folder")
+    wants_dir = fmt in ("saved", "folder", "hub")
     if not p.exists() or p.is_dir() != wants_dir:
         what = "dataset folder" if wants_dir else "file"
         raise ConfigError(f"dataset.path={cfg.path!r} is not a {what}; give a prompts file "
@@ -359,6 +378,8 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
     import datasets
     if fmt == "saved":
         return pick_split(datasets.load_from_disk(cfg.path), cfg.split, cfg.path), fields
+    if fmt == "hub":
+        return load_hub(cfg, cache_dir), fields
     if fmt == "folder":
         return load_folder(cfg.path, cache_dir, fields)
     if fmt == "openai_batch":
@@ -366,6 +387,25 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
         return normalized_table([cfg.path], cache_dir, OPENAI_FIELDS, openai_records)
     check_file(cfg.path, fmt)
     return load_file(cfg.path, fmt, cache_dir, fields)
+
+
+def load_hub(cfg: DatasetConfig, cache_dir: str):
+    """A hub dataset's snapshot folder as the datasets library reads a hub repository (its README's configs, or
+    its files' split names), dataset.subset and dataset.split picked by name."""
+    import datasets
+    try:
+        subsets = datasets.get_dataset_config_names(cfg.path)
+    except Exception:  # no README configs: one default subset
+        subsets = []
+    if cfg.subset is not None and subsets and cfg.subset not in subsets:
+        raise ConfigError(f"dataset.subset={cfg.subset!r} is not allowed: {cfg.path} has subsets {', '.join(subsets)}")
+    if cfg.subset is None and len(subsets) > 1 and "default" not in subsets:
+        raise ConfigError(f"dataset.subset=None is not allowed: {cfg.path} has subsets {', '.join(subsets)}; "
+                          "give dataset.subset=<one of them>")
+    splits = datasets.get_dataset_split_names(cfg.path, cfg.subset)
+    if cfg.split not in splits:
+        raise ConfigError(f"dataset.split={cfg.split!r} is not allowed: {cfg.path} has splits {', '.join(splits)}")
+    return datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split, cache_dir=cache_dir)
 
 
 def config_error_in(err: BaseException) -> Optional[ConfigError]:

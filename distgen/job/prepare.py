@@ -16,7 +16,7 @@ import numpy as np
 from distgen.common.errors import ConfigError
 from distgen.config import RunConfig, named_adapters
 from distgen.inputs.screening import Verdict, context_limit
-from distgen.inputs.source import PromptSource, open_prompts
+from distgen.inputs.source import PromptSource, open_prompts, resolve_hub_dataset
 from distgen.models.loading import check_model_source, load_model_config, load_tokenizer, resolve_hub_ids
 from distgen.outputs.records import error_record, renamed_columns
 from distgen.outputs.coordinator import STATS_FILE
@@ -208,8 +208,9 @@ def check_inputs(cfg: RunConfig, checks_output: bool = True
 
 
 def resolve_sources(cfg: RunConfig) -> RunConfig:
-    """The config with hub ids (model.path, tokenizer_path, assistant_path) resolved to their cached folders."""
-    return replace(cfg, model=resolve_hub_ids(cfg.model))
+    """The config with hub ids (model.path, tokenizer_path, assistant_path, dataset.path) resolved to their cached
+    folders."""
+    return replace(cfg, model=resolve_hub_ids(cfg.model), dataset=resolve_hub_dataset(cfg.dataset))
 
 
 def prepare_job(cfg: RunConfig, checks_output: bool = True) -> Job:

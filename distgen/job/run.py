@@ -21,7 +21,7 @@ from distgen.job.prepare import Job, claim_output_dir, finished_message
 from distgen.inputs.keys import join_halves
 from distgen.job.worker import RankRun, generate_shard
 from distgen.common.files import write_atomic
-from distgen.models.loading import hub_commit
+from distgen.common.hub import hub_commit
 from distgen.outputs.coordinator import format_table, gather_to_coordinator, run_figures, summarize, whole_job, write_stats
 from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, read_manifest
 from distgen.outputs.lock import OutputLock
@@ -84,10 +84,21 @@ def model_metadata(job: Job) -> dict:
     return {key: value for key, value in found.items() if value is not None}
 
 
+def dataset_metadata(job: Job) -> dict:
+    """The dataset as configured and, for a hub dataset, the snapshot folder it was read from and its commit."""
+    given, used = (job.composed or job.cfg).dataset, job.cfg.dataset
+    found = {"path": given.path, "format": used.format}
+    if used.format == "hub":
+        found.update(folder=str(Path(used.path).absolute()), revision=given.revision, subset=given.subset,
+                     split=used.split, commit=hub_commit(used.path))
+    return {key: value for key, value in found.items() if value is not None}
+
+
 def run_metadata(job: Job, stats) -> dict:
     """What produced the outputs: the composed config (as --print-config prints it), the model and its revision,
-    the versions, the devices and hosts, the date."""
-    return {**environment(stats), "model": model_metadata(job), "config": config_to_dict(job.composed or job.cfg)}
+    the dataset (and its hub commit), the versions, the devices and hosts, the date."""
+    return {**environment(stats), "model": model_metadata(job), "dataset": dataset_metadata(job),
+            "config": config_to_dict(job.composed or job.cfg)}
 
 
 def outcomes(summary: dict, coverage: Coverage) -> dict:

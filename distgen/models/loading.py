@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import struct
 import sys
 from dataclasses import dataclass, replace
@@ -14,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import is_flash_attn_2_available
 
 from distgen.common.errors import ConfigError
+from distgen.common.hub import HUB_ID, hub_commit, snapshot  # noqa: F401 (hub_commit re-exported)
 from distgen.common.registry import Registry
 from distgen.config import ModelConfig
 
@@ -150,45 +149,12 @@ def check_model_folder(folder: Path, key: str, trust_remote_code: bool) -> None:
     check_weights(folder, key)
 
 
-# A Hugging Face hub id: `name` or `org/name` (letters, digits, . _ -).
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 HUB_KEYS = ("path", "tokenizer_path", "assistant_path")
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def hub_snapshot(key: str, repo_id: str, cfg: ModelConfig) -> str:
-    """The local folder of hub model `repo_id` at model.revision: from the HF cache, or downloaded where the user
-    allows it (model.allow_download=true and HF_HUB_OFFLINE unset). Not there: a ConfigError saying how to get it."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    local_only = offline() or not cfg.allow_download
-    revision = f" at model.revision={cfg.revision}" if cfg.revision else ""
-    try:
-        return snapshot_download(repo_id, revision=cfg.revision, local_files_only=local_only)
-    except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if offline() else "downloads are off (model.allow_download=false)"
-        raise ConfigError(f"model.{key}={repo_id!r} is neither a folder here ({os.getcwd()}) nor a model{revision} in "
-                          f"the Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}; fetch it with "
-                          f"`hf download {repo_id}`" + (f" --revision {cfg.revision}" if cfg.revision else "")
-                          + " (or give model.allow_download=true)") from None
-    except HFValidationError as err:
-        raise ConfigError(f"model.{key}={repo_id!r} is not allowed: not a folder, and not a hub id "
-                          f"({str(err).splitlines()[0]})") from None
-    except Exception as err:  # the hub's HTTP errors: repository, revision or gated access
-        raise ConfigError(f"model.{key}={repo_id!r}{revision} could not be fetched from the hub: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
-
-
-def hub_commit(folder: str | None) -> str | None:
-    """The commit a Hugging Face cache snapshot folder holds (`.../models--org--name/snapshots/<commit>`), or None."""
-    if not folder:
-        return None
-    path = Path(folder).absolute()
-    return path.name if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--") else None
+    """The local folder of hub model `repo_id` at model.revision (distgen.common.hub)."""
+    return snapshot(f"model.{key}", repo_id, cfg.revision, cfg.allow_download)
 
 
 def resolve_hub_ids(cfg: ModelConfig) -> ModelConfig:

@@ -135,13 +135,14 @@ def outcomes_section(summary: dict) -> str:
 
 
 def run_section(run: Optional[dict]) -> str:
-    """What produced the outputs: model, versions, devices, hosts, date, and the composed config."""
+    """What produced the outputs: model, dataset, versions, devices, hosts, date, and the composed config."""
     if not run:
         return ""
     model = run.get("model", {})
     facts = [("date", run.get("date")), ("host", run.get("hostname")), ("hosts", ", ".join(run.get("hosts", []))),
              ("devices", ", ".join(run.get("devices", []))),
              *((f"model.{k}", v) for k, v in model.items()),
+             *((f"dataset.{k}", v) for k, v in run.get("dataset", {}).items()),
              *((f"{name} version", v) for name, v in run.get("versions", {}).items())]
     config = OmegaConf.to_yaml(OmegaConf.create(run.get("config", {})))
     return ("<h2>Run</h2>" + key_values([(k, v) for k, v in facts if v not in (None, "")])
