@@ -187,6 +187,15 @@ def test_config_checks_name_the_key(tmp_path, monkeypatch):
         load_config(["model=tiny", "dataset=demo", "generation.regex=a"])
 
 
+def test_a_records_grammar_without_the_library_is_an_error_record(tiny_model, tokenizer, monkeypatch):
+    monkeypatch.setattr("distgen.inputs.grammar.PACKAGE", "xgrammar_not_installed")
+    records = [{"id": "g", "prompt": "Hi", "regex": REGEX}, {"id": "plain", "prompt": "Hi", "max_new_tokens": 8}]
+    _, got = completions(tiny_model, tokenizer, records, [tokenizer.eos_token_id])
+    assert got["g"].finish_reason == "error" and got["g"].error.startswith(
+        "structured output needs the xgrammar_not_installed package, which is not installed: pip install")
+    assert_matches_generate(tiny_model, tokenizer, {"plain": got["plain"]}, records[1:], [tokenizer.eos_token_id])
+
+
 def test_distgen_runs_without_the_grammar_library():
     """Nothing imports xgrammar until a grammar is asked for: a plain job runs where it is not installed."""
     code = ("import sys, distgen.run, distgen.catalog, distgen.engine.grammar, distgen.api; "
