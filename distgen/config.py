@@ -140,6 +140,15 @@ def logit_bias_ok(bias: Any) -> bool:
         and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for k, v in bias.items() if v is not None)
 
 
+def regex_ok(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def choices_ok(value: Any) -> bool:
+    """Structured output's choices: a non-empty list of non-empty strings."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(c, str) and c for c in value)
+
+
 def logprobs_ok(value: Any) -> bool:
     """How many alternatives each token's logprob comes with: an integer >= 0 (capped at the vocabulary)."""
     return is_int(value) and 0 <= value < MAX_SEQUENCE_TOKENS
@@ -373,10 +382,9 @@ class GenerationConfig:
         schema = self.json_schema
         require(schema is None or isinstance(schema, dict) or isinstance(schema, str) and schema.strip() != "",
                 "generation.json_schema", schema, "expected a JSON schema file or the schema inline (an object)")
-        require(self.regex is None or isinstance(self.regex, str) and self.regex != "", "generation.regex",
-                self.regex, "expected a regular expression (a non-empty string)")
-        require(self.choice is None or isinstance(self.choice, (list, tuple)) and bool(self.choice)
-                and all(isinstance(c, str) and c for c in self.choice), "generation.choice", self.choice,
+        require(self.regex is None or regex_ok(self.regex), "generation.regex", self.regex,
+                "expected a regular expression (a non-empty string)")
+        require(self.choice is None or choices_ok(self.choice), "generation.choice", self.choice,
                 "expected a non-empty list of non-empty strings")
         require(not given or self.min_tokens == 0, "generation.min_tokens", self.min_tokens,
                 f"must be 0 with generation.{given[0] if given else ''}: the grammar decides where a completion ends")

@@ -31,9 +31,6 @@ class Grammar:
     kind: str
     text: str
 
-    def describe(self) -> str:
-        return f"{self.kind}={self.text[:120]}" + ("..." if len(self.text) > 120 else "")
-
 
 def missing_package() -> Optional[str]:
     """Why structured output cannot run here (the library is not installed, saying how to install it), or None."""
@@ -55,14 +52,6 @@ def schema_object(value: Any) -> Optional[dict]:
 def schema_text(value: Any) -> str:
     """The schema's JSON text, compact and in its own key order (xgrammar generates properties in that order)."""
     return json.dumps(schema_object(value), ensure_ascii=False, separators=(",", ":"))
-
-
-def choices_ok(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(c, str) and c for c in value)
-
-
-def regex_ok(value: Any) -> bool:
-    return isinstance(value, str) and value != ""
 
 
 def grammar_of(kind: str, value: Any) -> Grammar:

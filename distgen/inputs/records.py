@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
 from distgen.config import (ADAPTER_NAME, GRAMMAR_KEYS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_SAMPLES, MAX_SEED,
-                            MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, chat_kwargs_problem, is_int, is_number, logit_bias_ok,
-                            logprobs_ok, min_p_ok, penalty_ok, repetition_penalty_ok, samples_ok, seed_ok, temperature_ok,
-                            token_ids_ok)
-from distgen.inputs.grammar import choices_ok, regex_ok, schema_object, schema_text
+                            MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, chat_kwargs_problem, choices_ok, is_int, is_number,
+                            logit_bias_ok, logprobs_ok, min_p_ok, penalty_ok, regex_ok, repetition_penalty_ok,
+                            samples_ok, seed_ok, temperature_ok, token_ids_ok)
+from distgen.inputs.grammar import schema_object, schema_text
 
 JSON_ARRAY_HINT = "a .json file holds one JSON array of records ([{\"prompt\": ...}, ...]) or JSON lines"
 BOM = "\ufeff"
