@@ -28,6 +28,8 @@ MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 # Token ids are int64 on the device.
 MAX_TOKEN_ID = 2**63 - 1
+# Structured output: the keys that ask for a grammar (generation.* and a record's own; at most one of them).
+GRAMMAR_KEYS = ("json_schema", "regex", "choice")
 
 
 def is_int(value: Any) -> bool:
@@ -136,6 +138,15 @@ def logit_bias_ok(bias: Any) -> bool:
     return isinstance(bias, dict) and all(
         token_id_ok(int(k) if isinstance(k, str) and k.isdigit() and k.isascii() else k) and is_number(v)
         and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for k, v in bias.items() if v is not None)
+
+
+def regex_ok(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def choices_ok(value: Any) -> bool:
+    """Structured output's choices: a non-empty list of non-empty strings."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(c, str) and c for c in value)
 
 
 def logprobs_ok(value: Any) -> bool:
@@ -295,6 +306,13 @@ class GenerationConfig:
     # Each output record carries `logprobs`: per generated token its log-probability and the K most likely
     # tokens' (the model's raw logprobs, before penalties and temperature, as vLLM returns); null: none.
     logprobs: Optional[int] = None
+    # Structured output (distgen/engine/grammar.py, xgrammar; docs/engine.md): every completion follows a JSON schema
+    # (a schema file, or the schema inline), a regular expression, or is one of a list of choices; at most one of
+    # the three. A record's own json_schema, regex or choice replaces it for that record. The grammar's end finishes
+    # a completion with finish_reason "stop".
+    json_schema: Any = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
     # Lockstep layouts: all-reduce "any rank still has work" every this many steps (idle ranks
     # keep joining forwards in between); 1 checks every step.
     sync_every: int = 1
@@ -353,6 +371,23 @@ class GenerationConfig:
                 f"must map token ids >= 0 to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         require(self.logprobs is None or logprobs_ok(self.logprobs), "generation.logprobs", self.logprobs,
                 "must be null or an integer >= 0 (alternatives per token, capped at the vocabulary)")
+        self.check_grammar()
+
+    def check_grammar(self) -> None:
+        """Structured output's keys: their forms (a schema file is read, and each grammar compiled, by the catalog)."""
+        given = [key for key in GRAMMAR_KEYS if getattr(self, key) is not None]
+        if len(given) > 1:
+            require(False, f"generation.{given[1]}", getattr(self, given[1]),
+                    f"generation.{given[0]} is set too: give one of generation.json_schema, regex and choice")
+        schema = self.json_schema
+        require(schema is None or isinstance(schema, dict) or isinstance(schema, str) and schema.strip() != "",
+                "generation.json_schema", schema, "expected a JSON schema file or the schema inline (an object)")
+        require(self.regex is None or regex_ok(self.regex), "generation.regex", self.regex,
+                "expected a regular expression (a non-empty string)")
+        require(self.choice is None or choices_ok(self.choice), "generation.choice", self.choice,
+                "expected a non-empty list of non-empty strings")
+        require(not given or self.min_tokens == 0, "generation.min_tokens", self.min_tokens,
+                f"must be 0 with generation.{given[0] if given else ''}: the grammar decides where a completion ends")
 
 
 @dataclass

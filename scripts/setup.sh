@@ -22,6 +22,11 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -r requirements.txt
 # DeepSpeed builds against the torch already installed, so no isolated build environment.
 DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
+# Structured output (generation.json_schema/regex/choice): xgrammar and its FFI runtime, without their declared
+# dependencies: xgrammar's wheel asks for triton on Linux x86_64, which only its CUDA kernel path imports (a CUDA
+# torch brings its own triton); its CPU bitmask path and the matchers run without it. pydantic, numpy,
+# transformers and torch come from the lines above.
+"${PIP[@]}" --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 "${PIP[@]}" --no-deps --no-build-isolation -e .
 echo "$WANT" > "$STAMP"
 echo "distgen: installed into $VENV"

@@ -37,7 +37,7 @@ def engine_for(model, tokenizer, records, cfg: GenerationConfig, eos_ids=(), ass
     prompts = [record_to_prompt(r, i, f"record {i}", RecordFields()) for i, r in enumerate(records)]
     queue = [(p, tokenizer(p.text)["input_ids"]) for p in prompts]
     return build_engine(model, queue, cfg, tokenizer.pad_token_id, list(eos_ids), CPU, assistant=assistant,
-                        stop_check=stop_check)
+                        stop_check=stop_check, tokenizer=tokenizer)
 
 
 def reads_per_step(engine) -> list[int]:

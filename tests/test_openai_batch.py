@@ -50,8 +50,19 @@ def read_all(path, tmp_path, **settings):
     (request("x", CHAT, messages=[]), "body.messages must be a non-empty list of {role, content} messages"),
     (request("x", CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      "body.messages[0].content[0] is a 'image_url' part: distgen runs text parts only"),
-    (request("x", CHAT, messages=[{"role": "user", "content": "p"}], logprobs=True), "body.logprobs=True is not "
-                                                                                     "supported"),
+    (request("x", CHAT, messages=[{"role": "user", "content": "p"}], logprobs=1), "body.logprobs=1 is not allowed: "
+                                                                                  "must be true or false"),
+    (request("x", CHAT, messages=[{"role": "user", "content": "p"}], top_logprobs=2), "body.top_logprobs=2 is not "
+                                                                                      "allowed without body.logprobs"),
+    (request("x", TEXT, prompt="p", top_logprobs=2), "body.top_logprobs is not supported for /v1/completions"),
+    (request("x", TEXT, prompt="p", logprobs=True), "body.logprobs=True is not allowed: must be an integer >= 0"),
+    (request("x", TEXT, prompt="p", presence_penalty=3), "body.presence_penalty=3 is not allowed: must be a number "
+                                                         "in [-2, 2]"),
+    (request("x", TEXT, prompt="p", logit_bias={"a": 1}), "body.logit_bias={'a': 1} is not allowed"),
+    (request("x", TEXT, prompt="p", response_format={"type": "grammar"}), "body.response_format={'type': 'grammar'} "
+                                                                          "is not supported"),
+    (request("x", TEXT, prompt="p", response_format={"type": "json_schema", "json_schema": {"name": "n"}}),
+     "body.response_format.json_schema.schema must be a JSON schema (an object)"),
     ({"custom_id": "x", "method": "POST", "url": CHAT, "body": "text"}, "body must be a JSON object"),
 ])
 def test_a_request_distgen_cannot_run_is_an_error_record_naming_the_field(line, error, tmp_path):
@@ -60,6 +71,28 @@ def test_a_request_distgen_cannot_run_is_an_error_record_naming_the_field(line, 
     assert [p.id for p in prompts] == ["text-1", "x"] and prompts[0].error is None
     assert prompts[1].error.startswith(error), prompts[1].error
     assert prompts[1].columns == {"method": line["method"], "url": line["url"], "body": line["body"]}
+
+
+def test_logprobs_penalties_and_response_formats_are_the_records_own(tmp_path):
+    """vLLM's knobs a body sets: penalties and logit_bias as they are; a chat request's logprobs=true with
+    top_logprobs=K (0 without), a completion request's logprobs=K; response_format json_schema -> its schema,
+    json_object -> any JSON object, text -> none."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    messages = [{"role": "user", "content": "p"}]
+    lines = [request("chat", CHAT, messages=messages, logprobs=True, top_logprobs=3, presence_penalty=0.5,
+                     frequency_penalty=-1, logit_bias={"17": -100},
+                     response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}),
+             request("chat-0", CHAT, messages=messages, logprobs=True, response_format={"type": "json_object"}),
+             request("chat-off", CHAT, messages=messages, logprobs=False, response_format={"type": "text"}),
+             request("text", TEXT, prompt="p", logprobs=2, presence_penalty=0)]
+    _, prompts = read_all(write_prompts(tmp_path / "batch.jsonl", lines), tmp_path)
+    chat, plain, off, text = prompts
+    assert all(p.error is None for p in prompts), [p.error for p in prompts]
+    assert (chat.logprobs, chat.presence_penalty, chat.frequency_penalty, chat.logit_bias) == (3, 0.5, -1.0,
+                                                                                                ((17, -100.0),))
+    assert json.loads(chat.json_schema) == schema and json.loads(plain.json_schema) == {"type": "object"}
+    assert plain.logprobs == 0 and (off.logprobs, off.json_schema) == (None, None)
+    assert (text.logprobs, text.presence_penalty, text.json_schema) == (2, 0.0, None)
 
 
 def test_n_is_the_records_own_n(tmp_path):
@@ -157,3 +190,39 @@ def test_any_dataset_can_be_answered_in_batch_output_lines(chat_model_dir, tmp_p
     assert line["custom_id"] == "7" and line["response"]["body"]["object"] == "chat.completion"
     assert run_in_process([f"model={chat_model_dir}", f"dataset={write_prompts(tmp_path / 'r.jsonl', REQUESTS)}",
                            f"output.dir={tmp_path / 'o2'}", "output.columns=[body]"]) == 2
+
+
+def test_structured_output_and_logprobs_in_batch_output_lines(chat_model_dir, tokenizer, tmp_path):
+    """A json_schema response_format gives JSON that validates; logprobs come back in OpenAI's forms: a chat
+    choice's {"content": [{token, logprob, bytes, top_logprobs}]}, a completion's legacy {tokens, token_logprobs,
+    top_logprobs, text_offset}, one entry per completion token (EOS included), the raw logprobs distgen recorded."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar", reason="structured output needs xgrammar (scripts/setup.sh installs it)")
+    schema = {"type": "object", "properties": {"word": {"type": "string", "pattern": "^[a-z]{1,6}$"},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["word", "n"]}
+    lines = [request("chat", CHAT, messages=[{"role": "user", "content": "Give JSON"}], logprobs=True, top_logprobs=2,
+                     response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}),
+             request("text", TEXT, prompt="Pick", logprobs=1, max_tokens=4)]
+    out = tmp_path / "out"
+    assert run_in_process([f"model={chat_model_dir}", f"dataset={write_prompts(tmp_path / 'r.jsonl', lines)}",
+                           f"output.dir={out}", "generation.max_new_tokens=60", "output.print_table=false"]) == 0
+    chat_line, text_line = read_outputs(out)
+    records = {r["id"]: r for r in distgen.read_outputs(out)}
+    [chat] = chat_line["response"]["body"]["choices"]
+    assert chat["finish_reason"] == "stop" and records["chat"]["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(chat["message"]["content"]), schema)
+    content = chat["logprobs"]["content"]
+    kept = records["chat"]["logprobs"]
+    assert [c["token"] for c in content] == [tokenizer.decode([t]) for t in records["chat"]["completion_token_ids"]]
+    assert "".join(c["token"] for c in content[:-1]) == chat["message"]["content"] and content[-1]["token"] == "</s>"
+    for entry, own in zip(content, kept):
+        assert entry["logprob"] == own["logprob"] and entry["bytes"] == list(entry["token"].encode("utf-8"))
+        assert [t["logprob"] for t in entry["top_logprobs"]] == [t["logprob"] for t in own["top"]]
+        assert [t["token"] for t in entry["top_logprobs"]] == [tokenizer.decode([t["token_id"]]) for t in own["top"]]
+    [text] = text_line["response"]["body"]["choices"]
+    legacy, own = text["logprobs"], records["text"]["logprobs"]
+    assert legacy["tokens"] == [tokenizer.decode([t]) for t in records["text"]["completion_token_ids"]]
+    assert legacy["token_logprobs"] == [e["logprob"] for e in own] and len(legacy["tokens"]) == 4
+    assert legacy["top_logprobs"] == [{tokenizer.decode([t["token_id"]]): t["logprob"] for t in e["top"]} for e in own]
+    assert legacy["text_offset"] == [sum(len(t) for t in legacy["tokens"][:k]) for k in range(4)]

@@ -14,6 +14,7 @@ from distgen.common.registry import Registry
 from distgen.config import RunConfig
 from distgen.engine.assist import ASSISTANTS, DRAFT_SCHEDULES
 from distgen.engine.build import COMPILE
+from distgen.engine.grammar import check_grammar
 from distgen.engine.kv import CACHES
 from distgen.engine.kv.quantized import QUANT_BACKENDS
 from distgen.engine.prefix import PREFIX_SHARING
@@ -46,6 +47,7 @@ def check(cfg: RunConfig) -> RunConfig:
     cfg.check()
     for table in TABLES:
         table.check_rules(cfg)
+    check_grammar(cfg)  # structured output: the library is there, the schema file reads, the grammar compiles
     return cfg
 
 

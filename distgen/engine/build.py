@@ -12,6 +12,7 @@ from distgen.config import GenerationConfig
 from distgen.engine.assist import Assistant, AssistantSpec, DraftModel, PromptLookup, max_draft_tokens
 from distgen.engine.backoff import Backoff, injected_oom_step
 from distgen.engine.core import Adapters, Engine, StopCheck
+from distgen.engine.grammar import GrammarBook
 from distgen.engine.graphs import DecodeRunner, graphs_blocker
 from distgen.engine.kv import CACHES, CacheSpec, QueueShape
 from distgen.engine.kernels import apply_backends
@@ -30,6 +31,7 @@ from distgen.engine.sampler import Sampler
 from distgen.engine.scheduler import SCHEDULERS
 from distgen.common.errors import ConfigError
 from distgen.models.forward_args import accepts_position_ids, unwrapped
+from distgen.inputs.grammar import Grammar, job_grammar
 from distgen.inputs.records import Prompt
 from distgen.common.registry import Registry
 from distgen.engine.sampling import RowSampling, row_sampling, sequence_generator
@@ -245,20 +247,27 @@ def seeded_generator(gen: GenerationConfig, prompt: Prompt, device: torch.device
 
 
 def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device,
-                 sample: int = 0, vocab: Optional[int] = None, assisted: bool = False) -> Request:
+                 sample: int = 0, vocab: Optional[int] = None, assisted: bool = False,
+                 grammars: Optional[GrammarBook] = None, grammar: Optional[Grammar] = None) -> Request:
     """The request of one sample of a prompt, with its record's own sampling settings (and seed) applied over
     generation.*; a record that reaches the engine already failed (Prompt.error, e.g. it could not be tokenized),
-    or whose settings this engine cannot honour (`settings_refusal`), fails here."""
+    or whose settings this engine cannot honour (`settings_refusal`, a grammar the library cannot compile), fails
+    here. `grammar`: generation.*'s (read once); `grammars`: the rank's compiled grammars."""
     if prompt.error is not None:
         raise RequestFailed(prompt.error)
-    sampling = row_sampling(gen, prompt)
+    sampling = row_sampling(gen, prompt, grammar)
     budget = prompt.budget(gen.max_new_tokens)
     refusal = settings_refusal(sampling, budget, vocab, assisted)
     if refusal:
         raise RequestFailed(refusal)
+    matcher = None
+    if sampling.grammar is not None:
+        if grammars is None:
+            raise RequestFailed(f"its {sampling.grammar.kind} needs the rank's grammars (build_engine(tokenizer=...))")
+        matcher = grammars.matcher(sampling.grammar)
     return Request(prompt, list(ids), budget,
                    seeded_generator(gen, prompt, device, sample) if sampling.do_sample else None, sampling,
-                   sample=sample, logprobs=[] if sampling.logprobs is not None else None)
+                   sample=sample, logprobs=[] if sampling.logprobs is not None else None, matcher=matcher)
 
 
 def settings_refusal(sampling: RowSampling, budget: int, vocab: Optional[int], assisted: bool) -> Optional[str]:
@@ -271,8 +280,11 @@ def settings_refusal(sampling: RowSampling, budget: int, vocab: Optional[int], a
         return (f"logit_bias token id {outside[0]} is not allowed: must be below the model's vocabulary of {vocab} "
                 "tokens")
     if assisted and sampling.processed:
-        return ("its settings (penalties, logit_bias, min_tokens, min_p or logprobs) are not allowed with "
-                "model.assistant: drafts are verified against the model's plain logits")
+        return ("its settings (penalties, logit_bias, min_tokens, min_p, logprobs or a json_schema, regex or choice) "
+                "are not allowed with model.assistant: drafts are verified against the model's plain logits")
+    if sampling.grammar is not None and sampling.min_tokens > 0:
+        return (f"min_tokens={sampling.min_tokens} is not allowed with a {sampling.grammar.kind}: the grammar decides "
+                "where the completion ends")
     return None
 
 
@@ -373,13 +385,15 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                  lockstep: bool = False, shape: Optional[QueueShape] = None,
                  stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None,
                  assistant: Optional[AssistantSpec] = None, local_world_size: int = 1,
-                 adapters: Optional[Adapters] = None, samples: Optional[Samples] = None) -> Engine:
+                 adapters: Optional[Adapters] = None, samples: Optional[Samples] = None,
+                 tokenizer=None) -> Engine:
     """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids).
     `samples`: each prompt's sample indices to run (default: 0..n-1, generation.n or the record's n).
     `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size).
     `assistant`: assisted decoding (distgen.engine.assist.assistant_spec builds it from model.assistant).
     `local_world_size`: the ranks on this host (DistContext.local_world_size), which share its RAM.
-    `adapters`: LoRA adapters chosen per request, swapped into the weights (distgen.models.lora.AdapterBank)."""
+    `adapters`: LoRA adapters chosen per request, swapped into the weights (distgen.models.lora.AdapterBank).
+    `tokenizer`: the HF tokenizer, which structured output's grammars are compiled for (engine.grammar)."""
     gen, defaults_why = device_defaults(gen, device)
     shape = shape if shape is not None else QueueShape.of(queue, gen)
     budget = rank_budget(gen, device, local_world_size)
@@ -431,12 +445,14 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
         choice += f"; decode attention: {attention_why}"
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
     vocab = unwrapped(model).config.get_text_config().vocab_size
-    waiting = RequestQueue(queue, lambda prompt, ids, sample: make_request(prompt, ids, gen, device, sample, vocab,
-                                                                           assisted=assistant is not None),
+    grammars, grammar = GrammarBook(tokenizer, vocab, eos_ids), job_grammar(gen)
+    waiting = RequestQueue(queue, lambda prompt, ids, sample: make_request(
+        prompt, ids, gen, device, sample, vocab, assisted=assistant is not None, grammars=grammars, grammar=grammar),
                            samples or every_sample(gen))
     engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
                     Sampler(gen, eos_ids, device), prefill_token_budget(gen, kv),
                     stop_check, helper, mixed_steps=gen.mixed_steps)
+    engine.grammars = grammars
     if adapters is not None:
         engine.adapters = adapters
         choice += f"; {len(adapters.names)} LoRA adapters swapped in per record"

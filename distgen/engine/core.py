@@ -83,6 +83,9 @@ class Engine:
         # LoRA adapters chosen per request (model.lora by name); None: the weights never change. Requests come
         # grouped by adapter (distgen.parallel.plan.decode_order); see `admissible`.
         self.adapters: Optional[Adapters] = None
+        # Structured output's compiled grammars (engine.grammar.GrammarBook), set by the builder; requests with a
+        # grammar hold a matcher, whose next mask needs every token launched before (`land_constrained`).
+        self.grammars = None
 
     @property
     def mixes(self) -> bool:
@@ -115,10 +118,11 @@ class Engine:
         return []
 
     def forward_step(self) -> list[Completion]:
+        landed = self.land_constrained()
         plan = self.schedule()
         if not plan.requests:  # every running request's tokens are launched: land the last step only
             landing, self.inflight = self.inflight, None
-            return self.land(landing) if landing else []
+            return landed + (self.land(landing) if landing else [])
         if self.backoff is not None:
             self.backoff.before_forward()
         if plan.kind == "decode" and self.assistant is not None:
@@ -129,9 +133,18 @@ class Engine:
         if plan.kind != "decode":
             self.prefill_seconds += time.perf_counter() - started
         if not self.pipelined:
-            return self.land(launched)
+            return landed + self.land(launched)
         landing, self.inflight = self.inflight, launched
-        return self.land(landing) if landing else []
+        return landed + (self.land(landing) if landing else [])
+
+    def land_constrained(self) -> list[Completion]:
+        """Where a running request follows a grammar, the launched step lands before the next is scheduled: its
+        next mask is its matcher's, which must have taken every token it was launched with (a pipelined step
+        would run a constrained row one token ahead of its matcher). Such steps are not pipelined; the others are."""
+        if self.inflight is None or all(r.matcher is None for r in self.running):
+            return []
+        landing, self.inflight = self.inflight, None
+        return self.land(landing)
 
     def admissible(self) -> RequestQueue | AdapterRun | tuple:
         """The waiting requests the next step may admit. With adapters, those of the active one: the weights
@@ -243,9 +256,16 @@ class Engine:
         return completions
 
     def finish_reason(self, request: Request, is_eos: bool) -> Optional[str]:
-        """After a request took a token: "stop" (a stop string appeared), "eos" (unless its settings ignore EOS),
-        "stop" (one of its stop_token_ids), "length", "error" (looking for its stop strings failed on its tokens:
-        it becomes an error record), or None."""
+        """After a request took a token: "stop" (its grammar ended), "stop" (a stop string appeared), "eos" (unless
+        its settings ignore EOS), "stop" (one of its stop_token_ids), "length", "error" (its grammar refused the token,
+        or looking for its stop strings failed on its tokens: it becomes an error record), or None."""
+        if request.matcher is not None:
+            if not request.matcher.accept_token(request.generated[-1]):
+                request.error = (f"its {request.sampling.grammar.kind} refused token {request.generated[-1]} (no token "
+                                 "its grammar allows was left to choose)")
+                return "error"
+            if request.matcher.is_terminated():
+                return "stop"
         try:
             stopped = self.stop_check is not None and self.stop_check(request.prompt, request.generated)
         except RequestFailed as err:

@@ -4,19 +4,22 @@ per-row parameters (no loop over rows touches the vocabulary). The order is vLLM
 its built-in logits processors):
 
   0. logprobs      the raw model logprobs (log_softmax of the forward's fp32 logits) of the rows that ask
-  PROCESSORS (they can change the argmax; a grammar mask joins them):
-  1. min_tokens    EOS and the row's stop_token_ids at -inf while its completion is shorter than min_tokens
-  2. logit_bias    each of the row's biases added to its token's logit
-  3. penalties     repetition: a token in the prompt or the completion has its logit divided by the penalty when
+  PROCESSORS (they can change the argmax):
+  1. grammar       structured output: each constrained row's tokens its grammar does not allow at -inf (one bitmask
+                   of every constrained row, filled on the host by each row's matcher, applied on the device:
+                   engine/grammar.py); first, as vLLM applies its grammar bitmask before its sampler
+  2. min_tokens    EOS and the row's stop_token_ids at -inf while its completion is shorter than min_tokens
+  3. logit_bias    each of the row's biases added to its token's logit
+  4. penalties     repetition: a token in the prompt or the completion has its logit divided by the penalty when
                    positive, multiplied when negative (HF generate's RepetitionPenaltyLogitsProcessor too);
                    frequency: minus penalty x the token's count in the completion; presence: minus penalty where
                    that count > 0 (the prompt does not count)
   -- greedy rows take the argmax here; sampled rows go on:
   WARPERS (they never change the argmax):
-  4. temperature   logits / temperature, in fp32
-  5. min_p         tokens whose probability is below min_p x the best token's dropped
-  6. top_k, top_p
-  7. the draw      torch.multinomial, each row from its own generator
+  5. temperature   logits / temperature, in fp32
+  6. min_p         tokens whose probability is below min_p x the best token's dropped
+  7. top_k, top_p
+  8. the draw      torch.multinomial, each row from its own generator
 
 The token history the penalties read stays on the device (`TokenHistory`: per sequence, which tokens its prompt
 holds and how often each token appears in its completion), updated from the step's sampled tokens on the device,
@@ -29,6 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from distgen.engine.grammar import apply_bitmask, step_bitmask
 from distgen.engine.host import upload, upload_all
 from distgen.engine.request import Request
 from distgen.engine.sampling import RowSampling, scale_logits, top_p_drop
@@ -133,8 +137,8 @@ class RowBatch:
     draws: Optional[Draws] = None
     logprob_index: Optional[torch.Tensor] = None  # rows that ask for logprobs
     logprob_top: list[int] = field(default_factory=list)  # their K each, capped at the vocabulary
-    # Grammar masks and other processors yet to come keep their per-row state here.
-    extra: dict = field(default_factory=dict)
+    # Structured output: the constrained rows (host) and their (rows, ceil(vocab / 32)) int32 bitmask (device)
+    grammar: Optional[tuple[list[int], torch.Tensor]] = None
 
 
 def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_ids: Sequence[int], vocab: int,
@@ -160,6 +164,8 @@ def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_
         ints, torch.long, device)
     (bias_values, repetition, presence, frequency, temperature, top_p, min_p) = uploaded(floats, torch.float32, device)
     batch = RowBatch(vocab, history=history)
+    if any(r.matcher is not None for r in requests):
+        batch.grammar = grammar_mask(requests, vocab, device)
     if banned:
         batch.banned = (ban_rows, ban_tokens)
     if bias:
@@ -181,6 +187,14 @@ def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_
     return batch
 
 
+def grammar_mask(requests: Sequence[Request], vocab: int, device: torch.device) -> tuple[list[int], torch.Tensor]:
+    """The constrained rows and their bitmask, filled by each row's matcher on the host, then uploaded (one copy)."""
+    # Engine.land_constrained lands a step before the next is scheduled, so each matcher has taken its every token.
+    assert all(r.inflight == 0 for r in requests if r.matcher is not None), "a constrained row ran ahead of its matcher"
+    rows, bitmask = step_bitmask([r.matcher for r in requests], vocab)
+    return rows, upload(bitmask, device)
+
+
 def uploaded(lists: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Host lists as device tensors of `dtype`: one tensor built, one copy (host.upload), split into views."""
     flat = upload(torch.tensor([value for values in lists for value in values], dtype=dtype), device)
@@ -188,6 +202,13 @@ def uploaded(lists: list[list], dtype: torch.dtype, device: torch.device) -> lis
 
 
 # ---- PROCESSORS: (logits (rows, vocab) fp32, batch) -> logits; in place where they can be
+
+def mask_grammar(logits: torch.Tensor, batch: RowBatch) -> torch.Tensor:
+    if batch.grammar is not None:
+        rows, bitmask = batch.grammar
+        apply_bitmask(logits, bitmask, rows)
+    return logits
+
 
 def ban_min_tokens(logits: torch.Tensor, batch: RowBatch) -> torch.Tensor:
     if batch.banned is not None:
@@ -262,7 +283,7 @@ def apply_top_p(logits: torch.Tensor, draws: Draws) -> torch.Tensor:
 
 Processor = Callable[[torch.Tensor, RowBatch], torch.Tensor]
 Warper = Callable[[torch.Tensor, Draws], torch.Tensor]
-PROCESSORS: list[Processor] = [ban_min_tokens, add_logit_bias, apply_penalties]
+PROCESSORS: list[Processor] = [mask_grammar, ban_min_tokens, add_logit_bias, apply_penalties]
 WARPERS: list[Warper] = [apply_min_p, apply_top_k, apply_top_p]
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -53,6 +53,9 @@ class Request:
     shared: int = 0
     prefix_keys: Optional[list] = field(default=None, compare=False, repr=False)  # engine.prefix's keys, made once
     history_row: int = -1  # its row of the sampler's token history while a penalty needs one (engine.logits)
+    # Its grammar's matcher (structured output, engine.grammar: an xgrammar GrammarMatcher), which takes each of its
+    # tokens once read; None: unconstrained.
+    matcher: Optional[Any] = field(default=None, compare=False, repr=False)
     # What it produced
     generated: list[int] = field(default_factory=list)
     # per generated token {"token_id", "logprob", "top": [...]} when its settings ask for logprobs, else None

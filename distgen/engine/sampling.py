@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from distgen.config import GenerationConfig
+from distgen.inputs.grammar import Grammar, record_grammar
 
 
 # torch.Generator.manual_seed takes 64-bit seeds.
@@ -88,6 +89,8 @@ class RowSampling:
     ignore_eos: bool = False
     # What its output record carries: each token's logprob and this many alternatives (None: no logprobs)
     logprobs: Optional[int] = None
+    # What its completion follows (structured output: distgen/engine/grammar.py masks its logits), or None
+    grammar: Optional[Grammar] = None
 
     @property
     def penalized(self) -> bool:
@@ -98,7 +101,7 @@ class RowSampling:
     def processed(self) -> bool:
         """Whether its logits take the logits path (logits.py) rather than a plain argmax or draw."""
         return (self.penalized or bool(self.logit_bias) or self.min_tokens > 0 or self.logprobs is not None
-                or (self.do_sample and self.min_p > 0))
+                or (self.do_sample and self.min_p > 0) or self.grammar is not None)
 
 
 # A row that takes the argmax (and draws nothing from its generator).
@@ -118,10 +121,11 @@ def config_knob(cfg: GenerationConfig, name: str):
     return tuple(dict.fromkeys(value)) if isinstance(value, list) else value
 
 
-def row_sampling(cfg: GenerationConfig, prompt=None) -> RowSampling:
+def row_sampling(cfg: GenerationConfig, prompt=None, grammar: Optional[Grammar] = None) -> RowSampling:
     """A record's temperature decides for it: 0 is greedy, > 0 samples (even when generation.do_sample=false);
     generation.temperature=0 is greedy too (whatever generation.do_sample says), as in vLLM. Each knob is the
-    record's own where it has one, else generation.*'s (prompt None: generation.* alone)."""
+    record's own where it has one, else generation.*'s (prompt None: generation.* alone); its grammar is its own
+    (a json_schema, regex or choice of the record), else `grammar` (generation.*'s, read once by the caller)."""
     def own(name: str):
         return getattr(prompt, name, None)
     temperature = cfg.temperature if own("temperature") is None else own("temperature")
@@ -129,7 +133,8 @@ def row_sampling(cfg: GenerationConfig, prompt=None) -> RowSampling:
     knobs = {name: config_knob(cfg, name) if own(name) is None else own(name) for name in KNOBS}
     return RowSampling(do_sample, temperature if temperature > 0 else 1.0,
                        cfg.top_k if own("top_k") is None else own("top_k"),
-                       cfg.top_p if own("top_p") is None else own("top_p"), **knobs)
+                       cfg.top_p if own("top_p") is None else own("top_p"), **knobs,
+                       grammar=(prompt is not None and record_grammar(prompt)) or grammar)
 
 
 def sequence_generator(cfg: GenerationConfig, prompt, device: torch.device, sample: int = 0) -> torch.Generator:

@@ -22,7 +22,8 @@ HALF_MASK = (1 << HALF_BITS) - 1
 # columns: none kept), so a record that does not use them keeps the key earlier runs gave it (and an earlier
 # run's finished record is found).
 LATER_FIELDS = frozenset({"lora", "columns", "n", "repetition_penalty", "presence_penalty", "frequency_penalty",
-                          "min_p", "min_tokens", "stop_token_ids", "logit_bias", "ignore_eos", "logprobs"})
+                          "min_p", "min_tokens", "stop_token_ids", "logit_bias", "ignore_eos", "logprobs",
+                          "json_schema", "regex", "choice"})
 
 
 @lru_cache(maxsize=None)

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from distgen.common.errors import ConfigError
-from distgen.config import (ADAPTER_NAME, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_SAMPLES, MAX_SEED, MAX_SEQUENCE_TOKENS,
-                            MIN_TEMPERATURE, chat_kwargs_problem, is_int, is_number, logit_bias_ok, logprobs_ok, min_p_ok,
-                            penalty_ok, repetition_penalty_ok, samples_ok, seed_ok, temperature_ok, token_ids_ok)
+from distgen.config import (ADAPTER_NAME, GRAMMAR_KEYS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_SAMPLES, MAX_SEED,
+                            MAX_SEQUENCE_TOKENS, MIN_TEMPERATURE, chat_kwargs_problem, choices_ok, is_int, is_number,
+                            logit_bias_ok, logprobs_ok, min_p_ok, penalty_ok, regex_ok, repetition_penalty_ok,
+                            samples_ok, seed_ok, temperature_ok, token_ids_ok)
+from distgen.inputs.grammar import schema_object, schema_text
 
 JSON_ARRAY_HINT = "a .json file holds one JSON array of records ([{\"prompt\": ...}, ...]) or JSON lines"
 BOM = "\ufeff"
@@ -70,6 +72,11 @@ class Prompt:
     lora: Optional[str] = None
     # Completions of this record (None: generation.n).
     n: Optional[int] = None
+    # Structured output (at most one; any of them replaces generation's grammar for this record): a JSON schema (its
+    # JSON text), a regular expression, or the completions allowed (distgen/inputs/grammar.py).
+    json_schema: Optional[str] = None
+    regex: Optional[str] = None
+    choice: Optional[tuple[str, ...]] = None
     # The input record's columns kept for its output record (output.columns), by their names in the dataset, as
     # JSON values (distgen/inputs/source.py picks them). Not hashed: a dict.
     columns: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -146,6 +153,11 @@ OVERRIDES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = 
     "ignore_eos": (lambda v: isinstance(v, bool), "true or false", bool),
     "logprobs": (lambda v: is_whole(v) and logprobs_ok(int(v)), "an integer >= 0 (alternatives per token, capped "
                                                                  "at the vocabulary)", int),
+    # Structured output (one of the three; a schema the grammar library cannot compile fails its record in the
+    # engine, distgen/engine/grammar.py, as an error record too).
+    "json_schema": (lambda v: schema_object(v) is not None, "a JSON schema: an object, or its JSON text", schema_text),
+    "regex": (regex_ok, "a regular expression (a non-empty string)", str),
+    "choice": (choices_ok, "a non-empty list of non-empty strings", tuple),
 }
 # A chat record's own variables for the chat template (added to dataset.chat_template_kwargs).
 CHAT_KWARGS = "chat_template_kwargs"
@@ -164,6 +176,10 @@ def overrides_of(record: dict) -> tuple[dict, Optional[str]]:
             error = error or f"{key}={value!r} is not allowed: must be {allowed}"
             continue
         found[key] = convert(value)
+    grammars = [key for key in GRAMMAR_KEYS if key in found]
+    if len(grammars) > 1:
+        error = error or (f"{grammars[1]} is not allowed with {grammars[0]}: a record gives at most one of "
+                          f"{', '.join(GRAMMAR_KEYS)}")
     return found, error
 
 

@@ -64,16 +64,18 @@ SAVED_MARKERS = ("state.json", "dataset_dict.json")
 HASH_BATCH = 10_000
 READ_BATCH = 1024
 # Bumped when the normalized records' columns change, so that no cached table of the old form is reused.
-NORMALIZED_VERSION = 6
+NORMALIZED_VERSION = 7
 # Per-record settings whose normalized column holds another form than the Prompt's (the rest: as they are):
-# stop and stop_token_ids as lists, logit_bias as its JSON text (an Arrow struct would need one key set).
+# stop, stop_token_ids and choice as lists, logit_bias as its JSON text (an Arrow struct would need one key set; a
+# json_schema is its JSON text already).
 COLUMN_FORMS: dict[str, Callable] = {
     "stop": lambda stops: list(stops) or None,
     "stop_token_ids": lambda ids: None if ids is None else list(ids),
+    "choice": lambda choices: None if choices is None else list(choices),
     "logit_bias": lambda pairs: None if pairs is None else json.dumps({str(token): bias for token, bias in pairs}),
 }
 # Normalized columns read back as JSON text (PromptSource.prompt_of).
-JSON_COLUMNS = ("logit_bias", CHAT_KWARGS)
+JSON_COLUMNS = ("logit_bias", CHAT_KWARGS, "json_schema")
 # A normalized record's column: its other fields (the input columns it keeps), a JSON object as text.
 COLUMNS = "columns"
 # pandas' index, which it writes into parquet files: not a column of the data.
@@ -226,6 +228,7 @@ def normalized_features():
                      "frequency_penalty": Value("float64"), "min_p": Value("float64"), "min_tokens": Value("int64"),
                      "stop_token_ids": List(Value("int64")), "logit_bias": Value("string"),
                      "ignore_eos": Value("bool"), "logprobs": Value("int64"), "lora": Value("string"),
+                     "json_schema": Value("string"), "regex": Value("string"), "choice": List(Value("string")),
                      "error": Value("string"), COLUMNS: Value("string")})
 
 

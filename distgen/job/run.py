@@ -112,7 +112,8 @@ def outcomes(summary: dict, coverage: Coverage) -> dict:
 def merge_info(job: Job) -> MergeInfo:
     model = (job.composed or job.cfg).model
     return MergeInfo(model=model.path or model.source, job=job.fingerprint,
-                     chat=bool(job.cfg.dataset.messages_field), created=int(time.time()))
+                     chat=bool(job.cfg.dataset.messages_field), created=int(time.time()),
+                     token_text=lambda token: job.tokenizer.decode([token]))
 
 
 def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDisplay | None,

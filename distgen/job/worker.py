@@ -133,7 +133,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
                           shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant,
                           local_world_size=ctx.local_world_size, adapters=placed.adapters,
-                          samples=job.sample_indices)
+                          samples=job.sample_indices, tokenizer=job.tokenizer)
     engine.backoff.label = f"rank {ctx.rank}: "
     engine.backoff.layout_note = f" (layout={job.cfg.layout.name})"
     if ctx.is_coordinator:

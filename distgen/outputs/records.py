@@ -89,6 +89,8 @@ class MergeInfo:
     job: str = ""  # the job's fingerprint
     chat: bool = False  # records without a url of their own are chat records (dataset.messages_field)
     created: int = 0  # unix time of the merge
+    # A token id's text (the tokenizer's decode of that one token), for logprobs in OpenAI's form; None: its id as text
+    token_text: Optional[Callable[[int], str]] = field(default=None, compare=False)
 
 
 # How a completion is kept: (prompt, token ids) -> (text, token ids) cut before a stop string

@@ -28,7 +28,8 @@ from typing import Any, Optional
 import numpy as np
 import torch.distributed as dist
 
-from distgen.config import DatasetConfig, ModelConfig, RunConfig, adapter_folders
+from distgen.config import DatasetConfig, GenerationConfig, ModelConfig, RunConfig, adapter_folders
+from distgen.inputs.grammar import job_grammar
 from distgen.models.lora import ADAPTER_FILES
 
 # Files up to this size are hashed whole (configs, tokenizers); larger ones (weights) by sampling.
@@ -41,7 +42,8 @@ BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "mixed_steps", "c
 # Generation settings added after jobs were first fingerprinted, with their default: part of the settings only
 # when set otherwise, so an earlier job keeps its fingerprint and its outputs are still found.
 LATER_KEYS = {"n": 1, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,
-              "min_tokens": 0, "stop_token_ids": [], "logit_bias": {}, "ignore_eos": False, "logprobs": None}
+              "min_tokens": 0, "stop_token_ids": [], "logit_bias": {}, "ignore_eos": False, "logprobs": None,
+              "json_schema": None, "regex": None, "choice": None}
 # Assisted generation's settings: part of the fingerprint only with a model.assistant (see `assistant_identity`).
 ASSISTANT_KEYS = ("num_assistant_tokens", "assistant_schedule", "assistant_confidence_threshold",
                   "prompt_lookup_ngram")
@@ -160,11 +162,20 @@ def record_shape(cfg: RunConfig) -> dict[str, Any]:
             if getattr(cfg.output, key) != default}
 
 
+def generation_settings(gen: GenerationConfig) -> dict[str, Any]:
+    """generation.* that decides completions; a JSON schema by its content's digest, whether given as a file (so an
+    edited file is another job, however its path is spelled) or inline."""
+    generation = {k: v for k, v in asdict(gen).items() if k not in BATCHING_KEYS + ASSISTANT_KEYS
+                  and not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    if gen.json_schema is not None:
+        generation["json_schema"] = text_digest(job_grammar(gen).text.encode("utf-8"))
+    return generation
+
+
 def job_settings(cfg: RunConfig) -> dict[str, Any]:
     """Everything that decides a completion (and a record's shape), flat (`generation.max_new_tokens: 32`), JSON
     values."""
-    generation = {k: v for k, v in asdict(cfg.generation).items() if k not in BATCHING_KEYS + ASSISTANT_KEYS
-                  and not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    generation = generation_settings(cfg.generation)
     content = {"model": model_identity(cfg.model), "generation": generation,
                "dataset": {"too_long": cfg.dataset.too_long, **chat_identity(cfg.dataset)}}
     if record_shape(cfg):
