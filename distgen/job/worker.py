@@ -133,9 +133,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
                           shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant,
                           local_world_size=ctx.local_world_size, adapters=placed.adapters,
-                          samples=job.sample_indices)
-    engine.backoff.label = f"rank {ctx.rank}: "
-    engine.backoff.layout_note = f" (layout={job.cfg.layout.name})"
+                          samples=job.sample_indices, label=f"rank {ctx.rank}: ", layout=job.cfg.layout.name)
     if ctx.is_coordinator:
         print(f"distgen: engine: {engine.choice}", flush=True)
     if batch is not None:
@@ -185,5 +183,6 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         prefill_step_seconds=round(engine.prefill_seconds, 3),
         **graph_counts(engine),
         blocking_syncs_per_step=round(engine.host_reads / max(1, counters.forward_steps), 3),
-        **draft_counts(engine), **adapter_counts(placed.adapters))
+        **draft_counts(engine), **adapter_counts(placed.adapters),
+        engine=engine.plan.as_dict(), batch_invariant=engine.plan.batch_invariant)
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])
