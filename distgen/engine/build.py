@@ -342,7 +342,8 @@ def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueS
     if packs_prefill(model, gen):
         tokens = max(gen.prefill_chunk_tokens, query)  # a prompt longer than the budget is admitted whole
         flash = plan_attention(attention_context(model.config, device, AUTOCAST.get(gen.autocast) or dtype, dtype,
-                                                 gen.cpu_kernels, gen.autocast, columns=shape.columns))[0].addressed
+                                                 gen.cpu_kernels, gen.autocast, columns=shape.columns),
+                               gen.attention)[0].addressed
         return auto_batch_size(kv, logits_bytes_per_row(model.config, dtype), shape.columns, shape.prompts, budget,
                                forward=forward_bytes(model.config, dtype, tokens, 0 if flash else query),
                                forward_tokens=tokens)
@@ -431,7 +432,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     kernels = apply_backends(gen, model, device, lockstep, compile_plan.enabled, autocast)
     attention, attention_why = plan_attention(attention_context(
         model.config, device, autocast or model_dtype(model), model_dtype(model), gen.cpu_kernels, gen.autocast,
-        compile_plan.enabled, columns=shape.columns))
+        compile_plan.enabled, columns=shape.columns), gen.attention)
     # 3. the cache, the assistant and the queue are built; what the plan reads of the cache
     spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled,
                      verify_tokens=verify_tokens, attention=attention)
