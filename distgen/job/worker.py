@@ -151,6 +151,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
             live.prompts += len(finished)
             live.prompt_tokens += sum(r["prompt_tokens"] for r in finished)
             live.generated_tokens += sum(r["completion_tokens"] for r in finished)
+            live.sampled += sum(c.sampled and c.error is None for c in completions)
 
         try:
             run_loop(engine, placed.lockstep, lambda: idle_forward(model, pad_id, device), device, keep,
@@ -184,5 +185,5 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         **graph_counts(engine),
         blocking_syncs_per_step=round(engine.host_reads / max(1, counters.forward_steps), 3),
         **draft_counts(engine), **adapter_counts(placed.adapters),
-        engine=engine.plan.as_dict(), batch_invariant=engine.plan.batch_invariant)
+        engine=engine.plan.as_dict(), batch_invariant=engine.plan.batch_invariant, sampled_completions=live.sampled)
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])
