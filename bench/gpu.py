@@ -67,7 +67,7 @@ class Variant:
     """A distgen configuration the bench runs after its defaults and HF."""
     name: str
     overrides: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()  # DISTGEN_ATTENTION, DISTGEN_CUDA_GRAPHS
+    env: tuple[tuple[str, str], ...] = ()  # DISTGEN_CUDA_GRAPHS
     cuda_only: bool = False  # nothing to measure on a CPU (the smoke preset)
 
 
@@ -77,8 +77,8 @@ VARIANTS = (  # most telling first: later ones are left out when the time limit 
     # what the CUDA graphs are worth (the same padded decode step, eager)
     Variant("distgen, graphs off", env=(("DISTGEN_CUDA_GRAPHS", "0"),), cuda_only=True),
     # today's attention path (masked SDPA, compacted rows, no pipelining, no graphs), at HF's rows
-    Variant("distgen, torch_sdpa at HF's rows", ("generation.batch_size={batch_size}",),
-            env=(("DISTGEN_ATTENTION", "torch_sdpa"),), cuda_only=True),
+    Variant("distgen, torch_sdpa at HF's rows",
+            ("generation.batch_size={batch_size}", "generation.attention=torch_sdpa"), cuda_only=True),
     # the CPU-sized prefill budget
     Variant("distgen, prefill budget 512", ("generation.prefill_chunk_tokens=512",), cuda_only=True),
 )
@@ -388,10 +388,10 @@ class MicroResult:
     engine: str = ""
 
 
-MICRO_CONFIGS = {  # name -> what it sets
-    "defaults": {},
-    "graphs off": {"DISTGEN_CUDA_GRAPHS": "0"},
-    "torch_sdpa": {"DISTGEN_ATTENTION": "torch_sdpa"},  # today's attention path: masks, compaction, no graphs
+MICRO_CONFIGS = {  # name -> what it sets: environment variables, generation.* settings
+    "defaults": ({}, {}),
+    "graphs off": ({"DISTGEN_CUDA_GRAPHS": "0"}, {}),
+    "torch_sdpa": ({}, {"attention": "torch_sdpa"}),  # today's attention path: masks, compaction, no graphs
 }
 
 
@@ -423,20 +423,22 @@ def profile_steps(engine, steps: int, device: torch.device) -> tuple[float, floa
     return busy_us / 1e3 / steps, kernels / steps, launches / steps
 
 
-def micro_one(model, tokenizer, rows: int, config: str, env: dict, prompt_tokens: int, steps: int,
+def micro_one(model, tokenizer, rows: int, config: str, sets: tuple[dict, dict], prompt_tokens: int, steps: int,
               device: torch.device, limits: Optional[Limits]) -> MicroResult:
-    """`rows` prompts of `prompt_tokens` tokens prefilled into one engine, then its decode steps timed."""
+    """`rows` prompts of `prompt_tokens` tokens prefilled into one engine, then its decode steps timed; `sets`: the
+    configuration's environment variables and generation.* settings (MICRO_CONFIGS)."""
     from distgen.engine import build_engine
     from distgen.engine.host import READS
     from distgen.engine.request import Status
     from distgen.inputs.records import Prompt
+    env, settings = sets
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
         warm = 6
         # cpu_kernels=torch: distgen's CPU kernels would repack the model's weights in place (the smoke preset)
         gen = GenerationConfig(batch_size=rows, max_new_tokens=warm + 2 * steps + 32, compile="off",
-                               eos_token_ids=[], cpu_kernels="torch")
+                               eos_token_ids=[], cpu_kernels="torch", **settings)
         ids = [[3 + (i * 7 + j) % 250 for j in range(prompt_tokens)] for i in range(rows)]
         queue = [(Prompt(i, str(i), "", gen.max_new_tokens), ids[i]) for i in range(rows)]
         engine = build_engine(model, queue, gen, tokenizer.pad_token_id, [], device)

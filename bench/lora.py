@@ -60,7 +60,7 @@ def swap_seconds(model_dir: Path, adapters: dict[str, str], swaps: int) -> dict:
         start = time.perf_counter()
         bank.activate(names[k % len(names)])
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "layers": len(bank.layers), "kernels": said,
+    return {"median_s": statistics.median(times), "layers": len(bank.layers), "kernels": [k.reason for k in said],
             "base_copy_mib": bank.base_bytes() / 2**20}
 
 

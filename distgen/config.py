@@ -264,6 +264,10 @@ class GenerationConfig:
     # can run: CPU, fp32; the packed linear and fused norms/MLPs not sharded or compiled; the slot cache's
     # decode attention and key/value writes), distgen (a config error where they cannot), torch.
     cpu_kernels: str = "auto"
+    # The slot cache's attention: auto (the first implementation that can run here; the engine line says which and
+    # why) or a name in distgen.engine.kv.attention.ATTENTIONS (torch_sdpa, sdpa_folded, cuda_varlen,
+    # varlen_reference, flash_attn, cpu_kernels), which must then run here.
+    attention: str = "auto"
     # Most prompt tokens one prefill forward runs (chunked splits prompts to fit; a slot cache packs prompts up to
     # it); None: the device's default (8192 on CUDA, 512 on CPU: distgen.engine.build.DEVICE_DEFAULTS).
     prefill_chunk_tokens: Optional[int] = None

@@ -7,7 +7,8 @@
 #   3. imports    everything distgen imports, each with its version or the reason it fails
 #   4. attention  torch's varlen FlashAttention op here, the SDPA kernel each slot-cache attention call gets,
 #                 what distgen picks (scripts/gpu_env.py attention)
-#   5. microbench bench/gpu.py --microbench-only: decode steps at 128/256/512 rows (ms, host vs GPU, kernels)
+#   5. microbench bench/gpu.py --microbench-only: decode steps at 128/256/512 rows (ms, host vs GPU, kernels),
+#                 per configuration (defaults; graphs off: DISTGEN_CUDA_GRAPHS=0; generation.attention=torch_sdpa)
 #   6. tests      pytest -m gpu, four at a time (every layout vs generate in fp32, bf16, FlashAttention varlen
 #                 against SDPA, CUDA-graph replays, memory stats)
 #   7. bench      bench/gpu.py: a ~1B Llama against HF generate and the card's measured limits (sol_fraction)

@@ -8,7 +8,7 @@ from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.backends.cpu import kernels
 from distgen.common.errors import ConfigError
 from distgen.config import GenerationConfig
-from distgen.engine.kv.attention import ATTENTION_ENV, ATTENTIONS, attention_context, plan_attention
+from distgen.engine.kv.attention import ATTENTIONS, attention_context, plan_attention
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.request import Request, Status
 from distgen.engine.scheduler import StepPlan
@@ -40,17 +40,25 @@ def test_every_implementation_is_named_once_and_auto_says_why(tiny_model, monkey
     assert impl.name == "sdpa_folded" and "compute capability 7.5" in why
 
 
-def test_a_forced_implementation_must_exist_and_run_here(tiny_model, monkeypatch):
+def test_a_forced_implementation_must_exist_and_run_here(tiny_model):
     ctx = attention_context(tiny_model.config, CPU, F32, F32)
-    monkeypatch.setenv(ATTENTION_ENV, "paged")
-    with pytest.raises(ConfigError, match=f"{ATTENTION_ENV}='paged' is not allowed: expected one of torch_sdpa"):
-        plan_attention(ctx)
-    monkeypatch.setenv(ATTENTION_ENV, "cuda_varlen")
-    with pytest.raises(ConfigError, match="cuda_varlen cannot run here: the cache is on cpu"):
-        plan_attention(ctx)
-    monkeypatch.setenv(ATTENTION_ENV, "varlen_reference")
-    impl, why = plan_attention(ctx)
-    assert impl.name == "varlen_reference" and why.endswith(f"({ATTENTION_ENV}=varlen_reference)")
+    with pytest.raises(ConfigError, match="generation.attention='paged' is not allowed: expected one of auto, "
+                                          "torch_sdpa"):
+        plan_attention(ctx, "paged")
+    with pytest.raises(ConfigError, match="generation.attention=cuda_varlen cannot run here: the cache is on cpu"):
+        plan_attention(ctx, "cuda_varlen")
+    impl, why = plan_attention(ctx, "varlen_reference")
+    assert impl.name == "varlen_reference" and why.endswith("(generation.attention=varlen_reference)")
+
+
+def test_a_config_naming_no_slot_attention_is_refused_with_the_names():
+    """generation.attention is checked by the catalog against the slot-attention table, like every other choice."""
+    from distgen.catalog import check_section
+    with pytest.raises(ConfigError) as refused:
+        check_section("generation", GenerationConfig(attention="paged"))
+    assert str(refused.value) == ("generation.attention='paged' is not allowed: expected one of auto, "
+                                  + ", ".join(ATTENTIONS.names()))
+    assert check_section("generation", GenerationConfig(attention="torch_sdpa")).attention == "torch_sdpa"
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (8, 1)])
@@ -137,9 +145,8 @@ def test_varlen_metadata_points_each_sequence_at_its_own_slot():
 @pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
 @pytest.mark.parametrize("name", ["torch_sdpa", "sdpa_folded", "varlen_reference"])
 def test_each_path_equals_generate(tiny_model, tokenizer, monkeypatch, name, scheduler):
-    monkeypatch.setenv(ATTENTION_ENV, name)
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="static", compile="off",
-                           scheduler=scheduler, prefill_chunk_tokens=24, cpu_kernels="torch")
+                           scheduler=scheduler, prefill_chunk_tokens=24, cpu_kernels="torch", attention=name)
     engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
     assert f"decode attention: {name} (" in engine.choice
     moves, move = [], engine.kv.move

@@ -194,8 +194,8 @@ def test_fp32_graphs_through_the_varlen_metadata_equal_generate(gpu_model_dir, r
     can be captured): rows addressed by slot id, pipelined, replayed from CUDA graphs, tokens equal generate's."""
     eos, want, _ = reference
     records, stats = run_one_cuda_rank(gpu_model_dir, tmp_path / "out", "model.dtype=fp32",
-                                       f"generation.eos_token_ids=[{eos}]",
-                                       env={"DISTGEN_ATTENTION": "varlen_reference"})
+                                       f"generation.eos_token_ids=[{eos}]", "generation.attention=varlen_reference")
     assert {r["id"]: r["completion_token_ids"] for r in records} == want
     [rank] = stats["ranks"]
     assert rank["cuda_graph_replays"] > 0, rank
+    assert rank["engine"]["decode_attention"]["value"] == "varlen_reference" and rank["engine"]["pipelined"]["value"]

@@ -7,7 +7,6 @@ import torch
 from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.config import GenerationConfig
 from distgen.engine.graphs import graphs_blocker
-from distgen.engine.kv.attention import ATTENTION_ENV
 from distgen.engine.kv.slots import bucket_of, row_buckets
 from helpers import ReplayingCapturer, engine_for, generate_all
 
@@ -24,28 +23,27 @@ def test_row_buckets_are_vllms_capture_sizes():
         [1, 4, 8, 16, 256, 272, 512]
 
 
-def varlen_engine(model, tokenizer, monkeypatch, records=PROMPTS, eos_ids=(), **settings):
-    monkeypatch.setenv(ATTENTION_ENV, "varlen_reference")
+def varlen_engine(model, tokenizer, records=PROMPTS, eos_ids=(), **settings):
     cfg = GenerationConfig(**{**dict(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="static", compile="off",
-                                     cpu_kernels="torch"), **settings})
+                                     cpu_kernels="torch", attention="varlen_reference"), **settings})
     return engine_for(model, tokenizer, records, cfg, eos_ids=eos_ids)
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "chunked"])
-def test_the_padded_step_runs_eagerly_on_cpu_and_changes_no_token(tiny_model, tokenizer, monkeypatch, scheduler):
-    engine = varlen_engine(tiny_model, tokenizer, monkeypatch, scheduler=scheduler, prefill_chunk_tokens=24)
+def test_the_padded_step_runs_eagerly_on_cpu_and_changes_no_token(tiny_model, tokenizer, scheduler):
+    engine = varlen_engine(tiny_model, tokenizer, scheduler=scheduler, prefill_chunk_tokens=24)
     assert "decode rows padded to 3 buckets of 1..4 rows, eager: no CUDA graphs on cpu" in engine.choice
     assert_matches_generate(tiny_model, tokenizer, generate_all(engine), PROMPTS)
     counters = engine.decoder.counters
     assert counters.eager_steps > 0 and counters.padding_rows > 0 and counters.replays == counters.captured == 0
 
 
-def test_replayed_graphs_change_no_token(tiny_model, tokenizer, monkeypatch):
+def test_replayed_graphs_change_no_token(tiny_model, tokenizer):
     """Captured on padding rows only (no real state moves), replayed with the staged rows: tokens as generate's,
     one capture per bucket used, every decode step a replay."""
-    free = generate_all(varlen_engine(tiny_model, tokenizer, monkeypatch))
+    free = generate_all(varlen_engine(tiny_model, tokenizer))
     eos = [free["france"].token_ids[2]]  # one request finishes by EOS, seen a step late
-    engine = varlen_engine(tiny_model, tokenizer, monkeypatch, eos_ids=eos)
+    engine = varlen_engine(tiny_model, tokenizer, eos_ids=eos)
     capturer = ReplayingCapturer()
     engine.decoder.capture, engine.decoder.capturer = True, capturer
     used = []
@@ -57,8 +55,8 @@ def test_replayed_graphs_change_no_token(tiny_model, tokenizer, monkeypatch):
     assert counters.captured == capturer.captures == len(set(used)) >= 2
 
 
-def test_a_capture_that_fails_falls_back_to_the_eager_step(tiny_model, tokenizer, monkeypatch):
-    engine = varlen_engine(tiny_model, tokenizer, monkeypatch)
+def test_a_capture_that_fails_falls_back_to_the_eager_step(tiny_model, tokenizer):
+    engine = varlen_engine(tiny_model, tokenizer)
     engine.decoder.capture, engine.decoder.capturer = True, ReplayingCapturer(fail=True)
     assert_matches_generate(tiny_model, tokenizer, generate_all(engine), PROMPTS)
     decoder = engine.decoder
@@ -66,14 +64,14 @@ def test_a_capture_that_fails_falls_back_to_the_eager_step(tiny_model, tokenizer
     assert decoder.counters.replays == 0 and decoder.counters.eager_steps > 0
 
 
-def test_sampling_rows_replace_the_greedy_next_input(tiny_model, tokenizer, monkeypatch):
+def test_sampling_rows_replace_the_greedy_next_input(tiny_model, tokenizer):
     """A sampled row's token is drawn after the (replayed) step and becomes its next input: the same draws as the
     synchronous torch_sdpa path."""
     settings = dict(do_sample=True, temperature=0.9, top_k=20, seed=5)
-    monkeypatch.setenv(ATTENTION_ENV, "torch_sdpa")
     want = {k: c.token_ids for k, c in generate_all(engine_for(tiny_model, tokenizer, PROMPTS, GenerationConfig(
-        max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="static", compile="off", **settings))).items()}
-    engine = varlen_engine(tiny_model, tokenizer, monkeypatch, **settings)
+        max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="static", compile="off", attention="torch_sdpa",
+        **settings))).items()}
+    engine = varlen_engine(tiny_model, tokenizer, **settings)
     engine.decoder.capture, engine.decoder.capturer = True, ReplayingCapturer()
     assert {k: c.token_ids for k, c in generate_all(engine).items()} == want
 

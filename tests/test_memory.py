@@ -15,6 +15,7 @@ from distgen.catalog import check_section
 from distgen.config import GenerationConfig
 from distgen.engine.backoff import INJECT_ENV
 from distgen.engine import build
+from distgen.engine.plan import DeviceDefaults
 from distgen.engine.build import device_defaults, plan_batch_size, plan_cache, rank_budget
 from distgen.engine.kv import QueueShape
 from distgen.engine.kv import CACHES
@@ -115,11 +116,12 @@ def test_a_slot_cache_charges_one_forward_and_rows_scale_with_kv_memory(tiny_mod
 
 def test_settings_left_to_the_device_are_filled_in_and_said():
     cuda, said = device_defaults(GenerationConfig(), torch.device("cuda"))
-    assert (cuda.batch_size, cuda.prefill_chunk_tokens) == ("auto", 8192) and "the cuda defaults" in said
+    assert (cuda.batch_size, cuda.prefill_chunk_tokens) == ("auto", 8192) and "the cuda defaults" in said.said
     cpu, said = device_defaults(GenerationConfig(), torch.device("cpu"))
-    assert (cpu.batch_size, cpu.prefill_chunk_tokens) == (4, 512) and "the cpu defaults" in said
+    assert (cpu.batch_size, cpu.prefill_chunk_tokens) == (4, 512) and "the cpu defaults" in said.said
     given = GenerationConfig(batch_size=2, prefill_chunk_tokens=16)
-    assert device_defaults(given, torch.device("cuda")) == (given, "")
+    assert device_defaults(given, torch.device("cuda")) == (given, DeviceDefaults((), "cuda"))
+    assert device_defaults(given, torch.device("cuda"))[1].said == ""
 
 
 def test_rank_budget_splits_host_ram_among_the_ranks_on_it(monkeypatch):

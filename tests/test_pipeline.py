@@ -1,13 +1,14 @@
 """The pipelined engine (engine/core.py): where the cache addresses rows by slot id, step N+1 is launched from
 device state before step N's tokens are read, and every device->host read goes through one counted function
 (engine/host.py). Finishes seen a step late (EOS, stop strings) drop the extra token: outputs do not change."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.config import GenerationConfig
 from distgen.engine.host import READS, Pending, read, upload_all
-from distgen.engine.kv.attention import ATTENTION_ENV
 from distgen.engine.stops import StopStrings
 from helpers import engine_for, generate_all, reads_per_step
 
@@ -15,10 +16,10 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "chunked", "static"])
-def test_one_host_read_per_step_and_late_finishes_change_nothing(tiny_model, tokenizer, monkeypatch, scheduler):
-    monkeypatch.setenv(ATTENTION_ENV, "varlen_reference")
+def test_one_host_read_per_step_and_late_finishes_change_nothing(tiny_model, tokenizer, scheduler):
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="static", compile="off",
-                           scheduler=scheduler, prefill_chunk_tokens=24, cpu_kernels="torch")
+                           scheduler=scheduler, prefill_chunk_tokens=24, cpu_kernels="torch",
+                           attention="varlen_reference")
     free = generate_all(engine_for(tiny_model, tokenizer, PROMPTS, cfg))
     eos = free["france"].token_ids[2]  # an EOS the engine learns of one step after it was sampled
     engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg, eos_ids=[eos])
@@ -32,7 +33,7 @@ def test_one_host_read_per_step_and_late_finishes_change_nothing(tiny_model, tok
     assert sorted(engine.kv.free) == [0, 1, 2] and not engine.kv.owners
 
 
-def test_stop_strings_and_sampling_are_the_same_pipelined(tiny_model, tokenizer, monkeypatch):
+def test_stop_strings_and_sampling_are_the_same_pipelined(tiny_model, tokenizer):
     """Seeded sampling draws from each prompt's own generator; a stop string found a step late cuts the same
     tokens. Pipelined (varlen_reference) against the synchronous torch_sdpa path."""
     stops = StopStrings(tokenizer)
@@ -40,8 +41,7 @@ def test_stop_strings_and_sampling_are_the_same_pipelined(tiny_model, tokenizer,
                            do_sample=True, temperature=0.9, top_k=20, seed=3, cpu_kernels="torch")
 
     def run(name, records):
-        monkeypatch.setenv(ATTENTION_ENV, name)
-        engine = engine_for(tiny_model, tokenizer, records, cfg, stop_check=stops.hit)
+        engine = engine_for(tiny_model, tokenizer, records, replace(cfg, attention=name), stop_check=stops.hit)
         assert engine.pipelined == (name == "varlen_reference")
         return {k: (c.token_ids, c.finish_reason) for k, c in generate_all(engine).items()}
     free = run("torch_sdpa", PROMPTS)

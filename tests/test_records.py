@@ -4,8 +4,10 @@ import json
 import pytest
 
 from conftest import crash_at_step, journaled, read_outputs, read_stats
+from distgen.backends.cpu import kernels as cpu_kernels
 from distgen.models.loading import ModelSource
 from distgen.run import main as run_in_process
+from distgen.outputs.folder import read_manifest
 from distgen.outputs.shards import list_shards
 
 ARGS = ["generation.batch_size=2", "generation.max_new_tokens=4"]
@@ -83,3 +85,36 @@ def test_journal_lines_split_only_on_newlines(tmp_path):
     path = tmp_path / "j.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + '{"index": 2, "cut', "utf-8")
     assert list(read_jsonl_lines(path)) == records
+
+
+@pytest.mark.parametrize("kernels,sampled", [("torch", True), ("torch", False), ("auto", True)])
+def test_a_resumed_sampled_job_says_when_its_draws_may_differ(tiny_model_dir, prompts_file, tmp_path, monkeypatch,
+                                                             capsys, kernels, sampled):
+    """Issue 21 item 8: on torch's kernels (generation.cpu_kernels=torch) a row's logits depend on the rows sharing
+    its forward, so a sampled job resumed after a crash says once that its records are valid draws, not
+    necessarily an uninterrupted run's tokens; a greedy one does not (argmax holds), nor one on distgen's CPU
+    kernels, whose rows are batch-invariant: its records equal an uninterrupted run's."""
+    if kernels == "auto" and cpu_kernels.load_kernel()[0] is None:
+        pytest.skip(f"distgen's CPU kernels cannot be built here: {cpu_kernels.load_kernel()[1]}")
+    args = [f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"generation.cpu_kernels={kernels}"]
+    if sampled:
+        args += ["generation.do_sample=true", "generation.temperature=0.9", "generation.seed=3"]
+    note = "not necessarily the tokens an uninterrupted run would have drawn"
+    assert run_in_process([*args, f"output.dir={tmp_path / 'whole'}"]) == 0
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, read_stats(tmp_path / "whole")["ranks"][0]["forward_steps"] - 1)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_in_process([*args, f"output.dir={tmp_path / 'resumed'}"])
+    capsys.readouterr()
+    assert run_in_process([*args, f"output.dir={tmp_path / 'resumed'}"]) == 0
+    said = capsys.readouterr().out
+    stats = read_stats(tmp_path / "resumed")
+    [rank] = stats["ranks"]
+    invariant = kernels == "auto"
+    assert stats["summary"]["resumed"] > 0 and rank["batch_invariant"] is invariant
+    assert rank["engine"]["batch_invariant"]["value"] is invariant
+    assert (rank["sampled_completions"] == rank["prompts"]) if sampled else rank["sampled_completions"] == 0
+    assert read_manifest(tmp_path / "resumed")["runs"][-1]["batch_invariant"] is invariant
+    assert said.count(note) == (1 if sampled and not invariant else 0)
+    if invariant:
+        assert read_outputs(tmp_path / "resumed") == read_outputs(tmp_path / "whole")

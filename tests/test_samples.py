@@ -16,7 +16,6 @@ from distgen.catalog import check_section
 from distgen.catalog.load import load_config
 from distgen.common.errors import ConfigError
 from distgen.config import GenerationConfig, ModelConfig, RunConfig
-from distgen.engine.kv.attention import ATTENTION_ENV
 from distgen.engine.prefix import BLOCK, PREFIX_SHARING, block_keys
 from distgen.engine.sampling import sample_seed
 from distgen.inputs.keys import record_key
@@ -168,12 +167,12 @@ def test_a_shared_prefix_is_prefilled_once_and_the_tokens_are_generates(tiny_mod
     assert off.prefill_tokens == sum(lengths) and off.prefixes.shared_tokens == 0
 
 
-def test_prefix_sharing_and_samples_in_the_pipelined_engine(tiny_model, tokenizer, monkeypatch):
+def test_prefix_sharing_and_samples_in_the_pipelined_engine(tiny_model, tokenizer):
     """Rows addressed by slot id, step N+1 launched before step N lands: a slot freed when step N lands still
     holds its prompt, and copies are made before the forward that reads them."""
-    monkeypatch.setenv(ATTENTION_ENV, "varlen_reference")
     records = [dict(r, n=1 + i % 2) for i, r in enumerate(SHARED)]
-    engine = engine_for(tiny_model, tokenizer, records, slot_cfg(batch_size=3, cpu_kernels="torch"))
+    engine = engine_for(tiny_model, tokenizer, records, slot_cfg(batch_size=3, cpu_kernels="torch",
+                                                                 attention="varlen_reference"))
     assert engine.pipelined
     got = generate_samples(engine)
     assert sorted(got) == sorted((r["id"], k) for r in records for k in range(r["n"]))

@@ -42,7 +42,6 @@ import pytest  # noqa: E402
 
 from conftest import DEFAULT_BUDGET, PROMPTS  # noqa: E402
 from distgen.config import GenerationConfig  # noqa: E402
-from distgen.engine.kv.attention import ATTENTION_ENV  # noqa: E402
 from helpers import ReplayingCapturer, engine_for, generate_all, reads_per_step, reference_generate  # noqa: E402
 
 # The engine paths a step's tokens take: the dynamic cache (row surgery), the slot cache with distgen's CPU kernels
@@ -57,12 +56,10 @@ PATHS = {
 }
 
 
-def path_engine(name, model, tokenizer, records, monkeypatch, eos_ids=(), **settings):
+def path_engine(name, model, tokenizer, records, eos_ids=(), **settings):
     extra, attention = PATHS[name]
-    if attention:
-        monkeypatch.setenv(ATTENTION_ENV, "varlen_reference")
     cfg = GenerationConfig(**{**dict(max_new_tokens=DEFAULT_BUDGET, batch_size=3, compile="off"), **extra,
-                              **settings})
+                              **settings}, attention="varlen_reference" if attention else "auto")
     engine = engine_for(model, tokenizer, records, cfg, eos_ids=eos_ids)
     assert engine.pipelined == (attention is not None)
     if attention == "graphs":
@@ -75,11 +72,11 @@ def budget_of(record) -> int:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_greedy_repetition_penalty_equals_hf_generate(path, tiny_model, tokenizer, monkeypatch):
+def test_greedy_repetition_penalty_equals_hf_generate(path, tiny_model, tokenizer):
     """HF's RepetitionPenaltyLogitsProcessor and vLLM's repetition penalty agree: prompt and completion tokens,
     a positive logit divided, a negative multiplied. fp32, greedy, token for token."""
     records = [dict(r, max_new_tokens=12) for r in PROMPTS]
-    got = generate_all(path_engine(path, tiny_model, tokenizer, records, monkeypatch, repetition_penalty=1.7))
+    got = generate_all(path_engine(path, tiny_model, tokenizer, records, repetition_penalty=1.7))
     changed = 0
     for record in records:
         want = reference_generate(tiny_model, tokenizer, record["prompt"], 12, repetition_penalty=1.7)
@@ -119,14 +116,14 @@ def hf_settings(record: dict) -> dict:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_rows_with_different_knobs_in_one_step_each_equal_their_reference(path, tiny_model, tokenizer, monkeypatch):
+def test_rows_with_different_knobs_in_one_step_each_equal_their_reference(path, tiny_model, tokenizer):
     """Per-record knobs, rows with different settings batched in every step: each equals greedy HF generate with
     the same knobs (repetition_penalty, sequence_bias for logit_bias, min_new_tokens for min_tokens, a plain
     reference of OpenAI's presence/frequency penalties)."""
     free = reference_generate(tiny_model, tokenizer, PROMPTS[1]["prompt"], DEFAULT_BUDGET)
     eos = free[2]  # greedy's third token of "france" is its EOS: min_tokens must hold it off
     records = knob_records(eos, reference_generate(tiny_model, tokenizer, PROMPTS[6]["prompt"], 1)[0])
-    engine = path_engine(path, tiny_model, tokenizer, records, monkeypatch, eos_ids=[eos], batch_size=4)
+    engine = path_engine(path, tiny_model, tokenizer, records, eos_ids=[eos], batch_size=4)
     got = generate_all(engine)
     for record in records:
         want = reference_generate(tiny_model, tokenizer, record["prompt"], budget_of(record), [eos],
@@ -144,7 +141,7 @@ def test_rows_with_different_knobs_in_one_step_each_equal_their_reference(path, 
 
 
 @pytest.mark.parametrize("path", ["slots", "pipelined-graphs"])
-def test_stop_token_ids_end_with_stop_and_ignore_eos_runs_the_budget(path, tiny_model, tokenizer, monkeypatch):
+def test_stop_token_ids_end_with_stop_and_ignore_eos_runs_the_budget(path, tiny_model, tokenizer):
     free = reference_generate(tiny_model, tokenizer, PROMPTS[1]["prompt"], DEFAULT_BUDGET)
     eos = free[2]
     records = [{"id": "stop", "prompt": PROMPTS[1]["prompt"], "stop_token_ids": [free[1], 5]},
@@ -152,18 +149,18 @@ def test_stop_token_ids_end_with_stop_and_ignore_eos_runs_the_budget(path, tiny_
                {"id": "ignore-but-stop", "prompt": PROMPTS[1]["prompt"], "ignore_eos": True,
                 "stop_token_ids": [free[4]]},
                {"id": "eos", "prompt": PROMPTS[1]["prompt"]}]
-    got = generate_all(path_engine(path, tiny_model, tokenizer, records, monkeypatch, eos_ids=[eos]))
+    got = generate_all(path_engine(path, tiny_model, tokenizer, records, eos_ids=[eos]))
     assert (got["stop"].token_ids, got["stop"].finish_reason) == (free[:2], "stop")  # the stop token is kept
     assert (got["ignore"].token_ids, got["ignore"].finish_reason) == (free, "length")
     assert (got["ignore-but-stop"].token_ids, got["ignore-but-stop"].finish_reason) == (free[:5], "stop")
     assert (got["eos"].token_ids, got["eos"].finish_reason) == (free[:3], "eos")
 
 
-def test_generation_knobs_apply_to_every_record_and_a_record_replaces_them(tiny_model, tokenizer, monkeypatch):
+def test_generation_knobs_apply_to_every_record_and_a_record_replaces_them(tiny_model, tokenizer):
     records = [dict(r, max_new_tokens=10) for r in PROMPTS[:3]] + [
         {"id": "own", "prompt": PROMPTS[4]["prompt"], "max_new_tokens": 10, "repetition_penalty": 1.0,
          "logit_bias": {}}]
-    got = generate_all(path_engine("pipelined-chunked", tiny_model, tokenizer, records, monkeypatch,
+    got = generate_all(path_engine("pipelined-chunked", tiny_model, tokenizer, records,
                                    repetition_penalty=1.4, logit_bias={75: 0.8}))
     for record in records[:3]:
         assert got[record["id"]].token_ids == reference_generate(tiny_model, tokenizer, record["prompt"], 10,
@@ -266,14 +263,14 @@ def forward_logprobs(model, tokenizer, prompt: str, generated: list[int]) -> tor
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_logprobs_are_the_raw_model_logprobs_of_the_chosen_token(path, tiny_model, tokenizer, monkeypatch):
+def test_logprobs_are_the_raw_model_logprobs_of_the_chosen_token(path, tiny_model, tokenizer):
     """Greedy rows: each token's logprob is log_softmax of HF's forward logits at its position (1e-4, fp32), its
     top-K sorted best first with the chosen token at the top; K capped at the vocabulary; a penalized row reports
     the raw logprobs (before the penalty), as vLLM does; rows that do not ask carry none."""
     vocab = tiny_model.config.vocab_size
     records = [dict(PROMPTS[1], logprobs=3), dict(PROMPTS[2], logprobs=0), dict(PROMPTS[4], logprobs=10 ** 6),
                dict(PROMPTS[6], logprobs=2, repetition_penalty=1.8), dict(PROMPTS[3])]
-    got = generate_all(path_engine(path, tiny_model, tokenizer, records, monkeypatch))
+    got = generate_all(path_engine(path, tiny_model, tokenizer, records))
     assert got[PROMPTS[3]["id"]].logprobs is None
     for record, k in zip(records[:4], (3, 0, vocab, 2)):
         completion = got[record["id"]]
@@ -295,9 +292,9 @@ def test_logprobs_are_the_raw_model_logprobs_of_the_chosen_token(path, tiny_mode
                                                      budget_of(PROMPTS[6]), repetition_penalty=1.8)
 
 
-def test_one_host_read_per_step_with_logprobs_and_penalties(tiny_model, tokenizer, monkeypatch):
+def test_one_host_read_per_step_with_logprobs_and_penalties(tiny_model, tokenizer):
     records = [dict(r, logprobs=2, frequency_penalty=0.5) if i % 2 else r for i, r in enumerate(PROMPTS)]
-    engine = path_engine("pipelined-chunked", tiny_model, tokenizer, records, monkeypatch)
+    engine = path_engine("pipelined-chunked", tiny_model, tokenizer, records)
     counts = reads_per_step(engine)
     got = generate_all(engine)
     assert max(counts) == 1 and engine.host_reads == sum(counts)

@@ -12,7 +12,7 @@ from distgen.common.errors import ConfigError
 from distgen.config import GenerationConfig
 from distgen.engine.assist import AssistantSpec
 from distgen.engine.build import plan_cache
-from distgen.engine.kv.attention import ATTENTION_ENV, ATTENTIONS, attention, attention_context, plan_attention
+from distgen.engine.kv.attention import ATTENTIONS, attention, attention_context, plan_attention
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.kv.varlen import layer_window
 from distgen.engine.memory import kv_shape
@@ -91,13 +91,12 @@ def test_each_architecture_generates_past_its_window(name, scheduler, impl, mode
     applies its window (a mask, or varlen_reference's reading of cuda_varlen's metadata)."""
     model = models[name]
     if impl == "sdpa_folded" and name == "gemma2":  # soft-capping: it refuses, torch_sdpa computes it
-        monkeypatch.setenv(ATTENTION_ENV, impl)
         with pytest.raises(ConfigError, match="attn_logit_softcapping=5"):
-            engine_for(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=BUDGET, compile="off"))
+            engine_for(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=BUDGET, compile="off",
+                                                                   attention=impl))
         return
-    monkeypatch.setenv(ATTENTION_ENV, impl)
     cfg = GenerationConfig(max_new_tokens=BUDGET, batch_size=3, scheduler=scheduler, compile="off",
-                           prefill_chunk_tokens=5)
+                           prefill_chunk_tokens=5, attention=impl)
     engine = engine_for(model, tokenizer, PROMPTS, cfg)
     assert "cache=static (" in engine.choice
     assert engine.kv.varlen and engine.kv.attention.name == impl and longest(tokenizer) > 10 * WINDOW

@@ -15,7 +15,6 @@ import torch
 from conftest import PROMPTS, REPO, assert_matches_generate, child_env, read_outputs, run_module, write_prompts
 from distgen.common.errors import ConfigError
 from distgen.config import GenerationConfig, ModelConfig, RunConfig
-from distgen.engine.kv.attention import ATTENTION_ENV
 from distgen.inputs.keys import record_key
 from distgen.inputs.records import Prompt
 from distgen.run import main as run_in_process
@@ -111,7 +110,7 @@ def test_a_records_own_grammar_and_a_bad_one_each_its_own(tiny_model, tokenizer)
     assert engine.grammars.compiles == 5  # each distinct grammar once, a failure too
 
 
-def test_a_grammar_is_not_pipelined_and_gives_the_same_tokens(tiny_model, tokenizer, monkeypatch):
+def test_a_grammar_is_not_pipelined_and_gives_the_same_tokens(tiny_model, tokenizer):
     """Where steps are pipelined (rows addressed by slot id), a constrained row's step lands before the next is
     scheduled (its mask needs every token it was launched with): the same tokens as the synchronous path, greedy
     and sampled, constrained and not, with chunked prefills mixing in."""
@@ -120,9 +119,8 @@ def test_a_grammar_is_not_pipelined_and_gives_the_same_tokens(tiny_model, tokeni
     sampled = [dict(r, temperature=0.9, seed=i) for i, r in enumerate(records)]
 
     def run(attention, records):
-        monkeypatch.setenv(ATTENTION_ENV, attention)
         cfg = GenerationConfig(max_new_tokens=12, batch_size=3, cache="static", compile="off", scheduler="chunked",
-                               prefill_chunk_tokens=10, cpu_kernels="torch")
+                               prefill_chunk_tokens=10, cpu_kernels="torch", attention=attention)
         engine = engine_for(tiny_model, tokenizer, records, cfg, eos_ids=[tokenizer.eos_token_id])
         assert engine.pipelined == (attention == "varlen_reference")
         return {k: (c.token_ids, c.finish_reason) for k, c in generate_all(engine).items()}

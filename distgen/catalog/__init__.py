@@ -16,6 +16,7 @@ from distgen.engine.assist import ASSISTANTS, DRAFT_SCHEDULES
 from distgen.engine.build import COMPILE
 from distgen.engine.grammar import check_grammar
 from distgen.engine.kv import CACHES
+from distgen.engine.kv.attention import ATTENTIONS
 from distgen.engine.kv.quantized import QUANT_BACKENDS
 from distgen.engine.prefix import PREFIX_SHARING
 from distgen.engine.runner import AUTOCAST, COMPILE_MODES
@@ -32,7 +33,8 @@ from distgen.parallel.layouts import LAYOUTS
 TABLES: tuple[Registry, ...] = (
     DEVICES, LAYOUTS, LAUNCHERS,
     MODEL_SOURCES, DTYPES, ATTENTION, QUANTIZERS, ASSISTANTS,
-    SCHEDULERS, CACHES, QUANT_BACKENDS, COMPILE, COMPILE_MODES, AUTOCAST, CPU_KERNELS, DRAFT_SCHEDULES, PREFIX_SHARING,
+    SCHEDULERS, CACHES, QUANT_BACKENDS, COMPILE, COMPILE_MODES, AUTOCAST, CPU_KERNELS, ATTENTIONS, DRAFT_SCHEDULES,
+    PREFIX_SHARING,
     DATASET_FORMATS, TOO_LONG, OUTPUT_FORMATS, MERGE_FORMATS,
 )
 # The Hydra groups (each option is an implementation's settings class); the rest are plain values.

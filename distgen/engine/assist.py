@@ -32,9 +32,12 @@ from distgen.engine.host import read
 from distgen.engine.kv.base import KVCache
 from distgen.engine.kv.slots import SlotKV
 from distgen.engine.request import Completion, Request, Status
+from distgen.engine.runner import Runner
 from distgen.models.forward_args import model_inputs
 from distgen.engine.sampling import LOGITS_KNOBS, RowSampling, filter_logits, scale_logits
 
+# (a request that took a token, whether it is an EOS token) -> why it finished, or None (Engine.finish_reason)
+FinishReason = Callable[[Request, bool], Optional[str]]
 # The heuristic schedule grows a sequence's draft length up to this many tokens.
 HEURISTIC_MAX_DRAFT = 16
 
@@ -277,8 +280,11 @@ class Assistant:
                        for r in requests}
         return [state for _, state in self.states.values()]
 
-    def step(self, engine, requests: list[Request]) -> list[Completion]:
-        kv: KVCache = engine.kv
+    def step(self, kv: KVCache, runner: Runner, finish_reason: FinishReason,
+             requests: list[Request]) -> list[Completion]:
+        """One assisted decode step of the engine's decoding `requests` over its cache and runner; `finish_reason`
+        (Engine.finish_reason) says when a request is done. The finished ones are marked FINISHED and returned (the
+        engine drops them from its running list)."""
         states = self.track(requests)
         # 1. draft: never past the budget (the verify adds one token of its own)
         lengths = [min(s.draft_length, r.budget - len(r.generated) - 1) for r, s in zip(requests, states)]
@@ -287,9 +293,9 @@ class Assistant:
         chunks = [[r.generated[-1], *d.tokens] for r, d in zip(requests, drafts)]
         keep = max(len(c) for c in chunks)
         inputs = kv.verify_inputs(requests, chunks, keep)
-        with engine.runner.context(inputs):  # no_grad, and generation.autocast when set
-            logits = engine.runner.model(**model_inputs(engine.runner.model, inputs)).logits  # (rows, keep, vocab)
-        logits = engine.runner.fp32_logits(logits)
+        with runner.context(inputs):  # no_grad, and generation.autocast when set
+            logits = runner.model(**model_inputs(runner.model, inputs)).logits  # (rows, keep, vocab)
+        logits = runner.fp32_logits(logits)
         self.counters.steps += 1
         # 3. accept, row by row; rows are left-padded, so row i's k + 1 logits are its last ones
         targets = read(logits.argmax(dim=-1))  # (rows, keep): one device->host copy for the greedy rows
@@ -307,7 +313,7 @@ class Assistant:
             state.draft_length = self.schedule.next_length(state.draft_length, k, accepted, self.max_length)
             # 4. take the emitted tokens one at a time: EOS, a stop string or the budget cuts them exactly
             kept.append(1 + accepted)  # cached now: the last input and the accepted drafts
-            reason = self.take(engine, request, emitted)
+            reason = self.take(finish_reason, request, emitted)
             done.append(reason is not None)
             if reason:
                 completions.append(request.completion(reason))
@@ -319,14 +325,12 @@ class Assistant:
         kv.verified(requests, chunks, kept, done)
         for request in finished:
             request.status, request.row = Status.FINISHED, -1
-        if finished:
-            engine.running = [r for r in engine.running if r.status is not Status.FINISHED]
         return completions
 
-    def take(self, engine, request: Request, tokens: list[int]) -> Optional[str]:
+    def take(self, finish_reason: FinishReason, request: Request, tokens: list[int]) -> Optional[str]:
         for token in tokens:
             request.generated.append(token)
-            reason = engine.finish_reason(request, token in self.eos)
+            reason = finish_reason(request, token in self.eos)
             if reason:
                 return reason
         return None

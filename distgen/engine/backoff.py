@@ -1,6 +1,7 @@
 """Out-of-memory back-off: a rank whose step runs out of memory halves its batch and goes on.
 
-On `torch.OutOfMemoryError` (what `torch.cuda.OutOfMemoryError` is) anywhere in a step, the engine:
+On `torch.OutOfMemoryError` (what `torch.cuda.OutOfMemoryError` is) anywhere in a step, the engine
+(`Engine.back_off`):
 1. drops the KV cache (and, on CUDA, the allocator's cached blocks),
 2. puts every request that held a row back at the front of the queue, fresh (no tokens, its sampler
    seeded anew), in the order they had, so they are generated from scratch and give what they would have,
@@ -67,22 +68,12 @@ class Backoff:
     def say(self, text: str) -> None:
         print(f"distgen: {self.label}{text}", file=sys.stderr, flush=True)
 
+    def shrink(self) -> KVCache:
+        """Half the rows (at least one), counted: a new, empty cache of that many rows."""
+        self.rows, self.count = max(1, self.rows // 2), self.count + 1
+        return self.rebuild(self.rows)
 
-def back_off(engine, error_text: str) -> None:
-    """Halve the engine's batch: free its cache, requeue its running requests from scratch, rebuild."""
-    backoff: Backoff = engine.backoff
-    requests, engine.running = engine.running, []
-    engine.inflight = None  # a launched step's tokens are dropped: its requests restart from scratch
-    engine.sampler.release(requests)  # and their token history with them
-    engine.kv.close()
-    engine.kv = None
-    if engine.prefixes is not None:  # no slot holds a prefix any more
-        engine.prefixes.clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    engine.waiting.requeue(requests)
-    backoff.rows, backoff.count = max(1, backoff.rows // 2), backoff.count + 1
-    engine.kv, engine.last_kind = backoff.rebuild(backoff.rows), ""
-    backoff.say(f"{error_text.splitlines()[0] if error_text else 'out of memory'}: backing off to "
-                f"generation.batch_size={backoff.rows}; {len(requests)} running sequences requeued from scratch "
-                f"(back-off {backoff.count})")
+    def say_shrunk(self, error_text: str, requeued: int) -> None:
+        self.say(f"{error_text.splitlines()[0] if error_text else 'out of memory'}: backing off to "
+                 f"generation.batch_size={self.rows}; {requeued} running sequences requeued from scratch "
+                 f"(back-off {self.count})")

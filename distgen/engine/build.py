@@ -1,4 +1,5 @@
-"""Build a rank's engine from the config: pick the scheduler, KV cache and compile plan, and say why."""
+"""Build a rank's engine from the config: plan every decision (scheduler, batch, KV cache, compile, kernels,
+attention, ...) with its reason (plan.EnginePlan), build the parts, and construct the Engine from both."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ from distgen.engine.core import Adapters, Engine, StopCheck
 from distgen.engine.grammar import GrammarBook
 from distgen.engine.graphs import DecodeRunner, graphs_blocker
 from distgen.engine.kv import CACHES, CacheSpec, QueueShape
-from distgen.engine.kernels import apply_backends
+from distgen.engine.kernels import apply_backends, batch_invariant
 from distgen.engine.kv.attention import attention_context, plan_attention
 from distgen.engine.kv.base import KVCache, kv_geometry, model_dtype
 from distgen.engine.kv.slots import SlotKV, ring_blocker, ring_columns
@@ -23,6 +24,8 @@ from distgen.engine.windows import SLIDING, LayerWindows, text_config
 from distgen.engine.kv.quantized import quant_bits
 from distgen.engine.memory import (BatchChoice, activation_bytes_per_row, auto_batch_size, available_bytes,
                                    forward_bytes, kv_shape, logits_bytes_per_row, memory_budget)
+from distgen.engine.plan import (AssistantChoice, AttentionChoice, AutocastChoice, CacheChoice, CacheFacts,
+                                 DeviceDefaults, EnginePlan, SharingChoice, mixes, pipelines, plan_graphs)
 from distgen.engine.prefix import PREFIX_SHARING, PrefixIndex, sharing_blocker
 from distgen.engine.queue import PromptQueue, RequestQueue, Samples
 from distgen.engine.request import Request, RequestFailed
@@ -293,21 +296,21 @@ def every_sample(gen: GenerationConfig) -> Samples:
     return lambda prompt: range(prompt.samples(gen.n))
 
 
-def plan_prefix_sharing(gen: GenerationConfig, kv: KVCache, assisted: bool) -> tuple[Optional[PrefixIndex], str]:
-    """The prefix index the engine shares prefixes through (None: no sharing), and what the engine line says."""
+def plan_prefix_sharing(gen: GenerationConfig, kv: KVCache, assisted: bool) -> SharingChoice:
+    """Whether (and from how many first tokens) the engine shares prefixes between slots, and what the line says."""
     policy = PREFIX_SHARING.get(gen.prefix_sharing)
     blocker = sharing_blocker(kv, assisted)
     if blocker is not None:
         if policy.required:
             raise ConfigError(f"generation.prefix_sharing=on is not possible: {blocker}; use "
                               "generation.prefix_sharing=auto or off")
-        return None, f"no prefix sharing ({blocker}): a prompt's samples prefill it each"
+        return SharingChoice(False, None, f"no prefix sharing ({blocker}): a prompt's samples prefill it each")
     if policy.min_tokens is None:
-        return PrefixIndex(None), ("prefix sharing off (generation.prefix_sharing=off): a prompt's samples still "
-                                   "copy its KV")
-    return PrefixIndex(policy.min_tokens), (f"prefix sharing: a prompt admitted while a slot holds >= "
-                                            f"{policy.min_tokens} of its first tokens (a prompt's samples: any) "
-                                            "copies their KV and prefills the rest")
+        return SharingChoice(True, None, "prefix sharing off (generation.prefix_sharing=off): a prompt's samples "
+                                         "still copy its KV")
+    return SharingChoice(True, policy.min_tokens, f"prefix sharing: a prompt admitted while a slot holds >= "
+                                                  f"{policy.min_tokens} of its first tokens (a prompt's samples: "
+                                                  "any) copies their KV and prefills the rest")
 
 
 def rank_budget(gen: GenerationConfig, device: torch.device, local_world_size: int = 1) -> int:
@@ -317,17 +320,12 @@ def rank_budget(gen: GenerationConfig, device: torch.device, local_world_size: i
     return memory_budget(available_bytes(device), gen.memory_fraction, sharing)
 
 
-def device_defaults(gen: GenerationConfig, device: torch.device) -> tuple[GenerationConfig, str]:
-    """generation.* with the settings left to the device (None) filled in from DEVICE_DEFAULTS, and what the engine
-    line says of them ("" when none was left)."""
-    defaults = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    left = {key: value for key, value in defaults.items() if getattr(gen, key) is None}
-    if not left:
-        return gen, ""
-    said = ", ".join(f"generation.{key}={value}" for key, value in left.items())
-    why = "a GPU forward costs about the same up to thousands of tokens" if device.type == "cuda" else \
-        "a CPU forward costs in proportion to its tokens"
-    return replace(gen, **left), f"{said} (the {device.type} defaults: {why})"
+def device_defaults(gen: GenerationConfig, device: torch.device) -> tuple[GenerationConfig, DeviceDefaults]:
+    """generation.* with the settings left to the device (None) filled in from DEVICE_DEFAULTS, and which they were
+    (what the engine line says of them)."""
+    device_type = "cuda" if device.type == "cuda" else "cpu"
+    left = {key: value for key, value in DEVICE_DEFAULTS[device_type].items() if getattr(gen, key) is None}
+    return (replace(gen, **left) if left else gen), DeviceDefaults(tuple(left.items()), device.type)
 
 
 def packs_prefill(model: torch.nn.Module, gen: GenerationConfig) -> bool:
@@ -356,7 +354,8 @@ def plan_batch_size(model: torch.nn.Module, gen: GenerationConfig, shape: QueueS
     if packs_prefill(model, gen):
         tokens = max(gen.prefill_chunk_tokens, query)  # a prompt longer than the budget is admitted whole
         flash = plan_attention(attention_context(model.config, device, AUTOCAST.get(gen.autocast) or dtype, dtype,
-                                                 gen.cpu_kernels, gen.autocast, columns=shape.columns))[0].addressed
+                                                 gen.cpu_kernels, gen.autocast, columns=shape.columns),
+                               gen.attention)[0].addressed
         return auto_batch_size(kv, logits_bytes_per_row(model.config, dtype), shape.columns, shape.prompts, budget,
                                forward=forward_bytes(model.config, dtype, tokens, 0 if flash else query),
                                forward_tokens=tokens)
@@ -370,14 +369,48 @@ def ring_of(model: torch.nn.Module, shape: QueueShape, gen: GenerationConfig, ve
     return None if ring_blocker(windows) else ring_columns(windows.uniform, shape, gen, verify_tokens)
 
 
-def plan_autocast(gen: GenerationConfig, model: torch.nn.Module) -> tuple[Optional[torch.dtype], str]:
-    """(dtype the forwards autocast to or None, why): autocast applies to fp32 weights only."""
+def plan_autocast(gen: GenerationConfig, model: torch.nn.Module) -> tuple[Optional[torch.dtype], AutocastChoice]:
+    """(the dtype the forwards autocast to or None, the choice and why): autocast applies to fp32 weights only."""
     dtype = AUTOCAST.get(gen.autocast)
     if dtype is None:
-        return None, ""
+        return None, AutocastChoice(None, "")
     if model_dtype(model) != torch.float32:
-        return None, f"no autocast: generation.autocast={gen.autocast} is for fp32 weights, these are {model_dtype(model)}"
-    return dtype, f"autocast to {gen.autocast}"
+        return None, AutocastChoice(None, f"no autocast: generation.autocast={gen.autocast} is for fp32 weights, "
+                                          f"these are {model_dtype(model)}")
+    return dtype, AutocastChoice(gen.autocast, f"autocast to {gen.autocast}")
+
+
+def plan_engine_compile(gen: GenerationConfig, model: torch.nn.Module, decode_steps: int, lockstep: bool,
+                        device: torch.device, assistant: Optional[AssistantSpec], swaps_adapters: bool) -> CompilePlan:
+    """generation.compile for this engine: never with an assistant (its verify forwards change shape) nor, under
+    auto, with a cache that changes shape; a CPU compile does not freeze weights that LoRA adapters swap into."""
+    if assistant is not None:
+        if gen.compile == "on":
+            raise ConfigError(f"generation.compile=on is not possible with model.assistant={assistant.name}: its "
+                              "verify forwards change shape every step; use generation.compile=off or auto")
+        return CompilePlan(False, reason=f"not compiling: model.assistant={assistant.name} verifies a different "
+                                         "number of tokens each step")
+    if gen.cache != "auto" and not CACHES.get(gen.cache).slots(gen) and gen.compile == "auto":
+        return CompilePlan(False, reason=f"not compiling: generation.cache={gen.cache}")
+    plan = plan_compile(gen, model, decode_steps, lockstep, device)
+    if swaps_adapters and plan.freeze:  # a frozen graph would keep the weights it was compiled with
+        return replace(plan, freeze=False, reason=plan.reason.replace(FROZEN_NOTE, "")
+                       + " (weights not frozen: model.lora swaps adapters into them)")
+    return plan
+
+
+def plan_engine_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, shape: QueueShape, budget: int,
+                      device: torch.device, verify_tokens: int) -> CacheChoice:
+    """The KV cache of generation.batch_size rows for this job (plan_cache, from the sizes each kind would take)."""
+    dtype, rows = model_dtype(model), gen.batch_size
+    full, quantized = kv_shape(model.config, dtype), kv_shape(model.config, dtype, quantized=True)
+    ring = ring_of(model, shape, gen, verify_tokens)
+    ring_need = None if ring is None else kv_shape(model.config, dtype, ring=ring).bytes(rows, shape.columns)
+    cache, why = plan_cache(gen, model, compiling, full.bytes(rows, shape.columns), budget, device.type,
+                            quantized.bytes(rows, shape.columns), shape.columns, ring_need)
+    if cache == "quantized":
+        why += f"; backend {gen.cache_quant_backend}, {quant_bits(gen)} bits"
+    return CacheChoice(cache, why)
 
 
 def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Prompt, Sequence[int]]],
@@ -386,95 +419,66 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                  stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None,
                  assistant: Optional[AssistantSpec] = None, local_world_size: int = 1,
                  adapters: Optional[Adapters] = None, samples: Optional[Samples] = None,
-                 tokenizer=None) -> Engine:
+                 tokenizer=None, label: str = "", layout: str = "") -> Engine:
     """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids).
     `samples`: each prompt's sample indices to run (default: 0..n-1, generation.n or the record's n).
     `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size).
     `assistant`: assisted decoding (distgen.engine.assist.assistant_spec builds it from model.assistant).
     `local_world_size`: the ranks on this host (DistContext.local_world_size), which share its RAM.
     `adapters`: LoRA adapters chosen per request, swapped into the weights (distgen.models.lora.AdapterBank).
-    `tokenizer`: the HF tokenizer, which structured output's grammars are compiled for (engine.grammar)."""
-    gen, defaults_why = device_defaults(gen, device)
+    `tokenizer`: the HF tokenizer, which structured output's grammars are compiled for (engine.grammar).
+    `label` ("rank R: ") and `layout` (layout.name): what the out-of-memory back-off's messages name."""
+    # 1. the batch, the compile and the cache, from the config, the device and the model
+    gen, defaults = device_defaults(gen, device)
     shape = shape if shape is not None else QueueShape.of(queue, gen)
     budget = rank_budget(gen, device, local_world_size)
     batch = batch or plan_batch_size(model, gen, shape, budget, device)
     gen = replace(gen, batch_size=batch.rows)
-    decode_steps = shape.decode_steps(gen.batch_size)
-    if assistant is not None:
-        if gen.compile == "on":
-            raise ConfigError(f"generation.compile=on is not possible with model.assistant={assistant.name}: its "
-                              "verify forwards change shape every step; use generation.compile=off or auto")
-        compile_plan = CompilePlan(False, reason=f"not compiling: model.assistant={assistant.name} verifies a "
-                                                 "different number of tokens each step")
-    elif gen.cache != "auto" and not CACHES.get(gen.cache).slots(gen) and gen.compile == "auto":
-        compile_plan = CompilePlan(False, reason=f"not compiling: generation.cache={gen.cache}")
-    else:
-        compile_plan = plan_compile(gen, model, decode_steps, lockstep, device)
-    if adapters is not None and compile_plan.freeze:  # a frozen graph would keep the weights it was compiled with
-        compile_plan = replace(compile_plan, freeze=False, reason=compile_plan.reason.replace(FROZEN_NOTE, "")
-                               + " (weights not frozen: model.lora swaps adapters into them)")
+    compile_plan = plan_engine_compile(gen, model, shape.decode_steps(gen.batch_size), lockstep, device, assistant,
+                                       adapters is not None)
     verify_tokens = max_draft_tokens(gen) + 1 if assistant is not None else 1
-    full = kv_shape(model.config, model_dtype(model))
-    quantized = kv_shape(model.config, model_dtype(model), quantized=True)
-    ring = ring_of(model, shape, gen, verify_tokens)
-    ring_need = None if ring is None else kv_shape(model.config, model_dtype(model), ring=ring).bytes(
-        gen.batch_size, shape.columns)
-    cache, why = plan_cache(gen, model, compile_plan.enabled, full.bytes(gen.batch_size, shape.columns), budget,
-                            device.type, quantized.bytes(gen.batch_size, shape.columns), shape.columns, ring_need)
+    cache = plan_engine_cache(gen, model, compile_plan.enabled, shape, budget, device, verify_tokens)
     if compile_plan.enabled:
         persist_inductor_cache(gen.compile_cache_dir)
-    if cache == "quantized":
-        why += f"; backend {gen.cache_quant_backend}, {quant_bits(gen)} bits"
-    choice = f"batch_size={batch.rows} ({batch.reason}), scheduler={gen.scheduler}, cache={cache} ({why}); " \
-             f"{compile_plan.reason}" + ("; out-of-memory back-off off (lockstep layout)" if lockstep else "")
-    choice += f"; {defaults_why}" if defaults_why else ""
-    if assistant is not None:
-        choice += f"; assisted by {assistant.name} ({gen.assistant_schedule}, {gen.num_assistant_tokens} draft tokens)"
-    autocast, autocast_why = plan_autocast(gen, model)
-    choice += f"; {autocast_why}" if autocast_why else ""
-    for said in apply_backends(gen, model, device, lockstep, compile_plan.enabled, autocast):
-        choice += f"; {said}"
+    # 2. autocast, the kernel backends (which prepare the model) and the slot attention
+    autocast, autocast_choice = plan_autocast(gen, model)
+    kernels = apply_backends(gen, model, device, lockstep, compile_plan.enabled, autocast)
     attention, attention_why = plan_attention(attention_context(
         model.config, device, autocast or model_dtype(model), model_dtype(model), gen.cpu_kernels, gen.autocast,
-        compile_plan.enabled, columns=shape.columns))
+        compile_plan.enabled, columns=shape.columns), gen.attention)
+    # 3. the cache, the assistant and the queue are built; what the plan reads of the cache
     spec = CacheSpec(model, gen, shape, gen.batch_size, pad_id, device, compile_plan.enabled,
                      verify_tokens=verify_tokens, attention=attention)
-    kind = CACHES.get(cache)
+    kind = CACHES.get(cache.name)
     kv = kind.build(spec)
-    if getattr(kv, "varlen", False):
-        choice += f"; decode attention: {attention_why}"
+    facts = CacheFacts.of(kv)
     helper = assistant and build_assistant(assistant, model, kv, gen, shape, pad_id, eos_ids, device)
+    assisted = helper is not None
     vocab = unwrapped(model).config.get_text_config().vocab_size
     grammars, grammar = GrammarBook(tokenizer, vocab, eos_ids), job_grammar(gen)
     waiting = RequestQueue(queue, lambda prompt, ids, sample: make_request(
         prompt, ids, gen, device, sample, vocab, assisted=assistant is not None, grammars=grammars, grammar=grammar),
                            samples or every_sample(gen))
-    engine = Engine(waiting, SCHEDULERS.get(gen.scheduler), kv, Runner(model, compile_plan, autocast),
-                    Sampler(gen, eos_ids, device), prefill_token_budget(gen, kv),
-                    stop_check, helper, mixed_steps=gen.mixed_steps)
-    engine.grammars = grammars
-    if adapters is not None:
-        engine.adapters = adapters
-        choice += f"; {len(adapters.names)} LoRA adapters swapped in per record"
-    engine.prefixes, sharing_why = plan_prefix_sharing(gen, kv, helper is not None)
-    choice += f"; {sharing_why}"
-    if engine.mixes and gen.scheduler != "static":  # a static batch admits prompts only once no row decodes
-        choice += "; mixed steps (the decoding rows ride along each prefill forward)"
-    # Rows addressed by slot id: a step's inputs come from device state, so the next step can be launched
-    # before this one's tokens are read. Not in lockstep layouts (every step a collective, landed in step) nor
-    # with an assistant (its accept step reads every row's tokens).
-    engine.pipelined = getattr(kv, "addressed", False) and not lockstep and helper is None
-    if engine.pipelined:
-        choice += "; pipelined steps (step N+1 launched before step N's tokens are read)"
-    if getattr(kv, "addressed", False) and helper is None:
-        graphs_off = graphs_blocker(device, lockstep, compile_plan.enabled, autocast, model, attention.capturable,
-                                    False, os.environ.get(GRAPHS_ENV, "1").strip() == "0")
-        engine.decoder = DecodeRunner(engine.runner, engine.sampler.eos_ids, capture=graphs_off is None,
-                                      why=graphs_off or "")
-        choice += f"; decode rows padded to {len(kv.buckets)} buckets of 1..{kv.buckets[-1]} rows, " + \
-            ("each captured as a CUDA graph on first use" if graphs_off is None else f"eager: {graphs_off}")
-    log.info("engine: %s", choice)
-    engine.choice, engine.batch = choice, batch
-    engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,
-                             inject_at=injected_oom_step())
-    return engine
+    graphs_off = graphs_blocker(device, lockstep, compile_plan.enabled, autocast, model, attention.capturable,
+                                False, os.environ.get(GRAPHS_ENV, "1").strip() == "0")
+    # 4. the plan: every decision with its reason
+    plan = EnginePlan(
+        batch=batch, scheduler=gen.scheduler, cache=cache, compile=compile_plan, lockstep=lockstep, defaults=defaults,
+        assistant=AssistantChoice(assistant.name, gen.assistant_schedule, gen.num_assistant_tokens)
+        if assistant is not None else None,
+        autocast=autocast_choice, kernels=kernels,
+        attention=AttentionChoice(attention.name, attention_why) if facts.varlen else None,
+        adapters=len(adapters.names) if adapters is not None else None,
+        sharing=plan_prefix_sharing(gen, kv, assisted), mixed=mixes(gen.mixed_steps, facts, assisted),
+        pipelined=pipelines(facts, lockstep, assisted), graphs=plan_graphs(facts, assisted, graphs_off),
+        token_budget=prefill_token_budget(gen, kv), batch_invariant=batch_invariant(model))
+    # 5. the engine, from the plan and its parts
+    runner, sampler = Runner(model, compile_plan, autocast), Sampler(gen, eos_ids, device)
+    decoder = None if plan.graphs is None else DecodeRunner(runner, sampler.eos_ids, capture=plan.graphs.capture,
+                                                            why=plan.graphs.reason)
+    backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,
+                      layout_note=f" (layout={layout})" if layout else "", inject_at=injected_oom_step(), label=label)
+    log.info("engine: %s", plan.describe())
+    return Engine(plan, waiting, SCHEDULERS.get(gen.scheduler), kv, runner, sampler, stop_check, helper,
+                  prefixes=PrefixIndex(plan.sharing.min_tokens) if plan.sharing.copies else None,
+                  decoder=decoder, backoff=backoff, adapters=adapters, grammars=grammars)

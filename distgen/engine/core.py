@@ -1,7 +1,10 @@
 """The engine: one step = schedule -> launch (one forward, its tokens sampled on the device) -> land (read the
 tokens, finish requests).
 
-Where the cache addresses rows by slot id and nothing runs in lockstep (`Engine.pipelined`), a step lands the
+The engine is built from its plan (plan.py: every decision the builder made, with its reason) and the parts the
+builder made for it; its state changes only through its own methods (a step, an out-of-memory back-off).
+
+Where the cache addresses rows by slot id and nothing runs in lockstep (`EnginePlan.pipelined`), a step lands the
 PREVIOUS step's tokens after launching its own forward: the forward of step N+1 is built from device state
 before the host reads step N's tokens (one read per step, `host.read`, through pinned memory), so the device
 never waits for the host's bookkeeping. A request that finished at step N (EOS, a stop string) is seen one step
@@ -17,10 +20,13 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from distgen.engine.assist import Assistant
-from distgen.engine.backoff import Backoff, back_off
+from distgen.engine.backoff import Backoff
+from distgen.engine.grammar import GrammarBook
 from distgen.engine.graphs import DecodeRunner
 from distgen.engine.host import READS, Pending, read
 from distgen.engine.kv.base import ForwardBatch, KVCache
+from distgen.engine.memory import BatchChoice
+from distgen.engine.plan import EnginePlan
 from distgen.engine.prefix import PrefixIndex
 from distgen.engine.queue import AdapterRun, RequestQueue
 from distgen.engine.request import Completion, Request, RequestFailed, Status
@@ -52,46 +58,65 @@ class Launched:
 
 
 class Engine:
-    def __init__(self, waiting: RequestQueue, scheduler: Scheduler, kv: KVCache, runner: Runner,
-                 sampler: Sampler, token_budget: int, stop_check: Optional[StopCheck] = None,
-                 assistant: Optional[Assistant] = None, mixed_steps: bool = True):
+    def __init__(self, plan: EnginePlan, waiting: RequestQueue, scheduler: Scheduler, kv: KVCache, runner: Runner,
+                 sampler: Sampler, stop_check: Optional[StopCheck] = None, assistant: Optional[Assistant] = None,
+                 prefixes: Optional[PrefixIndex] = None, decoder: Optional[DecodeRunner] = None,
+                 backoff: Optional[Backoff] = None, adapters: Optional[Adapters] = None,
+                 grammars: Optional[GrammarBook] = None):
+        self.plan = plan  # every decision behind this engine, with its reason (plan.py)
+        # The parts
         self.waiting = waiting  # lazy: requests are made as the scheduler reaches them
-        self.stop_check = stop_check
-        self.running: list[Request] = []  # requests holding a cache row, in the cache's row order
         self.scheduler, self.kv, self.runner, self.sampler = scheduler, kv, runner, sampler
-        self.token_budget = token_budget
+        self.stop_check = stop_check
         self.assistant = assistant  # set: decode steps are assisted (draft -> verify in one forward -> accept)
-        self.mixed_steps = mixed_steps  # generation.mixed_steps (see `mixes`)
+        # Shared prefixes (prefix.py): prompts' samples and prompts of one prefix copy the KV a slot holds; None where
+        # the cache does not copy between rows (every request prefills its whole prompt).
+        self.prefixes = prefixes
+        # Decode steps over rows addressed by slot id, padded to buckets, replayed as CUDA graphs where they can be
+        # (graphs.py); None: decode through kv.decode_inputs.
+        self.decoder = decoder
+        self.backoff = backoff  # out-of-memory back-off (backoff.py); None: errors propagate
+        # LoRA adapters chosen per request (model.lora by name); None: the weights never change. Requests come
+        # grouped by adapter (distgen.parallel.plan.decode_order); see `admissible`.
+        self.adapters = adapters
+        # Structured output's compiled grammars (grammar.py GrammarBook); requests with a grammar hold a matcher,
+        # whose next mask needs every token launched before (`land_constrained`).
+        self.grammars = grammars
+        # The state
+        self.running: list[Request] = []  # requests holding a cache row, in the cache's row order
         self.last_kind = ""
-        self.choice = ""  # which cache/compile the builder chose, and why (printed by the worker)
-        self.batch = None  # the batch size and why (memory.BatchChoice), set by the builder
-        self.backoff: Optional[Backoff] = None  # out-of-memory back-off (backoff.py); None: errors propagate
-        # Launch step N+1 before landing step N (set by the builder where the cache addresses rows by slot id,
-        # the layout is not lockstep and no assistant runs); the launched step not landed yet.
-        self.pipelined = False
-        self.inflight: Optional[Launched] = None
+        self.inflight: Optional[Launched] = None  # the launched step not landed yet (a pipelined engine)
         self.forwards = 0  # forwards launched
         self.prefill_tokens = 0  # prompt tokens run through forwards (what prefix sharing saves is not among them)
         self.prefill_seconds = 0.0  # wall seconds of launching the steps that carry prompt tokens
-        # Shared prefixes (prefix.py): prompts' samples and prompts of one prefix copy the KV a slot holds; set by the
-        # builder where the cache copies between rows, else None (every request prefills its whole prompt).
-        self.prefixes: Optional[PrefixIndex] = None
-        # Decode steps over rows addressed by slot id, padded to buckets, replayed as CUDA graphs where they can be
-        # (graphs.py); set by the builder for such caches, else None (decode through kv.decode_inputs).
-        self.decoder: Optional[DecodeRunner] = None
         self.reads_at_start = READS.count
-        # LoRA adapters chosen per request (model.lora by name); None: the weights never change. Requests come
-        # grouped by adapter (distgen.parallel.plan.decode_order); see `admissible`.
-        self.adapters: Optional[Adapters] = None
-        # Structured output's compiled grammars (engine.grammar.GrammarBook), set by the builder; requests with a
-        # grammar hold a matcher, whose next mask needs every token launched before (`land_constrained`).
-        self.grammars = None
+
+    @property
+    def choice(self) -> str:
+        """The engine line: which batch, cache, compile ... the builder chose, and why (printed by the worker)."""
+        return self.plan.describe()
+
+    @property
+    def batch(self) -> BatchChoice:
+        """The batch size the engine started with, and why."""
+        return self.plan.batch
+
+    @property
+    def pipelined(self) -> bool:
+        """Launch step N+1 before landing step N (the cache addresses rows by slot id, the layout is not lockstep
+        and no assistant runs)."""
+        return self.plan.pipelined
 
     @property
     def mixes(self) -> bool:
         """Whether decoding rows ride along prefill forwards: asked for, and the cache packs both into one
         forward (an assisted decode is a verify forward of its own, so it never mixes)."""
-        return self.mixed_steps and self.kv.mixes and self.assistant is None
+        return self.plan.mixed
+
+    def on_failed(self, report: Callable[[Completion], None]) -> None:
+        """A prompt whose request cannot be made (distgen.engine.queue) is finished as an error completion, handed
+        to `report`."""
+        self.waiting.on_failed = report
 
     @property
     def has_work(self) -> bool:
@@ -114,8 +139,23 @@ class Engine:
             if refusal:
                 self.backoff.say(refusal)
                 raise
-        back_off(self, error_text)  # outside the except block: the traceback's tensors are gone
+        self.back_off(error_text)  # outside the except block: the traceback's tensors are gone
         return []
+
+    def back_off(self, error_text: str) -> None:
+        """Halve the batch after running out of memory (backoff.py): free the cache, requeue the running requests
+        from scratch (their launched step's tokens dropped, their token history with them), rebuild."""
+        requests, self.running, self.inflight = self.running, [], None
+        self.sampler.release(requests)
+        self.kv.close()
+        self.kv = None
+        if self.prefixes is not None:  # no slot holds a prefix any more
+            self.prefixes.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.waiting.requeue(requests)
+        self.kv, self.last_kind = self.backoff.shrink(), ""
+        self.backoff.say_shrunk(error_text, len(requests))
 
     def forward_step(self) -> list[Completion]:
         landed = self.land_constrained()
@@ -127,7 +167,9 @@ class Engine:
             self.backoff.before_forward()
         if plan.kind == "decode" and self.assistant is not None:
             self.forwards += 1
-            return self.assistant.step(self, plan.requests)
+            completions = self.assistant.step(self.kv, self.runner, self.finish_reason, plan.requests)
+            self.drop_finished()
+            return completions
         started = time.perf_counter()
         launched = self.launch(plan)
         if plan.kind != "decode":
@@ -166,7 +208,7 @@ class Engine:
         free = self.kv.free_rows
         if self.prefixes is not None and free:  # the front requests' shared prefixes; one that should wait stops them
             free = self.prefixes.admissible(waiting, free, self.kv)
-        state = SchedulerState(waiting, running, free, self.token_budget, self.last_kind, mixes=self.mixes)
+        state = SchedulerState(waiting, running, free, self.plan.token_budget, self.last_kind, mixes=self.mixes)
         plan = self.scheduler(state)
         if not plan.requests:
             return plan
@@ -252,8 +294,12 @@ class Engine:
                 request.status, request.row = Status.FINISHED, -1
                 self.sampler.release([request])
         if completions:
-            self.running = [r for r in self.running if r.status is not Status.FINISHED]
+            self.drop_finished()
         return completions
+
+    def drop_finished(self) -> None:
+        """Finished requests leave the running list."""
+        self.running = [r for r in self.running if r.status is not Status.FINISHED]
 
     def finish_reason(self, request: Request, is_eos: bool) -> Optional[str]:
         """After a request took a token: "stop" (its grammar ended), "stop" (a stop string appeared), "eos" (unless

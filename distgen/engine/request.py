@@ -74,7 +74,7 @@ class Request:
         if self.error is not None:
             return Completion(self.prompt, self.prompt_length, [], reason, self.error, self.sample)
         return Completion(self.prompt, self.prompt_length, self.generated, reason, sample=self.sample,
-                          logprobs=self.logprobs)
+                          logprobs=self.logprobs, sampled=self.generator is not None)
 
     @property
     def saturated(self) -> bool:
@@ -91,3 +91,4 @@ class Completion:
     error: Optional[str] = None  # why it failed: it becomes an error record
     sample: int = 0  # its sample_index (generation.n)
     logprobs: Optional[list[dict]] = None  # per token in token_ids, when asked (Request.logprobs)
+    sampled: bool = False  # its tokens were drawn (temperature > 0), not chosen greedily

@@ -22,7 +22,8 @@ from distgen.inputs.keys import join_halves
 from distgen.job.worker import RankRun, generate_shard
 from distgen.common.files import write_atomic
 from distgen.common.hub import hub_commit
-from distgen.outputs.coordinator import format_table, gather_to_coordinator, run_figures, summarize, whole_job, write_stats
+from distgen.outputs.coordinator import (format_table, gather_to_coordinator, resumed_draws_note, run_figures,
+                                         summarize, whole_job, write_stats)
 from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, read_manifest
 from distgen.outputs.lock import OutputLock
 from distgen.outputs.progress import ProgressDisplay
@@ -146,6 +147,9 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
             np.concatenate(coverage.completion_tokens or [np.zeros(0, np.int32)]), runs, metadata))
     if cfg.print_table:
         print(format_table(stats, summary))
+    note = resumed_draws_note(job.resumed, runs)
+    if note:
+        print(f"distgen: {note}", flush=True)
     where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR
     print(f"wrote {job.record_count} records to {where} ({summary['errors']} errors)", flush=True)
 

@@ -133,9 +133,8 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
                           shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant,
                           local_world_size=ctx.local_world_size, adapters=placed.adapters,
-                          samples=job.sample_indices, tokenizer=job.tokenizer)
-    engine.backoff.label = f"rank {ctx.rank}: "
-    engine.backoff.layout_note = f" (layout={job.cfg.layout.name})"
+                          samples=job.sample_indices, tokenizer=job.tokenizer, label=f"rank {ctx.rank}: ",
+                          layout=job.cfg.layout.name)
     if ctx.is_coordinator:
         print(f"distgen: engine: {engine.choice}", flush=True)
     if batch is not None:
@@ -153,6 +152,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
             live.prompts += len(finished)
             live.prompt_tokens += sum(r["prompt_tokens"] for r in finished)
             live.generated_tokens += sum(r["completion_tokens"] for r in finished)
+            live.sampled += sum(c.sampled and c.error is None for c in completions)
 
         try:
             run_loop(engine, placed.lockstep, lambda: idle_forward(model, pad_id, device), device, keep,
@@ -185,5 +185,6 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
         prefill_step_seconds=round(engine.prefill_seconds, 3),
         **graph_counts(engine),
         blocking_syncs_per_step=round(engine.host_reads / max(1, counters.forward_steps), 3),
-        **draft_counts(engine), **adapter_counts(placed.adapters))
+        **draft_counts(engine), **adapter_counts(placed.adapters),
+        engine=engine.plan.as_dict(), batch_invariant=engine.plan.batch_invariant, sampled_completions=live.sampled)
     return RankRun(stats, [asdict(sample) for sample in sampler.samples])

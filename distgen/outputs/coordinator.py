@@ -62,9 +62,28 @@ RUN_KEYS = ("world_size", "resumed", "prompt_tokens", "generated_tokens", "gener
 
 
 def run_figures(summary: dict, stats: Sequence[RankStats]) -> dict:
-    """This run's entry in the manifest's runs list: when it ended, what it generated and how fast."""
+    """This run's entry in the manifest's runs list: when it ended, what it generated and how fast, how many
+    completions drew their tokens, and whether every rank's rows were batch-invariant."""
     return {"ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompts": sum(s.prompts for s in stats),
-            "forward_steps": sum(s.forward_steps for s in stats), **{k: summary[k] for k in RUN_KEYS}}
+            "forward_steps": sum(s.forward_steps for s in stats), **{k: summary[k] for k in RUN_KEYS},
+            "sampled_completions": sum(s.sampled_completions for s in stats),
+            "batch_invariant": all(s.batch_invariant for s in stats)}
+
+
+def resumed_draws_note(resumed: int, runs: Sequence[dict]) -> Optional[str]:
+    """What the closing lines say when a job that samples (a run counted completions that drew their tokens)
+    resumed (`resumed` records were done earlier) over runs whose rows were not batch-invariant (a run entry from
+    before the key existed counts as not): its records are valid draws, not necessarily an uninterrupted run's
+    tokens. `runs`: the manifest's entries, this run's last. A run that crashed left no entry; it ran this job's
+    settings (the kernels may differ: generation.cpu_kernels does not change the job), judged by the others."""
+    if not resumed or not any(r.get("sampled_completions", 0) for r in runs):
+        return None
+    if all(r.get("batch_invariant", False) for r in runs):
+        return None
+    return ("note: this job samples and was resumed on rows that are not batch-invariant (a row's logits depend on "
+            "the rows sharing its forward: torch's kernels, or distgen's CPU kernels without their own decoder "
+            "stack): its records are valid draws, but not necessarily the tokens an uninterrupted run would have "
+            "drawn (docs/outputs.md, resume)")
 
 
 def whole_job(summary: dict, runs: Sequence[dict], prompt_tokens: int, generated_tokens: int) -> dict:

@@ -29,6 +29,7 @@ class LiveCounters:
     prompts: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    sampled: int = 0  # completions whose tokens were drawn (temperature > 0), not chosen greedily
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,19 @@ def outcomes_section(summary: dict) -> str:
     return found
 
 
+def engine_section(ranks: Sequence[dict]) -> str:
+    """Each decision of the coordinator's engine plan with its reason (stats.json's ranks[i].engine), and the ranks
+    whose engine line differs from it."""
+    plans = [(r["rank"], r.get("engine") or {}) for r in ranks]
+    if not plans or not plans[0][1]:
+        return ""
+    first = plans[0][1]
+    others = [(f"rank {rank}", plan.get("line", "")) for rank, plan in plans[1:] if plan.get("line") != first["line"]]
+    said = [(name, f"{d['value']}: {d['reason']}" if d["reason"] else d["value"]) for name, d in first.items()
+            if name != "line"]
+    return f"<h2>Engine (rank {plans[0][0]})</h2>" + key_values(said + others)
+
+
 def run_section(run: Optional[dict]) -> str:
     """What produced the outputs: model, dataset, versions, devices, hosts, date, and the composed config."""
     if not run:
@@ -172,4 +185,5 @@ def render_report(summary: dict, ranks: Sequence[dict], timelines: Sequence[Sequ
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>distgen report</title>"
             "<style>body{font-family:sans-serif;margin:2em}figure{margin:1em 0}figcaption{font-weight:bold}"
             "td,th{text-align:left;padding:0 1em}</style></head><body><h1>distgen report</h1>"
-            f"{rows}{outcomes_section(summary)}{runs_table(runs)}{''.join(charts)}{run_section(run)}</body></html>\n")
+            f"{rows}{outcomes_section(summary)}{runs_table(runs)}{engine_section(ranks)}{''.join(charts)}"
+            f"{run_section(run)}</body></html>\n")

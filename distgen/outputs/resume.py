@@ -38,7 +38,7 @@ SAMPLE_BYTES = 1024 * 1024
 # Generation settings that decide how work is batched and run, not what is generated (`cache` stays
 # in: a quantized KV cache changes the tokens).
 BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "mixed_steps", "compile", "compile_mode", "compile_cache_dir",
-                 "prefill_chunk_tokens", "sync_every", "cpu_kernels", "prefix_sharing")
+                 "prefill_chunk_tokens", "sync_every", "cpu_kernels", "prefix_sharing", "attention")
 # Generation settings added after jobs were first fingerprinted, with their default: part of the settings only
 # when set otherwise, so an earlier job keeps its fingerprint and its outputs are still found.
 LATER_KEYS = {"n": 1, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,

@@ -74,6 +74,13 @@ class RankStats:
     prefill_tokens: int = 0
     shared_prefix_tokens: int = 0
     prefill_step_seconds: float = 0.0
+    # The engine's plan: every decision the builder made, with its reason, and its line (distgen/engine/plan.py).
+    engine: dict = field(default_factory=dict)
+    # Whether a row's logits did not depend on its batch (the engine plan's batch_invariant), and how many of this
+    # rank's completions drew their tokens (temperature > 0): a resumed job that samples on rows that are not
+    # batch-invariant draws valid tokens, but not necessarily the ones an uninterrupted run would have.
+    batch_invariant: bool = False
+    sampled_completions: int = 0
 
     @property
     def acceptance_rate(self) -> float:

@@ -45,7 +45,7 @@ def run_loop(engine: Engine, lockstep: bool, idle_step: Callable[[], None],
     """`counters`, when given, is updated as the loop runs (a sampler thread reads it)."""
     counters = LoopCounters() if counters is None else counters
     # A prompt whose request cannot be made (distgen.engine.queue) is finished as an error completion.
-    engine.waiting.on_failed = lambda completion: on_finished([completion])
+    engine.on_failed(lambda completion: on_finished([completion]))
     start = time.perf_counter()
     step = 0
     while True:

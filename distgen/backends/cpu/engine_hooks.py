@@ -2,7 +2,8 @@
 - the slot attention `cpu_kernels` (engine/kv/attention.py's table): the decode tokens read exactly their own
   slot's columns through `kernels.decode_attention`, new keys/values are written by `kernels.write_kv`, prompt
   segments run the engine's SDPA; the owned decoder stack (model.py) may take the whole forward;
-- the kernel backend `cpu` (engine/kernels.py): generation.cpu_kernels packs and fuses the model's modules.
+- the kernel backend `cpu` (engine/kernels.py): generation.cpu_kernels packs and fuses the model's modules, and
+  says whether rows are batch-invariant (model.arithmetic: the owned stack runs the forwards).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from distgen.backends.cpu.kernels import apply_kernels, decode_attention, decode_attention_blocker, plan_kernels, \
     write_kv
+from distgen.backends.cpu.model import arithmetic
 from distgen.config import GenerationConfig
 from distgen.engine.kernels import KERNEL_BACKENDS, KernelBackend
 from distgen.engine.kv.attention import AttentionContext, SlotAttention, new_out, register, require_plain, \
@@ -56,4 +58,9 @@ def prepare(gen: GenerationConfig, model: torch.nn.Module, device: torch.device,
     return apply_kernels(plan_kernels(gen.cpu_kernels, model, device, lockstep, compiling, autocast), model)
 
 
-KERNEL_BACKENDS.register("cpu", None, KernelBackend("cpu", prepare))
+def batch_invariant(model: torch.nn.Module) -> bool:
+    """Rows are batch-invariant where distgen's owned stack runs the forwards (model.arithmetic)."""
+    return arithmetic(model).batch_invariant
+
+
+KERNEL_BACKENDS.register("cpu", None, KernelBackend("cpu", prepare, batch_invariant))

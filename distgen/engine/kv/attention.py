@@ -28,8 +28,9 @@ only by torch_sdpa and varlen_reference (transformers' eager arithmetic: SDPA ta
 such models (`AttentionContext.softcap`), and distgen's CPU kernels refuse binding windows
 (`AttentionContext.window`), so auto selection passes on to one that applies them.
 
-The builder picks one per engine (`plan_attention`): DISTGEN_ATTENTION=<name> forces one (a bench and test
-switch); otherwise the first of AUTO_ORDER that can run here, and the engine line says which and why.
+The builder picks one per engine (`plan_attention`): generation.attention=<name> forces one (the bench's variants,
+the tests); auto (the default) takes the first of AUTO_ORDER that can run here, and the engine line says which and
+why.
 Implementations that read "varlen" metadata address rows by slot id: decode rows need not be slots 0..n-1, so
 the cache never moves a row's keys to compact them, and a decode step's inputs come from device state alone
 (what CUDA graphs and steps launched before the last one's tokens are read need).
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -52,10 +52,9 @@ from distgen.engine.windows import LayerWindows, attention_softcap
 if TYPE_CHECKING:
     from distgen.engine.kv.varlen import AttentionPlan, Segment
 
-# Forces an implementation by name (bench/gpu.py's variants, the tests); unset: plan_attention picks.
-ATTENTION_ENV = "DISTGEN_ATTENTION"
-# Tried in this order where nothing is forced; names not registered (cpu_kernels without its backend
-# imported) are skipped.
+# The config key that names an implementation (auto: plan_attention picks).
+ATTENTION_KEY = "generation.attention"
+# Tried in this order under auto; names not registered (cpu_kernels without its backend imported) are skipped.
 AUTO_ORDER = ("cpu_kernels", "flash_attn", "cuda_varlen", "sdpa_folded", "torch_sdpa")
 HALF = (torch.bfloat16, torch.float16)
 
@@ -112,7 +111,9 @@ class SlotAttention:
         return self.decode_reads == "varlen"
 
 
-ATTENTIONS: Registry[SlotAttention] = Registry(ATTENTION_ENV, valued=True)
+# generation.attention's names (the catalog checks a config's name against them; --help lists them).
+ATTENTIONS: Registry[SlotAttention] = Registry(ATTENTION_KEY, valued=True, also={
+    "auto": f"the first of {', '.join(AUTO_ORDER)} that can run here (the engine line says which and why)"})
 
 
 def register(impl: SlotAttention, doc: type) -> SlotAttention:
@@ -235,8 +236,9 @@ def attend_sdpa(plan: "AttentionPlan", layer: Any, query: torch.Tensor, scale: f
 
 
 class TorchSdpa:
-    """SDPA with an additive decode mask and enable_gqa; one SDPA per prefill segment (CPU and fp32 default);
-    sliding windows as masks, soft-capping in transformers' eager arithmetic."""
+    """SDPA with an additive decode mask and enable_gqa, one SDPA per prefill segment (CPU and fp32 default).
+
+    Sliding windows as masks, soft-capping in transformers' eager arithmetic."""
 
 
 register(SlotAttention("torch_sdpa", attend_sdpa, lambda ctx: None,
@@ -399,7 +401,7 @@ class VarlenReference:
 
 register(SlotAttention("varlen_reference", reference_forward, lambda ctx: None,
                        "varlen_reference (cuda_varlen's metadata read by plain torch)",
-                       unwanted=lambda ctx: "a reference for tests, named by DISTGEN_ATTENTION only",
+                       unwanted=lambda ctx: f"a reference for tests, named by {ATTENTION_KEY} only",
                        decode_reads="varlen", token_major=True, capturable=True), VarlenReference)
 
 
@@ -438,21 +440,16 @@ register(SlotAttention("flash_attn", flash_attn_forward, flash_attn_blocker,
 
 # --- choosing one ---
 
-def forced_name() -> str:
-    return os.environ.get(ATTENTION_ENV, "").strip()
-
-
-def plan_attention(ctx: AttentionContext) -> tuple[SlotAttention, str]:
-    """(the implementation, what the engine line says): DISTGEN_ATTENTION's, else the first of AUTO_ORDER that
-    can run; on CUDA the line names why the ones before it could not."""
-    name = forced_name()
-    if name:
+def plan_attention(ctx: AttentionContext, name: str = "auto") -> tuple[SlotAttention, str]:
+    """(the implementation, what the engine line says): the one `name` (generation.attention) forces, else (auto)
+    the first of AUTO_ORDER that can run; on CUDA the line names why the ones before it could not."""
+    if name != "auto":
         impl = ATTENTIONS.get(name)
         blocker = impl.blocker(ctx)
         if blocker:
-            raise ConfigError(f"{ATTENTION_ENV}={name} cannot run here: {blocker}; unset it, or name one of "
-                              + ", ".join(ATTENTIONS.names()))
-        return impl, f"{impl.describe} ({ATTENTION_ENV}={name})"
+            raise ConfigError(f"{ATTENTION_KEY}={name} cannot run here: {blocker}; use {ATTENTION_KEY}=auto, or "
+                              "one of " + ", ".join(ATTENTIONS.names()))
+        return impl, f"{impl.describe} ({ATTENTION_KEY}={name})"
     if ctx.compiling and ctx.device.type == "cuda":
         return ATTENTIONS.get("torch_sdpa"), ATTENTIONS.get("torch_sdpa").describe + \
             " (the compiled CUDA decode reads a fixed-width mask)"
