@@ -34,7 +34,7 @@ from distgen.inputs.records import Prompt
 from distgen.common.registry import Registry
 from distgen.engine.sampling import RowSampling, row_sampling, sequence_generator
 
-log = logging.getLogger("distgen.engine")
+logger = logging.getLogger(__name__)
 
 # Settings left to the device (null in the config): on CUDA a forward costs about the same up to thousands of
 # tokens and rows are what the memory holds, so prompts are prefilled this many tokens per forward and
@@ -457,7 +457,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                                       why=graphs_off or "")
         choice += f"; decode rows padded to {len(kv.buckets)} buckets of 1..{kv.buckets[-1]} rows, " + \
             ("each captured as a CUDA graph on first use" if graphs_off is None else f"eager: {graphs_off}")
-    log.info("engine: %s", choice)
+    logger.debug("engine: %s", choice)  # rank 0 says it at info (distgen/job/worker.py)
     engine.choice, engine.batch = choice, batch
     engine.backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,
                              inject_at=injected_oom_step())

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +16,8 @@ from transformers.utils import is_flash_attn_2_available
 from distgen.common.errors import ConfigError
 from distgen.common.registry import Registry
 from distgen.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # model.source: where the weights come from.
 MODEL_SOURCES: Registry[None] = Registry("model.source", valued=True)
@@ -240,9 +242,9 @@ def ensure_pad_token(tokenizer, where: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token
         return
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
-    print(f"distgen: the tokenizer of {where} has neither a pad nor an EOS token: padding with token id 0 "
-          f"({tokenizer.pad_token!r}, masked out); completions end only at max_new_tokens unless "
-          "generation.eos_token_ids is set", file=sys.stderr, flush=True)
+    logger.warning("the tokenizer of %s has neither a pad nor an EOS token: padding with token id 0 (%r, masked "
+                   "out); completions end only at max_new_tokens unless generation.eos_token_ids is set", where,
+                   tokenizer.pad_token)
 
 
 def load_tokenizer(cfg: ModelConfig):
