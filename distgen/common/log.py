@@ -32,7 +32,7 @@ REPORT = "distgen.report"
 # `wrote N records` line, as vLLM's VLLM_LOGGING_LEVEL=WARNING hides its run-batch lines; stats.json, report.html
 # and the exit status say how the job went.
 LOG_LEVELS: Registry[int] = Registry("output.log_level", valued=True)
-LOG_LEVELS.register("debug", None, logging.DEBUG, doc="info, and each rank's engine and internal details")
+LOG_LEVELS.register("debug", None, logging.DEBUG, doc="info, and each rank's engine line")
 LOG_LEVELS.register("info", None, logging.INFO,
                     doc="progress, the engine, resuming, the table and `wrote N records` (the default)")
 LOG_LEVELS.register("warning", None, logging.WARNING,

@@ -77,12 +77,13 @@ class ProgressDisplay:
     """Rank 0's view of all ranks: a tqdm bar on a terminal (`out`, stderr), else a line to `say` (an info line)
     every `every_s`. Where info lines are not shown (--quiet), neither is the bar."""
 
-    def __init__(self, total_prompts: int, every_s: float, out: TextIO = sys.stderr,
+    def __init__(self, total_prompts: int, every_s: float, out: Optional[TextIO] = None,
                  clock: Callable[[], float] = time.monotonic, terminal: Optional[bool] = None,
                  say: Callable[[str], None] = logger.info):
         self.total, self.every_s, self.clock, self.say = total_prompts, every_s, clock, say
         self.start = self.last_line = clock()
         self.bar = None
+        out = sys.stderr if out is None else out  # looked up now: a redirect (or pytest's capture) since import
         if (out.isatty() if terminal is None else terminal) and logger.isEnabledFor(logging.INFO):
             from tqdm import tqdm
             self.bar = tqdm(total=total_prompts, unit="prompt", file=out, dynamic_ncols=True, desc="distgen")
