@@ -64,7 +64,7 @@ def quiet_as_override(args: Sequence[str]) -> list[str]:
 def name_rank(environ: Mapping[str, str]) -> None:
     """Each line names this rank from here on, when its launcher says it is one of several."""
     try:
-        info = discover(environ)
+        info = discover(environ, 0)  # the rank and world size only (deepspeed gives the local rank as an argument)
     except RuntimeError:  # a launcher's variables that do not read as numbers: the rank reports it when it starts
         return
     log.name_rank(info.rank, info.world_size)

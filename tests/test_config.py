@@ -28,7 +28,8 @@ def test_defaults_compose_into_typed_config():
     (["colour=red"], r"unknown config key 'colour'; keys allowed under the top level: model, layout"),
     (["generation.batch_size=many"], r"generation.batch_size='many' is not allowed: expected auto or an integer >= 1"),
     (["generation.batch_size=2.5"], r"generation.batch_size=2.5 is not allowed"),
-    (["output.log_level=loud"], r"output.log_level='loud' is not allowed: expected one of debug, info, warning, error$"),
+    (["output.log_level=loud"],
+     r"output.log_level='loud' is not allowed: expected one of debug, info, warning, error$"),
     (["generation.memory_fraction=0"], r"generation.memory_fraction=0.* must be in \(0, 1\]"),
     (["generation.cache=offloaded", "device=cpu"], r"generation.cache='offloaded' is not allowed: it runs on cuda "
                                                    r"only, and this job runs on cpu; caches for cpu: auto, dynamic, "
@@ -123,7 +124,8 @@ def test_quiet_shows_warnings_and_errors_only(tiny_model_dir, prompts_file, tmp_
 
 
 def test_debug_shows_each_ranks_engine_line(tiny_model_dir, prompts_file, tmp_path, capsys):
-    job = [f"model={tiny_model_dir}", f"dataset={prompts_file}", f"output.dir={tmp_path}", "generation.max_new_tokens=2"]
+    job = [f"model={tiny_model_dir}", f"dataset={prompts_file}", f"output.dir={tmp_path}",
+           "generation.max_new_tokens=2"]
     assert run_main([*job, "output.log_level=debug", "output.print_table=false"]) == 0
     assert capsys.readouterr().out.count("distgen: engine: ") == 2  # build.py's (debug, each rank), rank 0's (info)
 
