@@ -101,8 +101,8 @@ def test_print_config_and_check_flags(capsys, tmp_path):
 def test_a_log_level_typo_stops_the_launcher_before_anything_starts(tmp_path, capsys):
     out = tmp_path / "out"
     assert launch_main([*TINY, "launcher=torchrun", "output.log_level=verbose", f"output.dir={out}"]) == 2
-    assert capsys.readouterr() == ("", "distgen: config error: output.log_level='verbose' is not allowed: expected one "
-                                       "of debug, info, warning, error\n")
+    assert capsys.readouterr() == ("", "distgen: config error: output.log_level='verbose' is not allowed: expected "
+                                       "one of debug, info, warning, error\n")
     assert not out.exists()
 
 

@@ -199,8 +199,8 @@ def start_watchdog(grace_s: float) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
     try:
         level = str(logging.getLogger(log.ROOT).getEffectiveLevel())  # the launcher's output.log_level
-        watchdog = subprocess.Popen([sys.executable, "-m", "distgen.common.procs", str(grace_s), level], stdin=read_end,
-                                    stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+        watchdog = subprocess.Popen([sys.executable, "-m", "distgen.common.procs", str(grace_s), level],
+                                    stdin=read_end, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
     finally:
         os.close(read_end)
     return watchdog, write_end
