@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -372,10 +373,14 @@ def run_measured(launch: Launch, timeout_s: float, poll: Optional[Callable[[floa
 
 # ---------------------------------------------------------------- distgen, as a user runs it
 
+# Rank 0's engine line (distgen/job/worker.py), with or without the rank in its prefix.
+ENGINE_LINE = re.compile(rb"^distgen(\[rank 0\])?: engine: ", re.MULTILINE)
+
+
 class DistgenWatch:
-    """distgen's stamps seen from outside: the coordinator prints `distgen: engine: ...` just before its
-    loop starts (ready), and a rank's output shard (output.dir/outputs/part-*) gets its first line when its
-    first completion finishes (first output)."""
+    """distgen's stamps seen from outside: the coordinator prints `distgen: engine: ...` (`distgen[rank 0]:
+    engine: ...` in a job of several ranks) just before its loop starts (ready), and a rank's output shard
+    (output.dir/outputs/part-*) gets its first line when its first completion finishes (first output)."""
 
     def __init__(self, out_dir: Path, log: Path):
         self.outputs, self.log = out_dir / "outputs", log
@@ -383,7 +388,7 @@ class DistgenWatch:
         self.first_output: Optional[float] = None
 
     def __call__(self, now: float) -> None:
-        if self.ready is None and self.log.is_file() and b"distgen: engine:" in self.log.read_bytes():
+        if self.ready is None and self.log.is_file() and ENGINE_LINE.search(self.log.read_bytes()):
             self.ready = now
         if self.first_output is None and self.outputs.is_dir():
             if any(p.stat().st_size > 0 for p in self.outputs.glob("part-*")):

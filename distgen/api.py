@@ -8,6 +8,11 @@
 `generate` runs the same job the command line runs, with the same checks and errors (a `ConfigError` naming the
 bad key or value): launcher=none (the default) runs it in this process as one rank; any other launcher starts its
 ranks as `python -m distgen.launch` would and waits for them.
+
+Its lines go to the `distgen` logger: where the host application configured logging (a handler on the root
+logger), they reach the host's handlers at the host's levels and distgen adds no handler; where it did not,
+distgen's own handler shows them during the call, as the command line would (output.log_level), and is removed
+after it (distgen/common/log.py).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+from distgen.common import log
 from distgen.common.errors import ConfigError
 from distgen.launch import launch_job
 from distgen.outputs.samples import record_order
@@ -72,6 +78,7 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
     if "dataset" in keys or "dataset.path" in keys:
         raise ConfigError("dataset= is not allowed among the overrides of distgen.generate: pass the prompts")
     with ExitStack() as stack:
+        stack.enter_context(log.for_api())
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distgen-")))
         args = [f"dataset={write_prompts(prompts, folder)}"]
         if model is not None:
@@ -89,6 +96,7 @@ def run(args: list[str]) -> Path:
 
     overrides, job_file = split_job_file(args)
     cfg = load_config(overrides, job_file=job_file)
+    log.configure(cfg.output.log_level)  # nothing where the host application configured logging
     out_dir = Path(cfg.output.dir)
     status = launch_job(cfg, overrides, job_file)
     if status != 0:

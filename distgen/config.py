@@ -449,6 +449,9 @@ class DatasetConfig:
 class OutputConfig:
     dir: str = "outputs"
     print_table: bool = True
+    # The lowest level of distgen's lines shown: a name in distgen.common.log.LOG_LEVELS (debug, info, warning,
+    # error); --quiet is warning. Info and debug go to stdout, warnings and errors to stderr.
+    log_level: str = "info"
     # Each rank logs its progress this often (seconds); 0 turns it off.
     progress_every_s: float = 30.0
     # Skip prompts an earlier run of the same job finished into this output.dir (per record: same index, id,

@@ -2,21 +2,25 @@
 
     python -m distgen.launch launcher=torchrun launcher.nproc_per_node=2 layout=fsdp dataset=prompts.jsonl
 
-With launcher=none the job runs in this process (one rank).
+With launcher=none the job runs in this process (one rank). --quiet (-q): only warnings and errors.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from distgen.common import log
 from distgen.common.errors import ConfigError, LaunchError
 from distgen.config import RunConfig
 from distgen.launchers import get_launcher
 from distgen.catalog.load import job_file_args, load_config, split_job_file
 from distgen.outputs.shards import job_complete
 from distgen.job.prepare import finished_message, prepare_job
-from distgen.run import FLAGS, main as run_main
+from distgen.run import FLAGS, main as run_main, quiet_as_override
+
+logger = logging.getLogger(__name__)
 
 
 def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path] = None) -> int:
@@ -24,7 +28,7 @@ def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path
     Raises ConfigError for what can be found wrong before any rank starts."""
     job = prepare_job(cfg)  # refuses here, before any worker, what rank 0 would refuse (a lock, a changed job)
     if job.reuses and job_complete(Path(cfg.output.dir), job.fingerprint):
-        print(finished_message(job), flush=True)
+        logger.info(finished_message(job))
         return 0
     # The ranks read the same job file (by its absolute path) and the same overrides.
     return get_launcher(cfg.launcher.name).launch(cfg, job_file_args(job_file) + list(overrides), run_main)
@@ -32,23 +36,26 @@ def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    log.configure()
     if any(flag in overrides for flag in ("--help", "-h", *FLAGS)):
         if "--help" in overrides or "-h" in overrides:
             print(__doc__)
         return run_main(overrides)
     try:
-        overrides, job_file = split_job_file(overrides)
-        return launch_job(load_config(overrides, job_file=job_file), overrides, job_file)
+        overrides, job_file = split_job_file(quiet_as_override(overrides))
+        cfg = load_config(overrides, job_file=job_file)
+        log.configure(cfg.output.log_level)
+        return launch_job(cfg, overrides, job_file)
     except ConfigError as err:
-        print(f"distgen: config error: {err}", file=sys.stderr)
+        logger.error("config error: %s", err)
         return 2
     except LaunchError as err:
-        print(f"distgen: launch failed: {err}", file=sys.stderr)
+        logger.error("launch failed: %s", err)
         return 1
 
 
 def cli() -> None:
-    sys.exit(main())
+    sys.exit(log.exit_status(main, "the launcher"))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from distgen.catalog.load import config_to_yaml, help_text, load_config, split_job_file
+from distgen.common import log
 from distgen.common.errors import ConfigError
 from distgen.job.prepare import check_inputs, prepare_job, resolve_sources
 from distgen.job.run import config_error, run_ranks
@@ -25,9 +26,15 @@ Options:
   --print-config  show the composed config (unchecked, so it works before a model is named) and exit
   --check         check the config, the prompts file, the model folder (config, weight file headers, remote
                   code), its tokenizer and what an earlier job left in output.dir, then exit
+  --quiet, -q     only warnings and errors (output.log_level=warning; it wins over a log_level given with it):
+                  no progress, no table, no `wrote N records` line (stats.json and the exit status say how it went)
   --help          this text, the config groups and every key with its default
+
+Lines: info to stdout, warnings and errors to stderr; `distgen[rank N]: ` on each line a rank of a job of several
+ranks prints, `distgen: ` on the launcher's and a one-rank job's (docs/outputs.md).
 """
 FLAGS = ("--print-config", "--check")
+QUIET_FLAGS = ("--quiet", "-q")
 # deepspeed's launcher passes one of these to the module it starts, before the user's arguments.
 LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
 
@@ -47,23 +54,42 @@ def split_local_rank(args: Sequence[str]) -> tuple[list[str], int | None]:
     return rest, local_rank
 
 
+def quiet_as_override(args: Sequence[str]) -> list[str]:
+    """The arguments with --quiet (-q) as `output.log_level=warning`, last, so that it wins and reaches every rank
+    with the other overrides."""
+    rest = [arg for arg in args if arg not in QUIET_FLAGS]
+    return rest + ["output.log_level=warning"] if len(rest) < len(args) else rest
+
+
+def name_rank(environ: Mapping[str, str]) -> None:
+    """Each line names this rank from here on, when its launcher says it is one of several."""
+    try:
+        info = discover(environ, 0)  # the rank and world size only (deepspeed gives the local rank as an argument)
+    except RuntimeError:  # a launcher's variables that do not read as numbers: the rank reports it when it starts
+        return
+    log.name_rank(info.rank, info.world_size)
+
+
 def usage() -> str:
     return USAGE + "\n" + help_text()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    log.configure()
+    name_rank(os.environ)
     if "--help" in args or "-h" in args:
         print(usage())
         return 0
     try:
         args, local_rank = split_local_rank(args)
-        args, job_file = split_job_file(args)
+        args, job_file = split_job_file(quiet_as_override(args))
         overrides = [a for a in args if a not in FLAGS]
         if "--print-config" in args:
             print(config_to_yaml(load_config(overrides, check=False, job_file=job_file)))
             return 0
         cfg = load_config(overrides, job_file=job_file)
+        log.configure(cfg.output.log_level)
         if "--check" in args:
             print(f"distgen: config ok, {len(check_inputs(resolve_sources(cfg))[0])} prompts")
             return 0
@@ -75,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    sys.exit(log.exit_status(main, "this rank"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 import distgen.backends.cpu  # noqa: F401  registers the CPU backend's kernels and slot attention
+from distgen.common import log
 from distgen.config import TinyModelConfig
 from distgen.models.tiny import build_tokenizer, save_tiny
 from helpers import LocalRay, LocalSlurm, missing_ray, missing_slurm
@@ -31,6 +32,16 @@ DEFAULT_BUDGET = 8
 # Chat markers the tiny byte-level tokenizer spells out byte by byte; BOS/EOS are its own special tokens.
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
                  "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(autouse=True)
+def distgen_lines():
+    """Each test sees distgen's lines as a command line shows them (info to stdout, warnings to stderr,
+    `distgen: `), also from functions it calls directly; whatever a test changed is undone after it."""
+    log.unconfigure()
+    log.configure("info")
+    yield
+    log.unconfigure()
 
 
 @pytest.fixture(scope="session")

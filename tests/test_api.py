@@ -1,11 +1,13 @@
 """distgen from Python: distgen.generate runs the command line's job (in process, or through a launcher) and
 returns the records in input order; distgen.read_outputs reads a finished or partial job back."""
 import json
+import logging
 
 import pytest
 
 import distgen
 from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
+from distgen.common import log
 from distgen.common.errors import ConfigError
 
 QUIET = ["output.print_table=false", "output.report=false", f"generation.max_new_tokens={DEFAULT_BUDGET}"]
@@ -58,3 +60,48 @@ def test_generate_errors_are_the_command_lines(tiny_model_dir, tmp_path):
         distgen.generate(["x", 3], model=str(tiny_model_dir))
     with pytest.raises(ConfigError, match="holds no distgen outputs"):
         list(distgen.read_outputs(tmp_path))
+
+
+def no_logging_configured(monkeypatch) -> tuple[logging.Logger, logging.Logger]:
+    """A host application's process before it configures logging: no handler on the root logger or distgen's
+    (the test fixture's and pytest's own taken away for the test)."""
+    log.unconfigure()
+    root, ours = logging.getLogger(), logging.getLogger("distgen")
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(ours, "handlers", [])
+    return root, ours
+
+
+def test_generate_shows_its_lines_during_the_call_where_the_host_configured_no_logging(tiny_model_dir, monkeypatch,
+                                                                                      capsys):
+    root, ours = no_logging_configured(monkeypatch)
+    assert len(distgen.generate(["Hi"], model=str(tiny_model_dir), overrides=["generation.max_new_tokens=2"])) == 1
+    said = capsys.readouterr()
+    assert "distgen: engine: " in said.out and "distgen: wrote 1 records to " in said.out and said.err == ""
+    # Nothing stays behind: no handler on the root logger or on distgen's, no level set.
+    assert root.handlers == [] and ours.handlers == [] and ours.level == logging.NOTSET and ours.propagate
+
+
+def test_generate_adds_no_handler_where_the_host_configured_logging(tiny_model_dir, monkeypatch, capsys):
+    root, ours = no_logging_configured(monkeypatch)
+    seen = []
+
+    class HostHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.name, record.getMessage(), list(ours.handlers)))
+
+    host = HostHandler()
+    root.addHandler(host)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        # The host's levels decide, not output.log_level (that is the level of distgen's own handler).
+        distgen.generate(["Hi"], model=str(tiny_model_dir), overrides=["generation.max_new_tokens=2",
+                                                                       "output.log_level=error"])
+    finally:
+        root.setLevel(level)
+    assert any(name == "distgen.report" and message.startswith("wrote 1 records to ") for name, message, _ in seen)
+    assert any(name == "distgen.job.worker" and message.startswith("engine: ") for name, message, _ in seen)
+    assert all(handlers == [] for *_, handlers in seen)  # during the call, too
+    assert root.handlers == [host] and ours.handlers == [] and ours.level == logging.NOTSET
+    assert capsys.readouterr() == ("", "")

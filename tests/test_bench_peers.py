@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import (LOADED_ABOVE, Binding, Launch, Usage, bench_env, core_list, make_prompts, other_load,
-                          parse_cores, run_measured)
+from bench.common import (LOADED_ABOVE, Binding, DistgenWatch, Launch, Usage, bench_env, core_list, make_prompts,
+                          other_load, parse_cores, run_measured)
 from bench.configs import SUITES, chosen
 from bench.configs import main as configs_main
 from bench.peers import DISTGEN_BEST, FLOOR, SYSTEMS, Job, alternating, distgen_settings, plan
@@ -271,3 +271,14 @@ def test_configs_runs_two_engine_settings_and_compares_their_tokens(tmp_path):
     assert all(run.usage["affinity"] == "0" and run.usage["cpu_s"] > 0 for run in result["runs"])
     table = (tmp_path / "results" / "configs-engine-small.md").read_text()
     assert "| continuous, static, torch kernels | 2/2 |" in table and "load from elsewhere" in table
+
+
+@pytest.mark.parametrize("line, ready", [(b"distgen: engine: batch_size=4", True),
+                                         (b"distgen[rank 0]: engine: batch_size=4", True),
+                                         (b"distgen[rank 1]: generation.batch_size=auto picked 7", False)])
+def test_the_watch_sees_rank_0s_engine_line_with_or_without_the_rank(line, ready, tmp_path):
+    log = tmp_path / "run.log"
+    log.write_bytes(b"distgen: launching torchrun ...\n" + line + b"\n")
+    watch = DistgenWatch(tmp_path / "out", log)
+    watch(5.0)
+    assert watch.ready == (5.0 if ready else None)

@@ -4,6 +4,7 @@ from conftest import run_module
 from distgen.common.errors import ConfigError
 from distgen.catalog.load import expand_path_shorthands, hydra_value, load_config, split_job_file
 from distgen.job.prepare import check_output_dir
+from distgen.launch import main as launch_main
 from distgen.run import main as run_main
 
 TINY = ["model=tiny", "dataset=demo"]
@@ -27,6 +28,8 @@ def test_defaults_compose_into_typed_config():
     (["colour=red"], r"unknown config key 'colour'; keys allowed under the top level: model, layout"),
     (["generation.batch_size=many"], r"generation.batch_size='many' is not allowed: expected auto or an integer >= 1"),
     (["generation.batch_size=2.5"], r"generation.batch_size=2.5 is not allowed"),
+    (["output.log_level=loud"],
+     r"output.log_level='loud' is not allowed: expected one of debug, info, warning, error$"),
     (["generation.memory_fraction=0"], r"generation.memory_fraction=0.* must be in \(0, 1\]"),
     (["generation.cache=offloaded", "device=cpu"], r"generation.cache='offloaded' is not allowed: it runs on cuda "
                                                    r"only, and this job runs on cpu; caches for cpu: auto, dynamic, "
@@ -93,6 +96,38 @@ def test_print_config_and_check_flags(capsys, tmp_path):
     assert "distgen: config ok, 12 prompts" in capsys.readouterr().out
     assert run_main([*TINY, "generation.max_new_tokens=0", "--check"]) == 2
     assert "config error: generation.max_new_tokens=0" in capsys.readouterr().err
+
+
+def test_a_log_level_typo_stops_the_launcher_before_anything_starts(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert launch_main([*TINY, "launcher=torchrun", "output.log_level=verbose", f"output.dir={out}"]) == 2
+    assert capsys.readouterr() == ("", "distgen: config error: output.log_level='verbose' is not allowed: expected "
+                                       "one of debug, info, warning, error\n")
+    assert not out.exists()
+
+
+def test_quiet_shows_warnings_and_errors_only(tiny_model_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    job = [f"model={tiny_model_dir}", f"dataset={prompts_file}", f"output.dir={out}", "generation.max_new_tokens=2"]
+    assert launch_main(job) == 0
+    said = capsys.readouterr()
+    assert "distgen: engine: " in said.out and f"distgen: wrote 7 records to {out}" in said.out and said.err == ""
+    # Another job in the same folder: its earlier outputs are moved aside, a warning, the one line --quiet shows.
+    assert launch_main([*job, "generation.max_new_tokens=3", "output.overwrite=true", "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.startswith("distgen: output.overwrite=true: moved the earlier outputs aside ")
+    assert said.err.count("\n") == 1
+    # The ranks' own command line takes it too (-q), and an error still shows.
+    assert run_main([*job, "-q", "generation.max_new_tokens=0"]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.startswith("distgen: config error: generation.max_new_tokens=0 is not allowed")
+
+
+def test_debug_shows_each_ranks_engine_line(tiny_model_dir, prompts_file, tmp_path, capsys):
+    job = [f"model={tiny_model_dir}", f"dataset={prompts_file}", f"output.dir={tmp_path}",
+           "generation.max_new_tokens=2"]
+    assert run_main([*job, "output.log_level=debug", "output.print_table=false"]) == 0
+    assert capsys.readouterr().out.count("distgen: engine: ") == 2  # build.py's (debug, each rank), rank 0's (info)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,8 +1,11 @@
 """Two gloo ranks under torchrun, checked against single-process `model.generate`."""
+import re
+
 import pytest
 
 from conftest import (DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, crash_at_step, journaled, read_outputs,
                       read_stats, reference_greedy, run_module, write_prompts)
+from distgen.engine.backoff import INJECT_ENV
 from distgen.run import main as run_in_process
 
 
@@ -70,6 +73,36 @@ def test_seeded_sampling_same_on_two_ranks_via_launcher_as_on_one(tiny_model_dir
     assert run_in_process(job_args(tiny_model_dir, prompts_file, one, *sample, "generation.max_new_tokens=6")) == 0
     assert read_outputs(two) == read_outputs(one)
     assert len(read_stats(two)["ranks"]) == 2 and len(read_stats(one)["ranks"]) == 1
+
+
+def test_every_line_a_rank_prints_names_its_rank(tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    # batch_size=auto: each rank says what it picked (info); an injected out-of-memory error: each rank backs off
+    # (a warning, on stderr).
+    result = run_module("distgen.launch", job_args(tiny_model_dir, prompts_file, out, "launcher=torchrun",
+                                                   "launcher.nproc_per_node=2", "generation.batch_size=auto",
+                                                   "output.progress_every_s=0.001"), env={INJECT_ENV: "2"})
+    assert result.returncode == 0, result.stderr
+    lines = {"stdout": result.stdout.splitlines(), "stderr": result.stderr.splitlines()}
+    ours = {stream: [line for line in found if line.startswith("distgen")] for stream, found in lines.items()}
+    # The launcher's own line says `distgen: `; every other line of distgen's names its rank, on its stream.
+    assert [line for line in ours["stdout"] if line.startswith("distgen: ")] == [
+        line for line in ours["stdout"] if line.startswith("distgen: launching ")] != []
+    named = {stream: [line for line in found if not line.startswith("distgen: launching ")]
+             for stream, found in ours.items()}
+    assert all(re.match(r"distgen\[rank [01]\]: ", line) for found in named.values() for line in found), named
+    for rank in (0, 1):
+        assert any(line.startswith(f"distgen[rank {rank}]: generation.batch_size=auto picked ")
+                   for line in named["stdout"]), named
+        assert any(line.startswith(f"distgen[rank {rank}]: ") and "backing off to generation.batch_size=" in line
+                   for line in named["stderr"]), named
+    # Rank 0's progress, engine, table (each of its lines) and closing line.
+    for said in ("7/7 prompts (100.0%)", "engine: ", "total: 7 prompts", f"wrote 7 records to {out}"):
+        assert any(line.startswith(f"distgen[rank 0]: {said}") for line in named["stdout"]), (said, named)
+    assert sum(bool(re.match(r"distgen\[rank 0\]: +[01] +cpu ", line)) for line in named["stdout"]) == 2  # table rows
+    # None of distgen's words on a line without its prefix (torchrun's and torch's own lines aside).
+    assert not [line for found in lines.values() for line in found if not line.startswith("distgen")
+                and re.search(r"prompts|records|engine:|backing off|batch_size", line)], lines
 
 
 def test_restart_on_two_fsdp_ranks_finishes_a_crashed_one_rank_job(tiny_model_dir, tiny_model, tokenizer,

@@ -200,5 +200,5 @@ def test_torchrun_max_restarts_brings_the_job_back(tiny_model_dir, fault_prompts
     os.kill(workers[1], signal.SIGKILL)
     code, stdout, stderr, _ = finish(launcher)
     assert code == 0, stderr
-    assert "distgen: resuming: " in stdout
+    assert "distgen[rank 0]: resuming: " in stdout  # 2 ranks: each line names its rank
     assert read_outputs(out) == uninterrupted

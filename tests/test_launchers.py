@@ -1,6 +1,7 @@
 """What each launcher produces (commands, hostfile, sbatch script, Ray plan) against golden text,
 its config checks, and the rank table. Pure: no process is started here.
 Regenerate the golden files after an intended change: DISTGEN_UPDATE_GOLDEN=1 pytest tests/test_launchers.py"""
+import logging
 import os
 import re
 import shlex
@@ -15,7 +16,7 @@ from distgen.parallel.env import ALONE, RANK_ENV, discover, first_host, port_for
 from distgen.common.errors import ConfigError
 from distgen.launchers import LAUNCHERS
 from distgen.launchers.deepspeed import DeepspeedLauncher, deepspeed_command, hostfile_text
-from distgen.launchers.ray import RayLauncher, bundles, collect, job_submit_command, local_ranks, rank_env
+from distgen.launchers.ray import RankWorker, RayLauncher, bundles, collect, job_submit_command, local_ranks, rank_env
 from distgen.launch import main as launch_main
 from distgen.launchers.slurm import SlurmLauncher, job_restarts, job_state, sbatch_script
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
@@ -215,6 +216,16 @@ def test_ray_driver_prints_the_coordinators_report(capsys):
     fake = FakeRay({"r1": (0, ""), "r0": (0, "the table\n")})
     assert collect(fake, {"r1": 1, "r0": 0}, "out") == 0
     assert capsys.readouterr().out == "the table\n"
+
+
+def test_a_ray_rank_returns_its_closing_lines_and_prints_the_others_live(capsys):
+    def entry(overrides: list[str]) -> int:
+        logging.getLogger("distgen.job.run").info("a live line")
+        logging.getLogger("distgen.report").info("the table")
+        return 0
+
+    assert RankWorker().run({}, [], entry) == (0, "distgen: the table\n")
+    assert capsys.readouterr() == ("distgen: a live line\n", "")
 
 
 def test_a_failing_ray_actor_ends_the_job_naming_its_rank(capsys):

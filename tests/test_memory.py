@@ -194,6 +194,18 @@ def test_oom_backoff_requeues_and_gives_the_outputs_of_a_clean_run(tiny_model, t
         assert {k: c.token_ids for k, c in faulted.items()} == greedy_reference(tiny_model, tokenizer)
 
 
+def test_a_ranks_uncaught_error_is_an_error_line_with_its_traceback_each_line_prefixed(tiny_model_dir, prompts_file,
+                                                                                        tmp_path):
+    result = run_module("distgen.run", [f"model={tiny_model_dir}", f"dataset={prompts_file}",
+                                        f"output.dir={tmp_path}", "layout=fsdp"], env={INJECT_ENV: "2"})
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    start = lines.index("distgen: this rank stopped on an error:")
+    assert lines[start + 1] == "distgen: Traceback (most recent call last):"
+    assert all(line.startswith("distgen: ") for line in lines[start:]), result.stderr
+    assert lines[-1].startswith("distgen: torch.OutOfMemoryError: out of memory injected by " + INJECT_ENV)
+
+
 def test_oom_in_a_lockstep_layout_is_not_backed_off(tiny_model, tokenizer, monkeypatch, capsys):
     monkeypatch.setenv(INJECT_ENV, "1")
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=4, compile="off")

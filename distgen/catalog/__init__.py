@@ -10,6 +10,7 @@ from typing import Any
 
 from distgen.backends.cpu.kernels import CPU_KERNELS
 from distgen.common.device import DEVICES
+from distgen.common.log import LOG_LEVELS
 from distgen.common.registry import Registry
 from distgen.config import RunConfig
 from distgen.engine.assist import ASSISTANTS, DRAFT_SCHEDULES
@@ -35,7 +36,7 @@ TABLES: tuple[Registry, ...] = (
     MODEL_SOURCES, DTYPES, ATTENTION, QUANTIZERS, ASSISTANTS,
     SCHEDULERS, CACHES, QUANT_BACKENDS, COMPILE, COMPILE_MODES, AUTOCAST, CPU_KERNELS, ATTENTIONS, DRAFT_SCHEDULES,
     PREFIX_SHARING,
-    DATASET_FORMATS, TOO_LONG, OUTPUT_FORMATS, MERGE_FORMATS,
+    DATASET_FORMATS, TOO_LONG, OUTPUT_FORMATS, MERGE_FORMATS, LOG_LEVELS,
 )
 # The Hydra groups (each option is an implementation's settings class); the rest are plain values.
 GROUPS: tuple[Registry, ...] = tuple(table for table in TABLES if not table.valued)

@@ -17,6 +17,7 @@ SIGHUP already ignored when distgen starts (`nohup`) stays ignored: nohup keeps 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
+
+from distgen.common import log
+
+# Not __name__: the watchdog runs this module as __main__.
+logger = logging.getLogger("distgen.common.procs")
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 POLL_S = 0.2
@@ -48,10 +54,9 @@ class Terminated(SystemExit):
 
 
 def say(message: str) -> None:
-    """A line on stderr, or nothing: after a hangup the terminal is gone and writing to it fails
-    (EIO), which must not replace the clean exit the message is about."""
-    with contextlib.suppress(OSError, ValueError):
-        print(message, file=sys.stderr, flush=True)
+    """A warning line (stderr), or nothing: after a hangup the terminal is gone and writing to it fails (EIO),
+    which must not replace the clean exit the message is about (distgen's handler drops such a line)."""
+    logger.warning(message)
 
 
 def exit_code(returncode: int) -> int:
@@ -166,7 +171,7 @@ def wait_for_job(child: subprocess.Popen, job: LaunchedJob, signalled: list[floa
         if returncode is not None and not signalled:
             signalled.append(time.monotonic())  # leader gone: what it started gets grace_s to follow
         if not killed and signalled and time.monotonic() - signalled[0] > grace_s:
-            say(f"distgen: job {child.pid} still running {grace_s:.0f}s after the signal; SIGKILL")
+            say(f"job {child.pid} still running {grace_s:.0f}s after the signal; SIGKILL")
             job.refresh()
             job.signal(signal.SIGKILL)
             killed = True
@@ -182,7 +187,7 @@ def stop_job(job: LaunchedJob, signum: int, grace_s: float) -> None:
         job.refresh_every(REFRESH_S)
         time.sleep(POLL_S)
     if job.alive():
-        say(f"distgen: job {job.leader} still running {grace_s:.0f}s after SIGTERM; SIGKILL")
+        say(f"job {job.leader} still running {grace_s:.0f}s after SIGTERM; SIGKILL")
         job.refresh()
         job.signal(signal.SIGKILL)
 
@@ -193,8 +198,9 @@ def start_watchdog(grace_s: float) -> tuple[subprocess.Popen, int]:
     read_end, write_end = os.pipe()  # not inherited by the job: only the watchdog gets read_end, as stdin
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
     try:
-        watchdog = subprocess.Popen([sys.executable, "-m", "distgen.common.procs", str(grace_s)], stdin=read_end,
-                                    stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+        level = str(logging.getLogger(log.ROOT).getEffectiveLevel())  # the launcher's output.log_level
+        watchdog = subprocess.Popen([sys.executable, "-m", "distgen.common.procs", str(grace_s), level],
+                                    stdin=read_end, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
     finally:
         os.close(read_end)
     return watchdog, write_end
@@ -215,7 +221,7 @@ def watch_launcher(pipe: int, grace_s: float) -> None:
     job = LaunchedJob(int(line))
     job.refresh()
     if job.alive():
-        say(f"distgen: the launcher is gone (killed?); stopping its job {job.leader}: SIGTERM, SIGKILL after "
+        say(f"the launcher is gone (killed?); stopping its job {job.leader}: SIGTERM, SIGKILL after "
             f"{grace_s:.0f}s")
         stop_job(job, signal.SIGTERM, grace_s)
 
@@ -231,7 +237,7 @@ def run_process_group(command: Sequence[str], grace_s: float = GRACE_S) -> int:
         job, signalled = LaunchedJob(child.pid), []
 
         def forward(signum: int, _frame) -> None:
-            say(f"distgen: got {signal.Signals(signum).name}; passing it to job {child.pid}")
+            say(f"got {signal.Signals(signum).name}; passing it to job {child.pid}")
             signalled.append(time.monotonic())
             job.refresh()
             job.signal(signum)
@@ -260,7 +266,7 @@ def exit_on_termination() -> Iterator[None]:
     def terminate(signum: int, _frame) -> None:
         for sig in signals:
             signal.signal(sig, signal.SIG_IGN)
-        say(f"distgen: rank got {signal.Signals(signum).name}: closing journals and exiting")
+        say(f"rank got {signal.Signals(signum).name}: closing journals and exiting")
         raise Terminated(signum)
 
     previous = {sig: signal.signal(sig, terminate) for sig in signals}
@@ -274,7 +280,7 @@ def exit_on_termination() -> Iterator[None]:
 def watch_parent(parent: int, stopped: threading.Event, poll_s: float, grace_s: float) -> None:
     while not stopped.wait(poll_s):
         if os.getppid() != parent:
-            say(f"distgen: this rank's parent (pid {parent}, the launcher's agent) is gone; stopping (SIGTERM), "
+            say(f"this rank's parent (pid {parent}, the launcher's agent) is gone; stopping (SIGTERM), "
                 f"ended by SIGALRM if still running {grace_s:.0f}s later")
             # SIGALRM's default action ends the process even where Python cannot run a handler any
             # more (stuck in a collective, or in interpreter shutdown).
@@ -300,4 +306,6 @@ def exit_with_parent(parent: int = PARENT_AT_START, poll_s: float = 1.0, grace_s
 
 if __name__ == "__main__":
     # The launcher's watchdog (start_watchdog): the job's leader pid, then end of file, on stdin.
+    log.configure()
+    logging.getLogger(log.ROOT).setLevel(int(sys.argv[2]))
     watch_launcher(sys.stdin.fileno(), float(sys.argv[1]))

@@ -19,14 +19,16 @@ Test only: DISTGEN_INJECT_OOM_AT_STEP=N raises an injected out-of-memory error i
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from distgen.engine.kv.base import KVCache
+
+logger = logging.getLogger(__name__)
 
 INJECT_ENV = "DISTGEN_INJECT_OOM_AT_STEP"
 
@@ -46,7 +48,6 @@ class Backoff:
     rows: int
     layout_note: str = ""
     inject_at: Optional[int] = None
-    label: str = ""  # "rank R: " in the messages
     steps: int = 0
     count: int = 0  # back-offs taken
 
@@ -66,7 +67,7 @@ class Backoff:
         return None
 
     def say(self, text: str) -> None:
-        print(f"distgen: {self.label}{text}", file=sys.stderr, flush=True)
+        logger.warning(text)
 
     def shrink(self) -> KVCache:
         """Half the rows (at least one), counted: a new, empty cache of that many rows."""

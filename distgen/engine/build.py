@@ -39,7 +39,7 @@ from distgen.inputs.records import Prompt
 from distgen.common.registry import Registry
 from distgen.engine.sampling import RowSampling, row_sampling, sequence_generator
 
-log = logging.getLogger("distgen.engine")
+logger = logging.getLogger(__name__)
 
 # Settings left to the device (null in the config): on CUDA a forward costs about the same up to thousands of
 # tokens and rows are what the memory holds, so prompts are prefilled this many tokens per forward and
@@ -419,7 +419,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                  stop_check: Optional[StopCheck] = None, batch: Optional[BatchChoice] = None,
                  assistant: Optional[AssistantSpec] = None, local_world_size: int = 1,
                  adapters: Optional[Adapters] = None, samples: Optional[Samples] = None,
-                 tokenizer=None, label: str = "", layout: str = "") -> Engine:
+                 tokenizer=None, layout: str = "") -> Engine:
     """`queue`: a lazy prompt queue (then `shape` comes from the length table) or a list of (prompt, ids).
     `samples`: each prompt's sample indices to run (default: 0..n-1, generation.n or the record's n).
     `batch`: the batch size the ranks agreed on (else planned here from generation.batch_size).
@@ -427,7 +427,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     `local_world_size`: the ranks on this host (DistContext.local_world_size), which share its RAM.
     `adapters`: LoRA adapters chosen per request, swapped into the weights (distgen.models.lora.AdapterBank).
     `tokenizer`: the HF tokenizer, which structured output's grammars are compiled for (engine.grammar).
-    `label` ("rank R: ") and `layout` (layout.name): what the out-of-memory back-off's messages name."""
+    `layout` (layout.name): what the out-of-memory back-off's messages name (the log line names the rank)."""
     # 1. the batch, the compile and the cache, from the config, the device and the model
     gen, defaults = device_defaults(gen, device)
     shape = shape if shape is not None else QueueShape.of(queue, gen)
@@ -477,8 +477,8 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     decoder = None if plan.graphs is None else DecodeRunner(runner, sampler.eos_ids, capture=plan.graphs.capture,
                                                             why=plan.graphs.reason)
     backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,
-                      layout_note=f" (layout={layout})" if layout else "", inject_at=injected_oom_step(), label=label)
-    log.info("engine: %s", plan.describe())
+                      layout_note=f" (layout={layout})" if layout else "", inject_at=injected_oom_step())
+    logger.debug("engine: %s", plan.describe())  # rank 0 says it at info (distgen/job/worker.py)
     return Engine(plan, waiting, SCHEDULERS.get(gen.scheduler), kv, runner, sampler, stop_check, helper,
                   prefixes=PrefixIndex(plan.sharing.min_tokens) if plan.sharing.copies else None,
                   decoder=decoder, backoff=backoff, adapters=adapters, grammars=grammars)

@@ -30,7 +30,7 @@ from distgen.engine.kv.slots import SlotKV, bucket_of
 from distgen.engine.request import Request
 from distgen.engine.runner import Runner
 
-log = logging.getLogger("distgen.engine")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,7 +165,7 @@ class DecodeRunner:
             if self.kv.device.type == "cuda":
                 torch.cuda.synchronize()
             self.capture, self.why = False, f"capture failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-            log.warning("engine: CUDA graphs off: %s", self.why)
+            logger.warning("engine: CUDA graphs off: %s", self.why)
             return None
         finally:
             self.counters.capture_seconds += time.perf_counter() - start

@@ -22,7 +22,8 @@ from distgen.common.registry import Registry
 from distgen.engine.kv import varlen
 from distgen.models.forward_args import model_inputs
 
-log = logging.getLogger("distgen.engine")
+logger = logging.getLogger(__name__)
+
 
 def check_fp32_weights(cfg) -> None:
     """Autocast computes fp32 weights in half precision: it needs fp32 weights."""

@@ -4,9 +4,9 @@ from, and (rank 0) the claim on output.dir: its lock, and earlier outputs moved 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -27,6 +27,8 @@ from distgen.outputs.report import REPORT_FILE
 from distgen.outputs.resume import job_fingerprint, job_settings
 from distgen.outputs.shards import merge_format
 from distgen.parallel.feed import Screening
+
+logger = logging.getLogger(__name__)
 
 # distgen's own files in output.dir: the length table cache, the progress side channel.
 WORK_DIR = ".distgen"
@@ -235,13 +237,12 @@ def claim_output_dir(job: Job) -> Iterator[OutputLock]:
         job.plan = plan_outputs(job.out_dir, job.settings, out.resume, out.overwrite)
         if job.plan.move_aside:
             where = move_aside(job.out_dir)
-            print(f"distgen: output.overwrite=true: moved the earlier outputs aside into {where}", file=sys.stderr,
-                  flush=True)
+            logger.warning("output.overwrite=true: moved the earlier outputs aside into %s", where)
         yield lock
 
 
 def finished_message(job: Job) -> str:
-    return (f"distgen: job {job.fingerprint} already finished: {job.prompt_count} prompts in "
+    return (f"job {job.fingerprint} already finished: {job.prompt_count} prompts in "
             f"{job.out_dir / OUTPUTS_DIR}; nothing to do (output.resume=false output.overwrite=true moves it aside "
             "and runs it again)")
 

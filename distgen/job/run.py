@@ -3,9 +3,9 @@ generate this rank's share, and (rank 0) check, merge and report the outputs."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from distgen.catalog.load import config_to_dict
+from distgen.common import log
 from distgen.common.errors import ConfigError, OutputSpaceError
 from distgen.common.procs import exit_on_termination, exit_with_parent
 from distgen.job.prepare import Job, claim_output_dir, finished_message
@@ -37,6 +38,10 @@ from distgen.parallel.env import DistContext, discover, init_distributed, shutdo
 from distgen.parallel.feed import (ADAPTER, BUDGET, KEY_HIGH, KEY_LOW, LENGTH, SAMPLES, SCREEN, broadcast_flag,
                                    check_fits, shared_lengths)
 
+logger = logging.getLogger(__name__)
+# The coordinator's closing lines: the table and `wrote N records` (distgen/common/log.py REPORT).
+report = logging.getLogger(log.REPORT)
+
 
 def record_keys(table: np.ndarray) -> np.ndarray:
     """Each prompt's record key (distgen/inputs/keys.py) from its two halves in the length table."""
@@ -48,7 +53,7 @@ def start_coordinator(job: Job, table: np.ndarray) -> np.ndarray:
     the finished records (a bool per (index, sample_index))."""
     repairs = start_outputs(job.out_dir, job.start(), record_keys(table), job.cfg.output.format, job.samples)
     for line in job.column_notes() + repairs.messages():
-        print(f"distgen: {line}", flush=True)
+        logger.info(line)
     return repairs.finished
 
 
@@ -58,7 +63,7 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
     complete = ctx.is_coordinator and job.reuses and job_complete(job.out_dir, job.fingerprint)
     if broadcast_flag(complete, ctx):
         if ctx.is_coordinator:
-            print(finished_message(job), flush=True)
+            logger.info(finished_message(job))
         return False
     table = shared_lengths(job.source, job.tokenizer, ctx, job.work_path(f"lengths-{job.fingerprint}.npy"),
                            job.screening)
@@ -69,8 +74,8 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
     job.done = shared_done(finished, ctx.is_coordinator)
     if job.resumed and ctx.is_coordinator:
         what = "prompts" if job.samples.single else f"records of {job.prompt_count} prompts"
-        print(f"distgen: resuming: {job.resumed} of {job.record_count} {what} already done in "
-              f"{job.cfg.output.dir}", flush=True)
+        logger.info("resuming: %d of %d %s already done in %s", job.resumed, job.record_count, what,
+                    job.cfg.output.dir)
     return True
 
 
@@ -146,12 +151,12 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
             np.concatenate(coverage.prompt_tokens or [np.zeros(0, np.int32)]),
             np.concatenate(coverage.completion_tokens or [np.zeros(0, np.int32)]), runs, metadata))
     if cfg.print_table:
-        print(format_table(stats, summary))
+        report.info(format_table(stats, summary))
     note = resumed_draws_note(job.resumed, runs)
     if note:
-        print(f"distgen: {note}", flush=True)
+        logger.info(note)
     where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR
-    print(f"wrote {job.record_count} records to {where} ({summary['errors']} errors)", flush=True)
+    report.info("wrote %d records to %s (%d errors)", job.record_count, where, summary["errors"])
 
 
 def release_arrow_memory() -> None:
@@ -167,7 +172,7 @@ def run_job(job: Job, ctx: DistContext, lock: OutputLock | None = None) -> int:
     try:
         return run_steps(job, ctx, lock)
     except OutputSpaceError as err:  # a full disk: the message says what was kept and how to go on
-        print(f"distgen: {err.strerror}", file=sys.stderr, flush=True)
+        logger.error(err.strerror)
         return 1
 
 
@@ -216,5 +221,5 @@ def run_ranks(job: Job, local_rank: int | None = None) -> int:
 
 def config_error(err: ConfigError) -> int:
     # Every rank says it: torchrun stops the others as soon as the first one exits.
-    print(f"distgen: config error: {err}", file=sys.stderr, flush=True)
+    logger.error("config error: %s", err)
     return 2

@@ -2,6 +2,7 @@
 write its completions to its own output shards as they finish."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
@@ -26,6 +27,9 @@ from distgen.outputs.records import output_record
 from distgen.outputs.shards import ShardWriter
 from distgen.outputs.stats import RankStats, cuda_peaks_mib, device_name, host_name, peak_rss_mib, reset_peaks
 from distgen.engine.stops import StopStrings
+
+logger = logging.getLogger(__name__)
+
 
 def resolve_eos_ids(configured: Sequence[int] | None, model, tokenizer) -> list[int]:
     if configured is not None:
@@ -133,12 +137,11 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     engine = build_engine(model, feed, gen, pad_id, eos_ids, device, lockstep=placed.lockstep,
                           shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant,
                           local_world_size=ctx.local_world_size, adapters=placed.adapters,
-                          samples=job.sample_indices, tokenizer=job.tokenizer, label=f"rank {ctx.rank}: ",
-                          layout=job.cfg.layout.name)
+                          samples=job.sample_indices, tokenizer=job.tokenizer, layout=job.cfg.layout.name)
     if ctx.is_coordinator:
-        print(f"distgen: engine: {engine.choice}", flush=True)
+        logger.info("engine: %s", engine.choice)
     if batch is not None:
-        print(f"distgen: rank {ctx.rank}: generation.batch_size=auto picked {batch.rows}: {batch.reason}", flush=True)
+        logger.info("generation.batch_size=auto picked %d: %s", batch.rows, batch.reason)
     live, counters = LiveCounters(), LoopCounters()
     sampler = RankSampler(ctx.rank, out.sample_every_s, job.work_path("progress"), live, counters, ctx.device,
                           display)

@@ -5,6 +5,7 @@ produces is a pure function of the config (tested against golden text).
 """
 from __future__ import annotations
 
+import logging
 import shlex
 import socket
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Callable, Optional, Sequence
 from distgen.config import RunConfig
 from distgen.common.procs import run_process_group
 from distgen.common.registry import Registry
+
+logger = logging.getLogger(__name__)
 
 WORKER_MODULE = "distgen.run"
 # A rank's main: the command-line overrides -> its exit status.
@@ -43,7 +46,7 @@ def get_launcher(name: str) -> Launcher:
 
 def run_command(command: Sequence[str]) -> int:
     """Start a launcher's command and wait for it: the one place a launcher starts a process."""
-    print("distgen: launching " + shlex.join(command), flush=True)
+    logger.info("launching %s", shlex.join(command))
     # Its own process group, every process under it tracked, SIGTERM/SIGINT/SIGHUP passed on to all of
     # them, and a watchdog that stops them if this process is killed: no worker outlives the launcher.
     return run_process_group(list(command))

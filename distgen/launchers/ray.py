@@ -8,19 +8,21 @@ runs this driver on the head (`launcher.submit=http://HEAD:8265` writes that com
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import logging
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
+from distgen.common import log
 from distgen.common.checks import require, require_choice
 from distgen.config import LauncherConfig, RunConfig
 from distgen.parallel.env import RANK_VARS
 from distgen.common.errors import ConfigError, LaunchError
 from distgen.launchers.base import Entry, Launcher, free_port, register, run_command
+
+logger = logging.getLogger(__name__)
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 SUBMIT_KEY = "launcher.submit"
@@ -99,13 +101,13 @@ class RankWorker:
         return free_port()
 
     def run(self, env: dict[str, str], overrides: list[str], entry: Entry) -> tuple[int, str]:
-        """The worker's exit status and what it printed (the coordinator's table). `entry` (distgen.run.main)
+        """The worker's exit status and its closing lines (the coordinator's table and `wrote N records`: the
+        driver prints them; the other lines reach it live through Ray's log_to_driver). `entry` (distgen.run.main)
         travels by reference: the actor imports it."""
         os.environ.update(env)
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
+        with log.captured(log.REPORT) as closing:
             status = entry(overrides)
-        return status, printed.getvalue()
+        return status, closing.getvalue()
 
 
 def collect(ray, runs: dict, out_dir: str) -> int:
@@ -117,15 +119,14 @@ def collect(ray, runs: dict, out_dir: str) -> int:
         try:
             status, printed = ray.get(done)
         except Exception as err:  # an actor that died or raised
-            print(f"distgen: rank {rank} (Ray actor) failed: {type(err).__name__}: {err}\ndistgen: the finished "
-                  f"completions stay journaled in {out_dir}; rerun the same command to resume",
-                  file=sys.stderr, flush=True)
+            logger.error("rank %d (Ray actor) failed: %s: %s\nthe finished completions stay journaled in %s; rerun "
+                         "the same command to resume", rank, type(err).__name__, err, out_dir)
             return 1
         if status != 0:
-            print(f"distgen: rank {rank} (Ray actor) exited with status {status}", file=sys.stderr, flush=True)
+            logger.error("rank %d (Ray actor) exited with status %d", rank, status)
             return status
         report = printed if rank == 0 else report
-    print(report, end="", flush=True)
+    print(report, end="", flush=True)  # rank 0's closing lines, formatted (and prefixed) there
     return 0
 
 

@@ -8,6 +8,7 @@ A requeued job (preemption, node failure) reruns the same script and resumes fro
 """
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 import shutil
@@ -23,6 +24,8 @@ from distgen.config import LauncherConfig, RunConfig
 from distgen.common.errors import ConfigError, LaunchError
 from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, write_next_to_outputs
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
+
+logger = logging.getLogger(__name__)
 
 SLURM_MODES = ("torchrun", "srun")
 SCRIPT_NAME = "distgen-slurm.sbatch"
@@ -193,8 +196,8 @@ def follow(job_id: str, poll_s: float) -> tuple[str, int]:
         state, status = job_state(result.stdout)
         if job_restarts(result.stdout) > restarts:
             restarts = job_restarts(result.stdout)
-            print(f"distgen: SLURM job {job_id} was requeued (restart {restarts}); its next start resumes "
-                  "from the journals", flush=True)
+            logger.warning("SLURM job %s was requeued (restart %d); its next start resumes from the journals",
+                           job_id, restarts)
         if state in FINAL_STATES:
             return state, status
         time.sleep(poll_s)
@@ -212,17 +215,19 @@ def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     script = write_next_to_outputs(str(out_dir), SCRIPT_NAME, text)
     job_id = submit(script)
     job_log = Path(str(log).replace("%j", job_id))
-    print(f"distgen: submitted SLURM job {job_id} ({script}); log: {job_log}", flush=True)
+    logger.info("submitted SLURM job %s (%s); log: %s", job_id, script, job_log)
     if not settings.wait:
         return 0
     try:
         state, status = follow(job_id, settings.poll_s)
     except KeyboardInterrupt:
         subprocess.run([slurm_command("scancel"), job_id])
-        print(f"distgen: cancelled SLURM job {job_id}", file=sys.stderr, flush=True)
+        logger.warning("cancelled SLURM job %s", job_id)
         return 130
+    # The job's own lines (its ranks', prefixed by them), relayed as they are.
     print(log_tail(job_log), end="", flush=True)
-    print(f"distgen: SLURM job {job_id} ended {state}, exit status {status}", flush=True)
+    logger.log(logging.INFO if state == "COMPLETED" and status == 0 else logging.ERROR,
+               "SLURM job %s ended %s, exit status %s", job_id, state, status)
     return status if state == "COMPLETED" or status else 1
 
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import struct
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +15,8 @@ from distgen.common.errors import ConfigError
 from distgen.common.hub import HUB_ID, hub_commit, snapshot  # noqa: F401 (hub_commit re-exported)
 from distgen.common.registry import Registry
 from distgen.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # model.source: where the weights come from.
 MODEL_SOURCES: Registry[None] = Registry("model.source", valued=True)
@@ -206,9 +208,9 @@ def ensure_pad_token(tokenizer, where: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token
         return
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
-    print(f"distgen: the tokenizer of {where} has neither a pad nor an EOS token: padding with token id 0 "
-          f"({tokenizer.pad_token!r}, masked out); completions end only at max_new_tokens unless "
-          "generation.eos_token_ids is set", file=sys.stderr, flush=True)
+    logger.warning("the tokenizer of %s has neither a pad nor an EOS token: padding with token id 0 (%r, masked "
+                   "out); completions end only at max_new_tokens unless generation.eos_token_ids is set", where,
+                   tokenizer.pad_token)
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -20,10 +20,10 @@ stays right when the launcher is killed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from distgen.common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = "distgen.lock"
 STALE_HEARTBEATS = 3
@@ -180,8 +182,7 @@ class OutputLock:
             reason = takeover(holder, age, self.me, self.break_lock)
             if reason is None:
                 raise refusal(self.path, holder, age, self.break_lock)
-            print(f"distgen: taking over the lock on {self.path.parent} from {holder.describe()}: {reason}",
-                  file=sys.stderr, flush=True)
+            logger.warning("taking over the lock on %s from %s: %s", self.path.parent, holder.describe(), reason)
             break_lock_file(self.path, holder)
         raise LockedError(f"output.dir={str(self.path.parent)!r}: could not take the lock {self.path}; other jobs "
                           "keep taking it")
@@ -195,12 +196,12 @@ class OutputLock:
             try:
                 if not self.owned():
                     self.lost = True
-                    print(f"distgen: lost the lock {self.path} (another job broke it); this job's outputs are no "
-                          "longer protected", file=sys.stderr, flush=True)
+                    logger.error("lost the lock %s (another job broke it); this job's outputs are no longer "
+                                 "protected", self.path)
                     return
                 os.utime(self.path)
             except OSError as err:  # a file server hiccup: the next beat tries again
-                print(f"distgen: lock heartbeat on {self.path} failed: {err}", file=sys.stderr, flush=True)
+                logger.warning("lock heartbeat on %s failed: %s", self.path, err)
 
     def check_held(self) -> None:
         """Before writing the manifest and merging: still ours (another job may have broken it)."""

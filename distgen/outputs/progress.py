@@ -3,12 +3,13 @@
 Each rank's `RankSampler` thread samples its memory and counters every
 output.sample_every_s (the report's timeline) and writes its latest sample to a small file in
 the side channel folder, output.dir/.distgen/progress/. Rank 0's sampler also reads every
-rank's file and shows the sums: a tqdm bar when stderr is a terminal, otherwise a plain log line
-every output.progress_every_s.
+rank's file and shows the sums: a tqdm bar when stderr is a terminal (and info lines are shown), otherwise an
+info line every output.progress_every_s.
 """
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -18,6 +19,8 @@ from typing import Callable, Optional, TextIO
 
 from distgen.common.files import write_atomic
 from distgen.outputs.stats import current_rss_mib, cuda_allocated_mib
+
+logger = logging.getLogger(__name__)
 
 # Beyond this many samples a rank keeps every other one and samples half as often.
 MAX_SAMPLES = 1000
@@ -67,19 +70,22 @@ def progress_line(prompts: int, total: int, tokens: int, elapsed: float) -> str:
     rate = tokens / elapsed if elapsed > 0 else 0.0
     eta = format_eta(elapsed * (total - prompts) / prompts) if 0 < prompts < total else "-"
     percent = 100.0 * prompts / total if total else 100.0
-    return (f"distgen: {prompts}/{total} prompts ({percent:.1f}%), {tokens} tokens generated, {rate:.1f} generated "
+    return (f"{prompts}/{total} prompts ({percent:.1f}%), {tokens} tokens generated, {rate:.1f} generated "
             f"tok/s (wall), {elapsed:.0f}s elapsed, ETA {eta}")
 
 
 class ProgressDisplay:
-    """Rank 0's view of all ranks: a tqdm bar on a terminal, else a log line every `every_s`."""
+    """Rank 0's view of all ranks: a tqdm bar on a terminal (`out`, stderr), else a line to `say` (an info line)
+    every `every_s`. Where info lines are not shown (--quiet), neither is the bar."""
 
-    def __init__(self, total_prompts: int, every_s: float, out: TextIO = sys.stderr,
-                 clock: Callable[[], float] = time.monotonic, terminal: Optional[bool] = None):
-        self.total, self.every_s, self.out, self.clock = total_prompts, every_s, out, clock
+    def __init__(self, total_prompts: int, every_s: float, out: Optional[TextIO] = None,
+                 clock: Callable[[], float] = time.monotonic, terminal: Optional[bool] = None,
+                 say: Callable[[str], None] = logger.info):
+        self.total, self.every_s, self.clock, self.say = total_prompts, every_s, clock, say
         self.start = self.last_line = clock()
         self.bar = None
-        if (out.isatty() if terminal is None else terminal):
+        out = sys.stderr if out is None else out  # looked up now: a redirect (or pytest's capture) since import
+        if (out.isatty() if terminal is None else terminal) and logger.isEnabledFor(logging.INFO):
             from tqdm import tqdm
             self.bar = tqdm(total=total_prompts, unit="prompt", file=out, dynamic_ncols=True, desc="distgen")
 
@@ -93,7 +99,7 @@ class ProgressDisplay:
                 self.bar.close()
         elif self.every_s > 0 and (final or self.clock() - self.last_line >= self.every_s):
             self.last_line = self.clock()
-            print(progress_line(prompts, self.total, tokens, elapsed), file=self.out, flush=True)
+            self.say(progress_line(prompts, self.total, tokens, elapsed))
 
 
 class RankSampler:

@@ -2,7 +2,7 @@
 plan is made from, then only its own prompts, a chunk at a time, as batch rows free up."""
 from __future__ import annotations
 
-import sys
+import logging
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +18,8 @@ from distgen.inputs.keys import key_halves, record_key
 from distgen.inputs.source import PromptSource
 from distgen.inputs.records import Prompt
 from distgen.inputs.screening import ContextLimit, Verdict, adapter_index, screen_prompt, too_long_failure
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 1024
 # Rows of the length table; KEY_HIGH and KEY_LOW: each record's key (distgen/inputs/keys.py) in two halves;
@@ -81,8 +83,7 @@ def tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
 
 def say_failed(prompts: Sequence[Prompt], failed: dict[int, str]) -> None:
     for k, why in failed.items():
-        print(f"distgen: record {prompts[k].id!r} (index {prompts[k].index}): {why}; it gets an error record",
-              file=sys.stderr, flush=True)
+        logger.warning("record %r (index %d): %s; it gets an error record", prompts[k].id, prompts[k].index, why)
 
 
 def slice_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
