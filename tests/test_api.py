@@ -6,9 +6,9 @@ import logging
 import pytest
 
 import distgen
-from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
 from distgen.common import log
 from distgen.common.errors import ConfigError
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, reference_greedy
 
 QUIET = ["output.print_table=false", "output.report=false", f"generation.max_new_tokens={DEFAULT_BUDGET}"]
 

@@ -3,12 +3,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import PROMPTS, read_outputs, reference_greedy
 from distgen.run import main as run_in_process
-from helpers import ARCHITECTURES, save_architecture
+from tests.helpers import ARCHITECTURES, PROMPTS, read_outputs, reference_greedy, save_architecture
 
 BUDGET = 6
-SLIDING_WINDOW = 64  # qwen2's, in tests/helpers.py
+SLIDING_WINDOW = 64  # qwen2's, in tests/helpers/models.py
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module, write_prompts
 from distgen.catalog import check_section
 from distgen.config import GenerationConfig, ModelConfig, TinyModelConfig
 from distgen.engine.backoff import INJECT_ENV
@@ -13,7 +12,8 @@ from distgen.engine.assist import AssistantSpec, accept_greedy, accept_sampled, 
 from distgen.common.errors import ConfigError
 from distgen.engine.stops import StopStrings
 from distgen.models.tiny import build_tiny_model
-from helpers import engine_for, generate_all
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, engine_for, generate_all, read_outputs, read_stats,
+                           reference_greedy, run_module, write_prompts)
 
 # A record whose text repeats, so prompt lookup finds n-grams, and one cut by a stop string.
 RECORDS = [*PROMPTS,

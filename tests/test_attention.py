@@ -4,7 +4,6 @@ a CPU against the others and against `model.generate`."""
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.backends.cpu import kernels
 from distgen.common.errors import ConfigError
 from distgen.config import GenerationConfig
@@ -13,7 +12,7 @@ from distgen.engine.kv.slots import SlotKV
 from distgen.engine.request import Request, Status
 from distgen.engine.scheduler import StepPlan
 from distgen.inputs.records import Prompt
-from helpers import attention_case, engine_for, generate_all
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, assert_matches_generate, attention_case, engine_for, generate_all
 
 CPU = torch.device("cpu")
 F32, BF16 = torch.float32, torch.bfloat16

@@ -13,7 +13,6 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import REPO, child_env, journaled, read_outputs, read_stats, reference_greedy, write_prompts
 from distgen.common.errors import ConfigError
 from distgen.launch import main as launch_main
 from distgen.launchers import LAUNCHERS
@@ -23,9 +22,10 @@ from distgen.inputs.source import open_prompts
 from distgen.outputs.resume import job_fingerprint
 from distgen.job.prepare import dataset_cache
 from distgen.run import main as run_in_process
-from helpers import Tmpfs, save_architecture, unreadable_runner
+from tests.helpers import (REPO, Tmpfs, child_env, journaled, read_outputs, read_stats, reference_greedy,
+                           save_architecture, unreadable_runner, write_prompts)
 
-CONTEXT = 128  # gpt2's n_positions in tests/helpers.py
+CONTEXT = 128  # gpt2's n_positions in tests/helpers/models.py
 # A tmpfs that holds the dataset's Arrow cache and the manifest, but not the outputs of 300 records.
 DISK_BYTES = 96 * 1024
 BUDGET = 4

@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-from conftest import read_outputs, write_prompts
 from distgen.catalog.load import load_config
 from distgen.common.errors import ConfigError
 from distgen.config import DatasetConfig, ModelConfig, RunConfig
@@ -15,6 +14,7 @@ from distgen.inputs.source import open_prompts
 from distgen.models.tiny import build_tokenizer
 from distgen.outputs.resume import job_settings
 from distgen.run import main as run_in_process
+from tests.helpers import read_outputs, write_prompts
 
 PLAIN = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
          "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -1,11 +1,11 @@
 import pytest
 
-from conftest import run_module
 from distgen.common.errors import ConfigError
 from distgen.catalog.load import expand_path_shorthands, hydra_value, load_config, split_job_file
 from distgen.job.prepare import check_output_dir
 from distgen.launch import main as launch_main
 from distgen.run import main as run_main
+from tests.helpers import run_module
 
 TINY = ["model=tiny", "dataset=demo"]
 

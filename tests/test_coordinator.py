@@ -1,7 +1,6 @@
 import re
 import socket
 
-from conftest import read_stats, write_prompts
 from distgen.catalog.load import config_to_dict, load_config
 from distgen.engine.request import RequestFailed
 from distgen.engine.stops import StopStrings
@@ -10,7 +9,7 @@ from distgen.common.files import write_atomic
 from distgen.outputs.coordinator import format_table, summarize
 from distgen.outputs.stats import RankStats
 from distgen.run import main as run_in_process
-from helpers import fake_hub_cache
+from tests.helpers import fake_hub_cache, read_stats, write_prompts
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "deep" / "out.jsonl"

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.catalog import check_section
 from distgen.config import GenerationConfig
 from distgen.backends.cpu import kernels
@@ -20,7 +19,7 @@ from distgen.backends.cpu import model as cpu_model
 from distgen.backends.cpu.kernels import pack, pack_linears, packed_linear, plan_kernels, unpack, unpack_linears
 from distgen.common.errors import ConfigError
 from distgen.engine.kv import varlen
-from helpers import engine_for, generate_all
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, assert_matches_generate, engine_for, generate_all
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parent.parent

@@ -3,8 +3,8 @@ import json
 import os
 import subprocess
 
-from conftest import REPO
 from distgen.models.tiny import main as tiny_main
+from tests.helpers import REPO
 
 
 def test_demo_script_generates_every_bundled_prompt(tmp_path):

@@ -3,10 +3,10 @@ import re
 
 import pytest
 
-from conftest import (DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, crash_at_step, journaled, read_outputs,
-                      read_stats, reference_greedy, run_module, write_prompts)
 from distgen.engine.backoff import INJECT_ENV
 from distgen.run import main as run_in_process
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, crash_at_step, journaled, read_outputs,
+                           read_stats, reference_greedy, run_module, write_prompts)
 
 
 def job_args(model_dir, prompts, out, *extra):

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate, reference_greedy
 from distgen.catalog import check_section
 from distgen.config import GenerationConfig, TinyModelConfig
 from distgen.engine.build import COMPILE_MIN_DECODE_STEPS, plan_cache, plan_compile
@@ -15,7 +14,7 @@ from distgen.engine.scheduler import SCHEDULERS, SchedulerState
 from distgen.inputs.records import Prompt
 from distgen.models.tiny import build_tiny_model
 from distgen.common.errors import ConfigError
-from helpers import engine_for, generate_all
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, assert_matches_generate, engine_for, generate_all, reference_greedy
 
 
 def test_refilled_slot_never_attends_to_its_previous_tenant(tiny_model, tokenizer):

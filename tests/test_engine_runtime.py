@@ -4,14 +4,13 @@ import copy
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS
 from distgen.catalog import check_section
 from distgen.config import GenerationConfig
 from distgen.engine.build import COMPILE
 from distgen.engine.scheduler import SCHEDULERS
 from distgen.common.errors import ConfigError
 from distgen.catalog.load import help_text, load_config
-from helpers import engine_for, generate_all
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, engine_for, generate_all
 
 
 @pytest.mark.parametrize("autocast,cache,scheduler", [("bf16", "static", "continuous"), ("fp16", "dynamic", "static"),

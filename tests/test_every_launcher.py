@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from conftest import DEFAULT_BUDGET, PROMPTS, REPO, child_env, read_stats, write_prompts
 from distgen.run import main as run_in_process
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, REPO, child_env, read_stats, write_prompts
 
 SLURM_CPU_JOB = ["launcher=slurm", "launcher.nodes=2", "launcher.gpus_per_node=0", "launcher.ranks_per_node=1",
                  "launcher.wait=true", "launcher.poll_s=0.2"]

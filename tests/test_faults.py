@@ -13,11 +13,10 @@ import time
 
 import pytest
 
-from conftest import REPO, paced_env, read_outputs, write_prompts
 from distgen.outputs.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
-from helpers import Terminal, descendants, living, naming, stop_pids, wait_until, worker_pids
-from conftest import journaled
+from tests.helpers import (REPO, Terminal, descendants, journaled, living, naming, paced_env, read_outputs, stop_pids,
+                           wait_until, worker_pids, write_prompts)
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 3 + i % 4}
            for i in range(12)]

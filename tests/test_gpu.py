@@ -12,14 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import (DEFAULT_BUDGET, PROMPTS, layout_names, read_outputs, read_stats, reference_greedy,
-                      run_module, unknown_config_key, write_prompts)
 from distgen.engine.kv.attention import ATTENTIONS
-from helpers import attention_case
 from distgen.config import ModelConfig, TinyModelConfig
 from distgen.parallel.layouts import get_layout
 from distgen.models.loading import load_model, load_tokenizer, resolve_attn_implementation
 from distgen.models.tiny import save_tiny
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, attention_case, layout_names, read_outputs, read_stats,
+                           reference_greedy, run_module, unknown_config_key, write_prompts)
 
 pytestmark = pytest.mark.gpu
 

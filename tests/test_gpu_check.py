@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import REPO
+from tests.helpers import REPO
 
 CARRY_LIMIT = 64 * 2**20
 # What the device tool sends back from $OUT: at most 8 files, named in letters, digits, '.', '_', '-'.

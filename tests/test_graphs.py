@@ -4,11 +4,10 @@
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.config import GenerationConfig
 from distgen.engine.graphs import graphs_blocker
 from distgen.engine.kv.slots import bucket_of, row_buckets
-from helpers import ReplayingCapturer, engine_for, generate_all
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, ReplayingCapturer, assert_matches_generate, engine_for, generate_all
 
 CUDA = torch.device("cuda")
 

@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
-from conftest import (CHAT_TEMPLATE, DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, read_outputs, reference_greedy,
-                      write_prompts)
 from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
 from distgen.inputs.source import open_prompts
 from distgen.run import main as run_in_process
 from distgen.outputs.shards import list_shards
+from tests.helpers import (CHAT_TEMPLATE, DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, read_outputs,
+                           reference_greedy, write_prompts)
 
 
 

@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from conftest import REPO, journaled, paced_env, read_outputs, read_stats, run_module, write_prompts
 from distgen.catalog.load import load_config
 from distgen.outputs.lock import LOCK_FILE, LockedError, OutputLock, this_holder
 from distgen.outputs.resume import job_settings
 from distgen.outputs.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
-from helpers import stop_pids, wait_until
+from tests.helpers import (REPO, journaled, paced_env, read_outputs, read_stats, run_module, stop_pids, wait_until,
+                           write_prompts)
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 2 + i % 3}
            for i in range(16)]

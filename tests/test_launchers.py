@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from distgen.parallel.env import ALONE, RANK_ENV, discover, first_host, port_for_job, tasks_per_node
 from distgen.common.errors import ConfigError
 from distgen.launchers import LAUNCHERS
@@ -22,6 +21,7 @@ from distgen.launchers.slurm import SlurmLauncher, job_restarts, job_state, sbat
 from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
 from distgen.catalog.load import load_config
 from distgen.run import split_local_rank
+from tests.helpers import REPO
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 JOB = ["model=/models/llama", "layout=fsdp", "dataset=my prompts.jsonl", "output.dir=out"]

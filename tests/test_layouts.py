@@ -2,10 +2,10 @@
 checked against single-process `model.generate`."""
 import pytest
 
-from conftest import (DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_deepspeed, run_module,
-                      write_prompts)
 from distgen.common.errors import ConfigError
 from distgen.catalog.load import load_config
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_deepspeed,
+                           run_module, write_prompts)
 
 # The unsharded remainder a ZeRO-3 partition may carry: each parameter padded to a multiple of the ranks.
 PADDING_SLACK_BYTES = 4096

@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 
-from conftest import (DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module,
-                      write_prompts)
 from distgen.catalog.load import load_config
 from distgen.common.errors import ConfigError
 from distgen.config import ModelConfig, RunConfig
@@ -17,7 +15,8 @@ from distgen.inputs.records import Prompt
 from distgen.models.lora import check_adapters
 from distgen.outputs.resume import job_settings
 from distgen.run import main as run_in_process
-from helpers import merged_with_lora, save_lora
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, merged_with_lora, read_outputs, read_stats, reference_greedy,
+                           run_module, save_lora, write_prompts)
 
 # Extra settings a layout needs on 2 CPU ranks (ZeRO-3 keeps small parameters whole unless told not to).
 LAYOUT_ARGS = {"replicate": [], "fsdp": [], "zero3": ["layout.param_persistence_threshold=0"], "device_map": []}

@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import DynamicCache, MistralConfig, QuantizedCache, Qwen2Config
 
-from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_module
 from distgen.catalog import check_section
 from distgen.config import GenerationConfig
 from distgen.engine.backoff import INJECT_ENV
@@ -24,7 +23,8 @@ from distgen.engine.memory import (AUTO_BATCH_MAX, activation_bytes_per_row,
                                    auto_batch_size, forward_bytes, kv_shape, logits_bytes_per_row, memory_budget)
 from distgen.common.errors import ConfigError
 from distgen.run import main as run_in_process
-from helpers import agree_on_batch, engine_for, free_ports, generate_all
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, agree_on_batch, engine_for, free_ports, generate_all, read_outputs,
+                           read_stats, reference_greedy, run_module)
 
 BUDGETS = {r["id"]: r.get("max_new_tokens", DEFAULT_BUDGET) for r in PROMPTS}
 

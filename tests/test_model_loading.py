@@ -8,13 +8,12 @@ import sys
 import pytest
 import torch
 
-from conftest import run_module, write_prompts
-from helpers import fake_hub_cache
 from distgen.config import ModelConfig, TinyModelConfig
 from distgen.common.errors import ConfigError
 from distgen.models.loading import check_model_source, load_model, load_tokenizer, resolve_dtype
 from distgen.models.tiny import build_tiny_model
 from distgen.run import main as run_main
+from tests.helpers import fake_hub_cache, run_module, write_prompts
 
 CPU = torch.device("cpu")
 

@@ -6,11 +6,11 @@ import json
 import pytest
 
 import distgen
-from conftest import read_outputs, reference_greedy, write_prompts
 from distgen.common.errors import ConfigError
 from distgen.config import DatasetConfig
 from distgen.inputs.source import open_prompts
 from distgen.run import main as run_in_process
+from tests.helpers import read_outputs, reference_greedy, write_prompts
 
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from conftest import child_env
-from helpers import descendants, living, stop_pids, wait_until
+from tests.helpers import child_env, descendants, living, stop_pids, wait_until
 
 GRACE_S = 2.0
 GONE_WITHIN_S = 15  # the grace, a parent poll, a /proc refresh, Python start-up on a loaded machine

@@ -9,12 +9,12 @@ import re
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats
 from distgen.common.errors import ConfigError
 from distgen.catalog.load import load_config
 from distgen.parallel.layouts import LAYOUTS
 from distgen.models.quantizers import QUANTIZERS, base as quantizer_base
 from distgen.run import main as run_main
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats
 
 # Fraction of the fp32 parameter bytes each quantizer must stay under on the tiny model (its fp32
 # embeddings and head, about half of it, are not quantized).
@@ -43,7 +43,7 @@ def run_job(model_dir, prompts_file, out_dir, *overrides, device="cpu") -> int:
 @pytest.fixture(scope="module")
 def fp32_bytes(tiny_model_dir, tmp_path_factory) -> int:
     work = tmp_path_factory.mktemp("fp32")
-    from conftest import write_prompts
+    from tests.helpers import write_prompts
     prompts = write_prompts(work / "prompts.jsonl", PROMPTS[:2])
     assert run_job(tiny_model_dir, prompts, work / "out", "model.quantization=none") == 0
     return rank_bytes(work / "out")

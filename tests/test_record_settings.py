@@ -4,7 +4,6 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
 from distgen.engine.request import Completion
@@ -13,6 +12,7 @@ from distgen.parallel.feed import tokenize_checked
 from distgen.parallel.loop import run_loop
 from distgen.inputs.records import Prompt
 from distgen.engine.stops import StopStrings
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, reference_greedy
 
 CPU = torch.device("cpu")
 

@@ -10,8 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (DEFAULT_BUDGET, PROMPTS, REPO, assert_matches_generate, crash_at_step, journaled, paced_env,
-                      read_outputs, read_stats, write_prompts)
 from distgen.catalog import check_section
 from distgen.catalog.load import load_config
 from distgen.common.errors import ConfigError
@@ -23,7 +21,9 @@ from distgen.inputs.records import Prompt
 from distgen.outputs.resume import job_settings
 from distgen.outputs.samples import SampleTable
 from distgen.run import main as run_in_process
-from helpers import engine_for, generate_samples, stop_pids, wait_until
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, REPO, assert_matches_generate, crash_at_step, engine_for,
+                           generate_samples, journaled, paced_env, read_outputs, read_stats, stop_pids, wait_until,
+                           write_prompts)
 
 SAMPLED = dict(do_sample=True, temperature=1.0, seed=11)
 # A system prompt of 100 characters (the byte-level tokenizer: a token each, no BOS) and questions whose first

@@ -19,12 +19,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_always_the_best():
 
 
 def test_temperature_zero_is_greedy_in_the_config_and_in_a_record(tiny_model, tokenizer):
-    from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
     from distgen.catalog import check_section
     from distgen.config import GenerationConfig
     from distgen.engine.sampling import row_sampling
     from distgen.inputs.records import Prompt
-    from helpers import engine_for, generate_all
+    from tests.helpers import DEFAULT_BUDGET, PROMPTS, assert_matches_generate, engine_for, generate_all
 
     cfg = check_section("generation", GenerationConfig(max_new_tokens=DEFAULT_BUDGET, do_sample=True, temperature=0.0,
                                                        compile="off"))
@@ -40,9 +39,9 @@ import re  # noqa: E402
 
 import pytest  # noqa: E402
 
-from conftest import DEFAULT_BUDGET, PROMPTS  # noqa: E402
 from distgen.config import GenerationConfig  # noqa: E402
-from helpers import ReplayingCapturer, engine_for, generate_all, reads_per_step, reference_generate  # noqa: E402
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, ReplayingCapturer, engine_for, generate_all,  # noqa: E402
+                           reads_per_step, reference_generate)
 
 # The engine paths a step's tokens take: the dynamic cache (row surgery), the slot cache with distgen's CPU kernels
 # (synchronous), and rows addressed by slot id (pipelined: step N+1 launched before step N's tokens are read; decode
@@ -357,10 +356,10 @@ def test_knob_fields_survive_every_table_form(tmp_path):
     """Arrow's JSON reader (a logit_bias column becomes a struct holding every record's keys; a column whose types
     clash, JSON values) and the normalized table of a folder of mixed formats (logit_bias kept as JSON text) give
     the prompts the records give."""
-    from conftest import write_prompts
     from distgen.config import DatasetConfig
     from distgen.inputs.records import RecordFields, record_to_prompt
     from distgen.inputs.source import open_prompts
+    from tests.helpers import write_prompts
     records = KNOB_RECORDS + [{"id": "clash", "prompt": "q", "stop_token_ids": "3", "logit_bias": "x"}]
     want = [record_to_prompt(r, i, "x", RecordFields()) for i, r in enumerate(records)]
     assert want[-1].error.startswith("stop_token_ids='3' is not allowed")
@@ -381,8 +380,8 @@ def test_a_job_with_per_record_knobs_and_logprobs(tiny_model_dir, tmp_path):
     """A real run (distgen.run.main) with per-record knobs: every id exactly once, a bad knob an error record
     naming it, logprobs only where asked, and a record without knobs byte-identical to a job without any."""
     import json
-    from conftest import read_outputs, write_prompts
     from distgen.run import main as run_in_process
+    from tests.helpers import read_outputs, write_prompts
     records = KNOB_RECORDS + [{"id": "bad", "prompt": "q", "min_p": 2}, {"id": "too-few", "prompt": "q",
                                                                          "max_new_tokens": 2, "min_tokens": 3}]
     dataset = write_prompts(tmp_path / "knobs.jsonl", records)

@@ -3,7 +3,7 @@ the completions stream to the shards (nothing per prompt is kept in a rank) and 
 1k prompts (nothing a rank holds to plan or feed its share grows with the dataset)."""
 import json
 
-from conftest import journaled, read_stats, run_module
+from tests.helpers import journaled, read_stats, run_module
 
 PROMPT_COUNT = 100_000
 SMALL_COUNT = 1_000

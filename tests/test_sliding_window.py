@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from conftest import PROMPTS, read_outputs, reference_greedy, run_module, write_prompts
 from distgen.backends.cpu import kernels
 from distgen.common.errors import ConfigError
 from distgen.config import GenerationConfig
@@ -18,11 +17,12 @@ from distgen.engine.kv.varlen import layer_window
 from distgen.engine.memory import kv_shape
 from distgen.engine.windows import LayerWindows, layer_windows
 from distgen.run import main as run_in_process
-from helpers import WINDOW, WINDOW_ARCHITECTURES, build_window_model, engine_for, generate_all, save_window_model
+from tests.helpers import (PROMPTS, WINDOW, WINDOW_ARCHITECTURES, build_window_model, engine_for, generate_all,
+                           read_outputs, reference_greedy, run_module, save_window_model, write_prompts)
 
 CPU = torch.device("cpu")
 BUDGET = 8
-# Which layers attend over the window, as each config says it (see tests/helpers.py WINDOW_ARCHITECTURES).
+# Which layers attend over the window, as each config says it (see tests/helpers/models.py WINDOW_ARCHITECTURES).
 LOCAL = {"mistral": (WINDOW,) * 4, "qwen2": (None, None, WINDOW, WINDOW), "gemma2": (WINDOW, None, WINDOW, None),
          "gemma3": (WINDOW, None, WINDOW, None)}
 NAMES = sorted(WINDOW_ARCHITECTURES)

@@ -1,4 +1,4 @@
-"""SLURM requeue on preemption, for real, on the local cluster (tests/helpers.py LocalSlurm): a job
+"""SLURM requeue on preemption, for real, on the local cluster (tests/helpers/clusters.py LocalSlurm): a job
 submitted with launcher.requeue=true is preempted part way through (a job in the higher-priority
 `urgent` partition takes both nodes), SLURM requeues it under the same job id, the rerun resumes
 from its journals, and launcher.wait=true follows the job through the requeue to its end. The
@@ -7,9 +7,8 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO, journaled, paced_env, read_outputs, write_prompts
 from distgen.run import main as run_in_process
-from helpers import wait_until
+from tests.helpers import REPO, journaled, paced_env, read_outputs, wait_until, write_prompts
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 3 + i % 4}
            for i in range(12)]

@@ -12,13 +12,13 @@ import jsonschema
 import pytest
 import torch
 
-from conftest import PROMPTS, REPO, assert_matches_generate, child_env, read_outputs, run_module, write_prompts
 from distgen.common.errors import ConfigError
 from distgen.config import GenerationConfig, ModelConfig, RunConfig
 from distgen.inputs.keys import record_key
 from distgen.inputs.records import Prompt
 from distgen.run import main as run_in_process
-from helpers import engine_for, generate_all
+from tests.helpers import (PROMPTS, REPO, assert_matches_generate, child_env, engine_for, generate_all, read_outputs,
+                           run_module, write_prompts)
 
 xgr = pytest.importorskip("xgrammar", reason="structured output needs xgrammar (scripts/setup.sh installs it)")
 

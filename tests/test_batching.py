@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, reference_greedy
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
 from distgen.parallel.loop import run_loop
 from distgen.inputs.records import Prompt
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, reference_greedy
 
 CPU = torch.device("cpu")
 

@@ -6,11 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import DEFAULT_BUDGET, PROMPTS, assert_matches_generate
 from distgen.config import GenerationConfig
 from distgen.engine.host import READS, Pending, read, upload_all
 from distgen.engine.stops import StopStrings
-from helpers import engine_for, generate_all, reads_per_step
+from tests.helpers import DEFAULT_BUDGET, PROMPTS, assert_matches_generate, engine_for, generate_all, reads_per_step
 
 CPU = torch.device("cpu")
 

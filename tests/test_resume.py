@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from conftest import crash_at_step, journaled, read_outputs, read_stats
 from distgen.backends.cpu import kernels as cpu_kernels
 from distgen.models.loading import ModelSource
 from distgen.run import main as run_in_process
 from distgen.outputs.folder import read_manifest
 from distgen.outputs.shards import list_shards
+from tests.helpers import crash_at_step, journaled, read_outputs, read_stats
 
 ARGS = ["generation.batch_size=2", "generation.max_new_tokens=4"]
 
