@@ -129,7 +129,8 @@ class Engine:
         return READS.count - self.reads_at_start
 
     def step(self) -> list[Completion]:
-        """One forward; returns the requests it finished. Out of memory: back off (backoff.py) and return none."""
+        """One forward; returns the requests it finished. Out of memory: back off (backoff.py) and return only those a
+        constrained step landed before it (`land_constrained`)."""
         if self.backoff is None:
             return self.land_constrained() + self.forward_step()
         # A step landed before this one is scheduled (a grammar's) finished its requests: they are not running any
