@@ -27,7 +27,8 @@ Options:
   --check         check the config, the prompts file, the model folder (config, weight file headers, remote
                   code), its tokenizer and what an earlier job left in output.dir, then exit
   --quiet, -q     only warnings and errors (output.log_level=warning; it wins over a log_level given with it):
-                  no progress, no table, no `wrote N records` line (stats.json and the exit status say how it went)
+                  no progress, no table, no `wrote N records` line unless some records are error records
+                  (stats.json and the exit status say how it went)
   --help          this text, the config groups and every key with its default
 
 Lines: info to stdout, warnings and errors to stderr; `distgen[rank N]: ` on each line a rank of a job of several

@@ -128,6 +128,27 @@ def test_a_grammar_is_not_pipelined_and_gives_the_same_tokens(tiny_model, tokeni
         assert run("varlen_reference", batch) == run("torch_sdpa", batch)
 
 
+def test_an_out_of_memory_back_off_after_a_constrained_step_landed_loses_no_record(tiny_model, tokenizer,
+                                                                                  monkeypatch):
+    """A pipelined engine lands a constrained step before scheduling the next; a request that step finished is not
+    running any more, so when the next step runs out of memory its completion must still be returned (the back-off
+    requeues only the running requests). Whatever step the error comes at: every record once, the clean tokens."""
+    from distgen.engine.backoff import INJECT_ENV
+    cfg = GenerationConfig(max_new_tokens=20, batch_size=4, cache="static", compile="off", cpu_kernels="torch",
+                           attention="varlen_reference", choice=CHOICES)
+
+    def run():
+        engine = engine_for(tiny_model, tokenizer, RECORDS, cfg, eos_ids=[tokenizer.eos_token_id])
+        assert engine.pipelined
+        return engine, {k: (c.token_ids, c.finish_reason) for k, c in generate_all(engine).items()}
+    clean = run()[1]
+    for step in range(1, 10):
+        monkeypatch.setenv(INJECT_ENV, str(step))
+        engine, faulted = run()
+        assert engine.backoff.count == 1
+        assert faulted == clean, step
+
+
 def test_an_assisted_engine_refuses_a_records_grammar(tiny_model, tokenizer):
     from distgen.engine.assist import AssistantSpec
     cfg = GenerationConfig(max_new_tokens=6, batch_size=2, compile="off", cache="static")

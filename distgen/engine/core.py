@@ -129,18 +129,23 @@ class Engine:
         return READS.count - self.reads_at_start
 
     def step(self) -> list[Completion]:
-        """One forward; returns the requests it finished. Out of memory: back off (backoff.py) and return none."""
+        """One forward; returns the requests it finished. Out of memory: back off (backoff.py) and return only those a
+        constrained step landed before it (`land_constrained`)."""
         if self.backoff is None:
-            return self.forward_step()
+            return self.land_constrained() + self.forward_step()
+        # A step landed before this one is scheduled (a grammar's) finished its requests: they are not running any
+        # more, so a back-off would not requeue them; they are returned whatever happens next.
+        landed: list[Completion] = []
         try:
-            return self.forward_step()
+            landed = self.land_constrained()
+            return landed + self.forward_step()
         except torch.OutOfMemoryError as err:
             refusal, error_text = self.backoff.refuse(err), str(err)
             if refusal:
                 self.backoff.say(refusal)
                 raise
         self.back_off(error_text)  # outside the except block: the traceback's tensors are gone
-        return []
+        return landed
 
     def back_off(self, error_text: str) -> None:
         """Halve the batch after running out of memory (backoff.py): free the cache, requeue the running requests
@@ -158,11 +163,11 @@ class Engine:
         self.backoff.say_shrunk(error_text, len(requests))
 
     def forward_step(self) -> list[Completion]:
-        landed = self.land_constrained()
+        """Schedule, launch and land one step (`step` has landed a constrained step before: `land_constrained`)."""
         plan = self.schedule()
         if not plan.requests:  # every running request's tokens are launched: land the last step only
             landing, self.inflight = self.inflight, None
-            return landed + (self.land(landing) if landing else [])
+            return self.land(landing) if landing else []
         if self.backoff is not None:
             self.backoff.before_forward()
         if plan.kind == "decode" and self.assistant is not None:
@@ -175,9 +180,9 @@ class Engine:
         if plan.kind != "decode":
             self.prefill_seconds += time.perf_counter() - started
         if not self.pipelined:
-            return landed + self.land(launched)
+            return self.land(launched)
         landing, self.inflight = self.inflight, launched
-        return landed + (self.land(landing) if landing else [])
+        return self.land(landing) if landing else []
 
     def land_constrained(self) -> list[Completion]:
         """Where a running request follows a grammar, the launched step lands before the next is scheduled: its

@@ -156,7 +156,9 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     if note:
         logger.info(note)
     where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR
-    report.info("wrote %d records to %s (%d errors)", job.record_count, where, summary["errors"])
+    # With error records the line is a warning: --quiet (output.log_level=warning) still says the job had them.
+    report.log(logging.WARNING if summary["errors"] else logging.INFO, "wrote %d records to %s (%d errors)",
+               job.record_count, where, summary["errors"])
 
 
 def release_arrow_memory() -> None:
