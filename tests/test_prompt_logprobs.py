@@ -114,3 +114,15 @@ def test_a_bad_prompt_logprobs_is_refused(value):
     with pytest.raises(ConfigError, match="generation.prompt_logprobs"):
         check_section("generation", GenerationConfig(prompt_logprobs=value))
     assert overrides_of({"prompt_logprobs": value})[1].startswith(f"prompt_logprobs={value!r} is not allowed")
+
+
+def test_assisted_generation_keeps_prompt_logprobs(tiny_model, tokenizer):
+    """With a draft model verifying drafts, prompts are still prefilled by the model: the entries equal the HF
+    forward's, the completions greedy `model.generate`'s."""
+    from distgen.engine.assist import AssistantSpec
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, compile="off", prompt_logprobs=2)
+    got = generate_all(engine_for(tiny_model, tokenizer, PROMPTS, cfg, assistant=AssistantSpec("draft", tiny_model)))
+    assert_matches_generate(tiny_model, tokenizer, got)
+    for record in PROMPTS:
+        ids, logprobs = reference(tiny_model, tokenizer, record["prompt"])
+        assert_prompt_logprobs(got[record["id"]].prompt_logprobs, ids, logprobs, 2)
