@@ -310,6 +310,10 @@ class GenerationConfig:
     # Each output record carries `logprobs`: per generated token its log-probability and the K most likely
     # tokens' (the model's raw logprobs, before penalties and temperature, as vLLM returns); null: none.
     logprobs: Optional[int] = None
+    # Each output record carries `prompt_logprobs`: per prompt token its log-probability and the K most likely
+    # tokens' at its position (the first token's entry null), as vLLM's prompt_logprobs; null: none. Such a prompt
+    # is prefilled whole (no shared prefix).
+    prompt_logprobs: Optional[int] = None
     # Structured output (distgen/engine/grammar.py, xgrammar; docs/engine.md): every completion follows a JSON schema
     # (a schema file, or the schema inline), a regular expression, or is one of a list of choices; at most one of
     # the three. A record's own json_schema, regex or choice replaces it for that record. The grammar's end finishes
@@ -375,6 +379,9 @@ class GenerationConfig:
                 f"must map token ids >= 0 to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         require(self.logprobs is None or logprobs_ok(self.logprobs), "generation.logprobs", self.logprobs,
                 "must be null or an integer >= 0 (alternatives per token, capped at the vocabulary)")
+        require(self.prompt_logprobs is None or logprobs_ok(self.prompt_logprobs), "generation.prompt_logprobs",
+                self.prompt_logprobs, "must be null or an integer >= 0 (alternatives per prompt token, capped at the "
+                "vocabulary)")
         self.check_grammar()
 
     def check_grammar(self) -> None:

@@ -31,6 +31,7 @@ from distgen.config import GenerationConfig
 from distgen.engine.host import read
 from distgen.engine.kv.base import KVCache
 from distgen.engine.kv.slots import SlotKV
+from distgen.engine.prompt_logprobs import entries
 from distgen.engine.request import Completion, Request, Status
 from distgen.engine.runner import Runner
 from distgen.models.forward_args import model_inputs
@@ -316,7 +317,7 @@ class Assistant:
             reason = self.take(finish_reason, request, emitted)
             done.append(reason is not None)
             if reason:
-                completions.append(request.completion(reason))
+                completions.append(request.completion(reason, entries(request)))
                 finished.append(request)
                 self.states.pop(id(request))
             else:

@@ -270,7 +270,8 @@ def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, devi
         matcher = grammars.matcher(sampling.grammar)
     return Request(prompt, list(ids), budget,
                    seeded_generator(gen, prompt, device, sample) if sampling.do_sample else None, sampling,
-                   sample=sample, logprobs=[] if sampling.logprobs is not None else None, matcher=matcher)
+                   sample=sample, logprobs=[] if sampling.logprobs is not None else None, matcher=matcher,
+                   prompt_blocks=[] if sampling.prompt_logprobs is not None else None)
 
 
 def settings_refusal(sampling: RowSampling, budget: int, vocab: Optional[int], assisted: bool) -> Optional[str]:

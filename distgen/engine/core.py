@@ -28,6 +28,7 @@ from distgen.engine.kv.base import ForwardBatch, KVCache
 from distgen.engine.memory import BatchChoice
 from distgen.engine.plan import EnginePlan
 from distgen.engine.prefix import PrefixIndex
+from distgen.engine import prompt_logprobs
 from distgen.engine.queue import AdapterRun, RequestQueue
 from distgen.engine.request import Completion, Request, RequestFailed, Status
 from distgen.engine.runner import Runner
@@ -234,6 +235,12 @@ class Engine:
     def execute(self, plan: StepPlan) -> tuple[ForwardBatch, torch.Tensor]:
         if plan.kind in ("prefill", "mixed"):  # a mixed step runs as a prefill (eager, never the compiled decode)
             batch = self.kv.prefill_inputs(plan) if plan.kind == "prefill" else self.kv.mixed_inputs(plan)
+            asking = prompt_logprobs.asking(plan)
+            if asking:  # the forward keeps their prompt positions' logits too, reduced to blocks right away
+                device = batch.inputs["input_ids"].device
+                inputs, widened = prompt_logprobs.widen(batch.inputs, plan, batch.decode_slots, asking, device)
+                logits = prompt_logprobs.split(self.runner.prefill_kept(inputs), widened, batch.rows)
+                return batch, logits
             return batch, self.runner.prefill(batch.inputs)
         batch = self.kv.decode_inputs(plan.requests)
         return batch, self.runner.decode(batch.inputs)
@@ -288,7 +295,7 @@ class Engine:
             reason = self.finish_reason(request, host_eos[row])
             finished.append(reason is not None)
             if reason:
-                completions.append(request.completion(reason))
+                completions.append(request.completion(reason, prompt_logprobs.entries(request)))
         # 2. the cache frees finished rows (and whatever else it does with them), the sampler their token history;
         # they leave the running list
         self.kv.commit(plan, batch, launched.sampled.tokens, finished)

@@ -162,7 +162,9 @@ class PrefixIndex:
         """The most of `request`'s prompt a slot holds now, worth sharing (or None), and whether the request should
         wait: a request ahead of it (in `ahead`, admitted in this step) or one still prefilling would hold more."""
         cap = request.prompt_length - 1  # the last prompt token is always prefilled: its logits draw a token
-        if cap <= 0:
+        # A request asking for prompt logprobs runs its whole prompt through the model (their logits), as vLLM
+        # skips its prefix cache for it.
+        if cap <= 0 or request.prompt_blocks is not None:
             return None, False
         best, keys = Candidate(), self.keys(request)
         # 1. the prompt's other samples: the whole prompt but its last token

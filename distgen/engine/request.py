@@ -60,6 +60,9 @@ class Request:
     generated: list[int] = field(default_factory=list)
     # per generated token {"token_id", "logprob", "top": [...]} when its settings ask for logprobs, else None
     logprobs: Optional[list[dict]] = None
+    # its prompt logprobs' blocks on the device, one per prompt chunk (engine.prompt_logprobs) when its settings ask
+    # for prompt logprobs, else None
+    prompt_blocks: Optional[list[torch.Tensor]] = field(default=None, compare=False, repr=False)
     error: Optional[str] = None  # why it failed (RequestFailed), finishing with reason "error"
 
     @property
@@ -70,11 +73,12 @@ class Request:
     def unprefilled(self) -> int:
         return len(self.token_ids) - self.prefilled
 
-    def completion(self, reason: str) -> "Completion":
+    def completion(self, reason: str, prompt_logprobs: Optional[list] = None) -> "Completion":
+        """prompt_logprobs: its prompt logprobs as the host read them (engine.prompt_logprobs.entries), if asked."""
         if self.error is not None:
             return Completion(self.prompt, self.prompt_length, [], reason, self.error, self.sample)
         return Completion(self.prompt, self.prompt_length, self.generated, reason, sample=self.sample,
-                          logprobs=self.logprobs, sampled=self.generator is not None)
+                          logprobs=self.logprobs, sampled=self.generator is not None, prompt_logprobs=prompt_logprobs)
 
     @property
     def saturated(self) -> bool:
@@ -92,3 +96,5 @@ class Completion:
     sample: int = 0  # its sample_index (generation.n)
     logprobs: Optional[list[dict]] = None  # per token in token_ids, when asked (Request.logprobs)
     sampled: bool = False  # its tokens were drawn (temperature > 0), not chosen greedily
+    # per prompt token (the first None) {"token_id", "logprob", "top": [...]}, when asked (engine.prompt_logprobs)
+    prompt_logprobs: Optional[list] = None

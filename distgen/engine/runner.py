@@ -110,6 +110,14 @@ class Runner:
         with self.context(inputs, plan):
             return self.fp32_logits(forward_logits(self.model, model_inputs(self.model, inputs)))
 
+    def prefill_kept(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's logits of every position `logits_to_keep` keeps, as the model returns them ((1, kept,
+        vocab) for a packed row, (rows, kept, vocab) for a padded batch): a prefill that keeps prompt positions
+        (engine.prompt_logprobs)."""
+        inputs, plan = split_plan(inputs)
+        with self.context(inputs, plan):
+            return self.fp32_logits(self.model(**model_inputs(self.model, inputs)).logits)
+
     def decode(self, inputs: dict[str, Any]) -> torch.Tensor:
         inputs, plan = split_plan(inputs)
         first_compiled = self.compiled and not self.compile_seconds

@@ -89,6 +89,9 @@ class RowSampling:
     ignore_eos: bool = False
     # What its output record carries: each token's logprob and this many alternatives (None: no logprobs)
     logprobs: Optional[int] = None
+    # Its output record's `prompt_logprobs`: each prompt token's logprob and this many alternatives, read from the
+    # prefill forward (distgen/engine/prompt_logprobs.py; not a logits-path knob), None: none
+    prompt_logprobs: Optional[int] = None
     # What its completion follows (structured output: distgen/engine/grammar.py masks its logits), or None
     grammar: Optional[Grammar] = None
 
@@ -108,9 +111,10 @@ class RowSampling:
 GREEDY = RowSampling(False, 1.0, 0, 1.0)
 # RowSampling's knobs a record may set, each falling back to generation.*'s (the same names in both).
 KNOBS = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "logit_bias",
-         "stop_token_ids", "ignore_eos", "logprobs")
-# Those that act on the logits (the rest act on the host, after the step's read).
-LOGITS_KNOBS = tuple(name for name in KNOBS if name not in ("stop_token_ids", "ignore_eos"))
+         "stop_token_ids", "ignore_eos", "logprobs", "prompt_logprobs")
+# Those that act on the logits of a step that chooses tokens (the rest act on the host, after the step's read, or,
+# prompt_logprobs, on the prefill forward's logits of the prompt positions).
+LOGITS_KNOBS = tuple(name for name in KNOBS if name not in ("stop_token_ids", "ignore_eos", "prompt_logprobs"))
 
 
 def config_knob(cfg: GenerationConfig, name: str):

@@ -23,7 +23,7 @@ HALF_MASK = (1 << HALF_BITS) - 1
 # run's finished record is found).
 LATER_FIELDS = frozenset({"lora", "columns", "n", "repetition_penalty", "presence_penalty", "frequency_penalty",
                           "min_p", "min_tokens", "stop_token_ids", "logit_bias", "ignore_eos", "logprobs",
-                          "json_schema", "regex", "choice"})
+                          "prompt_logprobs", "json_schema", "regex", "choice"})
 
 
 @lru_cache(maxsize=None)

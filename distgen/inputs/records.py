@@ -68,6 +68,7 @@ class Prompt:
     logit_bias: Optional[tuple[tuple[int, float], ...]] = None  # (token id, bias) pairs, by token id
     ignore_eos: Optional[bool] = None
     logprobs: Optional[int] = None  # alternatives per generated token in its output record's `logprobs`
+    prompt_logprobs: Optional[int] = None  # alternatives per prompt token in its output record's `prompt_logprobs`
     # The LoRA adapter (a name in model.lora) this record runs with; None: the base model (or the one merged).
     lora: Optional[str] = None
     # Completions of this record (None: generation.n).
@@ -153,6 +154,8 @@ OVERRIDES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = 
     "ignore_eos": (lambda v: isinstance(v, bool), "true or false", bool),
     "logprobs": (lambda v: is_whole(v) and logprobs_ok(int(v)), "an integer >= 0 (alternatives per token, capped "
                                                                  "at the vocabulary)", int),
+    "prompt_logprobs": (lambda v: is_whole(v) and logprobs_ok(int(v)), "an integer >= 0 (alternatives per prompt "
+                                                                        "token, capped at the vocabulary)", int),
     # Structured output (one of the three; a schema the grammar library cannot compile fails its record in the
     # engine, distgen/engine/grammar.py, as an error record too).
     "json_schema": (lambda v: schema_object(v) is not None, "a JSON schema: an object, or its JSON text", schema_text),

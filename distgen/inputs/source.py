@@ -227,7 +227,8 @@ def normalized_features():
                      "repetition_penalty": Value("float64"), "presence_penalty": Value("float64"),
                      "frequency_penalty": Value("float64"), "min_p": Value("float64"), "min_tokens": Value("int64"),
                      "stop_token_ids": List(Value("int64")), "logit_bias": Value("string"),
-                     "ignore_eos": Value("bool"), "logprobs": Value("int64"), "lora": Value("string"),
+                     "ignore_eos": Value("bool"), "logprobs": Value("int64"),
+                     "prompt_logprobs": Value("int64"), "lora": Value("string"),
                      "json_schema": Value("string"), "regex": Value("string"), "choice": List(Value("string")),
                      "error": Value("string"), COLUMNS: Value("string")})
 

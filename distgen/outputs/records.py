@@ -11,7 +11,7 @@ from distgen.inputs.records import Prompt, RecordId
 
 ERROR = "error"
 # A record's keys that its JSON holds only when set (an output without them stays as it was before they existed).
-OPTIONAL_FIELDS = ("logprobs", "error")
+OPTIONAL_FIELDS = ("logprobs", "prompt_logprobs", "error")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class OutputRecord:
     # per kept token {"token_id", "logprob", "top": [{"token_id", "logprob"}, ...]} when the record's settings
     # ask for logprobs (generation.logprobs or its own); absent from other records' JSON
     logprobs: Optional[list[dict]] = None
+    # per prompt token (the first null: nothing predicts it) {"token_id", "logprob", "top": [...]} when the record's
+    # settings ask for prompt logprobs (generation.prompt_logprobs or its own); absent from other records' JSON
+    prompt_logprobs: Optional[list] = None
     # why an error record has no completion; absent from other records' JSON
     error: Optional[str] = None
     # the input record's kept columns (output.columns), by their names in the dataset: flat in the JSON
@@ -71,7 +74,7 @@ def completion_record(completion: Completion, text: str, token_ids: list[int], k
     logprobs = None if completion.logprobs is None else completion.logprobs[:len(token_ids)]
     return OutputRecord(prompt.index, prompt.id, completion.sample, prompt.text, text, completion.prompt_token_count,
                         len(token_ids), completion.finish_reason, list(token_ids), logprobs,
-                        columns=prompt.columns).as_json(keep_prompt)
+                        completion.prompt_logprobs, columns=prompt.columns).as_json(keep_prompt)
 
 
 def error_record(prompt: Prompt, reason: str, prompt_tokens: int = 0, keep_prompt: bool = True,
