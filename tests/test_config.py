@@ -124,15 +124,18 @@ def test_quiet_shows_warnings_and_errors_only(tiny_model_dir, prompts_file, tmp_
 
 
 def test_quiet_still_says_a_job_had_error_records(tiny_model_dir, tmp_path, capsys):
-    # A record the engine fails (a logit_bias token past the vocabulary: no line of its own): the `wrote` line is
-    # a warning, so --quiet does not hide that the job has an error record.
+    # A record the engine fails (a logit_bias token past the vocabulary): its own warning line, and the `wrote`
+    # line is a warning too, so --quiet does not hide that the job has an error record.
     prompts = write_prompts(tmp_path / "p.jsonl", [{"id": "ok", "prompt": "Hi"},
                                                    {"id": "bad", "prompt": "Hi", "logit_bias": {"999999": 1}}])
     out = tmp_path / "out"
     assert launch_main([f"model={tiny_model_dir}", f"dataset={prompts}", f"output.dir={out}",
                         "generation.max_new_tokens=2", "--quiet"]) == 0
     said = capsys.readouterr()
-    assert said.out == "" and said.err == f"distgen: wrote 2 records to {out / 'outputs.jsonl'} (1 errors)\n"
+    assert said.out == "" and said.err == (
+        "distgen: record 'bad' (index 1): logit_bias token id 999999 is not allowed: must be below the model's "
+        "vocabulary of 259 tokens; it gets an error record\n"
+        f"distgen: wrote 2 records to {out / 'outputs.jsonl'} (1 errors)\n")
 
 
 def test_debug_shows_each_ranks_engine_line(tiny_model_dir, prompts_file, tmp_path, capsys):

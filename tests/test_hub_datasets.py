@@ -88,9 +88,12 @@ def test_a_hub_dataset_runs_its_split_and_subset_from_the_cache(tiny_model_dir, 
                                   r"dataset in the Hugging Face cache \(.*hub\), and HF_HUB_OFFLINE is set; fetch it "
                                   r"with `hf download acme/not-cached --repo-type dataset`"),
     (["dataset=acme/prompts", "dataset.split=validation"],
-     r"dataset.split='validation' is not allowed: .* has splits (train, test|test, train)"),
+     r"dataset.split='validation' is not allowed: acme/prompts has splits (train, test|test, train)"),
     (["dataset=acme/levels"], r"dataset.subset=None is not allowed: .* has subsets easy, hard; give dataset.subset="),
-    (["dataset=acme/levels", "dataset.subset=medium"], r"dataset.subset='medium' is not allowed: .* has subsets easy, hard"),
+    (["dataset=acme/levels", "dataset.subset=medium"],
+     r"dataset.subset='medium' is not allowed: acme/levels has subsets easy, hard"),
+    (["dataset=acme/prompts", "dataset.subset=medium"],
+     r"dataset.subset='medium' is not allowed: acme/prompts has no subsets \(give no dataset.subset\)"),
 ])
 def test_hub_dataset_problems_stop_before_anything_starts(settings, message, tiny_model_dir, hub_cache, tmp_path,
                                                           capsys):
@@ -104,7 +107,9 @@ def test_hub_dataset_problems_stop_before_anything_starts(settings, message, tin
 def test_hub_settings_on_a_local_file_are_refused(tmp_path):
     local = tmp_path / "p.jsonl"
     local.write_text('{"prompt": "hi"}\n')
-    with pytest.raises(ConfigError, match=r"dataset.revision='v2' is not allowed: .* is not a hub id"):
+    with pytest.raises(ConfigError, match=r"dataset.revision='v2' is not allowed: .* is a file or folder here"):
         resolve_hub_dataset(DatasetConfig(path=str(local), revision="v2"))
+    with pytest.raises(ConfigError, match=r"dataset.subset='a' is not allowed: .* dataset.format='jsonl' reads a local"):
+        resolve_hub_dataset(DatasetConfig(path="acme/prompts", format="jsonl", subset="a"))
     # a missing prompts file is not taken for a hub id: its own error comes later, naming the file
     assert resolve_hub_dataset(DatasetConfig(path="missing.jsonl")).path == "missing.jsonl"

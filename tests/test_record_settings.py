@@ -138,3 +138,20 @@ def test_a_prompt_the_tokenizer_fails_on_is_found_alone(tokenizer):
     ids, failed = tokenize_checked(tokenizer, prompts)
     assert ids == [tokenizer("fine")["input_ids"], [], tokenizer("also fine")["input_ids"]]
     assert list(failed) == [1] and failed[1].startswith("the prompt could not be tokenized: TypeError")
+
+
+def test_a_record_the_engine_fails_is_said_as_a_warning(tiny_model_dir, tmp_path, capsys):
+    """A record whose settings only the engine can judge (a logit_bias token past the model's vocabulary) gets an
+    error record and a warning line naming it, as a record screening fails does; the others run."""
+    import json
+    from distgen.run import main as run_in_process
+    from tests.helpers import write_prompts
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"id": "fine", "prompt": "Hello"},
+                                                   {"id": "far", "prompt": "Hello", "logit_bias": {"99999": 5}}])
+    assert run_in_process([f"model={tiny_model_dir}", f"dataset={prompts}", "generation.max_new_tokens=3",
+                           f"output.dir={tmp_path / 'out'}"]) == 0
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "outputs.jsonl").read_text().splitlines())}
+    assert records["fine"]["finish_reason"] == "length" and records["far"]["finish_reason"] == "error"
+    err = capsys.readouterr().err
+    assert "record 'far' (index 1): logit_bias token id 99999 is not allowed" in err
+    assert "it gets an error record" in err and "'fine'" not in err

@@ -47,6 +47,13 @@ def snapshot(key: str, repo_id: str, revision: Optional[str], allow_download: bo
                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
 
 
+def hub_name(folder: str | None) -> str | None:
+    """The hub id (`org/name`) whose Hugging Face cache snapshot `folder` is, or None."""
+    if hub_commit(folder) is None:
+        return None
+    return Path(folder).absolute().parent.parent.name.split("--", 1)[1].replace("--", "/")
+
+
 def hub_commit(folder: str | None) -> str | None:
     """The commit a Hugging Face cache snapshot folder holds (`.../models--org--name/snapshots/<commit>`, or
     `datasets--org--name`), or None."""

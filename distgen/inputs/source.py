@@ -30,7 +30,7 @@ import numpy as np
 
 from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
-from distgen.common.hub import HUB_ID, snapshot
+from distgen.common.hub import HUB_ID, hub_name, snapshot
 from distgen.common.registry import Registry
 from distgen.inputs.openai_batch import batch_request
 from distgen.inputs.records import (BOM, CHAT_KWARGS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
@@ -116,12 +116,17 @@ def resolve_hub_dataset(cfg: DatasetConfig) -> DatasetConfig:
     """dataset.path as a local path: a value that is not a file or folder here, has no prompts-file suffix and reads
     as a hub id (`org/name`) becomes its snapshot folder in the Hugging Face cache, read as format `hub`."""
     value = cfg.path
-    if (not value or Path(value).exists() or not HUB_ID.match(value) or value.startswith(".")
-            or Path(value).suffix.lower() in FILE_FORMATS or cfg.format not in ("auto", "hub")):
+    local = None
+    if not value or Path(value).exists() or value.startswith("."):
+        local = f"dataset.path={value!r} is a file or folder here"
+    elif not HUB_ID.match(value) or Path(value).suffix.lower() in FILE_FORMATS:
+        local = f"dataset.path={value!r} is not a hub id (org/name)"
+    elif cfg.format not in ("auto", "hub"):
+        local = f"dataset.format={cfg.format!r} reads a local file or folder"
+    if local is not None:
         if cfg.revision is not None or cfg.subset is not None:
             key, given = ("dataset.revision", cfg.revision) if cfg.revision is not None else ("dataset.subset", cfg.subset)
-            raise ConfigError(f"{key}={given!r} is not allowed: it picks a hub dataset's version or subset, and "
-                              f"dataset.path={value!r} is not a hub id (org/name)")
+            raise ConfigError(f"{key}={given!r} is not allowed: it picks a hub dataset's version or subset, and {local}")
         return cfg
     return replace(cfg, path=snapshot("dataset.path", value, cfg.revision, cfg.allow_download, "dataset"),
                    format="hub")
@@ -397,18 +402,21 @@ def load_hub(cfg: DatasetConfig, cache_dir: str):
     """A hub dataset's snapshot folder as the datasets library reads a hub repository (its README's configs, or
     its files' split names), dataset.subset and dataset.split picked by name."""
     import datasets
+    name = hub_name(cfg.path) or cfg.path  # the id the user gave, not the snapshot folder
     try:
         subsets = datasets.get_dataset_config_names(cfg.path)
     except Exception:  # no README configs: one default subset
         subsets = []
-    if cfg.subset is not None and subsets and cfg.subset not in subsets:
-        raise ConfigError(f"dataset.subset={cfg.subset!r} is not allowed: {cfg.path} has subsets {', '.join(subsets)}")
+    named = [s for s in subsets if s != "default"]
+    if cfg.subset is not None and cfg.subset not in subsets:
+        has = f"has subsets {', '.join(subsets)}" if named else "has no subsets (give no dataset.subset)"
+        raise ConfigError(f"dataset.subset={cfg.subset!r} is not allowed: {name} {has}")
     if cfg.subset is None and len(subsets) > 1 and "default" not in subsets:
-        raise ConfigError(f"dataset.subset=None is not allowed: {cfg.path} has subsets {', '.join(subsets)}; "
+        raise ConfigError(f"dataset.subset=None is not allowed: {name} has subsets {', '.join(subsets)}; "
                           "give dataset.subset=<one of them>")
     splits = datasets.get_dataset_split_names(cfg.path, cfg.subset)
     if cfg.split not in splits:
-        raise ConfigError(f"dataset.split={cfg.split!r} is not allowed: {cfg.path} has splits {', '.join(splits)}")
+        raise ConfigError(f"dataset.split={cfg.split!r} is not allowed: {name} has splits {', '.join(splits)}")
     return datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split, cache_dir=cache_dir)
 
 

@@ -11,6 +11,7 @@ rank still makes exactly one forward (real or dummy) per step, so the group stay
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from distgen.engine import Completion, Engine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,13 +42,23 @@ def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> N
     model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
 
 
+def said_failed(completion: Completion) -> Completion:
+    """A record the engine could not make a request of (a grammar that does not compile, a logit_bias token past
+    the vocabulary, ...) is said as screening's are (parallel/feed.py say_failed); one read with an error already
+    was said then."""
+    if completion.error and completion.error != completion.prompt.error:
+        logger.warning("record %r (index %d): %s; it gets an error record", completion.prompt.id,
+                       completion.prompt.index, completion.error)
+    return completion
+
+
 def run_loop(engine: Engine, lockstep: bool, idle_step: Callable[[], None],
              device: torch.device, on_finished: Callable[[list[Completion]], None], group=None,
              sync_every: int = 1, counters: Optional[LoopCounters] = None) -> LoopCounters:
     """`counters`, when given, is updated as the loop runs (a sampler thread reads it)."""
     counters = LoopCounters() if counters is None else counters
     # A prompt whose request cannot be made (distgen.engine.queue) is finished as an error completion.
-    engine.on_failed(lambda completion: on_finished([completion]))
+    engine.on_failed(lambda completion: on_finished([said_failed(completion)]))
     start = time.perf_counter()
     step = 0
     while True:
