@@ -23,6 +23,9 @@ pin() {  # NAME: the NAME==VERSION line of requirements.txt (the version distgen
   grep -m1 -iE "^$1==" requirements.txt || { echo "gpu_wheels: no pin for $1 in requirements.txt" >&2; exit 2; }
 }
 DEEPSPEED_PIN=$(grep -m1 -oE 'deepspeed==[0-9.]+' scripts/setup.sh)
+# Structured output's library and its FFI runtime, at setup.sh's pins (installed there with --no-deps; the GPU
+# machine's torch brings triton, which xgrammar's CUDA kernel uses).
+STRUCTURED_PINS=($(grep -m1 -oE 'xgrammar==[0-9.]+ apache-tvm-ffi==[0-9a-z.]+' scripts/setup.sh))
 
 # Binary or pure-Python wheels pip downloads for the machine's Python (3.12, x86-64), without deps:
 # transformers at our pin (the machine has an older 5.x; its huggingface_hub 1.x and tokenizers 0.23
@@ -36,6 +39,7 @@ DOWNLOADS=(
   "$(pin datasets)" dill==0.4.1 multiprocess==0.70.19
   # model.quantization=quanto_*: pure Python (it JIT-builds its CUDA kernels with the machine's nvcc and ninja).
   "$(pin optimum-quanto)"
+  "${STRUCTURED_PINS[@]}"
 )
 # Carried only while they fit beside the rest (the carry limit, the tree and a small margin): bitsandbytes
 # (model.quantization=bnb_*) is one 41 MiB wheel of CUDA kernels; without it the bnb GPU tests skip, saying so.

@@ -21,7 +21,7 @@ NO_NETWORK = re.compile(r"NewConnectionError|Temporary failure in name resolutio
                         r"No route to host|Connection refused|ConnectTimeout")
 # Distributions distgen needs on the GPU machine that its image lacks (or has in another version).
 CARRIED = ("hydra_core", "omegaconf", "antlr4_python3_runtime", "deepspeed", "transformers", "pydantic", "datasets",
-           "dill", "multiprocess", "optimum_quanto")
+           "dill", "multiprocess", "optimum_quanto", "xgrammar", "apache_tvm_ffi")
 
 
 def tracked_bytes() -> int:
