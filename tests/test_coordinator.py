@@ -4,7 +4,7 @@ import socket
 from distgen.catalog.load import config_to_dict, load_config
 from distgen.engine.request import RequestFailed
 from distgen.engine.stops import StopStrings
-from distgen.models.loading import hub_commit
+from distgen.common.hub import hub_commit
 from distgen.common.files import write_atomic
 from distgen.outputs.coordinator import format_table, summarize
 from distgen.outputs.stats import RankStats

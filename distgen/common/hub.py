@@ -16,6 +16,12 @@ from distgen.common.errors import ConfigError
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
+def names_hub_id(value: Optional[str]) -> bool:
+    """Whether a model or dataset path is to be read as a hub id: no file or folder here has that name, and it has
+    the form of one (a relative path such as ./x never does)."""
+    return bool(value) and not Path(value).exists() and not value.startswith(".") and bool(HUB_ID.match(value))
+
+
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 

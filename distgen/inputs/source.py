@@ -30,7 +30,7 @@ import numpy as np
 
 from distgen.config import DatasetConfig
 from distgen.common.errors import ConfigError
-from distgen.common.hub import HUB_ID, hub_name, snapshot
+from distgen.common.hub import hub_name, names_hub_id, snapshot
 from distgen.common.registry import Registry
 from distgen.inputs.openai_batch import batch_request
 from distgen.inputs.records import (BOM, CHAT_KWARGS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
@@ -117,9 +117,9 @@ def resolve_hub_dataset(cfg: DatasetConfig) -> DatasetConfig:
     as a hub id (`org/name`) becomes its snapshot folder in the Hugging Face cache, read as format `hub`."""
     value = cfg.path
     local = None
-    if not value or Path(value).exists() or value.startswith("."):
+    if not value or Path(value).exists():
         local = f"dataset.path={value!r} is a file or folder here"
-    elif not HUB_ID.match(value) or Path(value).suffix.lower() in FILE_FORMATS:
+    elif not names_hub_id(value) or Path(value).suffix.lower() in FILE_FORMATS:
         local = f"dataset.path={value!r} is not a hub id (org/name)"
     elif cfg.format not in ("auto", "hub"):
         local = f"dataset.format={cfg.format!r} reads a local file or folder"

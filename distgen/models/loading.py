@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import is_flash_attn_2_available
 
 from distgen.common.errors import ConfigError
-from distgen.common.hub import HUB_ID, hub_commit, snapshot  # noqa: F401 (hub_commit re-exported)
+from distgen.common.hub import names_hub_id, snapshot
 from distgen.common.registry import Registry
 from distgen.config import ModelConfig
 
@@ -165,7 +165,7 @@ def resolve_hub_ids(cfg: ModelConfig) -> ModelConfig:
     found = {}
     for key in HUB_KEYS:
         value = getattr(cfg, key)
-        if value and not Path(value).exists() and HUB_ID.match(value) and not value.startswith("."):
+        if names_hub_id(value):
             found[key] = hub_snapshot(key, value, cfg)
     return replace(cfg, **found) if found else cfg
 
