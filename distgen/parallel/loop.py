@@ -11,7 +11,6 @@ rank still makes exactly one forward (real or dummy) per step, so the group stay
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -20,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from distgen.engine import Completion, Engine
-
-logger = logging.getLogger(__name__)
+from distgen.parallel.feed import say_failed
 
 
 @dataclass
@@ -47,8 +45,7 @@ def said_failed(completion: Completion) -> Completion:
     the vocabulary, ...) is said as screening's are (parallel/feed.py say_failed); one read with an error already
     was said then."""
     if completion.error and completion.error != completion.prompt.error:
-        logger.warning("record %r (index %d): %s; it gets an error record", completion.prompt.id,
-                       completion.prompt.index, completion.error)
+        say_failed([completion.prompt], {0: completion.error})
     return completion
 
 
