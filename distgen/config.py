@@ -203,7 +203,8 @@ class ModelConfig:
     lora: Any = None
 
     def check(self) -> None:
-        require(lora_problem(self.lora) is None, "model.lora", self.lora, lora_problem(self.lora) or "")
+        problem = lora_problem(self.lora)
+        require(problem is None, "model.lora", self.lora, problem or "")
         require(named_adapters(self.lora) is None or self.quantization == "none", "model.lora", self.lora,
                 f"adapters chosen per record are swapped into the weights, which model.quantization="
                 f"{self.quantization} quantizes: merge one adapter (model.lora=<folder>) or use model.quantization=none")
@@ -350,7 +351,7 @@ class GenerationConfig:
         require(samples_ok(self.n), "generation.n", self.n, f"must be an integer in [1, {MAX_SAMPLES}]")
         require(seed_ok(self.seed), "generation.seed", self.seed, f"must be an integer in [0, {MAX_SEED}] "
                 "(torch.Generator.manual_seed's range)")
-        require(self.eos_token_ids is None or all(is_int(t) and 0 <= t < 2**63 for t in self.eos_token_ids),
+        require(self.eos_token_ids is None or token_ids_ok(self.eos_token_ids),
                 "generation.eos_token_ids", self.eos_token_ids, "must be null or a list of token ids >= 0")
         require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0 (0 disables top-k)")
         require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")

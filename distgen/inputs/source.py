@@ -199,6 +199,12 @@ def own_fields(record: dict, fields: RecordFields) -> set[str]:
     return {fields.id} | (set() if is_chat(record, fields) else {fields.prompt})
 
 
+def other_columns(record: dict, fields: RecordFields) -> dict:
+    """The record's fields besides its id and prompt (pandas' index column left out): its input columns."""
+    skip = own_fields(record, fields)
+    return {key: value for key, value in record.items() if key not in skip and not INDEX_COLUMN.match(key)}
+
+
 def json_columns(columns: dict, where: str) -> str:
     return json.dumps({key: json_value(value, where, key) for key, value in columns.items()})
 
@@ -212,8 +218,7 @@ def normalize(record: dict, where: str, fields: RecordFields, columns: Optional[
     prompt = record_to_prompt(record, 0, where, fields, render=lambda messages, kwargs: "")
     given, chat = has_id(record, fields), is_chat(record, fields)
     if columns is None:
-        skip = own_fields(record, fields)
-        columns = {key: value for key, value in record.items() if key not in skip and not INDEX_COLUMN.match(key)}
+        columns = other_columns(record, fields)
     kwargs = record.get(CHAT_KWARGS) if chat else None
     return {"id": str(prompt.id) if given else None, ID_IS_INT: isinstance(prompt.id, int) if given else None,
             "prompt": record.get(fields.prompt) if not chat else None,
@@ -564,16 +569,14 @@ class PromptSource:
             return list(self.keep)
         if self.fields.error is not None:
             return None
-        skip = {self.fields.id} | ({self.fields.prompt} if not self.fields.messages else set())
-        return [name for name in self.table.column_names if name not in skip and not INDEX_COLUMN.match(name)]
+        return list(other_columns(dict.fromkeys(self.table.column_names), self.fields))
 
     def columns_of(self, record: dict, where: str) -> dict:
         """The record's input columns it keeps, as JSON values (a column a record lacks: null)."""
         if self.fields.error is not None:  # normalized: its other fields, as JSON text (JSON values already)
             found = json.loads(record.get(COLUMNS) or "{}")
         else:
-            skip = own_fields(record, self.fields)
-            found = {key: value for key, value in record.items() if key not in skip and not INDEX_COLUMN.match(key)}
+            found = other_columns(record, self.fields)
         if self.keep is not None:
             found = {name: found.get(name) for name in self.keep}
         if self.fields.error is None:

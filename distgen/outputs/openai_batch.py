@@ -23,9 +23,9 @@ import hashlib
 from itertools import accumulate, groupby
 from typing import Callable, Iterable, Iterator, Optional
 
+from distgen.inputs.openai_batch import CHAT_URL, COMPLETIONS_URL
 from distgen.outputs.records import ERROR, MergeInfo
 
-CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 # distgen's finish reasons as OpenAI's: an EOS token or a stop string is "stop".
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 ERROR_CODE = "invalid_request"

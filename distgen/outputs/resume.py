@@ -179,8 +179,9 @@ def job_settings(cfg: RunConfig) -> dict[str, Any]:
     generation = generation_settings(cfg.generation)
     content = {"model": model_identity(cfg.model), "generation": generation,
                "dataset": {"too_long": cfg.dataset.too_long, **chat_identity(cfg.dataset)}}
-    if record_shape(cfg):
-        content["output"] = record_shape(cfg)
+    shape = record_shape(cfg)
+    if shape:
+        content["output"] = shape
     assistant = assistant_identity(cfg)
     if assistant:
         content["assistant"] = assistant
