@@ -113,17 +113,18 @@ def read_outputs(output_dir: Union[str, os.PathLike]) -> Iterator[dict]:
     out_dir = Path(output_dir)
     manifest = read_manifest(out_dir)
     merged = out_dir / MERGED_FILE
-    if (manifest.get("complete") and manifest.get("merged") and merged.is_file()
-            and manifest.get("merge_format", "distgen") == "distgen"):
+    distgen_form = manifest.get("merge_format", "distgen") == "distgen"
+    if manifest.get("complete") and manifest.get("merged") and merged.is_file() and distgen_form:
         yield from read_jsonl_lines(merged)
         return
     shards = list_shards(out_dir)
-    if not shards and (not merged.is_file() or manifest.get("merge_format", "distgen") != "distgen"):
+    if not shards and (not merged.is_file() or not distgen_form):
         raise ConfigError(f"output_dir={os.fspath(output_dir)!r} holds no distgen outputs (no shards under outputs/)")
     streams = [sorted(read_shard(p), key=record_order) if p.name.endswith(OPEN_SUFFIX) else read_shard(p)
                for p in shards]
     last = None
     for record in heapq.merge(*streams, key=record_order):
-        if record_order(record) != last:
+        order = record_order(record)
+        if order != last:
             yield record
-        last = record_order(record)
+        last = order

@@ -65,6 +65,11 @@ class Job:
     done: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
+    def given(self) -> RunConfig:
+        """The config as the user gave it (hub ids not resolved), for what the run's metadata names."""
+        return self.composed or self.cfg
+
+    @property
     def prompt_count(self) -> int:
         return len(self.source)
 
@@ -102,11 +107,6 @@ class Job:
     def rejected(self) -> np.ndarray:
         """Prompts that get an error record and that no earlier run wrote one for."""
         return np.flatnonzero(self.not_done() & (self.screen == Verdict.ERROR_RECORD))
-
-    @property
-    def error_count(self) -> int:
-        """Error records screening gives (one per sample of a rejected prompt)."""
-        return int(self.samples.counts[self.screen == Verdict.ERROR_RECORD].sum())
 
     @property
     def merge_format(self) -> str:

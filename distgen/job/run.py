@@ -82,7 +82,7 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
 def model_metadata(job: Job) -> dict:
     """The model as configured, the folder it was read from, and its hub revision and commit (where it came from
     the Hugging Face cache)."""
-    given, used = (job.composed or job.cfg).model, job.cfg.model
+    given, used = job.given.model, job.cfg.model
     if used.source == "tiny":
         return {"source": "tiny", "tiny": asdict(used.tiny)}
     found = {"source": used.source, "path": given.path, "folder": str(Path(used.path).absolute()),
@@ -92,7 +92,7 @@ def model_metadata(job: Job) -> dict:
 
 def dataset_metadata(job: Job) -> dict:
     """The dataset as configured and, for a hub dataset, the snapshot folder it was read from and its commit."""
-    given, used = (job.composed or job.cfg).dataset, job.cfg.dataset
+    given, used = job.given.dataset, job.cfg.dataset
     found = {"path": given.path, "format": used.format}
     if used.format == "hub":
         found.update(folder=str(Path(used.path).absolute()), revision=given.revision, subset=given.subset,
@@ -104,7 +104,7 @@ def run_metadata(job: Job, stats) -> dict:
     """What produced the outputs: the composed config (as --print-config prints it), the model and its revision,
     the dataset (and its hub commit), the versions, the devices and hosts, the date."""
     return {**environment(stats), "model": model_metadata(job), "dataset": dataset_metadata(job),
-            "config": config_to_dict(job.composed or job.cfg)}
+            "config": config_to_dict(job.given)}
 
 
 def outcomes(summary: dict, coverage: Coverage) -> dict:
@@ -116,7 +116,7 @@ def outcomes(summary: dict, coverage: Coverage) -> dict:
 
 
 def merge_info(job: Job) -> MergeInfo:
-    model = (job.composed or job.cfg).model
+    model = job.given.model
     return MergeInfo(model=model.path or model.source, job=job.fingerprint,
                      chat=bool(job.cfg.dataset.messages_field), created=int(time.time()),
                      token_text=lambda token: job.tokenizer.decode([token]))
@@ -135,8 +135,7 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     out, cfg = job.out_dir, job.cfg.output
     if lock is not None:
         lock.check_held()
-    this_run = summarize(stats, job.prompt_count, resumed=job.resumed, job=job.fingerprint,
-                         errors=job.error_count, records=job.record_count)
+    this_run = summarize(stats, job.prompt_count, resumed=job.resumed, job=job.fingerprint, records=job.record_count)
     coverage = finish_outputs(out, job.fingerprint, job.prompt_count, cfg.format, cfg.merge, ctx.world_size,
                               run=run_figures(this_run, stats), form=job.merge_format, info=merge_info(job),
                               samples=job.samples)

@@ -32,9 +32,10 @@ def write_stats(out_dir: Path, stats: Sequence[RankStats], summary: dict, timeli
 
 
 def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, job: str = "",
-              errors: int = 0, records: Optional[int] = None) -> dict:
-    """`resumed` records were finished by an earlier run of `job` (its fingerprint); `errors` records are error
-    records; `records`: the job's records (n per prompt, generation.n; default one per prompt)."""
+              records: Optional[int] = None) -> dict:
+    """`resumed` records were finished by an earlier run of `job` (its fingerprint); `records`: the job's records
+    (n per prompt, generation.n; default one per prompt). `errors` is counted from the records once they are
+    merged (distgen.job.run.outcomes)."""
     generated = sum(s.generated_tokens for s in stats)
     slowest = max((s.generate_seconds for s in stats), default=0.0)
     wall = max((s.wall_seconds for s in stats), default=0.0)
@@ -44,7 +45,7 @@ def summarize(stats: Sequence[RankStats], prompt_count: int, resumed: int = 0, j
         "prompts": prompt_count,
         "records": prompt_count if records is None else records,
         "resumed": resumed,
-        "errors": errors,
+        "errors": 0,
         "prompt_tokens": sum(s.prompt_tokens for s in stats),
         "generated_tokens": generated,
         "generate_seconds": round(slowest, 3),

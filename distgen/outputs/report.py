@@ -97,10 +97,8 @@ def runs_table(runs: Sequence[dict]) -> str:
     if len(runs) < 2:
         return ""
     keys = list(runs[-1])
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["run", *keys])
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in [n + 1, *(r.get(k, "") for k in keys)])
-                   + "</tr>" for n, r in enumerate(runs))
-    return f"<h2>Runs of this job (charts and ranks: the last run)</h2><table><tr>{head}</tr>{rows}</table>"
+    return "<h2>Runs of this job (charts and ranks: the last run)</h2>" + table(
+        [[n + 1, *(r.get(k, "") for k in keys)] for n, r in enumerate(runs)], ["run", *keys])
 
 
 def table(rows: Sequence[Sequence], head: Sequence[str] = ()) -> str:
