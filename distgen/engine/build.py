@@ -249,9 +249,8 @@ def seeded_generator(gen: GenerationConfig, prompt: Prompt, device: torch.device
                             f"{type(err).__name__}: {err}") from err
 
 
-def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device,
-                 sample: int = 0, vocab: Optional[int] = None, assisted: bool = False,
-                 grammars: Optional[GrammarBook] = None, grammar: Optional[Grammar] = None) -> Request:
+def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, device: torch.device, sample: int,
+                 vocab: int, assisted: bool, grammars: GrammarBook, grammar: Optional[Grammar]) -> Request:
     """The request of one sample of a prompt, with its record's own sampling settings (and seed) applied over
     generation.*; a record that reaches the engine already failed (Prompt.error, e.g. it could not be tokenized),
     or whose settings this engine cannot honour (`settings_refusal`, a grammar the library cannot compile), fails
@@ -263,23 +262,19 @@ def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, devi
     refusal = settings_refusal(sampling, budget, vocab, assisted)
     if refusal:
         raise RequestFailed(refusal)
-    matcher = None
-    if sampling.grammar is not None:
-        if grammars is None:
-            raise RequestFailed(f"its {sampling.grammar.kind} needs the rank's grammars (build_engine(tokenizer=...))")
-        matcher = grammars.matcher(sampling.grammar)
+    matcher = None if sampling.grammar is None else grammars.matcher(sampling.grammar)
     return Request(prompt, list(ids), budget,
                    seeded_generator(gen, prompt, device, sample) if sampling.do_sample else None, sampling,
                    sample=sample, logprobs=[] if sampling.logprobs is not None else None, matcher=matcher,
                    prompt_blocks=[] if sampling.prompt_logprobs is not None else None)
 
 
-def settings_refusal(sampling: RowSampling, budget: int, vocab: Optional[int], assisted: bool) -> Optional[str]:
+def settings_refusal(sampling: RowSampling, budget: int, vocab: int, assisted: bool) -> Optional[str]:
     """Why a record's settings cannot run (what a record alone cannot be checked for before the engine knows its
     budget, the vocabulary and whether drafts are verified), naming the field; None when they can."""
     if sampling.min_tokens > budget:
         return f"min_tokens={sampling.min_tokens} is not allowed: must be at most its max_new_tokens={budget}"
-    outside = [token for token, _ in sampling.logit_bias if vocab is not None and token >= vocab]
+    outside = [token for token, _ in sampling.logit_bias if token >= vocab]
     if outside:
         return (f"logit_bias token id {outside[0]} is not allowed: must be below the model's vocabulary of {vocab} "
                 "tokens")
@@ -458,7 +453,7 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     vocab = unwrapped(model).config.get_text_config().vocab_size
     grammars, grammar = GrammarBook(tokenizer, vocab, eos_ids), job_grammar(gen)
     waiting = RequestQueue(queue, lambda prompt, ids, sample: make_request(
-        prompt, ids, gen, device, sample, vocab, assisted=assistant is not None, grammars=grammars, grammar=grammar),
+        prompt, ids, gen, device, sample, vocab, assisted=assisted, grammars=grammars, grammar=grammar),
                            samples or every_sample(gen))
     graphs_off = graphs_blocker(device, lockstep, compile_plan.enabled, autocast, model, attention.capturable,
                                 False, os.environ.get(GRAPHS_ENV, "1").strip() == "0")

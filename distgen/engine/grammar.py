@@ -137,15 +137,11 @@ class GrammarBook:
         return library().GrammarMatcher(compiled)
 
 
-def words(vocab: int) -> int:
-    return (vocab + 31) // 32
-
-
 def step_bitmask(matchers: Sequence[Optional[Any]], vocab: int) -> tuple[list[int], torch.Tensor]:
     """The rows whose request has a matcher, and a (rows, ceil(vocab / 32)) int32 host bitmask, each of those
     rows filled by its matcher (other rows stay all ones: allowed)."""
     rows = [k for k, matcher in enumerate(matchers) if matcher is not None]
-    bitmask = torch.full((len(matchers), words(vocab)), -1, dtype=torch.int32)
+    bitmask = library().allocate_token_bitmask(len(matchers), vocab)
     for k in rows:
         matchers[k].fill_next_token_bitmask(bitmask, k)
     return rows, bitmask

@@ -306,6 +306,14 @@ def top_logprobs(raw: torch.Tensor, tokens: torch.Tensor, most: int) -> torch.Te
     return torch.cat([chosen.double(), best.indices.double(), best.values.double()], dim=-1)
 
 
+def logprob_entry(token: int, block: Sequence[float], k: int, most: Optional[int] = None) -> dict:
+    """One position of a `top_logprobs` block, read on the host: {"token_id", "logprob", "top": its k best}
+    (`most`: the block's own K, where its width was set by another row's; default k)."""
+    most = k if most is None else most
+    top = [{"token_id": int(t), "logprob": v} for t, v in zip(block[1:1 + k], block[1 + most:1 + most + k])]
+    return {"token_id": token, "logprob": block[0], "top": top}
+
+
 def choose(logits: torch.Tensor, batch: RowBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(rows, vocab) logits of the batch's rows -> (their tokens (rows,), the logprobs block of the rows that ask
     (`top_logprobs`) or None). The penalized rows' history takes their tokens."""

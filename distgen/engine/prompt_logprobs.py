@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from distgen.engine.host import read, upload
-from distgen.engine.logits import top_logprobs
+from distgen.engine.logits import logprob_entry, top_logprobs
 from distgen.engine.request import Request
 from distgen.engine.scheduler import StepPlan
 
@@ -120,7 +120,5 @@ def entries(request: Request) -> Optional[list[Optional[dict]]]:
     values = read(torch.cat(request.prompt_blocks)) if request.prompt_blocks else []
     found: list[Optional[dict]] = [None]
     for token, block in zip(request.token_ids[1:], values):
-        k = (len(block) - 1) // 2  # its K, capped at the vocabulary
-        top = [{"token_id": int(t), "logprob": v} for t, v in zip(block[1:1 + k], block[1 + k:])]
-        found.append({"token_id": token, "logprob": block[0], "top": top})
+        found.append(logprob_entry(token, block, (len(block) - 1) // 2))  # its K, capped at the vocabulary
     return found

@@ -9,7 +9,7 @@ import torch
 
 from distgen.config import GenerationConfig
 from distgen.engine.host import upload
-from distgen.engine.logits import TokenHistory, choose, plan_rows
+from distgen.engine.logits import TokenHistory, choose, logprob_entry, plan_rows
 from distgen.engine.request import Request
 from distgen.engine.sampling import GREEDY, RowSampling, row_sampling, select_next_tokens
 
@@ -43,8 +43,7 @@ class Sampled:
         entries = {}
         for n, (row, k) in enumerate(zip(self.logprob_rows, self.logprob_top)):
             block = values[2 * rows + n * width:2 * rows + (n + 1) * width]
-            top = [{"token_id": int(t), "logprob": v} for t, v in zip(block[1:1 + k], block[1 + most:1 + most + k])]
-            entries[row] = {"token_id": tokens[row], "logprob": block[0], "top": top}
+            entries[row] = logprob_entry(tokens[row], block, k, most)
         return tokens, flags, entries
 
 
