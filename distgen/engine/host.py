@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -62,6 +62,12 @@ def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return values.to(device)
     return values.pin_memory().to(device, non_blocking=True)
+
+
+def upload_lists(lists: Sequence[Sequence], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Host lists as 1-D device tensors of `dtype`: one tensor built, one copy (upload), split into views."""
+    flat = upload(torch.tensor([value for values in lists for value in values], dtype=dtype), device)
+    return list(torch.split(flat, [len(values) for values in lists]))
 
 
 def upload_all(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

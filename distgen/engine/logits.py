@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from distgen.engine.grammar import apply_bitmask, step_bitmask
-from distgen.engine.host import upload, upload_all
+from distgen.engine.host import upload, upload_lists
 from distgen.engine.request import Request
 from distgen.engine.sampling import RowSampling, scale_logits, top_p_drop
 
@@ -77,10 +77,8 @@ class TokenHistory:
     def start(self, rows: list[int], prompts: list[list[int]], vocab: int) -> None:
         """Clear the rows (a previous tenant's), then mark each one's prompt tokens: one upload."""
         pairs = [(row, token) for row, ids in zip(rows, prompts) for token in set(ids) if 0 <= token < vocab]
-        cleared, pair_rows, pair_tokens = upload_all([torch.tensor(rows, dtype=torch.long),
-                                                      torch.tensor([p[0] for p in pairs], dtype=torch.long),
-                                                      torch.tensor([p[1] for p in pairs], dtype=torch.long)],
-                                                     self.device)
+        cleared, pair_rows, pair_tokens = upload_lists([rows, [p[0] for p in pairs], [p[1] for p in pairs]],
+                                                       torch.long, self.device)
         self.prompt[cleared] = False
         self.counts[cleared] = 0
         self.prompt[pair_rows, pair_tokens] = True
@@ -160,9 +158,9 @@ def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_
     floats += [[getattr(settings[k], name) for k in penalized]
                for name in ("repetition_penalty", "presence_penalty", "frequency_penalty")]
     floats += [[getattr(settings[k], name) for k in sampled] for name in ("temperature", "top_p", "min_p")]
-    (ban_rows, ban_tokens, bias_rows, bias_tokens, pen_index, pen_rows, draw_index, top_k, ask_index) = uploaded(
+    (ban_rows, ban_tokens, bias_rows, bias_tokens, pen_index, pen_rows, draw_index, top_k, ask_index) = upload_lists(
         ints, torch.long, device)
-    (bias_values, repetition, presence, frequency, temperature, top_p, min_p) = uploaded(floats, torch.float32, device)
+    (bias_values, repetition, presence, frequency, temperature, top_p, min_p) = upload_lists(floats, torch.float32, device)
     batch = RowBatch(vocab, history=history)
     if any(r.matcher is not None for r in requests):
         batch.grammar = grammar_mask(requests, vocab, device)
@@ -193,12 +191,6 @@ def grammar_mask(requests: Sequence[Request], vocab: int, device: torch.device) 
     assert all(r.inflight == 0 for r in requests if r.matcher is not None), "a constrained row ran ahead of its matcher"
     rows, bitmask = step_bitmask([r.matcher for r in requests], vocab)
     return rows, upload(bitmask, device)
-
-
-def uploaded(lists: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Host lists as device tensors of `dtype`: one tensor built, one copy (host.upload), split into views."""
-    flat = upload(torch.tensor([value for values in lists for value in values], dtype=dtype), device)
-    return list(torch.split(flat, [len(values) for values in lists]))
 
 
 # ---- PROCESSORS: (logits (rows, vocab) fp32, batch) -> logits; in place where they can be

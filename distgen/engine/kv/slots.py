@@ -41,7 +41,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from distgen.common.errors import ConfigError
-from distgen.engine.host import read, upload, upload_all
+from distgen.engine.host import read, upload, upload_all, upload_lists
 from distgen.engine.kv.base import ForwardBatch, KVCache, additive_mask, kv_geometry, model_dtype, round_up
 from distgen.engine.kv.kinds import CacheKind, CacheSpec, QueueShape, register
 from distgen.engine.kv.attention import ATTENTIONS, SlotAttention
@@ -474,9 +474,9 @@ class SlotKV(KVCache):
 
     def commit_prefill(self, plan: StepPlan, tokens: torch.Tensor) -> None:
         """tokens: one per planned request; a request whose whole prompt is now cached starts decoding."""
-        rows, ends, done = upload_all([torch.tensor(values, dtype=torch.long) for values in (
+        rows, ends, done = upload_lists([
             [r.row for r in plan.requests], [r.prefilled + c for r, c in zip(plan.requests, plan.chunks)],
-            [r.prefilled + c == r.prompt_length for r, c in zip(plan.requests, plan.chunks)])], self.device)
+            [r.prefilled + c == r.prompt_length for r, c in zip(plan.requests, plan.chunks)]], torch.long, self.device)
         self.last_tokens[rows] = tokens
         self.lengths[rows] = ends
         self.decoding[rows] = done.bool()
@@ -527,9 +527,9 @@ class SlotKV(KVCache):
         mask never lets a query read them."""
         going = [r for r, done in zip(requests, finished) if not done]
         if going:
-            slots, lengths, tokens = upload_all([torch.tensor(values, dtype=torch.long) for values in (
+            slots, lengths, tokens = upload_lists([
                 [r.row for r in going], [r.prompt_length + len(r.generated) - 1 for r in going],
-                [r.generated[-1] for r in going])], self.device)
+                [r.generated[-1] for r in going]], torch.long, self.device)
             self.lengths[slots] = lengths
             self.last_tokens[slots] = tokens
         self.release([r.row for r, done in zip(requests, finished) if done])
