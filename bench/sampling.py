@@ -81,7 +81,7 @@ def tokenizer_for(vocab: int):
 
 
 def requests_for(cfg: GenerationConfig, rows: int, vocab: int, device: torch.device) -> list[Request]:
-    """`rows` requests with 64-token prompts, each its own generator (distinct settings per row when sampled,
+    """`rows` requests with 64-token prompts, each its own seed (distinct settings per row when sampled,
     so the sampled rows of "every knob" differ: temperatures 0.8 + row/100), each its matcher where the setting
     has a grammar (compiled once, as on a rank)."""
     from distgen.engine.request import Request
@@ -98,7 +98,9 @@ def requests_for(cfg: GenerationConfig, rows: int, vocab: int, device: torch.dev
         if sampling.processed and sampling.do_sample:
             sampling = replace(sampling, temperature=sampling.temperature + row / 100)
         ids = torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(row)).tolist()
-        made.append(Request(prompt, ids, 1 << 20, torch.Generator(device=device).manual_seed(row), sampling))
+        # the row's seed (a checkout before the counter-based draw takes a generator there)
+        seed = row if "seed" in Request.__dataclass_fields__ else torch.Generator(device=device).manual_seed(row)
+        made.append(Request(prompt, ids, 1 << 20, seed, sampling))
         if book is not None:
             made[-1].matcher = book.matcher(grammar)
     return made

@@ -208,31 +208,98 @@ def test_penalties_follow_vllms_formula():
     assert [counts[k, tokens[k]].item() for k in range(3)] == [outputs[k].count(tokens[k].item()) + 1 for k in range(3)]
 
 
-def test_rows_with_different_settings_draw_what_each_would_alone():
-    """The logits path batches rows whose temperature, top_k and top_p differ (per-row tensors): each row draws
-    exactly what the one-setting path draws for it from the same generator."""
+def draw_rows(logits, settings, seeds, steps, vocab):
     from distgen.engine.logits import TokenHistory, choose, plan_rows
     from distgen.engine.request import Request
-    from distgen.engine.sampling import RowSampling, select_next_tokens
     from distgen.inputs.records import Prompt
+    requests = [Request(Prompt(k, k, ""), [1], 1 << 20, seed, s) for k, (seed, s) in enumerate(zip(seeds, settings))]
+    for request, step in zip(requests, steps):
+        request.generated = [0] * step
+    batch = plan_rows(settings, requests, [], vocab, TokenHistory(torch.device("cpu")), torch.device("cpu"))
+    return choose(logits.clone(), batch)[0].tolist()
+
+
+def test_rows_with_different_settings_draw_what_each_would_alone():
+    """The logits path batches rows whose temperature, top_k and top_p differ (per-row tensors): each row draws
+    exactly what it draws alone from the same seed at the same position (the draw depends on nothing else in its
+    batch), with or without a top_k in every row (the candidates path), at every position."""
+    from distgen.engine.sampling import RowSampling
     vocab = 50
     logits = torch.randn((5, vocab), generator=torch.Generator().manual_seed(1)) * 2
-    settings = [RowSampling(True, 0.7, 5, 1.0), RowSampling(True, 1.3, 0, 0.8), RowSampling(True, 1.0, 0, 1.0),
-                RowSampling(True, 0.5, 60, 0.5), RowSampling(True, 2.0, 10, 0.9)]
-    for draw in range(3):
-        alone = [select_next_tokens(logits[k:k + 1], s, [torch.Generator().manual_seed(10 * draw + k)])
-                 for k, s in enumerate(settings)]
-        requests = [Request(Prompt(k, k, ""), [1], 4, torch.Generator().manual_seed(10 * draw + k), s)
-                    for k, s in enumerate(settings)]
-        batch = plan_rows(settings, requests, [], vocab, TokenHistory(torch.device("cpu")), torch.device("cpu"))
-        tokens, _ = choose(logits.clone(), batch)
-        assert tokens.tolist() == torch.cat(alone).tolist()
+    mixed = [RowSampling(True, 0.7, 5, 1.0), RowSampling(True, 1.3, 0, 0.8), RowSampling(True, 1.0, 0, 1.0),
+             RowSampling(True, 0.5, 60, 0.5), RowSampling(True, 2.0, 10, 0.9)]
+    every_top_k = [RowSampling(True, 0.7, 5, 1.0), RowSampling(True, 1.3, 3, 0.8), RowSampling(True, 1.0, 12, 1.0),
+                   RowSampling(True, 0.5, 2, 0.5, min_p=0.2), RowSampling(True, 2.0, 10, 0.9)]
+    for settings in (mixed, every_top_k):
+        for draw in range(3):
+            seeds, steps = [2**64 - 1 - 10 * draw - k for k in range(5)], [draw * 7 + k for k in range(5)]
+            alone = [draw_rows(logits[k:k + 1], settings[k:k + 1], seeds[k:k + 1], steps[k:k + 1], vocab)[0]
+                     for k in range(5)]
+            assert draw_rows(logits, settings, seeds, steps, vocab) == alone
+
+
+def test_the_top_k_candidates_draw_what_the_whole_vocabulary_draws():
+    """With a top_k in every row the draw looks at the best max(top_k) + TIE_SLACK tokens only; a row whose top_k
+    is off (0) in the same batch sends every row through the whole vocabulary: each row's token is the same."""
+    from distgen.engine.sampling import RowSampling
+    vocab = 200
+    logits = torch.randn((6, vocab), generator=torch.Generator().manual_seed(3)) * 3
+    settings = [RowSampling(True, 0.8, 50, 0.95), RowSampling(True, 1.0, 5, 1.0), RowSampling(True, 1.5, 20, 0.7),
+                RowSampling(True, 0.6, 1, 1.0), RowSampling(True, 1.0, 40, 0.9, min_p=0.05),
+                RowSampling(True, 1.2, 8, 0.99)]
+    off = RowSampling(True, 1.0, 0, 1.0)
+    for draw in range(20):
+        seeds, steps = [1000 * draw + k for k in range(6)], [draw] * 6
+        restricted = draw_rows(logits, settings, seeds, steps, vocab)
+        whole = draw_rows(torch.cat([logits, logits[:1]]), [*settings, off], [*seeds, 7], [*steps, 0], vocab)[:6]
+        assert restricted == whole
+        assert restricted[3] == logits[3].argmax().item()  # top_k=1 is the argmax
+
+
+def test_the_draw_follows_the_softmax():
+    """Over many seeds one row's tokens are distributed as softmax(logits / temperature) (within 5 standard
+    errors per token), after top_k (tokens past the k best never drawn), and each position draws afresh."""
+    from distgen.engine.sampling import RowSampling
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    draws = 4000
+    for setting, allowed in ((RowSampling(True, 0.9, 0, 1.0), 6), (RowSampling(True, 0.9, 3, 1.0), 3)):
+        rows = logits.expand(draws, -1)
+        tokens = draw_rows(rows, [setting] * draws, list(range(draws)), [5] * draws, 6)
+        counts = torch.bincount(torch.tensor(tokens), minlength=6).double()
+        want = torch.softmax(logits[0, :allowed] / 0.9, -1).double()
+        want = torch.cat([want, torch.zeros(6 - allowed, dtype=torch.double)])
+        tolerance = 5 * (want * (1 - want) / draws).sqrt() + 1e-9
+        assert ((counts / draws - want).abs() <= tolerance).all(), (counts / draws, want)
+        later = draw_rows(rows[:200], [setting] * 200, list(range(200)), [6] * 200, 6)
+        assert later != tokens[:200]
+
+
+def test_gumbel_noise_is_splitmix64_of_seed_position_and_token():
+    """The noise's bits are splitmix64's, computed on int64 tensors (wrapping multiplication, logical shifts),
+    for seeds across the whole 64-bit range."""
+    import math
+    from distgen.engine.sampling import GOLDEN, MIX1, MIX2, as_int64, gumbel_noise
+    mask = 2**64 - 1
+
+    def reference(seed: int, step: int, token: int) -> float:
+        z = (seed + ((step << 32) + token + 1) * GOLDEN) & mask
+        z = ((z ^ (z >> 30)) * MIX1) & mask
+        z = ((z ^ (z >> 27)) * MIX2) & mask
+        z ^= z >> 31
+        u = ((z >> 40) + 0.5) / (1 << 24)
+        return -math.log(-math.log(u))
+    seeds, steps = [0, 1, 2**63 - 1, 2**63, 2**64 - 1], [0, 3, 1 << 20, 7, 123456]
+    ids = torch.tensor([0, 1, 17, 151935])
+    got = gumbel_noise(torch.tensor([[as_int64(s)] for s in seeds]), torch.tensor([[s] for s in steps]), ids)
+    want = torch.tensor([[reference(seed, step, t) for t in ids.tolist()] for seed, step in zip(seeds, steps)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_min_p_keeps_tokens_near_the_best():
     from distgen.engine.logits import Draws, apply_min_p
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
-    draws = Draws(torch.arange(2), [None, None], torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long),
+    none = torch.zeros(2, 1, dtype=torch.long)
+    draws = Draws(torch.arange(2), none, none, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long),
                   torch.ones(2, 1), torch.tensor([[0.5], [0.9]]), 0, False, True)
     kept = apply_min_p(probs.log(), draws).isfinite()
     assert kept.tolist() == [[True, True, False, False], [True, True, True, True]]

@@ -37,7 +37,7 @@ from distgen.models.forward_args import accepts_position_ids, unwrapped
 from distgen.inputs.grammar import Grammar, job_grammar
 from distgen.inputs.records import Prompt
 from distgen.common.registry import Registry
-from distgen.engine.sampling import RowSampling, row_sampling, sequence_generator
+from distgen.engine.sampling import RowSampling, row_sampling, sequence_seed
 
 logger = logging.getLogger(__name__)
 
@@ -239,12 +239,11 @@ def prefill_token_budget(gen: GenerationConfig, kv: KVCache) -> int:
     return gen.prefill_chunk_tokens if gen.scheduler == "chunked" or kv.packs_prefill else 1 << 62
 
 
-def seeded_generator(gen: GenerationConfig, prompt: Prompt, device: torch.device, sample: int = 0) -> torch.Generator:
-    """The record's sampler (its sample's); a seed torch cannot take (screening checks the range) fails this
-    request only."""
+def record_seed(gen: GenerationConfig, prompt: Prompt, sample: int = 0) -> int:
+    """The record's 64-bit seed (its sample's); a seed out of range (screening checks it) fails this request only."""
     try:
-        return sequence_generator(gen, prompt, device, sample)
-    except (ValueError, RuntimeError, OverflowError, TypeError) as err:
+        return sequence_seed(gen, prompt, sample)
+    except (ValueError, OverflowError, TypeError) as err:
         raise RequestFailed(f"seed={prompt.seed if prompt.seed is not None else gen.seed} cannot seed a sampler: "
                             f"{type(err).__name__}: {err}") from err
 
@@ -263,8 +262,9 @@ def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, devi
     if refusal:
         raise RequestFailed(refusal)
     matcher = None if sampling.grammar is None else grammars.matcher(sampling.grammar)
-    return Request(prompt, list(ids), budget,
-                   seeded_generator(gen, prompt, device, sample) if sampling.do_sample else None, sampling,
+    seed = record_seed(gen, prompt, sample) if sampling.do_sample else None
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None and assisted else None
+    return Request(prompt, list(ids), budget, seed, sampling, generator=generator,
                    sample=sample, logprobs=[] if sampling.logprobs is not None else None, matcher=matcher,
                    prompt_blocks=[] if sampling.prompt_logprobs is not None else None)
 

@@ -248,8 +248,8 @@ class Engine:
     def launch(self, plan: StepPlan) -> Launched:
         """Run the plan's forward and sample its tokens, all on the device; move the host's bookkeeping on (what
         the next step's schedule reads) without looking at the tokens."""
-        # A row takes a token unless it runs a chunk short of its prompt's end; only rows that take one draw from
-        # their generator, so a sampled record's draws do not depend on how its prompt was chunked.
+        # A row takes a token unless it runs a chunk short of its prompt's end; only rows that take one draw (their
+        # noise is keyed by completion position), so a sampled record's draws do not depend on how it was chunked.
         takes = [not plan.prefills(index) or request.prefilled + chunk == request.prompt_length
                  for index, (request, chunk) in enumerate(zip(plan.requests, plan.chunks))]
         taking = [r if take else None for r, take in zip(plan.requests, takes)]

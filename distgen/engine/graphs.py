@@ -12,7 +12,7 @@ torch.compile, so it takes seconds) and replayed from then on. Elsewhere (CPU, l
 forward cannot be captured) the very same padded step runs eagerly: that is what the CPU tests run. A
 capture that fails turns graphs off for the rest of the run, saying why, and the step runs eagerly.
 
-Sampling rows are drawn after the step from its logits (their generators stay out of the graph) and replace
+Sampling rows are drawn after the step from its logits (engine.logits: noise keyed by seed and position) and replace
 the greedy next inputs (`Engine.launch`).
 """
 from __future__ import annotations

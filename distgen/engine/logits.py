@@ -19,7 +19,11 @@ its built-in logits processors):
   5. temperature   logits / temperature, in fp32
   6. min_p         tokens whose probability is below min_p x the best token's dropped
   7. top_k, top_p
-  8. the draw      torch.multinomial, each row from its own generator
+  8. the draw      Gumbel-max: the argmax of the warped logits plus each row's Gumbel noise, a function of (the
+                   row's seed, its completion position, the token id) alone (sampling.gumbel_noise): no generator
+                   state, so a row's draw depends on nothing else in its batch and a resumed row redraws the same;
+                   where every sampled row has a top_k, only the best max(top_k) + TIE_SLACK tokens are warped and
+                   drawn from (the same tokens the whole vocabulary gives: the others are at -inf)
 
 The token history the penalties read stays on the device (`TokenHistory`: per sequence, which tokens its prompt
 holds and how often each token appears in its completion), updated from the step's sampled tokens on the device,
@@ -35,9 +39,12 @@ import torch
 from distgen.engine.grammar import apply_bitmask, step_bitmask
 from distgen.engine.host import upload, upload_lists
 from distgen.engine.request import Request
-from distgen.engine.sampling import RowSampling, scale_logits, top_p_drop
+from distgen.engine.sampling import RowSampling, as_int64, gumbel_noise, scale_logits, top_p_drop
 
 NEG_INF = float("-inf")
+# With top_k: candidates beyond the largest k, kept where they tie with a row's k-th best (top_k keeps ties, as HF's
+# TopKLogitsWarper does); more ties than this at one row's k-th value would be left out.
+TIE_SLACK = 8
 
 
 class TokenHistory:
@@ -112,9 +119,11 @@ class Penalties:
 
 @dataclass
 class Draws:
-    """The rows of a batch that sample: where they are in it, their settings as (s, 1) tensors, their generators."""
+    """The rows of a batch that sample: where they are in it, their settings as (s, 1) tensors, and their seeds and
+    completion positions (s, 1) int64 (what their Gumbel noise is drawn from)."""
     index: torch.Tensor
-    generators: list[Optional[torch.Generator]]
+    seeds: torch.Tensor
+    steps: torch.Tensor
     temperature: torch.Tensor
     top_k: torch.Tensor          # (s, 1) long; 0 (or the vocabulary or more): off
     top_p: torch.Tensor
@@ -122,6 +131,7 @@ class Draws:
     most_k: int                  # the largest top_k in force (0: none)
     any_top_p: bool
     any_min_p: bool
+    every_top_k: bool = False    # every row has a top_k: draw from the best most_k + TIE_SLACK tokens only
 
 
 @dataclass
@@ -138,6 +148,11 @@ class RowBatch:
     # Structured output: the constrained rows (host) and their (rows, ceil(vocab / 32)) int32 bitmask (device)
     grammar: Optional[tuple[list[int], torch.Tensor]] = None
 
+    @property
+    def processed(self) -> bool:
+        """Whether a processor changes the logits (in place: `choose` needs logits of its own)."""
+        return any(part is not None for part in (self.grammar, self.banned, self.bias, self.penalties))
+
 
 def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_ids: Sequence[int], vocab: int,
               history: TokenHistory, device: torch.device) -> RowBatch:
@@ -152,14 +167,16 @@ def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_
     sampled = [k for k, s in zip(rows, settings) if s.do_sample]
     top_ks = [settings[k].top_k if 0 < settings[k].top_k < vocab else 0 for k in sampled]
     asking = [k for k, s in zip(rows, settings) if s.logprobs is not None]
+    seeds = [as_int64(requests[k].seed) for k in sampled]
+    steps = [len(requests[k].generated) + requests[k].inflight for k in sampled]
     ints = [[k for k, _ in banned], [t for _, t in banned], [k for k, _, _ in bias], [t for _, t, _ in bias],
-            penalized, history_rows, sampled, top_ks, asking]
+            penalized, history_rows, sampled, top_ks, asking, seeds, steps]
     floats = [[b for _, _, b in bias]]
     floats += [[getattr(settings[k], name) for k in penalized]
                for name in ("repetition_penalty", "presence_penalty", "frequency_penalty")]
     floats += [[getattr(settings[k], name) for k in sampled] for name in ("temperature", "top_p", "min_p")]
-    (ban_rows, ban_tokens, bias_rows, bias_tokens, pen_index, pen_rows, draw_index, top_k, ask_index) = upload_lists(
-        ints, torch.long, device)
+    (ban_rows, ban_tokens, bias_rows, bias_tokens, pen_index, pen_rows, draw_index, top_k, ask_index, seed_values,
+     step_values) = upload_lists(ints, torch.long, device)
     (bias_values, repetition, presence, frequency, temperature, top_p, min_p) = upload_lists(floats, torch.float32, device)
     batch = RowBatch(vocab, history=history)
     if any(r.matcher is not None for r in requests):
@@ -176,9 +193,10 @@ def plan_rows(settings: Sequence[RowSampling], requests: Sequence[Request], eos_
         if any(settings[k].repetition_penalty < 1.0 for k in penalized):
             batch.penalties.sign = torch.where(batch.penalties.repetition < 1.0, -1.0, 1.0)
     if sampled:
-        batch.draws = Draws(draw_index, [requests[k].generator for k in sampled], temperature[:, None],
+        batch.draws = Draws(draw_index, seed_values[:, None], step_values[:, None], temperature[:, None],
                             top_k[:, None], top_p[:, None], min_p[:, None], max(top_ks),
-                            any(settings[k].top_p < 1.0 for k in sampled), any(settings[k].min_p > 0 for k in sampled))
+                            any(settings[k].top_p < 1.0 for k in sampled), any(settings[k].min_p > 0 for k in sampled),
+                            every_top_k=min(top_ks) > 0)
     if asking:
         batch.logprob_index = ask_index
         batch.logprob_top = [min(settings[k].logprobs, vocab) for k in asking]
@@ -280,12 +298,34 @@ WARPERS: list[Warper] = [apply_min_p, apply_top_k, apply_top_p]
 
 
 def draw(logits: torch.Tensor, draws: Draws) -> torch.Tensor:
-    """(s, vocab) -> (s,): temperature, the warpers, then each row drawn from its own generator."""
-    logits = scale_logits(logits, draws.temperature)
+    """(rows, vocab) processed logits -> (s,) tokens of the draw rows: temperature, the warpers, then each row's
+    Gumbel-max draw (see the module docstring); where every row has a top_k, over its best tokens only
+    (`candidates`)."""
+    every_row = draws.index.shape[0] == logits.shape[0]  # the draw rows are the batch's rows, in order (plan_rows)
+    if draws.every_top_k and draws.most_k + TIE_SLACK < logits.shape[-1]:
+        return candidates(logits if every_row else logits.index_select(0, draws.index), draws)
+    logits = scale_logits(logits if every_row else logits.index_select(0, draws.index), draws.temperature)
     for warper in WARPERS:
         logits = warper(logits, draws)
-    probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, draws.generators)])
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return (logits + gumbel_noise(draws.seeds, draws.steps, ids)).argmax(dim=-1)
+
+
+def candidates(logits: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """The draw over each row's best most_k + TIE_SLACK tokens (sorted, best first; a positive temperature keeps
+    the order, so they are found before scaling): temperature, min_p as a logit threshold (probability below
+    min_p x the best's), top_k (its k-th best and ties kept), top_p over what is left; the same warpers over the
+    whole vocabulary would leave these tokens alone."""
+    best = torch.topk(logits, draws.most_k + TIE_SLACK, dim=-1)
+    values, ids = scale_logits(best.values, draws.temperature), best.indices
+    if draws.any_min_p:
+        values = values.masked_fill(values < values[:, :1] + draws.min_p.log(), NEG_INF)
+    kth = values.gather(-1, draws.top_k - 1)
+    values = values.masked_fill(values < kth, NEG_INF)
+    if draws.any_top_p:
+        values = values.masked_fill(top_p_drop(values, draws.top_p, ordered=True) & (draws.top_p < 1.0), NEG_INF)
+    chosen = (values + gumbel_noise(draws.seeds, draws.steps, ids)).argmax(dim=-1, keepdim=True)
+    return ids.gather(-1, chosen).squeeze(-1)
 
 
 def top_logprobs(raw: torch.Tensor, tokens: torch.Tensor, most: int) -> torch.Tensor:
@@ -313,9 +353,12 @@ def choose(logits: torch.Tensor, batch: RowBatch) -> tuple[torch.Tensor, Optiona
     raw = logits.index_select(0, batch.logprob_index).log_softmax(-1) if batch.logprob_index is not None else None
     for processor in PROCESSORS:
         logits = processor(logits, batch)
-    tokens = logits.argmax(dim=-1)
-    if batch.draws is not None:
-        tokens[batch.draws.index] = draw(logits.index_select(0, batch.draws.index), batch.draws)
+    if batch.draws is not None and batch.draws.index.shape[0] == logits.shape[0]:
+        tokens = draw(logits, batch.draws)  # every row draws (plan_rows lists them in order)
+    else:
+        tokens = logits.argmax(dim=-1)
+        if batch.draws is not None:
+            tokens[batch.draws.index] = draw(logits, batch.draws)
     if batch.penalties is not None:
         batch.history.record(batch.penalties.rows, tokens[batch.penalties.index])
     block = None

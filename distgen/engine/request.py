@@ -39,8 +39,10 @@ class Request:
     prompt: Prompt
     token_ids: list[int]
     budget: int
-    generator: Optional[torch.Generator]
+    seed: Optional[int]  # its 64-bit sampling seed (engine.sampling.sequence_seed); None: it does not sample
     sampling: Optional[RowSampling] = None  # generation.* with the record's overrides; None: generation.*
+    # Assisted generation's acceptance draws (engine.assist), seeded by `seed`; None elsewhere
+    generator: Optional[torch.Generator] = field(default=None, compare=False, repr=False)
     sample: int = 0  # which of its prompt's completions (generation.n) this is: its sample_index
     # Where it is
     status: Status = Status.WAITING
@@ -78,7 +80,7 @@ class Request:
         if self.error is not None:
             return Completion(self.prompt, self.prompt_length, [], reason, self.error, self.sample)
         return Completion(self.prompt, self.prompt_length, self.generated, reason, sample=self.sample,
-                          logprobs=self.logprobs, sampled=self.generator is not None, prompt_logprobs=prompt_logprobs)
+                          logprobs=self.logprobs, sampled=self.seed is not None, prompt_logprobs=prompt_logprobs)
 
     @property
     def saturated(self) -> bool:

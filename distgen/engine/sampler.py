@@ -11,7 +11,7 @@ from distgen.config import GenerationConfig
 from distgen.engine.host import upload
 from distgen.engine.logits import TokenHistory, choose, logprob_entry, plan_rows
 from distgen.engine.request import Request
-from distgen.engine.sampling import GREEDY, RowSampling, row_sampling, select_next_tokens
+from distgen.engine.sampling import GREEDY, RowSampling, row_sampling
 
 
 @dataclass
@@ -69,25 +69,26 @@ class Sampler:
         """logits: (logits rows, vocab); `rows`: each planned request's logits row; `requests`: each planned
         request, None where it takes no token from this step (a chunk short of its prompt's end).
 
-        Greedy takes every row's argmax. Rows that sample with one plain setting are drawn as one batch from
-        their own generators; rows with vLLM's knobs, logprobs, or settings that differ take the logits path
+        Greedy takes every row's argmax; rows that sample, or have vLLM's knobs or logprobs, take the logits path
         (logits.py), all at once.
         """
-        tokens = logits.argmax(dim=-1)
         settings = [self.settings(r) for r in requests]
         chosen = [k for k, s in enumerate(settings) if s.do_sample or s.processed]
         logprobs, asking, top = None, [], []
-        if chosen:
-            index = upload(torch.tensor([rows[k] for k in chosen], dtype=torch.long), logits.device)
-            plain = {settings[k] for k in chosen}
-            if len(plain) == 1 and not next(iter(plain)).processed:  # one plain setting: drawn as it always was
-                tokens[index] = select_next_tokens(logits.index_select(0, index), next(iter(plain)),
-                                                   [requests[k].generator for k in chosen])
+        if not chosen:
+            tokens = logits.argmax(dim=-1)
+        else:
+            batch = plan_rows([settings[k] for k in chosen], [requests[k] for k in chosen], self.eos,
+                              logits.shape[-1], self.history, logits.device)
+            selected = [rows[k] for k in chosen]
+            if selected == list(range(logits.shape[0])):  # every logits row: no gather
+                own = batch.processed and logits.dtype == torch.float32  # processors write in place: not the step's
+                tokens, logprobs = choose(logits.clone() if own else logits, batch)
             else:
-                batch = plan_rows([settings[k] for k in chosen], [requests[k] for k in chosen], self.eos,
-                                  logits.shape[-1], self.history, logits.device)
+                tokens = logits.argmax(dim=-1)
+                index = upload(torch.tensor(selected, dtype=torch.long), logits.device)
                 tokens[index], logprobs = choose(logits.index_select(0, index), batch)
-                asking, top = [rows[k] for k in chosen if settings[k].logprobs is not None], batch.logprob_top
+            asking, top = [rows[k] for k in chosen if settings[k].logprobs is not None], batch.logprob_top
         return Sampled(tokens, torch.isin(tokens, self.eos_ids), asking, top, logprobs)
 
     def release(self, requests: Sequence[Request]) -> None:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
-from distgen.config import GenerationConfig
+from distgen.config import GenerationConfig, seed_ok
 from distgen.inputs.grammar import Grammar, record_grammar
 
 
@@ -36,15 +36,52 @@ def sample_seed(base: int, sample: int) -> int:
     return z ^ (z >> 31)
 
 
+# The draw's name in a sampled job's settings (outputs.resume): another draw is another job, so a rerun of a job
+# sampled by an earlier draw refuses rather than mix two draws' samples.
+DRAW = "gumbel-splitmix64"
+
+
+def as_int64(value: int) -> int:
+    """A 64-bit pattern as the signed int64 torch holds."""
+    return value - SEED_SPACE if value >= SEED_SPACE // 2 else value
+
+
+def shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer over int64 tensors (multiplication wraps modulo 2**64, as unsigned arithmetic does)."""
+    z = (z ^ shr(z, 30)) * as_int64(MIX1)
+    z = (z ^ shr(z, 27)) * as_int64(MIX2)
+    return z ^ shr(z, 31)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise (float32) for token `ids` of each row at its completion position `steps`, from the row's 64-bit
+    seed: a counter-based draw (no generator state), each value a function of (seed, step, token id) alone:
+    u = the top 24 bits of splitmix64(seed + (step * 2**32 + id + 1) * golden) as a number in (0, 1), and
+    noise = -log(-log(u)). seeds, steps: (s, 1) int64; ids: (s, c) or (c,) int64 -> (s, c)."""
+    counter = (steps << 32) + ids + 1
+    z = mix64(seeds + counter * as_int64(GOLDEN))
+    u = (shr(z, 40).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """fp32 logits / temperature; a tiny temperature overflows a logit to +inf, which is held at fp32's
     largest number (softmax over several +inf would be NaN; the limit is the argmax, ties shared)."""
     return (logits.float() / temperature).clamp(max=torch.finfo(torch.float32).max)
 
 
-def top_p_drop(logits: torch.Tensor, top_p: Union[float, torch.Tensor]) -> torch.Tensor:
+def top_p_drop(logits: torch.Tensor, top_p: Union[float, torch.Tensor], ordered: bool = False) -> torch.Tensor:
     """Where a token falls outside the smallest set whose mass reaches top_p (a number, or (rows, 1) per row):
-    a token is dropped once the mass before it already reaches top_p; the best token always stays."""
+    a token is dropped once the mass before it already reaches top_p; the best token always stays. `ordered`:
+    each row is already sorted, best first (top-k candidates)."""
+    if ordered:
+        probs = logits.softmax(-1)
+        return (probs.cumsum(-1) - probs) >= top_p
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     drop_sorted = (probs.cumsum(-1) - probs) >= top_p
@@ -58,16 +95,6 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     if top_p < 1.0:
         logits = logits.masked_fill(top_p_drop(logits, top_p), float("-inf"))
     return logits
-
-
-def select_next_tokens(logits: torch.Tensor, cfg: GenerationConfig,
-                       generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
-    """logits: (batch, vocab) -> (batch,) token ids."""
-    logits = logits.float()
-    if not cfg.do_sample:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(scale_logits(logits, cfg.temperature), cfg.top_k, cfg.top_p).softmax(-1)
-    return torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators)])
 
 
 @dataclass(frozen=True)
@@ -141,8 +168,12 @@ def row_sampling(cfg: GenerationConfig, prompt=None, grammar: Optional[Grammar] 
                        grammar=(prompt is not None and record_grammar(prompt)) or grammar)
 
 
-def sequence_generator(cfg: GenerationConfig, prompt, device: torch.device, sample: int = 0) -> torch.Generator:
+def sequence_seed(cfg: GenerationConfig, prompt, sample: int = 0) -> int:
     """A record's own seed, else one derived from generation.seed and its index; sample k > 0 of the record
-    (generation.n) draws from a stream derived from that seed and k (`sample_seed`)."""
+    (generation.n) draws from a stream derived from that seed and k (`sample_seed`). A seed outside
+    [0, 2**64) raises ValueError."""
     base = prompt.seed if prompt.seed is not None else prompt_seed(cfg.seed, prompt.index)
-    return torch.Generator(device=device).manual_seed(sample_seed(base, sample))
+    if not seed_ok(base):
+        raise ValueError(f"a seed is an integer in [0, 2**64), not {base!r}")
+    return sample_seed(base, sample)
+

@@ -29,6 +29,7 @@ import numpy as np
 import torch.distributed as dist
 
 from distgen.config import DatasetConfig, GenerationConfig, ModelConfig, RunConfig, adapter_folders
+from distgen.engine.sampling import DRAW
 from distgen.inputs.grammar import job_grammar
 from distgen.models.lora import ADAPTER_FILES
 
@@ -170,6 +171,8 @@ def generation_settings(gen: GenerationConfig) -> dict[str, Any]:
                   and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     if gen.json_schema is not None:
         generation["json_schema"] = text_digest(job_grammar(gen).text.encode("utf-8"))
+    if gen.do_sample and gen.temperature > 0:  # a job sampled by another draw is another job
+        generation["draw"] = DRAW
     return generation
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from distgen.engine import Completion, Engine
+from distgen.engine.host import read
 from distgen.parallel.feed import say_failed
 
 
@@ -32,7 +33,7 @@ class LoopCounters:
 def any_rank_has_work(has_work: bool, device: torch.device, group=None) -> bool:
     flag = torch.tensor([1 if has_work else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
+    return bool(read(flag)[0])  # a counted read (engine.host): the lockstep agreement's own sync
 
 
 def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> None:
