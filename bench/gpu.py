@@ -491,6 +491,35 @@ def microbench(model, tokenizer, args, device: torch.device, limits: Optional[Li
 
 # --- report ---
 
+# Issue 20's targets for the 1B job (limits measured on the same card in the same run).
+TARGET_TOKENS_PER_SECOND = 25_000
+TARGET_SOL_FRACTION = 0.35
+TARGET_STEP_MS_AT_256_ROWS = 3.0
+
+
+def targets(results: list[Result], micro: list[MicroResult]) -> list[str]:
+    """One line per target of issue 20, read off distgen's defaults and the microbench: the figure, met or not."""
+    said = lambda met: "met" if met else "NOT met"  # noqa: E731
+    lines = []
+    defaults = next((r for r in results if r.name == "distgen, defaults"), None)
+    if defaults is not None and defaults.status == "ok":
+        lines += [f"- generated tok/s: {defaults.tokens_per_second:,.0f} (target >= {TARGET_TOKENS_PER_SECOND:,}: "
+                  f"{said(defaults.tokens_per_second >= TARGET_TOKENS_PER_SECOND)})",
+                  f"- speed-of-light fraction: {defaults.sol_fraction:.3f} at {defaults.rows} rows (target >= "
+                  f"{TARGET_SOL_FRACTION}: {said(defaults.sol_fraction >= TARGET_SOL_FRACTION)})",
+                  f"- CUDA graph replays: {defaults.graph_replays} ({said(defaults.graph_replays > 0)}); blocking "
+                  f"host reads per step: {defaults.syncs_per_step:.3f} (target: one per step, the "
+                  f"last landing aside: {said(0 < defaults.syncs_per_step <= 1.01)}); capture s: "
+                  f"{defaults.compile_seconds:.1f}"]
+    elif defaults is not None:
+        lines.append(f"- distgen, defaults: {defaults.status}")
+    step = next((m for m in micro if m.config == "defaults" and m.rows == 256 and m.status == "ok"), None)
+    if step is not None:
+        lines.append(f"- decode step at 256 rows: {step.ms_per_step:.2f} ms (target <= {TARGET_STEP_MS_AT_256_ROWS}: "
+                     f"{said(step.ms_per_step <= TARGET_STEP_MS_AT_256_ROWS)})")
+    return ["", "## Issue 20's targets (distgen, defaults)", "", *lines] if lines else []
+
+
 def micro_markdown(micro: list[MicroResult]) -> list[str]:
     if not micro:
         return []
@@ -544,6 +573,7 @@ def markdown(results: list[Result], args, params: int, prompts: list[dict], devi
               "time at that row's rows (weights streamed once per forward, keys/values once per token, prefill "
               "matrix products at the GEMM rate; measured limits above) over its generation time. 'equal to HF': "
               "completions identical token for token (bf16 batches of other shapes round differently)."]
+    lines += targets(results, micro)
     lines += micro_markdown(micro)
     engines = [f"- {r.name}: {r.engine}" for r in results if r.engine]
     if engines:
@@ -604,41 +634,45 @@ def main(argv=None) -> int:
     budgets = [p["max_new_tokens"] for p in prompts]
     prefill_tokens = 8192 if device.type == "cuda" else 512
     results: list[Result] = []
+    job = job_cost(cost, lengths, budgets, args.batch_size, prefill_tokens)
+
+    def add(result: Result) -> None:
+        """One more system measured: its SOL fraction and agreement with HF, and every file written again (a run
+        killed later still leaves the table so far)."""
+        results.append(result)
+        print(f"{result.name}: {result.status}, {result.tokens_per_second} tok/s", flush=True)
+        hf = next((r for r in results if r.name.startswith("HF")), None)
+        for done in results:
+            done.equal_to_hf = agreement(done, hf) if hf else ""
+            if done.status == "ok" and done.rows:
+                done.sol_seconds = round(sol_seconds(job_cost(cost, lengths, budgets, done.rows, prefill_tokens),
+                                                     limits), 4)
+                done.sol_fraction = round(done.sol_seconds / done.generate_seconds, 4) \
+                    if done.generate_seconds > 0 else 0.0
+        write_outputs(args, device, {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "machine": machine_name(device), "parameters": params, "limits": asdict(limits),
+            "model_cost": asdict(cost), "job_cost": asdict(job) | {"rows": args.batch_size},
+            "results": [asdict(r) | {"completions": None} for r in results],
+            "microbench": [asdict(m) for m in micro]}, markdown(results, args, params, prompts, device, limits, job,
+                                                               micro))
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prompts_file = work / "prompts.jsonl"
         prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
         model_dir = save_model(model, tokenizer, work / "model")
-        results.append(run_distgen("distgen, defaults", args, work, prompts_file, model_dir, [], left() * 0.4))
-        print(f"{results[-1].name}: {results[-1].status}, {results[-1].tokens_per_second} tok/s", flush=True)
+        add(run_distgen("distgen, defaults", args, work, prompts_file, model_dir, [], left() * 0.4))
         try:
-            results.append(run_hf_static(args, prompts, tokenizer, model, device))
+            add(run_hf_static(args, prompts, tokenizer, model, device))
         except Exception as err:  # a failing baseline is reported, the others still run
-            results.append(Result("HF generate, static batches", f"failed: {type(err).__name__}: {err}"[:300]))
-        print(f"{results[-1].name}: {results[-1].status}, {results[-1].tokens_per_second} tok/s", flush=True)
+            add(Result("HF generate, static batches", f"failed: {type(err).__name__}: {err}"[:300]))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
         for variant in VARIANTS:
-            results.append(run_variant(variant, args, work, prompts_file, model_dir, device, left()))
-            print(f"{results[-1].name}: {results[-1].status}, {results[-1].tokens_per_second} tok/s", flush=True)
-    hf = results[1]
-    for result in results:
-        result.equal_to_hf = agreement(result, hf)
-        if result.status == "ok" and result.rows:
-            job = job_cost(cost, lengths, budgets, result.rows, prefill_tokens)
-            result.sol_seconds = round(sol_seconds(job, limits), 4)
-            result.sol_fraction = round(result.sol_seconds / result.generate_seconds, 4) \
-                if result.generate_seconds > 0 else 0.0
-    job = job_cost(cost, lengths, budgets, args.batch_size, prefill_tokens)
-    table = markdown(results, args, params, prompts, device, limits, job, micro)
-    write_outputs(args, device, {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": machine_name(device), "parameters": params, "limits": asdict(limits),
-        "model_cost": asdict(cost), "job_cost": asdict(job) | {"rows": args.batch_size},
-        "results": [asdict(r) | {"completions": None} for r in results],
-        "microbench": [asdict(m) for m in micro]}, table)
-    print(table)
+            add(run_variant(variant, args, work, prompts_file, model_dir, device, left()))
+    print(markdown(results, args, params, prompts, device, limits, job, micro))
     return 0 if all(r.status == "ok" or r.status.startswith("not run") for r in results) else 1
 
 

@@ -9,9 +9,10 @@
 #                 what distgen picks (scripts/gpu_env.py attention)
 #   5. microbench bench/gpu.py --microbench-only: decode steps at 128/256/512 rows (ms, host vs GPU, kernels),
 #                 per configuration (defaults; graphs off: DISTGEN_CUDA_GRAPHS=0; generation.attention=torch_sdpa)
-#   6. tests      pytest -m gpu, four at a time (every layout vs generate in fp32, bf16, FlashAttention varlen
-#                 against SDPA, CUDA-graph replays, memory stats)
-#   7. bench      bench/gpu.py: a ~1B Llama against HF generate and the card's measured limits (sol_fraction)
+#   6. bench      bench/gpu.py: a ~1B Llama against HF generate and the card's measured limits (sol_fraction);
+#                 the figures issue 20 asks for, so before the tests (it writes its files after every system)
+#   7. tests      pytest -m gpu, four at a time (every layout vs generate in fp32, bf16, FlashAttention varlen
+#                 against SDPA, CUDA-graph replays, memory stats), with the time left (at least TESTS_MIN_S)
 # and writes $OUT/report.md as it goes (a killed run still leaves what it found), plus the logs and the
 # bench's gpu-<card>-<date>.md/.json beside it (copy those two into bench/results/). Exit status: 0 when
 # every step passed, else 1. See README "Running the GPU check".
@@ -34,6 +35,7 @@ WHEELS=${GPU_WHEELS:-.cache/gpu-wheels}
 PYTHON=${PYTHON:-python3}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
 STEPS=" ${GPU_CHECK_STEPS:-microbench tests bench} "
+TESTS_MIN_S=${GPU_CHECK_TESTS_MIN_S:-100}  # what the bench leaves the tests (run after it)
 mkdir -p "$OUT"
 REPORT=$OUT/report.md
 SETUP_LOG=$OUT/setup.log
@@ -136,31 +138,9 @@ else
   say "- **microbench**: not run: no CUDA device visible"
 fi
 
-# 6. tests marked gpu (they skip, saying why, without CUDA), from the files that have some; cheapest first.
-if [[ $STEPS == *" tests "* ]]; then
-  mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
-  PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA)
-  "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
-  # Four at a time where pytest-xdist is there (each test is a torchrun job that leaves the GPU mostly idle;
-  # torchrun --standalone picks free ports): ~105 s for the lot on the H200. GPU_CHECK_PYTEST_ARGS="-n 0" undoes it.
-  "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST+=(-n 4)
-  # shellcheck disable=SC2206
-  PYTEST+=(${GPU_CHECK_PYTEST_ARGS:-})
-  : > "$PYTEST_LOG"
-  reserve=170; [[ $STEPS == *" bench "* ]] || reserve=10
-  step "tests (pytest -m gpu ${GPU_TESTS[*]})" "$(budget 400 $reserve)" "$PYTEST_LOG" "${PYTEST[@]}"
-  # pytest's short summary: one line per test with its outcome (skips with their reason), then the total;
-  # if pytest was stopped before it, the per-test lines it printed (-v) as each test ended.
-  { if grep -q "short test summary info" "$PYTEST_LOG"; then sed -n '/short test summary info/,$p' "$PYTEST_LOG"
-    else grep -E "(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)" "$PYTEST_LOG"; echo "(pytest stopped before its summary)"; fi \
-      | cut -c1-400
-    grep -E "^E   " "$PYTEST_LOG" | head -n 40 | cut -c1-300; } | fenced
-else
-  say "- **tests**: not run (GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-})"
-fi
-
-# 7. bench: whatever time is left, but at least what a useful run needs.
-limit=$(budget 400 15)
+# 6. bench: the figures first (the tests get what is left, at least TESTS_MIN_S when they run).
+reserve=10; [[ $STEPS == *" tests "* ]] && reserve=$TESTS_MIN_S
+limit=$(budget 400 $reserve)
 if [[ $STEPS != *" bench "* ]]; then
   say "- **bench**: not run (GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-})"
 elif (( limit < 60 )); then
@@ -175,6 +155,28 @@ elif [ -n "$BENCH_ARGS" ] || cuda_visible; then
   else tail -n 30 "$BENCH_LOG" | fenced; fi
 else
   say "- **bench**: not run: no CUDA device visible"
+fi
+
+# 7. tests marked gpu (they skip, saying why, without CUDA), from the files that have some; cheapest first.
+if [[ $STEPS == *" tests "* ]]; then
+  mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
+  PYTEST=("$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA)
+  "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
+  # Four at a time where pytest-xdist is there (each test is a torchrun job that leaves the GPU mostly idle;
+  # torchrun --standalone picks free ports): ~105 s for the lot on the H200. GPU_CHECK_PYTEST_ARGS="-n 0" undoes it.
+  "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST+=(-n 4)
+  # shellcheck disable=SC2206
+  PYTEST+=(${GPU_CHECK_PYTEST_ARGS:-})
+  : > "$PYTEST_LOG"
+  step "tests (pytest -m gpu ${GPU_TESTS[*]})" "$(budget 400 10)" "$PYTEST_LOG" "${PYTEST[@]}"
+  # pytest's short summary: one line per test with its outcome (skips with their reason), then the total;
+  # if pytest was stopped before it, the per-test lines it printed (-v) as each test ended.
+  { if grep -q "short test summary info" "$PYTEST_LOG"; then sed -n '/short test summary info/,$p' "$PYTEST_LOG"
+    else grep -E "(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)" "$PYTEST_LOG"; echo "(pytest stopped before its summary)"; fi \
+      | cut -c1-400
+    grep -E "^E   " "$PYTEST_LOG" | head -n 40 | cut -c1-300; } | fenced
+else
+  say "- **tests**: not run (GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-})"
 fi
 
 rm -f "$OUT/facts.md" "$OUT/imports.md" "$OUT/attention.md"  # all three are in the report

@@ -8,7 +8,7 @@ import torch
 
 from distgen.catalog import check_section
 from distgen.config import GenerationConfig, TinyModelConfig
-from distgen.engine.build import COMPILE_MIN_DECODE_STEPS, plan_cache, plan_compile
+from distgen.engine.build import COMPILE_MIN_DECODE_STEPS, graphs_over_compile, own_graphs, plan_cache, plan_compile
 from distgen.engine.request import Request, Status
 from distgen.engine.scheduler import SCHEDULERS, SchedulerState
 from distgen.inputs.records import Prompt
@@ -135,6 +135,28 @@ def test_mixed_steps_keep_each_prompts_sampled_tokens(tiny_model, tokenizer):
                                do_sample=True, temperature=0.9, top_k=20, seed=3, mixed_steps=mixed)
         got[mixed] = {k: c.token_ids for k, c in generate_all(engine_for(tiny_model, tokenizer, PROMPTS, cfg)).items()}
     assert got[True] == got[False]
+
+
+def test_auto_compile_leaves_the_decode_step_to_the_engines_own_cuda_graphs(tokenizer, monkeypatch):
+    """bf16 on CUDA in a static slot cache: cuda_varlen's decode step is replayed from the engine's own CUDA graphs,
+    so generation.compile=auto does not compile it however many steps the job has (compile=on still does); where
+    those graphs cannot run (fp32: torch_sdpa; lockstep; another cache) auto compiles as before."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100, for the plan
+    cuda, gen = torch.device("cuda"), GenerationConfig()
+    model = build_tiny_model(TinyModelConfig(), tokenizer)
+    plan = plan_compile(gen, model, COMPILE_MIN_DECODE_STEPS, lockstep=False, device=cuda)
+    assert plan.enabled
+    assert own_graphs(gen, model, cuda, False, None, "static", 64) is None  # fp32 keeps torch_sdpa
+    half = model.to(torch.bfloat16)
+    assert own_graphs(gen, half, cuda, False, None, "static", 64) == "cuda_varlen"
+    assert own_graphs(gen, half, cuda, True, None, "static", 64) is None  # lockstep: no graphs
+    assert own_graphs(gen, half, cuda, False, None, "quantized", 64) is None
+    assert own_graphs(gen, half, torch.device("cpu"), False, None, "static", 64) is None
+    kept = graphs_over_compile(plan, gen, "cuda_varlen")
+    assert not kept.enabled and "own CUDA graphs replay the decode step (cuda_varlen" in kept.reason
+    assert graphs_over_compile(plan, gen, None) is plan
+    asked = plan_compile(GenerationConfig(compile="on"), model, 10, lockstep=False, device=cuda)
+    assert graphs_over_compile(asked, GenerationConfig(compile="on"), "cuda_varlen") is asked
 
 
 def test_auto_choices_say_why(tiny_model):

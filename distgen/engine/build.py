@@ -395,6 +395,31 @@ def plan_engine_compile(gen: GenerationConfig, model: torch.nn.Module, decode_st
     return plan
 
 
+def own_graphs(gen: GenerationConfig, model: torch.nn.Module, device: torch.device, lockstep: bool,
+               autocast: Optional[torch.dtype], cache: str, columns: int) -> Optional[str]:
+    """The slot attention whose decode step the engine's own CUDA graphs would replay if the step were not compiled
+    (graphs.py: a static slot cache, an attention that addresses rows by slot id and can be captured, nothing
+    else in the way), or None."""
+    if cache != "static":  # the int8 layers, the ring and the dynamic caches keep the mask-and-read path
+        return None
+    attention = plan_attention(attention_context(model.config, device, autocast or model_dtype(model),
+                                                 model_dtype(model), gen.cpu_kernels, gen.autocast, False,
+                                                 columns=columns), gen.attention)[0]
+    blocked = graphs_blocker(device, lockstep, False, autocast, model, attention.capturable, False,
+                             os.environ.get(GRAPHS_ENV, "1").strip() == "0")
+    return None if blocked or not attention.addressed else attention.name
+
+
+def graphs_over_compile(plan: CompilePlan, gen: GenerationConfig, graphs: Optional[str]) -> CompilePlan:
+    """generation.compile=auto does not compile a decode step the engine's own CUDA graphs replay through `graphs`
+    (an attention name, `own_graphs`): they are captured in seconds, while a compiled CUDA decode keeps the masked
+    SDPA path over every slot's columns. compile=on still compiles."""
+    if gen.compile != "auto" or not plan.enabled or graphs is None:
+        return plan
+    return CompilePlan(False, reason=f"not compiling: the engine's own CUDA graphs replay the decode step ({graphs}; "
+                                     "generation.compile=on compiles instead)")
+
+
 def plan_engine_cache(gen: GenerationConfig, model: torch.nn.Module, compiling: bool, shape: QueueShape, budget: int,
                       device: torch.device, verify_tokens: int) -> CacheChoice:
     """The KV cache of generation.batch_size rows for this job (plan_cache, from the sizes each kind would take)."""
@@ -430,14 +455,18 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
     budget = rank_budget(gen, device, local_world_size)
     batch = batch or plan_batch_size(model, gen, shape, budget, device)
     gen = replace(gen, batch_size=batch.rows)
+    autocast, autocast_choice = plan_autocast(gen, model)
     compile_plan = plan_engine_compile(gen, model, shape.decode_steps(gen.batch_size), lockstep, device, assistant,
                                        adapters is not None)
     verify_tokens = max_draft_tokens(gen) + 1 if assistant is not None else 1
+    if compile_plan.enabled and gen.compile == "auto":  # the engine's own CUDA graphs, where they can run, instead
+        uncompiled = plan_engine_cache(gen, model, False, shape, budget, device, verify_tokens).name
+        compile_plan = graphs_over_compile(compile_plan, gen, own_graphs(gen, model, device, lockstep, autocast,
+                                                                         uncompiled, shape.columns))
     cache = plan_engine_cache(gen, model, compile_plan.enabled, shape, budget, device, verify_tokens)
     if compile_plan.enabled:
         persist_inductor_cache(gen.compile_cache_dir)
-    # 2. autocast, the kernel backends (which prepare the model) and the slot attention
-    autocast, autocast_choice = plan_autocast(gen, model)
+    # 2. the kernel backends (which prepare the model) and the slot attention
     kernels = apply_backends(gen, model, device, lockstep, compile_plan.enabled, autocast)
     attention, attention_why = plan_attention(attention_context(
         model.config, device, autocast or model_dtype(model), model_dtype(model), gen.cpu_kernels, gen.autocast,

@@ -12,6 +12,12 @@ torch.compile, so it takes seconds) and replayed from then on. Elsewhere (CPU, l
 forward cannot be captured) the very same padded step runs eagerly: that is what the CPU tests run. A
 capture that fails turns graphs off for the rest of the run, saying why, and the step runs eagerly.
 
+A bucket already run (captured) up to twice the one a step needs is run again rather than a new one captured
+(`replay_bucket`): as a job's rows finish, its steps would otherwise pass through every bucket (~50 for 512
+rows), each capture costing tens of milliseconds of a 22-layer model, while a padding row costs a decode step
+little (it reads no column; the weights are streamed once whatever the rows). The eager step pads the same way,
+so graphs on and off run the same shapes (bf16 matrix products round by shape) and give the same tokens.
+
 Sampling rows are drawn after the step from its logits (engine.logits: noise keyed by seed and position) and replace
 the greedy next inputs (`Engine.launch`).
 """
@@ -20,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 
@@ -51,6 +57,15 @@ class DecodeOutput:
 
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logits, tokens, is_eos of a whole bucket
+# A captured bucket at most this many times the bucket a step needs is replayed instead of capturing that one.
+REUSE_STRETCH = 2
+
+
+def replay_bucket(wanted: int, captured: Collection[int], stretch: int = REUSE_STRETCH) -> int:
+    """The bucket a step of `wanted` rows (a bucket itself) runs: the smallest captured one that holds it, if it is
+    at most `stretch` times as many rows, else `wanted` (which is then captured)."""
+    larger = [rows for rows in captured if rows >= wanted]
+    return min(larger) if larger and min(larger) <= stretch * wanted else wanted
 
 
 @dataclass
@@ -90,13 +105,14 @@ class DecodeRunner:
         self.counters = GraphCounters()
         self.kv: Optional[SlotKV] = None
         self.graphs: dict[int, Captured] = {}
+        self.ran: set[int] = set()  # the buckets run so far (captured ones among them)
         self.staged: tuple = ()  # the (bucket, slots) now in the static buffers
         # step -> Captured (tests hand in one that replays by running the step again, on a CPU)
         self.capturer: Callable[[Callable[[], Outputs]], Captured] = CudaCapturer()
 
     def bind(self, kv: SlotKV) -> None:
         """Static buffers for this cache's buckets (again after an out-of-memory back-off built a new cache)."""
-        self.kv, self.graphs, self.staged = kv, {}, ()
+        self.kv, self.graphs, self.ran, self.staged = kv, {}, set(), ()
         rows = kv.buckets[-1]
         self.slots = torch.full((rows,), kv.slots, dtype=torch.long, device=kv.device)  # padding: the spare entry
         self.active = torch.zeros(rows, dtype=torch.bool, device=kv.device)
@@ -107,7 +123,8 @@ class DecodeRunner:
         if kv is not self.kv:
             self.bind(kv)
         n = len(requests)
-        rows = bucket_of(n, kv.buckets)
+        rows = replay_bucket(bucket_of(n, kv.buckets), self.ran)
+        self.ran.add(rows)
         if self.capture and rows not in self.graphs:
             self.captured(rows)  # before staging: a capture runs padding rows through the static buffers
         self.stage(rows, [r.row for r in requests])

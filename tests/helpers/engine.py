@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
@@ -147,3 +148,45 @@ def crash_at_step(monkeypatch, step_count):
         return real_step(self)
 
     monkeypatch.setattr(Engine, "step", step_then_fail)
+
+
+# torch 2.11's aten::_flash_attention_forward (the GPU machine's torch; 2.13 adds block_table and num_splits): its
+# positional arguments (query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
+# return_debug_mask) and its keyword-only ones.
+FLASH_211_POSITIONAL = 10
+FLASH_211_KEYWORDS = {"scale", "window_size_left", "window_size_right", "seqused_k", "alibi_slopes"}
+
+
+class DeviceTraffic(TorchDispatchMode):
+    """Records what a step on meta tensors would make the host do on a GPU: ops that take a host tensor (not a
+    0-d scalar) into a device result (a pageable copy, inside a graph a host address baked in), and every
+    FlashAttention call's arguments. Reading values (.item(), .tolist(), nonzero) fails on meta by itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.host_inputs: list[str] = []
+        self.flash_calls: list[tuple[tuple, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._flash_attention_forward.default:
+            self.flash_calls.append((args, kwargs))
+        leaves = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa
+        if any(t.device.type == "cpu" and t.dim() > 0 for t in leaves((args, kwargs))) and \
+                any(t.device.type != "cpu" for t in leaves(out)):
+            self.host_inputs.append(str(func))
+        return out
+
+
+def on_meta(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with every parameter and buffer on the meta device (shapes, no values) in `dtype` (float ones)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=dtype, device="meta"), requires_grad=False)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+    return model
