@@ -107,6 +107,22 @@ def test_adapters_chosen_per_record_in_process(extra, tiny_model_dir, adapters, 
     assert read_stats(out)["ranks"][0]["adapter_switches"] == 2  # base model first, then a, then b
 
 
+def test_a_shared_prefix_is_shared_only_between_records_of_one_adapter(tiny_model_dir, adapters, merged, tokenizer,
+                                                                      tmp_path):
+    """Prompts of one long prefix, choosing different adapters: the prefix's KV is the weights', so a record copies
+    it (or reuses a freed slot in place) only from a record of its own adapter; each equals its merged model."""
+    prefix = " ".join(f"word{i}" for i in range(60)) + " "  # ~400 tokens: far past the 64 shared from
+    records = [{"id": f"r{i}", "prompt": f"{prefix}end {i}", **({"lora": name} if name else {})}
+               for i, name in enumerate([None, "a", "a", "b", None, "b"])]
+    prompts = write_prompts(tmp_path / "p.jsonl", records)
+    out = tmp_path / "out"
+    assert run_in_process(job_args(tiny_model_dir, prompts, out, f"model.lora={{a: {adapters['a']}, b: "
+                                   f"{adapters['b']}}}", "generation.prefix_sharing=on")) == 0
+    assert_each_equals_its_merged_model(read_outputs(out), records, merged, tokenizer)
+    rank = read_stats(out)["ranks"][0]
+    assert rank["adapter_switches"] == 2 and rank["shared_prefix_tokens"] >= 3 * 400  # the second of each adapter
+
+
 def test_a_record_naming_an_adapter_without_adapters_by_name_gets_an_error_record(tiny_model_dir, adapters, merged,
                                                                                  tokenizer, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [PROMPTS[1], {**PROMPTS[6], "lora": "a"}])

@@ -81,9 +81,10 @@ def sharing_blocker(kv, assisted: bool) -> Optional[str]:
     return None
 
 
-def block_keys(ids: Sequence[int]) -> list[int]:
-    """The chained hash of each full BLOCK-token block of `ids`: key k stands for tokens 0..(k+1)*BLOCK-1."""
-    keys, key = [], 0
+def block_keys(ids: Sequence[int], seed: Hashable = None) -> list[int]:
+    """The chained hash of each full BLOCK-token block of `ids`: key k stands for tokens 0..(k+1)*BLOCK-1 (of a
+    prompt run with the weights `seed` names: its LoRA adapter, None for the base model)."""
+    keys, key = [], hash(seed)
     for end in range(BLOCK, len(ids) + 1, BLOCK):
         key = hash((key, tuple(ids[end - BLOCK:end])))
         keys.append(key)
@@ -126,7 +127,9 @@ class PrefixIndex:
 
     def keys(self, request: Request) -> list[Hashable]:
         if request.prefix_keys is None:
-            blocks = block_keys(request.token_ids) if self.min_tokens is not None else []
+            # The KV of a prompt's tokens is the weights': a prompt shares only with prompts of its own LoRA adapter
+            # (records choosing adapters by name; the engine swaps them in between requests).
+            blocks = block_keys(request.token_ids, request.prompt.lora) if self.min_tokens is not None else []
             request.prefix_keys = [sibling_key(request), *blocks]
         return request.prefix_keys
 
