@@ -64,11 +64,18 @@ def write_prompts(prompts: Prompts, folder: Path) -> str:
     return str(path)
 
 
+def chat_records(prompts: Prompts) -> bool:
+    """A list of records of chat messages: each has `messages` and none a `prompt`."""
+    return (isinstance(prompts, (list, tuple)) and bool(prompts) and all(isinstance(p, dict) for p in prompts)
+            and all("messages" in p and "prompt" not in p for p in prompts))
+
+
 def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[str] = ()) -> list[dict]:
     """Generate a completion for every prompt; returns the output records in input order.
 
     prompts: a list of strings, a list of records with the JSON-lines fields (`prompt` or `messages`, `id`,
     `max_new_tokens`, `temperature`, `stop`, ...), a path to a prompts file or folder, or a `datasets.Dataset`.
+    Records of `messages` (and no `prompt`) are chat records: dataset.messages_field=messages unless given.
     model: a model folder (or `tiny`); the same as `model=...` among the overrides.
     overrides: the command line's `key=value` strings. Without `output.dir=`, the job writes to a temporary folder
     that is removed once its records are read; with one, the outputs stay there (and a rerun resumes).
@@ -85,6 +92,8 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
             args.append(f"model={model}")
         if "output.dir" not in keys:
             args.append(f"output.dir={folder / 'out'}")
+        if chat_records(prompts) and not keys & {"dataset.messages_field", "dataset.prompt_field"}:
+            args.append("dataset.messages_field=messages")
         args += overrides
         out_dir = run(args)
         return list(read_outputs(out_dir))

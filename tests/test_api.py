@@ -105,3 +105,20 @@ def test_generate_adds_no_handler_where_the_host_configured_logging(tiny_model_d
     assert all(handlers == [] for *_, handlers in seen)  # during the call, too
     assert root.handlers == [host] and ours.handlers == [] and ours.level == logging.NOTSET
     assert capsys.readouterr() == ("", "")
+
+
+def test_generate_takes_chat_records_and_keeps_their_messages(tiny_model_dir, tiny_model, tokenizer, tmp_path):
+    """Records of `messages` are chat records without an override naming the column: rendered by the chat
+    template, equal to generate on the rendered text, the messages kept in the output."""
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    (tmp_path / "chat.jinja").write_text(template)
+    chats = [{"id": "a", "messages": [{"role": "user", "content": "the sky is"}]},
+             {"id": "b", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}]
+    records = distgen.generate(chats, model=str(tiny_model_dir),
+                               overrides=[*QUIET, f"dataset.chat_template={tmp_path / 'chat.jinja'}"])
+    assert [r["id"] for r in records] == ["a", "b"] and [r["messages"] for r in records] == [c["messages"] for c in chats]
+    eos = [tokenizer.eos_token_id]
+    for record, chat in zip(records, chats):
+        text = tokenizer.apply_chat_template(chat["messages"], tokenize=False, chat_template=template,
+                                             add_generation_prompt=True)
+        assert record["completion_token_ids"] == reference_greedy(tiny_model, tokenizer, text, DEFAULT_BUDGET, eos)

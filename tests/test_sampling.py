@@ -41,7 +41,7 @@ import pytest  # noqa: E402
 
 from distgen.config import GenerationConfig  # noqa: E402
 from tests.helpers import (DEFAULT_BUDGET, PROMPTS, ReplayingCapturer, engine_for, generate_all,  # noqa: E402
-                           reads_per_step, reference_generate)
+                           reads_per_step, reference_generate, run_module)
 
 # The engine paths a step's tokens take: the dynamic cache (row surgery), the slot cache with distgen's CPU kernels
 # (synchronous), and rows addressed by slot id (pipelined: step N+1 launched before step N's tokens are read; decode
@@ -508,6 +508,16 @@ def test_knobs_are_config_keys_checked_before_anything_runs(tmp_path):
                                                     "model.assistant=prompt_lookup verifies drafts")):
         load_config(["model=tiny", "dataset=demo", "generation.repetition_penalty=1.2",
                      "model.assistant=prompt_lookup"])
+
+
+def test_a_job_logit_bias_past_the_vocabulary_is_refused_before_anything_runs(tmp_path):
+    """The model's vocabulary is known from its config: a job's logit_bias on a token past it is one config error
+    (rc 2) before output.dir exists, not an error record per record."""
+    out = tmp_path / "out"
+    result = run_module("distgen.launch", ["model=tiny", "dataset=demo", f"output.dir={out}", "launcher=none",
+                                           "generation.logit_bias={999999:5}"])
+    assert result.returncode == 2, result.stderr
+    assert "vocabulary size 259 (not 999999)" in result.stderr and not out.exists()
 
 
 def test_repetition_penalty_is_hfs_bit_for_bit():

@@ -442,7 +442,10 @@ def check_columns(table, fields: RecordFields, path: str) -> None:
     needed = fields.messages or fields.prompt
     if needed not in table.column_names:
         key = "dataset.messages_field" if fields.messages else "dataset.prompt_field"
-        raise ConfigError(f"{key}={needed!r} is not allowed: {path} has columns {', '.join(table.column_names)}")
+        hint = ("; a column of chat messages: give dataset.messages_field=messages"
+                if not fields.messages and "messages" in table.column_names else "")
+        raise ConfigError(f"{key}={needed!r} is not allowed: {path} has columns {', '.join(table.column_names)}"
+                          f"{hint}")
 
 
 def bad_id(path: str, row: int, value, id_field: str) -> ConfigError:

@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from distgen.common.errors import ConfigError
-from distgen.config import RunConfig, named_adapters
+from distgen.common.checks import require
+from distgen.config import GenerationConfig, RunConfig, named_adapters
 from distgen.inputs.screening import Verdict, context_limit
 from distgen.inputs.source import PromptSource, open_prompts, resolve_hub_dataset
 from distgen.models.loading import check_model_source, load_model_config, load_tokenizer, resolve_hub_ids
@@ -202,11 +203,21 @@ def check_inputs(cfg: RunConfig, checks_output: bool = True
     before the dataset is opened, so a refusal touches nothing in output.dir."""
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
+    check_token_ids(cfg.generation, load_model_config(cfg.model, tokenizer))
     check_output_dir(cfg.output.dir)
     settings = job_settings(cfg)
     plan = check_output_plan(cfg, settings) if checks_output else None
     created = not Path(cfg.output.dir).exists()
     return open_checked(cfg, tokenizer), tokenizer, created, settings, plan
+
+
+def check_token_ids(gen: GenerationConfig, model_config) -> None:
+    """generation.logit_bias names tokens of the model's vocabulary (known from its config before any weight loads):
+    one ConfigError here rather than an error record for every record of the job."""
+    vocab = getattr(model_config.get_text_config(), "vocab_size", None)
+    past = sorted(int(token) for token in (gen.logit_bias or {}) if vocab and int(token) >= vocab)
+    require(not past, "generation.logit_bias", gen.logit_bias,
+            f"token ids must be below the model's vocabulary size {vocab} (not {', '.join(map(str, past))})")
 
 
 def resolve_sources(cfg: RunConfig) -> RunConfig:
