@@ -80,10 +80,6 @@ HANDLER.setFormatter(FORMAT)
 STATE: dict[str, Optional[str]] = {"owner": None}
 
 
-def level_number(name: str) -> int:
-    return LOG_LEVELS.get(name)
-
-
 def name_rank(rank: Optional[int], world_size: int) -> None:
     """From now on each line names `rank` (when the job has several ranks)."""
     FORMAT.prefix = prefix(rank, world_size)
@@ -102,7 +98,7 @@ def configure(level: Optional[str] = None) -> None:
         logger.setLevel(logging.INFO)
         STATE["owner"] = "cli"
     if level is not None:
-        logger.setLevel(level_number(level))
+        logger.setLevel(LOG_LEVELS.get(level))
 
 
 def unconfigure() -> None:
