@@ -154,6 +154,17 @@ def test_prompts_split_over_groups_then_over_ranks_of_a_group():
     assert [part.tolist() for part in split_costs(np.arange(5), job, 2)] == [[3, 4], [0, 1, 2]]
 
 
+def test_deepspeed_builds_its_ops_outside_the_package_folder():
+    """An installed wheel's folder is site-packages: DeepSpeed's JIT-built ops go to the user's cache."""
+    from pathlib import Path
+
+    import distgen
+    from distgen.parallel.layouts.zero3 import EXTENSIONS_DIR
+
+    assert not EXTENSIONS_DIR.is_relative_to(Path(distgen.__file__).resolve().parents[1]), EXTENSIONS_DIR
+    assert EXTENSIONS_DIR.is_relative_to(Path.home())
+
+
 def test_deepspeed_config_from_layout_settings():
     import torch
 
