@@ -39,7 +39,6 @@ import platform
 import shlex
 import shutil
 import subprocess
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from distgen.common.errors import ConfigError
+from distgen.common.files import atomic_path
 from distgen.common.registry import Registry
 
 SOURCE = Path(__file__).parent / "cpu_kernels.c"
@@ -92,19 +92,25 @@ def cpu_blocker() -> Optional[str]:
     return None
 
 
+class BuildFailed(Exception):
+    """The compiler refused the source: what it said (the half-built file is not kept)."""
+
+
 def build(cc: str, flags: tuple[str, ...], built: Path) -> Optional[str]:
     """Compile SOURCE into `built` (atomically: ranks may build at once on a shared cache); None, or why not."""
     try:
-        built.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=built.parent)
-        os.close(fd)
+        with atomic_path(built, suffix=".so") as tmp:
+            try:
+                result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+            except OSError as error:
+                raise BuildFailed(f"{cc} could not run ({error.strerror})") from None
+            if result.returncode != 0:
+                raise BuildFailed(f"{cc} could not build {SOURCE.name} (exit {result.returncode}): "
+                                  f"{result.stderr.strip()[-300:]}")
+    except BuildFailed as failed:
+        return str(failed)
     except OSError as error:
         return f"the kernel cache {built.parent} cannot be written ({error.strerror}; set DISTGEN_KERNEL_CACHE)"
-    result = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        return f"{cc} could not build {SOURCE.name} (exit {result.returncode}): {result.stderr.strip()[-300:]}"
-    os.replace(tmp, built)
     return None
 
 
