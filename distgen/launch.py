@@ -20,7 +20,7 @@ from distgen.outputs.shards import job_complete
 from distgen.job.prepare import finished_message, prepare_job
 from distgen.run import FLAGS, main as run_main, quiet_as_override
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("distgen.launch")  # not __name__: `python -m distgen.launch` runs it as __main__
 
 
 def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path] = None) -> int:

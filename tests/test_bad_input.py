@@ -203,6 +203,19 @@ def test_help_lists_groups_keys_and_defaults(capsys):
     assert "python -m distgen.launch launcher=torchrun" in out
 
 
+def test_help_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`python -m distgen.launch --help | head -3`: the reader leaves before the help is written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "distgen.launch", "--help"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        os.close(write)
+    assert "Traceback" not in done.stderr and "stopped on an error" not in done.stderr, done.stderr
+    assert done.returncode == 141  # as a process a SIGPIPE stopped (what `set -o pipefail` reports)
+
+
 def test_print_config_works_before_a_model_is_named(capsys):
     assert run_in_process(["--print-config"]) == 0
     assert "path: null" in capsys.readouterr().out

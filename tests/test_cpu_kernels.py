@@ -284,6 +284,20 @@ def test_the_c_boundary_raises_on_every_bad_call_and_writes_nothing():
         kernels.decode_attention(query, keys, values, ok, 0.25, out=query)
     with pytest.raises(IndexError, match=r"packed_embedding: entry 1's token id is 32, outside \[0, 32\)"):
         kernels.packed_embedding(torch.tensor([0, 32]), weight)
+    # A tensor of the wrong rank is named as well (not "not enough values to unpack").
+    for call, match in ((lambda: kernels.rotary(torch.ones(2, 16), torch.ones(2, 16), torch.ones(2, 16)),
+                         r"x must be \(tokens, heads, head_dim\)"),
+                        (lambda: kernels.decode_attention(torch.ones(3, 64), keys, values, ok, 0.25),
+                         r"query must be \(n, heads, head_dim\)"),
+                        (lambda: kernels.write_kv(torch.ones(3, 16), torch.ones(3, 16), keys, values, ok, ok),
+                         r"key must be \(kv_heads, tokens, head_dim\)"),
+                        (lambda: kernels.packed_embedding(ok, torch.ones(32)), "the packed weight must be fp32"),
+                        (lambda: kernels.rms_norm(torch.tensor(1.0), torch.ones(1), 1e-6), r"x must be \(\.\.\., hidden\)"),
+                        (lambda: packed_linear(torch.randn(4, 16), weight, None, residual=torch.randn(4, 31)),
+                         r"residual must be x's shape 32 wide")):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert not keys.any() and not values.any()
 
 
 def test_no_assert_guards_the_c_boundary():
@@ -351,6 +365,16 @@ def test_owned_stack_refuses_slots_out_of_range(tiny_model_dir):
                                     cpu_kernels=True, segments=[varlen.Segment(0, 2, 0, 0)])
         with torch.no_grad(), varlen.activated(model, plan), pytest.raises(IndexError, match=match):
             model(input_ids=torch.tensor([[5, 9]]), position_ids=torch.tensor([[0, 1]]), use_cache=False)
+    # Positions: int64 (C reads lengths, positions + 1, as int64: int32 ones read past their buffer), each inside
+    # the columns (one far past them grew the rotary table for minutes).
+    plan = varlen.AttentionPlan(layers, write_slots=torch.tensor([0, 1]), write_cols=torch.tensor([0, 1]),
+                                cpu_kernels=True, segments=[varlen.Segment(0, 2, 0, 0)])
+    for positions, error, match in (([[0, 1]], ValueError, "got positions \\(2,\\) torch.int32: int64"),
+                                    ([[0, 1 << 40]], IndexError, f"entry 1's position is {1 << 40}, outside \\[0, 6\\)"),
+                                    ([[-1, 0]], IndexError, r"entry 0's position is -1")):
+        dtype = torch.int32 if error is ValueError else torch.long
+        with torch.no_grad(), varlen.activated(model, plan), pytest.raises(error, match=match):
+            model(input_ids=torch.tensor([[5, 9]]), position_ids=torch.tensor(positions, dtype=dtype), use_cache=False)
     assert not any(layer.keys.any() for layer in layers)
 
 

@@ -225,3 +225,16 @@ def test_only_files_that_decide_outputs_are_in_the_job(tiny_model_dir, tmp_path)
     (folder / ".git").mkdir()
     assert job_settings(load_config([f"model={folder}", "dataset=x.jsonl"])) == settings
     assert "model.path[model.safetensors]" in settings and "model.path[config.json]" in settings
+
+
+def test_the_launch_command_says_what_it_did_with_a_finished_job(tiny_model_dir, prompts_file, tmp_path):
+    """`python -m distgen.launch` runs launch.py as __main__: its lines are distgen's all the same (prefixed,
+    at their level), a finished job's rerun says so and a config error reads `distgen: config error: ...`."""
+    args = [f"model.path={tiny_model_dir}", f"dataset.path={prompts_file}", f"output.dir={tmp_path / 'out'}",
+            "generation.max_new_tokens=2"]
+    assert run_module("distgen.launch", args).returncode == 0
+    again = run_module("distgen.launch", args)
+    assert again.returncode == 0 and "distgen: job " in again.stdout and "already finished" in again.stdout, \
+        again.stdout + again.stderr
+    bad = run_module("distgen.launch", [f"model.path={tiny_model_dir}"])
+    assert bad.returncode == 2 and "distgen: config error: dataset.path=None" in bad.stderr, bad.stderr

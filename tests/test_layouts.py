@@ -143,15 +143,26 @@ def test_prompts_split_over_groups_then_over_ranks_of_a_group():
     job = SimpleNamespace(lengths=np.array([9, 1, 5, 3, 7]), budgets=np.zeros(5, dtype=np.int32), todo=np.arange(5),
                           adapters=np.zeros(5, dtype=np.int32),
                           cfg=SimpleNamespace(generation=SimpleNamespace(max_new_tokens=1)),
-                          samples_left=lambda: np.ones(5, dtype=np.int64))
+                          left=np.ones(5, dtype=np.int64))
     shards = [rank_shard(job, groups[rank], rank) for rank in range(4)]
     assert sorted(i for shard in shards for i in shard) == list(range(5))
     # costs 10, 2, 6, 4, 8: groups get {0, 3, 1} (16) and {4, 2} (14); then each group balances its own.
     assert [shard.tolist() for shard in shards] == [[0], [3, 1], [4], [2]]
     # generation.n: a prompt costs its length plus its budget per sample left (prefilled once, n decoded):
     # costs 10, 2, 6, 4, 16 put the 9-sample prompt 4 with prompt 3 (20) against {0, 1, 2} (18)
-    job.samples_left = lambda: np.array([1, 1, 1, 1, 9])
+    job.left = np.array([1, 1, 1, 1, 9])
     assert [part.tolist() for part in split_costs(np.arange(5), job, 2)] == [[3, 4], [0, 1, 2]]
+
+
+def test_deepspeed_builds_its_ops_outside_the_package_folder():
+    """An installed wheel's folder is site-packages: DeepSpeed's JIT-built ops go to the user's cache."""
+    from pathlib import Path
+
+    import distgen
+    from distgen.parallel.layouts.zero3 import EXTENSIONS_DIR
+
+    assert not EXTENSIONS_DIR.is_relative_to(Path(distgen.__file__).resolve().parents[1]), EXTENSIONS_DIR
+    assert EXTENSIONS_DIR.is_relative_to(Path.home())
 
 
 def test_deepspeed_config_from_layout_settings():

@@ -114,6 +114,18 @@ def test_a_slot_cache_charges_one_forward_and_rows_scale_with_kv_memory(tiny_mod
         (kv16.bytes(1, 64) + logits_bytes_per_row(half.config, torch.bfloat16))
 
 
+def test_the_batch_planner_charges_the_cache_the_engine_builds(tiny_model, tokenizer):
+    """plan_batch_size charges a slot cache one packed forward: its guess (packs_prefill) is what the built cache
+    does, for every kind this model takes on the CPU (a hand list of slot kinds left out quantized int8, a slot cache)."""
+    from distgen.engine.build import packs_prefill
+    from tests.helpers import engine_for
+    for settings in (dict(cache="static"), dict(cache="dynamic"),
+                     dict(cache="quantized", cache_quant_backend="int8")):
+        gen = GenerationConfig(batch_size=2, max_new_tokens=2, **settings)
+        engine = engine_for(tiny_model, tokenizer, [{"prompt": "hello"}], gen)
+        assert packs_prefill(tiny_model, gen) == engine.kv.packs_prefill, settings
+
+
 def test_settings_left_to_the_device_are_filled_in_and_said():
     cuda, said = device_defaults(GenerationConfig(), torch.device("cuda"))
     assert (cuda.batch_size, cuda.prefill_chunk_tokens) == ("auto", 8192) and "the cuda defaults" in said.said

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import sys
 from typing import Callable, Iterator, Optional
 
@@ -80,10 +81,6 @@ HANDLER.setFormatter(FORMAT)
 STATE: dict[str, Optional[str]] = {"owner": None}
 
 
-def level_number(name: str) -> int:
-    return LOG_LEVELS.get(name)
-
-
 def name_rank(rank: Optional[int], world_size: int) -> None:
     """From now on each line names `rank` (when the job has several ranks)."""
     FORMAT.prefix = prefix(rank, world_size)
@@ -102,7 +99,7 @@ def configure(level: Optional[str] = None) -> None:
         logger.setLevel(logging.INFO)
         STATE["owner"] = "cli"
     if level is not None:
-        logger.setLevel(level_number(level))
+        logger.setLevel(LOG_LEVELS.get(level))
 
 
 def unconfigure() -> None:
@@ -164,6 +161,9 @@ def exit_status(main: Callable[[], int], who: str) -> int:
     line prefixed like the others), and status 1, as Python's own report of it would be."""
     try:
         return main()
+    except BrokenPipeError:  # stdout's reader left (`--help | head`): no traceback, the status a SIGPIPE gives
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush of stdout would raise again
+        return 128 + 13
     except Exception:
         logging.getLogger(ROOT).exception("%s stopped on an error:", who)
         return 1

@@ -94,10 +94,6 @@ class AssistCounters:
     accepted: int = 0  # of those, kept
     steps: int = 0     # assisted decode steps (one main forward each)
 
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
 
 def sequence_of(request: Request) -> list[int]:
     return request.token_ids + request.generated

@@ -327,8 +327,8 @@ def device_defaults(gen: GenerationConfig, device: torch.device) -> tuple[Genera
 def packs_prefill(model: torch.nn.Module, gen: GenerationConfig) -> bool:
     """Whether the cache will likely be a slot cache, whose prefill packs prompts into one forward of at most the
     token budget (plan_cache decides for good once the batch is known)."""
-    if slot_cache_blocker(model) or gen.cache not in ("auto", "static", "sliding_window"):
-        return False
+    if slot_cache_blocker(model) or (gen.cache != "auto" and not CACHES.get(gen.cache).slots(gen)):
+        return False  # (each kind says whether it is a slot cache with these settings: quantized int8 is one)
     return gen.cache != "auto" or LayerWindows.of(model.config).local \
         or model.config.model_type in SLOT_CACHE_AUTO_MODEL_TYPES
 

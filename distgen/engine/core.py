@@ -222,9 +222,10 @@ class Engine:
         for request in admitted:
             assert self.waiting[0] is request, "schedulers admit queued requests in queue order"
             self.waiting.popleft()
-            if self.prefixes is None:
+        if self.prefixes is None:
+            for request in admitted:
                 self.kv.admit(request)
-        if self.prefixes is not None:
+        else:
             self.prefixes.admit(self.kv, admitted)  # slots, and the shared columns copied into them
         for request in admitted:
             request.status = Status.PREFILLING

@@ -312,13 +312,6 @@ def parse_json_line(line: str, where: str) -> Any:
         raise ConfigError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
 
 
-def parse_jsonl_record(line: str, index: int, where: str, fields: RecordFields,
-                       render: Optional[Render] = None) -> Prompt:
-    return record_to_prompt(parse_json_line(line, where), index, where, fields, render)
-
-
-
-
 def check_utf8_line(raw: bytes, source: str, line_no: int) -> None:
     """Bytes that are not UTF-8 are reported with their line and byte."""
     try:

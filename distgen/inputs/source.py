@@ -405,13 +405,16 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
 
 def load_hub(cfg: DatasetConfig, cache_dir: str):
     """A hub dataset's snapshot folder as the datasets library reads a hub repository (its README's configs, or
-    its files' split names), dataset.subset and dataset.split picked by name."""
+    its files' split names), dataset.subset and dataset.split picked by name: the builder resolved once (again
+    only to name the subsets when it cannot be built with dataset.subset)."""
     import datasets
+    from datasets.utils.info_utils import is_small_dataset
     name = hub_name(cfg.path) or cfg.path  # the id the user gave, not the snapshot folder
     try:
-        subsets = datasets.get_dataset_config_names(cfg.path)
-    except Exception:  # no README configs: one default subset
-        subsets = []
+        builder = datasets.load_dataset_builder(cfg.path, cfg.subset, cache_dir=cache_dir)
+        subsets = list(builder.builder_configs) or [builder.config.name]
+    except ValueError:  # a subset it does not have, or none where it has several: the checks below say which
+        builder, subsets = None, hub_subsets(cfg.path)
     named = [s for s in subsets if s != "default"]
     if cfg.subset is not None and cfg.subset not in subsets:
         has = f"has subsets {', '.join(subsets)}" if named else "has no subsets (give no dataset.subset)"
@@ -419,10 +422,23 @@ def load_hub(cfg: DatasetConfig, cache_dir: str):
     if cfg.subset is None and len(subsets) > 1 and "default" not in subsets:
         raise ConfigError(f"dataset.subset=None is not allowed: {name} has subsets {', '.join(subsets)}; "
                           "give dataset.subset=<one of them>")
-    splits = datasets.get_dataset_split_names(cfg.path, cfg.subset)
+    if builder is None:
+        builder = datasets.load_dataset_builder(cfg.path, cfg.subset, cache_dir=cache_dir)
+    # The README's split list, else the data files' (what the builder's split generators read).
+    splits = list(builder.info.splits or builder.config.data_files or {})
     if cfg.split not in splits:
         raise ConfigError(f"dataset.split={cfg.split!r} is not allowed: {name} has splits {', '.join(splits)}")
-    return datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split, cache_dir=cache_dir)
+    builder.download_and_prepare()  # as datasets.load_dataset does with this builder
+    return builder.as_dataset(split=cfg.split, in_memory=is_small_dataset(builder.info.dataset_size))
+
+
+def hub_subsets(path: str) -> list[str]:
+    """The hub dataset's subsets (README configs), none where it names none."""
+    import datasets
+    try:
+        return datasets.get_dataset_config_names(path)
+    except Exception:  # no README configs: one default subset
+        return []
 
 
 def config_error_in(err: BaseException) -> Optional[ConfigError]:

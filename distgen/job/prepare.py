@@ -64,6 +64,8 @@ class Job:
     # finished (a bool per (index, sample_index); read by the coordinator, shared with every rank).
     samples: SampleTable = field(default_factory=lambda: SampleTable.ones(0))
     done: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    # Per prompt: its records not finished yet (`samples_left()`, computed once `done` is known: share_plan).
+    left: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def given(self) -> RunConfig:
@@ -97,7 +99,7 @@ class Job:
         return self.samples.left(self.done, prompt.index)
 
     def not_done(self) -> np.ndarray:
-        return self.samples_left() > 0
+        return self.left > 0
 
     @property
     def todo(self) -> np.ndarray:

@@ -72,6 +72,7 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
     job.samples = SampleTable.of(np.where(table[SAMPLES] > 0, table[SAMPLES], job.cfg.generation.n))
     finished = start_coordinator(job, table) if ctx.is_coordinator else None
     job.done = shared_done(finished, ctx.is_coordinator)
+    job.left = job.samples_left()
     if job.resumed and ctx.is_coordinator:
         what = "prompts" if job.samples.single else f"records of {job.prompt_count} prompts"
         logger.info("resuming: %d of %d %s already done in %s", job.resumed, job.record_count, what,
@@ -185,12 +186,11 @@ def run_steps(job: Job, ctx: DistContext, lock: OutputLock | None = None) -> int
         if not planned:
             return 0
         release_arrow_memory()
-        release_arrow_memory()
     except ConfigError as err:  # a bad record found while measuring lengths, or dataset.too_long=fail
         if ctx.is_coordinator and job.created_out:
             shutil.rmtree(job.out_dir, ignore_errors=True)  # nothing of an unusable job stays behind
         return config_error(err)
-    display = ProgressDisplay(int(job.samples_left()[job.todo].sum()), job.cfg.output.progress_every_s) \
+    display = ProgressDisplay(int(job.left[job.todo].sum()), job.cfg.output.progress_every_s) \
         if ctx.is_coordinator else None
     with torch.no_grad():
         run = generate_shard(job, ctx, display)

@@ -50,7 +50,7 @@ def resolved_budgets(job: Job) -> np.ndarray:
 def split_costs(indices: np.ndarray, job: Job, parts: int) -> list[np.ndarray]:
     """`indices` balanced over `parts` by prompt length plus budget times the samples left (generation.n: a
     prompt is prefilled once, its samples decode side by side; each part in dataset order)."""
-    costs = job.lengths[indices] + resolved_budgets(job)[indices] * job.samples_left()[indices]
+    costs = job.lengths[indices] + resolved_budgets(job)[indices] * job.left[indices]
     return [indices[part] for part in assign_to_ranks(costs, parts)]
 
 
@@ -79,7 +79,7 @@ def write_error_records(job: Job, writer: ShardWriter) -> None:
 
 def queue_shape(job: Job, mine: np.ndarray) -> QueueShape:
     """This rank's sequences: each prompt once per sample it still needs."""
-    left = job.samples_left()[mine]
+    left = job.left[mine]
     return QueueShape(np.repeat(job.lengths[mine].astype(np.int64), left),
                       np.repeat(resolved_budgets(job)[mine].astype(np.int64), left))
 

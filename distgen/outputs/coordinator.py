@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch.distributed as dist
 
+from distgen.common.clock import timestamp
 from distgen.common.files import write_atomic
 from distgen.outputs.stats import RankStats
 
@@ -65,7 +65,7 @@ RUN_KEYS = ("world_size", "resumed", "prompt_tokens", "generated_tokens", "gener
 def run_figures(summary: dict, stats: Sequence[RankStats]) -> dict:
     """This run's entry in the manifest's runs list: when it ended, what it generated and how fast, how many
     completions drew their tokens, and whether every rank's rows were batch-invariant."""
-    return {"ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompts": sum(s.prompts for s in stats),
+    return {"ended": timestamp(), "prompts": sum(s.prompts for s in stats),
             "forward_steps": sum(s.forward_steps for s in stats), **{k: summary[k] for k in RUN_KEYS},
             "sampled_completions": sum(s.sampled_completions for s in stats),
             "batch_invariant": all(s.batch_invariant for s in stats)}

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+from distgen.common.clock import timestamp
 from distgen.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def scheduler_job(environ: Mapping[str, str]) -> tuple[str, int]:
 
 def this_holder(heartbeat_s: float, environ: Mapping[str, str] = os.environ) -> Holder:
     job_id, start = scheduler_job(environ)
-    return Holder(socket.gethostname(), os.getpid(), job_id, start, time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return Holder(socket.gethostname(), os.getpid(), job_id, start, timestamp(),
                   heartbeat_s, secrets.token_hex(8))
 
 

@@ -7,12 +7,13 @@ import re
 import resource
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
+
+from distgen.common.clock import timestamp
 
 MIB = 1024 * 1024
 
@@ -144,7 +145,7 @@ def versions() -> dict[str, str]:
 def environment(stats: list["RankStats"]) -> dict:
     """When, where and with what the run ran: the date, the coordinator's host, every rank's host and device,
     and the versions."""
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hostname": host_name(),
+    return {"date": timestamp(), "hostname": host_name(),
             "hosts": sorted({s.host for s in stats if s.host}),
             "devices": sorted({s.device_name for s in stats if s.device_name}), "versions": versions()}
 

@@ -39,7 +39,6 @@ import platform
 import shlex
 import shutil
 import subprocess
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from distgen.common.errors import ConfigError
+from distgen.common.files import atomic_path
 from distgen.common.registry import Registry
 
 SOURCE = Path(__file__).parent / "cpu_kernels.c"
@@ -92,19 +92,25 @@ def cpu_blocker() -> Optional[str]:
     return None
 
 
+class BuildFailed(Exception):
+    """The compiler refused the source: what it said (the half-built file is not kept)."""
+
+
 def build(cc: str, flags: tuple[str, ...], built: Path) -> Optional[str]:
     """Compile SOURCE into `built` (atomically: ranks may build at once on a shared cache); None, or why not."""
     try:
-        built.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=built.parent)
-        os.close(fd)
+        with atomic_path(built, suffix=".so") as tmp:
+            try:
+                result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+            except OSError as error:
+                raise BuildFailed(f"{cc} could not run ({error.strerror})") from None
+            if result.returncode != 0:
+                raise BuildFailed(f"{cc} could not build {SOURCE.name} (exit {result.returncode}): "
+                                  f"{result.stderr.strip()[-300:]}")
+    except BuildFailed as failed:
+        return str(failed)
     except OSError as error:
         return f"the kernel cache {built.parent} cannot be written ({error.strerror}; set DISTGEN_KERNEL_CACHE)"
-    result = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        return f"{cc} could not build {SOURCE.name} (exit {result.returncode}): {result.stderr.strip()[-300:]}"
-    os.replace(tmp, built)
     return None
 
 
@@ -258,6 +264,8 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         require(out.stride(1) == 1 and not overlaps(out, rows), "out", "rows of contiguous features apart from x",
                 out)
     if residual is not None:
+        require(residual.shape == (*x.shape[:-1], n), "residual", f"x's shape {n} wide ({(*x.shape[:-1], n)})",
+                residual)
         residual = residual.reshape(-1, n)
         require_fp32("residual", residual, (rows.shape[0], n))
         same = residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()
@@ -274,6 +282,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """In place: x (tokens, heads, head_dim; rows may be strided, heads contiguous) <- transformers'
     `x * cos + rotate_half(x) * sin`, bit for bit; cos/sin (tokens, head_dim)."""
     lib = kernel()
+    require(x.dim() == 3, "x", "(tokens, heads, head_dim)", x)
     tokens, heads, dim = x.shape
     if {x.dtype, cos.dtype, sin.dtype} != {torch.float32} or x.stride(2) != 1 or x.stride(1) != dim \
             or cos.shape != (tokens, dim) or sin.shape != cos.shape or dim % 2 \
@@ -309,6 +318,7 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     """query (n, heads, head_dim) (any strides); keys/values (slots, kv_heads, columns, head_dim) slot
     buffers; slot i's query attends to its columns 0..lengths[i]-1 -> (n, heads, head_dim), into `out`
     when given (contiguous). SDPA where the kernel cannot (not fp32, lengths not int64, strided rows)."""
+    require(query.dim() == 3, "query", "(n, heads, head_dim)", query)
     n, heads, dim = query.shape
     lib = load_kernel()[0]
     if lib is None or {query.dtype, keys.dtype, values.dtype} != {torch.float32} \
@@ -349,6 +359,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values:
             or slots.dtype != torch.long or cols.dtype != torch.long:
         return False
     check_slot_buffers(keys, values)
+    require(key.dim() == 3, "key", "(kv_heads, tokens, head_dim)", key)
     kv_heads, tokens, dim = key.shape
     require_fp32("key", key, (keys.shape[1], None, keys.shape[3]))
     require(value.shape == key.shape and value.device == key.device, "value", f"shaped as key {tuple(key.shape)}",
@@ -364,8 +375,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values:
 def packed_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.embedding(ids, W) with `weight` as `pack` left it (a tied lm_head's weight, packed for its GEMM)."""
     lib = kernel()
-    vocab, width = weight.shape
     require_fp32("the packed weight", weight, (None, None), contiguous=True)
+    vocab, width = weight.shape
     flat = require_indexes("ids", ids.reshape(-1), ids.numel())
     out = torch.empty((*ids.shape, width), dtype=torch.float32)
     checked("packed_embedding", lambda info: lib.packed_embedding(flat.data_ptr(), flat.numel(), weight.data_ptr(),
@@ -377,6 +388,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama-style RMSNorm (`weight * (x * rsqrt(mean(x^2) + eps))`) in one pass."""
     lib = kernel()
     require_fp32("x", x)
+    require(x.dim() > 0 and x.shape[-1] > 0, "x", "(..., hidden) with hidden > 0", x)
     require_fp32("the norm's weight", weight, (x.shape[-1],), contiguous=True)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(rows)

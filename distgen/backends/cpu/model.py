@@ -142,6 +142,15 @@ class RotaryTable:
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 
+def check_positions(positions: torch.Tensor, columns: int) -> None:
+    """Each token's position is the column it writes: one outside [0, columns) is an IndexError naming it (one
+    far past them would grow the rotary table without end; C would read past int32 positions as int64 lengths)."""
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= columns):
+        index = int(torch.nonzero((positions < 0) | (positions >= columns))[0, 0])
+        raise IndexError(f"the owned decoder stack: entry {index}'s position is {int(positions[index])}, "
+                         f"outside [0, {columns})")
+
+
 class LlamaStack(torch.nn.Module):
     """A Llama-style base model's forward as one llama_stack call (see the module docstring)."""
 
@@ -227,6 +236,12 @@ class LlamaStack(torch.nn.Module):
         lib = kernel()
         layers = plan.layers[:len(self.layers)]
         table = self.addresses(layers)
+        keys = layers[0].keys
+        n_slots, columns = keys.shape[0], keys.shape[2]
+        if positions.dtype != torch.long or positions.shape != ids.shape:  # C reads lengths (positions + 1) as int64
+            raise ValueError(f"the owned stack's forward of {tuple(ids.shape)} ids got positions "
+                             f"{tuple(positions.shape)} {positions.dtype}: int64 (tokens,) positions")
+        check_positions(positions, columns)
         x = self.embed_tokens(ids).contiguous()  # (tokens, hidden), a fresh tensor: the residual stream
         tokens, hidden = x.shape
         cos, sin = self.rotary.rows(positions)
@@ -240,8 +255,6 @@ class LlamaStack(torch.nn.Module):
             raise ValueError(f"the owned stack's forward of {tokens} tokens got write slots {tuple(slots.shape)} "
                              f"{slots.dtype}, columns {tuple(cols.shape)} {cols.dtype}, embeddings {x.dtype}, rotary "
                              f"{tuple(cos.shape)}")
-        keys = layers[0].keys
-        n_slots, columns = keys.shape[0], keys.shape[2]
         threads = torch.get_num_threads()
         need = lib.stack_scratch(tokens, hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate, columns,
                                  threads)

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 import torch
 from transformers import AttentionInterface
 
-from distgen.engine.kv.attention import ATTENTIONS, SlotAttention, causal_continuation  # noqa: F401 (re-exported)
+from distgen.engine.kv.attention import ATTENTIONS, SlotAttention
 from distgen.engine.windows import binding
 from distgen.models.forward_args import unwrapped
 

@@ -23,9 +23,10 @@ from distgen.parallel.layouts.base import (DataGroups, Layout, Placed, process_g
 from distgen.models.loading import ModelSource, resolve_dtype
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-REPO = Path(__file__).resolve().parents[3]
-# Where DeepSpeed JIT-builds its C++ ops (async_io for nvme offload): kept, so a build happens once.
-EXTENSIONS_DIR = REPO / ".cache" / "torch_extensions"
+# Where DeepSpeed JIT-builds its C++ ops (async_io for nvme offload), unless TORCH_EXTENSIONS_DIR says: kept, so
+# a build happens once; beside distgen's CPU kernels in the user's cache (not beside the package: an installed
+# wheel's folder is site-packages).
+EXTENSIONS_DIR = Path.home() / ".cache" / "distgen" / "torch_extensions"
 
 
 @dataclass
