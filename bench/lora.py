@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, make_prompts, save_model  # noqa: E402
+from common import Binding, distgen_launch, machine, make_prompts, run_distgen, save_model  # noqa: E402
 
 import distgen.backends.cpu  # noqa: E402,F401  registers the CPU kernels (apply_backends)
 
 from distgen.models.lora import load_adapter_bank  # noqa: E402
-from distgen.run import main as run_in_process  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -71,15 +70,15 @@ def write_dataset(path: Path, prompts, names: list[str]) -> Path:
     return path
 
 
-def job(model_dir: Path, dataset: Path, lora: str, out: Path, batch: int) -> dict:
-    code = run_in_process([f"model={model_dir}", f"dataset={dataset}", f"output.dir={out}", f"model.lora={lora}",
-                           f"generation.batch_size={batch}", "output.resume=false", "output.overwrite=true",
-                           "output.print_table=false", "output.report=false"])
-    assert code == 0, code
-    stats = json.loads((out / "stats.json").read_text())
-    rank = stats["ranks"][0]
+def job(model_dir: Path, dataset: Path, lora: str, out: Path, batch: int, binding: Binding) -> dict:
+    """One job through distgen's CLI, as every bench runs it (bench/common.py run_distgen), under `binding`."""
+    overrides = [f"model={model_dir}", f"dataset={dataset}", f"model.lora={lora}", f"generation.batch_size={batch}",
+                 "output.report=false"]
+    run = run_distgen(distgen_launch(overrides, out, binding), out)
+    rank = run.stats["ranks"][0]
     return {"generate_s": rank["generate_seconds"], "tokens": rank["generated_tokens"],
-            "tok_per_s": rank["generated_tokens"] / rank["generate_seconds"], "switches": rank["adapter_switches"]}
+            "tok_per_s": rank["generated_tokens"] / rank["generate_seconds"], "switches": rank["adapter_switches"],
+            "cpu_s": run.measured.usage.cpu_s, "load_from_elsewhere": run.measured.usage.other_load}
 
 
 def main() -> None:
@@ -91,14 +90,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cores", default="0", help="taskset's core list for every job (none: no binding)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distgen-bench-lora"))
     args = parser.parse_args()
+    binding = Binding.make(None, args.cores)
     torch.set_num_threads(1)
     model_dir = save_model(args.model, args.work / args.model)
     names = [f"a{k}" for k in range(args.adapters)]
     adapters = {n: str(save_adapter(model_dir, args.work / f"{args.model}-{n}-r{args.rank}", k, args.rank))
                 for k, n in enumerate(names)}
-    result = {"machine": str(machine()), "model": args.model, "rank": args.rank, "targets": TARGETS,
+    result = {"machine": str(machine()), "binding": binding.describe(), "model": args.model, "rank": args.rank, "targets": TARGETS,
               "swap": swap_seconds(model_dir, adapters, args.swaps)}
     prompts = make_prompts(args.prompts)
     chosen = write_dataset(args.work / "chosen.jsonl", prompts, names)
@@ -106,8 +107,8 @@ def main() -> None:
     runs = {"per_record": [], "merged": []}
     by_name = "{" + ",".join(f"{n}:{f}" for n, f in adapters.items()) + "}"
     for _ in range(args.repeats):
-        runs["per_record"].append(job(model_dir, chosen, by_name, args.work / "out-chosen", args.batch))
-        runs["merged"].append(job(model_dir, plain, adapters[names[0]], args.work / "out-merged", args.batch))
+        runs["per_record"].append(job(model_dir, chosen, by_name, args.work / "out-chosen", args.batch, binding))
+        runs["merged"].append(job(model_dir, plain, adapters[names[0]], args.work / "out-merged", args.batch, binding))
     result["jobs"] = runs
     result["median_tok_per_s"] = {k: statistics.median(r["tok_per_s"] for r in v) for k, v in runs.items()}
     print(json.dumps(result, indent=1))
