@@ -192,6 +192,22 @@ def test_printed_config_is_a_job_file_and_command_line_overrides_win(tmp_path, c
     assert short.layout.shard_group_size == 2 and short.dataset.path.endswith("demo_prompts.jsonl")
 
 
+def test_a_section_chosen_on_the_command_line_wins_over_the_job_file(tmp_path, capsys):
+    """`launcher=torchrun`, `layout=replicate`, `generation=greedy`, `model=tiny` on top of a job file printed with
+    other choices: the command line's choice, not a refusal of the file's keys or the file's values silently kept."""
+    assert run_main(["model=/models/m", "dataset=demo", "layout=fsdp", "launcher=slurm", "launcher.partition=cpu",
+                     "generation=sample", "generation.max_new_tokens=9", "--print-config"]) == 0
+    (tmp_path / "job.yaml").write_text(capsys.readouterr().out)
+    job = tmp_path / "job.yaml"
+    cfg = load_config(["launcher=torchrun", "layout=replicate", "generation=greedy", "model=tiny"], job_file=job,
+                      check=False)
+    assert (cfg.launcher.name, cfg.layout.name, cfg.generation.do_sample, cfg.model.source) == (
+        "torchrun", "replicate", False, "tiny")
+    assert cfg.generation.max_new_tokens == 9  # what the chosen option does not set stays the file's
+    same = load_config(["launcher=slurm", "launcher.nodes=2", "layout=fsdp"], job_file=job, check=False)
+    assert (same.launcher.partition, same.launcher.nodes, same.generation.do_sample) == ("cpu", 2, True)
+
+
 @pytest.mark.parametrize("text, args, message", [
     ("generation:\n  max_new_token: 3\n", [], r"unknown config key 'generation.max_new_token'"),
     ("- a\n- b\n", [], r"holds no keys"),
