@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from distgen.parallel.env import ALONE, RANK_ENV, discover, first_host, port_for_job, tasks_per_node
 from distgen.common.errors import ConfigError
 from distgen.launchers import LAUNCHERS
+from distgen.launchers.base import free_port
 from distgen.launchers.deepspeed import DeepspeedLauncher, deepspeed_command, hostfile_text
 from distgen.launchers.ray import RankWorker, RayLauncher, bundles, collect, job_submit_command, local_ranks, rank_env
 from distgen.launch import main as launch_main
@@ -242,3 +244,14 @@ def test_ray_and_deepspeed_are_imported_only_when_chosen():
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_ray_address_nothing_listens_on_is_a_clear_error_at_once(tmp_path, capsys):
+    """ray.init retries such an address for minutes, printing its own warnings; distgen names the address first."""
+    port = free_port()  # bound and closed again: nothing listens there
+    started = time.monotonic()
+    assert launch_main(["model=tiny", "dataset=demo", "launcher=ray", f"launcher.address=127.0.0.1:{port}",
+                        f"output.dir={tmp_path / 'out'}"]) == 1
+    assert time.monotonic() - started < 60
+    assert (f"launch failed: launcher.address='127.0.0.1:{port}' could not be reached (ConnectionRefusedError"
+            in capsys.readouterr().err)
