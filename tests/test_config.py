@@ -142,7 +142,9 @@ def test_debug_shows_each_ranks_engine_line(tiny_model_dir, prompts_file, tmp_pa
     job = [f"model={tiny_model_dir}", f"dataset={prompts_file}", f"output.dir={tmp_path}",
            "generation.max_new_tokens=2"]
     assert run_main([*job, "output.log_level=debug", "output.print_table=false"]) == 0
-    assert capsys.readouterr().out.count("distgen: engine: ") == 2  # build.py's (debug, each rank), rank 0's (info)
+    assert capsys.readouterr().out.count("distgen: engine: ") == 1  # each rank's once (rank 0's at info)
+    assert run_main([*job, "output.print_table=false", f"output.dir={tmp_path / 'info'}"]) == 0
+    assert capsys.readouterr().out.count("distgen: engine: ") == 1
 
 
 @pytest.mark.parametrize("overrides, message", [
