@@ -130,3 +130,23 @@ def test_a_missing_hub_model_says_why_it_was_not_fetched(env, allow, reason, tmp
     assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
     assert "model.allow_download=false" not in line and re.search(reason, line), line
+
+
+def test_model_revision_picks_a_branch_or_a_commit_of_a_cached_hub_id_and_nothing_else(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    from huggingface_hub import constants
+
+    from distgen.models.loading import resolve_hub_ids
+    cache = tmp_path / "hub"
+    main = fake_hub_cache(cache, "acme/tiny", tiny_model_dir, commit="a" * 40)
+    dev = shutil.copytree(tiny_model_dir, main.parent / ("b" * 40))
+    (main.parent.parent / "refs" / "dev").write_text("b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    folder = lambda **given: resolve_hub_ids(ModelConfig(path="acme/tiny", **given)).path  # noqa: E731
+    assert folder() == folder(revision="main") == str(main)
+    assert folder(revision="dev") == folder(revision="b" * 40) == str(dev)
+    with pytest.raises(ConfigError, match=r"model.revision='dev' is not allowed: it picks a hub model's version, "
+                                          r"and model.path='.*' is a folder here"):
+        resolve_hub_ids(ModelConfig(path=str(tiny_model_dir), revision="dev"))
+    with pytest.raises(ConfigError, match=r"model.revision='dev' is not allowed: .* model=tiny builds its model"):
+        resolve_hub_ids(ModelConfig(source="tiny", revision="dev"))
