@@ -126,6 +126,28 @@ def test_a_refused_sbatch_is_a_message_in_its_own_words(tmp_path, monkeypatch, c
     assert "Invalid generic resource (gres) specification" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("sbatch, scontrol, message", [
+    ("echo 4242", "echo 'scontrol: error: Unable to contact slurm controller' >&2; exit 1",
+     r"launch failed: scontrol could not report SLURM job 4242 \(exit status 1: scontrol: error: Unable to contact "
+     r"slurm controller\); the job may still run"),
+    ("echo 4242", "echo 'JobId=4242 JobName=distgen'",
+     r"launch failed: cannot read the job state from scontrol: 'JobId=4242 JobName=distgen'; the job may still run"),
+    ("echo", "exit 1", r"launch failed: sbatch gave no job id for .*distgen-slurm.sbatch \(sbatch --parsable printed ''"),
+])
+def test_slurm_tools_that_answer_oddly_are_a_message_not_a_traceback(sbatch, scontrol, message, tmp_path,
+                                                                      monkeypatch, capsys):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in (("sbatch", sbatch), ("scontrol", scontrol)):
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    status = launch_main(["model=tiny", "dataset=demo", "launcher=slurm", "launcher.wait=true", "launcher.poll_s=0.1",
+                          f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err and re.search(message, err), err
+
+
 def test_sbatch_job_state_and_exit_status():
     assert job_state("JobId=3 JobState=COMPLETED Reason=None ExitCode=0:0 RunTime=1") == ("COMPLETED", 0)
     assert job_state("JobId=3 JobState=FAILED ExitCode=2:0") == ("FAILED", 2)
