@@ -94,7 +94,14 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
         if "output.dir" not in keys:
             args.append(f"output.dir={folder / 'out'}")
         args += overrides
-        out_dir = run(args)
+        try:
+            out_dir = run(args)
+        except JobFailed as err:
+            if "output.dir" in keys:
+                raise
+            raise JobFailed(f"{str(err).partition(';')[0]} (its lines above say why); without output.dir= its "
+                            "temporary folder is removed: give output.dir=<folder> to keep a failed job's finished "
+                            "records and resume it") from None
         return list(read_outputs(out_dir))
 
 
