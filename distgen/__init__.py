@@ -5,7 +5,7 @@ From Python: `distgen.generate(prompts, model=..., overrides=[...])` and `distge
 """
 
 __version__ = "0.1.0"
-__all__ = ["generate", "read_outputs"]
+__all__ = ["generate", "read_outputs", "ConfigError", "JobFailed"]  # the errors distgen.generate raises
 
 
 def __getattr__(name: str):

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 from distgen.common import log
 from distgen.common.errors import ConfigError
+from distgen.common.hub import names_hub_id
 from distgen.launch import launch_job
 from distgen.outputs.samples import record_order
 from distgen.outputs.shards import MERGED_FILE, OPEN_SUFFIX, list_shards, read_jsonl_lines, read_manifest, read_shard
@@ -45,7 +46,11 @@ def write_prompts(prompts: Prompts, folder: Path) -> str:
     """`dataset=` for `prompts`: a path as given; a datasets.Dataset saved to disk; a list of strings or of
     records (the JSON-lines fields) written as JSON lines, one per item, in order."""
     if isinstance(prompts, (str, os.PathLike)):
-        return os.fspath(prompts)
+        path = os.fspath(prompts)
+        if not os.path.exists(path) and not names_hub_id(path):
+            raise ConfigError(f"prompts={path!r} is not allowed: not a file or folder here ({os.getcwd()}), nor a hub "
+                              f"dataset id (org/name); one prompt is passed as a list: prompts=[{path!r}]")
+        return path
     if hasattr(prompts, "save_to_disk"):
         prompts.save_to_disk(str(folder / "prompts"))
         return str(folder / "prompts")
@@ -80,6 +85,9 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
     overrides: the command line's `key=value` strings. Without `output.dir=`, the job writes to a temporary folder
     that is removed once its records are read; with one, the outputs stay there (and a rerun resumes).
     """
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides={overrides!r} is not allowed: a list of the command line's key=value strings, "
+                          f"e.g. overrides=[{overrides!r}]")
     overrides = list(overrides)
     keys = override_keys(overrides)
     if "dataset" in keys or "dataset.path" in keys:
@@ -95,7 +103,14 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
         if chat_records(prompts) and not keys & {"dataset.messages_field", "dataset.prompt_field"}:
             args.append("dataset.messages_field=messages")
         args += overrides
-        out_dir = run(args)
+        try:
+            out_dir = run(args)
+        except JobFailed as err:
+            if "output.dir" in keys:
+                raise
+            raise JobFailed(f"{str(err).partition(';')[0]} (its lines above say why); without output.dir= its "
+                            "temporary folder is removed: give output.dir=<folder> to keep a failed job's finished "
+                            "records and resume it") from None
         return list(read_outputs(out_dir))
 
 

@@ -60,6 +60,17 @@ def test_generate_errors_are_the_command_lines(tiny_model_dir, tmp_path):
         distgen.generate(["x", 3], model=str(tiny_model_dir))
     with pytest.raises(ConfigError, match="holds no distgen outputs"):
         list(distgen.read_outputs(tmp_path))
+    # A job that fails in its rank (a record without a prompt): no promise about a temporary folder it removes.
+    with pytest.raises(distgen.JobFailed, match=r"^the job exited with status 2 \(its lines above say why\); without "
+                                                r"output.dir= its temporary folder is removed: give output.dir="):
+        distgen.generate([{"prompt": "x"}, {"prompt": None}], model=str(tiny_model_dir))
+    # A string where a list belongs: named as given, with the list it was meant to be.
+    with pytest.raises(ConfigError, match=r"prompts='Tell me a joke' is not allowed: not a file or folder here .*"
+                                          r"one prompt is passed as a list: prompts=\['Tell me a joke'\]"):
+        distgen.generate("Tell me a joke", model=str(tiny_model_dir))
+    with pytest.raises(ConfigError, match=r"overrides='generation.max_new_tokens=2' is not allowed: a list of .*"
+                                          r"overrides=\['generation.max_new_tokens=2'\]"):
+        distgen.generate(["x"], model=str(tiny_model_dir), overrides="generation.max_new_tokens=2")
 
 
 def no_logging_configured(monkeypatch) -> tuple[logging.Logger, logging.Logger]:

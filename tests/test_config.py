@@ -142,7 +142,9 @@ def test_debug_shows_each_ranks_engine_line(tiny_model_dir, prompts_file, tmp_pa
     job = [f"model={tiny_model_dir}", f"dataset={prompts_file}", f"output.dir={tmp_path}",
            "generation.max_new_tokens=2"]
     assert run_main([*job, "output.log_level=debug", "output.print_table=false"]) == 0
-    assert capsys.readouterr().out.count("distgen: engine: ") == 2  # build.py's (debug, each rank), rank 0's (info)
+    assert capsys.readouterr().out.count("distgen: engine: ") == 1  # each rank's once (rank 0's at info)
+    assert run_main([*job, "output.print_table=false", f"output.dir={tmp_path / 'info'}"]) == 0
+    assert capsys.readouterr().out.count("distgen: engine: ") == 1
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -190,6 +192,22 @@ def test_printed_config_is_a_job_file_and_command_line_overrides_win(tmp_path, c
     assert args == ["output.dir=x"] and job_file == tmp_path / "short.yaml"
     short = load_config(args, job_file=job_file)
     assert short.layout.shard_group_size == 2 and short.dataset.path.endswith("demo_prompts.jsonl")
+
+
+def test_a_section_chosen_on_the_command_line_wins_over_the_job_file(tmp_path, capsys):
+    """`launcher=torchrun`, `layout=replicate`, `generation=greedy`, `model=tiny` on top of a job file printed with
+    other choices: the command line's choice, not a refusal of the file's keys or the file's values silently kept."""
+    assert run_main(["model=/models/m", "dataset=demo", "layout=fsdp", "launcher=slurm", "launcher.partition=cpu",
+                     "generation=sample", "generation.max_new_tokens=9", "--print-config"]) == 0
+    (tmp_path / "job.yaml").write_text(capsys.readouterr().out)
+    job = tmp_path / "job.yaml"
+    cfg = load_config(["launcher=torchrun", "layout=replicate", "generation=greedy", "model=tiny"], job_file=job,
+                      check=False)
+    assert (cfg.launcher.name, cfg.layout.name, cfg.generation.do_sample, cfg.model.source) == (
+        "torchrun", "replicate", False, "tiny")
+    assert cfg.generation.max_new_tokens == 9  # what the chosen option does not set stays the file's
+    same = load_config(["launcher=slurm", "launcher.nodes=2", "layout=fsdp"], job_file=job, check=False)
+    assert (same.launcher.partition, same.launcher.nodes, same.generation.do_sample) == ("cpu", 2, True)
 
 
 @pytest.mark.parametrize("text, args, message", [

@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from distgen.parallel.env import ALONE, RANK_ENV, discover, first_host, port_for_job, tasks_per_node
 from distgen.common.errors import ConfigError
 from distgen.launchers import LAUNCHERS
+from distgen.launchers.base import free_port
 from distgen.launchers.deepspeed import DeepspeedLauncher, deepspeed_command, hostfile_text
 from distgen.launchers.ray import RankWorker, RayLauncher, bundles, collect, job_submit_command, local_ranks, rank_env
 from distgen.launch import main as launch_main
@@ -122,6 +124,28 @@ def test_a_refused_sbatch_is_a_message_in_its_own_words(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "distgen: launch failed: sbatch refused the job" in err
     assert "Invalid generic resource (gres) specification" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sbatch, scontrol, message", [
+    ("echo 4242", "echo 'scontrol: error: Unable to contact slurm controller' >&2; exit 1",
+     r"launch failed: scontrol could not report SLURM job 4242 \(exit status 1: scontrol: error: Unable to contact "
+     r"slurm controller\); the job may still run"),
+    ("echo 4242", "echo 'JobId=4242 JobName=distgen'",
+     r"launch failed: cannot read the job state from scontrol: 'JobId=4242 JobName=distgen'; the job may still run"),
+    ("echo", "exit 1", r"launch failed: sbatch gave no job id for .*distgen-slurm.sbatch \(sbatch --parsable printed ''"),
+])
+def test_slurm_tools_that_answer_oddly_are_a_message_not_a_traceback(sbatch, scontrol, message, tmp_path,
+                                                                      monkeypatch, capsys):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in (("sbatch", sbatch), ("scontrol", scontrol)):
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    status = launch_main(["model=tiny", "dataset=demo", "launcher=slurm", "launcher.wait=true", "launcher.poll_s=0.1",
+                          f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err and re.search(message, err), err
 
 
 def test_sbatch_job_state_and_exit_status():
@@ -242,3 +266,14 @@ def test_ray_and_deepspeed_are_imported_only_when_chosen():
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_ray_address_nothing_listens_on_is_a_clear_error_at_once(tmp_path, capsys):
+    """ray.init retries such an address for minutes, printing its own warnings; distgen names the address first."""
+    port = free_port()  # bound and closed again: nothing listens there
+    started = time.monotonic()
+    assert launch_main(["model=tiny", "dataset=demo", "launcher=ray", f"launcher.address=127.0.0.1:{port}",
+                        f"output.dir={tmp_path / 'out'}"]) == 1
+    assert time.monotonic() - started < 60
+    assert (f"launch failed: launcher.address='127.0.0.1:{port}' could not be reached (ConnectionRefusedError"
+            in capsys.readouterr().err)

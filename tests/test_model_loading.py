@@ -109,3 +109,44 @@ def test_model_folder_problems_stop_before_anything_starts(tiny_model_dir, tmp_p
     failed = run_module("distgen.run", [f"model={tmp_path / 'cut-weights'}", f"dataset={prompts}",
                                         f"output.dir={tmp_path / 'out'}"])
     assert failed.returncode == 2 and "is not usable" in failed.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("env, allow, reason", [
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "true", r"and the hub could not be reached \(.+\); fetch it with "
+                                                    r"`hf download acme/x`$"),
+    ({"HF_HUB_OFFLINE": "1"}, "true", r"and HF_HUB_OFFLINE is set; fetch it with `hf download acme/x` "
+                                      r"\(or unset HF_HUB_OFFLINE\)$"),
+    ({"HF_HUB_OFFLINE": "1"}, "false", r"and HF_HUB_OFFLINE is set; fetch it with `hf download acme/x` "
+                                       r"\(or unset HF_HUB_OFFLINE and give model.allow_download=true\)$"),
+])
+def test_a_missing_hub_model_says_why_it_was_not_fetched(env, allow, reason, tmp_path):
+    """With model.allow_download=true the message never says downloads are off: the hub did not answer, or
+    HF_HUB_OFFLINE stopped it; the way out it offers is one the user has not taken already."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hi"}])
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    done = subprocess.run([sys.executable, "-m", "distgen.launch", "--check", "model=acme/x", f"dataset={prompts}",
+                           f"model.allow_download={allow}"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**clean, "HF_HUB_CACHE": str(tmp_path / "hub"), **env})
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "model.allow_download=false" not in line and re.search(reason, line), line
+
+
+def test_model_revision_picks_a_branch_or_a_commit_of_a_cached_hub_id_and_nothing_else(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    from huggingface_hub import constants
+
+    from distgen.models.loading import resolve_hub_ids
+    cache = tmp_path / "hub"
+    main = fake_hub_cache(cache, "acme/tiny", tiny_model_dir, commit="a" * 40)
+    dev = shutil.copytree(tiny_model_dir, main.parent / ("b" * 40))
+    (main.parent.parent / "refs" / "dev").write_text("b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    folder = lambda **given: resolve_hub_ids(ModelConfig(path="acme/tiny", **given)).path  # noqa: E731
+    assert folder() == folder(revision="main") == str(main)
+    assert folder(revision="dev") == folder(revision="b" * 40) == str(dev)
+    with pytest.raises(ConfigError, match=r"model.revision='dev' is not allowed: it picks a hub model's version, "
+                                          r"and model.path='.*' is a folder here"):
+        resolve_hub_ids(ModelConfig(path=str(tiny_model_dir), revision="dev"))
+    with pytest.raises(ConfigError, match=r"model.revision='dev' is not allowed: .* model=tiny builds its model"):
+        resolve_hub_ids(ModelConfig(source="tiny", revision="dev"))

@@ -40,7 +40,10 @@ def test_per_record_overrides_are_read():
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", r"p.jsonl:2: not valid JSON \(Expecting property name"),
-    ('{"text": "x"}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\)"),
+    ('{"text": "x"}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\); found "
+                      r"prompt=None \(NoneType\) among fields 'prompt', 'text'$"),
+    ('{"prompt": null}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\); found "
+                         r"prompt=None \(NoneType\) among fields 'prompt'$"),
     ('["x"]', r"p.jsonl:2: expected a JSON object with a string field 'prompt', found list"),
 ])
 def test_bad_records_name_the_line_and_field(tmp_path, line, message):

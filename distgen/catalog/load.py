@@ -235,9 +235,34 @@ def leaf_overrides(tree: dict, schema: DictConfig, prefix: str = "") -> list[str
     return found
 
 
-def job_file_overrides(job_file: Path, config_dir: Path = CONFIG_DIR) -> list[str]:
+def section_choices(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> dict[str, str]:
+    """The command line's choices of a whole section (`launcher=torchrun`, `generation=greedy`, `model=tiny`):
+    group -> option; a path shorthand (`model=<folder>`) sets one key and is not among them."""
+    groups = {table.group for table in GROUPS} | {p.name for p in config_dir.iterdir() if p.is_dir()}
+    found = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key in groups and (key not in PATH_SHORTHANDS or value in group_options(key, config_dir)):
+            found[key] = value
+    return found
+
+
+def chosen_keys(group: str, config_dir: Path = CONFIG_DIR) -> set[str]:
+    """The keys a choice among a YAML group's options decides: those its options do not all set alike
+    (generation: do_sample, temperature, ...; not max_new_tokens, which greedy and sample both set to 32)."""
+    options = [dict(flat_keys(OmegaConf.to_container(OmegaConf.load(config_dir / group / f"{name}.yaml")), f"{group}."))
+               for name in group_options(group, config_dir)]
+    keys = set().union(*options)
+    return {key for key in keys if len(options) == 1 or any(key not in o or o[key] != options[0].get(key, o[key])
+                                                            for o in options)}
+
+
+def job_file_overrides(job_file: Path, config_dir: Path = CONFIG_DIR, replaced: Optional[dict] = None) -> list[str]:
     """A job file (a YAML tree of keys, as --print-config prints) as overrides: its layout/launcher choices first,
-    then every value; the command line's overrides go after them, so they win."""
+    then every value; the command line's overrides go after them, so they win. `replaced`: the command line's
+    section choices (section_choices), which Hydra applies before every value: the file's values they set are
+    left out (a YAML option's keys: `generation=greedy` is greedy whatever the file sampled with; another
+    layout or launcher: the file's whole section, whose keys it does not have)."""
     try:
         tree = OmegaConf.to_container(OmegaConf.load(job_file), resolve=False)
     except Exception as err:  # yaml's and OmegaConf's errors: name the file
@@ -245,6 +270,12 @@ def job_file_overrides(job_file: Path, config_dir: Path = CONFIG_DIR) -> list[st
     if not isinstance(tree, dict):
         raise ConfigError(f"job file {job_file} holds no keys: expected a YAML mapping such as --print-config prints")
     tree.pop("defaults", None)
+    dropped = set()
+    for group, option in (replaced or {}).items():
+        if (config_dir / group / f"{option}.yaml").is_file() and isinstance(tree.get(group), dict):
+            dropped |= chosen_keys(group, config_dir)
+        elif not (isinstance(tree.get(group), dict) and tree[group].get("name") == option):
+            tree.pop(group, None)
     choices = [f"{table.group}={tree[table.group]['name']}" for table in GROUPS
                if isinstance(tree.get(table.group), dict) and "name" in tree[table.group]]
     # `model: <folder or option>` and `dataset: <file>` read as on the command line
@@ -252,7 +283,8 @@ def job_file_overrides(job_file: Path, config_dir: Path = CONFIG_DIR) -> list[st
     register_schema()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         schema = compose_selected_options(choices)
-    return choices + leaf_overrides(tree, schema)
+    values = [o for o in leaf_overrides(tree, schema) if o.partition("=")[0] not in dropped]
+    return [c for c in choices if c.partition("=")[0] not in (replaced or {})] + values
 
 
 def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: bool = True,
@@ -260,7 +292,7 @@ def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: 
     """`check=False` composes without checking values (to show a config that is not finished yet); `job_file`: a
     YAML job file composed over the defaults, `overrides` on top."""
     if job_file is not None:
-        overrides = job_file_overrides(job_file, config_dir) + list(overrides)
+        overrides = job_file_overrides(job_file, config_dir, section_choices(overrides, config_dir)) + list(overrides)
     composed = compose_config(overrides, config_dir)
     try:
         cfg = OmegaConf.to_object(composed)

@@ -37,14 +37,20 @@ def snapshot(key: str, repo_id: str, revision: Optional[str], allow_download: bo
     try:
         return snapshot_download(repo_id, repo_type=repo_type, revision=revision,
                                  local_files_only=offline() or not allow_download)
-    except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if offline() else f"downloads are off ({section}.allow_download=false)"
+    except LocalEntryNotFoundError as err:
+        allow = f"{section}.allow_download=true"
+        if offline():
+            why, other = "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE{'' if allow_download else ' and give ' + allow}"
+        elif allow_download:  # allowed, and the hub did not answer
+            why, other = f"the hub could not be reached ({str(err).splitlines()[0].removeprefix('Got: ')})", ""
+        else:
+            why, other = f"downloads are off ({section}.allow_download=false)", f"give {allow}"
         dataset = repo_type == "dataset"
         fetch = " ".join(["hf download", repo_id, *(["--repo-type dataset"] if dataset else []),
                           *([f"--revision {revision}"] if revision else [])])
         raise ConfigError(f"{key}={repo_id!r} is neither a {'file or folder' if dataset else 'folder'} here "
                           f"({os.getcwd()}) nor a {repo_type}{at} in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
-                          f"and {why}; fetch it with `{fetch}` (or give {section}.allow_download=true)") from None
+                          f"and {why}; fetch it with `{fetch}`{f' (or {other})' if other else ''}") from None
     except HFValidationError as err:
         raise ConfigError(f"{key}={repo_id!r} is not allowed: not a {'file or ' if repo_type == 'dataset' else ''}"
                           f"folder, and not a hub id ({str(err).splitlines()[0]})") from None

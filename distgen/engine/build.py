@@ -2,7 +2,6 @@
 attention, ...) with its reason (plan.EnginePlan), build the parts, and construct the Engine from both."""
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
@@ -39,7 +38,6 @@ from distgen.inputs.records import Prompt
 from distgen.common.registry import Registry
 from distgen.engine.sampling import RowSampling, row_sampling, sequence_seed
 
-logger = logging.getLogger(__name__)
 
 # Settings left to the device (null in the config): on CUDA a forward costs about the same up to thousands of
 # tokens and rows are what the memory holds, so prompts are prefilled this many tokens per forward and
@@ -503,7 +501,6 @@ def build_engine(model: torch.nn.Module, queue: PromptQueue | Sequence[tuple[Pro
                                                             why=plan.graphs.reason)
     backoff = Backoff(not lockstep, lambda rows: kind.build(replace(spec, rows=rows)), gen.batch_size,
                       layout_note=f" (layout={layout})" if layout else "", inject_at=injected_oom_step())
-    logger.debug("engine: %s", plan.describe())  # rank 0 says it at info (distgen/job/worker.py)
     return Engine(plan, waiting, SCHEDULERS.get(gen.scheduler), kv, runner, sampler, stop_check, helper,
                   prefixes=PrefixIndex(plan.sharing.min_tokens) if plan.sharing.copies else None,
                   decoder=decoder, backoff=backoff, adapters=adapters, grammars=grammars)

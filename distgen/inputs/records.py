@@ -292,7 +292,9 @@ def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
     else:
         text, templated = record.get(fields.prompt), False
         if not isinstance(text, str):
-            found = ", ".join(map(repr, record)) or "no fields"
+            names = ", ".join(map(repr, record))  # a file's records share its columns: a missing field reads None
+            found = (f"{fields.prompt}={text!r} ({type(text).__name__}) among fields {names}" if fields.prompt in record
+                     else f"fields {names}" if record else "no fields")
             raise ConfigError(f"{where}: needs a string field '{fields.prompt}' (dataset.prompt_field); found {found}")
         check_unicode(text, where, fields.prompt)
     stops = record.get("stop")

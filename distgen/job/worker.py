@@ -138,8 +138,8 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
                           shape=shape, stop_check=stops.hit, batch=batch, assistant=assistant,
                           local_world_size=ctx.local_world_size, adapters=placed.adapters,
                           samples=job.sample_indices, tokenizer=job.tokenizer, layout=job.cfg.layout.name)
-    if ctx.is_coordinator:
-        logger.info("engine: %s", engine.choice)
+    # Each rank's engine line once: rank 0's at info, the others' at debug (output.log_level=debug).
+    logger.log(logging.INFO if ctx.is_coordinator else logging.DEBUG, "engine: %s", engine.choice)
     if batch is not None:
         logger.info("generation.batch_size=auto picked %d: %s", batch.rows, batch.reason)
     live, counters = LiveCounters(), LoopCounters()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from distgen.launchers.base import Entry, Launcher, free_port, register, run_com
 logger = logging.getLogger(__name__)
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+CONNECT_TIMEOUT_S = 10.0
 SUBMIT_KEY = "launcher.submit"
 
 
@@ -158,6 +160,19 @@ def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str, ent
         remove_placement_group(group)
 
 
+def unreachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why launcher.address, given as host:port (or ray://host:port), takes no connection, or None (also for
+    `auto` and forms only Ray reads): ray.init itself retries an address nothing listens on for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+
+
 def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     settings: RayLauncher = cfg.launcher
     if settings.submit:
@@ -169,6 +184,10 @@ def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     except ImportError:
         raise ConfigError("launcher=ray is not allowed here: the ray package is not installed "
                           "(pip install 'ray[default]')") from None
+    why = unreachable(settings.address) if settings.address else None
+    if why:
+        raise LaunchError(f"launcher.address={settings.address!r} could not be reached ({why}): start the cluster "
+                          "there (`ray start --head`) or give its head's host:port")
     try:
         ray.init(address=settings.address or None, log_to_driver=True)
     except Exception as err:  # ray raises ConnectionError, RuntimeError, ... for a cluster it cannot reach

@@ -156,7 +156,8 @@ def job_state(scontrol_line: str) -> tuple[str, int]:
     state = re.search(r"\bJobState=(\S+)", scontrol_line)
     code = re.search(r"\bExitCode=(\d+):(\d+)", scontrol_line)
     if not state:
-        raise RuntimeError(f"cannot read the job state from scontrol: {scontrol_line.strip()[:200]!r}")
+        raise LaunchError(f"cannot read the job state from scontrol: {scontrol_line.strip()[:200]!r}; the job may "
+                          "still run: its log and finished outputs stay in output.dir")
     status, signal = (int(code.group(1)), int(code.group(2))) if code else (0, 0)
     return state.group(1), status or (128 + signal if signal else 0)
 
@@ -180,7 +181,11 @@ def submit(script: Path) -> str:
     if result.returncode != 0:
         raise LaunchError(f"sbatch refused the job ({script}, exit status {result.returncode}): "
                           f"{result.stderr.strip() or result.stdout.strip()}")
-    return result.stdout.strip().split(";")[0]
+    job_id = result.stdout.strip().split(";")[0]
+    if not re.fullmatch(r"\d+(_\d+)?", job_id):
+        raise LaunchError(f"sbatch gave no job id for {script} (sbatch --parsable printed {result.stdout.strip()!r}; "
+                          f"stderr: {result.stderr.strip()!r}); see squeue before submitting again")
+    return job_id
 
 
 def follow(job_id: str, poll_s: float) -> tuple[str, int]:
@@ -191,8 +196,9 @@ def follow(job_id: str, poll_s: float) -> tuple[str, int]:
     while True:
         result = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
         if result.returncode != 0:
-            raise LaunchError(f"SLURM job {job_id} is no longer known to the controller (scontrol: "
-                              f"{result.stderr.strip()}); its log and finished outputs stay in output.dir")
+            raise LaunchError(f"scontrol could not report SLURM job {job_id} (exit status {result.returncode}: "
+                              f"{result.stderr.strip() or result.stdout.strip()}); the job may still run: its log "
+                              "and finished outputs stay in output.dir")
         state, status = job_state(result.stdout)
         if job_restarts(result.stdout) > restarts:
             restarts = job_restarts(result.stdout)

@@ -167,6 +167,9 @@ def resolve_hub_ids(cfg: ModelConfig) -> ModelConfig:
         value = getattr(cfg, key)
         if names_hub_id(value):
             found[key] = hub_snapshot(key, value, cfg)
+    if cfg.revision is not None and not found:  # as dataset.revision for a local dataset (distgen.inputs.source)
+        what = "model=tiny builds its model" if cfg.source == "tiny" else f"model.path={cfg.path!r} is a folder here"
+        raise ConfigError(f"model.revision={cfg.revision!r} is not allowed: it picks a hub model's version, and {what}")
     return replace(cfg, **found) if found else cfg
 
 
