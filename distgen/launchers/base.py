@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from distgen.common.checks import require
+from distgen.common.device import target_device
 from distgen.config import RunConfig
 from distgen.common.procs import run_process_group
 from distgen.common.registry import Registry
@@ -65,3 +67,15 @@ def write_next_to_outputs(out_dir: str, name: str, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def require_gpus(cfg: RunConfig, key: str) -> None:
+    """`key`=gpu (one worker per visible GPU) needs GPUs, and a job that runs on them."""
+    require(target_device(cfg.device) == "cuda", key, "gpu",
+            "one worker per GPU, but this job runs on CPU (no GPU visible, or device=cpu); give the number of "
+            f"workers, e.g. {key}=2")
+
+
+def visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count()

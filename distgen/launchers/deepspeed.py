@@ -6,12 +6,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from distgen.common.checks import require
 from distgen.config import LauncherConfig, RunConfig
 from distgen.common.errors import ConfigError
-from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, free_port, register, run_command, write_next_to_outputs
+from distgen.launchers.base import (WORKER_MODULE, Entry, Launcher, free_port, register, require_gpus, run_command,
+                                    visible_gpus, write_next_to_outputs)
 
 HOSTFILE_NAME = "deepspeed.hostfile"
 
@@ -20,8 +21,9 @@ HOSTFILE_NAME = "deepspeed.hostfile"
 class DeepspeedLauncher(LauncherConfig):
     """deepspeed: launcher.num_gpus ranks per node (multi-node: launcher.hosts or hostfile, num_nodes)."""
     name: str = "deepspeed"
-    # Ranks per node (one per GPU; on a CPU machine, processes).
-    num_gpus: int = 2
+    # Ranks per node: gpu (one per GPU visible on the launching node, as deepspeed itself counts them), or a
+    # number (on a CPU machine, processes).
+    num_gpus: Any = "gpu"
     num_nodes: int = 1
     # Multi-node: the hosts (reachable by ssh), written as a hostfile next to the outputs, ...
     hosts: list[str] = field(default_factory=list)
@@ -32,7 +34,8 @@ class DeepspeedLauncher(LauncherConfig):
     master_port: int = 0
 
     def check(self) -> None:
-        require(self.num_gpus >= 1, "launcher.num_gpus", self.num_gpus, "must be >= 1")
+        require(self.num_gpus == "gpu" or (type(self.num_gpus) is int and self.num_gpus >= 1), "launcher.num_gpus",
+                self.num_gpus, "expected gpu (one rank per GPU) or an integer >= 1")
         require(self.num_nodes >= 1, "launcher.num_nodes", self.num_nodes, "must be >= 1")
         require(not (self.hosts and self.hostfile), "launcher.hostfile", self.hostfile,
                 "give launcher.hosts or launcher.hostfile, not both")
@@ -47,12 +50,16 @@ def hostfile_text(hosts: Sequence[str], slots: int) -> str:
     return "".join(f"{host} slots={slots}\n" for host in hosts)
 
 
+def ranks_per_node(cfg: DeepspeedLauncher) -> int:
+    return visible_gpus() if cfg.num_gpus == "gpu" else cfg.num_gpus
+
+
 def deepspeed_command(cfg: DeepspeedLauncher, overrides: Sequence[str], hostfile: Optional[str], master_port: int,
                       python: str = sys.executable) -> list[str]:
     """The `deepspeed` argv (run as `python -m deepspeed.launcher.runner`, the same program)."""
     nodes = [f"--hostfile={hostfile}", f"--num_nodes={cfg.num_nodes}"] if hostfile else []
     master = [f"--master_addr={cfg.master_addr}"] if cfg.master_addr else []
-    return [python, "-m", "deepspeed.launcher.runner", *nodes, f"--num_gpus={cfg.num_gpus}", *master,
+    return [python, "-m", "deepspeed.launcher.runner", *nodes, f"--num_gpus={ranks_per_node(cfg)}", *master,
             f"--master_port={master_port}", "--module", WORKER_MODULE, *overrides]
 
 
@@ -64,9 +71,14 @@ def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     hostfile = settings.hostfile or None
     if settings.hosts:
         hostfile = str(write_next_to_outputs(cfg.output.dir, HOSTFILE_NAME,
-                                             hostfile_text(settings.hosts, settings.num_gpus)))
+                                             hostfile_text(settings.hosts, ranks_per_node(settings))))
     port = settings.master_port or free_port()
     return run_command(deepspeed_command(settings, overrides, hostfile, port))
 
 
-register(Launcher("deepspeed", launch), DeepspeedLauncher)
+def check_gpus_visible(cfg: RunConfig) -> None:
+    if cfg.launcher.num_gpus == "gpu":
+        require_gpus(cfg, "launcher.num_gpus")
+
+
+register(Launcher("deepspeed", launch), DeepspeedLauncher, check=check_gpus_visible)

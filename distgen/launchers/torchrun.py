@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from distgen.common.checks import require
-from distgen.common.device import target_device
 from distgen.config import LauncherConfig, RunConfig
-from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, run_command
+from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, require_gpus, run_command
 
 
 @dataclass
@@ -44,11 +43,8 @@ def torchrun_command(cfg: TorchrunLauncher, overrides: Sequence[str], python: st
 
 def check_gpus_visible(cfg: RunConfig) -> None:
     """nproc_per_node=gpu (the default) counts this node's GPUs: there must be some, and the job must use them."""
-    if cfg.launcher.nproc_per_node != "gpu":
-        return
-    require(target_device(cfg.device) == "cuda", "launcher.nproc_per_node", "gpu",
-            "one worker per GPU, but this job runs on CPU (no GPU visible, or device=cpu); give the number of "
-            "workers, e.g. launcher.nproc_per_node=2")
+    if cfg.launcher.nproc_per_node == "gpu":
+        require_gpus(cfg, "launcher.nproc_per_node")
 
 
 def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
