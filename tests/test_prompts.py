@@ -40,15 +40,22 @@ def test_per_record_overrides_are_read():
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", r"p.jsonl:2: not valid JSON \(Expecting property name"),
-    ('{"text": "x"}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\); found "
-                      r"prompt=None \(NoneType\) among fields 'prompt', 'text'$"),
-    ('{"prompt": null}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\); found "
-                         r"prompt=None \(NoneType\) among fields 'prompt'$"),
     ('["x"]', r"p.jsonl:2: expected a JSON object with a string field 'prompt', found list"),
 ])
 def test_bad_records_name_the_line_and_field(tmp_path, line, message):
     with pytest.raises(ConfigError, match=message):
         read(tmp_path, "p.jsonl", '{"prompt": "fine"}\n' + line + "\n")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": "b", "text": "x"}', "prompt=None (NoneType) is not allowed: expected a string (dataset.prompt_field)"),
+    ('{"id": "b", "prompt": null}', "prompt=None (NoneType) is not allowed: expected a string (dataset.prompt_field)"),
+    ('{"id": "b", "prompt": 7}', "prompt=7 (int) is not allowed: expected a string (dataset.prompt_field)"),
+])
+def test_a_record_without_a_string_prompt_is_an_error_record(tmp_path, line, message):
+    """One record's prompt (a file that has the column): an error record naming the field, the others run."""
+    prompts = read(tmp_path, "p.jsonl", '{"id": "a", "prompt": "fine"}\n' + line + "\n")
+    assert [(p.id, p.text, p.error) for p in prompts] == [("a", "fine", None), ("b", "", message)]
 
 
 def test_bad_per_record_budget_marks_only_that_record(tmp_path):
@@ -79,8 +86,8 @@ def test_json_array_file_is_read_and_its_errors_name_the_line(tmp_path):
     text = '[\n  {"id": "a", "prompt": "x"},\n  {"prompt": "y", "max_new_tokens": 3}\n]\n'
     assert basics(read(tmp_path, "p.json", text)) == [(0, "a", "x", None), (1, 1, "y", 3)]
     assert len(read(tmp_path, "lines.json", '{"prompt": "x"}\n{"prompt": "y"}\n')) == 2  # JSON lines in a .json
-    with pytest.raises(ConfigError, match=r"bad.json: record 1: needs a string field 'prompt'"):
-        read(tmp_path, "bad.json", '[\n  {"prompt": "x"},\n  {"text": "y"}\n]')
+    assert [p.error for p in read(tmp_path, "bad.json", '[\n  {"prompt": "x"},\n  {"text": "y"}\n]')] == [
+        None, "prompt=None (NoneType) is not allowed: expected a string (dataset.prompt_field)"]
     with pytest.raises(ConfigError, match=r"broken.json:3: expected ',' or '\]' in the JSON array"):
         read(tmp_path, "broken.json", '[\n  {"prompt": "x"}\n  {"prompt": "y"}\n]')
 
@@ -150,3 +157,11 @@ def test_a_byte_order_mark_is_dropped_and_a_folder_named(tmp_path):
     folder.mkdir()
     with pytest.raises(ConfigError, match="dataset.path=.*folder.jsonl' is not a file"):
         open_prompts(DatasetConfig(path=str(folder), format="jsonl"), str(tmp_path / "cache"))
+
+
+def test_a_chat_record_without_messages_is_an_error_record(tmp_path):
+    from distgen.inputs.records import RecordFields, record_to_prompt
+    fields = RecordFields("prompt", "id", "messages")
+    bad = record_to_prompt({"id": "c", "messages": "hello"}, 0, "p.jsonl: record 0", fields)
+    assert (bad.text, bad.error) == ("", "messages='hello' is not allowed: expected a list of {role, content} "
+                                         "messages (dataset.messages_field)")

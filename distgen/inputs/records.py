@@ -281,22 +281,28 @@ def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
         messages = record.get(fields.messages)
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-            raise ConfigError(f"{where}: needs a list of {{role, content}} messages in '{fields.messages}' "
-                              "(dataset.messages_field)")
-        for m in messages:
-            for value in m.values():
-                if isinstance(value, str):
-                    check_unicode(value, where, fields.messages)
-        kwargs, error = record_chat_kwargs(record)
-        (text, error), templated = (("", error) if error else rendered(messages, render, kwargs)), True
+            # one record's: an error record (the rest of the job goes on); a file without the column is refused
+            # before start (inputs.source.check_columns)
+            error = (f"{fields.messages}={short(messages)} is not allowed: expected a list of {{role, content}} "
+                     "messages (dataset.messages_field)")
+            text, templated = "", True
+        else:
+            for m in messages:
+                for value in m.values():
+                    if isinstance(value, str):
+                        check_unicode(value, where, fields.messages)
+            kwargs, error = record_chat_kwargs(record)
+            (text, error), templated = (("", error) if error else rendered(messages, render, kwargs)), True
     else:
         text, templated = record.get(fields.prompt), False
         if not isinstance(text, str):
-            names = ", ".join(map(repr, record))  # a file's records share its columns: a missing field reads None
-            found = (f"{fields.prompt}={text!r} ({type(text).__name__}) among fields {names}" if fields.prompt in record
-                     else f"fields {names}" if record else "no fields")
-            raise ConfigError(f"{where}: needs a string field '{fields.prompt}' (dataset.prompt_field); found {found}")
-        check_unicode(text, where, fields.prompt)
+            # one record's (a file's records share its columns: a missing field reads None): an error record, the
+            # rest of the job goes on; a file without the column is refused before start (source.check_columns)
+            error = (f"{fields.prompt}={short(text)} ({type(text).__name__}) is not allowed: expected a string "
+                     "(dataset.prompt_field)")
+            text = ""
+        else:
+            check_unicode(text, where, fields.prompt)
     stops = record.get("stop")
     for stop in stops if isinstance(stops, (list, tuple)) else [stops]:
         if isinstance(stop, str):
@@ -305,6 +311,12 @@ def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
     error = error or bad or (record.get(fields.error) if fields.error else None)
     return Prompt(index, record_id(record, fields, index if row is None else row, where), text,
                   templated=templated, error=error, columns=columns or {}, **overrides)
+
+
+def short(value: Any, most: int = 80) -> str:
+    """repr(value), cut to `most` characters (an error record names the value, not all of it)."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def parse_json_line(line: str, where: str) -> Any:
