@@ -302,6 +302,9 @@ class GenerationConfig:
     min_p: float = 0.0
     # EOS and stop_token_ids are impossible (logit -inf) until the completion holds this many tokens.
     min_tokens: int = 0
+    # Strings that end a completion where one first appears in its text (finish_reason "stop"; the string and what
+    # follows are not kept), for every record without a `stop` of its own (vLLM's SamplingParams.stop).
+    stop: list[str] = field(default_factory=list)
     # Token ids that end a completion besides EOS (finish_reason "stop"; the token is kept).
     stop_token_ids: list[int] = field(default_factory=list)
     # {token_id: bias}: added to those logits before anything else chooses (each bias in [-100, 100]).
@@ -374,6 +377,8 @@ class GenerationConfig:
         require(min_p_ok(self.min_p), "generation.min_p", self.min_p, "must be in [0, 1] (0 is off)")
         require(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens, "generation.min_tokens",
                 self.min_tokens, f"must be an integer in [0, generation.max_new_tokens={self.max_new_tokens}]")
+        require(isinstance(self.stop, (list, tuple)) and all(isinstance(v, str) and v for v in self.stop),
+                "generation.stop", self.stop, "must be a list of non-empty strings")
         require(token_ids_ok(self.stop_token_ids), "generation.stop_token_ids", self.stop_token_ids,
                 "must be a list of token ids >= 0")
         require(logit_bias_ok(self.logit_bias), "generation.logit_bias", self.logit_bias,

@@ -1,9 +1,11 @@
 """Per-record sampling settings and stop strings, decoded in one process."""
 import dataclasses
+import re
 
 import pytest
 import torch
 
+from distgen.common.errors import ConfigError
 from distgen.config import GenerationConfig
 from distgen.engine import build_engine
 from distgen.engine.request import Completion
@@ -51,6 +53,23 @@ def test_stop_strings_end_completions_where_they_first_appear(tiny_model, tokeni
         # Generation stopped at the token that completed the stop string, not later.
         assert stops[i][0] in tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         assert stops[i][0] not in tokenizer.decode(completion.token_ids[:-1], skip_special_tokens=True)
+
+
+def test_generation_stop_ends_records_without_their_own(tiny_model, tokenizer):
+    """generation.stop applies to every record without a `stop` of its own; a record's own replaces it."""
+    greedy = {i: reference_greedy(tiny_model, tokenizer, p["prompt"], DEFAULT_BUDGET, []) for i, p in
+              enumerate(PROMPTS[:3])}
+    texts = {i: tokenizer.decode(ids, skip_special_tokens=True) for i, ids in greedy.items()}
+    job_stop, own_stop = texts[0][4:6], texts[1][2:4]
+    prompts = [Prompt(0, "a", PROMPTS[0]["prompt"]), Prompt(1, "b", PROMPTS[1]["prompt"], stop=(own_stop,))]
+    cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, stop=[job_stop])
+    done, cutter = decode(tiny_model, tokenizer, prompts, cfg, stops=StopStrings(tokenizer, cfg.stop))
+    assert done[0].finish_reason == "stop" and cutter.cut(done[0].prompt, done[0].token_ids)[0] == \
+        texts[0][:texts[0].find(job_stop)]
+    assert cutter.cut(done[1].prompt, done[1].token_ids)[0] == texts[1][:texts[1].find(own_stop)]
+    with pytest.raises(ConfigError, match=re.escape("generation.stop=[''] is not allowed: must be a list of "
+                                                    "non-empty strings")):
+        GenerationConfig(stop=[""]).check()
 
 
 @pytest.mark.parametrize("settings", [{"temperature": 0.0}, {"top_k": 1, "temperature": 5.0},

@@ -1,5 +1,5 @@
-"""Stop strings: a completion ends where one of its record's stop strings first appears in the
-decoded text, and the stop string is not part of the completion."""
+"""Stop strings: a completion ends where one of its record's stop strings (else generation.stop's) first appears in
+the decoded text, and the stop string is not part of the completion."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -19,8 +19,12 @@ def first_stop(text: str, stops: Sequence[str]) -> int:
 
 
 class StopStrings:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, default: Sequence[str] = ()):
         self.tokenizer = tokenizer
+        self.default = tuple(default)  # generation.stop: for records without a stop of their own
+
+    def of(self, prompt: Prompt) -> tuple[str, ...]:
+        return prompt.stop or self.default
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """One request's tokens as text; a tokenizer that cannot decode them fails that request only."""
@@ -34,15 +38,16 @@ class StopStrings:
         """Checked after every token on the decoded tail only: a stop string that just appeared
         lies within the last 4 * len(stop) tokens (a character cut at the tail's start decodes
         to a replacement character, before the stop string)."""
-        if not prompt.stop:
+        stops = self.of(prompt)
+        if not stops:
             return False
-        window = TOKENS_PER_CHAR * max(len(stop) for stop in prompt.stop) + TAIL_SLACK
-        return first_stop(self.decode(generated[-window:]), prompt.stop) >= 0
+        window = TOKENS_PER_CHAR * max(len(stop) for stop in stops) + TAIL_SLACK
+        return first_stop(self.decode(generated[-window:]), stops) >= 0
 
     def cut(self, prompt: Prompt, token_ids: list[int]) -> tuple[str, list[int]]:
         """The completion text before the first stop string, and the tokens whose text ends before it."""
         text = self.decode(token_ids)
-        at = first_stop(text, prompt.stop)
+        at = first_stop(text, self.of(prompt))
         if at < 0:
             return text, token_ids
         keep = len(token_ids)
