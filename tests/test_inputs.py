@@ -255,10 +255,21 @@ def test_ids_keep_their_type_and_records_without_one_get_their_row(tiny_model_di
     ([{"id": 1, "prompt": "x"}, {"id": "1", "prompt": "y"}], r"id '1' appears 2 times"),  # unique by their text
     ([{"id": 2.5, "prompt": "x"}], r"record 0: id 2.5 is not allowed: an id .* is a string or an integer"),
     ([{"id": [1], "prompt": "x"}, {"id": "a", "prompt": "y"}], r"record 0: id \[1\] is not allowed"),
+    # Arrow reads these columns as floats: an integer past 2**53 there is not the one the file holds.
+    ([{"id": 2**70, "prompt": "x"}, {"id": -3, "prompt": "y"}], r"record 0: id 1\.1805\d+e\+21 is not allowed"),
+    ([{"id": 1e30, "prompt": "x"}, {"id": "a", "prompt": "y"}], r"record 0: id 1e\+30 is not allowed"),
 ])
 def test_ids_that_could_collide_or_are_not_ids_are_refused(records, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         read_all(write_prompts(tmp_path / "ids.jsonl", records), tmp_path)
+
+
+def test_an_integer_id_a_csv_gap_turns_into_an_inexact_float_is_refused(tmp_path):
+    """A CSV id column with a gap is read as floats: 9007199254740993 would come back as ...992."""
+    path = tmp_path / "ids.csv"
+    path.write_text("id,prompt\n9007199254740993,x\n,y\n")
+    with pytest.raises(ConfigError, match=r"record 0: id 9007199254740992(\.0)? is not allowed: .* integer"):
+        read_all(path, tmp_path)
 
 
 def test_parquet_shards_hold_ids_of_mixed_types_as_text(tiny_model_dir, tmp_path):

@@ -103,6 +103,8 @@ class RecordFields:
     mixed: bool = False
 
 
+# Past this a float (an integer column with gaps, a JSON number like 1e30) does not hold the integer the file does.
+EXACT_FLOAT_INTS = 2**53
 # A normalized record's column: whether its id (kept as text) was an integer.
 ID_IS_INT = "id_is_int"
 
@@ -212,10 +214,10 @@ def record_id(record: dict, fields: RecordFields, row: int, where: str) -> Recor
     if isinstance(value, str):
         check_unicode(value, where, fields.id)
         return value
-    if is_whole(value):
+    if is_int(value) or is_whole(value) and abs(value) < EXACT_FLOAT_INTS:
         return int(value)
     raise ConfigError(f"{where}: id {value!r} is not allowed: an id ('{fields.id}', dataset.id_field) is a string "
-                      "or an integer")
+                      f"or an integer (one read as a float, as in a column with gaps, below 2**53)")
 
 
 def json_value(value: Any, where: str, name: str) -> Any:

@@ -33,7 +33,7 @@ from distgen.common.errors import ConfigError
 from distgen.common.hub import hub_name, names_hub_id, snapshot
 from distgen.common.registry import Registry
 from distgen.inputs.openai_batch import batch_request
-from distgen.inputs.records import (BOM, CHAT_KWARGS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
+from distgen.inputs.records import (BOM, CHAT_KWARGS, EXACT_FLOAT_INTS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
                                     Render, check_utf8_line, has_id, is_chat, json_array_records, json_value,
                                     parse_json_line, record_to_prompt)
 
@@ -447,7 +447,7 @@ def check_columns(table, fields: RecordFields, path: str) -> None:
 
 def bad_id(path: str, row: int, value, id_field: str) -> ConfigError:
     return ConfigError(f"{path}: record {row}: id {value!r} is not allowed: an id (dataset.id_field={id_field!r}) "
-                       "is a string or an integer")
+                       "is a string or an integer (one read as a float, as in a column with gaps, below 2**53)")
 
 
 def first_false(mask) -> Optional[int]:
@@ -473,7 +473,8 @@ def id_text(column, path: str, id_field: str):
         return column
     if pa.types.is_floating(kind):  # integers in a column with gaps (CSV); NaN is a gap too
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, kind), column)
-        row = first_false(pc.equal(pc.floor(column), column))
+        exact = pc.less(pc.abs(column), pa.scalar(float(EXACT_FLOAT_INTS), kind))  # past it, not the file's integer
+        row = first_false(pc.and_(pc.equal(pc.floor(column), column), exact))
         if row is not None:
             raise bad_id(path, row, column[row].as_py(), id_field)
         return pc.cast(pc.cast(column, pa.int64()), pa.string())
