@@ -294,8 +294,9 @@ def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
     else:
         text, templated = record.get(fields.prompt), False
         if not isinstance(text, str):
-            found = ", ".join(map(repr, record)) or "no fields"
-            raise ConfigError(f"{where}: needs a string field '{fields.prompt}' (dataset.prompt_field); found {found}")
+            found = (f"it holds {json.dumps(text, default=repr)}" if fields.prompt in record
+                     else f"found {', '.join(map(repr, record)) or 'no fields'}")
+            raise ConfigError(f"{where}: needs a string field '{fields.prompt}' (dataset.prompt_field); {found}")
         check_unicode(text, where, fields.prompt)
     stops = record.get("stop")
     for stop in stops if isinstance(stops, (list, tuple)) else [stops]:
