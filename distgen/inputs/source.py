@@ -33,9 +33,9 @@ from distgen.common.errors import ConfigError
 from distgen.common.hub import hub_name, names_hub_id, snapshot
 from distgen.common.registry import Registry
 from distgen.inputs.openai_batch import batch_request
-from distgen.inputs.records import (BOM, CHAT_KWARGS, EXACT_FLOAT_INTS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
-                                    Render, check_utf8_line, has_id, is_chat, json_array_records, json_value,
-                                    parse_json_line, record_to_prompt)
+from distgen.inputs.records import (BOM, CHAT_KWARGS, EXACT_FLOAT_INTS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES,
+                                    Prompt, RecordFields, Render, check_utf8_line, has_id, is_chat, json_array_records,
+                                    json_value, parse_json_line, record_to_prompt)
 
 # The datasets library never reaches the Hub: every input is a local file or folder (a hub dataset is first
 # resolved to its snapshot folder in the HF cache by huggingface_hub: resolve_hub_dataset).
