@@ -153,25 +153,26 @@ def unreadable(path: str, err: OSError) -> ConfigError:
                        "user may read")
 
 
-def text_content(path: str) -> bool:
-    """Whether a text prompts file has a line that is not blank. It must be UTF-8 throughout, or the error
-    names the first bad line and byte (streamed line by line, so any size; Arrow's readers would only
-    raise a bare decode error)."""
-    found = False
+def text_content(path: str, needed: int = 1) -> bool:
+    """Whether a text prompts file has `needed` lines that are not blank (a CSV: its header and a row). It must
+    be UTF-8 throughout, or the error names the first bad line and byte (streamed line by line, so any size;
+    Arrow's readers would only raise a bare decode error)."""
+    found = 0
     try:
         with open(path, "rb") as lines:
             for line_no, raw in enumerate(lines, start=1):
                 check_utf8_line(raw, path, line_no)
-                found = found or bool(raw.removeprefix(BOM.encode()).strip())
+                found += bool(raw.removeprefix(BOM.encode()).strip())
     except OSError as err:
         raise unreadable(path, err) from None
-    return found
+    return found >= needed
 
 
 def has_content(path: str, fmt: str) -> bool:
-    """Text files: a line that is not blank (checked as UTF-8); others: readable (their rows are counted later)."""
+    """Text files: a line that is not blank (a CSV: a row below its header; checked as UTF-8); others: readable
+    (their rows are counted later)."""
     if fmt in TEXT_FORMATS:
-        return text_content(path)
+        return text_content(path, 2 if fmt == "csv" else 1)
     try:
         with open(path, "rb"):
             return True
@@ -181,7 +182,8 @@ def has_content(path: str, fmt: str) -> bool:
 
 def check_file(path: str, fmt: str) -> None:
     if not has_content(path, fmt):
-        what = "is empty" if os.path.getsize(path) == 0 else "holds only blank lines"
+        what = ("is empty" if os.path.getsize(path) == 0 else "holds only its header line" if fmt == "csv"
+                and text_content(path) else "holds only blank lines")
         raise ConfigError(f"dataset.path={path!r} holds no prompts: the file {what}")
 
 
