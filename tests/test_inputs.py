@@ -80,6 +80,22 @@ def test_bad_override_marks_only_that_record(tmp_path):
                                                 "number >= 1.1754943508222875e-38"]
 
 
+def test_a_setting_column_of_mixed_types_keeps_each_records_value(tmp_path):
+    """A column Arrow can read only as text (a number beside a string) lost Infinity there: its record ran with
+    the job's temperature. Each record's own value is checked, as in a column of one type."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"prompt": "a", "temperature": 0.5}\n{"prompt": "b", "temperature": "hot"}\n'
+                    '{"prompt": "c", "temperature": Infinity}\n{"prompt": "d", "max_new_tokens": true}\n'
+                    '{"prompt": "e", "max_new_tokens": 3}\n')
+    prompts = read_all(path, tmp_path)
+    assert [p.temperature for p in prompts] == [0.5, None, None, None, None]
+    assert [p.max_new_tokens for p in prompts] == [None, None, None, None, 3]
+    assert [p.error for p in prompts] == [
+        None, "temperature='hot' is not allowed: must be 0 (greedy) or a finite number >= 1.1754943508222875e-38",
+        "temperature=inf is not allowed: must be 0 (greedy) or a finite number >= 1.1754943508222875e-38",
+        "max_new_tokens=True is not allowed: must be an integer in [1, 2147483646]", None]
+
+
 def test_bad_json_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{"prompt": \n')

@@ -312,15 +312,27 @@ def folder_records(paths: Sequence[str], cache_dir: str, fields: RecordFields) -
             yield from table_records(table, path, file_fields)
 
 
+def number_settings_as_text(table) -> bool:
+    """Whether a per-record setting that holds numbers (or booleans) came out of Arrow's JSON reader as text or
+    JSON: a number beside a string in one column, where the reader turns Infinity and NaN into nulls."""
+    from datasets import Value
+    wanted = normalized_features()
+    return any(isinstance(wanted[key], Value) and wanted[key].dtype != "string" and key in table.features
+               and not (isinstance(table.features[key], Value) and table.features[key].dtype != "string")
+               for key in OVERRIDES)
+
+
 def load_jsonl(path: str, cache_dir: str, fields: RecordFields):
-    """Arrow's JSON reader; when the records' columns do not fit one schema (or a line is bad),
-    the line-by-line reader, which names file:line for a bad record."""
+    """Arrow's JSON reader; when the records' columns do not fit one schema (or a line is bad, or a numeric
+    setting's column mixes types), the line-by-line reader, which keeps each value and names file:line for a
+    bad record."""
     import datasets
     from pyarrow.lib import ArrowInvalid
     try:
-        return datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir), fields
+        table = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
     except (ArrowInvalid, datasets.exceptions.DatasetGenerationError, ValueError, TypeError):
         return normalized_table([path], cache_dir, fields)
+    return normalized_table([path], cache_dir, fields) if number_settings_as_text(table) else (table, fields)
 
 
 def load_file(path: str, fmt: str, cache_dir: str, fields: RecordFields):
