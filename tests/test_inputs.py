@@ -96,6 +96,19 @@ def test_a_setting_column_of_mixed_types_keeps_each_records_value(tmp_path):
         "max_new_tokens=True is not allowed: must be an integer in [1, 2147483646]", None]
 
 
+@pytest.mark.parametrize("others", ["", ', "top_k": "x"'], ids=["one-type", "mixed"])
+def test_an_explicit_nan_setting_in_json_gets_an_error_record(others, tmp_path):
+    """JSON has null for a value left out; a NaN written there is a value, and no setting allows it (a CSV or
+    parquet gap, which the readers give as NaN, stays a gap)."""
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"prompt": "a", "temperature": 0.5}\n{"prompt": "b", "temperature": NaN' + others + '}\n'
+                    '{"prompt": "c"}\n')
+    prompts = read_all(path, tmp_path)
+    assert [p.temperature for p in prompts] == [0.5, None, None]
+    assert prompts[1].error.startswith("temperature=nan is not allowed") and [prompts[0].error, prompts[2].error] \
+        == [None, None]
+
+
 def test_bad_json_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{"prompt": \n')

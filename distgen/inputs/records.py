@@ -170,13 +170,22 @@ CHAT_KWARGS = "chat_template_kwargs"
 Render = Callable[[list, dict], str]
 
 
+class JsonNaN(float):
+    """A NaN written in a JSON record: a value (JSON leaves a value out with null), not a CSV or parquet gap."""
+
+
+def json_constant(name: str) -> float:
+    """Python's JSON reader's NaN, Infinity and -Infinity, a NaN marked as written."""
+    return JsonNaN(name) if name == "NaN" else float(name)
+
+
 def overrides_of(record: dict) -> tuple[dict, Optional[str]]:
     """(the record's valid overrides, why the first invalid one is not allowed or None)."""
     found, error = {}, None
     for key, (ok, allowed, convert) in OVERRIDES.items():
         value = record.get(key)
-        if value is None or isinstance(value, float) and math.isnan(value):  # NaN: a gap in a CSV column
-            continue
+        if value is None or isinstance(value, float) and math.isnan(value) and not isinstance(value, JsonNaN):
+            continue  # NaN: a gap in a CSV column
         if not ok(value):
             error = error or f"{key}={value!r} is not allowed: must be {allowed}"
             continue
@@ -310,7 +319,7 @@ def record_to_prompt(record: Any, index: int, where: str, fields: RecordFields,
 
 def parse_json_line(line: str, where: str) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line, parse_constant=json_constant)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
 

@@ -312,14 +312,23 @@ def folder_records(paths: Sequence[str], cache_dir: str, fields: RecordFields) -
             yield from table_records(table, path, file_fields)
 
 
-def number_settings_as_text(table) -> bool:
+def settings_need_lines(table) -> bool:
     """Whether a per-record setting that holds numbers (or booleans) came out of Arrow's JSON reader as text or
-    JSON: a number beside a string in one column, where the reader turns Infinity and NaN into nulls."""
+    JSON (a number beside a string in one column, where the reader turns Infinity and NaN into nulls), or as
+    floats with a NaN in them (written in the file: JSON has null for a gap): the line-by-line reader keeps each
+    value, and a NaN, as written, gets its record an error record."""
+    import pyarrow.compute as pc
     from datasets import Value
     wanted = normalized_features()
-    return any(isinstance(wanted[key], Value) and wanted[key].dtype != "string" and key in table.features
-               and not (isinstance(table.features[key], Value) and table.features[key].dtype != "string")
-               for key in OVERRIDES)
+    for key in OVERRIDES:
+        if not (isinstance(wanted[key], Value) and wanted[key].dtype != "string" and key in table.features):
+            continue
+        got = table.features[key]
+        if not (isinstance(got, Value) and got.dtype != "string"):
+            return True
+        if got.dtype.startswith("float") and pc.any(pc.is_nan(table.data.column(key))).as_py():
+            return True
+    return False
 
 
 def load_jsonl(path: str, cache_dir: str, fields: RecordFields):
@@ -332,7 +341,7 @@ def load_jsonl(path: str, cache_dir: str, fields: RecordFields):
         table = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
     except (ArrowInvalid, datasets.exceptions.DatasetGenerationError, ValueError, TypeError):
         return normalized_table([path], cache_dir, fields)
-    return normalized_table([path], cache_dir, fields) if number_settings_as_text(table) else (table, fields)
+    return normalized_table([path], cache_dir, fields) if settings_need_lines(table) else (table, fields)
 
 
 def load_file(path: str, fmt: str, cache_dir: str, fields: RecordFields):
