@@ -295,6 +295,7 @@ def test_config_values_out_of_range_stop_before_start(override, message, tmp_pat
     ("blank.jsonl", b"\n  \n\n", r"blank.jsonl' holds no prompts: the file holds only blank lines"),
     ("blank.txt", b"\xef\xbb\xbf\n\t\n", r"blank.txt' holds no prompts: the file holds only blank lines"),
     ("empty.csv", b"", r"empty.csv' holds no prompts: the file is empty"),
+    ("header.csv", b"id,prompt\n\n", r"header.csv' holds no prompts: the file holds only its header line"),
     ("surrogate.jsonl", b'{"prompt": "fine"}\n{"prompt": "half \\ud800 a pair"}\n',
      r"surrogate.jsonl:2: field 'prompt' holds a lone surrogate \('\\ud800' at character 6\), which is not Unicode"),
     ("surrogate-id.jsonl", b'{"id": "\\udfff", "prompt": "x"}\n', r"surrogate-id.jsonl:1: field 'id' holds a lone"),

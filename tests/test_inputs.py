@@ -80,6 +80,35 @@ def test_bad_override_marks_only_that_record(tmp_path):
                                                 "number >= 1.1754943508222875e-38"]
 
 
+def test_a_setting_column_of_mixed_types_keeps_each_records_value(tmp_path):
+    """A column Arrow can read only as text (a number beside a string) lost Infinity there: its record ran with
+    the job's temperature. Each record's own value is checked, as in a column of one type."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"prompt": "a", "temperature": 0.5}\n{"prompt": "b", "temperature": "hot"}\n'
+                    '{"prompt": "c", "temperature": Infinity}\n{"prompt": "d", "max_new_tokens": true}\n'
+                    '{"prompt": "e", "max_new_tokens": 3}\n')
+    prompts = read_all(path, tmp_path)
+    assert [p.temperature for p in prompts] == [0.5, None, None, None, None]
+    assert [p.max_new_tokens for p in prompts] == [None, None, None, None, 3]
+    assert [p.error for p in prompts] == [
+        None, "temperature='hot' is not allowed: must be 0 (greedy) or a finite number >= 1.1754943508222875e-38",
+        "temperature=inf is not allowed: must be 0 (greedy) or a finite number >= 1.1754943508222875e-38",
+        "max_new_tokens=True is not allowed: must be an integer in [1, 2147483646]", None]
+
+
+@pytest.mark.parametrize("others", ["", ', "top_k": "x"'], ids=["one-type", "mixed"])
+def test_an_explicit_nan_setting_in_json_gets_an_error_record(others, tmp_path):
+    """JSON has null for a value left out; a NaN written there is a value, and no setting allows it (a CSV or
+    parquet gap, which the readers give as NaN, stays a gap)."""
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"prompt": "a", "temperature": 0.5}\n{"prompt": "b", "temperature": NaN' + others + '}\n'
+                    '{"prompt": "c"}\n')
+    prompts = read_all(path, tmp_path)
+    assert [p.temperature for p in prompts] == [0.5, None, None]
+    assert prompts[1].error.startswith("temperature=nan is not allowed") and [prompts[0].error, prompts[2].error] \
+        == [None, None]
+
+
 def test_bad_json_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{"prompt": \n')
@@ -255,10 +284,21 @@ def test_ids_keep_their_type_and_records_without_one_get_their_row(tiny_model_di
     ([{"id": 1, "prompt": "x"}, {"id": "1", "prompt": "y"}], r"id '1' appears 2 times"),  # unique by their text
     ([{"id": 2.5, "prompt": "x"}], r"record 0: id 2.5 is not allowed: an id .* is a string or an integer"),
     ([{"id": [1], "prompt": "x"}, {"id": "a", "prompt": "y"}], r"record 0: id \[1\] is not allowed"),
+    # Arrow reads these columns as floats: an integer past 2**53 there is not the one the file holds.
+    ([{"id": 2**70, "prompt": "x"}, {"id": -3, "prompt": "y"}], r"record 0: id 1\.1805\d+e\+21 is not allowed"),
+    ([{"id": 1e30, "prompt": "x"}, {"id": "a", "prompt": "y"}], r"record 0: id 1e\+30 is not allowed"),
 ])
 def test_ids_that_could_collide_or_are_not_ids_are_refused(records, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         read_all(write_prompts(tmp_path / "ids.jsonl", records), tmp_path)
+
+
+def test_an_integer_id_a_csv_gap_turns_into_an_inexact_float_is_refused(tmp_path):
+    """A CSV id column with a gap is read as floats: 9007199254740993 would come back as ...992."""
+    path = tmp_path / "ids.csv"
+    path.write_text("id,prompt\n9007199254740993,x\n,y\n")
+    with pytest.raises(ConfigError, match=r"record 0: id 9007199254740992(\.0)? is not allowed: .* integer"):
+        read_all(path, tmp_path)
 
 
 def test_parquet_shards_hold_ids_of_mixed_types_as_text(tiny_model_dir, tmp_path):

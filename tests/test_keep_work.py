@@ -211,6 +211,17 @@ def test_lock_heartbeat_and_takeover_rules(tmp_path):
             OutputLock(tmp_path / "other", 0.1).acquire()
         lock.check_held()
     assert not (tmp_path / LOCK_FILE).exists()
+    # a job in another container of this host (another pid namespace) whose pid is not seen here: refused
+    lock = write_lock(tmp_path, socket.gethostname(), 2**22 + 7)
+    lock.write_text(json.dumps({**json.loads(lock.read_text()), "pid_namespace": "pid:[1]", "job_id": ""}))
+    with pytest.raises(LockedError, match="it is running"):
+        OutputLock(tmp_path, 30.0).acquire()
+    # the same, from this pid namespace (or a lock file of an earlier distgen, without one): its process is gone
+    write_lock(tmp_path, socket.gethostname(), 2**22 + 7)
+    OutputLock(tmp_path, 30.0).acquire().release()
+    old = write_lock(tmp_path, socket.gethostname(), 2**22 + 7)
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "pid_namespace"}))
+    OutputLock(tmp_path, 30.0).acquire().release()
     # a requeued SLURM job (same job id, a later start) takes its own earlier start's lock
     write_lock(tmp_path, "elsewhere", 4242)
     requeued = OutputLock(tmp_path, 30.0)

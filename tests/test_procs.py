@@ -34,9 +34,13 @@ with exit_on_termination(), exit_with_parent(poll_s=0.2, grace_s=float(sys.argv[
                 pass
 """
 AGENT = """
-import subprocess, sys
+import signal, subprocess, sys
+got = []
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # as torchrun: the signal is caught, the workers end,
+    signal.signal(sig, lambda signum, _frame: got.append(signum))  # then its exception gives exit status 1
 worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], start_new_session=True)
-sys.exit(worker.wait())
+code = worker.wait()
+sys.exit(1 if got else code)
 """
 LAUNCHER = """
 import signal, sys

@@ -234,17 +234,21 @@ def run_process_group(command: Sequence[str], grace_s: float = GRACE_S) -> int:
     try:
         child = subprocess.Popen(list(command), start_new_session=True)
         os.write(pipe, f"{child.pid}\n".encode())
-        job, signalled = LaunchedJob(child.pid), []
+        job, signalled, received = LaunchedJob(child.pid), [], []
 
         def forward(signum: int, _frame) -> None:
             say(f"got {signal.Signals(signum).name}; passing it to job {child.pid}")
             signalled.append(time.monotonic())
+            received.append(signum)
             job.refresh()
             job.signal(signum)
 
         previous = {sig: signal.signal(sig, forward) for sig in taken_over(FORWARDED_SIGNALS)}
         try:
-            return wait_for_job(child, job, signalled, grace_s)
+            code = wait_for_job(child, job, signalled, grace_s)
+            # A job stopped by a signal passed on ends as that signal, whatever its leader says (torchrun
+            # turns SIGTERM/SIGHUP into its own exception and exit status 1).
+            return 128 + received[0] if received and code != 0 else code
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -103,6 +103,8 @@ class RecordFields:
     mixed: bool = False
 
 
+# Past this a float (an integer column with gaps, a JSON number like 1e30) does not hold the integer the file does.
+EXACT_FLOAT_INTS = 2**53
 # A normalized record's column: whether its id (kept as text) was an integer.
 ID_IS_INT = "id_is_int"
 
@@ -168,13 +170,22 @@ CHAT_KWARGS = "chat_template_kwargs"
 Render = Callable[[list, dict], str]
 
 
+class JsonNaN(float):
+    """A NaN written in a JSON record: a value (JSON leaves a value out with null), not a CSV or parquet gap."""
+
+
+def json_constant(name: str) -> float:
+    """Python's JSON reader's NaN, Infinity and -Infinity, a NaN marked as written."""
+    return JsonNaN(name) if name == "NaN" else float(name)
+
+
 def overrides_of(record: dict) -> tuple[dict, Optional[str]]:
     """(the record's valid overrides, why the first invalid one is not allowed or None)."""
     found, error = {}, None
     for key, (ok, allowed, convert) in OVERRIDES.items():
         value = record.get(key)
-        if value is None or isinstance(value, float) and math.isnan(value):  # NaN: a gap in a CSV column
-            continue
+        if value is None or isinstance(value, float) and math.isnan(value) and not isinstance(value, JsonNaN):
+            continue  # NaN: a gap in a CSV column
         if not ok(value):
             error = error or f"{key}={value!r} is not allowed: must be {allowed}"
             continue
@@ -212,10 +223,10 @@ def record_id(record: dict, fields: RecordFields, row: int, where: str) -> Recor
     if isinstance(value, str):
         check_unicode(value, where, fields.id)
         return value
-    if is_whole(value):
+    if is_int(value) or is_whole(value) and abs(value) < EXACT_FLOAT_INTS:
         return int(value)
     raise ConfigError(f"{where}: id {value!r} is not allowed: an id ('{fields.id}', dataset.id_field) is a string "
-                      "or an integer")
+                      f"or an integer (one read as a float, as in a column with gaps, below 2**53)")
 
 
 def json_value(value: Any, where: str, name: str) -> Any:
@@ -321,7 +332,7 @@ def short(value: Any, most: int = 80) -> str:
 
 def parse_json_line(line: str, where: str) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line, parse_constant=json_constant)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
 

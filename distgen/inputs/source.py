@@ -33,9 +33,9 @@ from distgen.common.errors import ConfigError
 from distgen.common.hub import hub_name, names_hub_id, snapshot
 from distgen.common.registry import Registry
 from distgen.inputs.openai_batch import batch_request
-from distgen.inputs.records import (BOM, CHAT_KWARGS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES, Prompt, RecordFields,
-                                    Render, check_utf8_line, has_id, is_chat, json_array_records, json_value,
-                                    parse_json_line, record_to_prompt)
+from distgen.inputs.records import (BOM, CHAT_KWARGS, EXACT_FLOAT_INTS, GENERATED_ID_NOTE, ID_IS_INT, OVERRIDES,
+                                    Prompt, RecordFields, Render, check_utf8_line, has_id, is_chat, json_array_records,
+                                    json_value, parse_json_line, record_to_prompt)
 
 # The datasets library never reaches the Hub: every input is a local file or folder (a hub dataset is first
 # resolved to its snapshot folder in the HF cache by huggingface_hub: resolve_hub_dataset).
@@ -153,25 +153,26 @@ def unreadable(path: str, err: OSError) -> ConfigError:
                        "user may read")
 
 
-def text_content(path: str) -> bool:
-    """Whether a text prompts file has a line that is not blank. It must be UTF-8 throughout, or the error
-    names the first bad line and byte (streamed line by line, so any size; Arrow's readers would only
-    raise a bare decode error)."""
-    found = False
+def text_content(path: str, needed: int = 1) -> bool:
+    """Whether a text prompts file has `needed` lines that are not blank (a CSV: its header and a row). It must
+    be UTF-8 throughout, or the error names the first bad line and byte (streamed line by line, so any size;
+    Arrow's readers would only raise a bare decode error)."""
+    found = 0
     try:
         with open(path, "rb") as lines:
             for line_no, raw in enumerate(lines, start=1):
                 check_utf8_line(raw, path, line_no)
-                found = found or bool(raw.removeprefix(BOM.encode()).strip())
+                found += bool(raw.removeprefix(BOM.encode()).strip())
     except OSError as err:
         raise unreadable(path, err) from None
-    return found
+    return found >= needed
 
 
 def has_content(path: str, fmt: str) -> bool:
-    """Text files: a line that is not blank (checked as UTF-8); others: readable (their rows are counted later)."""
+    """Text files: a line that is not blank (a CSV: a row below its header; checked as UTF-8); others: readable
+    (their rows are counted later)."""
     if fmt in TEXT_FORMATS:
-        return text_content(path)
+        return text_content(path, 2 if fmt == "csv" else 1)
     try:
         with open(path, "rb"):
             return True
@@ -181,7 +182,8 @@ def has_content(path: str, fmt: str) -> bool:
 
 def check_file(path: str, fmt: str) -> None:
     if not has_content(path, fmt):
-        what = "is empty" if os.path.getsize(path) == 0 else "holds only blank lines"
+        what = ("is empty" if os.path.getsize(path) == 0 else "holds only its header line" if fmt == "csv"
+                and text_content(path) else "holds only blank lines")
         raise ConfigError(f"dataset.path={path!r} holds no prompts: the file {what}")
 
 
@@ -310,15 +312,36 @@ def folder_records(paths: Sequence[str], cache_dir: str, fields: RecordFields) -
             yield from table_records(table, path, file_fields)
 
 
+def settings_need_lines(table) -> bool:
+    """Whether a per-record setting that holds numbers (or booleans) came out of Arrow's JSON reader as text or
+    JSON (a number beside a string in one column, where the reader turns Infinity and NaN into nulls), or as
+    floats with a NaN in them (written in the file: JSON has null for a gap): the line-by-line reader keeps each
+    value, and a NaN, as written, gets its record an error record."""
+    import pyarrow.compute as pc
+    from datasets import Value
+    wanted = normalized_features()
+    for key in OVERRIDES:
+        if not (isinstance(wanted[key], Value) and wanted[key].dtype != "string" and key in table.features):
+            continue
+        got = table.features[key]
+        if not (isinstance(got, Value) and got.dtype != "string"):
+            return True
+        if got.dtype.startswith("float") and pc.any(pc.is_nan(table.data.column(key))).as_py():
+            return True
+    return False
+
+
 def load_jsonl(path: str, cache_dir: str, fields: RecordFields):
-    """Arrow's JSON reader; when the records' columns do not fit one schema (or a line is bad),
-    the line-by-line reader, which names file:line for a bad record."""
+    """Arrow's JSON reader; when the records' columns do not fit one schema (or a line is bad, or a numeric
+    setting's column mixes types), the line-by-line reader, which keeps each value and names file:line for a
+    bad record."""
     import datasets
     from pyarrow.lib import ArrowInvalid
     try:
-        return datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir), fields
+        table = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
     except (ArrowInvalid, datasets.exceptions.DatasetGenerationError, ValueError, TypeError):
         return normalized_table([path], cache_dir, fields)
+    return normalized_table([path], cache_dir, fields) if settings_need_lines(table) else (table, fields)
 
 
 def load_file(path: str, fmt: str, cache_dir: str, fields: RecordFields):
@@ -466,7 +489,7 @@ def check_columns(table, fields: RecordFields, path: str) -> None:
 
 def bad_id(path: str, row: int, value, id_field: str) -> ConfigError:
     return ConfigError(f"{path}: record {row}: id {value!r} is not allowed: an id (dataset.id_field={id_field!r}) "
-                       "is a string or an integer")
+                       "is a string or an integer (one read as a float, as in a column with gaps, below 2**53)")
 
 
 def first_false(mask) -> Optional[int]:
@@ -492,7 +515,8 @@ def id_text(column, path: str, id_field: str):
         return column
     if pa.types.is_floating(kind):  # integers in a column with gaps (CSV); NaN is a gap too
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, kind), column)
-        row = first_false(pc.equal(pc.floor(column), column))
+        exact = pc.less(pc.abs(column), pa.scalar(float(EXACT_FLOAT_INTS), kind))  # past it, not the file's integer
+        row = first_false(pc.and_(pc.equal(pc.floor(column), column), exact))
         if row is not None:
             raise bad_id(path, row, column[row].as_py(), id_field)
         return pc.cast(pc.cast(column, pa.int64()), pa.string())

@@ -58,6 +58,9 @@ class Holder:
     started: str  # local time the lock was taken, ISO 8601
     heartbeat_s: float
     token: str
+    # The pid namespace `pid` is in (/proc/self/ns/pid): two containers may share a host name, not their pids.
+    # "" where unknown (a lock of an earlier distgen, no /proc).
+    pid_namespace: str = ""
 
     def describe(self) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
@@ -71,10 +74,17 @@ def scheduler_job(environ: Mapping[str, str]) -> tuple[str, int]:
     return job_id, start
 
 
+def pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def this_holder(heartbeat_s: float, environ: Mapping[str, str] = os.environ) -> Holder:
     job_id, start = scheduler_job(environ)
     return Holder(socket.gethostname(), os.getpid(), job_id, start, timestamp(),
-                  heartbeat_s, secrets.token_hex(8))
+                  heartbeat_s, secrets.token_hex(8), pid_namespace())
 
 
 def read_holder(path: Path) -> Optional[tuple[Holder, float]]:
@@ -89,7 +99,8 @@ def read_holder(path: Path) -> Optional[tuple[Holder, float]]:
         return None
     try:
         fields = json.loads(text)
-        return Holder(**{k: fields[k] for k in Holder.__dataclass_fields__}), age
+        return Holder(**{k: fields[k] for k in Holder.__dataclass_fields__ if k != "pid_namespace"},
+                      pid_namespace=str(fields.get("pid_namespace", ""))), age
     except (ValueError, KeyError, TypeError):
         return Holder("?", 0, "", 0, "?", 0.0, ""), age
 
@@ -107,7 +118,9 @@ def pid_gone(pid: int) -> bool:
 def takeover(holder: Holder, age: float, me: Holder, break_lock: bool) -> Optional[str]:
     """Why this job may take the lock from `holder`, or None when it must refuse."""
     stale = age > STALE_HEARTBEATS * max(holder.heartbeat_s, me.heartbeat_s)
-    if holder.host == me.host and (holder.pid == me.pid or pid_gone(holder.pid)):
+    same_pids = holder.host == me.host and (holder.pid_namespace == me.pid_namespace  # its pid means one here
+                                            or "" in (holder.pid_namespace, me.pid_namespace))
+    if same_pids and (holder.pid == me.pid or pid_gone(holder.pid)):
         return f"its process {holder.pid} on this host is gone"
     if holder.job_id and holder.job_id == me.job_id and holder.start != me.start:
         return f"{holder.job_id} started again (start {me.start + 1}): its earlier start is over"
