@@ -77,6 +77,26 @@ def test_resume_off_needs_overwrite_then_regenerates(tiny_model_dir, prompts_fil
     assert len(list(tmp_path.glob("previous-*"))) == 1
 
 
+def test_a_job_whose_records_are_all_written_closes_without_loading_the_model(tiny_model_dir, prompts_file, tmp_path,
+                                                                             capsys):
+    """Every record in the shards but the manifest not closed (a crash between the last record and the merge):
+    the rerun loads no model and generates nothing; it checks, merges and reports the job as it was."""
+    from distgen.outputs.folder import write_manifest
+    args = [f"model={tiny_model_dir}", f"dataset={prompts_file}", *ARGS, f"output.dir={tmp_path}"]
+    assert run_in_process(args) == 0
+    first = read_outputs(tmp_path)
+    write_manifest(tmp_path, {**read_manifest(tmp_path), "complete": False})
+    (tmp_path / "outputs.jsonl").unlink()
+    capsys.readouterr()
+    assert run_in_process(args) == 0
+    said = capsys.readouterr()
+    assert "engine:" not in said.out + said.err and "resuming: 7 of 7" in said.out + said.err
+    assert read_outputs(tmp_path) == first
+    stats = read_stats(tmp_path)
+    assert stats["ranks"][0]["generated_tokens"] == 0 and stats["ranks"][0]["load_seconds"] == 0
+    assert stats["summary"]["prompts"] == 7 and read_manifest(tmp_path)["complete"]
+
+
 def test_journal_lines_split_only_on_newlines(tmp_path):
     """A completion holding U+2028 or U+0085 (left unescaped with ensure_ascii=False) is one record."""
     from distgen.outputs.shards import read_jsonl_lines

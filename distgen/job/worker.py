@@ -112,8 +112,20 @@ def draft_counts(engine) -> dict[str, int]:
     return dict(draft_proposed=counters.proposed, draft_accepted=counters.accepted) if counters else {}
 
 
+def idle_run(job: Job, ctx: DistContext) -> RankRun:
+    """A rank of a job whose every record is already written (an earlier run finished them, its manifest did
+    not close): nothing to load or generate, the coordinator closes the job."""
+    stats = RankStats(rank=ctx.rank, device=str(ctx.device), device_name=device_name(ctx.device), host=host_name(),
+                      prompts=0, prompt_tokens=0, generated_tokens=0, forward_steps=0, idle_steps=0, load_seconds=0.0,
+                      generate_seconds=0.0, wall_seconds=0.0, load_peak_rss_mib=round(peak_rss_mib(), 1),
+                      peak_rss_mib=round(peak_rss_mib(), 1), cuda_peak_allocated_mib=0.0, cuda_peak_reserved_mib=0.0)
+    return RankRun(stats, [])
+
+
 def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay] = None) -> RankRun:
     """Generate this rank's prompts; records go to this rank's shards as they finish."""
+    if not job.left.any():
+        return idle_run(job, ctx)
     wall_start = time.perf_counter()
     reset_peaks(ctx.device)
     layout = get_layout(job.cfg.layout.name)
