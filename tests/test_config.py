@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from distgen.common.errors import ConfigError
@@ -223,3 +225,36 @@ def test_bad_job_files_name_the_file_and_the_key(text, args, message, tmp_path, 
     with pytest.raises(ConfigError, match=message):
         rest, job_file = split_job_file(args or ["--config-name", "job"])
         load_config([*TINY, *rest], job_file=job_file)
+
+
+def test_every_name_table_is_checked_and_listed_by_the_catalog():
+    """A choice is a Registry in catalog.TABLES: checked by name and listed in --help (the kernel backends are not a
+    choice: every registered one prepares the model)."""
+    import sys
+
+    from distgen.catalog import TABLES
+    from distgen.common.registry import Registry
+    from distgen.engine.kernels import KERNEL_BACKENDS
+
+    found = {id(value): value for module in list(sys.modules.values()) if module.__name__.startswith("distgen.")
+             for value in vars(module).values() if isinstance(value, Registry)}
+    assert [table.key for table in found.values() if table not in TABLES] == [KERNEL_BACKENDS.key]
+
+
+@pytest.mark.parametrize("option, key, allowed", [
+    ("launcher=slurm", "launcher.mode", "torchrun, srun"),
+    ("launcher=ray", "launcher.placement", "STRICT_PACK, PACK, SPREAD, STRICT_SPREAD"),
+    ("layout=zero3", "layout.offload_param", "none, cpu, nvme"),
+])
+def test_a_key_of_one_option_is_a_name_table_checked_under_that_option(option, key, allowed, capsys):
+    from distgen.catalog import TABLES
+    from distgen.config import RunConfig
+
+    table = next(table for table in TABLES if table.key == key)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}='bogus' is not allowed: expected one of {allowed}$"):
+        load_config([*TINY, option, f"{key}=bogus"])
+    table.check_name(RunConfig())  # the default layout and launcher have no such key: nothing to check
+    assert launch_main(["--help"]) == 0
+    help_lines = capsys.readouterr().out.splitlines()
+    for name in table.names():
+        assert any(line.startswith(f"  {key}={name} ") and f"({option}) " in line for line in help_lines), name

@@ -25,14 +25,17 @@ from distgen.engine.scheduler import SCHEDULERS
 from distgen.inputs.screening import TOO_LONG
 from distgen.inputs.source import DATASET_FORMATS
 from distgen.launchers import LAUNCHERS
+from distgen.launchers.ray import PLACEMENT_STRATEGIES
+from distgen.launchers.slurm import SLURM_MODES
 from distgen.models.loading import ATTENTION, DTYPES, MODEL_SOURCES
 from distgen.models.quantizers import QUANTIZERS
 from distgen.outputs.shards import MERGE_FORMATS, OUTPUT_FORMATS
 from distgen.parallel.layouts import LAYOUTS
+from distgen.parallel.layouts.zero3 import OFFLOAD_DEVICES
 
 # Every choice's name table, in the order a config's names are checked (and --help lists them).
 TABLES: tuple[Registry, ...] = (
-    DEVICES, LAYOUTS, LAUNCHERS,
+    DEVICES, LAYOUTS, OFFLOAD_DEVICES, LAUNCHERS, SLURM_MODES, PLACEMENT_STRATEGIES,
     MODEL_SOURCES, DTYPES, ATTENTION, QUANTIZERS, ASSISTANTS,
     SCHEDULERS, CACHES, QUANT_BACKENDS, COMPILE, COMPILE_MODES, AUTOCAST, CPU_KERNELS, ATTENTIONS, DRAFT_SCHEDULES,
     PREFIX_SHARING,

@@ -1,7 +1,7 @@
 """Value checks that name the key, the bad value and what is allowed."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 from distgen.common.errors import ConfigError
 
@@ -9,8 +9,3 @@ from distgen.common.errors import ConfigError
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-def require_choice(key: str, value: Any, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    require(value in choices, key, value, "expected one of " + ", ".join(choices))

@@ -39,11 +39,14 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Implementations of one config choice (e.g. `layout`), in registration order."""
 
-    def __init__(self, group: str, valued: bool = False, also: Optional[dict[str, str]] = None):
+    def __init__(self, group: str, valued: bool = False, also: Optional[dict[str, str]] = None,
+                 within: Optional[str] = None):
         """valued: the choice is a plain config value (`generation.scheduler`), not a Hydra group.
         also: names the key accepts besides the registered ones, each with what it resolves to when the
-        choice is built ({"auto": "a slot cache where ..."}): generation.cache=auto picks a registered cache."""
-        self.group, self.valued, self.also = group, valued, dict(also or {})
+        choice is built ({"auto": "a slot cache where ..."}): generation.cache=auto picks a registered cache.
+        within: the option of a group whose settings hold this key (`launcher.mode` is a key of launcher=slurm):
+        the key is checked only when that option is selected, and --help says which option it belongs to."""
+        self.group, self.valued, self.also, self.within = group, valued, dict(also or {}), within
         self.entries: dict[str, Entry[T]] = {}
 
     def register(self, name: str, config: Optional[type], impl: T, doc: str = "",
@@ -80,8 +83,19 @@ class Registry(Generic[T]):
         """The name this table's key holds in a run config."""
         return operator.attrgetter(self.key)(cfg)
 
+    @property
+    def section(self) -> str:
+        """The part of a run config the key is in (`launcher` for `launcher.mode`)."""
+        return self.key.partition(".")[0]
+
+    def applies(self, cfg: Any) -> bool:
+        """The run config has this key: always, unless it belongs to one option of a group (`within`)."""
+        return self.within is None or operator.attrgetter(f"{self.section}.name")(cfg) == self.within
+
     def check_name(self, cfg: Any) -> None:
         """The run config names one of this table's choices (and, for a group, holds that choice's settings)."""
+        if not self.applies(cfg):
+            return
         name = self.selected(cfg)
         if name in self.also:
             return
@@ -92,7 +106,7 @@ class Registry(Generic[T]):
 
     def check_rules(self, cfg: Any) -> None:
         """The selected choice's own rule about the rest of the config, if it states one."""
-        entry = self.entries.get(self.selected(cfg))
+        entry = self.entries.get(self.selected(cfg)) if self.applies(cfg) else None
         if entry is not None and entry.check is not None:
             entry.check(cfg)
 
@@ -111,5 +125,7 @@ class Registry(Generic[T]):
                 config_store.store(group=self.group, name=entry.name, node=entry.config)
 
     def describe(self) -> str:
-        lines = [f"  {self.group}={name:<12} {doc}" for name, doc in self.also.items()]
-        return "\n".join(lines + [f"  {self.group}={e.name:<12} {e.summary}" for e in self.entries.values()])
+        """One line per name the key takes (a key of one option says which: `(launcher=slurm)`)."""
+        where = f"({self.section}={self.within}) " if self.within is not None else ""
+        lines = [f"  {self.group}={name:<12} {where}{doc}" for name, doc in self.also.items()]
+        return "\n".join(lines + [f"  {self.group}={e.name:<12} {where}{e.summary}" for e in self.entries.values()])

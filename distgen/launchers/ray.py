@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from distgen.common import log
-from distgen.common.checks import require, require_choice
+from distgen.common.checks import require
+from distgen.common.registry import Registry
 from distgen.config import LauncherConfig, RunConfig
 from distgen.parallel.env import RANK_VARS
 from distgen.common.errors import ConfigError, LaunchError
@@ -25,7 +26,12 @@ from distgen.launchers.base import Entry, Launcher, free_port, register, run_com
 
 logger = logging.getLogger(__name__)
 
-PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+# Ray's placement-group strategies (launcher.placement), by Ray's own names.
+PLACEMENT_STRATEGIES: Registry[str] = Registry("launcher.placement", valued=True, within="ray")
+PLACEMENT_STRATEGIES.register("STRICT_PACK", None, "STRICT_PACK", doc="every rank on one node")
+PLACEMENT_STRATEGIES.register("PACK", None, "PACK", doc="on as few nodes as possible (best effort)")
+PLACEMENT_STRATEGIES.register("SPREAD", None, "SPREAD", doc="over as many nodes as possible (best effort)")
+PLACEMENT_STRATEGIES.register("STRICT_SPREAD", None, "STRICT_SPREAD", doc="every rank on a node of its own")
 CONNECT_TIMEOUT_S = 10.0
 SUBMIT_KEY = "launcher.submit"
 
@@ -53,7 +59,6 @@ class RayLauncher(LauncherConfig):
         require(self.gpus_per_rank >= 0, "launcher.gpus_per_rank", self.gpus_per_rank, "must be >= 0")
         require(self.cpus_per_rank > 0 or self.gpus_per_rank > 0, "launcher.cpus_per_rank", self.cpus_per_rank,
                 "a rank needs some resources: cpus_per_rank > 0 or gpus_per_rank > 0")
-        require_choice("launcher.placement", self.placement, PLACEMENT_STRATEGIES)
         require(self.placement_timeout_s > 0, "launcher.placement_timeout_s", self.placement_timeout_s, "must be > 0")
         require(not self.submit or self.submit.startswith(("http://", "https://")), SUBMIT_KEY, self.submit,
                 "the job server's URL, e.g. http://HEAD:8265")
@@ -136,7 +141,7 @@ def run_ranks(ray, cfg: RayLauncher, overrides: Sequence[str], out_dir: str, ent
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    group = placement_group(bundles(cfg), strategy=cfg.placement)
+    group = placement_group(bundles(cfg), strategy=PLACEMENT_STRATEGIES.get(cfg.placement))
     actors = []
     try:
         ready, _ = ray.wait([group.ready()], timeout=cfg.placement_timeout_s)

@@ -17,9 +17,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from distgen.common.checks import require, require_choice
+from distgen.common.checks import require
+from distgen.common.registry import Registry
 from distgen.config import LauncherConfig, RunConfig
 from distgen.common.errors import ConfigError, LaunchError
 from distgen.launchers.base import WORKER_MODULE, Entry, Launcher, register, write_next_to_outputs
@@ -27,7 +28,6 @@ from distgen.launchers.torchrun import TorchrunLauncher, torchrun_command
 
 logger = logging.getLogger(__name__)
 
-SLURM_MODES = ("torchrun", "srun")
 SCRIPT_NAME = "distgen-slurm.sbatch"
 # Job states after which nothing more happens (a requeued job goes back to PENDING instead).
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -72,7 +72,6 @@ class SlurmLauncher(LauncherConfig):
                 "must be >= 0 (or null: no GPUs)")
         require(self.ranks_per_node is None or self.ranks_per_node >= 1, "launcher.ranks_per_node",
                 self.ranks_per_node, "must be >= 1 (or null: one rank per GPU asked for, 1 in a CPU job)")
-        require_choice("launcher.mode", self.mode, SLURM_MODES)
         require(self.cpus_per_task >= 0, "launcher.cpus_per_task", self.cpus_per_task, "must be >= 0")
         require(0 <= self.port <= 65535, "launcher.port", self.port, "must be a port, 0-65535")
         require(self.poll_s > 0, "launcher.poll_s", self.poll_s, "must be > 0")
@@ -101,8 +100,20 @@ def shell_line(argv: Sequence[str]) -> str:
     return " ".join(shell_word(a) for a in argv)
 
 
+@dataclass(frozen=True)
+class SlurmMode:
+    """How the ranks start inside the allocation (launcher.mode)."""
+    # srun tasks per node (sbatch --ntasks-per-node).
+    tasks_per_node: Callable[[SlurmLauncher], int]
+    # (settings, overrides, python) -> the batch script's lines that start every rank.
+    rank_lines: Callable[[SlurmLauncher, Sequence[str], str], list[str]]
+
+
+SLURM_MODES: Registry[SlurmMode] = Registry("launcher.mode", valued=True, within="slurm")
+
+
 def sbatch_directives(cfg: SlurmLauncher, log: str, workdir: str) -> list[str]:
-    tasks = 1 if cfg.mode == "torchrun" else cfg.ranks
+    tasks = SLURM_MODES.get(cfg.mode).tasks_per_node(cfg)
     wanted = [
         ("--job-name", cfg.job_name), ("--nodes", cfg.nodes), ("--ntasks-per-node", tasks),
         ("--gpus-per-node", cfg.gpus_per_node or None), ("--cpus-per-task", cfg.cpus_per_task or None),
@@ -115,15 +126,31 @@ def sbatch_directives(cfg: SlurmLauncher, log: str, workdir: str) -> list[str]:
     return lines + [f"#SBATCH {line}" for line in cfg.extra_sbatch]
 
 
-def rank_lines(cfg: SlurmLauncher, overrides: Sequence[str], python: str) -> list[str]:
-    """The srun line that starts every rank, and what it needs exported."""
-    srun = ["srun", "--kill-on-bad-exit=1"]
-    if cfg.mode == "torchrun":
-        node = TorchrunLauncher(nproc_per_node=cfg.ranks, nnodes=cfg.nodes, rdzv_endpoint="$HEAD_ADDR:$PORT")
-        return [shell_line([*srun, *torchrun_command(node, overrides, python)])]
+SRUN = ("srun", "--kill-on-bad-exit=1")
+
+
+def torchrun_rank_lines(cfg: SlurmLauncher, overrides: Sequence[str], python: str) -> list[str]:
+    """One srun task per node runs torchrun for that node's ranks (c10d rendezvous on the first node)."""
+    node = TorchrunLauncher(nproc_per_node=cfg.ranks, nnodes=cfg.nodes, rdzv_endpoint="$HEAD_ADDR:$PORT")
+    return [shell_line([*SRUN, *torchrun_command(node, overrides, python)])]
+
+
+def srun_rank_lines(cfg: SlurmLauncher, overrides: Sequence[str], python: str) -> list[str]:
+    """One srun task per rank runs distgen.run itself."""
     # Read by distgen.parallel.env's SLURM row; each task's rank comes from SLURM_PROCID.
     return ['export DISTGEN_MASTER_ADDR="$HEAD_ADDR" DISTGEN_MASTER_PORT="$PORT"',
-            shell_line([*srun, python, "-m", WORKER_MODULE, *overrides])]
+            shell_line([*SRUN, python, "-m", WORKER_MODULE, *overrides])]
+
+
+SLURM_MODES.register("torchrun", None, SlurmMode(lambda cfg: 1, torchrun_rank_lines),
+                     doc="srun starts torchrun once per node, for that node's ranks")
+SLURM_MODES.register("srun", None, SlurmMode(lambda cfg: cfg.ranks, srun_rank_lines),
+                     doc="one srun task per rank runs distgen.run (rank variables from SLURM)")
+
+
+def rank_lines(cfg: SlurmLauncher, overrides: Sequence[str], python: str) -> list[str]:
+    """The srun line that starts every rank, and what it needs exported."""
+    return SLURM_MODES.get(cfg.mode).rank_lines(cfg, overrides, python)
 
 
 def sbatch_script(cfg: SlurmLauncher, overrides: Sequence[str], python: str, log: str, workdir: str) -> str:

@@ -2,8 +2,9 @@
 
 A quantizer turns a loaded model's Linear layers (all but the output head) into quantized ones
 after the weights are read and before a layout places the model. Each says on which devices its
-kernels run, which layouts can place its weights (sharding layouts cannot split bitsandbytes or
-quanto tensors, so none of them lists fsdp), and whether torch.compile may wrap the result (the
+kernels run, whether a layout that splits tensors over ranks can split its weights (bitsandbytes,
+quanto and torch's dynamic int8 weights cannot be split: the layouts say which of them keep every
+tensor whole, `Layout.whole_tensors`, and check it), and whether torch.compile may wrap the result (the
 engine's compile rule reads `compileable`).
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ class Quantizer:
     name: str
     # Device types its kernels run on.
     devices: tuple[str, ...]
-    # Layouts that can place its weights; None: every layout.
-    layouts: Optional[tuple[str, ...]]
+    # A layout that splits weight tensors over ranks (fsdp, zero3) can split its weights; False: only a
+    # layout that keeps every tensor whole places them (the layout checks it: Layout.whole_tensors).
+    shardable: bool
     # torch.compile may wrap the quantized model (transformers says the same of its own quantizers).
     compileable: bool
     # The pip package (import name, pinned requirement) it needs; None: torch alone.
@@ -53,18 +55,14 @@ def get_quantizer(name: str) -> Quantizer:
 
 
 def check_quantization(cfg: "RunConfig") -> None:
-    """Refuse, before any worker starts, a quantizer that cannot run with the chosen device, layout,
-    dtype, or without its package."""
+    """Refuse, before any worker starts, a quantizer that cannot run with the chosen device, dtype, or without its
+    package (the layout checks that it can place the quantized weights)."""
     name = cfg.model.quantization
     quantizer = get_quantizer(name)
     device = target_device(cfg.device)
     require(device in quantizer.devices, "model.quantization", name,
             f"{name} runs on {' and '.join(quantizer.devices)}, not on device={cfg.device} ({device})"
             + ("; use device=cpu" if quantizer.devices == ("cpu",) else ""))
-    if quantizer.layouts is not None:
-        require(cfg.layout.name in quantizer.layouts, "model.quantization", name,
-                f"layout={cfg.layout.name} cannot shard {name} weights; layouts that can place them: "
-                + ", ".join(quantizer.layouts))
     if quantizer.dtypes is not None:
         require(cfg.model.dtype in quantizer.dtypes, "model.quantization", name,
                 f"it needs model.dtype in {', '.join(quantizer.dtypes)}, not {cfg.model.dtype}")
@@ -97,5 +95,5 @@ class NoQuantization:
     """Weights stay in model.dtype."""
 
 
-register(Quantizer("none", devices=("cpu", "cuda"), layouts=None, compileable=True, package=None,
+register(Quantizer("none", devices=("cpu", "cuda"), shardable=True, compileable=True, package=None,
                    apply=lambda model, device: model), NoQuantization)

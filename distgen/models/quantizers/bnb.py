@@ -2,7 +2,7 @@
 0.45 a CPU backend (used here when device=cpu). A bitsandbytes parameter quantizes itself when
 it is first moved to a device, so `apply` swaps the Linear layers and moves them to the rank's
 device. FSDP cannot shard these parameters (their shape and quantization state are not
-shardable tensors): replicate and device_map only."""
+shardable tensors): only layouts that keep tensors whole."""
 from __future__ import annotations
 
 import warnings
@@ -14,7 +14,6 @@ from torch import nn
 from distgen.models.quantizers.base import Quantizer, register, replace_linears
 
 PACKAGE = ("bitsandbytes", "bitsandbytes==0.50.2")
-LAYOUTS = ("replicate", "device_map")
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def apply_4bit(model: nn.Module, device: torch.device) -> nn.Module:
     return replace_linears(model, make)
 
 
-register(Quantizer("bnb_8bit", devices=("cpu", "cuda"), layouts=LAYOUTS, compileable=False, package=PACKAGE,
+register(Quantizer("bnb_8bit", devices=("cpu", "cuda"), shardable=False, compileable=False, package=PACKAGE,
                    apply=apply_8bit), Bnb8bit)
-register(Quantizer("bnb_4bit", devices=("cpu", "cuda"), layouts=LAYOUTS, compileable=False, package=PACKAGE,
+register(Quantizer("bnb_4bit", devices=("cpu", "cuda"), shardable=False, compileable=False, package=PACKAGE,
                    apply=apply_4bit), Bnb4bit)

@@ -1,5 +1,5 @@
 """optimum-quanto int8 / int4 weights (activations stay in the model dtype), quantized and frozen
-in place. Its weights are tensor subclasses FSDP cannot shard: replicate and device_map only.
+in place. Its weights are tensor subclasses FSDP cannot shard: only layouts that keep tensors whole.
 On CPU, int4 unpacks with a C++ extension quanto compiles on first use (once per install)."""
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from torch import nn
 from distgen.models.quantizers.base import Quantizer, quantizable_linears, register
 
 PACKAGE = ("optimum.quanto", "optimum-quanto==0.2.7")
-LAYOUTS = ("replicate", "device_map")
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ def quantizer(weights: str):
     return apply
 
 
-register(Quantizer("quanto_int8", devices=("cpu", "cuda"), layouts=LAYOUTS, compileable=False, package=PACKAGE,
+register(Quantizer("quanto_int8", devices=("cpu", "cuda"), shardable=False, compileable=False, package=PACKAGE,
                    apply=quantizer("qint8")), QuantoInt8)
-register(Quantizer("quanto_int4", devices=("cpu", "cuda"), layouts=LAYOUTS, compileable=False, package=PACKAGE,
+register(Quantizer("quanto_int4", devices=("cpu", "cuda"), shardable=False, compileable=False, package=PACKAGE,
                    apply=quantizer("qint4")), QuantoInt4)

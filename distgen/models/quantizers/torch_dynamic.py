@@ -29,5 +29,5 @@ def apply(model: nn.Module, device: torch.device) -> nn.Module:
         return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
-register(Quantizer("int8_dynamic", devices=("cpu",), layouts=("replicate", "device_map"), compileable=False,
+register(Quantizer("int8_dynamic", devices=("cpu",), shardable=False, compileable=False,
                    package=None, apply=apply, dtypes=("auto", "fp32")), Int8Dynamic)

@@ -21,6 +21,7 @@ from distgen.config import LayoutConfig, named_adapters
 from distgen.parallel.env import DistContext
 from distgen.common.errors import ConfigError
 from distgen.models.loading import ModelSource
+from distgen.models.quantizers import get_quantizer
 from distgen.common.registry import Registry
 from distgen.outputs.stats import tensor_bytes, weight_tensors
 
@@ -90,15 +91,23 @@ class Layout:
     # Whether a rank may swap LoRA adapters into its weights between records (model.lora by name): it holds
     # the whole model and runs free of the other ranks.
     swaps_adapters: bool = False
+    # Every weight tensor stays whole on the rank that holds it (the layout places modules; fsdp and zero3 split
+    # tensors over ranks): the layouts that can place quantized weights no layout can split (Quantizer.shardable).
+    whole_tensors: bool = False
 
     def check(self, cfg) -> None:
-        """Its package is installed, and it can run adapters chosen per record if given (before any worker starts)."""
+        """Its package is installed, it can place the quantized weights and run adapters chosen per record if given
+        (before any worker starts)."""
         require(self.needs is None or importlib.util.find_spec(self.needs) is not None, "layout", self.name,
                 f"it needs the {self.needs} package, which is not installed here (pip install {self.needs})")
         swapping = ", ".join(name for name, entry in LAYOUTS.entries.items() if entry.impl.swaps_adapters)
         require(self.swaps_adapters or named_adapters(cfg.model.lora) is None, "model.lora", cfg.model.lora,
                 f"adapters chosen per record are swapped into a whole model between records (layout={swapping}); "
                 f"layout={self.name} takes one adapter folder, merged into the weights at load")
+        quantization = cfg.model.quantization
+        placing = ", ".join(name for name, entry in LAYOUTS.entries.items() if entry.impl.whole_tensors)
+        require(self.whole_tensors or get_quantizer(quantization).shardable, "model.quantization", quantization,
+                f"layout={self.name} cannot shard {quantization} weights; layouts that can place them: {placing}")
 
 
 LAYOUTS: Registry[Layout] = Registry("layout")

@@ -128,4 +128,4 @@ def prepare(source: ModelSource, cfg: DeviceMapLayout, ctx: DistContext, groups:
                   release=lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
-register(Layout("device_map", prepare=prepare), DeviceMapLayout)
+register(Layout("device_map", prepare=prepare, whole_tensors=True), DeviceMapLayout)

@@ -21,4 +21,4 @@ def prepare(source: ModelSource, cfg: ReplicateLayout, ctx: DistContext, groups:
     return Placed(model, lockstep=False, input_device=ctx.device, adapters=source.adapters(model))
 
 
-register(Layout("replicate", prepare=prepare, swaps_adapters=True), ReplicateLayout)
+register(Layout("replicate", prepare=prepare, swaps_adapters=True, whole_tensors=True), ReplicateLayout)

@@ -15,14 +15,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distgen.common.checks import require, require_choice
+from distgen.common.checks import require
+from distgen.common.registry import Registry
 from distgen.config import LayoutConfig
 from distgen.parallel.env import DistContext
 from distgen.parallel.layouts.base import (DataGroups, Layout, Placed, process_group, register, resident_param_bytes,
                                   shard_groups)
 from distgen.models.loading import ModelSource, resolve_dtype
 
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+# Where each rank keeps its partition between forwards (layout.offload_param): DeepSpeed's offload device, or None.
+OFFLOAD_DEVICES: Registry[Optional[str]] = Registry("layout.offload_param", valued=True, within="zero3")
+OFFLOAD_DEVICES.register("none", None, None, doc="on the rank's device")
+OFFLOAD_DEVICES.register("cpu", None, "cpu", doc="in host memory, moved to the device for each forward")
+OFFLOAD_DEVICES.register("nvme", None, "nvme", doc="in files under layout.nvme_path (DeepSpeed's async_io)")
 # Where DeepSpeed JIT-builds its C++ ops (async_io for nvme offload), unless TORCH_EXTENSIONS_DIR says: kept, so
 # a build happens once; beside distgen's CPU kernels in the user's cache (not beside the package: an installed
 # wheel's folder is site-packages).
@@ -47,7 +52,6 @@ class Zero3Layout(LayoutConfig):
     collective_timeout_s: float = 600.0
 
     def check(self) -> None:
-        require_choice("layout.offload_param", self.offload_param, OFFLOAD_DEVICES)
         require(self.offload_param != "nvme" or bool(self.nvme_path), "layout.nvme_path", self.nvme_path,
                 "layout.offload_param=nvme needs layout.nvme_path=<folder on a fast local disk>")
         require(self.shard_group_size is None or self.shard_group_size >= 1, "layout.shard_group_size",
@@ -58,8 +62,9 @@ class Zero3Layout(LayoutConfig):
 def deepspeed_config(cfg: Zero3Layout, dtype: torch.dtype) -> dict:
     """A stage-3 inference config (no optimizer) from the layout's settings."""
     zero: dict = {"stage": 3}
-    if cfg.offload_param != "none":
-        zero["offload_param"] = {"device": cfg.offload_param, "pin_memory": False,
+    device = OFFLOAD_DEVICES.get(cfg.offload_param)
+    if device is not None:
+        zero["offload_param"] = {"device": device, "pin_memory": False,
                                  **({"nvme_path": cfg.nvme_path} if cfg.offload_param == "nvme" else {})}
     if cfg.stage3_prefetch_bucket_size is not None:
         zero["stage3_prefetch_bucket_size"] = cfg.stage3_prefetch_bucket_size
