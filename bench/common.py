@@ -7,7 +7,10 @@
   threads for every system, vLLM's `VLLM_CPU_OMP_THREADS_BIND` included;
 - one way to run a process measured (`run_measured`): wall clock, the whole process tree's CPU seconds
   and peak RSS, the load average before and after, and the load from elsewhere (`Usage.loaded`);
-- one way to run distgen (`run_distgen`): its CLI, as a user runs it, under that binding.
+- one way to run distgen (`run_distgen`): its CLI, as a user runs it, under that binding;
+- one HF baseline (`hf_generate_static`): `model.generate` on static batches sorted by length, on the model's
+  own device and dtype (bench/peer_runner.py's `hf_generate` on CPU, bench/gpu.py's HF row on a GPU). It
+  imports torch only when called, so bench/peer_runner.py imports this module in any peer venv.
 """
 from __future__ import annotations
 
@@ -71,19 +74,29 @@ class BenchPrompt:
 
 
 def make_prompts(count: int, seed: int = 0, lengths: tuple[int, int] = (8, 256),
-                 budgets: tuple[int, int] = (16, 128), repetitive: bool = False) -> list[BenchPrompt]:
+                 budgets: tuple[int, int] = (16, 128), repetitive: bool = False,
+                 even: bool = False) -> list[BenchPrompt]:
     """`count` prompts of `lengths` characters with `budgets` new tokens, drawn from a seeded generator.
-    `repetitive`: each prompt repeats one short phrase (what prompt lookup feeds on)."""
+    `repetitive`: each prompt repeats one short phrase (what prompt lookup feeds on). `even`: lengths and
+    budgets spread evenly over their ranges instead of drawn (prompt i: strides of 37 and 53 through each
+    range), so the job's shape is the same whatever the seed (bench/gpu.py's job); the words are still drawn."""
     rng = random.Random(seed)
     prompts = []
-    for _ in range(count):
-        length = rng.randint(*lengths)
+    for i in range(count):
+        length = spread(i, 37, lengths) if even else rng.randint(*lengths)
         words = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))] if repetitive else []
         text = ""
         while len(text) < length:
             text += " ".join(words if repetitive else [rng.choice(WORDS)]) + " "
-        prompts.append(BenchPrompt(text[:length].strip() or "a", rng.randint(*budgets)))
+        budget = spread(i, 53, budgets) if even else rng.randint(*budgets)
+        prompts.append(BenchPrompt(text[:length].strip() or "a", budget))
     return prompts
+
+
+def spread(i: int, stride: int, bounds: tuple[int, int]) -> int:
+    """The i-th of a deterministic walk through `bounds` (inclusive) in steps of `stride`."""
+    low, high = bounds
+    return low + (i * stride) % (high - low + 1)
 
 
 def shared_prefix(characters: int, seed: int = 0) -> str:
@@ -315,6 +328,19 @@ def bench_env(binding: Binding, ranks: int = 1) -> dict:
         "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
+class RunFailed(RuntimeError):
+    """A measured run that exited non-zero (`returncode`) or ran past its time (`returncode` None); `log` holds
+    its output."""
+
+    def __init__(self, message: str, log: Path, returncode: Optional[int]):
+        super().__init__(message)
+        self.log, self.returncode = log, returncode
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+
 @dataclass(frozen=True)
 class Measured:
     launch: float  # time.time() at launch and when the tree was reaped
@@ -325,7 +351,7 @@ class Measured:
 def run_measured(launch: Launch, timeout_s: float, poll: Optional[Callable[[float], None]] = None) -> Measured:
     """Run `launch` to its end in its own session (a timeout, or this harness stopping, ends the whole
     tree: vLLM's engine core outlives a killed parent otherwise); `poll(now)` every 20 ms. Raises
-    RuntimeError naming the log when it fails or runs past `timeout_s`."""
+    RunFailed (a RuntimeError) naming the log when it fails or runs past `timeout_s`."""
     command, log = launch.command, launch.log
     load_before, busy0, own0 = os.getloadavg()[0], busy_seconds(), own_seconds()
     started = time.time()
@@ -352,7 +378,7 @@ def run_measured(launch: Launch, timeout_s: float, poll: Optional[Callable[[floa
                 except OSError:
                     pass
             if now - started > timeout_s:
-                raise RuntimeError(f"{' '.join(command[:6])} ran past {timeout_s:.0f}s; log: {log}")
+                raise RunFailed(f"{' '.join(command[:6])} ran past {timeout_s:.0f}s; log: {log}", log, None)
             time.sleep(0.02)
     finally:
         if status is None:
@@ -367,7 +393,8 @@ def run_measured(launch: Launch, timeout_s: float, poll: Optional[Callable[[floa
                   other_load(busy_seconds() - busy0, tree_cpu, own_seconds() - own0, wall), affinity)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise RuntimeError(f"{' '.join(command[:6])}... exited {proc.returncode}; log {log}:\n{tail}")
+        raise RunFailed(f"{' '.join(command[:6])}... exited {proc.returncode}; log {log}:\n{tail}", log,
+                        proc.returncode)
     return Measured(started, end, usage)
 
 
@@ -450,3 +477,66 @@ def run_distgen(launch: Launch, out_dir: Path, timeout_s: float = 1800) -> Distg
     # otherwise read its first output after its end, or as ready after its first output.
     first_output = min(watch.first_output or done, done)
     return DistgenRun(records, stats, measured, min(ready, first_output), first_output, done)
+
+
+# ---------------------------------------------------------------- the HF baseline
+
+@dataclass(frozen=True)
+class HfRun:
+    """What `hf_generate_static` produced: each prompt's tokens, in input order, and when."""
+    tokens: list[list[int]]
+    seconds: float  # generation wall time, the warm-up left out (the device synchronized at both ends)
+    ready: float  # time.time() stamps: before the first timed batch, after it, after the last
+    first_output: float
+    done: float
+
+
+def trim(tokens: Sequence[int], eos_ids: Sequence[int], budget: int) -> list[int]:
+    """The first `budget` tokens, cut after the first EOS (kept)."""
+    out = []
+    for token in list(tokens)[:budget]:
+        out.append(int(token))
+        if token in eos_ids:
+            break
+    return out
+
+
+def hf_generate_static(model, ids: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, pad_id: int,
+                       eos_ids: Sequence[int] = (), warm_up: bool = False) -> HfRun:
+    """The HF baseline: greedy `model.generate` on static batches of `batch_size` prompts (token `ids`), longest
+    first (less padding), left-padded, on the model's own device and dtype. Each batch runs to its largest
+    budget; each prompt keeps the tokens it asked for, cut after its first EOS (`eos_ids`; none: every row runs
+    to its budget, the model's own EOS switched off). `warm_up`: two of the shortest prompts first, untimed
+    (kernels, cuBLAS handles), and CUDA's peak-memory counters reset after them."""
+    import torch
+    device = next(model.parameters()).device
+    model.generation_config.eos_token_id = None  # only `eos_ids` end a row
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def generate(batch: list[int]) -> list[list[int]]:
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids[i])) + list(ids[i]) for i in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id,
+                             max_new_tokens=max(budgets[i] for i in batch), eos_token_id=list(eos_ids) or None)
+        return out[:, width:].tolist()  # (rows, new tokens)
+
+    tokens: list[list[int]] = [[] for _ in ids]
+    with torch.inference_mode():
+        if warm_up:
+            generate(batches[-1][:2])
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        ready, start, first_output = time.time(), time.perf_counter(), None
+        for batch in batches:
+            for i, row in zip(batch, generate(batch)):
+                tokens[i] = trim(row, eos_ids, budgets[i])
+            first_output = first_output or time.time()
+        sync()
+    return HfRun(tokens, time.perf_counter() - start, ready, first_output or time.time(), time.time())

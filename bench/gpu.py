@@ -20,6 +20,9 @@
    spent waiting for the device), the GPU's busy time and kernels per step from torch.profiler.
 
 tok/s counts the tokens the prompts asked for over generation time (load excluded; HF timed after a warm-up).
+The prompts, the distgen runs and the HF baseline are bench/common.py's, as for every bench: `make_prompts`
+(lengths and budgets spread evenly), `run_distgen` (`python -m distgen.launch`, one rank, no core binding) and
+`hf_generate_static`.
 `scripts/gpu_check.sh` runs this; the files it writes go to bench/results/ (gpu-<card>-<date>.md/.json).
 """
 from __future__ import annotations
@@ -31,11 +34,10 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -48,8 +50,10 @@ import distgen.backends.cpu  # noqa: E402,F401  registers the CPU backend with t
 from distgen.config import GenerationConfig, TinyModelConfig  # noqa: E402
 from distgen.common.errors import ConfigError  # noqa: E402
 from distgen.catalog.load import load_config  # noqa: E402
-from distgen.outputs.stats import cuda_peaks_mib, reset_peaks  # noqa: E402
+from distgen.outputs.stats import cuda_peaks_mib  # noqa: E402
 from distgen.models.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
+from bench.common import (Binding, BenchPrompt, RunFailed, distgen_launch, hf_generate_static,  # noqa: E402
+                          make_prompts, run_distgen, write_prompts)
 
 PRESETS = {  # model shape, prompts, prompt lengths and budgets (tokens), rows per batch (HF's, and a variant's)
     "1b": dict(layers=22, hidden=2048, heads=32, kv_heads=4, intermediate=5632, prompts=512,
@@ -84,7 +88,6 @@ VARIANTS = (  # most telling first: later ones are left out when the time limit 
 )
 # A variant starts only with this many seconds left (a 1B model's load and run).
 MIN_VARIANT_SECONDS = 40
-WORDS = "the model reads a prompt and writes a completion one token at a time until it is done".split()
 
 
 # --- the limits: what the card does, what the job costs ---
@@ -224,11 +227,11 @@ class Result:
     completions: list[list[int]] = field(default_factory=list, repr=False)
 
 
-def make_prompts(count: int, min_len: int, max_len: int, min_budget: int, max_budget: int) -> list[dict]:
-    """Deterministic mixed lengths (one token per byte) and budgets, spread evenly over their ranges."""
-    text = " ".join(WORDS * (max_len // 3 + 1))
-    return [{"id": i, "prompt": text[(i * 13) % 40:][: min_len + (i * 37) % (max_len - min_len + 1)].strip() or "a",
-             "max_new_tokens": min_budget + (i * 53) % (max_budget - min_budget + 1)} for i in range(count)]
+def job_prompts(args) -> list[BenchPrompt]:
+    """The job's prompts: bench/common.py's generator (seed 0), prompt lengths (characters, one token each) and
+    budgets spread evenly over the preset's ranges (`even`: the job's shape, as measured since 2026-11-30)."""
+    return make_prompts(args.prompts, lengths=(args.min_prompt, args.max_prompt),
+                        budgets=(args.min_budget, args.max_budget), even=True)
 
 
 def model_config(args) -> TinyModelConfig:
@@ -261,37 +264,34 @@ def composes(override: str) -> bool:
     return True
 
 
-def run_distgen(name: str, args, work: Path, prompts_file: Path, model_dir: Path, extra: list[str],
-                timeout: float, env: Optional[dict] = None) -> Result:
+def measure_distgen(name: str, args, work: Path, prompts_file: Path, model_dir: Path, extra: list[str],
+                    timeout: float, env: Optional[dict] = None) -> Result:
+    """distgen as every bench runs it (bench/common.py `run_distgen`: `python -m distgen.launch`, one rank, no
+    core binding, the threads this process has, as HF's in-process baseline), with the job's settings, `extra`
+    overrides and `env` on top (a variant's)."""
     out = work / "".join(c if c.isalnum() else "_" for c in name)
-    overrides = [f"model={model_dir}", f"dataset={prompts_file}", f"output.dir={out}", f"device={args.device}",
-                 f"model.dtype={args.dtype}", "generation.eos_token_ids=[]",
-                 f"generation.max_new_tokens={args.max_budget}", "output.print_table=false", "output.resume=false",
-                 "output.progress_every_s=0", *extra]
-    run_env = {**os.environ, **(env or {}),
-               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    log = work / f"{out.name}.log"
+    overrides = [f"model={model_dir}", f"dataset={prompts_file}", f"device={args.device}", f"model.dtype={args.dtype}",
+                 "generation.eos_token_ids=[]", f"generation.max_new_tokens={args.max_budget}", *extra]
+    launch = distgen_launch(overrides, out, Binding.make(torch.get_num_threads(), "none"))
+    launch = replace(launch, env={**launch.env, **(env or {})})
     try:
-        with open(log, "w") as sink:
-            done = subprocess.run([sys.executable, "-m", "distgen.run", *overrides], cwd=REPO, env=run_env,
-                                  stdout=sink, stderr=subprocess.STDOUT, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return Result(name, f"timed out after {timeout:.0f}s", overrides=extra, env=env or {})
-    if done.returncode != 0:
-        tail = log.read_text()[-3000:]
-        print(f"--- {name} failed (exit {done.returncode}):\n{tail}", flush=True)
-        return Result(name, f"failed: exit {done.returncode}: {error_line(tail)}", overrides=extra, env=env or {})
-    stats = json.loads((out / "stats.json").read_text())
+        job = run_distgen(launch, out, timeout)
+    except RunFailed as failed:
+        if failed.timed_out:
+            return Result(name, f"timed out after {timeout:.0f}s", overrides=extra, env=env or {})
+        tail = failed.log.read_text(errors="replace")[-3000:]
+        print(f"--- {name} failed (exit {failed.returncode}):\n{tail}", flush=True)
+        return Result(name, f"failed: exit {failed.returncode}: {error_line(tail)}", overrides=extra, env=env or {})
+    stats = job.stats
     [rank] = stats["ranks"]
-    records = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
-    engine = next((line.strip() for line in log.read_text().splitlines() if "engine:" in line), "")
+    engine = next((line.strip() for line in launch.log.read_text().splitlines() if "engine:" in line), "")
     print(f"  {name}: {engine[:600]}", flush=True)
     return Result(name, "ok", stats["summary"]["tokens_per_second"], stats["summary"]["generated_tokens"],
                   stats["summary"]["generate_seconds"], rank["cuda_peak_allocated_mib"], rank["cuda_peak_reserved_mib"],
                   rank.get("cuda_graph_capture_seconds", 0.0) or rank.get("compile_seconds", 0.0),
                   rank.get("batch_size", 0), graph_replays=rank.get("cuda_graph_replays", 0),
                   syncs_per_step=rank.get("blocking_syncs_per_step", 0.0), engine=engine, overrides=extra,
-                  env=env or {}, completions=[r["completion_token_ids"] for r in records])
+                  env=env or {}, completions=job.tokens)
 
 
 def error_line(log_tail: str) -> str:
@@ -300,43 +300,17 @@ def error_line(log_tail: str) -> str:
     return next((line for line in reversed(lines) if "rror" in line), lines[-1])[:240]
 
 
-def left_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
-def run_hf_static(args, prompts: list[dict], tokenizer, model: torch.nn.Module, device: torch.device) -> Result:
-    """HF `generate`, static batches sorted by prompt length; timed after a warm-up."""
-    model.generation_config.eos_token_id = None  # EOS off, as for distgen: every row runs to max_new_tokens
-    token_ids = [tokenizer(p["prompt"])["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]), reverse=True)
-    batches = [order[k:k + args.batch_size] for k in range(0, len(order), args.batch_size)]
-    completions: dict[int, list[int]] = {}
-
-    def generate(batch: list[int]) -> torch.Tensor:
-        ids, mask = left_padded([token_ids[i] for i in batch], tokenizer.pad_token_id, device)
-        budget = max(prompts[i]["max_new_tokens"] for i in batch)
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
-
-    with torch.no_grad():
-        generate(batches[-1][:2])  # warm-up: kernels, cuBLAS handles
-        sync(device)
-        reset_peaks(device)
-        start = time.perf_counter()
-        for batch in batches:
-            new = generate(batch).tolist()
-            for i, row in zip(batch, new):
-                completions[i] = row[: prompts[i]["max_new_tokens"]]
-        sync(device)
-        seconds = time.perf_counter() - start
+def run_hf_static(args, prompts: list[BenchPrompt], tokenizer, model: torch.nn.Module,
+                  device: torch.device) -> Result:
+    """HF `generate`, the baseline every bench shares (bench/common.py `hf_generate_static`): static batches of
+    --batch-size prompts sorted by length, EOS off (every row runs to its budget), timed after a warm-up."""
+    run = hf_generate_static(model, [tokenizer(p.text)["input_ids"] for p in prompts], [p.budget for p in prompts],
+                             args.batch_size, tokenizer.pad_token_id, eos_ids=(), warm_up=True)
     allocated, reserved = cuda_peaks_mib(device)
-    generated = sum(p["max_new_tokens"] for p in prompts)
-    return Result("HF generate, static batches", "ok", round(generated / seconds, 2), generated, round(seconds, 3),
-                  round(allocated, 1), round(reserved, 1), rows=args.batch_size,
-                  completions=[completions[i] for i in range(len(prompts))])
+    generated = sum(p.budget for p in prompts)
+    return Result("HF generate, static batches", "ok", round(generated / run.seconds, 2), generated,
+                  round(run.seconds, 3), round(allocated, 1), round(reserved, 1), rows=args.batch_size,
+                  completions=run.tokens)
 
 
 def sync(device: torch.device) -> None:
@@ -537,12 +511,12 @@ def micro_markdown(micro: list[MicroResult]) -> list[str]:
     return lines
 
 
-def markdown(results: list[Result], args, params: int, prompts: list[dict], device: torch.device,
+def markdown(results: list[Result], args, params: int, prompts: list[BenchPrompt], device: torch.device,
              limits: Optional[Limits], cost: Optional[JobCost], micro: list[MicroResult]) -> str:
     import transformers
     hf = next((r for r in results if r.name.startswith("HF") and r.status == "ok"), None)
     best = best_distgen(results)
-    lengths = [len(build_tokenizer()(p["prompt"])["input_ids"]) for p in prompts]
+    lengths = [len(build_tokenizer()(p.text)["input_ids"]) for p in prompts]
     lines = [
         f"# distgen GPU benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
@@ -550,7 +524,7 @@ def markdown(results: list[Result], args, params: int, prompts: list[dict], devi
         f"- model: random-init Llama, {params / 1e6:,.0f}M parameters ({args.layers} layers, hidden {args.hidden}, "
         f"{args.heads}/{args.kv_heads} heads), {args.dtype}, greedy, EOS off",
         f"- job: {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, budgets "
-        f"{args.min_budget}-{args.max_budget} ({sum(p['max_new_tokens'] for p in prompts)} tokens asked for); HF "
+        f"{args.min_budget}-{args.max_budget} ({sum(p.budget for p in prompts)} tokens asked for); HF "
         f"runs {args.batch_size} rows per batch",
     ]
     if limits and cost:
@@ -613,7 +587,7 @@ def main(argv=None) -> int:
         return 3
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     tokenizer = build_tokenizer()
-    prompts = make_prompts(args.prompts, args.min_prompt, args.max_prompt, args.min_budget, args.max_budget)
+    prompts = job_prompts(args)
     limits = measure_card(device, small=args.preset == "smoke")
     print(f"limits: copy {limits.copy_bytes_per_s / 1e12:.3f} TB/s, GEMM {limits.gemm_flops_per_s / 1e12:.1f} "
           f"TFLOP/s ({limits.how})", flush=True)
@@ -630,8 +604,8 @@ def main(argv=None) -> int:
         write_outputs(args, device, {"microbench": [asdict(m) for m in micro], "limits": asdict(limits),
                                      "machine": machine_name(device)}, "\n".join(micro_markdown(micro)) + "\n")
         return 0 if all(m.status == "ok" or m.status.startswith("not run") for m in micro) else 1
-    lengths = [len(tokenizer(p["prompt"])["input_ids"]) for p in prompts]
-    budgets = [p["max_new_tokens"] for p in prompts]
+    lengths = [len(tokenizer(p.text)["input_ids"]) for p in prompts]
+    budgets = [p.budget for p in prompts]
     prefill_tokens = 8192 if device.type == "cuda" else 512
     results: list[Result] = []
     job = job_cost(cost, lengths, budgets, args.batch_size, prefill_tokens)
@@ -659,10 +633,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prompts_file = work / "prompts.jsonl"
-        prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        prompts_file = write_prompts(work / "prompts.jsonl", prompts)
         model_dir = save_model(model, tokenizer, work / "model")
-        add(run_distgen("distgen, defaults", args, work, prompts_file, model_dir, [], left() * 0.4))
+        add(measure_distgen("distgen, defaults", args, work, prompts_file, model_dir, [], left() * 0.4))
         try:
             add(run_hf_static(args, prompts, tokenizer, model, device))
         except Exception as err:  # a failing baseline is reported, the others still run
@@ -699,7 +672,7 @@ def run_variant(variant: Variant, args, work: Path, prompts_file: Path, model_di
         return Result(variant.name, "not run: a setting this branch lacks", overrides=overrides, env=env)
     if left < MIN_VARIANT_SECONDS:
         return Result(variant.name, f"not run: time limit ({left:.0f}s left)", overrides=overrides, env=env)
-    return run_distgen(variant.name, args, work, prompts_file, model_dir, overrides, left - 5, env)
+    return measure_distgen(variant.name, args, work, prompts_file, model_dir, overrides, left - 5, env)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
     .cache/bench-venvs/hf/bin/python bench/peer_runner.py job.json result.json
 
-It imports only torch and transformers (and vllm for the `vllm` system), never distgen nor any bench
-module, so it runs in any of the peers' venvs. Its thread count and cores come from outside (bench/peers.py
-starts it under the same `taskset` and OMP_NUM_THREADS as every other system; BENCH_THREADS says how many
-threads torch gets). The job file (written by bench/peers.py) holds the system name,
+It imports only torch and transformers (and vllm for the `vllm` system), never distgen; of bench/, only
+bench/common.py (the standard library at import, and its HF baseline), so it runs in any of the peers' venvs.
+Its thread count and cores come from outside (bench/peers.py starts it under the same `taskset` and
+OMP_NUM_THREADS as every other system; BENCH_THREADS says how many threads torch gets). The job file (written by bench/peers.py) holds the system name,
 the saved model's folder, the prompts as token ids with their budgets, the EOS ids ([] never stops
 early), the batch size and the thread count. The result file holds each prompt's greedy tokens in
 job order, cut after the first EOS, and wall-clock stamps (time.time(), so bench/peers.py can
@@ -32,7 +32,8 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable
 
 # Pin threads before torch starts its pools.
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
@@ -42,6 +43,10 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import torch  # noqa: E402
 
 torch.set_num_threads(THREADS)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench/common.py imports only the standard library when imported (torch when a function needs it)
+from bench.common import hf_generate_static, trim  # noqa: E402
+
 # The HF systems and the floor run on the GPU where one is visible (fp32 everywhere, as distgen is told).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -49,16 +54,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
-
-
-def trim(tokens: Sequence[int], eos_ids: Sequence[int], budget: int) -> list[int]:
-    """The first `budget` tokens, cut after the first EOS (kept)."""
-    out = []
-    for token in list(tokens)[:budget]:
-        out.append(int(token))
-        if token in eos_ids:
-            break
-    return out
 
 
 def load_hf(model_dir: str):
@@ -110,32 +105,14 @@ def run_floor(job: dict) -> dict:
 
 
 def run_hf_generate(job: dict) -> dict:
-    """model.generate on batches of batch_size prompts, longest first; each batch runs to its largest
-    budget, and each prompt keeps only the tokens it asked for."""
+    """The HF baseline every bench shares (bench/common.py `hf_generate_static`): model.generate on batches of
+    batch_size prompts, longest first; each batch runs to its largest budget, and each prompt keeps only the
+    tokens it asked for."""
     model, tokenizer = load_hf(job["model"])
-    prompts, eos = job["prompts"], job["eos_ids"]
-    indices = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]["ids"]))
-    tokens: list[list[int]] = [[] for _ in prompts]
-    pad = tokenizer.pad_token_id
-    stamps = {"ready": time.time()}
-    with torch.inference_mode():
-        for start in range(0, len(indices), job["batch_size"]):
-            batch = indices[start:start + job["batch_size"]]
-            width = max(len(prompts[i]["ids"]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, i in enumerate(batch):  # left padding
-                ids = prompts[i]["ids"]
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                mask[row, width - len(ids):] = 1
-            out = model.generate(input_ids.to(DEVICE), attention_mask=mask.to(DEVICE), do_sample=False,
-                                 pad_token_id=pad, max_new_tokens=max(prompts[i]["budget"] for i in batch),
-                                 eos_token_id=list(eos) or None)
-            for row, i in enumerate(batch):
-                tokens[i] = trim(out[row, width:].tolist(), eos, prompts[i]["budget"])
-            stamps.setdefault("first_output", time.time())
-    stamps["done"] = time.time()
-    return {**stamps, "tokens": tokens}
+    prompts = job["prompts"]
+    run = hf_generate_static(model, [p["ids"] for p in prompts], [p["budget"] for p in prompts], job["batch_size"],
+                             tokenizer.pad_token_id, job["eos_ids"])
+    return {"ready": run.ready, "first_output": run.first_output, "done": run.done, "tokens": run.tokens}
 
 
 def run_hf_cb(job: dict) -> dict:

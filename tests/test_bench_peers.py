@@ -207,6 +207,14 @@ def test_make_prompts_is_seeded_and_keeps_to_its_ranges():
     assert len(set(phrase.split())) <= 4  # a short phrase, repeated
 
 
+def test_even_prompts_keep_their_shape_whatever_the_seed():
+    """bench/gpu.py's job: prompt i's length and budget walk their ranges in strides of 37 and 53."""
+    one, other = (make_prompts(30, seed=seed, lengths=(16, 80), budgets=(4, 9), even=True) for seed in (0, 1))
+    assert [p.budget for p in one] == [p.budget for p in other] == [4 + (i * 53) % 6 for i in range(30)]
+    assert all(16 + (i * 37) % 65 - 1 <= len(p.text) <= 16 + (i * 37) % 65 for i, p in enumerate(one))
+    assert [p.text for p in one] != [p.text for p in other]  # the words are still drawn
+
+
 def test_a_distgen_system_setting_replaces_the_best_settings_key():
     compiled = next(s for s in SYSTEMS if s.name == "distgen compiled")
     settings = distgen_settings(compiled)

@@ -105,9 +105,11 @@ def test_the_jobs_speed_of_light_is_the_issues_figure():
         model = LlamaForCausalLM(bench.tiny_llama_config(bench.model_config(args), tokenizer)).to(torch.bfloat16)
     cost = bench.model_cost(model)
     assert 1.9e9 < cost.weight_bytes < 2.0e9 and cost.kv_bytes_per_token == 2 * 22 * 4 * 64 * 2  # 22.5 KiB
-    prompts = bench.make_prompts(args.prompts, args.min_prompt, args.max_prompt, args.min_budget, args.max_budget)
-    lengths = [len(tokenizer(p["prompt"])["input_ids"]) for p in prompts]
-    budgets = [p["max_new_tokens"] for p in prompts]
+    prompts = bench.job_prompts(args)  # bench/common.py's generator, the lengths and budgets spread evenly
+    lengths = [len(tokenizer(p.text)["input_ids"]) for p in prompts]
+    budgets = [p.budget for p in prompts]
+    assert (len(prompts), min(lengths), max(lengths), min(budgets), max(budgets)) == (512, 16, 511, 32, 256)
+    assert sum(budgets) == 73407  # the job measured since 2026-11-30 asked for the same tokens
     h200 = bench.Limits(4.3e12, 790e12)
     job = bench.job_cost(cost, lengths, budgets, rows=128, prefill_tokens=8192)
     tokens_per_second = sum(budgets) / bench.sol_seconds(job, h200)
