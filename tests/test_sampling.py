@@ -238,6 +238,29 @@ def test_rows_with_different_settings_draw_what_each_would_alone():
             assert draw_rows(logits, settings, seeds, steps, vocab) == alone
 
 
+def test_a_rows_settings_stay_values_once_read_every_step():
+    """`processed` and `chooses` are read per row every step, so each settings object works them out once (kept in
+    its __dict__): the settings stay equal, hashable and picklable as before, and `chooses` says whether a row
+    needs more than the step's argmax (it samples, or takes the logits path)."""
+    import pickle
+    from distgen.engine.sampling import GREEDY, RowSampling
+    plain = RowSampling(False, 1.0, 0, 1.0)
+    cases = [(plain, False), (GREEDY, False), (RowSampling(True, 0.7, 5, 1.0), True),
+             (RowSampling(False, 1.0, 0, 1.0, logprobs=2), True),
+             (RowSampling(False, 1.0, 0, 1.0, repetition_penalty=1.2), True),
+             (RowSampling(False, 1.0, 0, 1.0, min_p=0.5), False),  # min_p acts on draws only
+             (RowSampling(True, 1.0, 0, 1.0, min_p=0.5), True),
+             (RowSampling(False, 1.0, 0, 1.0, stop_token_ids=(5,), ignore_eos=True), False)]  # read on the host
+    for settings, chooses in cases:
+        fresh = dataclasses.replace(settings)
+        assert (settings.chooses, settings.chooses) == (chooses, chooses)
+        assert settings.processed is (chooses if not settings.do_sample else settings.min_p > 0)
+        assert settings == fresh and hash(settings) == hash(fresh)
+        assert dataclasses.astuple(settings) == dataclasses.astuple(fresh)
+        assert pickle.loads(pickle.dumps(settings)) == settings
+    assert plain == GREEDY and {plain: 1}[GREEDY] == 1
+
+
 def test_the_top_k_candidates_draw_what_the_whole_vocabulary_draws():
     """With a top_k in every row the draw looks at the best max(top_k) + TIE_SLACK tokens only; a row whose top_k
     is off (0) in the same batch sends every row through the whole vocabulary: each row's token is the same."""

@@ -85,6 +85,7 @@ class Engine:
         self.grammars = grammars
         # The state
         self.running: list[Request] = []  # requests holding a cache row, in the cache's row order
+        self.constrained = False  # whether a running request follows a grammar (kept as `running` changes)
         self.last_kind = ""
         self.inflight: Optional[Launched] = None  # the launched step not landed yet (a pipelined engine)
         self.forwards = 0  # forwards launched
@@ -151,7 +152,7 @@ class Engine:
     def back_off(self, error_text: str) -> None:
         """Halve the batch after running out of memory (backoff.py): free the cache, requeue the running requests
         from scratch (their launched step's tokens dropped, their token history with them), rebuild."""
-        requests, self.running, self.inflight = self.running, [], None
+        requests, self.running, self.inflight, self.constrained = self.running, [], None, False
         self.sampler.release(requests)
         self.kv.close()
         self.kv = None
@@ -189,7 +190,7 @@ class Engine:
         """Where a running request follows a grammar, the launched step lands before the next is scheduled: its
         next mask is its matcher's, which must have taken every token it was launched with (a pipelined step
         would run a constrained row one token ahead of its matcher). Such steps are not pipelined; the others are."""
-        if self.inflight is None or all(r.matcher is None for r in self.running):
+        if self.inflight is None or not self.constrained:
             return []
         landing, self.inflight = self.inflight, None
         return self.land(landing)
@@ -230,6 +231,7 @@ class Engine:
         for request in admitted:
             request.status = Status.PREFILLING
             self.running.append(request)
+            self.constrained = self.constrained or request.matcher is not None
         self.last_kind = plan.kind
         return plan
 
@@ -249,26 +251,37 @@ class Engine:
     def launch(self, plan: StepPlan) -> Launched:
         """Run the plan's forward and sample its tokens, all on the device; move the host's bookkeeping on (what
         the next step's schedule reads) without looking at the tokens."""
-        # A row takes a token unless it runs a chunk short of its prompt's end; only rows that take one draw (their
-        # noise is keyed by completion position), so a sampled record's draws do not depend on how it was chunked.
-        takes = [not plan.prefills(index) or request.prefilled + chunk == request.prompt_length
-                 for index, (request, chunk) in enumerate(zip(plan.requests, plan.chunks))]
-        taking = [r if take else None for r, take in zip(plan.requests, takes)]
+        # Only rows that take a token draw (their noise is keyed by completion position), so a sampled record's draws
+        # do not depend on how it was chunked. Each row's settings are looked up once for the step.
+        takes = taking_tokens(plan)
+        taking = plan.requests if all(takes) else [r if take else None for r, take in zip(plan.requests, takes)]
+        settings = self.sampler.row_settings(taking)
         if plan.kind == "decode" and self.decoder is not None:
             # 1. the padded (graph-replayed) step: greedy tokens and the cache's next inputs, on the device; rows
             # that sample or take the logits path choose from the step's logits and replace their greedy next input
             out = self.decoder.run(self.kv, plan.requests)
             batch, sampled = out.batch, Sampled(out.tokens, out.is_eos)
-            if self.sampler.needed(taking):
-                sampled = self.sampler(out.logits, batch.rows, taking)
+            if self.sampler.needed(settings):
+                sampled = self.sampler(out.logits, batch.rows, taking, settings)
                 self.kv.last_tokens[batch.decode_rows] = sampled.tokens
         else:
             batch, logits = self.execute(plan)
             # 1. choose every logits row's token on the device; the cache's device state takes the tokens (next inputs)
-            sampled = self.sampler(logits, batch.rows, taking)
+            sampled = self.sampler(logits, batch.rows, taking, settings)
             self.kv.advance_state(plan, batch, sampled.tokens)
         host = Pending(sampled.for_host())  # to pinned memory, not waited for here
         # 2. prompts move on; rows whose prompt is now fully cached take a token from this step
+        self.move_on(plan, takes)
+        self.forwards += 1
+        return Launched(plan, batch, sampled, host, takes)
+
+    def move_on(self, plan: StepPlan, takes: list[bool]) -> None:
+        """After a launch: prefilling rows' prompts move on by their chunks (a row whose prompt is now cached
+        starts decoding); each row that takes a token has one more in flight."""
+        if plan.kind == "decode":  # no prompt moves, every row takes a token
+            for request in plan.requests:
+                request.inflight += 1
+            return
         for index, (request, chunk, take) in enumerate(zip(plan.requests, plan.chunks, takes)):
             if plan.prefills(index):
                 self.prefill_tokens += chunk
@@ -276,26 +289,23 @@ class Engine:
                 if request.prefilled == request.prompt_length:
                     request.status = Status.DECODING
             request.inflight += take
-        self.forwards += 1
-        return Launched(plan, batch, sampled, host, takes)
 
     def land(self, launched: Launched) -> list[Completion]:
         """Read a launched step's tokens (the step's one host read); requests take them and finish."""
         plan, batch = launched.plan, launched.batch
         host_tokens, host_eos, logprobs = launched.sampled.unpack(read(launched.host))
         # 1. each request takes its token (a mid-prompt chunk takes none; one finished a step ago drops its extra)
-        finished, completions = [], []
-        for request, row, take in zip(plan.requests, batch.rows, launched.takes):
+        finished, completions = [False] * len(plan.requests), []
+        for index, (request, row, take) in enumerate(zip(plan.requests, batch.rows, launched.takes)):
             if not take or request.status is Status.FINISHED:
-                finished.append(False)
                 continue
             request.inflight -= 1
             request.generated.append(host_tokens[row])
             if request.logprobs is not None:
                 request.logprobs.append(logprobs[row])
             reason = self.finish_reason(request, host_eos[row])
-            finished.append(reason is not None)
             if reason:
+                finished[index] = True
                 completions.append(request.completion(reason, prompt_logprobs.entries(request)))
         # 2. the cache frees finished rows (and whatever else it does with them), the sampler their token history;
         # they leave the running list
@@ -313,11 +323,26 @@ class Engine:
     def drop_finished(self) -> None:
         """Finished requests leave the running list."""
         self.running = [r for r in self.running if r.status is not Status.FINISHED]
+        self.constrained = any(r.matcher is not None for r in self.running)
 
     def finish_reason(self, request: Request, is_eos: bool) -> Optional[str]:
         """After a request took a token: "stop" (its grammar ended), "stop" (a stop string appeared), "eos" (unless
         its settings ignore EOS), "stop" (one of its stop_token_ids), "length", "error" (its grammar refused the token,
         or looking for its stop strings failed on its tokens: it becomes an error record), or None."""
+        if request.matcher is not None or self.stop_check is not None:
+            reason = self.stopped(request)
+            if reason:
+                return reason
+        settings = request.sampling or self.sampler.default  # run once per row per step: Sampler.settings inlined
+        if is_eos and not settings.ignore_eos:
+            return "eos"
+        if settings.stop_token_ids and request.generated[-1] in settings.stop_token_ids:
+            return "stop"
+        return "length" if len(request.generated) >= request.budget else None
+
+    def stopped(self, request: Request) -> Optional[str]:
+        """After a request took a token: "stop" (its grammar ended, or a stop string appeared), "error" (its grammar
+        refused the token, or looking for its stop strings failed), or None."""
         if request.matcher is not None:
             if not request.matcher.accept_token(request.generated[-1]):
                 request.error = (f"its {request.sampling.grammar.kind} refused token {request.generated[-1]} (no token "
@@ -330,14 +355,7 @@ class Engine:
         except RequestFailed as err:
             request.error = str(err)
             return "error"
-        if stopped:
-            return "stop"
-        settings = self.sampler.settings(request)
-        if is_eos and not settings.ignore_eos:
-            return "eos"
-        if request.generated[-1] in settings.stop_token_ids:
-            return "stop"
-        return "length" if len(request.generated) >= request.budget else None
+        return "stop" if stopped else None
 
     def close(self) -> None:
         """Free the cache (and, on GPU, the allocator's cached blocks) once the rank is done."""
@@ -347,3 +365,12 @@ class Engine:
             self.decoder.kv, self.decoder.graphs = None, {}  # the graphs' memory pool goes with them
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def taking_tokens(plan: StepPlan) -> list[bool]:
+    """Per planned request, whether it takes a token from this step: a decoding row does; a prefilling row unless
+    it runs a chunk short of its prompt's end."""
+    if plan.kind == "decode":
+        return [True] * len(plan.requests)
+    return [not plan.prefills(index) or request.prefilled + chunk == request.prompt_length
+            for index, (request, chunk) in enumerate(zip(plan.requests, plan.chunks))]

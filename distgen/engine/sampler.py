@@ -61,19 +61,28 @@ class Sampler:
             return GREEDY
         return request.sampling or self.default
 
-    def needed(self, requests: Sequence[Optional[Request]]) -> bool:
-        """Whether any row needs more than the argmax: it samples, or takes the logits path (logits.py)."""
-        return any(s.do_sample or s.processed for s in map(self.settings, requests))
+    def row_settings(self, requests: Sequence[Optional[Request]]) -> list[RowSampling]:
+        """Each planned row's settings (`settings`), worked out once per step for `needed` and the call."""
+        default = self.default
+        return [GREEDY if r is None else r.sampling or default for r in requests]
 
-    def __call__(self, logits: torch.Tensor, rows: list[int], requests: Sequence[Optional[Request]]) -> Sampled:
+    @staticmethod
+    def needed(settings: Sequence[RowSampling]) -> bool:
+        """Whether any row needs more than the argmax: it samples, or takes the logits path (logits.py)."""
+        return any(s.chooses for s in settings)
+
+    def __call__(self, logits: torch.Tensor, rows: list[int], requests: Sequence[Optional[Request]],
+                 settings: Optional[Sequence[RowSampling]] = None) -> Sampled:
         """logits: (logits rows, vocab); `rows`: each planned request's logits row; `requests`: each planned
-        request, None where it takes no token from this step (a chunk short of its prompt's end).
+        request, None where it takes no token from this step (a chunk short of its prompt's end); `settings`:
+        theirs (`row_settings`), when the caller has them already.
 
         Greedy takes every row's argmax; rows that sample, or have vLLM's knobs or logprobs, take the logits path
         (logits.py), all at once.
         """
-        settings = [self.settings(r) for r in requests]
-        chosen = [k for k, s in enumerate(settings) if s.do_sample or s.processed]
+        if settings is None:
+            settings = self.row_settings(requests)
+        chosen = [k for k, s in enumerate(settings) if s.chooses]
         logprobs, asking, top = None, [], []
         if not chosen:
             tokens = logits.argmax(dim=-1)

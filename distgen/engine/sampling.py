@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Union
 
 import torch
@@ -127,11 +128,18 @@ class RowSampling:
         """Whether its logits need the token history (distgen/engine/logits.py TokenHistory)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    @property
+    # Read per row of every step (Sampler.needed): worked out once per settings object (a frozen dataclass keeps
+    # cached_property's value in its __dict__; fields, equality and hashing are unchanged).
+    @cached_property
     def processed(self) -> bool:
         """Whether its logits take the logits path (logits.py) rather than a plain argmax or draw."""
         return (self.penalized or bool(self.logit_bias) or self.min_tokens > 0 or self.logprobs is not None
                 or (self.do_sample and self.min_p > 0) or self.grammar is not None)
+
+    @cached_property
+    def chooses(self) -> bool:
+        """Whether its row needs more than the step's argmax: it samples, or takes the logits path."""
+        return self.do_sample or self.processed
 
 
 # A row that takes the argmax (and draws nothing from its generator).

@@ -37,8 +37,8 @@ class StopStrings:
     def hit(self, prompt: Prompt, generated: list[int]) -> bool:
         """Checked after every token on the decoded tail only: a stop string that just appeared
         lies within the last 4 * len(stop) tokens (a character cut at the tail's start decodes
-        to a replacement character, before the stop string)."""
-        stops = self.of(prompt)
+        to a replacement character, before the stop string). Run per row per step: `of` inlined."""
+        stops = prompt.stop or self.default
         if not stops:
             return False
         window = TOKENS_PER_CHAR * max(len(stop) for stop in stops) + TAIL_SLACK
