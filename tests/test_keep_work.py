@@ -1,7 +1,8 @@
 """Finished work is never lost or clobbered (issue 21): two jobs into one folder, reruns with other
 settings, output.overwrite, grown and changed datasets, files distgen did not write, torn and
 duplicated records, stale locks. Each case starts real
-`python -m distgen.run` processes (launcher=none, model=tiny) and asserts on the records."""
+`python -m distgen.run` processes (launcher=none, model=tiny; two concurrent launches: `python -m distgen.launch
+launcher=torchrun`) and asserts on the records."""
 import json
 import os
 import shutil
