@@ -146,6 +146,10 @@ def test_a_lock_the_launcher_holds_is_its_rank_0s_own(tmp_path):
         with pytest.raises(LockedError, match="it is running"):
             OutputLock(tmp_path / "other", 0.1, handed=token).acquire()
     assert HANDED_VAR not in os.environ and not (tmp_path / LOCK_FILE).exists()
+    # a lock file that does not read as one (no token) is no launcher's lock: refused
+    (tmp_path / LOCK_FILE).write_text("{")
+    with pytest.raises(LockedError, match="is locked by another job"):
+        lock_status(tmp_path, 30.0, False)
 
 
 def test_other_settings_refuse_before_loading_and_overwrite_moves_aside(prompts, tmp_path):

@@ -290,7 +290,8 @@ def lock_status(out_dir: Path, heartbeat_s: float, break_lock: bool) -> None:
     if found is None:
         return
     holder, age = found
-    if holder.token != handed_token() and takeover(holder, age, this_holder(heartbeat_s), break_lock) is None:
+    handed = handed_token()
+    if not (handed and holder.token == handed) and takeover(holder, age, this_holder(heartbeat_s), break_lock) is None:
         raise refusal(path, holder, age, break_lock)
 
 
