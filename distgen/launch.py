@@ -6,6 +6,7 @@ With launcher=none the job runs in this process (one rank). --quiet (-q): only w
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from distgen.common.errors import ConfigError, LaunchError
 from distgen.config import RunConfig
 from distgen.launchers import get_launcher
 from distgen.catalog.load import job_file_args, load_config, split_job_file
+from distgen.outputs.lock import held_for_ranks
 from distgen.outputs.shards import job_complete
 from distgen.job.prepare import finished_message, prepare_job
 from distgen.run import FLAGS, main as run_main, quiet_as_override
@@ -27,11 +29,16 @@ def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path
     """Start the checked job `cfg` (composed from `job_file` and `overrides`) with its launcher; its exit status.
     Raises ConfigError for what can be found wrong before any rank starts."""
     job = prepare_job(cfg)  # refuses here, before any worker, what rank 0 would refuse (a lock, a changed job)
-    if job.reuses and job_complete(Path(cfg.output.dir), job.fingerprint):
-        logger.info(finished_message(job))
-        return 0
-    # The ranks read the same job file (by its absolute path) and the same overrides.
-    return get_launcher(cfg.launcher.name).launch(cfg, job_file_args(job_file) + list(overrides), run_main)
+    launcher, out = get_launcher(cfg.launcher.name), cfg.output
+    # Where rank 0 runs under this process, the lock is this process's until the ranks end: a second job
+    # started at the same moment is refused here, before it starts any process.
+    with (held_for_ranks(job.out_dir, out.lock_heartbeat_s, out.break_lock) if launcher.holds_lock(cfg)
+          else contextlib.nullcontext()):
+        if job.reuses and job_complete(job.out_dir, job.fingerprint):
+            logger.info(finished_message(job))
+            return 0
+        # The ranks read the same job file (by its absolute path) and the same overrides.
+        return launcher.launch(cfg, job_file_args(job_file) + list(overrides), run_main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Finished work is never lost or clobbered (issue 21): two jobs into one folder, reruns with other
 settings, output.overwrite, grown and changed datasets, files distgen did not write, torn and
 duplicated records, stale locks. Each case starts real
-`python -m distgen.run` processes (launcher=none, model=tiny) and asserts on the records."""
+`python -m distgen.run` processes (launcher=none, model=tiny; two concurrent launches: `python -m distgen.launch
+launcher=torchrun`) and asserts on the records."""
 import json
 import os
 import shutil
@@ -13,12 +14,13 @@ import time
 import pytest
 
 from distgen.catalog.load import load_config
-from distgen.outputs.lock import LOCK_FILE, LockedError, OutputLock, this_holder
+from distgen.outputs.lock import (HANDED_VAR, LOCK_FILE, LockedError, OutputLock, held_for_ranks, lock_status,
+                                  this_holder)
 from distgen.outputs.resume import job_settings
 from distgen.outputs.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
-from tests.helpers import (REPO, journaled, paced_env, read_outputs, read_stats, run_module, stop_pids, wait_until,
-                           write_prompts)
+from tests.helpers import (REPO, descendants, journaled, living, naming, paced_env, read_outputs, read_stats,
+                           run_module, stop_pids, wait_until, write_prompts)
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 2 + i % 3}
            for i in range(16)]
@@ -87,6 +89,67 @@ def test_a_second_job_into_a_locked_folder_refuses_naming_the_holder(prompts, un
     assert first.returncode == 0, stderr
     assert ids_once(read_outputs(out)) and read_outputs(out) == uninterrupted[0]
     assert not (out / LOCK_FILE).exists()
+
+
+def start_torchrun_launch(prompts, out, delay_s: float) -> subprocess.Popen:
+    """`python -m distgen.launch launcher=torchrun` with 2 ranks, each journal append paced by `delay_s`."""
+    return subprocess.Popen([sys.executable, "-m", "distgen.launch", "launcher=torchrun", "launcher.nproc_per_node=2",
+                             *job(prompts, out)], cwd=REPO, env=paced_env(delay_s), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_torchrun_launches_at_once_one_runs_and_the_other_starts_no_rank(prompts, uninterrupted, tmp_path):
+    """Both launchers' checks pass before either holds the lock: the launcher (not its rank 0) takes it, so the
+    second one is refused before it starts torchrun; no rank of it waits for a process group that never forms."""
+    out = tmp_path / "out"
+    launches = [start_torchrun_launch(prompts, out, 1.0) for _ in range(2)]
+    try:
+        wait_until(lambda: any(p.poll() is not None for p in launches), STARTS_WITHIN_S, "one launcher to end")
+        [refused] = [p for p in launches if p.poll() is not None]
+        [survivor] = [p for p in launches if p is not refused]
+        running = survivor.poll() is None
+        # every process naming the folder now (torchrun, its ranks) is the survivor's
+        strays = [pid for pid in living(naming(f"output.dir={out}")) if pid != survivor.pid]
+        ours = set(descendants(survivor.pid))
+        stdout, stderr = refused.communicate()
+        assert refused.returncode == 2, stderr
+        assert running, "the refused launcher should end while the other job runs"
+        assert (f"is locked by another job: pid {survivor.pid} on {socket.gethostname()}" in stderr
+                and "it is running" in stderr), stderr
+        assert "launching" not in stdout + stderr and "Traceback" not in stderr, stdout + stderr
+        assert set(strays) <= ours, (strays, ours)
+        survived = survivor.communicate(timeout=STARTS_WITHIN_S)
+    finally:
+        stop_pids([p.pid for p in launches if p.poll() is None], grace_s=0)
+    assert survivor.returncode == 0, survived[1]
+    assert ids_once(read_outputs(out))
+    assert [r["completion"] for r in read_outputs(out)] == [r["completion"] for r in uninterrupted[0]]
+    assert not (out / LOCK_FILE).exists() and not living(naming(f"output.dir={out}"))
+
+
+def test_a_lock_the_launcher_holds_is_its_rank_0s_own(tmp_path):
+    """The launcher's lock, handed down by its token: its rank 0's checks pass, rank 0 holds it without a heartbeat
+    of its own and leaves it to the launcher, which releases it when its ranks end."""
+    assert HANDED_VAR not in os.environ
+    with held_for_ranks(tmp_path, 0.1, False) as launcher:
+        token = os.environ[HANDED_VAR]
+        assert token == launcher.me.token and launcher.owned()
+        lock_status(tmp_path, 0.1, False)  # rank 0's check before anything starts
+        with OutputLock(tmp_path, 0.1, handed=token) as rank0:
+            assert rank0.inherited and rank0.thread is None
+            rank0.check_held()
+        assert launcher.owned(), "rank 0 released its launcher's lock"
+        first = (tmp_path / LOCK_FILE).stat().st_mtime_ns
+        wait_until(lambda: (tmp_path / LOCK_FILE).stat().st_mtime_ns > first, 10, "the launcher's heartbeat")
+        # a token that is not the holder's is no claim on it: another job on this host whose pid runs (pid 1)
+        write_lock(tmp_path / "other", socket.gethostname(), 1)
+        with pytest.raises(LockedError, match="it is running"):
+            OutputLock(tmp_path / "other", 0.1, handed=token).acquire()
+    assert HANDED_VAR not in os.environ and not (tmp_path / LOCK_FILE).exists()
+    # a lock file that does not read as one (no token) is no launcher's lock: refused
+    (tmp_path / LOCK_FILE).write_text("{")
+    with pytest.raises(LockedError, match="is locked by another job"):
+        lock_status(tmp_path, 30.0, False)
 
 
 def test_other_settings_refuse_before_loading_and_overwrite_moves_aside(prompts, tmp_path):

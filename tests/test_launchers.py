@@ -281,3 +281,25 @@ def test_a_ray_address_nothing_listens_on_is_a_clear_error_at_once(tmp_path, cap
     assert time.monotonic() - started < 60
     assert (f"launch failed: launcher.address='127.0.0.1:{port}' could not be reached (ConnectionRefusedError"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("overrides, holds", [
+    (["launcher=none"], True),
+    (["launcher=torchrun", "launcher.nproc_per_node=2"], True),
+    (["launcher=torchrun", "launcher.nproc_per_node=2", "launcher.nnodes=2", "launcher.rdzv_endpoint=h:1"], False),
+    (["launcher=deepspeed", "launcher.num_gpus=2"], True),
+    (["launcher=deepspeed", "launcher.num_gpus=2", "launcher.num_nodes=2", "launcher.hosts=[a,b]"], False),
+    (["launcher=slurm"], False),
+    (["launcher=ray"], False),
+])
+def test_the_launcher_holds_the_lock_only_where_rank_0_runs_under_it(overrides, holds, monkeypatch):
+    """distgen/outputs/lock.py: the launcher takes output.dir's lock where its rank 0 runs under it on this node."""
+    for row in RANK_ENV:
+        monkeypatch.delenv(row.marker, raising=False)
+    cfg = load_config(["model=tiny", "dataset=x.jsonl", *overrides], check=False)
+    assert LAUNCHERS.get(cfg.launcher.name).holds_lock(cfg) is holds
+    if cfg.launcher.name == "none":  # rank 1 of a launcher that started `distgen.launch launcher=none` itself
+        for name, value in {"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+            monkeypatch.setenv(name, value)
+        assert not LAUNCHERS.get("none").holds_lock(cfg)

@@ -23,7 +23,7 @@ from distgen.outputs.records import error_record, renamed_columns
 from distgen.outputs.coordinator import STATS_FILE
 from distgen.outputs.folder import MERGED_FILE, OUTPUTS_DIR, OutputPlan, move_aside, plan_outputs
 from distgen.outputs.samples import SampleTable
-from distgen.outputs.lock import OutputLock, lock_status
+from distgen.outputs.lock import OutputLock, handed_token, lock_status
 from distgen.outputs.report import REPORT_FILE
 from distgen.outputs.resume import job_fingerprint, job_settings
 from distgen.outputs.shards import merge_format
@@ -243,10 +243,11 @@ def prepare_job(cfg: RunConfig, checks_output: bool = True) -> Job:
 @contextlib.contextmanager
 def claim_output_dir(job: Job) -> Iterator[OutputLock]:
     """Rank 0, before any process group: hold output.dir's lock for the whole run (released on the way
-    out, also on an exception or SIGTERM), check again under it what the earlier outputs allow, and
-    with output.overwrite=true move them aside. Nothing in output.dir changes before the lock is held."""
+    out, also on an exception or SIGTERM; a lock its launcher holds for it stays the launcher's), check
+    again under it what the earlier outputs allow, and with output.overwrite=true move them aside.
+    Nothing in output.dir changes before the lock is held."""
     out = job.cfg.output
-    with OutputLock(job.out_dir, out.lock_heartbeat_s, out.break_lock) as lock:
+    with OutputLock(job.out_dir, out.lock_heartbeat_s, out.break_lock, handed_token()) as lock:
         job.plan = plan_outputs(job.out_dir, job.settings, out.resume, out.overwrite)
         if job.plan.move_aside:
             where = move_aside(job.out_dir)

@@ -32,6 +32,10 @@ class Launcher:
     # passed on unchanged to every worker; `entry` is what a rank runs in-process (`distgen.run.main`, for the
     # launchers that start ranks as Python calls: none, ray). Returns the job's exit status.
     launch: Callable[[RunConfig, Sequence[str], "Entry"], int]
+    # Whether this config's rank 0 runs under the launching process, on this node, while it waits: then
+    # distgen.launch holds output.dir's lock for the job from before its first process to its end
+    # (distgen/outputs/lock.py). Not where rank 0 may run on another node or after the launcher returned.
+    holds_lock: Callable[[RunConfig], bool] = lambda cfg: False
 
 
 LAUNCHERS: Registry[Launcher] = Registry("launcher")

@@ -81,4 +81,10 @@ def check_gpus_visible(cfg: RunConfig) -> None:
         require_gpus(cfg, "launcher.num_gpus")
 
 
-register(Launcher("deepspeed", launch), DeepspeedLauncher, check=check_gpus_visible)
+def this_node_only(cfg: RunConfig) -> bool:
+    """No hosts and no hostfile: every rank runs on this node, under deepspeed's local launcher."""
+    settings: DeepspeedLauncher = cfg.launcher
+    return settings.num_nodes == 1 and not settings.hosts and not settings.hostfile
+
+
+register(Launcher("deepspeed", launch, holds_lock=this_node_only), DeepspeedLauncher, check=check_gpus_visible)

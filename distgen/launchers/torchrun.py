@@ -51,4 +51,9 @@ def launch(cfg: RunConfig, overrides: Sequence[str], entry: Entry) -> int:
     return run_command(torchrun_command(cfg.launcher, overrides))
 
 
-register(Launcher("torchrun", launch), TorchrunLauncher, check=check_gpus_visible)
+def one_node(cfg: RunConfig) -> bool:
+    """One node: rank 0 is one of this agent's workers (with several, the rendezvous decides which node has it)."""
+    return cfg.launcher.nnodes == 1
+
+
+register(Launcher("torchrun", launch, holds_lock=one_node), TorchrunLauncher, check=check_gpus_visible)

@@ -13,12 +13,18 @@ is taken over, saying so, only when its holder is surely gone:
 
 Rank 0 holds it (or the only process, launcher=none): the one process that writes the manifest,
 moves earlier outputs aside and merges. The other ranks write only after rank 0 has shared the
-plan, which it does once it holds the lock. A launcher (distgen.launch) only looks: its ranks may
-run on other nodes or after it returned (slurm, ray), and a lock held by the writing process
-stays right when the launcher is killed.
+plan, which it does once it holds the lock. Where the launcher (distgen.launch) runs rank 0 under
+itself on this node (launcher=none, torchrun and deepspeed on one node), the launcher takes the lock
+before it starts any process and holds it until its ranks end: of two jobs started at once the second
+is refused before any rank exists (no rank left waiting for a process group whose rank 0 refused). It
+hands the lock to its ranks by its token in HANDED_VAR, which they inherit; a rank 0 that finds the
+lock file holding that token holds it as its launcher's (no heartbeat of its own, no release). Where
+rank 0 runs elsewhere or after the launcher returned (slurm, ray, several nodes), the launcher only
+looks and rank 0 takes the lock itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +34,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 from distgen.common.clock import timestamp
 from distgen.common.errors import ConfigError
@@ -42,6 +48,8 @@ STALE_HEARTBEATS = 3
 JOB_ID_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")
 # A requeued SLURM job keeps its id and counts its starts here.
 RESTART_VARS = ("SLURM_RESTART_COUNT",)
+# A launcher holding the lock for its ranks puts its token here; its ranks inherit it.
+HANDED_VAR = "DISTGEN_LOCK_TOKEN"
 
 
 class LockedError(ConfigError):
@@ -142,16 +150,37 @@ def refusal(path: Path, holder: Holder, age: float, break_lock: bool) -> LockedE
 
 
 def create(path: Path, me: Holder) -> bool:
-    """Exclusive create of the lock file holding `me`; False when one exists."""
+    """Exclusive create of the lock file holding `me`; False when one exists. The file is written whole
+    under a name of its own, then linked as the lock (atomic, and exclusive on NFS too), so a job that
+    finds the lock always reads its holder, never a file still empty; where the file system has no
+    hard links, exclusive create of the lock itself."""
+    mine = path.with_name(f"{path.name}.{me.token}")
+    write_holder(os.open(mine, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), me)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(mine, path)
+        return True
     except FileExistsError:
         return False
+    except OSError:  # no hard links here
+        try:
+            write_holder(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), me)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def write_holder(fd: int, me: Holder) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(json.dumps(asdict(me), indent=1) + "\n")
         out.flush()
         os.fsync(out.fileno())
-    return True
+
+
+def handed_token(environ: Mapping[str, str] = os.environ) -> str:
+    """The token of the lock this process's launcher holds for it ("" where none)."""
+    return environ.get(HANDED_VAR, "")
 
 
 def break_lock_file(path: Path, holder: Holder) -> None:
@@ -174,17 +203,22 @@ def break_lock_file(path: Path, holder: Holder) -> None:
 class OutputLock:
     """The lock on output.dir, held from `acquire` to `release` with a heartbeat thread."""
 
-    def __init__(self, out_dir: Path, heartbeat_s: float, break_lock: bool = False):
+    def __init__(self, out_dir: Path, heartbeat_s: float, break_lock: bool = False, handed: str = ""):
+        """`handed`: the token of the lock this process's launcher holds for it (handed_token())."""
         self.path = Path(out_dir) / LOCK_FILE
-        self.heartbeat_s, self.break_lock = heartbeat_s, break_lock
+        self.heartbeat_s, self.break_lock, self.handed = heartbeat_s, break_lock, handed
         self.me = this_holder(heartbeat_s)
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.lost = False
+        # Held by this process's launcher, for this job: its heartbeat and its release are the launcher's.
+        self.inherited = False
 
     def acquire(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # each pass: create, or judge the holder (which may change under us)
+            if self.adopt():
+                return self
             if create(self.path, self.me):
                 self.thread = threading.Thread(target=self.beat, name="distgen-lock", daemon=True)
                 self.thread.start()
@@ -200,6 +234,15 @@ class OutputLock:
             break_lock_file(self.path, holder)
         raise LockedError(f"output.dir={str(self.path.parent)!r}: could not take the lock {self.path}; other jobs "
                           "keep taking it")
+
+    def adopt(self) -> bool:
+        """Hold the lock as this job's launcher's, where the lock file holds the token it handed down."""
+        found = read_holder(self.path) if self.handed else None
+        if found is None or found[0].token != self.handed:
+            return False
+        self.me, self.inherited = found[0], True
+        logger.debug("holding the lock on %s for its launcher: %s", self.path.parent, self.me.describe())
+        return True
 
     def owned(self) -> bool:
         found = read_holder(self.path)
@@ -228,7 +271,7 @@ class OutputLock:
         if self.thread is not None:
             self.thread.join(timeout=5)
         try:
-            if self.owned():
+            if self.owned() and not self.inherited:
                 self.path.unlink()
         except OSError:
             pass
@@ -247,5 +290,22 @@ def lock_status(out_dir: Path, heartbeat_s: float, break_lock: bool) -> None:
     if found is None:
         return
     holder, age = found
-    if takeover(holder, age, this_holder(heartbeat_s), break_lock) is None:
+    handed = handed_token()
+    if not (handed and holder.token == handed) and takeover(holder, age, this_holder(heartbeat_s), break_lock) is None:
         raise refusal(path, holder, age, break_lock)
+
+
+@contextlib.contextmanager
+def held_for_ranks(out_dir: Path, heartbeat_s: float, break_lock: bool) -> Iterator[OutputLock]:
+    """A launcher whose ranks run under it on this node: the lock, taken before any of them starts and held
+    (with its heartbeat) until they end, handed to them by its token in HANDED_VAR, which they inherit."""
+    with OutputLock(out_dir, heartbeat_s, break_lock, handed_token()) as lock:
+        before = os.environ.get(HANDED_VAR)
+        os.environ[HANDED_VAR] = lock.me.token
+        try:
+            yield lock
+        finally:
+            if before is None:
+                os.environ.pop(HANDED_VAR, None)
+            else:
+                os.environ[HANDED_VAR] = before
