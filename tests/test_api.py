@@ -60,10 +60,14 @@ def test_generate_errors_are_the_command_lines(tiny_model_dir, tmp_path):
         distgen.generate(["x", 3], model=str(tiny_model_dir))
     with pytest.raises(ConfigError, match="holds no distgen outputs"):
         list(distgen.read_outputs(tmp_path))
-    # A job that fails in its rank (a record without a prompt): no promise about a temporary folder it removes.
+    # A job that fails in its rank (a prompt past the context with dataset.too_long=fail, found once the ranks have
+    # measured the prompts): no promise about a temporary folder it removes.
     with pytest.raises(distgen.JobFailed, match=r"^the job exited with status 2 \(its lines above say why\); without "
                                                 r"output.dir= its temporary folder is removed: give output.dir="):
-        distgen.generate([{"prompt": "x"}, {"prompt": None}], model=str(tiny_model_dir))
+        distgen.generate(["x", "y" * 5000], model=str(tiny_model_dir), overrides=["dataset.too_long=fail"])
+    # A record without a prompt is an error record; the others are generated.
+    records = distgen.generate([{"prompt": "x"}, {"prompt": None}], model=str(tiny_model_dir), overrides=QUIET)
+    assert [r["finish_reason"] == "error" for r in records] == [False, True]
     # A string where a list belongs: named as given, with the list it was meant to be.
     with pytest.raises(ConfigError, match=r"prompts='Tell me a joke' is not allowed: not a file or folder here .*"
                                           r"one prompt is passed as a list: prompts=\['Tell me a joke'\]"):
