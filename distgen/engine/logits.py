@@ -133,6 +133,10 @@ class Draws:
     any_min_p: bool
     every_top_k: bool = False    # every row has a top_k: draw from the best most_k + TIE_SLACK tokens only
 
+    def every_row_of(self, logits: torch.Tensor) -> bool:
+        """Whether the draw rows are all of `logits`' rows (plan_rows lists them in order)."""
+        return self.index.shape[0] == logits.shape[0]
+
 
 @dataclass
 class RowBatch:
@@ -301,10 +305,10 @@ def draw(logits: torch.Tensor, draws: Draws) -> torch.Tensor:
     """(rows, vocab) processed logits -> (s,) tokens of the draw rows: temperature, the warpers, then each row's
     Gumbel-max draw (see the module docstring); where every row has a top_k, over its best tokens only
     (`candidates`)."""
-    every_row = draws.index.shape[0] == logits.shape[0]  # the draw rows are the batch's rows, in order (plan_rows)
+    rows = logits if draws.every_row_of(logits) else logits.index_select(0, draws.index)
     if draws.every_top_k and draws.most_k + TIE_SLACK < logits.shape[-1]:
-        return candidates(logits if every_row else logits.index_select(0, draws.index), draws)
-    logits = scale_logits(logits if every_row else logits.index_select(0, draws.index), draws.temperature)
+        return candidates(rows, draws)
+    logits = scale_logits(rows, draws.temperature)
     for warper in WARPERS:
         logits = warper(logits, draws)
     ids = torch.arange(logits.shape[-1], device=logits.device)
@@ -353,8 +357,8 @@ def choose(logits: torch.Tensor, batch: RowBatch) -> tuple[torch.Tensor, Optiona
     raw = logits.index_select(0, batch.logprob_index).log_softmax(-1) if batch.logprob_index is not None else None
     for processor in PROCESSORS:
         logits = processor(logits, batch)
-    if batch.draws is not None and batch.draws.index.shape[0] == logits.shape[0]:
-        tokens = draw(logits, batch.draws)  # every row draws (plan_rows lists them in order)
+    if batch.draws is not None and batch.draws.every_row_of(logits):
+        tokens = draw(logits, batch.draws)
     else:
         tokens = logits.argmax(dim=-1)
         if batch.draws is not None:

@@ -55,14 +55,9 @@ class Sampler:
         self.eos_ids = torch.tensor(self.eos, dtype=torch.long, device=device)
         self.history = TokenHistory(device)  # the penalized sequences' token history (logits.py)
 
-    def settings(self, request: Optional[Request]) -> RowSampling:
-        """A row's settings: its request's (None: the row takes no token this step, so greedy and no draw)."""
-        if request is None:
-            return GREEDY
-        return request.sampling or self.default
-
     def row_settings(self, requests: Sequence[Optional[Request]]) -> list[RowSampling]:
-        """Each planned row's settings (`settings`), worked out once per step for `needed` and the call."""
+        """Each planned row's settings, worked out once per step for `needed` and the call: its request's, else
+        generation.*'s (None: the row takes no token this step, so greedy and no draw)."""
         default = self.default
         return [GREEDY if r is None else r.sampling or default for r in requests]
 

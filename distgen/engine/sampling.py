@@ -80,13 +80,12 @@ def top_p_drop(logits: torch.Tensor, top_p: Union[float, torch.Tensor], ordered:
     """Where a token falls outside the smallest set whose mass reaches top_p (a number, or (rows, 1) per row):
     a token is dropped once the mass before it already reaches top_p; the best token always stays. `ordered`:
     each row is already sorted, best first (top-k candidates)."""
-    if ordered:
-        probs = logits.softmax(-1)
-        return (probs.cumsum(-1) - probs) >= top_p
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-    return drop_sorted.scatter(-1, order, drop_sorted)
+    if not ordered:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        drop_sorted = top_p_drop(sorted_logits, top_p, ordered=True)
+        return drop_sorted.scatter(-1, order, drop_sorted)
+    probs = logits.softmax(-1)
+    return (probs.cumsum(-1) - probs) >= top_p
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -198,19 +198,20 @@ def check_output_plan(cfg: RunConfig, settings: dict) -> OutputPlan:
 
 
 def check_inputs(cfg: RunConfig, checks_output: bool = True
-                 ) -> tuple[PromptSource, object, bool, dict, Optional[OutputPlan]]:
+                 ) -> tuple[PromptSource, object, bool, dict, Optional[OutputPlan], object]:
     """The dataset, the tokenizer, whether output.dir was created for the dataset's cache, the job's
-    settings and what it may do with output.dir: the model folder, its tokenizer and the output
+    settings, what it may do with output.dir, and the model's config: the model folder, its tokenizer and the output
     folder are checked (and what an earlier job left there, where `checks_output`: rank 0, a launcher)
     before the dataset is opened, so a refusal touches nothing in output.dir."""
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    check_token_ids(cfg.generation, load_model_config(cfg.model, tokenizer))
+    model_config = load_model_config(cfg.model, tokenizer)
+    check_token_ids(cfg.generation, model_config)
     check_output_dir(cfg.output.dir)
     settings = job_settings(cfg)
     plan = check_output_plan(cfg, settings) if checks_output else None
     created = not Path(cfg.output.dir).exists()
-    return open_checked(cfg, tokenizer), tokenizer, created, settings, plan
+    return open_checked(cfg, tokenizer), tokenizer, created, settings, plan, model_config
 
 
 def check_token_ids(gen: GenerationConfig, model_config) -> None:
@@ -231,9 +232,9 @@ def resolve_sources(cfg: RunConfig) -> RunConfig:
 def prepare_job(cfg: RunConfig, checks_output: bool = True) -> Job:
     """Everything up to the first worker: inputs checked; prompts are tokenized and screened by the ranks."""
     composed, cfg = cfg, resolve_sources(cfg)
-    source, tokenizer, created, settings, plan = check_inputs(cfg, checks_output)
+    source, tokenizer, created, settings, plan, model_config = check_inputs(cfg, checks_output)
     adapters = named_adapters(cfg.model.lora)
-    screening = Screening(context_limit(load_model_config(cfg.model, tokenizer)), cfg.dataset.too_long,
+    screening = Screening(context_limit(model_config), cfg.dataset.too_long,
                           cfg.generation.max_new_tokens, tuple(adapters) if adapters is not None else None)
     digest = source.digest()
     return Job(cfg, source, tokenizer, job_fingerprint(cfg, digest), settings=settings, dataset_digest=digest,

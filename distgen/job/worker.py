@@ -115,10 +115,11 @@ def draft_counts(engine) -> dict[str, int]:
 def idle_run(job: Job, ctx: DistContext) -> RankRun:
     """A rank of a job whose every record is already written (an earlier run finished them, its manifest did
     not close): nothing to load or generate, the coordinator closes the job."""
+    rss = round(peak_rss_mib(), 1)
     stats = RankStats(rank=ctx.rank, device=str(ctx.device), device_name=device_name(ctx.device), host=host_name(),
                       prompts=0, prompt_tokens=0, generated_tokens=0, forward_steps=0, idle_steps=0, load_seconds=0.0,
-                      generate_seconds=0.0, wall_seconds=0.0, load_peak_rss_mib=round(peak_rss_mib(), 1),
-                      peak_rss_mib=round(peak_rss_mib(), 1), cuda_peak_allocated_mib=0.0, cuda_peak_reserved_mib=0.0)
+                      generate_seconds=0.0, wall_seconds=0.0, load_peak_rss_mib=rss, peak_rss_mib=rss,
+                      cuda_peak_allocated_mib=0.0, cuda_peak_reserved_mib=0.0)
     return RankRun(stats, [])
 
 
