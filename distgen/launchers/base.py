@@ -78,8 +78,3 @@ def require_gpus(cfg: RunConfig, key: str) -> None:
     require(target_device(cfg.device) == "cuda", key, "gpu",
             "one worker per GPU, but this job runs on CPU (no GPU visible, or device=cpu); give the number of "
             f"workers, e.g. {key}=2")
-
-
-def visible_gpus() -> int:
-    import torch
-    return torch.cuda.device_count()

@@ -12,7 +12,7 @@ from distgen.common.checks import require
 from distgen.config import LauncherConfig, RunConfig
 from distgen.common.errors import ConfigError
 from distgen.launchers.base import (WORKER_MODULE, Entry, Launcher, free_port, register, require_gpus, run_command,
-                                    visible_gpus, write_next_to_outputs)
+                                    write_next_to_outputs)
 
 HOSTFILE_NAME = "deepspeed.hostfile"
 
@@ -51,7 +51,11 @@ def hostfile_text(hosts: Sequence[str], slots: int) -> str:
 
 
 def ranks_per_node(cfg: DeepspeedLauncher) -> int:
-    return visible_gpus() if cfg.num_gpus == "gpu" else cfg.num_gpus
+    """launcher.num_gpus, gpu resolved to the GPUs this node sees (as deepspeed itself counts them)."""
+    if cfg.num_gpus != "gpu":
+        return cfg.num_gpus
+    import torch
+    return torch.cuda.device_count()
 
 
 def deepspeed_command(cfg: DeepspeedLauncher, overrides: Sequence[str], hostfile: Optional[str], master_port: int,
