@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 from distgen.common import log
 from distgen.common.errors import ConfigError
+from distgen.catalog.load import load_config, split_job_file
 from distgen.common.hub import names_hub_id
 from distgen.launch import launch_job
 from distgen.outputs.samples import record_order
@@ -116,8 +117,6 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
 
 def run(args: list[str]) -> Path:
     """Run a job from command-line arguments; its output folder. Raises ConfigError or JobFailed."""
-    from distgen.catalog.load import load_config, split_job_file
-
     overrides, job_file = split_job_file(args)
     cfg = load_config(overrides, job_file=job_file)
     log.configure(cfg.output.log_level)  # nothing where the host application configured logging

@@ -544,5 +544,5 @@ def test_the_owned_stack_takes_the_bench_models_shape(tokenizer):
     from distgen.config import TinyModelConfig
     model = build_tiny_model(TinyModelConfig(layers=8, hidden_size=512, heads=8, kv_heads=4, intermediate_size=1536),
                              tokenizer).eval()
-    said = kernels.apply_kernels(plan_kernels("distgen", model, CPU, False, False, None), model)
+    said = cpu_model.apply_kernels(plan_kernels("distgen", model, CPU, False, False, None), model)
     assert "decoder stack: distgen's (one C call per forward)" in said, said

@@ -1,5 +1,6 @@
 """The package as a newcomer gets it: its stages import only downwards (the import contract in pyproject.toml),
 and a built wheel (not an editable install) runs a job from another folder with its configs and kernel source."""
+import ast
 import json
 import os
 import shutil
@@ -20,6 +21,34 @@ def test_stages_import_only_downwards():
     result = subprocess.run([str(linter)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "Contracts: 1 kept, 0 broken" in result.stdout
+
+
+def function_imports(source: str) -> list[str]:
+    """The imports of distgen modules inside a function of `source`: the contract sees them, but not a cycle
+    between two modules of one stage (kernels.py <-> model.py) that an import deferred into a function hides."""
+    found = []
+    for func in ast.walk(ast.parse(source)):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(func):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                found += [f"line {node.lineno}: {name}" for name in names if name.split(".")[0] == "distgen"]
+    return found
+
+
+def test_the_rule_sees_an_import_inside_a_function():
+    assert function_imports("def f():\n    from distgen.models.lora import check_adapters\n") == \
+        ["line 2: distgen.models.lora"]
+    assert function_imports("class A:\n    def f(self):\n        import distgen.api\n") == ["line 3: distgen.api"]
+    assert function_imports("from distgen.models import lora\ndef f():\n    import torch\n") == []
+
+
+def test_distgen_modules_import_each_other_at_the_top():
+    package = REPO / "distgen"
+    lazy = {package / "__init__.py"}  # `import distgen` stays light: distgen.generate imports the api on first use
+    found = {str(path.relative_to(REPO)): hits for path in sorted(package.rglob("*.py"))
+             if path not in lazy and (hits := function_imports(path.read_text(encoding="utf-8")))}
+    assert not found, f"import these at the top of the module (a cycle they hide: move the shared part down): {found}"
 
 
 def test_config_schema_pulls_in_no_torch():

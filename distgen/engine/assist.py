@@ -20,7 +20,7 @@ different numbers of them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -35,6 +35,8 @@ from distgen.engine.prompt_logprobs import entries
 from distgen.engine.request import Completion, Request, Status
 from distgen.engine.runner import Runner
 from distgen.models.forward_args import model_inputs
+from distgen.models.loading import load_model
+from distgen.models.tiny import build_tiny_model
 from distgen.engine.sampling import LOGITS_KNOBS, RowSampling, filter_logits, scale_logits
 
 # (a request that took a token, whether it is an EOS token) -> why it finished, or None (Engine.finish_reason)
@@ -341,17 +343,11 @@ class AssistantSpec:
 
 
 def build_tiny_draft(model_cfg, tokenizer, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    from dataclasses import replace
-
-    from distgen.models.tiny import build_tiny_model
     return build_tiny_model(replace(model_cfg.tiny, seed=model_cfg.assistant_seed), tokenizer).to(dtype).to(device)
 
 
 def build_draft_model(model_cfg, tokenizer, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """model.assistant=draft: the folder's model, loaded whole on this rank (replicated, never sharded)."""
-    from dataclasses import replace
-
-    from distgen.models.loading import load_model
     cfg = replace(model_cfg, source="pretrained", path=model_cfg.assistant_path, quantization="none",
                   assistant="none", assistant_path=None)
     return load_model(cfg, tokenizer, device).to(dtype).to(device)

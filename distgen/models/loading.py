@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +14,10 @@ from distgen.common.errors import ConfigError
 from distgen.common.hub import names_hub_id, snapshot
 from distgen.common.registry import Registry
 from distgen.config import ModelConfig
+from distgen.models.files import SAFETENSORS, read_json_object, weight_file_problem
+from distgen.models.lora import check_adapters, load_adapter_bank, merge_adapter
+from distgen.models.quantizers import get_quantizer
+from distgen.models.tiny import build_tiny_model, build_tokenizer, tiny_llama_config
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +57,8 @@ def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dt
 
 
 # Weight files from_pretrained reads, and the index files that list a sharded checkpoint's parts.
-SAFETENSORS, BIN = ".safetensors", ".bin"
+BIN = ".bin"
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-# A safetensors header is JSON of this size at most (the format's own limit).
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 def read_model_config(folder: Path, key: str) -> dict:
@@ -66,42 +67,6 @@ def read_model_config(folder: Path, key: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{key}={str(folder)!r} is not a folder with a saved model (no config.json there)")
     return read_json_object(path, folder, key)
-
-
-def read_json_object(path: Path, folder: Path, key: str) -> dict:
-    """A JSON object from `path` (a file of the folder `key` names); unreadable, or not an object: a ConfigError."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ConfigError(f"{key}={str(folder)!r}: {path} cannot be read as JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{key}={str(folder)!r}: {path} holds a JSON {type(config).__name__}, not an object")
-    return config
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why `path` is not a whole safetensors file (its 8-byte header length, its JSON header, the tensors'
-    offsets against the file size), or None. No tensor is read."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{size} bytes, too short for a safetensors header"
-        length = struct.unpack("<Q", head)[0]
-        if length > min(MAX_SAFETENSORS_HEADER, size - 8):
-            return f"its header length {length} does not fit the file ({size} bytes)"
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, ValueError):
-            return "its header is not JSON"
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    offsets = [entry.get("data_offsets") for name, entry in header.items()
-               if name != "__metadata__" and isinstance(entry, dict)]
-    ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], int)]
-    if max(ends, default=0) > size - 8 - length:
-        return f"its tensors need {max(ends) + 8 + length} bytes but the file has {size} (cut short?)"
-    return None
 
 
 def weight_files(folder: Path, key: str) -> list[Path]:
@@ -125,12 +90,6 @@ def weight_files(folder: Path, key: str) -> list[Path]:
             return found
     raise ConfigError(f"{key}={str(folder)!r} has no weight files (*.safetensors or *.bin, or an index of them); "
                       "save the model there with save_pretrained")
-
-
-def weight_file_problem(path: Path) -> str | None:
-    """Why a weight file (.safetensors: its header against its size; .bin: not empty) cannot be read, or None."""
-    return safetensors_problem(path) if path.suffix == SAFETENSORS else (
-        "it is empty" if path.stat().st_size == 0 else None)
 
 
 def check_weights(folder: Path, key: str) -> None:
@@ -177,8 +136,6 @@ def check_model_source(cfg: ModelConfig) -> None:
     """Fail before any worker starts, and before output.dir is touched, when a model folder cannot
     load: no or broken config.json, missing or cut weight files, remote code without the flag, LoRA
     adapters that are not (or without peft)."""
-    from distgen.models.lora import check_adapters  # it builds on this module
-
     if cfg.source == "pretrained":
         check_model_folder(Path(cfg.path), "model.path", cfg.trust_remote_code)
     if cfg.assistant == "draft":
@@ -218,7 +175,6 @@ def ensure_pad_token(tokenizer, where: str) -> None:
 
 def load_tokenizer(cfg: ModelConfig):
     if cfg.source == "tiny":
-        from distgen.models.tiny import build_tokenizer
         tokenizer = build_tokenizer()
     else:
         tokenizer = read_tokenizer(cfg)
@@ -229,7 +185,6 @@ def load_tokenizer(cfg: ModelConfig):
 def load_model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
     """The architecture's settings (context length, sliding window) without loading weights."""
     if cfg.source == "tiny":
-        from distgen.models.tiny import tiny_llama_config
         return tiny_llama_config(cfg.tiny, tokenizer)
     return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
 
@@ -238,7 +193,6 @@ def load_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedM
     """The whole model with its weights, on CPU."""
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.source == "tiny":
-        from distgen.models.tiny import build_tiny_model
         model = build_tiny_model(cfg.tiny, tokenizer).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -277,8 +231,6 @@ class ModelSource:
         """The weights as read, with one LoRA adapter (model.lora=<folder>) merged into them, their Linear
         layers then quantized by model.quantization (if not none). Adapters chosen per record are not merged
         (`adapters`)."""
-        from distgen.models.lora import merge_adapter
-        from distgen.models.quantizers import get_quantizer
         model = load_model(self.cfg, self.tokenizer, self.device)
         if isinstance(self.cfg.lora, str):
             model = merge_adapter(model, self.cfg.lora)
@@ -287,7 +239,6 @@ class ModelSource:
     def adapters(self, model: PreTrainedModel):
         """Adapters chosen per record (model.lora by name) over `model` as placed, the base model active (an
         AdapterBank); None for one merged adapter or none."""
-        from distgen.models.lora import load_adapter_bank
         return load_adapter_bank(model, self.cfg.lora)
 
     @property

@@ -27,7 +27,7 @@ from torch import nn
 
 from distgen.common.errors import ConfigError
 from distgen.config import adapter_folders, named_adapters
-from distgen.models.loading import read_json_object, weight_file_problem
+from distgen.models.files import read_json_object, weight_file_problem
 
 PEFT = "peft"
 ADAPTER_CONFIG = "adapter_config.json"

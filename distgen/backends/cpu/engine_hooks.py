@@ -11,9 +11,8 @@ from typing import Any, Optional
 
 import torch
 
-from distgen.backends.cpu.kernels import apply_kernels, decode_attention, decode_attention_blocker, plan_kernels, \
-    write_kv
-from distgen.backends.cpu.model import arithmetic
+from distgen.backends.cpu.kernels import decode_attention, decode_attention_blocker, plan_kernels, write_kv
+from distgen.backends.cpu.model import apply_kernels, arithmetic
 from distgen.config import GenerationConfig
 from distgen.engine.kernels import KERNEL_BACKENDS, KernelBackend
 from distgen.engine.kv.attention import AttentionContext, SlotAttention, new_out, register, require_plain, \

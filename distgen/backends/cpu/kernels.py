@@ -18,7 +18,7 @@ longest row's width for every row).
   becomes a `PackedRowsEmbedding` gathering its rows from the packed table, so no second copy.
 - **An owned decoder stack** (model.py): a Llama-style model's decoder runs as one C call per forward.
 Modules are swapped in (same parameters under the same names, so state dicts and ties are unchanged) and
-swapped back out by `apply_kernels` with a plan that is off.
+swapped back out by `apply_kernels` (model.py, which swaps the stack in last) with a plan that is off.
 
 The C boundary: every wrapper here checks its tensors' dtypes, devices, shapes and strides before a
 pointer goes to C and raises a ValueError naming the argument; slots, columns, lengths and token ids are
@@ -686,17 +686,3 @@ CPU_KERNELS.register("torch", None, kernels_torch)
 def plan_kernels(name: str, model: torch.nn.Module, device: torch.device, lockstep: bool, compiling: bool,
                 autocast: Optional[torch.dtype]) -> KernelPlan:
     return CPU_KERNELS.get(name)(model, device, lockstep, compiling, autocast)
-
-
-def apply_kernels(plan: KernelPlan, model: torch.nn.Module) -> str:
-    """Swap the kernels' modules in (or, with a plan that is off, back out); what the engine line adds."""
-    from distgen.backends.cpu.model import own_stack, release_stack  # it builds on this module
-    release_stack(model)  # swapped in last: out first, so the swaps below reach the model's own modules
-    if not plan.enabled:
-        unfuse_modules(model)
-        unpack_linears(model)
-        return plan.reason
-    packed, total = pack_linears(model)
-    fused = fuse_modules(model)
-    return f"{plan.reason}: {packed} of {total} linear layers packed in place, {fused} norms/MLPs fused, " \
-        f"{own_stack(model)}"

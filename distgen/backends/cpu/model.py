@@ -41,8 +41,9 @@ from typing import Any, Optional
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from distgen.backends.cpu.kernels import (FusedGatedMLP, FusedRMSNorm, build_flags, build_key, checked, compiler,
-                                          is_packed, kernel)
+from distgen.backends.cpu.kernels import (FusedGatedMLP, FusedRMSNorm, KernelPlan, build_flags, build_key, checked,
+                                          compiler, fuse_modules, is_packed, kernel, pack_linears, unfuse_modules,
+                                          unpack_linears)
 from distgen.engine.kv import varlen
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -349,3 +350,16 @@ def arithmetic(model: torch.nn.Module) -> Arithmetic:
     if not any(is_packed(module) for module in model.modules()):
         return Arithmetic("torch", False)
     return Arithmetic(f"distgen-{build_key(compiler() or '', build_flags())}", isinstance(base_model(model), LlamaStack))
+
+
+def apply_kernels(plan: KernelPlan, model: torch.nn.Module) -> str:
+    """Swap the kernels' modules in (or, with a plan that is off, back out); what the engine line adds."""
+    release_stack(model)  # swapped in last: out first, so the swaps below reach the model's own modules
+    if not plan.enabled:
+        unfuse_modules(model)
+        unpack_linears(model)
+        return plan.reason
+    packed, total = pack_linears(model)
+    fused = fuse_modules(model)
+    return f"{plan.reason}: {packed} of {total} linear layers packed in place, {fused} norms/MLPs fused, " \
+        f"{own_stack(model)}"
