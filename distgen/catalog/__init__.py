@@ -6,7 +6,7 @@ this stage knows nothing of the others' names.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from distgen.backends.cpu.kernels import CPU_KERNELS
 from distgen.common.device import DEVICES
@@ -46,13 +46,18 @@ GROUPS: tuple[Registry, ...] = tuple(table for table in TABLES if not table.valu
 VALUES: tuple[Registry, ...] = tuple(table for table in TABLES if table.valued)
 
 
-def check(cfg: RunConfig) -> RunConfig:
-    """Names against the tables, then every part's values, then each selected implementation's rules."""
-    for table in TABLES:
+def check_tables(cfg: RunConfig, tables: Sequence[Registry], check_values: Callable[[], None]) -> None:
+    """Names against the tables, then the values (`check_values`), then each selected implementation's rules."""
+    for table in tables:
         table.check_name(cfg)
-    cfg.check()
-    for table in TABLES:
+    check_values()
+    for table in tables:
         table.check_rules(cfg)
+
+
+def check(cfg: RunConfig) -> RunConfig:
+    """The whole run config: every table, every part's values (RunConfig.check), then the grammar."""
+    check_tables(cfg, TABLES, cfg.check)
     check_grammar(cfg)  # structured output: the library is there, the schema file reads, the grammar compiles
     return cfg
 
@@ -60,10 +65,5 @@ def check(cfg: RunConfig) -> RunConfig:
 def check_section(section: str, part: Any) -> Any:
     """One part of a run config (e.g. `generation`) checked as `check` would, the other parts at their defaults."""
     cfg = RunConfig(**{section: part})
-    tables = [table for table in TABLES if table.key.startswith(section + ".")]
-    for table in tables:
-        table.check_name(cfg)
-    part.check()
-    for table in tables:
-        table.check_rules(cfg)
+    check_tables(cfg, [table for table in TABLES if table.key.startswith(section + ".")], part.check)
     return part

@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from distgen.catalog import GROUPS, VALUES, check as check_config
 from distgen.config import RunConfig
 from distgen.common.errors import ConfigError
+from distgen.inputs.source import FILE_FORMATS
 
 PACKAGE = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE / "configs"
@@ -31,7 +32,6 @@ PRIMARY_CONFIG = "run"
 SCHEMA_NAME = "distgen_schema"
 # `group=<path>` is shorthand for `group.<field>=<path>` when the value names a file or folder.
 PATH_SHORTHANDS = {"dataset": "path", "model": "path"}
-FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
 
 
 def register_schema() -> None:
@@ -54,7 +54,7 @@ def expand_path_shorthand(key: str, value: str, config_dir: Path) -> str | None:
     options = group_options(key, config_dir)
     if value in options:
         return None
-    if os.path.exists(value) or os.sep in value or value.endswith(FILE_SUFFIXES):
+    if os.path.exists(value) or os.sep in value or value.endswith(tuple(FILE_FORMATS)):
         return f"{key}.{PATH_SHORTHANDS[key]}={value}"
     what = "model folder (saved with save_pretrained)" if key == "model" else "prompts file"
     hub = f", nor a hub id (org/name; an id without org: {key}.path={value})" if key == "model" else ""
@@ -340,7 +340,7 @@ def help_text(config_dir: Path = CONFIG_DIR) -> str:
              *(f"  {group}=" + "|".join(options) for group, options in groups.items()),
              "", "Values chosen by name (key=value):", *value_choices(),
              "", "Keys (key=value), with their defaults:", *format_keys(flat_keys(defaults))]
-    for group in ("layout", "launcher"):
+    for group in (table.group for table in GROUPS):  # the groups whose options bring keys of their own
         for option in groups[group]:
             if option != defaults[group]["name"]:
                 lines += ["", f"Keys with {group}={option}:", *format_keys(option_keys(group, option, config_dir))]

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from distgen.common import log
 
@@ -69,14 +69,24 @@ def taken_over(signals: Sequence[signal.Signals]) -> list[signal.Signals]:
     return [sig for sig in signals if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)]
 
 
-def group_alive(pgid: int) -> bool:
+def answers(kill: Callable[[int, int], None], target: int) -> bool:
+    """Whether signal 0 reaches `target` through `kill` (os.kill: a pid; os.killpg: a group): it exists, even
+    where it is not ours to signal (PermissionError)."""
     try:
-        os.killpg(pgid, 0)
+        kill(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     return True
+
+
+def group_alive(pgid: int) -> bool:
+    return answers(os.killpg, pgid)
+
+
+def pid_alive(pid: int) -> bool:
+    return answers(os.kill, pid)
 
 
 def kill_group(pgid: int, signum: int) -> None:

@@ -41,6 +41,7 @@ from distgen.inputs.records import (BOM, CHAT_KWARGS, EXACT_FLOAT_INTS, GENERATE
 # resolved to its snapshot folder in the HF cache by huggingface_hub: resolve_hub_dataset).
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# A prompts file's suffix -> its format (catalog/load.py also reads a `dataset=<x.jsonl>` value as a path by them).
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt", ".csv": "csv", ".parquet": "parquet"}
 # dataset.format -> the `datasets.load_dataset` builder that reads it (None: a folder, read by load_table).
 DATASET_FORMATS: Registry[Optional[str]] = Registry(

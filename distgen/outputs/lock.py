@@ -38,6 +38,7 @@ from typing import Iterator, Mapping, Optional
 
 from distgen.common.clock import timestamp
 from distgen.common.errors import ConfigError
+from distgen.common.procs import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -113,22 +114,12 @@ def read_holder(path: Path) -> Optional[tuple[Holder, float]]:
         return Holder("?", 0, "", 0, "?", 0.0, ""), age
 
 
-def pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def takeover(holder: Holder, age: float, me: Holder, break_lock: bool) -> Optional[str]:
     """Why this job may take the lock from `holder`, or None when it must refuse."""
     stale = age > STALE_HEARTBEATS * max(holder.heartbeat_s, me.heartbeat_s)
     same_pids = holder.host == me.host and (holder.pid_namespace == me.pid_namespace  # its pid means one here
                                             or "" in (holder.pid_namespace, me.pid_namespace))
-    if same_pids and (holder.pid == me.pid or pid_gone(holder.pid)):
+    if same_pids and (holder.pid == me.pid or not pid_alive(holder.pid)):
         return f"its process {holder.pid} on this host is gone"
     if holder.job_id and holder.job_id == me.job_id and holder.start != me.start:
         return f"{holder.job_id} started again (start {me.start + 1}): its earlier start is over"

@@ -225,13 +225,19 @@ class ShardWriter:
     def open_path(self) -> Path:
         return outputs_dir(self.out_dir) / shard_name(self.rank, self.number, OPEN_SUFFIX)
 
-    def append(self, records: Sequence[dict]) -> None:
+    @contextmanager
+    def saying_no_space(self) -> Iterator[None]:
+        """Inside the block, a full disk is an OutputSpaceError naming the shard and what this rank kept."""
         try:
-            self.write(records)
+            yield
         except OSError as err:
             if err.errno not in NO_SPACE:
                 raise
             raise writer_no_space(err, self) from err
+
+    def append(self, records: Sequence[dict]) -> None:
+        with self.saying_no_space():
+            self.write(records)
 
     def write(self, records: Sequence[dict]) -> None:
         for record in records:
@@ -261,12 +267,8 @@ class ShardWriter:
 
     def close(self) -> None:
         if self.file is not None:
-            try:
+            with self.saying_no_space():
                 self.finish_shard()
-            except OSError as err:
-                if err.errno not in NO_SPACE:
-                    raise
-                raise writer_no_space(err, self) from err
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Collection, Optional, Union
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Optional, Union
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -237,6 +237,15 @@ class SlotKV(KVCache):
         ring, whose columns do not hold positions 0.. once it wraps."""
         return self.window is None
 
+    def buffers(self) -> Iterator[torch.Tensor]:
+        """Every slot-indexed buffer of every layer that holds some (keys, values, and an int8 cache's scales)."""
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                for name in ("keys", "values", "key_scales", "value_scales"):
+                    buffer = getattr(layer, name, None)
+                    if buffer is not None:
+                        yield buffer
+
     def admit(self, request: Request, slot: Optional[int] = None, avoid: Collection[int] = ()) -> None:
         """A free slot for the request: `slot` (a freed slot it reuses in place, engine.prefix), else the lowest
         free one not in `avoid` (the lowest of all when every free one is), so eager decode reads a prefix."""
@@ -257,12 +266,8 @@ class SlotKV(KVCache):
         rows = upload(torch.tensor(dsts, dtype=torch.long), self.device)
         if targets:
             index = upload(torch.tensor(targets, dtype=torch.long), self.device)
-            for layer in self.cache.layers:
-                if layer.is_initialized:
-                    for name in ("keys", "values", "key_scales", "value_scales"):
-                        buffer = getattr(layer, name, None)
-                        if buffer is not None:  # (targets, heads, columns, head_dim) <- (heads, columns, head_dim)
-                            buffer[index, :, :columns] = buffer[src, :, :columns]
+            for buffer in self.buffers():  # (targets, heads, columns, head_dim) <- (heads, columns, head_dim)
+                buffer[index, :, :columns] = buffer[src, :, :columns]
         self.col_pos[rows, :columns] = torch.arange(columns, dtype=torch.long, device=self.device)
         self.lengths[rows] = columns
 
@@ -504,12 +509,8 @@ class SlotKV(KVCache):
         """Row `src` (its columns, length, next input and request) becomes row `dst`; `src` is free."""
         held = self.col_pos[src]
         used = self.max_len if self.window is not None else max(1, read(held.max()) + 1)  # columns in use
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                for name in ("keys", "values", "key_scales", "value_scales"):
-                    buffer = getattr(layer, name, None)
-                    if buffer is not None:
-                        buffer[dst, :, :used] = buffer[src, :, :used]
+        for buffer in self.buffers():
+            buffer[dst, :, :used] = buffer[src, :, :used]
         for state in (self.col_pos, self.lengths, self.last_tokens, self.decoding):
             state[dst] = state[src]
         self.col_pos[src], self.decoding[src] = -1, False
