@@ -50,6 +50,11 @@ class Machine:
         return f"{self.node}: {self.cpu}, {self.cores} cores, {self.mem_gib:.0f} GiB"
 
 
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, as a report's header shows them (at its start and end)."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine() -> Machine:
     info = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import signal
 import sys
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import (MODELS, RESULTS, BenchPrompt, Binding, compile_seconds, distgen_launch,  # noqa: E402
-                          generate_seconds, machine, make_prompts, run_distgen, save_model, shared_prefix,
+                          generate_seconds, load_average, machine, make_prompts, run_distgen, save_model, shared_prefix,
                           write_prompts)
 from bench.report import (Equality, Run, check_equality, headline, markdown_table, median_figures,  # noqa: E402
                           usage_table, write_chart)
@@ -363,13 +362,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         header = [f"Run {started:%Y-%m-%d %H:%M} UTC: `bench/configs.py {command}`", "",
                   f"- machine: {machine().describe()}",
                   f"- binding: {binding.describe()}; every configuration the same",
-                  f"- load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+                  f"- load average at start: {load_average()}",
                   f"- {args.repeats} repeat(s), the order alternating; medians over clean runs (a run with more "
                   f"than 0.5 cores busy elsewhere is LOADED and left out)"]
         if args.note:
             header.append(f"- note: {args.note}")
         results[name] = run_suite(suite, model, configs, args, binding)
-        header.append(f"- load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        header.append(f"- load average at end: {load_average()}")
         paths = write_report(suite, results[name], args.out, header)
         print(paths["md"].read_text(), flush=True)
     return results

@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import (MODELS, RESULTS, Binding, BenchPrompt, Launch, bench_env, distgen_launch,  # noqa: E402
-                          generate_seconds, compile_seconds, machine, make_prompts, run_distgen, run_measured,
-                          save_model, write_prompts)
+                          generate_seconds, compile_seconds, load_average, machine, make_prompts, run_distgen,
+                          run_measured, save_model, write_prompts)
 from bench.report import (Equality, Run, check_equality, choose_eos_ids, floor_seconds, headline,  # noqa: E402
                           markdown_table, median_figures, run_figures, usage_table, write_chart)
 
@@ -364,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               f"- machine: {machine().describe()}",
               f"- binding: {binding.describe()}; every system the same (vLLM: VLLM_CPU_OMP_THREADS_BIND="
               f"{binding.env({})['VLLM_CPU_OMP_THREADS_BIND']})",
-              f"- load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+              f"- load average at start: {load_average()}"]
     venvs = {s.venv for s in [*systems, FLOOR] if s.venv}
     header += [f"- {name}: {text}" for name, text in versions(venvs, pythons).items()]
     header.append(f"- distgen settings: {' '.join(DISTGEN_BEST)} (`distgen compiled`: generation.compile=on, its "
@@ -382,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             print(markdown_table(result["rows"], BASE), *headlines(result), sep="\n", flush=True)
             # What is done so far is on disk at once: a long run cut short still leaves its tables.
             write_report(results, args.out, args.name, [*header, f"- in progress: {len(results)} job(s) done so far"])
-    header.append(f"- load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    header.append(f"- load average at end: {load_average()}")
     paths = write_report(results, args.out, args.name, header)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
