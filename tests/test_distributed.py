@@ -5,13 +5,8 @@ import pytest
 
 from distgen.engine.backoff import INJECT_ENV
 from distgen.run import main as run_in_process
-from tests.helpers import (DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, crash_at_step, journaled, read_outputs,
-                           read_stats, reference_greedy, run_module, write_prompts)
-
-
-def job_args(model_dir, prompts, out, *extra):
-    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}",
-            f"generation.max_new_tokens={DEFAULT_BUDGET}", "generation.batch_size=2", *extra]
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, assert_prompts_greedy, crash_at_step, job_args, journaled,
+                           read_outputs, read_stats, reference_greedy, run_module, write_prompts)
 
 
 @pytest.mark.parametrize("layout,engine", [

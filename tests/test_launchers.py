@@ -56,6 +56,12 @@ def test_torchrun_commands():
                          python="python")))
 
 
+def test_max_restarts_reaches_torchrun():
+    cmd = torchrun_command(TorchrunLauncher(max_restarts=3), [], python="py")
+    assert "--max-restarts=3" in cmd
+    assert not any(arg.startswith("--max-restarts") for arg in torchrun_command(TorchrunLauncher(), [], python="py"))
+
+
 def test_deepspeed_commands_and_hostfile():
     one_node = deepspeed_command(DeepspeedLauncher(num_gpus=2), JOB, None, 29600, python="python")
     two_nodes = DeepspeedLauncher(num_gpus=8, num_nodes=2, hosts=["gpu1", "gpu2"], master_addr="gpu1")

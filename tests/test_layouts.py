@@ -4,16 +4,11 @@ import pytest
 
 from distgen.common.errors import ConfigError
 from distgen.catalog.load import load_config
-from tests.helpers import (DEFAULT_BUDGET, PROMPTS, read_outputs, read_stats, reference_greedy, run_deepspeed,
-                           run_module, write_prompts)
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, job_args, read_outputs, read_stats, reference_greedy,
+                           run_deepspeed, run_module, write_prompts)
 
 # The unsharded remainder a ZeRO-3 partition may carry: each parameter padded to a multiple of the ranks.
 PADDING_SLACK_BYTES = 4096
-
-
-def job_args(model_dir, prompts, out, *extra):
-    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}",
-            f"generation.max_new_tokens={DEFAULT_BUDGET}", "generation.batch_size=2", *extra]
 
 
 def assert_equals_generate(out, model, tokenizer, prompts, eos):

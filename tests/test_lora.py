@@ -15,8 +15,8 @@ from distgen.inputs.records import Prompt
 from distgen.models.lora import check_adapters
 from distgen.outputs.resume import job_settings
 from distgen.run import main as run_in_process
-from tests.helpers import (DEFAULT_BUDGET, PROMPTS, merged_with_lora, read_outputs, read_stats, reference_greedy,
-                           run_module, save_lora, write_prompts)
+from tests.helpers import (DEFAULT_BUDGET, PROMPTS, job_args, merged_with_lora, read_outputs, read_stats,
+                           reference_greedy, run_module, save_lora, write_prompts)
 
 # Extra settings a layout needs on 2 CPU ranks (ZeRO-3 keeps small parameters whole unless told not to).
 LAYOUT_ARGS = {"replicate": [], "fsdp": [], "zero3": ["layout.param_persistence_threshold=0"], "device_map": []}
@@ -39,10 +39,8 @@ def merged(tiny_model_dir, adapters):
             **{name: merged_with_lora(tiny_model_dir, folder) for name, folder in adapters.items()}}
 
 
-def job_args(model_dir, prompts, out, *extra):
-    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}",
-            f"generation.max_new_tokens={DEFAULT_BUDGET}", "generation.batch_size=2", "output.print_table=false",
-            *extra]
+def lora_job(model_dir, prompts, out, *extra):
+    return job_args(model_dir, prompts, out, "output.print_table=false", *extra)
 
 
 def want(model, tokenizer, prompt) -> list[int]:
@@ -67,7 +65,7 @@ def assert_each_equals_its_merged_model(records, prompts, merged, tokenizer):
 def test_one_adapter_is_merged_at_load_in_every_layout(layout, tiny_model_dir, adapters, merged, tokenizer,
                                                        prompts_file, tmp_path):
     out = tmp_path / "out"
-    result = run_module("distgen.run", job_args(tiny_model_dir, prompts_file, out, f"layout={layout}",
+    result = run_module("distgen.run", lora_job(tiny_model_dir, prompts_file, out, f"layout={layout}",
                                                 f"model.lora={adapters['a']}", *LAYOUT_ARGS[layout]), nproc=2)
     assert result.returncode == 0, result.stderr
     records = read_outputs(out)
@@ -80,7 +78,7 @@ def test_one_adapter_is_merged_at_load_in_every_layout(layout, tiny_model_dir, a
 def test_adapters_chosen_per_record_on_two_replicate_ranks(tiny_model_dir, adapters, merged, tokenizer, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", CHOSEN + [GHOST])
     out = tmp_path / "out"
-    result = run_module("distgen.run", job_args(tiny_model_dir, prompts, out,
+    result = run_module("distgen.run", lora_job(tiny_model_dir, prompts, out,
                                                 f"model.lora={{a: {adapters['a']}, b: {adapters['b']}}}"), nproc=2)
     assert result.returncode == 0, result.stderr
     *records, ghost = read_outputs(out)
@@ -101,7 +99,7 @@ def test_adapters_chosen_per_record_in_process(extra, tiny_model_dir, adapters, 
     prompts = write_prompts(tmp_path / "p.jsonl", CHOSEN)
     out = tmp_path / "out"
     # a list of folders: each adapter named by its folder's name
-    assert run_in_process(job_args(tiny_model_dir, prompts, out, f"model.lora=[{adapters['a']},{adapters['b']}]",
+    assert run_in_process(lora_job(tiny_model_dir, prompts, out, f"model.lora=[{adapters['a']},{adapters['b']}]",
                                    *extra)) == 0
     assert_each_equals_its_merged_model(read_outputs(out), CHOSEN, merged, tokenizer)
     assert read_stats(out)["ranks"][0]["adapter_switches"] == 2  # base model first, then a, then b
@@ -116,7 +114,7 @@ def test_a_shared_prefix_is_shared_only_between_records_of_one_adapter(tiny_mode
                for i, name in enumerate([None, "a", "a", "b", None, "b"])]
     prompts = write_prompts(tmp_path / "p.jsonl", records)
     out = tmp_path / "out"
-    assert run_in_process(job_args(tiny_model_dir, prompts, out, f"model.lora={{a: {adapters['a']}, b: "
+    assert run_in_process(lora_job(tiny_model_dir, prompts, out, f"model.lora={{a: {adapters['a']}, b: "
                                    f"{adapters['b']}}}", "generation.prefix_sharing=on")) == 0
     assert_each_equals_its_merged_model(read_outputs(out), records, merged, tokenizer)
     rank = read_stats(out)["ranks"][0]
@@ -127,7 +125,7 @@ def test_a_record_naming_an_adapter_without_adapters_by_name_gets_an_error_recor
                                                                                  tokenizer, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [PROMPTS[1], {**PROMPTS[6], "lora": "a"}])
     out = tmp_path / "out"
-    assert run_in_process(job_args(tiny_model_dir, prompts, out, f"model.lora={adapters['a']}")) == 0
+    assert run_in_process(lora_job(tiny_model_dir, prompts, out, f"model.lora={adapters['a']}")) == 0
     france, fox = read_outputs(out)
     assert france["completion_token_ids"] == want(merged["a"], tokenizer, PROMPTS[1])
     assert fox["finish_reason"] == "error" and fox["error"].startswith(
@@ -214,10 +212,10 @@ def test_a_rerun_reruns_only_the_record_whose_adapter_changed(tiny_model_dir, ad
                                                               capsys):
     out = tmp_path / "out"
     args = [f"model.lora={{a: {adapters['a']}, b: {adapters['b']}}}"]
-    assert run_in_process(job_args(tiny_model_dir, write_prompts(tmp_path / "p.jsonl", CHOSEN), out, *args)) == 0
-    assert run_in_process(job_args(tiny_model_dir, tmp_path / "p.jsonl", out, *args)) == 0
+    assert run_in_process(lora_job(tiny_model_dir, write_prompts(tmp_path / "p.jsonl", CHOSEN), out, *args)) == 0
+    assert run_in_process(lora_job(tiny_model_dir, tmp_path / "p.jsonl", out, *args)) == 0
     assert "already finished" in capsys.readouterr().out
     changed = [{**p, "lora": "b"} if p["id"] == "fox" else p for p in CHOSEN]
-    assert run_in_process(job_args(tiny_model_dir, write_prompts(tmp_path / "p.jsonl", changed), out, *args)) == 0
+    assert run_in_process(lora_job(tiny_model_dir, write_prompts(tmp_path / "p.jsonl", changed), out, *args)) == 0
     assert f"resuming: {len(CHOSEN) - 1} of {len(CHOSEN)} prompts already done" in capsys.readouterr().out
     assert_each_equals_its_merged_model(read_outputs(out), changed, merged, tokenizer)

@@ -5,7 +5,7 @@ from .clusters import RAY_ENV, SLURM_CONF, SLURM_DAEMONS, LocalCluster, LocalRay
 from .engine import (CPU, FLASH_211_KEYWORDS, FLASH_211_POSITIONAL, DeviceTraffic, ProbeLayer, ReplayingCapturer,
                      agree_on_batch, attention_case, crash_at_step, engine_for, generate_all, generate_samples, on_meta,
                      reads_per_step, run_all, token_major)
-from .jobs import REPO, child_env, layout_names, paced_env, run_deepspeed, run_module, unknown_config_key
+from .jobs import REPO, child_env, job_args, layout_names, paced_env, run_deepspeed, run_module, unknown_config_key
 from .machine import Tmpfs, gpu_unavailable_reason, unreadable_runner
 from .models import (ARCHITECTURES, WINDOW, WINDOW_ARCHITECTURES, WINDOW_COMMON, build_window_model, fake_hub_cache,
                      merged_with_lora, save_architecture, save_lora, save_window_model, window_config)
@@ -23,7 +23,7 @@ __all__ = [
     "OpenAIPenalties", "ProbeLayer", "ReplayingCapturer", "Terminal", "Tmpfs", "agree_on_batch", "alive",
     "assert_matches_generate", "assert_prompts_greedy", "attention_case", "build_window_model", "child_env",
     "crash_at_step", "descendants", "engine_for", "environ_of", "fake_hub_cache", "free_ports", "generate_all",
-    "generate_samples", "gpu_unavailable_reason", "journaled", "layout_names", "living", "merged_with_lora",
+    "generate_samples", "gpu_unavailable_reason", "job_args", "journaled", "layout_names", "living", "merged_with_lora",
     "missing_ray", "missing_slurm", "naming", "on_meta", "paced_env", "parent_pids", "read_outputs", "read_stats",
     "reads_per_step", "reference_generate", "reference_greedy", "run_all", "run_deepspeed", "run_module",
     "save_architecture", "save_lora", "save_window_model", "signal_each", "stop_pids", "token_major",

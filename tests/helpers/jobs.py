@@ -8,7 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .prompts import DEFAULT_BUDGET
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def job_args(model_dir, prompts, out, *extra) -> list[str]:
+    """A job over `prompts` into `out` (the multi-rank tests' job): DEFAULT_BUDGET new tokens, batches of 2."""
+    return [f"model={model_dir}", f"dataset={prompts}", f"output.dir={out}",
+            f"generation.max_new_tokens={DEFAULT_BUDGET}", "generation.batch_size=2", *extra]
 
 
 def run_module(module: str, args, nproc: int | None = None, timeout: float = 240,
