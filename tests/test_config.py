@@ -3,7 +3,7 @@ import re
 import pytest
 
 from distgen.common.errors import ConfigError
-from distgen.catalog.load import expand_path_shorthands, hydra_value, load_config, split_job_file
+from distgen.catalog.load import expand_path_shorthands, help_text, hydra_value, load_config, split_job_file
 from distgen.job.prepare import check_output_dir
 from distgen.launch import main as launch_main
 from distgen.run import main as run_main
@@ -41,10 +41,41 @@ def test_defaults_compose_into_typed_config():
     (["generation.cache_quant_backend=nf4"], r"generation.cache_quant_backend='nf4' is not allowed: expected one "
                                              r"of int8, fp8, quanto, hqq"),
     (["device=tpu"], r"device='tpu' is not allowed: expected one of auto, cpu, cuda"),
+    # A setting that only other choices read would be ignored: the choice that reads it is named.
+    (["generation.compile=off", "generation.compile_mode=max-autotune"],
+     r"generation.compile_mode='max-autotune' is not allowed with generation.compile=off, which does not read it: "
+     r"it is a setting of generation.compile=auto or on"),
+    (["generation.num_assistant_tokens=9"], r"generation.num_assistant_tokens=9 is not allowed with "
+                                            r"model.assistant=none, .* model.assistant=tiny or prompt_lookup or draft"),
+    (["model.assistant=prompt_lookup", "generation.assistant_confidence_threshold=0.5"],
+     r"generation.assistant_confidence_threshold=0.5 is not allowed with model.assistant=prompt_lookup, .* "
+     r"model.assistant=tiny or draft"),
+    (["generation.cache=static", "generation.cache_quant_backend=fp8"],
+     r"generation.cache_quant_backend='fp8' is not allowed with generation.cache=static, .* generation.cache=quantized"),
+    (["generation.cache=quantized", "generation.cache_residual_length=64"],
+     r"generation.cache_residual_length=64 is not allowed with generation.cache_quant_backend=int8, .* "
+     r"generation.cache_quant_backend=quanto or hqq"),
 ])
 def test_bad_keys_and_values_name_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config([*TINY, *overrides])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["generation.compile=on", "generation.compile_mode=max-autotune"],
+    ["generation.compile_mode=reduce-overhead"],  # compile=auto may compile
+    ["generation.cache_quant_backend=quanto", "generation.cache_quant_bits=2"],  # cache=auto may quantize
+    ["model.assistant=prompt_lookup", "generation.prompt_lookup_ngram=2", "generation.num_assistant_tokens=3"],
+    ["model.assistant=tiny", "generation.assistant_confidence_threshold=0.5", "generation.assistant_schedule=heuristic"],
+])
+def test_a_setting_is_accepted_where_the_choice_reads_it(overrides):
+    load_config([*TINY, *overrides])
+
+
+def test_help_says_which_settings_a_choice_reads():
+    text = help_text()
+    assert "generation.compile=on" in text and "(reads compile_mode, compile_cache_dir)" in text
+    assert "(reads num_assistant_tokens, assistant_schedule, prompt_lookup_ngram)" in text
 
 
 def test_pretrained_model_needs_a_path():

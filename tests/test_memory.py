@@ -257,8 +257,9 @@ def test_cache_table_is_what_config_checks_and_docs_read():
 def test_quantized_cache_backends_run_and_keep_shapes(tiny_model, tokenizer, backend):
     if missing_package(QUANT_BACKENDS.get(backend)):
         pytest.skip(f"the {backend} backend needs {missing_package(QUANT_BACKENDS.get(backend))}, not installed")
+    residual = {"cache_residual_length": 3} if QUANT_BACKENDS.entry(backend).owns else {}  # quanto, hqq
     cfg = GenerationConfig(max_new_tokens=DEFAULT_BUDGET, batch_size=3, cache="quantized", compile="off",
-                           cache_quant_backend=backend, cache_residual_length=3)
+                           cache_quant_backend=backend, **residual)
     check_section("generation", cfg)
     engine = engine_for(tiny_model, tokenizer, PROMPTS, cfg)
     assert f"backend {backend}" in engine.choice

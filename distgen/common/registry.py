@@ -8,6 +8,7 @@ down once.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ class Entry(Generic[T]):
     # A rule the implementation states about the rest of the run config (e.g. a quantizer's devices),
     # run by the catalog when this entry is selected: (the run config) -> None, raising ConfigError.
     check: Optional[Callable[[Any], None]] = None
+    # The keys of its own this choice reads, where other choices of the key do not read them (compile=on reads
+    # generation.compile_mode, compile=off does not): whole dotted keys. Such a key away from its default while a
+    # choice that does not read it is selected is a config error (it would be ignored).
+    owns: tuple[str, ...] = ()
 
     @property
     def summary(self) -> str:
@@ -50,10 +55,10 @@ class Registry(Generic[T]):
         self.entries: dict[str, Entry[T]] = {}
 
     def register(self, name: str, config: Optional[type], impl: T, doc: str = "",
-                 check: Optional[Callable[[Any], None]] = None) -> T:
+                 check: Optional[Callable[[Any], None]] = None, owns: tuple[str, ...] = ()) -> T:
         if name in self.entries or name in self.also:
             raise ValueError(f"{self.group} {name!r} is registered twice")
-        self.entries[name] = Entry(name, config, impl, doc, check)
+        self.entries[name] = Entry(name, config, impl, doc, check, tuple(owns))
         return impl
 
     def names(self) -> tuple[str, ...]:
@@ -105,10 +110,28 @@ class Registry(Generic[T]):
             self.check_selected(operator.attrgetter(self.group)(cfg))
 
     def check_rules(self, cfg: Any) -> None:
-        """The selected choice's own rule about the rest of the config, if it states one."""
+        """The selected choice's own rule about the rest of the config, if it states one; and no setting that only
+        other choices read is set (it would be ignored)."""
         entry = self.entries.get(self.selected(cfg)) if self.applies(cfg) else None
-        if entry is not None and entry.check is not None:
+        if entry is None:
+            return
+        self.check_owned(cfg, entry)
+        if entry.check is not None:
             entry.check(cfg)
+
+    def owners(self, key: str) -> list[str]:
+        """The choices that read `key` (one of the keys some choices own)."""
+        return [e.name for e in self.entries.values() if key in e.owns]
+
+    def check_owned(self, cfg: Any, entry: Entry[T]) -> None:
+        """Every key that only other choices read is at its default (a name in `also`, such as auto, picks a
+        choice later: it may read any of them, and is never selected here)."""
+        for key in sorted({key for e in self.entries.values() for key in e.owns} - set(entry.owns)):
+            value = operator.attrgetter(key)(cfg)
+            if value != default_of(cfg, key):
+                raise ConfigError(f"{key}={value!r} is not allowed with {self.key}={entry.name}, which does not read "
+                                  f"it: it is a setting of {self.key}={' or '.join(self.owners(key))} (leave it out, "
+                                  "or choose one of those)")
 
     def check_selected(self, settings) -> None:
         """`settings` names a registered implementation and is that implementation's settings class."""
@@ -128,4 +151,17 @@ class Registry(Generic[T]):
         """One line per name the key takes (a key of one option says which: `(launcher=slurm)`)."""
         where = f"({self.section}={self.within}) " if self.within is not None else ""
         lines = [f"  {self.group}={name:<12} {where}{doc}" for name, doc in self.also.items()]
-        return "\n".join(lines + [f"  {self.group}={e.name:<12} {where}{e.summary}" for e in self.entries.values()])
+        return "\n".join(lines + [f"  {self.group}={e.name:<12} {where}{e.summary}{reads(e.owns)}"
+                                  for e in self.entries.values()])
+
+
+def reads(keys: tuple[str, ...]) -> str:
+    """--help's note of the settings a choice owns."""
+    return f" (reads {', '.join(key.rpartition('.')[2] for key in keys)})" if keys else ""
+
+
+def default_of(cfg: Any, key: str) -> Any:
+    """A dotted key's default in its part's dataclass (`generation.compile_mode` -> "default")."""
+    path, _, name = key.rpartition(".")
+    spec = next(f for f in dataclasses.fields(operator.attrgetter(path)(cfg)) if f.name == name)
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default

@@ -373,13 +373,16 @@ def check_draft_model(cfg) -> None:
 
 # model.assistant: who proposes draft tokens -> how the worker builds its draft model (None: no draft model).
 ASSISTANTS: Registry[Optional[Callable]] = Registry("model.assistant", valued=True)
+# The generation keys an assistant reads (model.assistant=none reads none of them).
+DRAFTING = ("generation.num_assistant_tokens", "generation.assistant_schedule")
+DRAFT_MODEL = (*DRAFTING, "generation.assistant_confidence_threshold")
 ASSISTANTS.register("none", None, None, doc="no assisted generation")
 ASSISTANTS.register("tiny", None, build_tiny_draft, doc="a random-init draft built like model=tiny (tests)",
-                    check=check_plain_logits)
+                    check=check_plain_logits, owns=DRAFT_MODEL)
 ASSISTANTS.register("prompt_lookup", None, None, doc="n-gram matches in the prompt and generated text (no model)",
-                    check=check_plain_logits)
+                    check=check_plain_logits, owns=(*DRAFTING, "generation.prompt_lookup_ngram"))
 ASSISTANTS.register("draft", None, build_draft_model, doc="a draft model folder (model.assistant_path)",
-                    check=check_draft_model)
+                    check=check_draft_model, owns=DRAFT_MODEL)
 
 
 def assistant_spec(model_cfg, tokenizer, dtype: torch.dtype, device: torch.device) -> Optional[AssistantSpec]:

@@ -146,8 +146,9 @@ def compile_auto(gen: GenerationConfig, model: torch.nn.Module, decode_steps: in
 
 # generation.compile's names (the config check and --help read them).
 COMPILE: Registry[CompilePolicy] = Registry("generation.compile", valued=True)
-COMPILE.register("auto", None, compile_auto)
-COMPILE.register("on", None, compile_on)
+COMPILED_READS = ("generation.compile_mode", "generation.compile_cache_dir")
+COMPILE.register("auto", None, compile_auto, owns=COMPILED_READS)
+COMPILE.register("on", None, compile_on, owns=COMPILED_READS)
 COMPILE.register("off", None, compile_off)
 
 

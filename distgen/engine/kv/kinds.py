@@ -84,9 +84,10 @@ CACHES: Registry[CacheKind] = Registry("generation.cache", valued=True, also={
     "auto": "picked per job: sliding_window/quantized/offloaded when memory is short, static, else dynamic"})
 
 
-def register(kind: CacheKind, config: type) -> CacheKind:
-    """`config`: the kind's settings (its docstring is the one-line summary the docs print)."""
-    return CACHES.register(kind.name, config, kind, check=check_cache_kind)
+def register(kind: CacheKind, config: type, owns: tuple[str, ...] = ()) -> CacheKind:
+    """`config`: the kind's settings (its docstring is the one-line summary the docs print); `owns`: the generation
+    keys only this kind reads."""
+    return CACHES.register(kind.name, config, kind, check=check_cache_kind, owns=owns)
 
 
 def slot_cache_names(gen: "GenerationConfig") -> list[str]:

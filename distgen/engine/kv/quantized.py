@@ -64,7 +64,8 @@ for backend, doc in ((QuantBackend("int8", (8,), None), Int8Slots), (QuantBacken
                      (QuantBackend("quanto", (4, 2), "quanto", ("optimum.quanto", "optimum-quanto==0.2.7")),
                       QuantoRows),
                      (QuantBackend("hqq", (4, 2, 8), "hqq", ("hqq", "hqq")), HqqRows)):
-    QUANT_BACKENDS.register(backend.name, doc, backend, check=lambda cfg: check_quant_backend(cfg))  # defined below
+    QUANT_BACKENDS.register(backend.name, doc, backend, check=lambda cfg: check_quant_backend(cfg),  # defined below
+                            owns=("generation.cache_residual_length",) if backend.name in ("quanto", "hqq") else ())
 
 
 def check_quant_backend(cfg) -> None:
@@ -159,9 +160,9 @@ def build_quantized(spec: CacheSpec):
 
 
 class QuantizedCacheSettings:
-    """Keys and values in a few bits: generation.cache_quant_backend=int8|fp8|quanto|hqq, cache_quant_bits,
-    cache_residual_length (tokens may differ from full precision)."""
+    """Keys and values in a few bits, by generation.cache_quant_backend (tokens may differ from full precision)."""
 
 
 register(CacheKind("quantized", build_quantized, slots=lambda gen: gen.cache_quant_backend == "int8"),
-         QuantizedCacheSettings)
+         QuantizedCacheSettings, owns=("generation.cache_quant_backend", "generation.cache_quant_bits",
+                                       "generation.cache_residual_length"))
