@@ -36,6 +36,39 @@ def test_stop_cut_drops_the_stop_string_and_its_tokens(tokenizer):
     assert (text, kept) == ("abc", ids[:3])
 
 
+@pytest.mark.parametrize("min_tokens, text", [(None, "abc"), (3, "abc"), (4, "abc"), (5, "abcXYZdef"), (11, "abcXYZdefXY")])
+def test_a_stop_string_counts_where_it_ends_past_the_first_min_tokens(min_tokens, text, tokenizer):
+    """As vLLM's detokenizer (vllm-project/vllm#22014): with min_tokens a stop string ending within the first
+    min_tokens tokens' text does not end the completion (one ending past it, straddling or not, does)."""
+    ids = tokenizer("abcXYZdefXY")["input_ids"]  # a token per character
+    prompt = Prompt(0, "0", "", stop=("XY",), min_tokens=min_tokens)
+    stops = StopStrings(tokenizer)
+    assert stops.cut(prompt, ids) == (text, ids[:len(text)])
+    first_hit = next((k for k in range(1, len(ids) + 1) if stops.hit(prompt, ids[:k])), None)
+    assert first_hit == (None if text == "abcXYZdefXY" else len(text) + 2)  # the token completing "XY"
+    # generation.min_tokens holds for records without their own
+    assert StopStrings(tokenizer, ("XY",), 5).cut(Prompt(0, "0", ""), ids) == ("abcXYZdef", ids[:9])
+
+
+def test_min_tokens_holds_stop_strings_back_in_the_engine(tiny_model, tokenizer):
+    """A stop string taken from the first tokens of each greedy completion: with min_tokens=4 the completion goes
+    on to the string's first appearance ending past those tokens' text (or to its budget)."""
+    budget = 12
+    for i, p in enumerate(PROMPTS[:4]):
+        greedy = reference_greedy(tiny_model, tokenizer, p["prompt"], budget, [])
+        text = tokenizer.decode(greedy, skip_special_tokens=True)
+        stop = text[1]
+        prompts = [Prompt(0, "a", p["prompt"], max_new_tokens=budget, stop=(stop,), min_tokens=4),
+                   Prompt(1, "b", p["prompt"], max_new_tokens=budget, stop=(stop,))]
+        done, cutter = decode(tiny_model, tokenizer, prompts, GenerationConfig(max_new_tokens=budget))
+        held = len(tokenizer.decode(greedy[:4], skip_special_tokens=True))
+        at = text.find(stop, held - len(stop) + 1)
+        kept_text, kept_ids = cutter.cut(done[0].prompt, done[0].token_ids)
+        assert kept_text == (text if at < 0 else text[:at]), p["id"]
+        assert done[0].finish_reason == ("length" if at < 0 else "stop") and kept_ids == greedy[:len(kept_ids)]
+        assert cutter.cut(done[1].prompt, done[1].token_ids)[0] == text[:text.find(stop)]  # without: the first
+
+
 def test_stop_strings_end_completions_where_they_first_appear(tiny_model, tokenizer):
     greedy = {i: reference_greedy(tiny_model, tokenizer, p["prompt"], DEFAULT_BUDGET, [])
               for i, p in enumerate(PROMPTS)}

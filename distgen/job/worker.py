@@ -140,7 +140,7 @@ def generate_shard(job: Job, ctx: DistContext, display: Optional[ProgressDisplay
     pad_id = job.tokenizer.pad_token_id
     eos_ids = resolve_eos_ids(job.cfg.generation.eos_token_ids, model, job.tokenizer)
     gen, out = job.cfg.generation, job.cfg.output
-    stops = StopStrings(job.tokenizer, job.cfg.generation.stop)
+    stops = StopStrings(job.tokenizer, job.cfg.generation.stop, job.cfg.generation.min_tokens)
     mine = rank_shard(job, groups, ctx.rank)
     feed = PromptFeed(job.source, mine, job.tokenizer, lengths=job.lengths)
     shape = queue_shape(job, mine)
