@@ -149,6 +149,11 @@ def choices_ok(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(c, str) and c for c in value)
 
 
+def logprobs_within(value: int, cap: int) -> bool:
+    """`value` alternatives are allowed under generation.max_logprobs=`cap` (-1: no cap)."""
+    return cap == -1 or value <= cap
+
+
 def logprobs_ok(value: Any) -> bool:
     """How many alternatives each token's logprob comes with: an integer >= 0 (capped at the vocabulary)."""
     return is_int(value) and 0 <= value < MAX_SEQUENCE_TOKENS
@@ -318,6 +323,10 @@ class GenerationConfig:
     # tokens' at its position (the first token's entry null), as vLLM's prompt_logprobs; null: none. Such a prompt
     # is prefilled whole (no shared prefix).
     prompt_logprobs: Optional[int] = None
+    # The most alternatives logprobs and prompt_logprobs may ask for, here or in a record (a record asking more gets an
+    # error record), as vLLM's max_logprobs and OpenAI's top_logprobs cap: each alternative costs every step a
+    # device->host copy and every token an output entry; -1: no cap but the vocabulary.
+    max_logprobs: int = 20
     # Structured output (distgen/engine/grammar.py, xgrammar; docs/engine.md): every completion follows a JSON schema
     # (a schema file, or the schema inline), a regular expression, or is one of a list of choices; at most one of
     # the three. A record's own json_schema, regex or choice replaces it for that record. The grammar's end finishes
@@ -383,11 +392,13 @@ class GenerationConfig:
                 "must be a list of token ids >= 0")
         require(logit_bias_ok(self.logit_bias), "generation.logit_bias", self.logit_bias,
                 f"must map token ids >= 0 to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
-        require(self.logprobs is None or logprobs_ok(self.logprobs), "generation.logprobs", self.logprobs,
-                "must be null or an integer >= 0 (alternatives per token, capped at the vocabulary)")
-        require(self.prompt_logprobs is None or logprobs_ok(self.prompt_logprobs), "generation.prompt_logprobs",
-                self.prompt_logprobs, "must be null or an integer >= 0 (alternatives per prompt token, capped at the "
-                "vocabulary)")
+        require(is_int(self.max_logprobs) and (self.max_logprobs == -1 or logprobs_ok(self.max_logprobs)),
+                "generation.max_logprobs", self.max_logprobs, "must be an integer >= 0, or -1 (no cap)")
+        for key in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, key)
+            require(value is None or logprobs_ok(value) and logprobs_within(value, self.max_logprobs),
+                    f"generation.{key}", value, "must be null or an integer >= 0 (alternatives per token, capped at "
+                    f"the vocabulary), at most generation.max_logprobs={self.max_logprobs}")
         self.check_grammar()
 
     def check_grammar(self) -> None:

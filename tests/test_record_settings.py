@@ -207,3 +207,24 @@ def test_a_record_the_engine_fails_is_said_as_a_warning(tiny_model_dir, tmp_path
     err = capsys.readouterr().err
     assert "record 'far' (index 1): logit_bias token id 99999 is not allowed" in err
     assert "it gets an error record" in err and "'fine'" not in err
+
+
+def test_logprobs_past_max_logprobs_fail_their_record_and_the_config(tiny_model, tokenizer):
+    """vLLM's max_logprobs (20): a record asking for more alternatives gets an error record, the others run;
+    generation.* asking for more is a config error; -1 lifts the cap (the vocabulary still caps it)."""
+    from distgen.catalog import check_section
+    prompts = [Prompt(i, p["id"], p["prompt"], 3) for i, p in enumerate(PROMPTS[:3])]
+    prompts[0] = dataclasses.replace(prompts[0], logprobs=21)
+    prompts[1] = dataclasses.replace(prompts[1], prompt_logprobs=100)
+    prompts[2] = dataclasses.replace(prompts[2], logprobs=20)
+    done, _ = decode(tiny_model, tokenizer, prompts, GenerationConfig(max_new_tokens=3))
+    assert done[0].error == "logprobs=21 is not allowed: must be at most generation.max_logprobs=20"
+    assert done[1].error == "prompt_logprobs=100 is not allowed: must be at most generation.max_logprobs=20"
+    assert done[2].error is None and len(done[2].logprobs) == 3 and len(done[2].logprobs[0]["top"]) == 20
+    assert done[2].token_ids == reference_greedy(tiny_model, tokenizer, prompts[2].text, 3, [])
+    uncapped, _ = decode(tiny_model, tokenizer, prompts[:2], GenerationConfig(max_new_tokens=3, max_logprobs=-1))
+    assert [uncapped[i].error for i in (0, 1)] == [None, None] and len(uncapped[0].logprobs[0]["top"]) == 21
+    for bad in (dict(logprobs=21), dict(prompt_logprobs=5, max_logprobs=4), dict(max_logprobs=-2)):
+        with pytest.raises(ConfigError, match=r"generation\.(logprobs|prompt_logprobs|max_logprobs)=.* is not allowed"):
+            check_section("generation", GenerationConfig(**bad))
+    check_section("generation", GenerationConfig(logprobs=50, max_logprobs=-1))

@@ -359,7 +359,7 @@ def test_logprobs_are_the_raw_model_logprobs_of_the_chosen_token(path, tiny_mode
     vocab = tiny_model.config.vocab_size
     records = [dict(PROMPTS[1], logprobs=3), dict(PROMPTS[2], logprobs=0), dict(PROMPTS[4], logprobs=10 ** 6),
                dict(PROMPTS[6], logprobs=2, repetition_penalty=1.8), dict(PROMPTS[3])]
-    got = generate_all(path_engine(path, tiny_model, tokenizer, records))
+    got = generate_all(path_engine(path, tiny_model, tokenizer, records, max_logprobs=-1))
     assert got[PROMPTS[3]["id"]].logprobs is None
     for record, k in zip(records[:4], (3, 0, vocab, 2)):
         completion = got[record["id"]]

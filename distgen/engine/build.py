@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from distgen.config import GenerationConfig
+from distgen.config import GenerationConfig, logprobs_within
 from distgen.engine.assist import Assistant, AssistantSpec, DraftModel, PromptLookup, max_draft_tokens
 from distgen.engine.backoff import Backoff, injected_oom_step
 from distgen.engine.core import Adapters, Engine, StopCheck
@@ -257,7 +257,7 @@ def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, devi
         raise RequestFailed(prompt.error)
     sampling = row_sampling(gen, prompt, grammar)
     budget = prompt.budget(gen.max_new_tokens)
-    refusal = settings_refusal(sampling, budget, vocab, assisted)
+    refusal = settings_refusal(sampling, budget, vocab, assisted, gen.max_logprobs)
     if refusal:
         raise RequestFailed(refusal)
     matcher = None if sampling.grammar is None else grammars.matcher(sampling.grammar)
@@ -268,9 +268,15 @@ def make_request(prompt: Prompt, ids: Sequence[int], gen: GenerationConfig, devi
                    prompt_blocks=[] if sampling.prompt_logprobs is not None else None)
 
 
-def settings_refusal(sampling: RowSampling, budget: int, vocab: int, assisted: bool) -> Optional[str]:
+def settings_refusal(sampling: RowSampling, budget: int, vocab: int, assisted: bool,
+                     max_logprobs: int = -1) -> Optional[str]:
     """Why a record's settings cannot run (what a record alone cannot be checked for before the engine knows its
-    budget, the vocabulary and whether drafts are verified), naming the field; None when they can."""
+    budget, the vocabulary, whether drafts are verified and generation.max_logprobs), naming the field; None when
+    they can."""
+    for key in ("logprobs", "prompt_logprobs"):
+        value = getattr(sampling, key)
+        if value is not None and not logprobs_within(value, max_logprobs):
+            return f"{key}={value} is not allowed: must be at most generation.max_logprobs={max_logprobs}"
     if sampling.min_tokens > budget:
         return f"min_tokens={sampling.min_tokens} is not allowed: must be at most its max_new_tokens={budget}"
     outside = [token for token, _ in sampling.logit_bias if token >= vocab]

@@ -44,7 +44,7 @@ BATCHING_KEYS = ("batch_size", "memory_fraction", "scheduler", "mixed_steps", "c
 # when set otherwise, so an earlier job keeps its fingerprint and its outputs are still found.
 LATER_KEYS = {"n": 1, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,
               "min_tokens": 0, "stop": [], "stop_token_ids": [], "logit_bias": {}, "ignore_eos": False, "logprobs": None,
-              "prompt_logprobs": None,
+              "prompt_logprobs": None, "max_logprobs": 20,
               "json_schema": None, "regex": None, "choice": None}
 # Assisted generation's settings: part of the fingerprint only with a model.assistant (see `assistant_identity`).
 ASSISTANT_KEYS = ("num_assistant_tokens", "assistant_schedule", "assistant_confidence_threshold",
