@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from distgen.catalog import GROUPS, VALUES, check as check_config
 from distgen.config import RunConfig
 from distgen.common.errors import ConfigError
+from distgen.common.yaml_text import job_file_yaml
 
 PACKAGE = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE / "configs"
@@ -348,9 +349,11 @@ def help_text(config_dir: Path = CONFIG_DIR) -> str:
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as a job file: read back (--config-dir/--config-name), it gives the same config."""
+    return job_file_yaml(config_to_dict(cfg))
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
-    """The config as --print-config prints it, as nested dicts (for stats.json)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """The config as --print-config prints it, as nested dicts (for stats.json). Plain dataclass fields, not an
+    OmegaConf tree: a value's text (a stop string `${`) is text, never parsed as an interpolation."""
+    return dataclasses.asdict(cfg)
