@@ -88,3 +88,11 @@ def test_a_config_whose_text_holds_an_interpolation_sign_finishes_with_its_stats
     stats = read_stats(out)
     assert stats["run"]["config"]["generation"]["stop"] == ["${", "${x}"] and stats["summary"]["records"] == 3
     assert "- \\${x}" in (out / "report.html").read_text()  # as --print-config prints it: a job file's text
+
+
+def test_the_table_of_a_resumed_job_counts_the_runs_that_finished():
+    stats = [RankStats(0, "cpu", 2, 10, 40, 5, 0, 1.0, 2.0, 3.0, 250.0, 300.0, 0.0, 0.0)]
+    summary = {**summarize(stats, 2), "resumed": 4, "runs": 1}
+    summary["this_run"] = {k: summary[k] for k in ("generated_tokens", "generate_seconds", "tokens_per_second")}
+    assert "(4 done earlier; 1 run finished in all)" in format_table(stats, summary)
+    assert "(4 done earlier; 2 runs finished in all)" in format_table(stats, {**summary, "runs": 2})
