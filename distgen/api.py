@@ -28,6 +28,7 @@ from distgen.common import log
 from distgen.common.errors import ConfigError
 from distgen.common.hub import names_hub_id
 from distgen.launch import launch_job
+from distgen.run import quiet_as_override
 from distgen.outputs.samples import record_order
 from distgen.outputs.shards import MERGED_FILE, OPEN_SUFFIX, list_shards, read_jsonl_lines, read_manifest, read_shard
 
@@ -82,7 +83,8 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
     `max_new_tokens`, `temperature`, `stop`, ...), a path to a prompts file or folder, or a `datasets.Dataset`.
     Records of `messages` (and no `prompt`) are chat records: dataset.messages_field=messages unless given.
     model: a model folder (or `tiny`); the same as `model=...` among the overrides.
-    overrides: the command line's `key=value` strings. Without `output.dir=`, the job writes to a temporary folder
+    overrides: the command line's `key=value` strings (and, as there, `--quiet` and a job file: `--config-dir DIR`,
+    `--config-name NAME`). Without `output.dir=`, the job writes to a temporary folder
     that is removed once its records are read; with one, the outputs stay there (and a rerun resumes).
     """
     if isinstance(overrides, str):
@@ -118,7 +120,12 @@ def run(args: list[str]) -> Path:
     """Run a job from command-line arguments; its output folder. Raises ConfigError or JobFailed."""
     from distgen.catalog.load import load_config, split_job_file
 
-    overrides, job_file = split_job_file(args)
+    overrides, job_file = split_job_file(quiet_as_override(args))
+    flags = [arg for arg in overrides if arg.startswith("-")]
+    if flags:
+        raise ConfigError(f"overrides: {flags[0]!r} is not allowed: distgen.generate takes the command line's key=value "
+                          "overrides, --quiet (-q) and a job file (--config-dir DIR --config-name NAME); "
+                          "--check, --print-config and --help are `python -m distgen.launch`'s")
     cfg = load_config(overrides, job_file=job_file)
     log.configure(cfg.output.log_level)  # nothing where the host application configured logging
     out_dir = Path(cfg.output.dir)

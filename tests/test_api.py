@@ -137,3 +137,16 @@ def test_generate_takes_chat_records_and_keeps_their_messages(tiny_model_dir, ti
         text = tokenizer.apply_chat_template(chat["messages"], tokenize=False, chat_template=template,
                                              add_generation_prompt=True)
         assert record["completion_token_ids"] == reference_greedy(tiny_model, tokenizer, text, DEFAULT_BUDGET, eos)
+
+
+def test_generate_takes_the_command_lines_quiet_and_names_a_flag_it_does_not_take(tiny_model_dir, monkeypatch,
+                                                                                  capsys):
+    """`--quiet` among the overrides is the command line's (it was a Hydra lexer error, LexerNoViableAltException);
+    a flag only the command line has is named, with what generate takes."""
+    no_logging_configured(monkeypatch)  # distgen's own handler shows its lines (at info without -q: the test above)
+    records = distgen.generate(["Hi"], model=str(tiny_model_dir), overrides=["generation.max_new_tokens=2", "-q"])
+    assert len(records) == 1 and records[0]["completion_tokens"] == 2
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(ConfigError, match=r"overrides: '--check' is not allowed: distgen.generate takes the command "
+                                          r"line's key=value overrides, --quiet \(-q\) and a job file"):
+        distgen.generate(["Hi"], model=str(tiny_model_dir), overrides=["--check"])
