@@ -230,7 +230,8 @@ def test_a_section_chosen_on_the_command_line_wins_over_the_job_file(tmp_path, c
 
 
 @pytest.mark.parametrize("text, args, message", [
-    ("generation:\n  max_new_token: 3\n", [], r"unknown config key 'generation.max_new_token'"),
+    ("generation:\n  max_new_token: 3\n", [], r"^job file .*job.yaml: unknown config key 'generation.max_new_token'"),
+    ("generation:\n  max_new_tokens: four\n", [], r"^job file .*job.yaml: .*generation.max_new_tokens='four'.*Integer"),
     ("- a\n- b\n", [], r"holds no keys"),
     ("generation: [\n", [], r"is not valid YAML"),
     ("{}\n", ["--config-name", "nowhere"], r"--config-name='nowhere' is not allowed: no job file .*nowhere.yaml"),

@@ -293,7 +293,13 @@ def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: 
     """`check=False` composes without checking values (to show a config that is not finished yet); `job_file`: a
     YAML job file composed over the defaults, `overrides` on top."""
     if job_file is not None:
-        overrides = job_file_overrides(job_file, config_dir, section_choices(overrides, config_dir)) + list(overrides)
+        sections = section_choices(overrides, config_dir)
+        from_file = job_file_overrides(job_file, config_dir, sections)
+        try:  # the file's own mistakes (a key it misspells, a value of the wrong type) name the file
+            compose_config([*(f"{group}={option}" for group, option in sections.items()), *from_file], config_dir)
+        except ConfigError as err:
+            raise ConfigError(f"job file {job_file}: {err}") from None
+        overrides = from_file + list(overrides)
     composed = compose_config(overrides, config_dir)
     try:
         cfg = OmegaConf.to_object(composed)
