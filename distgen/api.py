@@ -82,7 +82,8 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
     prompts: a list of strings, a list of records with the JSON-lines fields (`prompt` or `messages`, `id`,
     `max_new_tokens`, `temperature`, `stop`, ...), a path to a prompts file or folder, or a `datasets.Dataset`.
     Records of `messages` (and no `prompt`) are chat records: dataset.messages_field=messages unless given.
-    model: a model folder (or `tiny`); the same as `model=...` among the overrides.
+    model: a model folder, a hub id in the local Hugging Face cache (`org/name`), or `tiny`; the same as `model=...`
+    among the overrides.
     overrides: the command line's `key=value` strings (and, as there, `--quiet` and a job file: `--config-dir DIR`,
     `--config-name NAME`). Without `output.dir=`, the job writes to a temporary folder
     that is removed once its records are read; with one, the outputs stay there (and a rerun resumes).

@@ -48,7 +48,8 @@ def test_bad_keys_and_values_name_the_key_and_what_is_allowed(overrides, message
 
 
 def test_pretrained_model_needs_a_path():
-    with pytest.raises(ConfigError, match="model.path=None is not allowed"):
+    with pytest.raises(ConfigError, match=r"model.path=None is not allowed: model.source=pretrained needs "
+                                          r"model=<model folder, or org/name in the Hugging Face cache>"):
         load_config([])
 
 
