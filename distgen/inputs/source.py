@@ -341,7 +341,22 @@ def load_jsonl(path: str, cache_dir: str, fields: RecordFields):
         table = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
     except (ArrowInvalid, datasets.exceptions.DatasetGenerationError, ValueError, TypeError):
         return normalized_table([path], cache_dir, fields)
-    return normalized_table([path], cache_dir, fields) if settings_need_lines(table) else (table, fields)
+    lines = settings_need_lines(table) or times_inferred(table.data.schema)
+    return normalized_table([path], cache_dir, fields) if lines else (table, fields)
+
+
+def times_inferred(schema) -> bool:
+    """Whether Arrow's JSON reader made a date or time of some text, at any depth (JSON has no such type: the text
+    "2024-01-02" would come back "2024-01-02T00:00:00", a zone dropped): the line-by-line reader keeps the text."""
+    import pyarrow as pa
+
+    def holds_time(kind) -> bool:
+        if pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
+            return True
+        if pa.types.is_struct(kind):
+            return any(holds_time(kind.field(k).type) for k in range(kind.num_fields))
+        return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and holds_time(kind.value_type)
+    return any(holds_time(field.type) for field in schema)
 
 
 def load_file(path: str, fmt: str, cache_dir: str, fields: RecordFields):
