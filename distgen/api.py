@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 from distgen.common import log
 from distgen.common.errors import ConfigError
 from distgen.common.hub import names_hub_id
+from distgen.inputs.records import json_value
 from distgen.launch import launch_job
 from distgen.run import quiet_as_override
 from distgen.outputs.samples import record_order
@@ -45,7 +46,8 @@ def override_keys(overrides: Sequence[str]) -> set[str]:
 
 def write_prompts(prompts: Prompts, folder: Path) -> str:
     """`dataset=` for `prompts`: a path as given; a datasets.Dataset saved to disk; a list of strings or of
-    records (the JSON-lines fields) written as JSON lines, one per item, in order."""
+    records (the JSON-lines fields; numpy, pandas and datetime values as the Arrow readers give them) written as
+    JSON lines, one per item, in order."""
     if isinstance(prompts, (str, os.PathLike)):
         path = os.fspath(prompts)
         if not os.path.exists(path) and not names_hub_id(path):
@@ -66,7 +68,11 @@ def write_prompts(prompts: Prompts, folder: Path) -> str:
         kinds = sorted({type(item).__name__ for item in items})
         raise ConfigError(f"prompts is not allowed: a list of strings or of records (dicts), not of {', '.join(kinds)}")
     path = folder / "prompts.jsonl"
-    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    # Values JSON has no form for (numpy numbers, pandas timestamps, dates, bytes: a DataFrame's to_dict("records"))
+    # as the Arrow readers give them (docs/inputs.md, "Input columns"): numbers, ISO 8601 text, base64.
+    lines = (json.dumps(json_value(record, f"prompts[{k}]", "record"), ensure_ascii=False) + "\n"
+             for k, record in enumerate(records))
+    path.write_text("".join(lines), encoding="utf-8")
     return str(path)
 
 
