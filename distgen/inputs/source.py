@@ -431,7 +431,10 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
     if fmt == "saved":
         return pick_split(datasets.load_from_disk(cfg.path), cfg.split, cfg.path), fields
     if fmt == "hub":
-        return load_hub(cfg, cache_dir), fields
+        table, builder = load_hub(cfg, cache_dir)
+        if builder.name == "json" and times_inferred(table.data.schema):  # its JSON files' text, line by line
+            return normalized_table([str(p) for p in builder.config.data_files[cfg.split]], cache_dir, fields)
+        return table, fields
     if fmt == "folder":
         return load_folder(cfg.path, cache_dir, fields)
     if fmt == "openai_batch":
@@ -444,7 +447,7 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
 def load_hub(cfg: DatasetConfig, cache_dir: str):
     """A hub dataset's snapshot folder as the datasets library reads a hub repository (its README's configs, or
     its files' split names), dataset.subset and dataset.split picked by name: the builder resolved once (again
-    only to name the subsets when it cannot be built with dataset.subset)."""
+    only to name the subsets when it cannot be built with dataset.subset). (the split's table, the builder)"""
     import datasets
     from datasets.utils.info_utils import is_small_dataset
     name = hub_name(cfg.path) or cfg.path  # the id the user gave, not the snapshot folder
@@ -467,7 +470,7 @@ def load_hub(cfg: DatasetConfig, cache_dir: str):
     if cfg.split not in splits:
         raise ConfigError(f"dataset.split={cfg.split!r} is not allowed: {name} has splits {', '.join(splits)}")
     builder.download_and_prepare()  # as datasets.load_dataset does with this builder
-    return builder.as_dataset(split=cfg.split, in_memory=is_small_dataset(builder.info.dataset_size))
+    return builder.as_dataset(split=cfg.split, in_memory=is_small_dataset(builder.info.dataset_size)), builder
 
 
 def hub_subsets(path: str) -> list[str]:
