@@ -28,7 +28,9 @@ from distgen.common import log
 from distgen.common.errors import ConfigError
 from distgen.catalog.load import load_config, split_job_file
 from distgen.common.hub import names_hub_id
+from distgen.inputs.records import json_value
 from distgen.launch import launch_job
+from distgen.run import quiet_as_override
 from distgen.outputs.samples import record_order
 from distgen.outputs.shards import MERGED_FILE, OPEN_SUFFIX, list_shards, read_jsonl_lines, read_manifest, read_shard
 
@@ -45,7 +47,8 @@ def override_keys(overrides: Sequence[str]) -> set[str]:
 
 def write_prompts(prompts: Prompts, folder: Path) -> str:
     """`dataset=` for `prompts`: a path as given; a datasets.Dataset saved to disk; a list of strings or of
-    records (the JSON-lines fields) written as JSON lines, one per item, in order."""
+    records (the JSON-lines fields; numpy, pandas and datetime values as the Arrow readers give them) written as
+    JSON lines, one per item, in order."""
     if isinstance(prompts, (str, os.PathLike)):
         path = os.fspath(prompts)
         if not os.path.exists(path) and not names_hub_id(path):
@@ -66,7 +69,11 @@ def write_prompts(prompts: Prompts, folder: Path) -> str:
         kinds = sorted({type(item).__name__ for item in items})
         raise ConfigError(f"prompts is not allowed: a list of strings or of records (dicts), not of {', '.join(kinds)}")
     path = folder / "prompts.jsonl"
-    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    # Values JSON has no form for (numpy numbers, pandas timestamps, dates, bytes: a DataFrame's to_dict("records"))
+    # as the Arrow readers give them (docs/inputs.md, "Input columns"): numbers, ISO 8601 text, base64.
+    lines = (json.dumps(json_value(record, f"prompts[{k}]", "record"), ensure_ascii=False) + "\n"
+             for k, record in enumerate(records))
+    path.write_text("".join(lines), encoding="utf-8")
     return str(path)
 
 
@@ -82,8 +89,10 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
     prompts: a list of strings, a list of records with the JSON-lines fields (`prompt` or `messages`, `id`,
     `max_new_tokens`, `temperature`, `stop`, ...), a path to a prompts file or folder, or a `datasets.Dataset`.
     Records of `messages` (and no `prompt`) are chat records: dataset.messages_field=messages unless given.
-    model: a model folder (or `tiny`); the same as `model=...` among the overrides.
-    overrides: the command line's `key=value` strings. Without `output.dir=`, the job writes to a temporary folder
+    model: a model folder, a hub id in the local Hugging Face cache (`org/name`), or `tiny`; the same as `model=...`
+    among the overrides.
+    overrides: the command line's `key=value` strings (and, as there, `--quiet` and a job file: `--config-dir DIR`,
+    `--config-name NAME`). Without `output.dir=`, the job writes to a temporary folder
     that is removed once its records are read; with one, the outputs stay there (and a rerun resumes).
     """
     if isinstance(overrides, str):
@@ -117,7 +126,12 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
 
 def run(args: list[str]) -> Path:
     """Run a job from command-line arguments; its output folder. Raises ConfigError or JobFailed."""
-    overrides, job_file = split_job_file(args)
+    overrides, job_file = split_job_file(quiet_as_override(args))
+    flags = [arg for arg in overrides if arg.startswith("-")]
+    if flags:
+        raise ConfigError(f"overrides: {flags[0]!r} is not allowed: distgen.generate takes the command line's key=value "
+                          "overrides, --quiet (-q) and a job file (--config-dir DIR --config-name NAME); "
+                          "--check, --print-config and --help are `python -m distgen.launch`'s")
     cfg = load_config(overrides, job_file=job_file)
     log.configure(cfg.output.log_level)  # nothing where the host application configured logging
     out_dir = Path(cfg.output.dir)

@@ -215,7 +215,7 @@ class ModelConfig:
                 f"{self.quantization} quantizes: merge one adapter (model.lora=<folder>) or use model.quantization=none")
         if self.source == "pretrained":
             require(bool(self.path), "model.path", self.path,
-                    "model.source=pretrained needs model.path=<local model folder> "
+                    "model.source=pretrained needs model=<model folder, or org/name in the Hugging Face cache> "
                     "(or model=tiny for a random-init test model)")
         require(self.assistant == "draft" or self.assistant_path is None, "model.assistant_path",
                 self.assistant_path, f"only model.assistant=draft reads it (model.assistant={self.assistant})")

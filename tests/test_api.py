@@ -137,3 +137,33 @@ def test_generate_takes_chat_records_and_keeps_their_messages(tiny_model_dir, ti
         text = tokenizer.apply_chat_template(chat["messages"], tokenize=False, chat_template=template,
                                              add_generation_prompt=True)
         assert record["completion_token_ids"] == reference_greedy(tiny_model, tokenizer, text, DEFAULT_BUDGET, eos)
+
+
+def test_generate_takes_the_command_lines_quiet_and_names_a_flag_it_does_not_take(tiny_model_dir, monkeypatch,
+                                                                                  capsys):
+    """`--quiet` among the overrides is the command line's (it was a Hydra lexer error, LexerNoViableAltException);
+    a flag only the command line has is named, with what generate takes."""
+    no_logging_configured(monkeypatch)  # distgen's own handler shows its lines (at info without -q: the test above)
+    records = distgen.generate(["Hi"], model=str(tiny_model_dir), overrides=["generation.max_new_tokens=2", "-q"])
+    assert len(records) == 1 and records[0]["completion_tokens"] == 2
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(ConfigError, match=r"overrides: '--check' is not allowed: distgen.generate takes the command "
+                                          r"line's key=value overrides, --quiet \(-q\) and a job file"):
+        distgen.generate(["Hi"], model=str(tiny_model_dir), overrides=["--check"])
+
+
+def test_generate_takes_records_with_numpy_pandas_and_datetime_values(tiny_model_dir):
+    """A DataFrame's to_dict("records") holds numpy numbers and pandas timestamps: they reach the outputs as the
+    Arrow readers give a parquet file's (a number, ISO 8601 text, base64), not a TypeError from json.dumps."""
+    import datetime
+
+    import numpy as np
+    import pandas as pd
+
+    records = [{"id": np.int64(7), "prompt": "Hi", "when": pd.Timestamp("2024-01-02 03:04:05"),
+                "day": datetime.date(2024, 1, 2), "score": np.float32(0.5), "raw": b"\x00\x01",
+                "vec": np.array([1, 2])}]
+    out = distgen.generate(records, model=str(tiny_model_dir), overrides=QUIET)
+    assert len(out) == 1 and out[0]["id"] == 7 and type(out[0]["id"]) is int and out[0]["finish_reason"] != "error"
+    assert (out[0]["when"], out[0]["day"], out[0]["score"], out[0]["raw"], out[0]["vec"]) == (
+        "2024-01-02T03:04:05", "2024-01-02", 0.5, "AAE=", [1, 2])

@@ -79,7 +79,8 @@ def test_help_says_which_settings_a_choice_reads():
 
 
 def test_pretrained_model_needs_a_path():
-    with pytest.raises(ConfigError, match="model.path=None is not allowed"):
+    with pytest.raises(ConfigError, match=r"model.path=None is not allowed: model.source=pretrained needs "
+                                          r"model=<model folder, or org/name in the Hugging Face cache>"):
         load_config([])
 
 
@@ -227,6 +228,23 @@ def test_printed_config_is_a_job_file_and_command_line_overrides_win(tmp_path, c
     assert short.layout.shard_group_size == 2 and short.dataset.path.endswith("demo_prompts.jsonl")
 
 
+def test_printed_config_keeps_text_that_reads_like_an_interpolation(tmp_path):
+    """A stop string or chat template holding `${` is text: printed as a job file and read back, it is the same text,
+    not an interpolation OmegaConf fails to resolve (`Interpolation key 'x' not found`)."""
+    import dataclasses
+
+    from distgen.catalog.load import config_to_dict, config_to_yaml
+
+    texts = ["${x}", "a\\${y}", "\\\\${z} and ${w}", "$ {not}", "echo $HOME"]
+    cfg = load_config(TINY, check=False)
+    cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, stop=texts),
+                              dataset=dataclasses.replace(cfg.dataset, chat_template="{{ '${' }}{{ messages }}"))
+    (tmp_path / "job.yaml").write_text(config_to_yaml(cfg))
+    again = load_config([], job_file=tmp_path / "job.yaml", check=False)
+    assert again.generation.stop == texts and again.dataset.chat_template == "{{ '${' }}{{ messages }}"
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
 def test_a_section_chosen_on_the_command_line_wins_over_the_job_file(tmp_path, capsys):
     """`launcher=torchrun`, `layout=replicate`, `generation=greedy`, `model=tiny` on top of a job file printed with
     other choices: the command line's choice, not a refusal of the file's keys or the file's values silently kept."""
@@ -244,7 +262,8 @@ def test_a_section_chosen_on_the_command_line_wins_over_the_job_file(tmp_path, c
 
 
 @pytest.mark.parametrize("text, args, message", [
-    ("generation:\n  max_new_token: 3\n", [], r"unknown config key 'generation.max_new_token'"),
+    ("generation:\n  max_new_token: 3\n", [], r"^job file .*job.yaml: unknown config key 'generation.max_new_token'"),
+    ("generation:\n  max_new_tokens: four\n", [], r"^job file .*job.yaml: .*generation.max_new_tokens='four'.*Integer"),
     ("- a\n- b\n", [], r"holds no keys"),
     ("generation: [\n", [], r"is not valid YAML"),
     ("{}\n", ["--config-name", "nowhere"], r"--config-name='nowhere' is not allowed: no job file .*nowhere.yaml"),

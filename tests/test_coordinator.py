@@ -74,3 +74,25 @@ def test_stats_and_report_say_what_produced_the_run_and_count_every_error(tiny_m
 def test_hub_commit_is_read_from_a_cache_snapshot_folder(tmp_path):
     assert hub_commit(str(tmp_path / "models--a--b" / "snapshots" / "abc")) == "abc"
     assert hub_commit(str(tmp_path / "snapshots" / "abc")) is None and hub_commit(None) is None
+
+
+def test_a_config_whose_text_holds_an_interpolation_sign_finishes_with_its_stats(tmp_path):
+    """A stop string `${` (a JavaScript template literal) is text: the job writes stats.json and report.html with it,
+    rather than generating everything and then failing at the end on OmegaConf's `no viable alternative at input
+    '${'`."""
+    out = tmp_path / "out"
+    prompts = [{"id": k, "prompt": f"p{k}"} for k in range(3)]
+    args = ["model=tiny", f"dataset={write_prompts(tmp_path / 'p.jsonl', prompts)}", f"output.dir={out}",
+            "generation.max_new_tokens=2", "output.print_table=false", "generation.stop=['\\${','\\${x}']"]
+    assert run_in_process(args) == 0
+    stats = read_stats(out)
+    assert stats["run"]["config"]["generation"]["stop"] == ["${", "${x}"] and stats["summary"]["records"] == 3
+    assert "- \\${x}" in (out / "report.html").read_text()  # as --print-config prints it: a job file's text
+
+
+def test_the_table_of_a_resumed_job_counts_the_runs_that_finished():
+    stats = [RankStats(0, "cpu", 2, 10, 40, 5, 0, 1.0, 2.0, 3.0, 250.0, 300.0, 0.0, 0.0)]
+    summary = {**summarize(stats, 2), "resumed": 4, "runs": 1}
+    summary["this_run"] = {k: summary[k] for k in ("generated_tokens", "generate_seconds", "tokens_per_second")}
+    assert "(4 done earlier; 1 run finished in all)" in format_table(stats, summary)
+    assert "(4 done earlier; 2 runs finished in all)" in format_table(stats, {**summary, "runs": 2})

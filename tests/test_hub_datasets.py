@@ -113,3 +113,17 @@ def test_hub_settings_on_a_local_file_are_refused(tmp_path):
         resolve_hub_dataset(DatasetConfig(path="acme/prompts", format="jsonl", subset="a"))
     # a missing prompts file is not taken for a hub id: its own error comes later, naming the file
     assert resolve_hub_dataset(DatasetConfig(path="missing.jsonl")).path == "missing.jsonl"
+
+
+def test_a_hub_datasets_json_text_that_reads_as_a_date_stays_its_text(tiny_model_dir, hub_cache, tmp_path):
+    """A hub dataset of JSON-lines files is read by the datasets library's JSON builder, which made timestamps of
+    ISO-looking text ("2024-01-02" came back "2024-01-02T00:00:00"): its split is then read line by line."""
+    rows = [{"id": "2024-01-02", "prompt": "a", "day": "2024-01-02", "meta": {"at": "2024-01-02T03:04:05Z"}},
+            {"id": "2024-01-03", "prompt": "b", "day": "2024-01-03", "meta": {"at": "x"}}]
+    fake_dataset_cache(hub_cache, "acme/dated", {"train.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+                                                 "test.jsonl": json.dumps(rows[0]) + "\n"})
+    out = tmp_path / "out"
+    assert run_in_process([f"model={tiny_model_dir}", "generation.max_new_tokens=2", "dataset=acme/dated",
+                           f"output.dir={out}"]) == 0
+    assert [{k: r[k] for k in ("id", "day", "meta")} for r in outputs(out)] == [
+        {k: row[k] for k in ("id", "day", "meta")} for row in rows]

@@ -73,6 +73,18 @@ def test_bad_datasets_name_the_problem(records, settings, message, tmp_path):
         read_all(write_prompts(tmp_path / "bad.jsonl", records), tmp_path, **settings)
 
 
+def test_text_that_reads_as_a_date_stays_the_text_it_is(tmp_path):
+    """Arrow's JSON reader makes timestamps of ISO-looking text ("2024-01-02" came back "2024-01-02T00:00:00", a
+    "Z" zone dropped); JSON has no dates, so a JSON-lines column is the text written, at any depth."""
+    rows = [{"id": 1, "prompt": "a", "day": "2024-01-02", "at": "2024-01-02T03:04:05Z", "meta": {"w": "2024-01-02"},
+             "seen": ["2024-01-02 03:04:05"]},
+            {"id": 2, "prompt": "b", "day": "2024-02-03", "at": "2024-02-03 04:05:06", "meta": {"w": "x"}, "seen": []}]
+    lines = write_prompts(tmp_path / "dates.jsonl", rows)
+    assert [p.columns for p in read_all(lines, tmp_path)] == [
+        {k: v for k, v in row.items() if k not in ("id", "prompt")} for row in rows]
+    assert [p.id for p in read_all(lines, tmp_path)] == [1, 2]
+
+
 def test_bad_override_marks_only_that_record(tmp_path):
     prompts = read_all(write_prompts(tmp_path / "bad.jsonl", [{"prompt": "x"}, {"prompt": "y", "temperature": -1}]),
                        tmp_path)

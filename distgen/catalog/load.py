@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from distgen.catalog import GROUPS, VALUES, check as check_config
 from distgen.config import RunConfig
 from distgen.common.errors import ConfigError
+from distgen.common.yaml_text import job_file_yaml
 from distgen.inputs.source import FILE_FORMATS
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -292,7 +293,13 @@ def load_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR, check: 
     """`check=False` composes without checking values (to show a config that is not finished yet); `job_file`: a
     YAML job file composed over the defaults, `overrides` on top."""
     if job_file is not None:
-        overrides = job_file_overrides(job_file, config_dir, section_choices(overrides, config_dir)) + list(overrides)
+        sections = section_choices(overrides, config_dir)
+        from_file = job_file_overrides(job_file, config_dir, sections)
+        try:  # the file's own mistakes (a key it misspells, a value of the wrong type) name the file
+            compose_config([*(f"{group}={option}" for group, option in sections.items()), *from_file], config_dir)
+        except ConfigError as err:
+            raise ConfigError(f"job file {job_file}: {err}") from None
+        overrides = from_file + list(overrides)
     composed = compose_config(overrides, config_dir)
     try:
         cfg = OmegaConf.to_object(composed)
@@ -348,9 +355,11 @@ def help_text(config_dir: Path = CONFIG_DIR) -> str:
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as a job file: read back (--config-dir/--config-name), it gives the same config."""
+    return job_file_yaml(config_to_dict(cfg))
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
-    """The config as --print-config prints it, as nested dicts (for stats.json)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """The config as --print-config prints it, as nested dicts (for stats.json). Plain dataclass fields, not an
+    OmegaConf tree: a value's text (a stop string `${`) is text, never parsed as an interpolation."""
+    return dataclasses.asdict(cfg)

@@ -342,7 +342,22 @@ def load_jsonl(path: str, cache_dir: str, fields: RecordFields):
         table = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
     except (ArrowInvalid, datasets.exceptions.DatasetGenerationError, ValueError, TypeError):
         return normalized_table([path], cache_dir, fields)
-    return normalized_table([path], cache_dir, fields) if settings_need_lines(table) else (table, fields)
+    lines = settings_need_lines(table) or times_inferred(table.data.schema)
+    return normalized_table([path], cache_dir, fields) if lines else (table, fields)
+
+
+def times_inferred(schema) -> bool:
+    """Whether Arrow's JSON reader made a date or time of some text, at any depth (JSON has no such type: the text
+    "2024-01-02" would come back "2024-01-02T00:00:00", a zone dropped): the line-by-line reader keeps the text."""
+    import pyarrow as pa
+
+    def holds_time(kind) -> bool:
+        if pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
+            return True
+        if pa.types.is_struct(kind):
+            return any(holds_time(kind.field(k).type) for k in range(kind.num_fields))
+        return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and holds_time(kind.value_type)
+    return any(holds_time(field.type) for field in schema)
 
 
 def load_file(path: str, fmt: str, cache_dir: str, fields: RecordFields):
@@ -417,7 +432,10 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
     if fmt == "saved":
         return pick_split(datasets.load_from_disk(cfg.path), cfg.split, cfg.path), fields
     if fmt == "hub":
-        return load_hub(cfg, cache_dir), fields
+        table, builder = load_hub(cfg, cache_dir)
+        if builder.name == "json" and times_inferred(table.data.schema):  # its JSON files' text, line by line
+            return normalized_table([str(p) for p in builder.config.data_files[cfg.split]], cache_dir, fields)
+        return table, fields
     if fmt == "folder":
         return load_folder(cfg.path, cache_dir, fields)
     if fmt == "openai_batch":
@@ -430,7 +448,7 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
 def load_hub(cfg: DatasetConfig, cache_dir: str):
     """A hub dataset's snapshot folder as the datasets library reads a hub repository (its README's configs, or
     its files' split names), dataset.subset and dataset.split picked by name: the builder resolved once (again
-    only to name the subsets when it cannot be built with dataset.subset)."""
+    only to name the subsets when it cannot be built with dataset.subset). (the split's table, the builder)"""
     import datasets
     from datasets.utils.info_utils import is_small_dataset
     name = hub_name(cfg.path) or cfg.path  # the id the user gave, not the snapshot folder
@@ -453,7 +471,7 @@ def load_hub(cfg: DatasetConfig, cache_dir: str):
     if cfg.split not in splits:
         raise ConfigError(f"dataset.split={cfg.split!r} is not allowed: {name} has splits {', '.join(splits)}")
     builder.download_and_prepare()  # as datasets.load_dataset does with this builder
-    return builder.as_dataset(split=cfg.split, in_memory=is_small_dataset(builder.info.dataset_size))
+    return builder.as_dataset(split=cfg.split, in_memory=is_small_dataset(builder.info.dataset_size)), builder
 
 
 def hub_subsets(path: str) -> list[str]:

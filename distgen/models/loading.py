@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 # model.source: where the weights come from.
 MODEL_SOURCES: Registry[None] = Registry("model.source", valued=True)
-MODEL_SOURCES.register("pretrained", None, None, doc="a folder saved with save_pretrained (model.path)")
+MODEL_SOURCES.register("pretrained", None, None,
+                       doc="model.path: a folder saved with save_pretrained, or a hub id (org/name) in the HF cache")
 MODEL_SOURCES.register("tiny", None, None, doc="a 2-layer random-init Llama built in memory (model.tiny.*)")
 # model.dtype -> the weights' dtype (auto: bf16 on CUDA, fp32 on CPU).
 DTYPES: Registry[torch.dtype] = Registry("model.dtype", valued=True, also={"auto": "bf16 on CUDA, fp32 on CPU"})

@@ -121,9 +121,9 @@ def format_table(stats: Sequence[RankStats], summary: dict) -> str:
              f"{summary['tokens_per_wall_second']:.1f} per wall second, {summary['wall_seconds']:.1f}s with loading) "
              f"over {summary['world_size']} ranks")
     if summary.get("resumed") or summary.get("runs", 1) > 1:
-        run = summary["this_run"]
-        total += (f"\nthis run: {sum(s.prompts for s in stats)} prompts ({summary['resumed']} done earlier, "
-                  f"{summary['runs']} runs in all), {run['generated_tokens']} tokens in "
+        run, runs = summary["this_run"], summary["runs"]
+        total += (f"\nthis run: {sum(s.prompts for s in stats)} prompts ({summary['resumed']} done earlier; "
+                  f"{runs} run{'s' * (runs != 1)} finished in all), {run['generated_tokens']} tokens in "
                   f"{run['generate_seconds']:.2f}s ({run['tokens_per_second']:.1f} generated tok/s)")
     maps = [f"rank {s.rank} device map: {compact_map(s.device_map)}" for s in stats if s.device_map]
     drafts = [f"rank {s.rank} assisted: {s.draft_accepted} of {s.draft_proposed} draft tokens accepted "

@@ -9,7 +9,8 @@ import html
 from typing import Optional, Sequence
 
 import numpy as np
-from omegaconf import OmegaConf
+
+from distgen.common.yaml_text import job_file_yaml
 
 REPORT_FILE = "report.html"
 WIDTH, HEIGHT, MARGIN = 640, 240, 48
@@ -155,7 +156,7 @@ def run_section(run: Optional[dict]) -> str:
              *((f"model.{k}", v) for k, v in model.items()),
              *((f"dataset.{k}", v) for k, v in run.get("dataset", {}).items()),
              *((f"{name} version", v) for name, v in run.get("versions", {}).items())]
-    config = OmegaConf.to_yaml(OmegaConf.create(run.get("config", {})))
+    config = job_file_yaml(run.get("config", {}))
     return ("<h2>Run</h2>" + key_values([(k, v) for k, v in facts if v not in (None, "")])
             + f"<details><summary>Config (as composed; --print-config)</summary><pre>{html.escape(config)}</pre>"
             "</details>")
