@@ -19,7 +19,7 @@ from distgen.outputs.lock import (HANDED_VAR, LOCK_FILE, LockedError, OutputLock
 from distgen.outputs.resume import job_settings
 from distgen.outputs.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
-from tests.helpers import (REPO, descendants, journaled, living, naming, paced_env, read_outputs, read_stats,
+from tests.helpers import (REPO, child_env, descendants, journaled, living, naming, paced_env, read_outputs, read_stats,
                            run_module, stop_pids, wait_until, write_prompts)
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 2 + i % 3}
@@ -312,3 +312,24 @@ def test_the_launch_command_says_what_it_did_with_a_finished_job(tiny_model_dir,
         again.stdout + again.stderr
     bad = run_module("distgen.launch", [f"model.path={tiny_model_dir}"])
     assert bad.returncode == 2 and "distgen: config error: dataset.path=None" in bad.stderr, bad.stderr
+
+
+def test_launch_as_each_rank_of_torchrun_lets_rank_0_hold_the_lock(prompts, uninterrupted, tmp_path):
+    """`torchrun -m distgen.launch launcher=none`: every rank runs the launcher's checks, and rank 0 (as its own
+    launcher) takes the lock first. Rank 1, started after that (here: 4 s later), must not read that lock as
+    another job's (it did: rc 2 `is locked by another job: pid <its rank 0>`). A rerun of the finished job ends at
+    once on every rank (no rank 0 returning early while rank 1 waits for it in the process group)."""
+    out = tmp_path / "out"
+    late = tmp_path / "late-rank-1.sh"
+    late.write_text(f'#!/bin/sh\n[ "$RANK" = 1 ] && sleep 4\nexec {sys.executable} -m distgen.launch "$@"\n')
+    late.chmod(0o755)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+               str(late), "launcher=none", *job(prompts, out)]
+    for _ in range(2):
+        done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                              timeout=STARTS_WITHIN_S)
+        assert done.returncode == 0, done.stderr
+        assert "is locked by another job" not in done.stderr, done.stderr
+        assert read_outputs(out) == uninterrupted[0] and ids_once(read_outputs(out))
+    assert "already finished" in done.stdout + done.stderr
+    assert not (out / LOCK_FILE).exists()
