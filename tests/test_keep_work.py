@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from distgen.outputs.lock import (HANDED_VAR, LOCK_FILE, LockedError, OutputLock
 from distgen.outputs.resume import job_settings
 from distgen.outputs.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
-from tests.helpers import (REPO, child_env, descendants, journaled, living, naming, paced_env, read_outputs, read_stats,
+from tests.helpers import (REPO, alive, child_env, descendants, journaled, living, naming, paced_env, read_outputs, read_stats,
                            run_module, stop_pids, wait_until, write_prompts)
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 2 + i % 3}
@@ -333,3 +334,39 @@ def test_launch_as_each_rank_of_torchrun_lets_rank_0_hold_the_lock(prompts, unin
         assert read_outputs(out) == uninterrupted[0] and ids_once(read_outputs(out))
     assert "already finished" in done.stdout + done.stderr
     assert not (out / LOCK_FILE).exists()
+
+
+HOLDS_FOR_A_RANK = """
+import subprocess, sys, time
+from distgen.outputs.lock import held_for_ranks
+with held_for_ranks(sys.argv[1], 0.2, False):
+    rank = subprocess.Popen(["sleep", "120"])  # started with the token, as torchrun and the ranks are
+    print(rank.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_lock_of_a_killed_launcher_waits_for_its_ranks(tmp_path, monkeypatch):
+    """A launcher killed by SIGKILL leaves its lock with a dead pid, and its ranks run on until its watchdog
+    stops them (up to its 30 s grace for a rank stuck in a forward or a collective). A rerun took that lock at
+    once ("its process is gone") and could write into the folder the old ranks still wrote. Now it waits for the
+    processes carrying the lock's token to end, and refuses naming them if they outlive the wait."""
+    from distgen.outputs import lock as lock_module
+    out = tmp_path / "out"
+    launcher = subprocess.Popen([sys.executable, "-c", HOLDS_FOR_A_RANK, str(out)], cwd=REPO, env=child_env(),
+                                stdout=subprocess.PIPE, text=True)
+    rank = int(launcher.stdout.readline())
+    launcher.kill()
+    launcher.wait()
+    try:
+        monkeypatch.setattr(lock_module, "CARRIERS_WAIT_S", 1.0, raising=False)
+        with pytest.raises(LockedError, match=f"whose launcher is gone .* but whose processes \\[{rank}\\] still run"):
+            OutputLock(out, 0.2).acquire()
+        assert alive(rank) and (out / LOCK_FILE).exists()
+        monkeypatch.setattr(lock_module, "CARRIERS_WAIT_S", 60.0, raising=False)
+        threading.Timer(2.0, lambda: stop_pids([rank], grace_s=0)).start()
+        started = time.monotonic()
+        OutputLock(out, 0.2).acquire().release()
+        assert time.monotonic() - started >= 1.5 and not living([rank])
+    finally:
+        stop_pids([rank], grace_s=0)
