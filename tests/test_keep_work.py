@@ -370,3 +370,28 @@ def test_the_lock_of_a_killed_launcher_waits_for_its_ranks(tmp_path, monkeypatch
         assert time.monotonic() - started >= 1.5 and not living([rank])
     finally:
         stop_pids([rank], grace_s=0)
+
+
+def test_reordered_inserted_deleted_rows_keep_their_records_and_one_changed_setting_runs_one(tmp_path):
+    """A finished record belongs to its prompt (id, text, settings), not to its row: rows reordered, a row inserted
+    or deleted before it keep it (every later row ran again: a record was reused only at its old index). One record
+    gaining a per-record setting runs again alone (every record ran again: the field, null in every other record
+    as Arrow reads JSON lines, was a kept column of each)."""
+    first = PROMPTS[:8]
+    edited = [{"id": "new", "prompt": "A new first row"},
+              *[{**p, "seed": 3} if p["id"] == "p5" else p for p in reversed(first) if p["id"] != "p2"]]
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(write_prompts(tmp_path / "first.jsonl", first), out).returncode == 0
+    again = run(write_prompts(tmp_path / "edited.jsonl", edited), out)
+    assert again.returncode == 0, again.stderr
+    assert "5 finished record(s) found at another row of the dataset" in again.stdout, again.stdout
+    assert "resuming: 6 of 8 prompts already done" in again.stdout, again.stdout
+    assert read_stats(out)["ranks"][0]["prompts"] == 2  # the new row and p5 (p4 stayed at its row, 5 moved)
+    assert run(tmp_path / "edited.jsonl", fresh).returncode == 0
+    got, want = read_outputs(out), read_outputs(fresh)
+    assert [r["id"] for r in got] == [p["id"] for p in edited]
+    assert [(r["index"], r["completion"]) for r in got] == [(r["index"], r["completion"]) for r in want]
+    whole, alone = read_stats(out)["summary"], read_stats(fresh)["summary"]
+    assert (whole["generated_tokens"], whole["prompt_tokens"]) == (alone["generated_tokens"], alone["prompt_tokens"])
+    aside = [json.loads(line) for p in out.glob("previous-*/set-aside.jsonl") for line in p.read_text().splitlines()]
+    assert sorted(r["id"] for r in aside) == ["p2", "p5"]
