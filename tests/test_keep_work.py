@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from distgen.outputs.lock import (HANDED_VAR, LOCK_FILE, LockedError, OutputLock
 from distgen.outputs.resume import job_settings
 from distgen.outputs.shards import OPEN_SUFFIX, list_shards
 from distgen.run import main as run_in_process
-from tests.helpers import (REPO, descendants, journaled, living, naming, paced_env, read_outputs, read_stats,
+from tests.helpers import (REPO, alive, child_env, descendants, journaled, living, naming, paced_env, read_outputs, read_stats,
                            run_module, stop_pids, wait_until, write_prompts)
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Prompt number {i}: " + "abc " * (i % 5), "max_new_tokens": 2 + i % 3}
@@ -312,3 +313,85 @@ def test_the_launch_command_says_what_it_did_with_a_finished_job(tiny_model_dir,
         again.stdout + again.stderr
     bad = run_module("distgen.launch", [f"model.path={tiny_model_dir}"])
     assert bad.returncode == 2 and "distgen: config error: dataset.path=None" in bad.stderr, bad.stderr
+
+
+def test_launch_as_each_rank_of_torchrun_lets_rank_0_hold_the_lock(prompts, uninterrupted, tmp_path):
+    """`torchrun -m distgen.launch launcher=none`: every rank runs the launcher's checks, and rank 0 (as its own
+    launcher) takes the lock first. Rank 1, started after that (here: 4 s later), must not read that lock as
+    another job's (it did: rc 2 `is locked by another job: pid <its rank 0>`). A rerun of the finished job ends at
+    once on every rank (no rank 0 returning early while rank 1 waits for it in the process group)."""
+    out = tmp_path / "out"
+    late = tmp_path / "late-rank-1.sh"
+    late.write_text(f'#!/bin/sh\n[ "$RANK" = 1 ] && sleep 4\nexec {sys.executable} -m distgen.launch "$@"\n')
+    late.chmod(0o755)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+               str(late), "launcher=none", *job(prompts, out)]
+    for _ in range(2):
+        done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                              timeout=STARTS_WITHIN_S)
+        assert done.returncode == 0, done.stderr
+        assert "is locked by another job" not in done.stderr, done.stderr
+        assert read_outputs(out) == uninterrupted[0] and ids_once(read_outputs(out))
+    assert "already finished" in done.stdout + done.stderr
+    assert not (out / LOCK_FILE).exists()
+
+
+HOLDS_FOR_A_RANK = """
+import subprocess, sys, time
+from distgen.outputs.lock import held_for_ranks
+with held_for_ranks(sys.argv[1], 0.2, False):
+    rank = subprocess.Popen(["sleep", "120"])  # started with the token, as torchrun and the ranks are
+    print(rank.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_lock_of_a_killed_launcher_waits_for_its_ranks(tmp_path, monkeypatch):
+    """A launcher killed by SIGKILL leaves its lock with a dead pid, and its ranks run on until its watchdog
+    stops them (up to its 30 s grace for a rank stuck in a forward or a collective). A rerun took that lock at
+    once ("its process is gone") and could write into the folder the old ranks still wrote. Now it waits for the
+    processes carrying the lock's token to end, and refuses naming them if they outlive the wait."""
+    from distgen.outputs import lock as lock_module
+    out = tmp_path / "out"
+    launcher = subprocess.Popen([sys.executable, "-c", HOLDS_FOR_A_RANK, str(out)], cwd=REPO, env=child_env(),
+                                stdout=subprocess.PIPE, text=True)
+    rank = int(launcher.stdout.readline())
+    launcher.kill()
+    launcher.wait()
+    try:
+        monkeypatch.setattr(lock_module, "CARRIERS_WAIT_S", 1.0, raising=False)
+        with pytest.raises(LockedError, match=f"whose launcher is gone .* but whose processes \\[{rank}\\] still run"):
+            OutputLock(out, 0.2).acquire()
+        assert alive(rank) and (out / LOCK_FILE).exists()
+        monkeypatch.setattr(lock_module, "CARRIERS_WAIT_S", 60.0, raising=False)
+        threading.Timer(2.0, lambda: stop_pids([rank], grace_s=0)).start()
+        started = time.monotonic()
+        OutputLock(out, 0.2).acquire().release()
+        assert time.monotonic() - started >= 1.5 and not living([rank])
+    finally:
+        stop_pids([rank], grace_s=0)
+
+
+def test_reordered_inserted_deleted_rows_keep_their_records_and_one_changed_setting_runs_one(tmp_path):
+    """A finished record belongs to its prompt (id, text, settings), not to its row: rows reordered, a row inserted
+    or deleted before it keep it (every later row ran again: a record was reused only at its old index). One record
+    gaining a per-record setting runs again alone (every record ran again: the field, null in every other record
+    as Arrow reads JSON lines, was a kept column of each)."""
+    first = PROMPTS[:8]
+    edited = [{"id": "new", "prompt": "A new first row"},
+              *[{**p, "seed": 3} if p["id"] == "p5" else p for p in reversed(first) if p["id"] != "p2"]]
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(write_prompts(tmp_path / "first.jsonl", first), out).returncode == 0
+    again = run(write_prompts(tmp_path / "edited.jsonl", edited), out)
+    assert again.returncode == 0, again.stderr
+    assert "5 finished record(s) found at another row of the dataset" in again.stdout, again.stdout
+    assert "resuming: 6 of 8 prompts already done" in again.stdout, again.stdout
+    assert read_stats(out)["ranks"][0]["prompts"] == 2  # the new row and p5 (p4 stayed at its row, 5 moved)
+    assert run(tmp_path / "edited.jsonl", fresh).returncode == 0
+    got, want = read_outputs(out), read_outputs(fresh)
+    assert [r["id"] for r in got] == [p["id"] for p in edited]
+    assert [(r["index"], r["completion"]) for r in got] == [(r["index"], r["completion"]) for r in want]
+    whole, alone = read_stats(out)["summary"], read_stats(fresh)["summary"]
+    assert (whole["generated_tokens"], whole["prompt_tokens"]) == (alone["generated_tokens"], alone["prompt_tokens"])
+    aside = [json.loads(line) for p in out.glob("previous-*/set-aside.jsonl") for line in p.read_text().splitlines()]
+    assert sorted(r["id"] for r in aside) == ["p2", "p5"]

@@ -126,3 +126,33 @@ def test_a_worker_stops_when_its_agent_is_killed(worker, tmp_path, started):
     assert f"this rank's parent (pid {agent}, the launcher's agent) is gone" in stderr, stderr
     assert (tmp_path / "journal").read_text() == "closed"
     all_gone([rank, watchdog])
+
+
+BLOCKED_RANK = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from distgen.common.procs import exit_on_termination
+store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=120))
+with exit_on_termination():
+    print("waiting", flush=True)
+    store.get("a key no rank ever sets")  # as rank 1 waits in the rendezvous for a rank 0 that refused
+"""
+
+
+def test_a_rank_blocked_in_a_rendezvous_exits_soon_after_sigterm(tmp_path):
+    """A rank inside a C call (waiting in a rendezvous or a collective for a rank that is gone) cannot run Python's
+    signal handler until the call returns: it stayed up to torchrun's 30 s SIGKILL (`torchrun -m distgen.run` into
+    a locked folder: rank 0 refused at once, rank 1 waited). Now it exits 5 s after the signal, saying why."""
+    rank = subprocess.Popen([sys.executable, "-c", BLOCKED_RANK], env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)
+        rank.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, stderr = rank.communicate(timeout=25)
+        assert rank.returncode == 128 + signal.SIGTERM and time.monotonic() - sent < 20
+        assert "rank still inside a call 5s after SIGTERM" in stderr, stderr
+    finally:
+        stop_pids([rank.pid], grace_s=0)

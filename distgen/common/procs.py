@@ -10,7 +10,9 @@ file with the job still running means the launcher is gone.
 
 Rank side: `exit_on_termination` turns the first SIGTERM/SIGINT/SIGHUP into `Terminated`, an
 exception, so `with` blocks close (journals are flushed and fsynced) on the way out;
-`exit_with_parent` does the same when the agent that started the rank (torchrun) is gone.
+`exit_with_parent` does the same when the agent that started the rank (torchrun) is gone. A rank whose
+main thread is inside a C call when the signal comes (a rendezvous or a collective waiting for a rank
+that is gone), where Python's handler cannot run, exits `BLOCKED_EXIT_S` later (its wakeup pipe says).
 
 SIGHUP already ignored when distgen starts (`nohup`) stays ignored: nohup keeps its meaning.
 """
@@ -38,6 +40,8 @@ POLL_S = 0.2
 # How often the launcher looks up the processes under its command again (a scan of /proc).
 REFRESH_S = 2.0
 GRACE_S = 30.0
+# A rank whose main thread is still inside a C call this long after SIGTERM/SIGINT/SIGHUP exits at once.
+BLOCKED_EXIT_S = 5.0
 # The folder holding the distgen package: the watchdog imports this module from there.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # This process's parent when distgen was imported: a rank imports this module as it starts, before
@@ -276,19 +280,48 @@ def exit_on_termination() -> Iterator[None]:
         yield
         return
     signals = taken_over(FORWARDED_SIGNALS)
+    handled = threading.Event()
 
     def terminate(signum: int, _frame) -> None:
+        handled.set()
         for sig in signals:
             signal.signal(sig, signal.SIG_IGN)
         say(f"rank got {signal.Signals(signum).name}: closing journals and exiting")
         raise Terminated(signum)
 
     previous = {sig: signal.signal(sig, terminate) for sig in signals}
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    wakeup = signal.set_wakeup_fd(write_end)
+    watcher = threading.Thread(target=exit_if_blocked, args=(read_end, {int(s) for s in signals}, handled),
+                               name="distgen-blocked-exit", daemon=True)
+    watcher.start()
     try:
         yield
     finally:
+        signal.set_wakeup_fd(wakeup)
+        os.close(write_end)  # the watcher reads end of file and returns
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def exit_if_blocked(read_end: int, signals: set[int], handled: threading.Event,
+                    grace_s: Optional[float] = None) -> None:
+    """The C-level signal handler writes each signal's number to the wakeup pipe even while the main thread
+    is inside a C call (a rendezvous waiting for a rank 0 that refused, a collective waiting for a dead peer),
+    where the Python handler cannot run until the call returns (30 min for a rendezvous). Once one of `signals`
+    came and the handler has not run `grace_s` later, the rank exits at once: what it journaled is flushed
+    already (every append is), and its launcher would SIGKILL it after its own grace anyway."""
+    grace_s = BLOCKED_EXIT_S if grace_s is None else grace_s
+    try:
+        while data := os.read(read_end, 64):
+            got = [n for n in data if n in signals]
+            if got and not handled.wait(grace_s):
+                say(f"rank still inside a call {grace_s:.0f}s after {signal.Signals(got[0]).name} (waiting for "
+                    "other ranks: a rendezvous or a collective); exiting now")
+                os._exit(128 + got[0])
+    finally:
+        os.close(read_end)
 
 
 def watch_parent(parent: int, stopped: threading.Event, poll_s: float, grace_s: float) -> None:

@@ -1,7 +1,8 @@
 """A record's key: a short digest of everything in one input record that decides its output record
 (its id, its prompt text as run, its own settings, why it cannot run, and the input columns it keeps),
-every field of `Prompt` but its index. A finished record is reused only at the same index with the same
-key, so a changed prompt under the same id runs again and an appended row is the only new work. A kept
+every field of `Prompt` but its index. A finished record is reused for the dataset's record with the same
+key, at its index or another (distgen/outputs/shards.py moves it), so a changed prompt under the same id runs
+again and an appended, inserted or reordered row costs only its own new work. A kept
 column does not change the completion, but a record holding an old value of it would be out of date:
 a changed column value under the same id runs that record again too (output.columns limits what is kept).
 A record that keeps no columns has the key it had before records kept columns.
@@ -33,8 +34,12 @@ def content_fields(kind: type) -> tuple[str, ...]:
 
 def record_key(prompt: Prompt) -> int:
     """The record's content without its index, as JSON (any field type: an id 1 and an id "1" differ), hashed."""
-    content = {name: getattr(prompt, name) for name in content_fields(type(prompt))
-               if not (name in LATER_FIELDS and getattr(prompt, name) in (None, {}))}
+    content = {name: getattr(prompt, name) for name in content_fields(type(prompt))}
+    # A kept column without a value is no column: a JSON-lines file where one record gains a field gives every
+    # other record that field as null (Arrow's reader), which must not make every record's key another.
+    content["columns"] = {name: value for name, value in prompt.columns.items() if value is not None}
+    content = {name: value for name, value in content.items()
+               if not (name in LATER_FIELDS and value in (None, {}))}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode("utf-8", "surrogatepass"))
     return int.from_bytes(digest.digest()[:8], "little") >> (64 - 2 * HALF_BITS)
 

@@ -36,6 +36,10 @@ class Launcher:
     # distgen.launch holds output.dir's lock for the job from before its first process to its end
     # (distgen/outputs/lock.py). Not where rank 0 may run on another node or after the launcher returned.
     holds_lock: Callable[[RunConfig], bool] = lambda cfg: False
+    # Whether distgen.launch checks output.dir (its lock, what an earlier job left) before it launches: every
+    # launcher but launcher=none as a rank other than 0 of a launcher that started it (`torchrun -m distgen.launch
+    # launcher=none`): its rank 0 checks and holds the lock, which this rank would take for another job's.
+    checks_output: Callable[[RunConfig], bool] = lambda cfg: True
 
 
 LAUNCHERS: Registry[Launcher] = Registry("launcher")

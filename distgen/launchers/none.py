@@ -29,4 +29,4 @@ def rank0_here(cfg: RunConfig) -> bool:
         return False
 
 
-register(Launcher("none", launch, holds_lock=rank0_here), NoLauncher)
+register(Launcher("none", launch, holds_lock=rank0_here, checks_output=rank0_here), NoLauncher)

@@ -51,6 +51,10 @@ JOB_ID_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")
 RESTART_VARS = ("SLURM_RESTART_COUNT",)
 # A launcher holding the lock for its ranks puts its token here; its ranks inherit it.
 HANDED_VAR = "DISTGEN_LOCK_TOKEN"
+# How long a job waits for the processes of a launcher that died holding the lock (its watchdog stops them,
+# SIGKILL 30 s after its SIGTERM: distgen.common.procs.GRACE_S), and how often it looks.
+CARRIERS_WAIT_S = 45.0
+CARRIERS_POLL_S = 0.5
 
 
 class LockedError(ConfigError):
@@ -114,12 +118,35 @@ def read_holder(path: Path) -> Optional[tuple[Holder, float]]:
         return Holder("?", 0, "", 0, "?", 0.0, ""), age
 
 
+def same_pids(holder: Holder, me: Holder) -> bool:
+    """Whether the holder's pid names a process here (this host, this pid namespace)."""
+    return holder.host == me.host and (holder.pid_namespace == me.pid_namespace
+                                       or "" in (holder.pid_namespace, me.pid_namespace))
+
+
+def carriers(token: str) -> list[int]:
+    """The processes here (other than this one) started with `token` in HANDED_VAR: the ranks, torchrun and the
+    watchdog of a launcher that held the lock by that token. They outlive a launcher killed by SIGKILL by up to
+    the watchdog's grace (a rank stuck in a forward or a collective), and may still write into output.dir."""
+    needle = f"{HANDED_VAR}={token}".encode()
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                with open(os.path.join(entry.path, "environ"), "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or another user's
+                continue
+    return found
+
+
 def takeover(holder: Holder, age: float, me: Holder, break_lock: bool) -> Optional[str]:
     """Why this job may take the lock from `holder`, or None when it must refuse."""
     stale = age > STALE_HEARTBEATS * max(holder.heartbeat_s, me.heartbeat_s)
-    same_pids = holder.host == me.host and (holder.pid_namespace == me.pid_namespace  # its pid means one here
-                                            or "" in (holder.pid_namespace, me.pid_namespace))
-    if same_pids and (holder.pid == me.pid or not pid_alive(holder.pid)):
+    if same_pids(holder, me) and (holder.pid == me.pid or not pid_alive(holder.pid)):
         return f"its process {holder.pid} on this host is gone"
     if holder.job_id and holder.job_id == me.job_id and holder.start != me.start:
         return f"{holder.job_id} started again (start {me.start + 1}): its earlier start is over"
@@ -219,12 +246,30 @@ class OutputLock:
                 continue
             holder, age = found
             reason = takeover(holder, age, self.me, self.break_lock)
+            if reason is not None and holder.token and same_pids(holder, self.me):
+                self.wait_for_carriers(holder)
             if reason is None:
                 raise refusal(self.path, holder, age, self.break_lock)
             logger.warning("taking over the lock on %s from %s: %s", self.path.parent, holder.describe(), reason)
             break_lock_file(self.path, holder)
         raise LockedError(f"output.dir={str(self.path.parent)!r}: could not take the lock {self.path}; other jobs "
                           "keep taking it")
+
+    def wait_for_carriers(self, holder: Holder) -> None:
+        """Before taking the lock of a launcher that is gone: its job's processes still running here end first
+        (its watchdog stops them, SIGKILL after its grace), so none of them writes into the folder this job writes."""
+        deadline = time.monotonic() + CARRIERS_WAIT_S
+        left = carriers(holder.token)
+        if left:
+            logger.warning("the job holding the lock on %s (%s) is gone but its processes %s still run; waiting up to "
+                           "%.0fs for them to end", self.path.parent, holder.describe(), left, CARRIERS_WAIT_S)
+        while left and time.monotonic() < deadline:
+            time.sleep(CARRIERS_POLL_S)
+            left = carriers(holder.token)
+        if left:
+            raise LockedError(f"output.dir={str(self.path.parent)!r} is locked by a job whose launcher is gone "
+                              f"({holder.describe()}) but whose processes {left} still run after "
+                              f"{CARRIERS_WAIT_S:.0f}s; stop them (kill {' '.join(map(str, left))}), then rerun")
 
     def adopt(self) -> bool:
         """Hold the lock as this job's launcher's, where the lock file holds the token it handed down."""

@@ -10,8 +10,9 @@ so no rank ever holds more than one shard, and nothing is gathered.
                                                     records or OpenAI batch output lines (output.merge_format)
 
 A start (rank 0, holding the lock, before any rank writes) reads the shards a crashed or earlier
-run left: a record is finished when its index is in the dataset, its sample_index is one of its
-prompt's n (distgen/outputs/samples.py) and its key is the record's key now; torn lines (a crash
+run left: a record is finished when the key its prompt had (record-keys.npy at its index) is the key of a
+prompt of the dataset now (at that index, or another: it moves there), its sample_index is one of that
+prompt's n (distgen/outputs/samples.py) and no other record holds that place; torn lines (a crash
 mid-line) are dropped and redone, a second record of an (index, sample_index) is a duplicate (two jobs wrote), and records of changed or vanished prompts are set aside into
 output.dir/previous-<time>/set-aside.jsonl, never deleted. The start says what it repaired.
 """
@@ -340,6 +341,7 @@ class Repairs:
     torn: int = 0  # lines cut short (a crash mid-line, or two writers' lines run together): redone
     aside: dict[str, int] = field(default_factory=dict)  # reason -> records set aside
     changed_ids: list[str] = field(default_factory=list)  # the first ids whose prompt changed
+    moved: int = 0  # finished records whose prompt is now at another index (rows reordered, inserted, deleted)
     aside_path: Optional[Path] = None
 
     def note(self, record: dict, reason: str) -> None:
@@ -352,6 +354,9 @@ class Repairs:
         if self.aside.get(DUPLICATE):
             lines.append(f"repaired: {self.aside[DUPLICATE]} duplicate record(s) of one index (two jobs wrote) "
                          "taken out of the job")
+        if self.moved:
+            lines.append(f"{self.moved} finished record(s) found at another row of the dataset (rows reordered, "
+                         "inserted or deleted): kept, at their rows now")
         if self.aside.get(CHANGED):
             lines.append(f"{self.aside[CHANGED]} prompt(s) changed since their record was written (text, "
                          f"per-record settings or kept columns; ids {', '.join(map(repr, self.changed_ids))}"
@@ -368,15 +373,16 @@ class Repairs:
         return lines
 
 
-def verdict(record: dict, keys: np.ndarray, stored: Optional[np.ndarray], seen: np.ndarray,
+def verdict(record: dict, old_key: Optional[int], keys: np.ndarray, seen: np.ndarray,
             samples: SampleTable) -> Optional[str]:
-    """None when the record is finished work of this job; else why it is not."""
+    """None when the record is finished work of this job; else why it is not. `old_key`: the key its prompt had
+    when it was written (None where the last start wrote none for its index)."""
     index = record["index"]
     if not 0 <= index < len(keys):
         return GONE
-    if stored is None or index >= len(stored):
+    if old_key is None:
         return UNVERIFIED
-    if stored[index] != keys[index]:
+    if old_key != keys[index]:
         return CHANGED
     place = samples.position(index, sample_of(record))
     if place is None:
@@ -384,24 +390,43 @@ def verdict(record: dict, keys: np.ndarray, stored: Optional[np.ndarray], seen: 
     return DUPLICATE if seen[place] else None
 
 
+def keyed_positions(keys: np.ndarray) -> dict[int, int]:
+    """Each record key of this dataset -> its index (a key is unique: it holds the record's id)."""
+    return {int(key): index for index, key in enumerate(keys.tolist())}
+
+
+def placed(record: dict, stored: Optional[np.ndarray], positions: dict[int, int]) -> tuple[dict, Optional[int]]:
+    """The record at its prompt's index in this dataset, and the key it was written for: a prompt with the same key
+    (same id, text and settings) at another index (rows reordered, inserted or deleted before it) keeps its record."""
+    index = record["index"]
+    if stored is None or not 0 <= index < len(stored):
+        return record, None
+    old_key = int(stored[index])
+    now = positions.get(old_key, index)
+    return ({**record, "index": now} if now != index else record), old_key
+
+
 def repair_shard(path: Path, fmt: str, keys: np.ndarray, stored: Optional[np.ndarray], seen: np.ndarray,
-                 repairs: Repairs, aside: SetAside, samples: SampleTable) -> None:
-    """Keep the shard's finished records; an open shard (a crashed run's journal) is closed, and a full
-    one rewritten only when it lost records."""
+                 repairs: Repairs, aside: SetAside, samples: SampleTable, positions: dict[int, int]) -> None:
+    """Keep the shard's finished records (at their prompts' indices now); an open shard (a crashed run's journal)
+    is closed, and a full one rewritten only when it lost or moved records."""
     torn: list[int] = []
-    kept, dropped = [], 0
-    for record in read_shard(path, torn):
-        reason = verdict(record, keys, stored, seen, samples)
+    kept, dropped, moved = [], 0, 0
+    for written in read_shard(path, torn):
+        record, old_key = placed(written, stored, positions)
+        reason = verdict(record, old_key, keys, seen, samples)
         if reason is None:
             seen[samples.position(record["index"], sample_of(record))] = True
             kept.append(record)
+            moved += record is not written
         else:
-            repairs.note(record, reason)
-            aside.add(record, reason)
+            repairs.note(written, reason)
+            aside.add(written, reason)
             dropped += 1
     repairs.torn += len(torn)
+    repairs.moved += moved
     is_open = path.name.endswith(OPEN_SUFFIX)
-    if is_open or torn or dropped:
+    if is_open or torn or dropped or moved:
         target = path.with_name(path.name[: -len(OPEN_SUFFIX)] + f".{fmt}") if is_open else path
         if kept or not is_open:
             write_shard(sorted(kept, key=record_order), target)
@@ -422,9 +447,10 @@ def start_outputs(out_dir: Path, job: dict, keys: np.ndarray, fmt: str = "jsonl"
     samples = samples if samples is not None else SampleTable.ones(len(keys))
     repairs, aside = Repairs(), SetAside(out_dir)
     seen = np.zeros(samples.total, dtype=bool)
+    positions = keyed_positions(keys)
     try:
         for path in list_shards(out_dir):
-            repair_shard(path, fmt, keys, stored, seen, repairs, aside, samples)
+            repair_shard(path, fmt, keys, stored, seen, repairs, aside, samples, positions)
     finally:
         aside.close()
     repairs.finished, repairs.aside_path = seen, aside.path
