@@ -102,6 +102,9 @@ def generate(prompts: Prompts, model: Optional[str] = None, overrides: Sequence[
     keys = override_keys(overrides)
     if "dataset" in keys or "dataset.path" in keys:
         raise ConfigError("dataset= is not allowed among the overrides of distgen.generate: pass the prompts")
+    if model is not None and keys & {"model", "model.path"}:
+        raise ConfigError(f"model= is not allowed among the overrides of distgen.generate when model={model!r} is "
+                          "given: name the model once")
     with ExitStack() as stack:
         stack.enter_context(log.for_api())
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distgen-")))

@@ -56,6 +56,8 @@ def test_generate_errors_are_the_command_lines(tiny_model_dir, tmp_path):
         distgen.generate(["x"], model=str(tiny_model_dir), overrides=["generation.scheduler=rolling"])
     with pytest.raises(ConfigError, match="dataset= is not allowed among the overrides"):
         distgen.generate(["x"], model=str(tiny_model_dir), overrides=["dataset=demo"])
+    with pytest.raises(ConfigError, match="model= is not allowed among the overrides .* name the model once"):
+        distgen.generate(["x"], model=str(tiny_model_dir), overrides=["model=tiny"])
     with pytest.raises(ConfigError, match="a list of strings or of records"):
         distgen.generate(["x", 3], model=str(tiny_model_dir))
     with pytest.raises(ConfigError, match="holds no distgen outputs"):

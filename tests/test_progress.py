@@ -60,3 +60,4 @@ def test_rank_zero_shows_the_sum_of_every_rank(tmp_path):
 
 def test_eta_formats_hours():
     assert "ETA 2h00m" in progress_line(1, 3, 0, 3600)
+    assert progress_line(3, 4, 0, 1.0, "records").startswith("3/4 records (75.0%)")  # n samples per prompt

@@ -156,9 +156,12 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     if note:
         logger.info(note)
     where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR
+    # OpenAI batch output holds a request's samples in one line (its choices).
+    lines = f" in {job.prompt_count} lines" if cfg.merge and job.merge_format == "openai_batch" \
+        and job.prompt_count != job.record_count else ""
     # With error records the line is a warning: --quiet (output.log_level=warning) still says the job had them.
-    report.log(logging.WARNING if summary["errors"] else logging.INFO, "wrote %d records to %s (%d errors)",
-               job.record_count, where, summary["errors"])
+    report.log(logging.WARNING if summary["errors"] else logging.INFO, "wrote %d records%s to %s (%d errors)",
+               job.record_count, lines, where, summary["errors"])
 
 
 def release_arrow_memory() -> None:
@@ -190,7 +193,8 @@ def run_steps(job: Job, ctx: DistContext, lock: OutputLock | None = None) -> int
         if ctx.is_coordinator and job.created_out:
             shutil.rmtree(job.out_dir, ignore_errors=True)  # nothing of an unusable job stays behind
         return config_error(err)
-    display = ProgressDisplay(int(job.left[job.todo].sum()), job.cfg.output.progress_every_s) \
+    display = ProgressDisplay(int(job.left[job.todo].sum()), job.cfg.output.progress_every_s,
+                              unit="prompt" if job.record_count == job.prompt_count else "record") \
         if ctx.is_coordinator else None
     with torch.no_grad():
         run = generate_shard(job, ctx, display)

@@ -66,11 +66,11 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def progress_line(prompts: int, total: int, tokens: int, elapsed: float) -> str:
+def progress_line(prompts: int, total: int, tokens: int, elapsed: float, unit: str = "prompts") -> str:
     rate = tokens / elapsed if elapsed > 0 else 0.0
     eta = format_eta(elapsed * (total - prompts) / prompts) if 0 < prompts < total else "-"
     percent = 100.0 * prompts / total if total else 100.0
-    return (f"{prompts}/{total} prompts ({percent:.1f}%), {tokens} tokens generated, {rate:.1f} generated "
+    return (f"{prompts}/{total} {unit} ({percent:.1f}%), {tokens} tokens generated, {rate:.1f} generated "
             f"tok/s (wall), {elapsed:.0f}s elapsed, ETA {eta}")
 
 
@@ -80,14 +80,15 @@ class ProgressDisplay:
 
     def __init__(self, total_prompts: int, every_s: float, out: Optional[TextIO] = None,
                  clock: Callable[[], float] = time.monotonic, terminal: Optional[bool] = None,
-                 say: Callable[[str], None] = logger.info):
-        self.total, self.every_s, self.clock, self.say = total_prompts, every_s, clock, say
+                 say: Callable[[str], None] = logger.info, unit: str = "prompt"):
+        """`total_prompts` counts `unit`s: prompts, or records where a prompt has several samples (n)."""
+        self.total, self.every_s, self.clock, self.say, self.unit = total_prompts, every_s, clock, say, unit
         self.start = self.last_line = clock()
         self.bar = None
         out = sys.stderr if out is None else out  # looked up now: a redirect (or pytest's capture) since import
         if (out.isatty() if terminal is None else terminal) and logger.isEnabledFor(logging.INFO):
             from tqdm import tqdm
-            self.bar = tqdm(total=total_prompts, unit="prompt", file=out, dynamic_ncols=True, desc="distgen")
+            self.bar = tqdm(total=total_prompts, unit=unit, file=out, dynamic_ncols=True, desc="distgen")
 
     def update(self, prompts: int, tokens: int, final: bool = False) -> None:
         elapsed = self.clock() - self.start
@@ -99,7 +100,7 @@ class ProgressDisplay:
                 self.bar.close()
         elif self.every_s > 0 and (final or self.clock() - self.last_line >= self.every_s):
             self.last_line = self.clock()
-            self.say(progress_line(prompts, self.total, tokens, elapsed))
+            self.say(progress_line(prompts, self.total, tokens, elapsed, self.unit + "s"))
 
 
 class RankSampler:
