@@ -21,7 +21,7 @@ from distgen.catalog.load import job_file_args, load_config, split_job_file
 from distgen.outputs.lock import held_for_ranks
 from distgen.parallel.env import discover
 from distgen.outputs.shards import job_complete
-from distgen.job.prepare import finished_message, prepare_job
+from distgen.job.prepare import prepare_job, say_finished
 from distgen.run import FLAGS, main as run_main, quiet_as_override
 
 logger = logging.getLogger("distgen.launch")  # not __name__: `python -m distgen.launch` runs it as __main__
@@ -40,7 +40,7 @@ def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path
         # One rank of several (launcher=none under torchrun): every rank goes on to join the process group,
         # where rank 0 says there is nothing to do; a rank 0 returning here would leave the others waiting for it.
         if job.reuses and job_complete(job.out_dir, job.fingerprint) and not one_of_several_ranks():
-            logger.info(finished_message(job))
+            say_finished(job)
             return 0
         # The ranks read the same job file (by its absolute path) and the same overrides.
         return launcher.launch(cfg, job_file_args(job_file) + list(overrides), run_main)

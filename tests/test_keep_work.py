@@ -311,6 +311,15 @@ def test_the_launch_command_says_what_it_did_with_a_finished_job(tiny_model_dir,
     again = run_module("distgen.launch", args)
     assert again.returncode == 0 and "distgen: job " in again.stdout and "already finished" in again.stdout, \
         again.stdout + again.stderr
+    assert "other output settings" not in again.stdout + again.stderr
+    # Output settings that do not change the records are not in the job; a finished job is not written again, so
+    # they are said not to apply (they were silently ignored), and the outputs stay as they were.
+    before = (tmp_path / "out" / "outputs.jsonl").read_bytes()
+    other = run_module("distgen.launch", [*args, "output.format=parquet", "output.merge=false"])
+    assert other.returncode == 0 and "already finished" in other.stdout, other.stdout + other.stderr
+    assert ("does not apply (output.format: jsonl -> parquet; output.merge: true -> false): output.resume=false "
+            "output.overwrite=true moves them aside") in other.stdout + other.stderr
+    assert (tmp_path / "out" / "outputs.jsonl").read_bytes() == before
     bad = run_module("distgen.launch", [f"model.path={tiny_model_dir}"])
     assert bad.returncode == 2 and "distgen: config error: dataset.path=None" in bad.stderr, bad.stderr
 

@@ -26,7 +26,7 @@ from distgen.outputs.samples import SampleTable
 from distgen.outputs.lock import OutputLock, handed_token, lock_status
 from distgen.outputs.report import REPORT_FILE
 from distgen.outputs.resume import job_fingerprint, job_settings
-from distgen.outputs.shards import merge_format
+from distgen.outputs.shards import merge_format, unapplied_output_settings
 from distgen.parallel.feed import Screening
 
 logger = logging.getLogger(__name__)
@@ -254,6 +254,18 @@ def claim_output_dir(job: Job) -> Iterator[OutputLock]:
             where = move_aside(job.out_dir)
             logger.warning("output.overwrite=true: moved the earlier outputs aside into %s", where)
         yield lock
+
+
+def say_finished(job: Job) -> None:
+    """A finished job's rerun: nothing to do, and the output settings its outputs were not written with (a finished
+    job is not written again), as a warning."""
+    logger.info(finished_message(job))
+    out = job.cfg.output
+    unapplied = unapplied_output_settings(job.out_dir, out.format, out.merge, job.merge_format)
+    if unapplied:
+        logger.warning("the finished outputs were written with other output settings, which this run does not apply "
+                       "(%s): output.resume=false output.overwrite=true moves them aside and runs the job again with "
+                       "these", "; ".join(unapplied))
 
 
 def finished_message(job: Job) -> str:

@@ -18,7 +18,7 @@ from distgen.catalog.load import config_to_dict
 from distgen.common import log
 from distgen.common.errors import ConfigError, OutputSpaceError
 from distgen.common.procs import exit_on_termination, exit_with_parent
-from distgen.job.prepare import Job, claim_output_dir, finished_message
+from distgen.job.prepare import Job, claim_output_dir, say_finished
 from distgen.inputs.keys import join_halves
 from distgen.job.worker import RankRun, generate_shard
 from distgen.common.files import write_atomic
@@ -63,7 +63,7 @@ def share_plan(job: Job, ctx: DistContext) -> bool:
     complete = ctx.is_coordinator and job.reuses and job_complete(job.out_dir, job.fingerprint)
     if broadcast_flag(complete, ctx):
         if ctx.is_coordinator:
-            logger.info(finished_message(job))
+            say_finished(job)
         return False
     table = shared_lengths(job.source, job.tokenizer, ctx, job.work_path(f"lengths-{job.fingerprint}.npy"),
                            job.screening)

@@ -291,6 +291,18 @@ def job_complete(out_dir: Path, job: str) -> bool:
     return manifest.get("job") == job and bool(manifest.get("complete"))
 
 
+def unapplied_output_settings(out_dir: Path, fmt: str, merge: bool, form: str) -> list[str]:
+    """The output settings of this run that a finished job's outputs were not written with (`key: then -> now`):
+    a finished job is not written again, so they do not apply."""
+    manifest = read_manifest(out_dir)
+    then = {"output.format": manifest.get("format", fmt), "output.merge": manifest.get("merged") is not None}
+    now = {"output.format": fmt, "output.merge": merge}
+    if merge and then["output.merge"]:
+        then["output.merge_format"], now["output.merge_format"] = manifest.get("merge_format") or form, form
+    said = lambda value: str(value).lower() if isinstance(value, bool) else value  # noqa: E731  (as YAML says it)
+    return [f"{key}: {said(then[key])} -> {said(now[key])}" for key in now if then[key] != now[key]]
+
+
 def read_keys(out_dir: Path) -> Optional[np.ndarray]:
     """The record keys the last start wrote (int64, one per prompt index), or None."""
     try:
