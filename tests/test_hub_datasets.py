@@ -1,6 +1,7 @@
 """Datasets by hub id (issue 23 item 1): `dataset=org/name` reads the dataset's snapshot in the Hugging Face cache
 through huggingface_hub's own resolution, with the hub's split and subset layout; nothing is downloaded unless
 allowed; a missing id, split or subset is a clear error before any worker starts."""
+import gzip
 import json
 import re
 
@@ -127,3 +128,17 @@ def test_a_hub_datasets_json_text_that_reads_as_a_date_stays_its_text(tiny_model
                            f"output.dir={out}"]) == 0
     assert [{k: r[k] for k in ("id", "day", "meta")} for r in outputs(out)] == [
         {k: row[k] for k in ("id", "day", "meta")} for row in rows]
+
+
+def test_a_hub_datasets_compressed_json_text_that_reads_as_a_date_stays_its_text(tiny_model_dir, hub_cache,
+                                                                                 tmp_path):
+    """The JSON builder reads a hub dataset's compressed files too (train.jsonl.gz); read line by line for its
+    date-looking text, they are decompressed as well (the line reader took .gz for an unknown format: 'could not
+    be read as hub', where the same files without a date ran)."""
+    rows = [{"id": "a", "prompt": "a", "day": "2024-01-02"}, {"id": "b", "prompt": "b", "day": "2024-01-03"}]
+    snapshot = fake_dataset_cache(hub_cache, "acme/packed", {"README.md": "# one split, compressed\n"})
+    (snapshot / "train.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    out = tmp_path / "out"
+    assert run_in_process([f"model={tiny_model_dir}", "generation.max_new_tokens=2", "dataset=acme/packed",
+                           f"output.dir={out}"]) == 0
+    assert [(r["id"], r["day"]) for r in outputs(out)] == [("a", "2024-01-02"), ("b", "2024-01-03")]

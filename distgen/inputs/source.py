@@ -252,8 +252,8 @@ def normalized_fields(fields: RecordFields) -> RecordFields:
 
 def jsonl_records(path: str, fields: RecordFields) -> Iterator[dict]:
     """Each record, normalized, a bad one named by file:line: a line of JSON lines, or an element of a file that
-    holds one JSON array (read whole: Arrow could not)."""
-    with open(path, encoding="utf-8-sig") as lines:
+    holds one JSON array (read whole: Arrow could not); compressed where its name says so (train.jsonl.gz)."""
+    with open_text(path) as lines:
         first = next((line for line in lines if line.strip()), "")
         if first.lstrip().startswith("["):
             lines.seek(0)
@@ -265,6 +265,19 @@ def jsonl_records(path: str, fields: RecordFields) -> Iterator[dict]:
             if line.strip():
                 where = f"{path}:{line_no}"
                 yield normalize(parse_json_line(line, where), where, fields)
+
+
+def open_text(path: str):
+    """A text file, decompressed where its name ends in a compression's suffix (.gz, .bz2, .xz, .zst), as the
+    datasets JSON builder reads a hub dataset's files."""
+    import fsspec
+    return fsspec.open(path, "rt", encoding="utf-8-sig", compression="infer")
+
+
+def json_records(paths: Sequence[str], cache_dir: str, fields: RecordFields) -> Iterator[dict]:
+    """Each record of JSON or JSON-lines files whatever their suffix (a hub dataset's split: train.jsonl.gz)."""
+    for path in paths:
+        yield from jsonl_records(path, fields)
 
 
 def table_records(table, path: str, fields: RecordFields) -> Iterator[dict]:
@@ -434,7 +447,8 @@ def load_table(cfg: DatasetConfig, fmt: str, cache_dir: str, fields: RecordField
     if fmt == "hub":
         table, builder = load_hub(cfg, cache_dir)
         if builder.name == "json" and times_inferred(table.data.schema):  # its JSON files' text, line by line
-            return normalized_table([str(p) for p in builder.config.data_files[cfg.split]], cache_dir, fields)
+            return normalized_table([str(p) for p in builder.config.data_files[cfg.split]], cache_dir, fields,
+                                    json_records)
         return table, fields
     if fmt == "folder":
         return load_folder(cfg.path, cache_dir, fields)
