@@ -156,3 +156,34 @@ def test_a_rank_blocked_in_a_rendezvous_exits_soon_after_sigterm(tmp_path):
         assert "rank still inside a call 5s after SIGTERM" in stderr, stderr
     finally:
         stop_pids([rank.pid], grace_s=0)
+
+
+ALONE_IN_A_CALL = """
+from datetime import timedelta
+import torch.distributed as dist
+from distgen.common.procs import exit_on_termination
+store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=8))
+with exit_on_termination(exit_blocked=False):
+    print("waiting", flush=True)
+    try:
+        store.get("a key no one sets")  # a long C call: a forward or a load in a notebook's distgen.generate
+    except RuntimeError:  # the call's own timeout, 8 s in; then the signal's Terminated
+        pass
+"""
+
+
+def test_a_process_not_ours_to_end_is_not_exited_inside_a_call():
+    """distgen.generate's one rank runs in the caller's process (a notebook's kernel): a signal that comes while it
+    is inside a long C call raises Terminated once the call returns, as before, and never ends the process
+    (exit_on_termination(exit_blocked=False), run_ranks with one rank): it exited 5 s after the signal."""
+    rank = subprocess.Popen([sys.executable, "-c", ALONE_IN_A_CALL], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)
+        rank.send_signal(signal.SIGTERM)
+        _, stderr = rank.communicate(timeout=30)
+        assert rank.returncode == 128 + signal.SIGTERM, stderr
+        assert "rank still inside a call" not in stderr and "rank got SIGTERM: closing journals" in stderr, stderr
+    finally:
+        stop_pids([rank.pid], grace_s=0)

@@ -273,9 +273,12 @@ def run_process_group(command: Sequence[str], grace_s: float = GRACE_S) -> int:
 
 
 @contextlib.contextmanager
-def exit_on_termination() -> Iterator[None]:
+def exit_on_termination(exit_blocked: bool = True) -> Iterator[None]:
     """Inside: the first SIGTERM/SIGINT/SIGHUP raises `Terminated`; later ones are ignored, so the
-    clean-up the first one started is not cut short (the launcher SIGKILLs what hangs)."""
+    clean-up the first one started is not cut short (the launcher SIGKILLs what hangs). `exit_blocked`: a main
+    thread still inside a C call `BLOCKED_EXIT_S` after the signal exits the process (a rank waiting for others);
+    false where the process is not ours to end (distgen.generate's one rank runs in the caller's process, a
+    notebook's kernel: its interrupt during a long forward or load must not kill it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -290,6 +293,17 @@ def exit_on_termination() -> Iterator[None]:
         raise Terminated(signum)
 
     previous = {sig: signal.signal(sig, terminate) for sig in signals}
+    try:
+        with exiting_if_blocked(signals, handled) if exit_blocked else contextlib.nullcontext():
+            yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def exiting_if_blocked(signals: Sequence[signal.Signals], handled: threading.Event) -> Iterator[None]:
+    """Inside: the signals' wakeup pipe read by a watcher thread (`exit_if_blocked`)."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     wakeup = signal.set_wakeup_fd(write_end)
@@ -301,8 +315,6 @@ def exit_on_termination() -> Iterator[None]:
     finally:
         signal.set_wakeup_fd(wakeup)
         os.close(write_end)  # the watcher reads end of file and returns
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def exit_if_blocked(read_end: int, signals: set[int], handled: threading.Event,

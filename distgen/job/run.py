@@ -208,7 +208,9 @@ def run_ranks(job: Job, local_rank: int | None = None) -> int:
     """This process as one rank of the job: join the process group (from the launcher's environment), run, leave."""
     hf_logging.disable_progress_bar()
     info = discover(os.environ, local_rank)
-    with exit_on_termination(), exit_with_parent() if info.agent_parent else contextlib.nullcontext():
+    # A rank that waits for others (a rendezvous, a collective) exits soon after a signal even inside that call.
+    with exit_on_termination(exit_blocked=info.world_size > 1), \
+            exit_with_parent() if info.agent_parent else contextlib.nullcontext():
         try:
             # Rank 0 holds output.dir's lock from before the process group to its end.
             with claim_output_dir(job) if info.rank == 0 else contextlib.nullcontext() as lock:
