@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from distgen.common.errors import IncompleteOutputError
+from distgen.outputs import shards
 from distgen.outputs.records import MergeInfo
 from distgen.outputs.report import render_report
 from distgen.outputs.shards import (MERGE_FORMATS, ShardWriter, as_text, finish_outputs, list_shards, parquet_column,
@@ -142,3 +143,31 @@ def test_merged_openai_lines_group_samples_of_one_request(tmp_path):
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in chat["choices"]] == [
         (0, "z", "stop"), (1, "y", "length")]
     assert chat["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+def test_a_start_cut_short_while_moving_records_never_files_one_under_another_prompt(tmp_path, monkeypatch):
+    """Rows reordered: a start moves each finished record to its prompt's row, shard by shard, and writes the new
+    keys last. Cut short between (a kill, a full disk), the next start read moved records against the old keys and
+    filed them under the prompt now at their new row (p0's completion kept as p3's). Now their records are
+    redone (set aside, never lost), and every record kept is its own prompt's."""
+    start_outputs(tmp_path, {"job": "job"}, keys(4))
+    write_ranks(tmp_path, [[0, 1], [2, 3]])
+    reversed_keys = keys(4)[::-1].copy()  # the prompt of key k is now at row 3 - k
+    real_write, written = shards.write_shard, []
+
+    def cut_short(records, path):
+        if written:
+            raise OSError("killed")
+        written.append(path)
+        real_write(records, path)
+    monkeypatch.setattr(shards, "write_shard", cut_short)
+    with pytest.raises(OSError, match="killed"):
+        start_outputs(tmp_path, {"job": "job"}, reversed_keys)
+    monkeypatch.setattr(shards, "write_shard", real_write)
+    repairs = start_outputs(tmp_path, {"job": "job"}, reversed_keys)
+    kept = [r for path in list_shards(tmp_path) for r in read_shard(path)]
+    assert all(r["id"] == f"p{3 - r['index']}" for r in kept), kept
+    assert sorted(np.flatnonzero(repairs.finished).tolist()) == sorted(r["index"] for r in kept)
+    aside = [json.loads(line)["id"] for path in tmp_path.glob("previous-*/set-aside.jsonl")
+             for line in path.read_text().splitlines()]
+    assert sorted([r["id"] for r in kept] + aside) == ["p0", "p1", "p2", "p3"]  # each finished record kept or aside

@@ -440,6 +440,8 @@ def repair_shard(path: Path, fmt: str, keys: np.ndarray, stored: Optional[np.nda
     is_open = path.name.endswith(OPEN_SUFFIX)
     if is_open or torn or dropped or moved:
         target = path.with_name(path.name[: -len(OPEN_SUFFIX)] + f".{fmt}") if is_open else path
+        if moved:  # its records' indices are the new keys' now: the old ones must not be read against them
+            (path.parent / KEYS_FILE).unlink(missing_ok=True)  # (a start cut short: its records redone, not misfiled)
         if kept or not is_open:
             write_shard(sorted(kept, key=record_order), target)
         if is_open:
