@@ -169,3 +169,19 @@ def test_generate_takes_records_with_numpy_pandas_and_datetime_values(tiny_model
     assert len(out) == 1 and out[0]["id"] == 7 and type(out[0]["id"]) is int and out[0]["finish_reason"] != "error"
     assert (out[0]["when"], out[0]["day"], out[0]["score"], out[0]["raw"], out[0]["vec"]) == (
         "2024-01-02T03:04:05", "2024-01-02", 0.5, "AAE=", [1, 2])
+
+
+def test_a_dataframes_gaps_are_null_in_the_prompts_it_writes(tmp_path):
+    """A DataFrame's to_dict("records") marks a missing time NaT (and a row's own
+    values may hold pandas' NA): they are null, as
+    the Arrow readers give a parquet file's gaps (they were the text 'NaT' and '<NA>')."""
+    import pandas as pd
+
+    from distgen.api import write_prompts
+
+    frame = pd.DataFrame({"prompt": ["a", "b"], "when": pd.to_datetime(["2024-01-02", None])})
+    records = [*frame.to_dict("records"), {"prompt": "c", "when": pd.NA, "tags": [pd.NaT, 1]}]
+    lines = open(write_prompts(records, tmp_path), encoding="utf-8").read().splitlines()
+    assert [json.loads(line) for line in lines] == [{"prompt": "a", "when": "2024-01-02T00:00:00"},
+                                                    {"prompt": "b", "when": None},
+                                                    {"prompt": "c", "when": None, "tags": [None, 1]}]

@@ -229,6 +229,10 @@ def record_id(record: dict, fields: RecordFields, row: int, where: str) -> Recor
                       f"or an integer (one read as a float, as in a column with gaps, below 2**53)")
 
 
+# pandas' marks of a missing value (NaT, NA: a DataFrame's to_dict("records") gaps), null as Arrow reads a gap.
+PANDAS_GAPS = ("NaTType", "NAType")
+
+
 def json_value(value: Any, where: str, name: str) -> Any:
     """A column's value as JSON holds it: strings, numbers, booleans, null, lists and objects as they are; a date
     or time as ISO 8601 text, a decimal as its text, bytes as base64, anything else as its text. A string holding
@@ -238,6 +242,8 @@ def json_value(value: Any, where: str, name: str) -> Any:
         return value
     if value is None or isinstance(value, (bool, int, float)):
         return value
+    if type(value).__name__ in PANDAS_GAPS:  # before dates: NaT is a datetime whose isoformat() is "NaT"
+        return None
     if isinstance(value, dict):
         return {str(k): json_value(v, where, name) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
