@@ -38,7 +38,7 @@ from typing import Iterator, Mapping, Optional
 
 from distgen.common.clock import timestamp
 from distgen.common.errors import ConfigError
-from distgen.common.procs import pid_alive
+from distgen.common.procs import carrying, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -128,19 +128,7 @@ def carriers(token: str) -> list[int]:
     """The processes here (other than this one) started with `token` in HANDED_VAR: the ranks, torchrun and the
     watchdog of a launcher that held the lock by that token. They outlive a launcher killed by SIGKILL by up to
     the watchdog's grace (a rank stuck in a forward or a collective), and may still write into output.dir."""
-    needle = f"{HANDED_VAR}={token}".encode()
-    found = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                with open(os.path.join(entry.path, "environ"), "rb") as f:
-                    if needle in f.read().split(b"\0"):
-                        found.append(int(entry.name))
-            except OSError:  # gone meanwhile, or another user's
-                continue
-    return found
+    return carrying(HANDED_VAR, token)
 
 
 def takeover(holder: Holder, age: float, me: Holder, break_lock: bool) -> Optional[str]:
@@ -256,7 +244,8 @@ class OutputLock:
                           "keep taking it")
 
     def wait_for_carriers(self, holder: Holder) -> None:
-        """Before taking the lock of a launcher that is gone: its job's processes still running here end first
+        """Before taking the lock of a launcher that is gone (or stale, with output.break_lock=true): its job's
+        processes still running here end first
         (its watchdog stops them, SIGKILL after its grace), so none of them writes into the folder this job writes."""
         deadline = time.monotonic() + CARRIERS_WAIT_S
         left = carriers(holder.token)
@@ -267,7 +256,8 @@ class OutputLock:
             time.sleep(CARRIERS_POLL_S)
             left = carriers(holder.token)
         if left:
-            raise LockedError(f"output.dir={str(self.path.parent)!r} is locked by a job whose launcher is gone "
+            launcher = "is stale" if pid_alive(holder.pid) else "is gone"  # output.break_lock=true on a stale lock
+            raise LockedError(f"output.dir={str(self.path.parent)!r} is locked by a job whose launcher {launcher} "
                               f"({holder.describe()}) but whose processes {left} still run after "
                               f"{CARRIERS_WAIT_S:.0f}s; stop them (kill {' '.join(map(str, left))}), then rerun")
 
