@@ -400,7 +400,7 @@ def test_a_changed_column_value_runs_that_record_again(tiny_model_dir, tmp_path,
     capsys.readouterr()
     assert run_in_process([*args, f"dataset={write_prompts(tmp_path / 'p.jsonl', changed)}"]) == 0
     said = capsys.readouterr().out
-    assert "resuming: 1 of 2 prompts already done" in said and "1 prompt(s) changed since their record" in said
+    assert "resuming: 1 of 2 prompts already done" in said and "1 earlier record(s) match no prompt of the dataset now" in said
     again = read_outputs(out)
     assert again[0] == first[0] and again[1]["metadata"] == {"src": "web", "score": 2}
     assert {**again[1], "metadata": None} == {**first[1], "metadata": None}  # the same completion

@@ -178,8 +178,8 @@ def test_a_grown_dataset_runs_only_its_new_rows_and_a_changed_prompt_again(tmp_p
     assert run(write_prompts(tmp_path / "first.jsonl", first), out).returncode == 0
     resumed = run(write_prompts(tmp_path / "grown.jsonl", grown), out)
     assert resumed.returncode == 0, resumed.stderr
-    assert ("1 prompt(s) changed since their record was written (text, per-record settings or kept columns; ids 'p3'): "
-            "they run again") in resumed.stdout
+    assert ("1 earlier record(s) match no prompt of the dataset now (ids 'p3'): its prompt changed (text, per-record "
+            "settings or kept columns: a changed prompt runs again) or its row was deleted") in resumed.stdout
     assert "resuming: 9 of 16 prompts already done" in resumed.stdout
     stats = read_stats(out)
     assert stats["ranks"][0]["prompts"] == 7 and stats["summary"]["resumed"] == 9  # 6 new rows + p3
@@ -191,7 +191,7 @@ def test_a_grown_dataset_runs_only_its_new_rows_and_a_changed_prompt_again(tmp_p
     assert whole["runs"] == 2 and whole["this_run"]["generated_tokens"] < whole["generated_tokens"]
     [aside] = out.glob("previous-*/set-aside.jsonl")
     [old] = [json.loads(line) for line in aside.read_text().splitlines()]
-    assert old["id"] == "p3" and old["prompt"] == PROMPTS[3]["prompt"] and old["set_aside"] == "prompt changed"
+    assert old["id"] == "p3" and old["prompt"] == PROMPTS[3]["prompt"] and old["set_aside"] == "prompt changed or row deleted"
 
     # a shrunk dataset: the records of rows no longer there are kept out of outputs.jsonl, not deleted
     shrunk = run(write_prompts(tmp_path / "shrunk.jsonl", grown[:5]), out)
@@ -324,6 +324,33 @@ def test_the_launch_command_says_what_it_did_with_a_finished_job(tiny_model_dir,
     assert bad.returncode == 2 and "distgen: config error: dataset.path=None" in bad.stderr, bad.stderr
 
 
+def test_a_finished_jobs_damaged_outputs_jsonl_is_merged_again_from_the_shards(tiny_model_dir, prompts_file, tmp_path):
+    """outputs.jsonl cut short, edited or deleted by hand after the job finished: the rerun does not say `already
+    finished` (it trusted any file there), it merges it again from the shards and says why (the manifest keeps the
+    size and sha256 the merge wrote)."""
+    out = tmp_path / "out"
+    args = [f"model.path={tiny_model_dir}", f"dataset.path={prompts_file}", f"output.dir={out}",
+            "generation.max_new_tokens=2", "output.print_table=false"]
+    assert run_module("distgen.launch", args).returncode == 0
+    merged = out / "outputs.jsonl"
+    whole = merged.read_bytes()
+    os.truncate(merged, 100)
+    again = run_module("distgen.launch", args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already finished" not in again.stdout and (
+        f"the finished job's outputs.jsonl is 100 bytes, not the {len(whole)} the merge wrote: merging it again from "
+        "the shards") in again.stdout, again.stdout + again.stderr
+    assert merged.read_bytes() == whole and "already finished" in run_module("distgen.launch", args).stdout
+    merged.write_bytes(whole.replace(b'"index": 0', b'"index": 9', 1))  # the same size, another content
+    edited = run_module("distgen.launch", args)
+    assert "outputs.jsonl is not what the merge wrote (another sha256): merging it again" in edited.stdout, edited.stdout
+    assert merged.read_bytes() == whole
+    merged.unlink()
+    gone = run_module("distgen.launch", args)
+    assert "outputs.jsonl is missing: merging it again" in gone.stdout and merged.read_bytes() == whole, gone.stdout
+    assert not list(out.glob("previous-*"))  # nothing was set aside: every record was still the job's
+
+
 def test_launch_as_each_rank_of_torchrun_lets_rank_0_hold_the_lock(prompts, uninterrupted, tmp_path):
     """`torchrun -m distgen.launch launcher=none`: every rank runs the launcher's checks, and rank 0 (as its own
     launcher) takes the lock first. Rank 1, started after that (here: 4 s later), must not read that lock as
@@ -399,7 +426,12 @@ def test_reordered_inserted_deleted_rows_keep_their_records_and_one_changed_sett
     assert run(tmp_path / "edited.jsonl", fresh).returncode == 0
     got, want = read_outputs(out), read_outputs(fresh)
     assert [r["id"] for r in got] == [p["id"] for p in edited]
-    assert [(r["index"], r["completion"]) for r in got] == [(r["index"], r["completion"]) for r in want]
+    # whole records, key order too: the kept ones have p5's new field, null, as every freshly run record has it
+    assert got == want and [list(r) for r in got] == [list(r) for r in want]
+    assert [r["seed"] for r in got] == [None] * 3 + [3] + [None] * 4
+    # p2's row was deleted and another prompt is at its index now: its record is not said to run again
+    assert "2 earlier record(s) match no prompt of the dataset now (ids 'p" in again.stdout, again.stdout
+    assert "run again" not in again.stdout.replace("a changed prompt runs again", "")
     whole, alone = read_stats(out)["summary"], read_stats(fresh)["summary"]
     assert (whole["generated_tokens"], whole["prompt_tokens"]) == (alone["generated_tokens"], alone["prompt_tokens"])
     aside = [json.loads(line) for p in out.glob("previous-*/set-aside.jsonl") for line in p.read_text().splitlines()]

@@ -70,10 +70,10 @@ def test_restart_reads_open_shards_and_sets_changed_records_aside(tmp_path):
     write_ranks(tmp_path, [[2]])  # the restart writes the next shard number
     assert finish_outputs(tmp_path, "job", 3, "jsonl", merge=False, world_size=1).shards[0]["records"] == 2
     repairs = start_outputs(tmp_path, {"job": "job"}, keys(3, changed=[1]))
-    assert set(np.flatnonzero(repairs.finished)) == {0, 2} and repairs.aside == {"prompt changed": 1}
+    assert set(np.flatnonzero(repairs.finished)) == {0, 2} and repairs.aside == {"prompt changed or row deleted": 1}
     [aside] = tmp_path.glob("previous-*/set-aside.jsonl")
     assert [json.loads(line) for line in aside.read_text().splitlines()] == [
-        {**record(1), "set_aside": "prompt changed"}]
+        {**record(1), "set_aside": "prompt changed or row deleted"}]
 
 
 def test_report_is_valid_html_with_svg_charts():

@@ -51,7 +51,8 @@ def record_keys(table: np.ndarray) -> np.ndarray:
 def start_coordinator(job: Job, table: np.ndarray) -> np.ndarray:
     """Rank 0, holding the lock: repair and read the earlier shards, say what it found, claim the job's files;
     the finished records (a bool per (index, sample_index))."""
-    repairs = start_outputs(job.out_dir, job.start(), record_keys(table), job.cfg.output.format, job.samples)
+    repairs = start_outputs(job.out_dir, job.start(), record_keys(table), job.cfg.output.format, job.samples,
+                            job.source.kept_names())
     for line in job.column_notes() + repairs.messages():
         logger.info(line)
     return repairs.finished

@@ -19,6 +19,7 @@ output.dir/previous-<time>/set-aside.jsonl, never deleted. The start says what i
 from __future__ import annotations
 
 import errno
+import hashlib
 import heapq
 import json
 import os
@@ -35,7 +36,7 @@ from distgen.common.errors import IncompleteOutputError, OutputSpaceError
 from distgen.common.files import atomic_file, write_atomic
 from distgen.common.registry import Registry
 from distgen.outputs.openai_batch import batch_output_lines
-from distgen.outputs.records import ERROR, OPTIONAL_FIELDS, MergeInfo
+from distgen.outputs.records import ERROR, OPTIONAL_FIELDS, OWN_FIELDS, MergeInfo, renamed_columns
 from distgen.outputs.samples import SampleTable, record_order, sample_of
 from distgen.outputs.stats import ErrorTally
 from distgen.outputs.folder import (MANIFEST_VERSION, MERGED_FILE, claimed_files, outputs_dir, previous_folder,
@@ -286,9 +287,35 @@ class ShardWriter:
 
 
 def job_complete(out_dir: Path, job: str) -> bool:
-    """Whether out_dir already holds the finished, checked outputs of this same job (settings and dataset)."""
+    """Whether out_dir already holds the finished, checked outputs of this same job (settings and dataset), its
+    outputs.jsonl (where it merged one) as the merge wrote it."""
     manifest = read_manifest(out_dir)
-    return manifest.get("job") == job and bool(manifest.get("complete"))
+    return manifest.get("job") == job and bool(manifest.get("complete")) and merged_damage(out_dir, manifest) is None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def merged_damage(out_dir: Path, manifest: dict) -> Optional[str]:
+    """How the merged outputs.jsonl differs from what the merge wrote (its size and sha256 in the manifest), or None
+    (none merged; or a manifest of an earlier distgen, which kept neither: the file present)."""
+    if not manifest.get("merged"):
+        return None
+    path = Path(out_dir) / MERGED_FILE
+    if not path.is_file():
+        return "missing"
+    size, want = path.stat().st_size, manifest.get("merged_bytes")
+    if want is not None and size != want:
+        return f"{size} bytes, not the {want} the merge wrote"
+    digest = manifest.get("merged_sha256")
+    if digest is not None and file_sha256(path) != digest:
+        return "not what the merge wrote (another sha256)"
+    return None
 
 
 def unapplied_output_settings(out_dir: Path, fmt: str, merge: bool, form: str) -> list[str]:
@@ -341,7 +368,10 @@ class SetAside:
 
 
 # Why a record found at a start is not part of the job (it is set aside).
-DUPLICATE, CHANGED, GONE, UNVERIFIED, EXTRA = ("duplicate", "prompt changed", "prompt no longer in the dataset",
+# CHANGED: its index is in the dataset's range but holds another prompt, and no row has its prompt (record key): a
+# key alone does not say whether that prompt changed (it runs again) or its row was deleted (rows after it moved up).
+DUPLICATE, CHANGED, GONE, UNVERIFIED, EXTRA = ("duplicate", "prompt changed or row deleted",
+                                               "prompt no longer in the dataset",
                                                "no record key to check it against", "sample_index beyond its n")
 
 
@@ -355,6 +385,10 @@ class Repairs:
     changed_ids: list[str] = field(default_factory=list)  # the first ids whose prompt changed
     moved: int = 0  # finished records whose prompt is now at another index (rows reordered, inserted, deleted)
     aside_path: Optional[Path] = None
+    # how a finished job's outputs.jsonl differs from what its merge wrote (merged_damage), and whether this run
+    # merges it again
+    merged_damage: Optional[str] = None
+    merges: bool = False
 
     def note(self, record: dict, reason: str) -> None:
         self.aside[reason] = self.aside.get(reason, 0) + 1
@@ -370,9 +404,10 @@ class Repairs:
             lines.append(f"{self.moved} finished record(s) found at another row of the dataset (rows reordered, "
                          "inserted or deleted): kept, at their rows now")
         if self.aside.get(CHANGED):
-            lines.append(f"{self.aside[CHANGED]} prompt(s) changed since their record was written (text, "
-                         f"per-record settings or kept columns; ids {', '.join(map(repr, self.changed_ids))}"
-                         f"{', ...' if self.aside[CHANGED] > 5 else ''}): they run again")
+            lines.append(f"{self.aside[CHANGED]} earlier record(s) match no prompt of the dataset now (ids "
+                         f"{', '.join(map(repr, self.changed_ids))}{', ...' if self.aside[CHANGED] > 5 else ''}): "
+                         "its prompt changed (text, per-record settings or kept columns: a changed prompt runs again) "
+                         "or its row was deleted")
         if self.aside.get(GONE):
             lines.append(f"{self.aside[GONE]} record(s) of prompts no longer in the dataset are not part of the job")
         if self.aside.get(EXTRA):
@@ -380,6 +415,10 @@ class Repairs:
                          "the job")
         if self.aside.get(UNVERIFIED):
             lines.append(f"{self.aside[UNVERIFIED]} record(s) without a record key to check them run again")
+        if self.merged_damage is not None:
+            lines.append(f"the finished job's {MERGED_FILE} is {self.merged_damage}: " + (
+                "merging it again from the shards" if self.merges else
+                "left as it is: this run does not merge (output.merge=false)"))
         if self.aside_path is not None:
             lines.append(f"set aside {sum(self.aside.values())} record(s) into {self.aside_path}")
         return lines
@@ -407,6 +446,25 @@ def keyed_positions(keys: np.ndarray) -> dict[int, int]:
     return {int(key): index for index, key in enumerate(keys.tolist())}
 
 
+def column_names(names: Sequence[str]) -> list[str]:
+    """The output names of the input columns `names` (renamed where they clash: distgen/outputs/records.py)."""
+    renamed = renamed_columns(names)
+    return [renamed.get(name, name) for name in names]
+
+
+def reshaped(record: dict, columns: Optional[Sequence[str]]) -> dict:
+    """A kept record with the columns a record of the dataset now has (`columns`: their output names, in order; None:
+    each record keeps its own fields), as a run now would write it: a column it lacks null (a JSON-lines file where
+    one record gained a field gives every record that field, null), one the dataset no longer has left out where it
+    is null (its record key counts no null column, so it is the same prompt); a value is never dropped."""
+    if columns is None:
+        return record
+    own = {name: value for name, value in record.items() if name in OWN_FIELDS}
+    others = {name: value for name, value in record.items() if name not in OWN_FIELDS and name not in columns
+              and value is not None}
+    return {**own, **{name: record.get(name) for name in columns}, **others}
+
+
 def placed(record: dict, stored: Optional[np.ndarray], positions: dict[int, int]) -> tuple[dict, Optional[int]]:
     """The record at its prompt's index in this dataset, and the key it was written for: a prompt with the same key
     (same id, text and settings) at another index (rows reordered, inserted or deleted before it) keeps its record."""
@@ -419,18 +477,22 @@ def placed(record: dict, stored: Optional[np.ndarray], positions: dict[int, int]
 
 
 def repair_shard(path: Path, fmt: str, keys: np.ndarray, stored: Optional[np.ndarray], seen: np.ndarray,
-                 repairs: Repairs, aside: SetAside, samples: SampleTable, positions: dict[int, int]) -> None:
-    """Keep the shard's finished records (at their prompts' indices now); an open shard (a crashed run's journal)
-    is closed, and a full one rewritten only when it lost or moved records."""
+                 repairs: Repairs, aside: SetAside, samples: SampleTable, positions: dict[int, int],
+                 columns: Optional[Sequence[str]] = None) -> None:
+    """Keep the shard's finished records (at their prompts' indices now, with the dataset's columns now:
+    `reshaped`); an open shard (a crashed run's journal) is closed, and a full one rewritten only when it lost,
+    moved or reshaped records."""
     torn: list[int] = []
-    kept, dropped, moved = [], 0, 0
+    kept, dropped, moved, changed = [], 0, 0, 0
     for written in read_shard(path, torn):
         record, old_key = placed(written, stored, positions)
         reason = verdict(record, old_key, keys, seen, samples)
         if reason is None:
             seen[samples.position(record["index"], sample_of(record))] = True
-            kept.append(record)
             moved += record is not written
+            shaped = reshaped(record, columns)
+            changed += list(shaped.items()) != list(record.items())
+            kept.append(shaped)
         else:
             repairs.note(written, reason)
             aside.add(written, reason)
@@ -438,7 +500,7 @@ def repair_shard(path: Path, fmt: str, keys: np.ndarray, stored: Optional[np.nda
     repairs.torn += len(torn)
     repairs.moved += moved
     is_open = path.name.endswith(OPEN_SUFFIX)
-    if is_open or torn or dropped or moved:
+    if is_open or torn or dropped or moved or changed:
         target = path.with_name(path.name[: -len(OPEN_SUFFIX)] + f".{fmt}") if is_open else path
         if moved:  # its records' indices are the new keys' now: the old ones must not be read against them
             (path.parent / KEYS_FILE).unlink(missing_ok=True)  # (a start cut short: its records redone, not misfiled)
@@ -449,11 +511,14 @@ def repair_shard(path: Path, fmt: str, keys: np.ndarray, stored: Optional[np.nda
 
 
 def start_outputs(out_dir: Path, job: dict, keys: np.ndarray, fmt: str = "jsonl",
-                  samples: Optional[SampleTable] = None) -> Repairs:
+                  samples: Optional[SampleTable] = None, columns: Optional[Sequence[str]] = None) -> Repairs:
     """Coordinator only, holding the lock, before any rank writes: the records already finished here (their
     keys match `keys`, this dataset's; `samples`: each prompt's n, default 1), with torn lines and duplicates
     repaired and records that are no longer part of the job set aside. `job` is the manifest's start: the job
-    fingerprint, its settings and dataset digest, and the top-level files this run will write."""
+    fingerprint, its settings and dataset digest, and the top-level files this run will write. `columns`: the
+    input columns the dataset's records keep now (PromptSource.kept_names; None: each its own fields): a kept
+    record gets them as a record written now would (`reshaped`), so a resumed job's records equal an
+    uninterrupted run's."""
     out_dir = Path(out_dir)
     earlier = read_manifest(out_dir)
     stored = read_keys(out_dir)
@@ -462,12 +527,16 @@ def start_outputs(out_dir: Path, job: dict, keys: np.ndarray, fmt: str = "jsonl"
     repairs, aside = Repairs(), SetAside(out_dir)
     seen = np.zeros(samples.total, dtype=bool)
     positions = keyed_positions(keys)
+    names = None if columns is None else column_names(columns)
     try:
         for path in list_shards(out_dir):
-            repair_shard(path, fmt, keys, stored, seen, repairs, aside, samples, positions)
+            repair_shard(path, fmt, keys, stored, seen, repairs, aside, samples, positions, names)
     finally:
         aside.close()
     repairs.finished, repairs.aside_path = seen, aside.path
+    if earlier.get("complete") and earlier.get("job") == job.get("job"):
+        repairs.merged_damage = merged_damage(out_dir, earlier)
+        repairs.merges = MERGED_FILE in job.get("files", [])
     claimed = sorted(claimed_files(earlier) | set(job.get("files", [])))
     write_manifest(out_dir, {"distgen_manifest": MANIFEST_VERSION, **job, "files": claimed, "keys": KEYS_FILE,
                              "complete": False, "runs": earlier.get("runs", [])})
@@ -535,13 +604,19 @@ def check_coverage(out_dir: Path, shards: Sequence[Path], prompt_count: int,
     return coverage
 
 
-def merge_shards(shards: Sequence[Path], target: Path, form: str = "distgen", info: MergeInfo = MergeInfo()) -> None:
+def merge_shards(shards: Sequence[Path], target: Path, form: str = "distgen",
+                 info: MergeInfo = MergeInfo()) -> tuple[int, str]:
     """outputs.jsonl in dataset order (a prompt's samples by sample_index), in `form` (MERGE_FORMATS): each shard
-    is sorted so, so a k-way merge streams them with one record per shard in memory."""
-    with atomic_file(target) as out:
+    is sorted so, so a k-way merge streams them with one record per shard in memory. Its size and sha256."""
+    digest, size = hashlib.sha256(), 0
+    with atomic_file(target, "wb") as out:
         records = heapq.merge(*(read_shard(p) for p in shards), key=record_order)
         for line in MERGE_FORMATS.get(form)(records, info):
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+            out.write(data)
+            digest.update(data)
+            size += len(data)
+    return size, digest.hexdigest()
 
 
 def finish_outputs(out_dir: Path, job: str, prompt_count: int, fmt: str, merge: bool,
@@ -556,12 +631,14 @@ def finish_outputs(out_dir: Path, job: str, prompt_count: int, fmt: str, merge: 
     coverage = check_coverage(out_dir, shards, prompt_count, samples)
     started = read_manifest(out_dir)
     merged: Optional[str] = None
+    written: dict[str, Any] = {"merged_bytes": None, "merged_sha256": None}
     if merge:
-        merge_shards(shards, out_dir / MERGED_FILE, form, info)
+        written["merged_bytes"], written["merged_sha256"] = merge_shards(shards, out_dir / MERGED_FILE, form, info)
         merged = MERGED_FILE
     files = sorted(claimed_files(started) | ({MERGED_FILE} if merged else set()))
     write_manifest(out_dir, {**started, "job": job, "files": files, "complete": True, "format": fmt,
                              "records": samples.total, "world_size": world_size, "merged": merged,
                              "merge_format": form if merged else None,
+                             **written,
                              "runs": started.get("runs", []) + ([run] if run else []), "shards": coverage.shards})
     return coverage
