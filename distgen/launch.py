@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,7 +18,6 @@ from distgen.config import RunConfig
 from distgen.launchers import get_launcher
 from distgen.catalog.load import job_file_args, load_config, split_job_file
 from distgen.outputs.lock import held_for_ranks
-from distgen.parallel.env import discover
 from distgen.outputs.shards import job_complete
 from distgen.job.prepare import prepare_job, say_finished
 from distgen.run import FLAGS, main as run_main, quiet_as_override
@@ -37,21 +35,11 @@ def launch_job(cfg: RunConfig, overrides: Sequence[str], job_file: Optional[Path
     # started at the same moment is refused here, before it starts any process.
     with (held_for_ranks(job.out_dir, out.lock_heartbeat_s, out.break_lock) if launcher.holds_lock(cfg)
           else contextlib.nullcontext()):
-        # One rank of several (launcher=none under torchrun): every rank goes on to join the process group,
-        # where rank 0 says there is nothing to do; a rank 0 returning here would leave the others waiting for it.
-        if job.reuses and job_complete(job.out_dir, job.fingerprint) and not one_of_several_ranks():
+        if job.reuses and job_complete(job.out_dir, job.fingerprint) and not launcher.one_of_several(cfg):
             say_finished(job)
             return 0
         # The ranks read the same job file (by its absolute path) and the same overrides.
         return launcher.launch(cfg, job_file_args(job_file) + list(overrides), run_main)
-
-
-def one_of_several_ranks() -> bool:
-    """This process is one rank of a job of several, started by another launcher (launcher=none under torchrun)."""
-    try:
-        return discover(os.environ).world_size > 1
-    except RuntimeError:  # rank variables that do not read as numbers: the rank says so when it starts
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

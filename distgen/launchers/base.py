@@ -40,6 +40,10 @@ class Launcher:
     # launcher but launcher=none as a rank other than 0 of a launcher that started it (`torchrun -m distgen.launch
     # launcher=none`): its rank 0 checks and holds the lock, which this rank would take for another job's.
     checks_output: Callable[[RunConfig], bool] = lambda cfg: True
+    # Whether this process is one rank of a job of several that another launcher started (launcher=none under
+    # torchrun): a finished job is then said by its rank 0 inside the process group, so every rank goes on to join
+    # it (a rank 0 returning early would leave the others waiting for it).
+    one_of_several: Callable[[RunConfig], bool] = lambda cfg: False
 
 
 LAUNCHERS: Registry[Launcher] = Registry("launcher")
