@@ -41,6 +41,11 @@ def test_defaults_compose_into_typed_config():
     (["generation.cache_quant_backend=nf4"], r"generation.cache_quant_backend='nf4' is not allowed: expected one "
                                              r"of int8, fp8, quanto, hqq"),
     (["device=tpu"], r"device='tpu' is not allowed: expected one of auto, cpu, cuda"),
+    # A value of the wrong type, in the words of the other checks (Hydra said "Error merging override ...").
+    (["output.columns=category"], r"^output.columns='category' is not allowed: expected a list, e.g. "
+                                  r"output.columns=\[category\]$"),
+    (["generation.max_new_tokens=abc"], r"^generation.max_new_tokens='abc' is not allowed: expected an integer$"),
+    (["generation.do_sample=maybe"], r"^generation.do_sample='maybe' is not allowed: expected true or false$"),
     # A setting that only other choices read would be ignored: the choice that reads it is named.
     (["generation.compile=off", "generation.compile_mode=max-autotune"],
      r"generation.compile_mode='max-autotune' is not allowed with generation.compile=off, which does not read it: "
@@ -263,7 +268,7 @@ def test_a_section_chosen_on_the_command_line_wins_over_the_job_file(tmp_path, c
 
 @pytest.mark.parametrize("text, args, message", [
     ("generation:\n  max_new_token: 3\n", [], r"^job file .*job.yaml: unknown config key 'generation.max_new_token'"),
-    ("generation:\n  max_new_tokens: four\n", [], r"^job file .*job.yaml: .*generation.max_new_tokens='four'.*Integer"),
+    ("generation:\n  max_new_tokens: four\n", [], r"^job file .*job.yaml: .*generation.max_new_tokens='four' is not allowed: expected an integer"),
     ("- a\n- b\n", [], r"holds no keys"),
     ("generation: [\n", [], r"is not valid YAML"),
     ("{}\n", ["--config-name", "nowhere"], r"--config-name='nowhere' is not allowed: no job file .*nowhere.yaml"),

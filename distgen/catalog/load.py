@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from distgen.catalog import GROUPS, VALUES, check as check_config
 from distgen.config import RunConfig
@@ -135,6 +135,24 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+# OmegaConf's words for a value of the wrong type -> what is allowed, in the words of the other checks.
+EXPECTED = (("ListConfig", "expected a list, e.g. {key}=[{value}]"), ("Dict", "expected a mapping, e.g. {key}={{a: b}}"),
+            ("Integer", "expected an integer"), ("valid bool", "expected true or false"), ("Float", "expected a number"))
+
+
+def wrong_type(full_key: str, overrides: Sequence[str], root: BaseException) -> str:
+    """`key='value' is not allowed: expected ...` for a value of the wrong type (Hydra said `Error merging override
+    ...: Invalid value assigned: str is not a ListConfig, list or tuple.`)."""
+    given = [o.lstrip("+").partition("=")[2] for o in overrides if o.lstrip("+").partition("=")[0] == full_key]
+    reason = str(getattr(root, "msg", root)).splitlines()[0].strip()
+    value = given[-1] if given else None
+    if value is not None and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]  # quoted for Hydra (a job file's values are)
+    expected = next((text for word, text in EXPECTED if word in reason), reason)
+    shown = f"{full_key}={value!r}" if value is not None else full_key
+    return f"{shown} is not allowed: " + expected.format(key=full_key, value=value)
+
+
 def describe(err: BaseException, root: BaseException) -> str:
     """The first lines of Hydra's message plus the innermost reason, without search-path noise."""
     outer = str(err).split("Config search path:")[0].strip()
@@ -164,6 +182,8 @@ def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> D
             if isinstance(root, (ConfigKeyError, ConfigAttributeError)) and full_key:
                 base = compose_selected_options(overrides)
                 raise ConfigError(f"unknown config key '{full_key}'; {unknown_key_hint(base, full_key)}") from None
+            if isinstance(root, ValidationError) and full_key:
+                raise ConfigError(wrong_type(full_key, overrides, root)) from None
             raise ConfigError(describe(err, root)) from None
         if any(o.startswith("+") for o in overrides):
             reject_extra_keys(composed, compose_selected_options(overrides))
