@@ -159,7 +159,7 @@ def coordinate(job: Job, ctx: DistContext, run: RankRun, display: ProgressDispla
     where = out / MERGED_FILE if cfg.merge else out / OUTPUTS_DIR
     # OpenAI batch output holds a request's samples in one line (its choices).
     lines = f" in {job.prompt_count} lines" if cfg.merge and job.merge_format == "openai_batch" \
-        and job.prompt_count != job.record_count else ""
+        and not job.samples.single else ""
     # With error records the line is a warning: --quiet (output.log_level=warning) still says the job had them.
     report.log(logging.WARNING if summary["errors"] else logging.INFO, "wrote %d records%s to %s (%d errors)",
                job.record_count, lines, where, summary["errors"])
@@ -195,7 +195,7 @@ def run_steps(job: Job, ctx: DistContext, lock: OutputLock | None = None) -> int
             shutil.rmtree(job.out_dir, ignore_errors=True)  # nothing of an unusable job stays behind
         return config_error(err)
     display = ProgressDisplay(int(job.left[job.todo].sum()), job.cfg.output.progress_every_s,
-                              unit="prompt" if job.record_count == job.prompt_count else "record") \
+                              unit="prompt" if job.samples.single else "record") \
         if ctx.is_coordinator else None
     with torch.no_grad():
         run = generate_shard(job, ctx, display)
